@@ -1,0 +1,174 @@
+"""Fine-tuning attacks: strategies (what is re-initialised and what trains) and the one ``finetune`` loop."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from sophon_ray.data import stratified_subset
+from sophon_ray.models import Net
+from sophon_ray.registry import Registry
+from sophon_ray.training import SCHEDULES, evaluate, make_optimizer, train_epoch
+
+Strategy = Callable[[Net, torch.Generator], list[str]]
+STRATEGIES: Registry[Strategy] = Registry("strategy")
+
+
+def reinit_head(model: Net, generator: torch.Generator) -> None:
+    """NTLBench's head re-initialisation: weight ~ N(0, 0.01), bias 0."""
+    with torch.no_grad():
+        torch.nn.init.normal_(model.head.weight, 0.0, 0.01, generator=generator)
+        torch.nn.init.zeros_(model.head.bias)
+
+
+def reinit_classifier(model: Net, generator: torch.Generator) -> None:
+    """Re-initialise every Linear of the classifier block (Kaiming-uniform, PyTorch's default scheme)."""
+    with torch.no_grad():
+        for layer in model.classifier:
+            if isinstance(layer, nn.Linear):
+                torch.nn.init.kaiming_uniform_(layer.weight, a=5**0.5, generator=generator)
+                bound = 1 / layer.in_features**0.5
+                torch.nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
+def _all(model: Net) -> list[str]:
+    return [n for n, _ in model.named_parameters()]
+
+
+@STRATEGIES.register("direct-all")
+def direct_all(model: Net, generator: torch.Generator) -> list[str]:
+    """Keep the released head, train every parameter."""
+    return _all(model)
+
+
+@STRATEGIES.register("direct-fc")
+def direct_fc(model: Net, generator: torch.Generator) -> list[str]:
+    """Keep the released head, train the head only."""
+    return model.head_param_names()
+
+
+@STRATEGIES.register("initfc-all")
+def initfc_all(model: Net, generator: torch.Generator) -> list[str]:
+    """Re-initialise the head (N(0, 0.01)), train every parameter."""
+    reinit_head(model, generator)
+    return _all(model)
+
+
+@STRATEGIES.register("initfc-fc")
+def initfc_fc(model: Net, generator: torch.Generator) -> list[str]:
+    """Re-initialise the head (N(0, 0.01)), train the head only."""
+    reinit_head(model, generator)
+    return model.head_param_names()
+
+
+@STRATEGIES.register("rtal")
+def rtal(model: Net, generator: torch.Generator) -> list[str]:
+    """Re-initialise the whole classifier block, train every parameter."""
+    reinit_classifier(model, generator)
+    return _all(model)
+
+
+def prepare(model: Net, strategy: str, generator: torch.Generator) -> list[nn.Parameter]:
+    """Apply ``strategy`` in place: re-initialise what it says, freeze the rest; the trainable parameters."""
+    trainable = set(STRATEGIES.get(strategy)(model, generator))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    return [p for n, p in model.named_parameters() if n in trainable]
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """One cell of the attack grid (one fine-tuning run)."""
+
+    strategy: str = "direct-all"
+    optimizer: str = "momentum"
+    lr: float = 1e-2
+    batch_size: int = 32
+    epochs: int = 10
+    data_fraction: float = 1.0
+    schedule: str = "constant"
+    seed: int = 0
+    weight_decay: float = 0.0
+
+    def as_params(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class FinetuneResult:
+    """Per-epoch restricted-domain test curves; index 0 is before fine-tuning (after re-initialisation)."""
+
+    restricted_acc: list[float] = field(default_factory=list)
+    restricted_loss: list[float] = field(default_factory=list)
+    original_acc: float | None = None
+    train_size: int = 0
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> float:
+        return self.restricted_acc[-1]
+
+    @property
+    def best(self) -> float:
+        return max(self.restricted_acc)
+
+
+def finetune(model: Net, train: Dataset, test: Dataset, config: AttackConfig,
+             original_test: Dataset | None = None, device: torch.device | str = "cpu",
+             on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> FinetuneResult:
+    """Fine-tune a copy of ``model`` on a stratified ``data_fraction`` of ``train`` as ``config`` says.
+
+    The model runs in train mode, so BatchNorm running statistics adapt even when only the head trains
+    (what an attacker calling ``model.train()`` gets). The input model is not modified. Returns the
+    restricted test accuracy/loss after every epoch (and before the first) and the original-domain
+    accuracy at the end when ``original_test`` is given.
+    """
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(config.seed)
+    model = copy.deepcopy(model).to(device)
+    params = prepare(model, config.strategy, gen)
+    data = stratified_subset(train, config.data_fraction, config.seed)
+    optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay)
+    steps = config.epochs * -(-len(data) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES.get(config.schedule)(steps))
+    result = FinetuneResult(train_size=len(data))
+    for epoch in range(config.epochs + 1):
+        if epoch:
+            train_epoch(model, data, optimizer, config.batch_size, gen, scheduler, device)
+        ev = evaluate(model, test, device)
+        result.restricted_acc.append(ev.accuracy)
+        result.restricted_loss.append(ev.loss)
+        if on_epoch:
+            on_epoch(epoch, {"restricted_acc": ev.accuracy, "restricted_loss": ev.loss})
+    if original_test is not None:
+        result.original_acc = evaluate(model, original_test, device).accuracy
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def scratch_model(model: Net, seed: int) -> Net:
+    """A fresh random initialisation of ``model``'s architecture (the from-scratch baseline).
+
+    The scratch baseline always trains every parameter, whatever the cell's strategy: an attacker who
+    starts from nothing has no features worth freezing, so 'scratch' in a head-only cell means the
+    attacker's real alternative, full training from a random init with the same optimizer, lr, batch
+    size, data and epochs.
+    """
+    fresh = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(10_000 + seed)
+        for module in fresh.modules():
+            if module is not fresh and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+    return fresh
+
+
+SCRATCH_STRATEGY = "direct-all"

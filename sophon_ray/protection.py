@@ -1,0 +1,201 @@
+"""SOPHON protection in plain PyTorch: alternate fine-tuning suppression (FTS) and normal training
+reinforcement (NTR), with rollback, NaN guards, periodic probes and validation-based checkpoint choice."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from sophon_ray.attack import AttackConfig, finetune
+from sophon_ray.data import infinite_batches
+from sophon_ray.losses import LOSSES
+from sophon_ray.models import Net
+from sophon_ray.simulation import sample_environment, simulate
+from sophon_ray.spec import ProtectSpec
+from sophon_ray.training import evaluate
+
+log = logging.getLogger(__name__)
+MetricSink = Callable[[int, dict[str, float]], None]
+
+# The probe: a short worst-of-two fine-tuning on a stratified share of the restricted training data,
+# scored on restricted validation data. One keeps the head, one re-initialises it; one SGD-momentum, one Adam.
+PROBE_ATTACKS = (
+    AttackConfig(strategy="initfc-all", optimizer="momentum", lr=1e-2, batch_size=32, data_fraction=0.2),
+    AttackConfig(strategy="direct-all", optimizer="adam", lr=1e-3, batch_size=32, data_fraction=0.2),
+)
+
+
+@dataclass
+class Candidate:
+    """A probed state of the model during protection."""
+
+    iteration: int
+    original_acc: float
+    probe_acc: float
+    state: dict[str, torch.Tensor] = field(repr=False)
+
+
+@dataclass
+class ProtectResult:
+    model: Net
+    selected_iteration: int
+    original_acc: float          # validation accuracy of the selected state
+    probe_acc: float             # probe restricted accuracy of the selected state
+    candidates: list[tuple[int, float, float]]
+    rollbacks: list[dict[str, float | str]]
+    iterations_run: int
+    stopped: str | None
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Snapshot:
+    iteration: int
+    model: dict[str, torch.Tensor]
+    fts_opt: dict
+    ntr_opt: dict
+
+
+def _snapshot(iteration: int, model: Net, fts_opt: torch.optim.Optimizer, ntr_opt: torch.optim.Optimizer) -> _Snapshot:
+    return _Snapshot(iteration, copy.deepcopy(model.state_dict()), copy.deepcopy(fts_opt.state_dict()),
+                     copy.deepcopy(ntr_opt.state_dict()))
+
+
+def _restore(snap: _Snapshot, model: Net, fts_opt: torch.optim.Optimizer, ntr_opt: torch.optim.Optimizer) -> None:
+    model.load_state_dict(snap.model)
+    fts_opt.load_state_dict(snap.fts_opt)
+    ntr_opt.load_state_dict(snap.ntr_opt)
+
+
+def probe(model: Net, restricted_train: list[Dataset], restricted_val: list[Dataset], epochs: int,
+          seed: int, device: torch.device | str) -> float:
+    """Worst case (max) restricted validation accuracy over :data:`PROBE_ATTACKS` and restricted domains."""
+    scores = []
+    for train, val in zip(restricted_train, restricted_val):
+        for config in PROBE_ATTACKS:
+            cfg = AttackConfig(**{**config.as_params(), "epochs": epochs, "seed": seed})
+            scores.append(finetune(model, train, val, cfg, device=device).final)
+    return max(scores)
+
+
+def select(candidates: list[Candidate], floor: float, tolerance: float) -> Candidate:
+    """Among candidates at or above the accuracy floor, those whose probe accuracy is within ``tolerance``
+    points of the lowest pass; of those, the one with the best original validation accuracy."""
+    passing = [c for c in candidates if c.original_acc >= floor] or candidates
+    lowest = min(c.probe_acc for c in passing)
+    passing = [c for c in passing if c.probe_acc <= lowest + tolerance]
+    return max(passing, key=lambda c: (c.original_acc, -c.probe_acc, c.iteration))
+
+
+def protect(model: Net, original_train: Dataset, original_val: Dataset, restricted_train: list[Dataset],
+            restricted_val: list[Dataset], spec: ProtectSpec, normal_acc: float,
+            device: torch.device | str = "cpu", on_metrics: MetricSink | None = None,
+            probe_tolerance: float = 5.0) -> ProtectResult:
+    """Protect a copy of ``model`` against fine-tuning on every restricted domain (SOPHON).
+
+    Each iteration: one FTS step (sample an environment, simulate ``inner_steps`` of fine-tuning on a
+    fresh restricted batch each, mean query gradient of the suppression loss, clip to ``clip_norm``,
+    Adam at ``alpha * base_lr``), then ``ntr_steps`` cross-entropy steps on original batches (a second
+    Adam at ``beta * base_lr``). Every ``eval_every`` iterations the original validation accuracy is
+    checked against ``normal_acc - max_drop``; a breach or a non-finite loss rolls back to the last good
+    state (up to ``max_rollbacks`` times, then stops). Every ``probe_every`` iterations (and at the end)
+    a probe attack scores the state; the returned model is the state chosen by :func:`select` with the
+    floor ``normal_acc - select_drop``.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    rng = random.Random(spec.seed)
+    gen = torch.Generator().manual_seed(spec.seed)
+    model = copy.deepcopy(model).to(device)
+    model.train()
+    suppression = LOSSES.get(spec.loss)
+    floor = normal_acc - spec.max_drop
+    restricted_batches = [infinite_batches(d, spec.batch_size, gen) for d in restricted_train]
+    original_batches = infinite_batches(original_train, spec.batch_size, gen)
+    fts_opt = torch.optim.Adam(model.parameters(), lr=spec.alpha * spec.base_lr)
+    ntr_opt = torch.optim.Adam(model.parameters(), lr=spec.beta * spec.base_lr)
+    good = _snapshot(0, model, fts_opt, ntr_opt)
+    candidates: list[Candidate] = []
+    rollbacks: list[dict[str, float | str]] = []
+    history: list[dict[str, float]] = []
+    stopped, iteration, last_log = None, 0, time.perf_counter()
+
+    def add_candidate(it: int, original_acc: float) -> None:
+        score = probe(model, restricted_train, restricted_val, spec.probe_epochs, spec.seed, device)
+        candidates.append(Candidate(it, original_acc, score, copy.deepcopy(model.state_dict())))
+        emit(it, {"probe_acc": score})
+
+    def emit(it: int, metrics: dict[str, float]) -> None:
+        if on_metrics:
+            on_metrics(it, metrics)
+
+    while iteration < spec.iterations:
+        iteration += 1
+        env = sample_environment(spec.environments, rng)
+        sim = simulate(model, restricted_batches[iteration % len(restricted_batches)], env, suppression,
+                       spec.inner_steps, spec.query_fraction, gen)
+        for name, param in model.named_parameters():
+            param.grad = sim.grads[name]
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip_norm).item()
+        fts_opt.step()
+        ntr_loss = 0.0
+        for _ in range(spec.ntr_steps):
+            x, y = next(original_batches)
+            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            ntr_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            ntr_opt.step()
+            ntr_loss += loss.item() / spec.ntr_steps
+        row = {"fts_loss": sim.fts_loss, "adversary_loss": sim.adversary_loss, "ntr_loss": ntr_loss,
+               "fts_grad_norm": grad_norm}
+        finite = all(math.isfinite(v) for v in row.values()) and _finite(model)
+        probe_now = iteration % spec.probe_every == 0 or iteration == spec.iterations
+        if finite and iteration % spec.eval_every and not probe_now:
+            emit(iteration, row)
+            continue
+        original_acc = evaluate(model, original_val, device).accuracy if finite else float("nan")
+        row["original_acc"] = original_acc
+        history.append({"iteration": iteration, **row})
+        emit(iteration, row)
+        if not finite or original_acc < floor:
+            reason = "non-finite loss or weights" if not finite else f"original_acc {original_acc:.1f} < floor {floor:.1f}"
+            rollbacks.append({"iteration": iteration, "to": good.iteration, "reason": reason})
+            log.warning("protect %s | rollback %d -> %d: %s", spec.label, iteration, good.iteration, reason)
+            emit(iteration, {"rollback": 1.0})
+            _restore(good, model, fts_opt, ntr_opt)
+            if len(rollbacks) > spec.max_rollbacks:
+                stopped = f"{len(rollbacks)} rollbacks (max_rollbacks={spec.max_rollbacks})"
+                break
+            continue
+        good = _snapshot(iteration, model, fts_opt, ntr_opt)
+        if probe_now:
+            add_candidate(iteration, original_acc)
+        now = time.perf_counter()
+        log.info("protect %s %d/%d | fts_loss %.3f | ntr_loss %.3f | original_acc %.1f | %.2f s/it", spec.label,
+                 iteration, spec.iterations, sim.fts_loss, ntr_loss, original_acc, (now - last_log) / spec.eval_every)
+        last_log = now
+    if not candidates or candidates[-1].iteration != good.iteration:
+        _restore(good, model, fts_opt, ntr_opt)
+        add_candidate(good.iteration, evaluate(model, original_val, device).accuracy)
+    chosen = select(candidates, normal_acc - spec.select_drop, probe_tolerance)
+    model.load_state_dict(chosen.state)
+    return ProtectResult(
+        model=model, selected_iteration=chosen.iteration, original_acc=chosen.original_acc,
+        probe_acc=chosen.probe_acc, candidates=[(c.iteration, c.original_acc, c.probe_acc) for c in candidates],
+        rollbacks=rollbacks, iterations_run=iteration, stopped=stopped, seconds=time.perf_counter() - start,
+        history=history,
+    )
+
+
+def _finite(model: Net) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())

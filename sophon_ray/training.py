@@ -1,0 +1,120 @@
+"""The one supervised training loop (pretraining and every fine-tuning attack use it), optimizers,
+schedules and evaluation."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from sophon_ray.data import batches
+from sophon_ray.registry import Registry
+from sophon_ray.spec import PretrainSpec
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter], float, float], torch.optim.Optimizer]
+OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
+SCHEDULES: Registry[Callable[[int], Callable[[int], float]]] = Registry("lr schedule")
+
+
+def _reg(name: str, doc: str, build: OptimizerFactory) -> None:
+    OPTIMIZERS.register(name, doc)(build)
+
+
+_reg("sgd", "SGD, no momentum", lambda p, lr, wd: torch.optim.SGD(p, lr=lr, weight_decay=wd))
+_reg("momentum", "SGD, momentum 0.9", lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd))
+_reg("nesterov", "SGD, Nesterov momentum 0.9",
+     lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd))
+_reg("adam", "Adam (0.9, 0.999)", lambda p, lr, wd: torch.optim.Adam(p, lr=lr, weight_decay=wd))
+_reg("adamw", "AdamW, decoupled weight decay (attack.weight_decay, else 0.01)",
+     lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd or 0.01))
+_reg("rmsprop", "RMSprop (alpha 0.99)", lambda p, lr, wd: torch.optim.RMSprop(p, lr=lr, weight_decay=wd))
+_reg("adagrad", "Adagrad", lambda p, lr, wd: torch.optim.Adagrad(p, lr=lr, weight_decay=wd))
+_reg("adadelta", "Adadelta (rho 0.9); lr scales the update, 1.0 is the classic setting",
+     lambda p, lr, wd: torch.optim.Adadelta(p, lr=lr, weight_decay=wd))
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Build the registered optimizer ``name``; KeyError with did-you-mean on a miss."""
+    return OPTIMIZERS.get(name)(params, lr, weight_decay)
+
+
+@SCHEDULES.register("constant")
+def constant(total_steps: int) -> Callable[[int], float]:
+    """Constant learning rate."""
+    return lambda step: 1.0
+
+
+@SCHEDULES.register("cosine")
+def cosine(total_steps: int) -> Callable[[int], float]:
+    """Cosine decay from lr to 0 over all fine-tuning steps."""
+    return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float  # percent
+    loss: float
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 1000) -> Evaluation:
+    """Accuracy (%) and mean cross-entropy of ``model`` in eval mode; restores the model's train/eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for x, y in batches(dataset, batch_size, shuffle=False):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        n += len(y)
+    model.train(was_training)
+    return Evaluation(100.0 * correct / max(1, n), loss / max(1, n))
+
+
+def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optimizer, batch_size: int,
+                generator: torch.Generator, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                device: torch.device | str = "cpu") -> float:
+    """One epoch of cross-entropy training in train mode (BatchNorm statistics update); mean batch loss."""
+    model.train()
+    total, steps = 0.0, 0
+    for x, y in batches(dataset, batch_size, generator):
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.item()
+        steps += 1
+    return total / max(1, steps)
+
+
+@dataclass
+class PretrainResult:
+    val_acc: list[float]
+    seconds: float
+
+
+def pretrain(model: nn.Module, train: Dataset, val: Dataset, spec: PretrainSpec, seed: int = 0,
+             device: torch.device | str = "cpu", on_epoch: Callable[[int, dict[str, float]], None] | None = None
+             ) -> PretrainResult:
+    """Train the normal model in place on the original domain; validation accuracy per epoch."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device)
+    optimizer = make_optimizer(spec.optimizer, model.parameters(), spec.lr)
+    start, curve = time.perf_counter(), []
+    for epoch in range(1, spec.epochs + 1):
+        loss = train_epoch(model, train, optimizer, spec.batch_size, gen, device=device)
+        curve.append(evaluate(model, val, device).accuracy)
+        if on_epoch:
+            on_epoch(epoch, {"train_loss": loss, "val_acc": curve[-1]})
+    return PretrainResult(curve, time.perf_counter() - start)

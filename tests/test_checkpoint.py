@@ -1,0 +1,82 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+from sophon_ray.checkpoint import CheckpointError, load_checkpoint, make_card, read_card, save_checkpoint
+from sophon_ray.models import build_model
+from sophon_ray.spec import DomainSpec, ModelSpec
+
+
+def _card(arch="convnet", classes=10):
+    return make_card(ModelSpec(arch, classes), DomainSpec("shapes", 16), (DomainSpec("shapes_m", 16),), "abc123",
+                     role="protected", metrics={"original_val_acc": 97.5})
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(), 3, 16)
+    model(torch.randn(4, 3, 16, 16))  # move BN running stats off their defaults
+    save_checkpoint(model, _card(), tmp_path / "ckpt")
+    loaded, card = load_checkpoint(tmp_path / "ckpt")
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert card["restricted"][0]["dataset"] == "shapes_m" and card["metrics"]["original_val_acc"] == 97.5
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.json", "model.safetensors"]
+
+
+def test_mismatched_card_is_refused_with_the_differences(tmp_path):
+    save_checkpoint(build_model(ModelSpec(), 3, 16), _card(), tmp_path / "c")
+    card = json.loads((tmp_path / "c" / "model.json").read_text())
+    card["num_classes"] = 5
+    (tmp_path / "c" / "model.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=r"do not match the card.*classifier\.2\.weight"):
+        load_checkpoint(tmp_path / "c")
+    card["num_classes"], card["arch"] = 10, "resnet18"
+    (tmp_path / "c" / "model.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_pickle_is_never_loaded(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="never loaded"):
+        load_checkpoint(tmp_path / "bad")
+    # a pickle disguised as safetensors next to a valid card
+    save_checkpoint(build_model(ModelSpec(), 3, 16), _card(), tmp_path / "c")
+    (tmp_path / "c" / "model.safetensors").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(tmp_path / "c")
+    assert not marker.exists()
+
+
+def test_corrupt_safetensors_is_refused(tmp_path):
+    save_checkpoint(build_model(ModelSpec(), 3, 16), _card(), tmp_path / "c")
+    weights = tmp_path / "c" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_nan_checkpoint_is_never_written(tmp_path):
+    model = build_model(ModelSpec(), 3, 16)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="non-finite"):
+        save_checkpoint(model, _card(), tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_card_format_is_checked(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "model.json").write_text('{"format": "other"}')
+    with pytest.raises(CheckpointError, match="expected 'sophon-ray/1'"):
+        read_card(tmp_path / "c")
