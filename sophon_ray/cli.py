@@ -1,4 +1,6 @@
-"""``sophon-ray``: validate | ls | efficacy. Heavy modules are imported inside the commands so that
+"""``sophon-ray``: run | protect | attack | report | validate | ls | efficacy.
+
+Heavy modules are imported inside the commands so that
 ``--help`` answers at once."""
 
 from __future__ import annotations
@@ -7,6 +9,7 @@ import argparse
 import logging
 import shlex
 import sys
+import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -54,12 +57,85 @@ def _efficacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):  # noqa: ANN202 - SweepSpec, imported lazily
+    from sophon_ray.spec import load_spec  # noqa: PLC0415
+
+    return load_spec(args.spec, args.set)
+
+
+def _run(args: argparse.Namespace, **overrides: object) -> int:
+    from sophon_ray.pipeline import RunOptions, run  # noqa: PLC0415
+
+    spec = _load(args)
+    options = RunOptions(address=args.address, resume=args.resume, dry_run=args.dry_run, max_trials=args.max_trials,
+                         **overrides)
+    start = time.perf_counter()
+    outcome = run(spec, options)
+    if not options.dry_run:
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.stage_seconds.items())
+        print(f"done in {time.perf_counter() - start:.0f} s ({stages}); {outcome.trials} trials, "
+              f"{outcome.trials_run} run now")
+        if outcome.report.get("heatmaps"):
+            print("heatmaps: " + ", ".join(str(p) for p in outcome.report["heatmaps"]))
+    return 0
+
+
+def _protect(args: argparse.Namespace) -> int:
+    return _run(args, attack=False, report=False)
+
+
+def _attack(args: argparse.Namespace) -> int:
+    return _run(args, audit=Path(args.checkpoint))
+
+
+def _report(args: argparse.Namespace) -> int:
+    from analysis.report import run_report  # noqa: PLC0415
+    from sophon_ray.pipeline import sweep_id  # noqa: PLC0415
+    from sophon_ray.tracking import resolve_uri  # noqa: PLC0415
+
+    spec = _load(args)
+    out = Path(args.out) if args.out else spec.out / "report"
+    result = run_report(resolve_uri(spec.tracking.uri), spec.name, out, sweep_id=args.sweep_id or sweep_id(spec))
+    summary = out / "summary.md"
+    if summary.is_file():
+        print(summary.read_text())
+    print(f"report written to {out}: {result}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sophon-ray", description="SOPHON protection and fine-tuning attack sweeps")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     overrides = {"action": "append", "default": [], "metavar": "KEY=VALUE",
                  "help": "override a spec field, e.g. --set protect.0.alpha=5 (repeatable)"}
+    def sweep_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("spec")
+        p.add_argument("--set", **overrides)
+        p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a private "
+                       "local instance on 127.0.0.1)")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished models and "
+                       "trials are reused, unfinished trials rerun into their existing MLflow runs)")
+        p.add_argument("--dry-run", action="store_true", help="print the expanded grid and trial count; start nothing")
+        p.add_argument("--max-trials", type=int, default=None, help="refuse grids larger than this")
+
+    p = sub.add_parser("run", help="pretrain -> protect (Ray Train) -> attack grid (Ray Tune) -> report")
+    sweep_args(p)
+    p.set_defaults(func=_run)
+    p = sub.add_parser("protect", help="pretrain and protect only (Ray Train)")
+    sweep_args(p)
+    p.set_defaults(func=_protect)
+    p = sub.add_parser("attack", help="audit a protected checkpoint you were given: the spec's grid against it, "
+                       "the normal model and scratch")
+    sweep_args(p)
+    p.add_argument("--checkpoint", required=True, help="protected checkpoint directory (model.safetensors + model.json)")
+    p.set_defaults(func=_attack)
+    p = sub.add_parser("report", help="heatmaps, curves and summary from the sweep's MLflow runs")
+    p.add_argument("spec")
+    p.add_argument("--set", **overrides)
+    p.add_argument("--sweep-id", default=None, help="default: the spec's own sweep id")
+    p.add_argument("--out", default=None, help="default: <output_dir>/report")
+    p.set_defaults(func=_report)
     p = sub.add_parser("validate", help="check spec files; print every problem; exit 2 when any")
     p.add_argument("spec", nargs="+")
     p.add_argument("--set", **overrides)
@@ -80,7 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return args.func(args)
+    from sophon_ray.checkpoint import CheckpointError  # noqa: PLC0415
+    from sophon_ray.data import DatasetNotFound  # noqa: PLC0415
+    from sophon_ray.spec import SpecError  # noqa: PLC0415
+    from sophon_ray.tracking import TrackingError  # noqa: PLC0415
+
+    try:
+        return args.func(args)
+    except (SpecError, CheckpointError, DatasetNotFound, TrackingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

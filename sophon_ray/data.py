@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from sophon_ray.registry import Registry
-from sophon_ray.spec import DomainSpec
+from sophon_ray.spec import DomainSpec, SweepSpec
 
 Split = tuple[Dataset, Dataset]
 DATASETS: Registry[Callable[[DomainSpec], Split]] = Registry("dataset")
@@ -33,6 +34,34 @@ def load_domain(spec: DomainSpec) -> Split:
     """Return the ``(train, test)`` datasets of a domain spec; raise :class:`DatasetNotFound` for missing files."""
     train, test = DATASETS.get(spec.dataset)(spec)
     return _cap(train, spec.train_size, spec.seed), _cap(test, spec.test_size, spec.seed + 1)
+
+
+RESTRICTED_VAL_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class Splits:
+    original_train: Dataset
+    original_val: Dataset
+    original_test: Dataset
+    restricted_train: list[Dataset]  # the protector's share (the attacker draws from restricted_full)
+    restricted_val: list[Dataset]
+    restricted_full: list[Dataset]
+    restricted_test: list[Dataset]
+
+
+def make_splits(spec: SweepSpec) -> Splits:
+    """Load every domain of a sweep and carve validation splits with fixed seeds: ``pretrain.val_fraction``
+    of the original training split, and 20% of each restricted training split (the protector's probe
+    validation; the attacker draws from the whole restricted training split)."""
+    o_train, o_test = load_domain(spec.original)
+    o_train, o_val = split_off(o_train, spec.pretrain.val_fraction, spec.seed)
+    r_train, r_val, r_full, r_test = [], [], [], []
+    for domain in spec.restricted:
+        full, test = load_domain(domain)
+        rest, val = split_off(full, RESTRICTED_VAL_FRACTION, spec.seed)
+        r_train.append(rest), r_val.append(val), r_full.append(full), r_test.append(test)
+    return Splits(o_train, o_val, o_test, r_train, r_val, r_full, r_test)
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -11,7 +11,7 @@ import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -20,44 +20,19 @@ import torch
 
 from sophon_ray.attack import SCRATCH_STRATEGY, AttackConfig, finetune, scratch_model
 from sophon_ray.checkpoint import load_checkpoint, make_card, save_checkpoint
-from sophon_ray.data import load_domain, split_off
+from sophon_ray.data import Splits, make_splits
 from sophon_ray.metrics import Cell, below_chance, overhead, summarise
-from sophon_ray.models import build_model
 from sophon_ray.protection import protect
 from sophon_ray.spec import SweepSpec, spec_hash, to_dict
-from sophon_ray.training import evaluate, pretrain
+from sophon_ray.training import evaluate, initial_model, pretrain
 
 log = logging.getLogger(__name__)
-RESTRICTED_VAL_FRACTION = 0.2
 # Stress cells: attacks the protection is expected to lose to (a delay, not a wall); measured, no target.
 STRESS = (
     ("long (4x epochs)", {"epochs_scale": 4, "data_fraction": None}),
     ("all attacker data", {"epochs_scale": 1, "data_fraction": 1.0}),
 )
 STRESS_CELLS = dict(strategy=("direct-all", "initfc-all"), optimizer=("momentum", "adam"), lr=(1e-2,))
-
-
-@dataclass(frozen=True)
-class Splits:
-    original_train: Any
-    original_val: Any
-    original_test: Any
-    restricted_train: list[Any]      # the protector's share (attacker data is the whole train split)
-    restricted_val: list[Any]
-    restricted_full: list[Any]
-    restricted_test: list[Any]
-
-
-def make_splits(spec: SweepSpec) -> Splits:
-    """Load every domain and carve the validation splits with fixed seeds."""
-    o_train, o_test = load_domain(spec.original)
-    o_train, o_val = split_off(o_train, spec.pretrain.val_fraction, spec.seed)
-    r_train, r_val, r_full, r_test = [], [], [], []
-    for domain in spec.restricted:
-        full, test = load_domain(domain)
-        rest, val = split_off(full, RESTRICTED_VAL_FRACTION, spec.seed)
-        r_train.append(rest), r_val.append(val), r_full.append(full), r_test.append(test)
-    return Splits(o_train, o_val, o_test, r_train, r_val, r_full, r_test)
 
 
 # ----------------------------------------------------------------------------------- worker processes
@@ -126,17 +101,18 @@ def run_efficacy(spec: SweepSpec, protect_seeds: list[int], out: Path, workers: 
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     splits = make_splits(spec)
-    torch.manual_seed(spec.seed)
-    normal = build_model(spec.model, spec.original.channels, spec.original.image_size)
-    pre = pretrain(normal, splits.original_train, splits.original_val, spec.pretrain, spec.seed)
+    normal, needs_training = initial_model(spec)
+    seconds = 0.0
+    if needs_training:
+        seconds = pretrain(normal, splits.original_train, splits.original_val, spec.pretrain, spec.seed).seconds
     normal_val = evaluate(normal, splits.original_val).accuracy
     normal_test = evaluate(normal, splits.original_test).accuracy
     normal_dir = str(out / "normal")
     save_checkpoint(normal, make_card(spec.model, spec.original, spec.restricted, spec_hash(spec.pretrain),
                                       role="normal", metrics={"original_val_acc": normal_val,
                                                               "original_test_acc": normal_test}), normal_dir)
-    log.info("pretrain | val %.1f | test %.1f | %.1f s", normal_val, normal_test, pre.seconds)
-    report: dict[str, Any] = {"normal": {"val": normal_val, "test": normal_test, "seconds": pre.seconds},
+    log.info("pretrain | val %.1f | test %.1f | %.1f s", normal_val, normal_test, seconds)
+    report: dict[str, Any] = {"normal": {"val": normal_val, "test": normal_test, "seconds": seconds},
                               "protected": [], "attacks": [], "stress": []}
     ctx = get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(spec,)) as pool:

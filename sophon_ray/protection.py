@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,16 @@ from sophon_ray.training import evaluate
 
 log = logging.getLogger(__name__)
 MetricSink = Callable[[int, dict[str, float]], None]
+
+
+class Sync(Protocol):
+    """Data-parallel hooks (Ray Train passes an all-reduce implementation; one process needs none)."""
+
+    def grads(self, tensors: list[torch.Tensor]) -> None:
+        """Average these gradients across workers, in place."""
+
+    def buffers(self, tensors: list[torch.Tensor]) -> None:
+        """Average these floating-point buffers (BatchNorm statistics) across workers, in place."""
 
 # The probe: a short worst-of-two fine-tuning on a stratified share of the restricted training data,
 # scored on restricted validation data. One keeps the head, one re-initialises it; one SGD-momentum, one Adam.
@@ -100,7 +111,8 @@ def select(candidates: list[Candidate], floor: float, tolerance: float) -> Candi
 def protect(model: Net, original_train: Dataset, original_val: Dataset, restricted_train: list[Dataset],
             restricted_val: list[Dataset], spec: ProtectSpec, normal_acc: float,
             device: torch.device | str = "cpu", on_metrics: MetricSink | None = None,
-            probe_tolerance: float = 5.0) -> ProtectResult:
+            probe_tolerance: float = 5.0, sync: Sync | None = None, rank: int = 0,
+            probe_train: list[Dataset] | None = None) -> ProtectResult:
     """Protect a copy of ``model`` against fine-tuning on every restricted domain (SOPHON).
 
     Each iteration: one FTS step (sample an environment, simulate ``inner_steps`` of fine-tuning on a
@@ -111,11 +123,17 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     state (up to ``max_rollbacks`` times, then stops). Every ``probe_every`` iterations (and at the end)
     a probe attack scores the state; the returned model is the state chosen by :func:`select` with the
     floor ``normal_acc - select_drop``.
+
+    Data-parallel use (Ray Train): every worker passes its own shard as ``original_train`` /
+    ``restricted_train``, its ``rank`` (which seeds its own environments and batches), the full
+    ``probe_train`` and validation sets (so every rank takes the same decisions), and a ``sync`` that
+    averages FTS and NTR gradients and BatchNorm statistics: all ranks then hold identical weights.
     """
     start = time.perf_counter()
     torch.manual_seed(spec.seed)
-    rng = random.Random(spec.seed)
-    gen = torch.Generator().manual_seed(spec.seed)
+    rng = random.Random(spec.seed * 1009 + rank)
+    gen = torch.Generator().manual_seed(spec.seed * 1009 + rank)
+    probe_train = probe_train or restricted_train
     model = copy.deepcopy(model).to(device)
     model.train()
     suppression = LOSSES.get(spec.loss)
@@ -131,7 +149,7 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     stopped, iteration, last_log = None, 0, time.perf_counter()
 
     def add_candidate(it: int, original_acc: float) -> None:
-        score = probe(model, restricted_train, restricted_val, spec.probe_epochs, spec.seed, device)
+        score = probe(model, probe_train, restricted_val, spec.probe_epochs, spec.seed, device)
         candidates.append(Candidate(it, original_acc, score, copy.deepcopy(model.state_dict())))
         emit(it, {"probe_acc": score})
 
@@ -146,6 +164,8 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
                        spec.inner_steps, spec.query_fraction, gen)
         for name, param in model.named_parameters():
             param.grad = sim.grads[name]
+        if sync:
+            sync.grads([p.grad for p in model.parameters()])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip_norm).item()
         fts_opt.step()
         ntr_loss = 0.0
@@ -154,8 +174,12 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
             loss = F.cross_entropy(model(x.to(device)), y.to(device))
             ntr_opt.zero_grad(set_to_none=True)
             loss.backward()
+            if sync:
+                sync.grads([p.grad for p in model.parameters()])
             ntr_opt.step()
             ntr_loss += loss.item() / spec.ntr_steps
+        if sync:
+            sync.buffers([b for b in model.buffers() if b.is_floating_point()])
         row = {"fts_loss": sim.fts_loss, "adversary_loss": sim.adversary_loss, "ntr_loss": ntr_loss,
                "fts_grad_norm": grad_norm}
         finite = all(math.isfinite(v) for v in row.values()) and _finite(model)

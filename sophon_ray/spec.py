@@ -132,10 +132,15 @@ class AttackSpec:
 
 @dataclass(frozen=True)
 class ResourcesSpec:
+    """Ray resources. ``storage_path``: where Ray Train/Tune keep their state (default
+    ``<output_dir>/ray``); on a multi-node cluster a shared path (NFS, s3://...)."""
+
     protect_workers: int = 1
     use_gpu: bool = False
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    max_failures: int = 2
+    storage_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -350,6 +355,10 @@ def _check_semantics(spec: SweepSpec, problems: list[Problem]) -> None:
     name_in("pretrain.optimizer", p.optimizer, registries.OPTIMIZERS)
     for key in ("epochs", "lr", "batch_size"):
         positive(f"pretrain.{key}", getattr(p, key))
+    if p.weights and p.weights != "torchvision" and not (Path(p.weights) / "model.json").is_file():
+        problems.append(Problem("pretrain.weights", f"no sophon-ray checkpoint at {Path(p.weights).resolve()} "
+                                "(expected model.json + model.safetensors); give a checkpoint directory, "
+                                "'torchvision' for published ImageNet weights, or null to pretrain"))
     if not 0 < p.val_fraction < 1:
         problems.append(Problem("pretrain.val_fraction", f"must be in (0, 1), got {p.val_fraction}"))
     labels = [v.label for v in spec.protect]
@@ -406,6 +415,8 @@ def _check_semantics(spec: SweepSpec, problems: list[Problem]) -> None:
     r = spec.resources
     positive("resources.protect_workers", r.protect_workers)
     positive("resources.cpus_per_trial", r.cpus_per_trial)
+    if r.max_failures < 0:
+        problems.append(Problem("resources.max_failures", f"must be >= 0, got {r.max_failures}"))
     if r.gpus_per_trial < 0:
         problems.append(Problem("resources.gpus_per_trial", f"must be >= 0, got {r.gpus_per_trial}"))
 

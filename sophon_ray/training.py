@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,11 @@ from torch.utils.data import Dataset
 from sophon_ray.data import batches
 from sophon_ray.registry import Registry
 from sophon_ray.spec import PretrainSpec
+
+if TYPE_CHECKING:
+    from sophon_ray.models import Net
+    from sophon_ray.protection import Sync
+    from sophon_ray.spec import SweepSpec
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float, float], torch.optim.Optimizer]
 OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
@@ -80,8 +86,12 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "c
 
 def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optimizer, batch_size: int,
                 generator: torch.Generator, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                device: torch.device | str = "cpu") -> float:
-    """One epoch of cross-entropy training in train mode (BatchNorm statistics update); mean batch loss."""
+                device: torch.device | str = "cpu", sync_grads: Callable[[list[torch.Tensor]], None] | None = None
+                ) -> float:
+    """One epoch of cross-entropy training in train mode (BatchNorm statistics update); mean batch loss.
+
+    ``sync_grads`` (data-parallel workers) averages the gradients across workers before each step.
+    """
     model.train()
     total, steps = 0.0, 0
     for x, y in batches(dataset, batch_size, generator):
@@ -89,6 +99,8 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if sync_grads:
+            sync_grads([p.grad for p in model.parameters() if p.grad is not None])
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -104,17 +116,46 @@ class PretrainResult:
 
 
 def pretrain(model: nn.Module, train: Dataset, val: Dataset, spec: PretrainSpec, seed: int = 0,
-             device: torch.device | str = "cpu", on_epoch: Callable[[int, dict[str, float]], None] | None = None
-             ) -> PretrainResult:
-    """Train the normal model in place on the original domain; validation accuracy per epoch."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+             device: torch.device | str = "cpu", on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+             sync: "Sync | None" = None, rank: int = 0) -> PretrainResult:
+    """Train the normal model in place on the original domain; validation accuracy per epoch.
+
+    Data-parallel workers pass their shard as ``train``, their ``rank`` and a ``sync`` (see
+    ``sophon_ray.protection.Sync``) that averages gradients and, after each epoch, BatchNorm statistics.
+    """
+    gen = torch.Generator().manual_seed(seed * 1009 + rank)
     model.to(device)
     optimizer = make_optimizer(spec.optimizer, model.parameters(), spec.lr)
     start, curve = time.perf_counter(), []
     for epoch in range(1, spec.epochs + 1):
-        loss = train_epoch(model, train, optimizer, spec.batch_size, gen, device=device)
+        loss = train_epoch(model, train, optimizer, spec.batch_size, gen, device=device,
+                           sync_grads=sync.grads if sync else None)
+        if sync:
+            sync.buffers([b for b in model.buffers() if b.is_floating_point()])
         curve.append(evaluate(model, val, device).accuracy)
         if on_epoch:
             on_epoch(epoch, {"train_loss": loss, "val_acc": curve[-1]})
     return PretrainResult(curve, time.perf_counter() - start)
+
+
+def initial_model(spec: "SweepSpec") -> tuple["Net", bool]:
+    """The model pretraining starts from, and whether it still needs pretraining.
+
+    ``pretrain.weights``: None -> a seeded random init (train it); ``torchvision`` -> the published
+    ImageNet weights in the body (train it on the original domain); a sophon-ray checkpoint directory ->
+    that model as the normal model (no training; its card must match the spec's model and input).
+    """
+    from sophon_ray.checkpoint import CheckpointError, load_checkpoint  # noqa: PLC0415
+    from sophon_ray.models import build_model  # noqa: PLC0415
+
+    weights = spec.pretrain.weights
+    if weights and weights != "torchvision":
+        model, card = load_checkpoint(weights)
+        want = (spec.model.arch, spec.model.num_classes, spec.original.channels, spec.original.image_size)
+        got = (card["arch"], card["num_classes"], card["channels"], card["image_size"])
+        if want != got:
+            raise CheckpointError(f"pretrain.weights {weights}: the card says (arch, classes, channels, size) = "
+                                  f"{got} but the spec asks for {want}; fix the spec's model/original or the path")
+        return model, False
+    torch.manual_seed(spec.seed)
+    return build_model(spec.model, spec.original.channels, spec.original.image_size, weights=weights), True

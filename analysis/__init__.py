@@ -1,0 +1,11 @@
+"""Turn a sweep's MLflow runs into robustness heatmaps, fine-tuning curves and a markdown summary.
+
+Reads MLflow with pandas and plots with matplotlib; imports neither torch nor ray, so it runs anywhere
+the tracking store is reachable. Modules (each also a CLI, ``python -m analysis.<name> --help``):
+
+- ``analysis.runs``      MLflow runs -> typed tables (attack trials, cells, curves, protect, pretrain)
+- ``analysis.heatmaps``  optimizer x lr (and batch size x lr) grids of final restricted accuracy
+- ``analysis.curves``    restricted accuracy vs epoch, protected vs normal vs scratch
+- ``analysis.summary``   intactness, robustness summary and a per-cell table, as markdown
+- ``analysis.report``    all three, written to a folder and logged to the sweep's parent run
+"""

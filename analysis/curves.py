@@ -1,0 +1,146 @@
+"""Fine-tuning curves: restricted-domain accuracy vs epoch, protected (each variant) vs normal vs scratch.
+
+One figure per strategy, one panel per optimizer; colour = subject, line style = learning rate; each line
+is the mean over seeds (and over any other varying setting, named in the subtitle). Scratch is the same
+in every strategy's figure: it trains from random init, so it ran once per cell-without-strategy.
+
+    python -m analysis.curves --tracking-uri sqlite:///mlflow.db --experiment quickstart --out report/
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from analysis.heatmaps import DPI, describe, save
+from analysis.runs import (OPTIMIZER_ORDER, STRATEGY_ORDER, RunsNotFoundError, in_order, load_curves, load_runs,
+                           parse_source_args, source_parser)
+
+log = logging.getLogger(__name__)
+
+PROTECTED_COLOURS = ("#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2")
+NORMAL_COLOUR = "#1f77b4"
+SCRATCH_COLOUR = "#555555"
+LR_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
+LR_MARKERS = ("o", "s", "^", "D", "v")
+
+
+def mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
+    """Epoch-wise mean of curves, ignoring missing epochs of shorter curves; [] when all are empty."""
+    length = max((len(c) for c in curves), default=0)
+    if length == 0:
+        return []
+    padded = np.full((len(curves), length), np.nan)
+    for row, curve in enumerate(curves):
+        padded[row, : len(curve)] = curve
+    counts = np.sum(~np.isnan(padded), axis=0)
+    return [float(np.nansum(padded[:, e]) / counts[e]) for e in range(length)]
+
+
+def subject_label(subject: str, variant: str) -> str:
+    """Legend name of a subject: ``protected (<variant>)``, ``normal`` or ``scratch``."""
+    return f"protected ({variant})" if subject == "protected" else subject
+
+
+def line_table(runs: pd.DataFrame, curves: Mapping[str, Sequence[float]], strategy: str) -> pd.DataFrame:
+    """Mean curve per (label, optimizer, lr) for one strategy, scratch taken from every strategy.
+
+    ``runs`` is ``load_runs`` output, ``curves`` maps run_id -> accuracy per epoch.
+    """
+    chosen = runs[(runs["strategy"] == strategy) | (runs["subject"] == "scratch")]
+    chosen = chosen.assign(label=[subject_label(s, v) for s, v in zip(chosen["subject"], chosen["variant"])])
+    rows = [{"label": label, "optimizer": optimizer, "lr": lr,
+             "curve": mean_curve([curves.get(run_id, []) for run_id in group["run_id"]])}
+            for (label, optimizer, lr), group in chosen.groupby(["label", "optimizer", "lr"])]
+    return pd.DataFrame(rows, columns=["label", "optimizer", "lr", "curve"])
+
+
+def colours(labels: Sequence[str]) -> dict[str, str]:
+    """Colour per legend label: warm colours for protected variants, blue for normal, grey for scratch."""
+    protected = [label for label in labels if label.startswith("protected")]
+    table = {label: PROTECTED_COLOURS[k % len(PROTECTED_COLOURS)] for k, label in enumerate(protected)}
+    return table | {"normal": NORMAL_COLOUR, "scratch": SCRATCH_COLOUR}
+
+
+def figure(lines: pd.DataFrame, title: str, subtitle: str) -> Figure:
+    """One panel per optimizer (up to 4 per row) on a fixed 0-100 scale, with subject and lr legends."""
+    optimizers = in_order(lines["optimizer"], OPTIMIZER_ORDER)
+    labels = sorted(lines["label"].unique(), key=lambda l: (not l.startswith("protected"), l != "normal", l))
+    lrs = sorted(lines["lr"].unique())
+    palette = colours(labels)
+    ncols = min(4, len(optimizers))
+    nrows = math.ceil(len(optimizers) / ncols)
+    fig = Figure(figsize=(3.6 * ncols + 0.6, 2.9 * nrows + 1.4), layout="constrained", dpi=DPI)
+    fig.suptitle(f"{title}\n{subtitle}", fontsize=11)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
+    for ax, optimizer in zip(axes, optimizers):
+        for row in lines[lines["optimizer"] == optimizer].itertuples():
+            k = lrs.index(row.lr) % len(LR_STYLES)
+            ax.plot(range(len(row.curve)), row.curve, color=palette[row.label], linestyle=LR_STYLES[k],
+                    marker=LR_MARKERS[k], markersize=3.5, linewidth=1.6)
+        ax.set_title(optimizer, fontsize=10)
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(optimizers):]:
+        ax.set_visible(False)
+    for ax in axes[::ncols]:
+        ax.set_ylabel("restricted acc, %")
+    for ax in axes[(nrows - 1) * ncols:]:
+        ax.set_xlabel("epoch (0 = before fine-tuning)")
+    subjects = [Line2D([], [], color=palette[label], linewidth=2.5, label=label) for label in labels]
+    styles = [Line2D([], [], color="black", linestyle=LR_STYLES[k % len(LR_STYLES)],
+                     marker=LR_MARKERS[k % len(LR_MARKERS)], markersize=3.5, label=f"lr {lr:g}")
+              for k, lr in enumerate(lrs)]
+    fig.legend(handles=subjects + styles, loc="outside lower center", ncols=min(len(subjects + styles), 4 * ncols),
+               fontsize=9, frameon=False)
+    return fig
+
+
+def make_curves(runs_df: pd.DataFrame, curves: Mapping[str, Sequence[float]], out_dir: str | Path,
+                title_prefix: str) -> list[Path]:
+    """Write ``curves-<strategy>.png`` per strategy; returns the paths.
+
+    ``runs_df`` is ``load_runs`` output, ``curves`` maps run_id -> restricted accuracy per epoch
+    (``load_curves``). Raises ValueError when ``runs_df`` has no protected or normal runs.
+    """
+    attacked = runs_df[runs_df["subject"] != "scratch"]
+    if attacked.empty:
+        raise ValueError("no protected or normal attack runs to plot curves for")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for strategy in in_order(attacked["strategy"], STRATEGY_ORDER):
+        lines = line_table(runs_df, curves, strategy)
+        subtitle = describe(attacked[attacked["strategy"] == strategy],
+                            ["batch_size", "data_fraction", "schedule", "epochs"])
+        fig = figure(lines, f"{title_prefix} — {strategy}: restricted-domain accuracy during fine-tuning, %",
+                     subtitle)
+        paths.append(save(fig, out / f"curves-{strategy}.png"))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: write the fine-tuning curves of one sweep into --out; returns the exit status."""
+    args = parse_source_args(source_parser(__doc__.splitlines()[0]), argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        runs = load_runs(args.tracking_uri, args.experiment, args.sweep_id)
+    except RunsNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    curves = load_curves(args.tracking_uri, runs["run_id"])
+    for path in make_curves(runs, curves, args.out, args.experiment):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

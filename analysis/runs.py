@@ -1,0 +1,319 @@
+"""Read one sweep's MLflow runs into typed pandas tables: attack trials, cells, curves, protect, pretrain.
+
+The layout read here is the one the orchestrator writes: a parent run per sweep (tags
+``sophon.role=sweep``, ``sophon.sweep_id``) and child runs tagged ``sophon.role`` in {pretrain, protect,
+attack}. MLflow params are strings; every table returned here has them converted to int/float.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Run
+from mlflow.exceptions import MlflowException
+
+log = logging.getLogger(__name__)
+
+CELL_KEYS = ("strategy", "optimizer", "lr", "batch_size", "data_fraction", "schedule", "epochs")
+# Scratch trains from random init, so the orchestrator runs it once per cell-without-strategy.
+SCRATCH_KEYS = tuple(key for key in CELL_KEYS if key != "strategy")
+SUBJECTS = ("protected", "normal", "scratch")
+# Display order of the registries' names (sophon_ray's registries import torch, so they are not used here).
+STRATEGY_ORDER = ("direct-all", "direct-fc", "initfc-all", "initfc-fc", "rtal")
+OPTIMIZER_ORDER = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
+NO_PROTECT_SEED = -1
+SPEC_ARTIFACT = "spec.yaml"  # the resolved spec, logged at the root of the parent run
+
+
+def _int(text: str) -> int:
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(f"{text!r} is not an integer")
+    return int(value)
+
+
+ATTACK_PARAMS: dict[str, Callable[[str], object]] = {
+    "subject": str, "variant": str, "strategy": str, "optimizer": str, "lr": float, "batch_size": _int,
+    "data_fraction": float, "schedule": str, "epochs": _int, "seed": _int, "weight_decay": float,
+}
+ATTACK_METRICS = {"final": "restricted_acc_final", "best": "restricted_acc_best", "original_acc": "original_acc"}
+PROTECT_METRICS = ("original_val_acc", "original_test_acc", "intactness_drop", "probe_acc",
+                   "selected_iteration", "rollbacks")
+
+
+class RunsNotFoundError(LookupError):
+    """The tracking store has no experiment, sweep or runs where the analysis looked."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Where one sweep lives: its store, experiment and parent run."""
+
+    tracking_uri: str
+    experiment: str
+    experiment_id: str
+    sweep_id: str
+    parent_run_id: str
+
+
+@dataclass(frozen=True)
+class PretrainRun:
+    """The normal (unprotected) model's original-domain accuracies, percent."""
+
+    run_id: str
+    original_val_acc: float
+    original_test_acc: float
+
+
+def in_order(values: Iterable, order: Sequence = ()) -> list:
+    """Distinct values, those named in ``order`` first (in that order), the rest sorted after."""
+    distinct = set(values)
+    return [v for v in order if v in distinct] + sorted(v for v in distinct if v not in order)
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _search(client: MlflowClient, experiment_id: str, filter_string: str,
+            order_by: list[str] | None = None, max_results: int | None = None) -> list[Run]:
+    """Every active run matching the filter (follows MLflow's pagination)."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, order_by=order_by,
+                                  max_results=min(max_results or 1000, 1000), page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token or (max_results is not None and len(runs) >= max_results):
+            return runs
+
+
+def _role_filter(role: str, sweep_id: str | None = None) -> str:
+    text = f"tags.`sophon.role` = '{role}'"
+    return text if sweep_id is None else f"{text} and tags.`sophon.sweep_id` = '{sweep_id}'"
+
+
+def find_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None) -> Sweep:
+    """Locate a sweep's parent run; ``sweep_id=None`` picks the experiment's newest sweep.
+
+    Raises RunsNotFoundError naming the URI, the experiments or sweep ids that do exist, and the fix.
+    """
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments(max_results=50))
+        raise RunsNotFoundError(
+            f"no MLflow experiment named {experiment!r} at {tracking_uri} (experiments there: "
+            f"{', '.join(names) or 'none'}). Fix: pass --experiment with the sweep spec's `name:`, or point "
+            f"--tracking-uri (or MLFLOW_TRACKING_URI) at the store the sweep logged to.")
+    parents = _search(client, found.experiment_id, _role_filter("sweep", sweep_id),
+                      order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        known = [r.data.tags.get("sophon.sweep_id", "?")
+                 for r in _search(client, found.experiment_id, _role_filter("sweep"), max_results=20)]
+        wanted = "any sweep" if sweep_id is None else f"sweep {sweep_id!r}"
+        raise RunsNotFoundError(
+            f"experiment {experiment!r} at {tracking_uri} has no parent run for {wanted} "
+            f"(tags.sophon.role = 'sweep'; sweep ids there: {', '.join(known) or 'none'}). Fix: pass one of "
+            f"those to --sweep-id, or run the sweep first (`sophon-ray run SPEC`).")
+    parent = parents[0]
+    return Sweep(tracking_uri, experiment, found.experiment_id,
+                 parent.data.tags.get("sophon.sweep_id", sweep_id or ""), parent.info.run_id)
+
+
+def _stage_runs(sweep: Sweep, role: str) -> list[Run]:
+    return _search(_client(sweep.tracking_uri), sweep.experiment_id, _role_filter(role, sweep.sweep_id))
+
+
+def _typed_params(run: Run, casts: dict[str, Callable[[str], object]]) -> dict[str, object]:
+    """The run's params converted with ``casts``; raises ValueError naming the run and the bad param."""
+    params = run.data.params
+    missing = [name for name in casts if name not in params]
+    if missing:
+        raise ValueError(f"run {run.info.run_id} ({run.data.tags.get('sophon.role')}) lacks params {missing}; "
+                         f"it was not logged in the sweep layout analysis/ reads. Fix: re-log it with the "
+                         f"current orchestrator, or delete the run.")
+    typed = {}
+    for name, cast in casts.items():
+        try:
+            typed[name] = cast(params[name])
+        except ValueError as err:
+            raise ValueError(f"run {run.info.run_id}: param {name}={params[name]!r} is not a "
+                             f"{getattr(cast, '__name__', cast).lstrip('_')}") from err
+    return typed
+
+
+def attack_table(runs: Iterable[Run]) -> pd.DataFrame:
+    """One typed row per attack run: run_id, the ATTACK_PARAMS, protect_seed, final, best, original_acc.
+
+    Runs without ``restricted_acc_final`` (failed or still running trials) are left out with a warning.
+    """
+    rows, unfinished = [], 0
+    for run in runs:
+        metrics = run.data.metrics
+        if ATTACK_METRICS["final"] not in metrics:
+            unfinished += 1
+            continue
+        row = {"run_id": run.info.run_id, **_typed_params(run, ATTACK_PARAMS)}
+        row["protect_seed"] = _int(run.data.params.get("protect_seed", str(NO_PROTECT_SEED)))
+        row.update({column: metrics.get(name, math.nan) for column, name in ATTACK_METRICS.items()})
+        rows.append(row)
+    if unfinished:
+        log.warning("left out %d attack run(s) without %s (failed or unfinished)", unfinished, ATTACK_METRICS["final"])
+    columns = ["run_id", *ATTACK_PARAMS, "protect_seed", *ATTACK_METRICS]
+    table = pd.DataFrame(rows, columns=columns)
+    return table.sort_values(["subject", "variant", *CELL_KEYS, "seed", "protect_seed"], ignore_index=True)
+
+
+def load_runs(tracking_uri: str, experiment: str, sweep_id: str | None = None) -> pd.DataFrame:
+    """Attack trials of one sweep (default: the newest) as ``attack_table`` rows.
+
+    Raises RunsNotFoundError when the experiment, the sweep or its finished attack runs are missing.
+    """
+    sweep = find_sweep(tracking_uri, experiment, sweep_id)
+    table = attack_table(_stage_runs(sweep, "attack"))
+    if table.empty:
+        raise RunsNotFoundError(
+            f"sweep {sweep.sweep_id} in experiment {experiment!r} at {tracking_uri} has no finished attack runs "
+            f"(tags.sophon.role = 'attack' with metric {ATTACK_METRICS['final']}). Fix: let the attack stage "
+            f"finish (`sophon-ray run SPEC --resume`), or pick another --sweep-id.")
+    return table
+
+
+def _history(metrics: Sequence[Metric]) -> list[float]:
+    """Values ordered by step; a step logged twice (a retried trial) keeps its latest value."""
+    latest: dict[int, float] = {}
+    for metric in sorted(metrics, key=lambda m: (m.step, m.timestamp)):
+        latest[metric.step] = metric.value
+    return [latest[step] for step in sorted(latest)]
+
+
+def load_curves(tracking_uri: str, run_ids: Iterable[str], metric: str = "restricted_acc") -> dict[str, list[float]]:
+    """Per run, the metric's values ordered by step (for attacks: epoch 0..E); [] when never logged."""
+    client = _client(tracking_uri)
+    return {run_id: _history(client.get_metric_history(run_id, metric)) for run_id in run_ids}
+
+
+def load_protect_runs(tracking_uri: str, experiment: str, sweep_id: str | None = None) -> pd.DataFrame:
+    """One row per protect run: run_id, variant, loss, seed, and PROTECT_METRICS (NaN when not logged).
+
+    Empty (with those columns) when the sweep protected nothing.
+    """
+    sweep = find_sweep(tracking_uri, experiment, sweep_id)
+    rows = []
+    for run in _stage_runs(sweep, "protect"):
+        params = run.data.params
+        row = {"run_id": run.info.run_id, **_typed_params(run, {"variant": str}),
+               "loss": params.get("loss", "?"), "seed": _int(params.get("seed", str(NO_PROTECT_SEED)))}
+        row.update({name: run.data.metrics.get(name, math.nan) for name in PROTECT_METRICS})
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["run_id", "variant", "loss", "seed", *PROTECT_METRICS])
+    return table.sort_values(["variant", "seed"], ignore_index=True)
+
+
+def load_pretrain_run(tracking_uri: str, experiment: str, sweep_id: str | None = None) -> PretrainRun:
+    """The sweep's pretrain run (the newest, if a resumed sweep logged several).
+
+    Raises RunsNotFoundError when the sweep has none.
+    """
+    sweep = find_sweep(tracking_uri, experiment, sweep_id)
+    runs = sorted(_stage_runs(sweep, "pretrain"), key=lambda r: r.info.start_time or 0)
+    if not runs:
+        raise RunsNotFoundError(
+            f"sweep {sweep.sweep_id} in experiment {experiment!r} at {tracking_uri} has no pretrain run "
+            f"(tags.sophon.role = 'pretrain'). Fix: let the pretrain stage finish, or pick another --sweep-id.")
+    metrics = runs[-1].data.metrics
+    return PretrainRun(runs[-1].info.run_id, metrics.get("original_val_acc", math.nan),
+                       metrics.get("original_test_acc", math.nan))
+
+
+def load_num_classes(sweep: Sweep) -> int | None:
+    """The model's class count (chance = 100 / C on the restricted domain): param ``model.num_classes`` or
+    ``num_classes`` of the parent or pretrain run, else ``model.num_classes`` in the parent's ``spec.yaml``
+    artifact; None when none of them has it (pass --num-classes then)."""
+    client = _client(sweep.tracking_uri)
+    for run in [client.get_run(sweep.parent_run_id), *_stage_runs(sweep, "pretrain")]:
+        for name in ("model.num_classes", "num_classes"):
+            if name in run.data.params:
+                return _int(run.data.params[name])
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(sweep.parent_run_id, SPEC_ARTIFACT, dst_path=folder)
+        except (MlflowException, OSError):
+            return None  # no resolved spec logged: the caller reports below-chance counts as unknown
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    value = (spec.get("model") or {}).get("num_classes") if isinstance(spec, dict) else None
+    return int(value) if value is not None else None
+
+
+def _seed_mean(runs: pd.DataFrame, keys: list[str], subject: str) -> pd.DataFrame:
+    """Seed-mean final/best accuracy per key, with the run ids averaged (columns prefixed by subject)."""
+    grouped = runs.groupby(keys, sort=False).agg(
+        final=("final", "mean"), best=("best", "mean"), runs=("run_id", lambda ids: tuple(ids)),
+        seeds=("run_id", "size"))
+    grouped.columns = [subject, f"{subject}_best", f"{subject}_runs", f"{subject}_seeds"]
+    return grouped.reset_index()
+
+
+def cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (variant, cell): seed-mean final accuracy of protected, normal and scratch.
+
+    A cell is CELL_KEYS; seeds (attack and protection) are averaged. Normal joins on the cell, scratch on
+    SCRATCH_KEYS (it ran once, logged as direct-all, for every strategy). Columns: variant, CELL_KEYS,
+    then per subject ``<subject>``, ``<subject>_best``, ``<subject>_runs`` (run ids), ``<subject>_seeds``,
+    and ``protected_minus_scratch``. Subjects a cell lacks are NaN (runs: ()).
+
+    Raises ValueError when there are no protected runs to compare.
+    """
+    protected = runs[runs["subject"] == "protected"]
+    if protected.empty:
+        raise ValueError("no attack runs with subject=protected, so there is nothing to compare; "
+                         "Fix: include 'protected' in the spec's attack.subjects.")
+    table = _seed_mean(protected, ["variant", *CELL_KEYS], "protected")
+    table = table.merge(_seed_mean(runs[runs["subject"] == "normal"], list(CELL_KEYS), "normal"),
+                        on=list(CELL_KEYS), how="left")
+    table = table.merge(_seed_mean(runs[runs["subject"] == "scratch"], list(SCRATCH_KEYS), "scratch"),
+                        on=list(SCRATCH_KEYS), how="left")
+    for subject in SUBJECTS:
+        table[f"{subject}_runs"] = [ids if isinstance(ids, tuple) else () for ids in table[f"{subject}_runs"]]
+        table[f"{subject}_seeds"] = table[f"{subject}_seeds"].fillna(0).astype(int)
+    table["protected_minus_scratch"] = table["protected"] - table["scratch"]
+    return table.sort_values(["variant", *CELL_KEYS], ignore_index=True)
+
+
+def varying(table: pd.DataFrame, keys: Sequence[str]) -> tuple[list[str], dict[str, object]]:
+    """Split ``keys`` into those with several values in ``table`` and those fixed (with their one value)."""
+    several = [key for key in keys if table[key].nunique() > 1]
+    fixed = {key: table[key].iloc[0] for key in keys if key not in several and not table.empty}
+    return several, fixed
+
+
+def source_parser(description: str) -> argparse.ArgumentParser:
+    """The CLI arguments every analysis script shares: where the sweep is and where output goes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                        help="MLflow store, e.g. sqlite:///mlflow.db or http://127.0.0.1:5000 "
+                             "(default: $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--experiment", required=True, help="MLflow experiment = the sweep spec's name")
+    parser.add_argument("--sweep-id", default=None, help="12-hex sweep id (default: the newest sweep)")
+    parser.add_argument("--out", required=True, help="folder to write into (created if missing)")
+    return parser
+
+
+def parse_source_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse argv, exiting with status 2 and the fix when no tracking URI is given or set."""
+    args = parser.parse_args(argv)
+    if not args.tracking_uri:
+        parser.error("no tracking URI: pass --tracking-uri (e.g. sqlite:///mlflow.db) or set MLFLOW_TRACKING_URI")
+    return args

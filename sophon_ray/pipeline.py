@@ -1,0 +1,255 @@
+"""``sophon-ray run``: pretrain (Ray Train) -> protect (Ray Train) -> attack grid (Ray Tune) -> report.
+
+Every stage is idempotent: models are stored under a key hashed from the spec slice they depend on
+(reused when present), and attack trials are keyed the same way in MLflow (finished ones are never
+rerun). MLflow is the ledger: one parent run per sweep, one child run per model and per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sophon_ray.spec import Problem, SpecError, SweepSpec, spec_hash, to_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    address: str | None = None
+    resume: bool = False
+    dry_run: bool = False
+    max_trials: int | None = None
+    attack: bool = True
+    report: bool = True
+    audit: Path | None = None          # attack a given protected checkpoint instead of protecting
+
+
+@dataclass
+class Outcome:
+    sweep_id: str
+    trials: int
+    trials_run: int = 0
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def sweep_id(spec: SweepSpec) -> str:
+    """Hash of everything that defines the sweep's results (not tracking, resources or paths)."""
+    return spec_hash((spec.name, spec.seed, spec.mode, spec.model, spec.original, spec.restricted, spec.pretrain,
+                      spec.protect, spec.attack))
+
+
+def pretrain_key(spec: SweepSpec) -> str:
+    return spec_hash((spec.seed, spec.model, spec.original, spec.restricted, spec.pretrain))
+
+
+def protect_key(spec: SweepSpec, index: int) -> str:
+    return spec_hash((pretrain_key(spec), spec.protect[index]))
+
+
+def protected_labels(spec: SweepSpec, options: RunOptions) -> list[str]:
+    return ["audited"] if options.audit else [v.label for v in spec.protect]
+
+
+def dry_run_text(spec: SweepSpec, trials: list[dict[str, Any]]) -> str:
+    g = spec.attack.grid
+    by_subject: dict[str, int] = {}
+    for t in trials:
+        by_subject[t["subject"]] = by_subject.get(t["subject"], 0) + 1
+    lines = [f"sweep {spec.name} ({sweep_id(spec)}): {len(trials)} attack trials "
+             f"({', '.join(f'{k} {v}' for k, v in by_subject.items())})",
+             *(f"  {name}: {list(getattr(g, name))}" for name in ("strategy", "optimizer", "lr", "batch_size",
+                                                                 "data_fraction", "schedule", "epochs", "seed")),
+             f"  protect variants: {[v.label for v in spec.protect]}", "trials:"]
+    lines += [f"  {t['name']}" for t in trials]
+    return "\n".join(lines)
+
+
+def start_ray(address: str | None) -> None:
+    """Join ``address`` / $RAY_ADDRESS, else start a private local instance bound to 127.0.0.1."""
+    import ray  # noqa: PLC0415
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
+    """Run the sweep's stages; raise SpecError (before Ray starts) for a bad grid size or an interrupted
+    sweep without ``resume``."""
+    from sophon_ray.tune_driver import plan_trials  # noqa: PLC0415
+
+    sid = sweep_id(spec)
+    trials = plan_trials(spec, protected_labels(spec, options)) if options.attack else []
+    if options.max_trials is not None and len(trials) > options.max_trials:
+        raise SpecError([Problem("attack.grid", f"{len(trials)} trials exceed --max-trials {options.max_trials}: "
+                                 "shrink the grid or raise --max-trials")], spec.name)
+    if options.dry_run:
+        _say(dry_run_text(spec, trials))
+        return Outcome(sid, len(trials))
+    from sophon_ray.tracking import Tracker, redact, resolve_uri  # noqa: PLC0415
+
+    out = spec.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    uri = resolve_uri(spec.tracking.uri)
+    tracker = Tracker(uri, spec.name)
+    parent_status = _parent_status(tracker, sid)
+    if parent_status not in (None, "FINISHED") and not options.resume:
+        raise SpecError([Problem("", f"sweep {spec.name} ({sid}) was interrupted (parent run {parent_status}): "
+                                 "continue it with --resume")], spec.name)
+    spec_file = out / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
+    parent = tracker.sweep_run(sid, f"sweep-{sid}", spec_file)
+    outcome = Outcome(sid, len(trials))
+    _say(f"sweep {spec.name} ({sid}) | MLflow {redact(uri)} | experiment '{spec.name}' | output {out}")
+    try:
+        t0 = time.perf_counter()
+        models = _train_stage(spec, options, tracker, parent, sid, out, outcome)
+        outcome.stage_seconds["pretrain+protect"] = time.perf_counter() - t0
+        if options.attack:
+            t0 = time.perf_counter()
+            _attack_stage(spec, options, tracker, parent, sid, out, trials, models, outcome)
+            outcome.stage_seconds["attack"] = time.perf_counter() - t0
+        if options.report and options.attack:
+            t0 = time.perf_counter()
+            from analysis.report import run_report  # noqa: PLC0415
+
+            outcome.report = run_report(uri, spec.name, out / "report", sweep_id=sid)
+            outcome.stage_seconds["report"] = time.perf_counter() - t0
+            _say(f"[4/4] report | {out / 'report'}")
+            summary = out / "report" / "summary.md"
+            if summary.is_file():
+                _say(summary.read_text())
+    except BaseException:
+        tracker.finish(parent, "FAILED")
+        raise
+    tracker.log_metrics(parent, {f"seconds_{k.replace('+', '_')}": v for k, v in outcome.stage_seconds.items()})
+    tracker.finish(parent, "FINISHED")
+    return outcome
+
+
+def _parent_status(tracker: Any, sid: str) -> str | None:
+    from sophon_ray.tracking import ROLE, SWEEP  # noqa: PLC0415
+
+    run = tracker._find(f"tags.`{ROLE}` = 'sweep' and tags.`{SWEEP}` = '{sid}'")
+    return run.info.status if run else None
+
+
+def _train_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: str, sid: str, out: Path,
+                 outcome: Outcome) -> dict[str, Path]:
+    """Reuse or train the normal model and every protected model; return label -> checkpoint dir."""
+    from sophon_ray.checkpoint import CARD, read_card  # noqa: PLC0415
+    from sophon_ray.train_driver import jobs_dir, protect_job, run_training  # noqa: PLC0415
+
+    store = out / "checkpoints"
+    store.mkdir(exist_ok=True)
+    pkey = pretrain_key(spec)
+    normal_dir = store / jobs_dir("pretrain", "normal", pkey)
+    jobs: list[dict[str, Any]] = []
+    if not (normal_dir / CARD).is_file():
+        jobs.append({"stage": "pretrain", "label": "normal", "key": pkey})
+    wanted = {}
+    if options.audit is None:
+        for i, variant in enumerate(spec.protect):
+            key = protect_key(spec, i)
+            wanted[variant.label] = store / jobs_dir("protect", variant.label, key)
+            if not (wanted[variant.label] / CARD).is_file():
+                jobs.append(protect_job(spec, i, key))
+    else:
+        read_card(options.audit)  # refuse a bad checkpoint before anything starts
+        wanted["audited"] = Path(options.audit).resolve()
+    reused = [d for d in [normal_dir, *wanted.values()] if (d / CARD).is_file()]
+    for d in reused:
+        _say(f"[1/4] reuse {d.name} (finished earlier)")
+    if jobs:
+        _say(f"[1/4] Ray Train: {', '.join(j['label'] for j in jobs)} on {spec.resources.protect_workers} worker(s)")
+        start_ray(options.address)
+        storage = spec.resources.storage_path or str(out / "ray")
+        results = run_training(spec, jobs, store, storage, normal_dir if (normal_dir / CARD).is_file() else None)
+        for r in results:
+            _say(f"[1/4] {r['stage']} {r['label']} | original val {r['original_val_acc']:.1f} | test "
+                 f"{r['original_test_acc']:.1f} | ranks identical: {r['ranks_identical']} | {r['dir']}")
+    _log_models(spec, tracker, parent, sid, normal_dir, wanted)
+    outcome.checkpoints = {"normal": str(normal_dir), **{k: str(v) for k, v in wanted.items()}}
+    return {"normal": normal_dir, **wanted}
+
+
+def _log_models(spec: SweepSpec, tracker: Any, parent: str, sid: str, normal_dir: Path,
+                protected: dict[str, Path]) -> None:
+    """Mirror the pretrain/protect results into MLflow child runs (once: finished runs are left alone)."""
+    from sophon_ray.checkpoint import WEIGHTS, read_card  # noqa: PLC0415
+    from sophon_ray.train_driver import HISTORY  # noqa: PLC0415
+
+    done = tracker.finished_keys(sid, "pretrain") | tracker.finished_keys(sid, "protect")
+    entries = [("pretrain", "pretrain", normal_dir, to_dict(spec.pretrain))]
+    for label, d in protected.items():
+        variant = next((v for v in spec.protect if v.label == label), None)
+        params = {"variant": label, **({k: v for k, v in to_dict(variant).items() if k != "environments"}
+                                       if variant else {"checkpoint": str(d)})}
+        if variant:
+            params |= {f"env_{k}": v for k, v in to_dict(variant.environments).items()}
+        entries.append(("protect", f"protect/{label}", d, params))
+    for role, name, d, params in entries:
+        card = read_card(d)
+        key = f"{role}-{card['spec_hash']}"
+        if key in done:
+            continue
+        run_id = tracker.child_run(parent, sid, role, key, name, params)
+        history_file = d / HISTORY
+        if history_file.is_file():
+            rows = json.loads(history_file.read_text())
+            tracker.log_rows(run_id, [(int(r["step"]), {k: v for k, v in r.items() if k != "step"}) for r in rows])
+        tracker.log_metrics(run_id, {k: v for k, v in card["metrics"].items() if isinstance(v, (int, float))})
+        if role == "protect":
+            for f in (WEIGHTS, "model.json"):
+                tracker.log_artifact(run_id, d / f, "checkpoint")
+        tracker.finish(run_id)
+
+
+def _attack_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: str, sid: str, out: Path,
+                  trials: list[dict[str, Any]], models: dict[str, Path], outcome: Outcome) -> None:
+    from sophon_ray.checkpoint import load_checkpoint  # noqa: PLC0415
+    from sophon_ray.data import make_splits  # noqa: PLC0415
+    from sophon_ray.tune_driver import make_callback, run_attacks  # noqa: PLC0415
+
+    finished = tracker.finished_keys(sid, "attack")
+    todo = [t for t in trials if t["key"] not in finished]
+    _say(f"[2/4] attack grid: {len(trials)} trials, {len(trials) - len(todo)} finished earlier, {len(todo)} to run")
+    if not todo:
+        return
+    start_ray(options.address)
+    loaded = {}
+    for label, d in models.items():
+        model, card = load_checkpoint(d)
+        loaded["normal" if label == "normal" else f"protected/{label}"] = (model.state_dict(), card)
+    splits = make_splits(spec)
+    storage = spec.resources.storage_path or str(out / "ray")
+    grid = run_attacks(spec, todo, loaded, splits, storage, f"attack-{sid}-{int(time.time())}",
+                       [make_callback(tracker, parent, sid)], spec.resources.max_failures)
+    errors = [r for r in grid if r.error]
+    outcome.trials_run = len(todo) - len(errors)
+    now_finished = tracker.finished_keys(sid, "attack")
+    missing = [t["name"] for t in trials if t["key"] not in now_finished]
+    _say(f"[3/4] attack grid done | {outcome.trials_run} run now, {len(errors)} errored, "
+         f"{len(trials) - len(missing)}/{len(trials)} finished in MLflow")
+    if missing:
+        raise RuntimeError(f"{len(missing)} trials did not finish (e.g. {missing[:3]}); rerun with --resume")

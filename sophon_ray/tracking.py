@@ -1,0 +1,131 @@
+"""MLflow tracking behind a small interface; the single writer is the driver process.
+
+Layout: experiment = spec name; one parent run per sweep (tags ``sophon.role=sweep``,
+``sophon.sweep_id``; the resolved spec as an artifact); child runs (``mlflow.parentRunId``) for
+``pretrain``, ``protect/<variant>`` and every attack trial, each found again by its deterministic key
+(tag ``sophon.key``) so that a rerun, retry or resume reuses its run instead of duplicating it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger(__name__)
+ROLE, SWEEP, KEY, PARENT = "sophon.role", "sophon.sweep_id", "sophon.key", "mlflow.parentRunId"
+MAX_BATCH = 900  # MLflow's log_batch accepts at most 1000 metrics per call
+
+
+class TrackingError(RuntimeError):
+    """The tracking server/store cannot be reached or used; the message names the URI and the fix."""
+
+
+def resolve_uri(spec_uri: str | None, workdir: str | Path = ".") -> str:
+    """Spec value, else $MLFLOW_TRACKING_URI, else ``sqlite:///<workdir>/mlflow.db``."""
+    uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{(Path(workdir).resolve() / 'mlflow.db')}"
+
+
+def redact(uri: str) -> str:
+    """The URI without credentials (``user:token@`` and query strings), safe to print or log."""
+    parts = urlsplit(uri)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class Tracker:
+    """One experiment in one MLflow store, with idempotent parent/child runs."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        from mlflow import MlflowClient  # noqa: PLC0415
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+                experiment, artifact_location=self._artifact_location(uri, experiment))
+        except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unreachable store
+            raise TrackingError(f"cannot use the MLflow store at {redact(uri)} ({type(err).__name__}: "
+                                f"{str(err)[:200]}). Fix: start the server, correct tracking.uri / "
+                                "MLFLOW_TRACKING_URI, or unset both to use sqlite:///mlflow.db here") from err
+
+    @staticmethod
+    def _artifact_location(uri: str, experiment: str) -> str | None:
+        if uri.startswith("sqlite:///"):
+            root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment
+            return root.resolve().as_uri()
+        return None  # a server decides
+
+    def _find(self, filter_string: str) -> Any | None:
+        runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=2,
+                                       order_by=["attributes.start_time ASC"])
+        return runs[0] if runs else None
+
+    def sweep_run(self, sweep_id: str, name: str, spec_file: Path | None = None) -> str:
+        """The parent run of this sweep, created once; the resolved spec is logged as ``spec.yaml``."""
+        run = self._find(f"tags.`{ROLE}` = 'sweep' and tags.`{SWEEP}` = '{sweep_id}'")
+        if run is None:
+            run = self.client.create_run(self.experiment_id, run_name=name, tags={ROLE: "sweep", SWEEP: sweep_id})
+            if spec_file is not None:
+                self.client.log_artifact(run.info.run_id, str(spec_file))
+        elif run.info.status != "RUNNING":
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id
+
+    def child_run(self, parent_id: str, sweep_id: str, role: str, key: str, name: str,
+                  params: Mapping[str, Any] | None = None) -> str:
+        """Find or create the child run with this key; log the params it does not have yet."""
+        from mlflow.entities import Param  # noqa: PLC0415
+
+        run = self._find(f"tags.`{KEY}` = '{key}' and tags.`{SWEEP}` = '{sweep_id}'")
+        if run is None:
+            run = self.client.create_run(self.experiment_id, run_name=name,
+                                         tags={ROLE: role, SWEEP: sweep_id, KEY: key, PARENT: parent_id})
+        elif run.info.status != "RUNNING":
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        have = run.data.params
+        missing = [Param(k, str(v)) for k, v in (params or {}).items() if k not in have]
+        if missing:
+            self.client.log_batch(run.info.run_id, params=missing)
+        return run.info.run_id
+
+    def finished_keys(self, sweep_id: str, role: str) -> set[str]:
+        """Keys of this sweep's child runs of ``role`` that finished."""
+        keys, token = set(), None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], max_results=1000, page_token=token,
+                filter_string=f"tags.`{SWEEP}` = '{sweep_id}' and tags.`{ROLE}` = '{role}' and "
+                              "attributes.status = 'FINISHED'")
+            keys |= {r.data.tags[KEY] for r in page if KEY in r.data.tags}
+            token = page.token
+            if not token:
+                return keys
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        self.log_rows(run_id, [(step, metrics)])
+
+    def log_rows(self, run_id: str, rows: Iterable[tuple[int, Mapping[str, float]]]) -> None:
+        """Log many (step, {name: value}) rows in batches; non-finite values are skipped."""
+        from mlflow.entities import Metric  # noqa: PLC0415
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, int(step)) for step, row in rows for k, v in row.items()
+                   if isinstance(v, (int, float)) and v == v and abs(v) != float("inf")]
+        for i in range(0, len(metrics), MAX_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i:i + MAX_BATCH])
+
+    def logged_steps(self, run_id: str, metric: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(run_id, metric)}
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)

@@ -1,0 +1,207 @@
+"""analysis/ against a real MLflow SQLite store holding a small sweep logged in the orchestrator's layout.
+
+Numbers are chosen so every cell can be checked by hand: each curve is a base curve plus an offset of
+seed + 2 x optimizer index + lr index (+ 4 x strategy index, except scratch, which is strategy-free).
+Protected stays low (final 13 + offset), normal is high (85 + offset), scratch in between (60 + offset).
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import matplotlib.image
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from analysis import summary  # noqa: E402
+from analysis.report import run_report  # noqa: E402
+from analysis.runs import (RunsNotFoundError, cells, find_sweep, load_curves, load_num_classes,  # noqa: E402
+                           load_runs)
+
+EXPERIMENT = "analysis-test"
+SWEEP_ID = "a1b2c3d4e5f6"
+OLD_SWEEP_ID = "000000000000"
+STRATEGIES = ("direct-all", "initfc-fc")
+OPTIMIZERS = ("sgd", "adam")
+LRS = (0.001, 0.01)
+SEEDS = (0, 1)
+BASE = {"protected": [10, 11, 12, 12, 13], "normal": [10, 60, 75, 82, 85], "scratch": [10, 30, 45, 55, 60]}
+VARIANT = "ice-sampled"
+PRETRAIN_TEST_ACC, PROTECTED_TEST_ACC = 95.0, 93.5
+
+
+def curve(subject: str, strategy: str, optimizer: str, lr: float, seed: int) -> list[float]:
+    offset = seed + 2 * OPTIMIZERS.index(optimizer) + LRS.index(lr)
+    offset += 0 if subject == "scratch" else 4 * STRATEGIES.index(strategy)
+    return [float(value + offset) for value in BASE[subject]]
+
+
+def log_run(client, experiment_id, parent_id, sweep_id, role, name, params=(), metrics=None,
+            histories=None, start_time=None):
+    tags = {"mlflow.parentRunId": parent_id, "sophon.sweep_id": sweep_id, "sophon.role": role}
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags, start_time=start_time).info.run_id
+    now = int(time.time() * 1000)
+    logged = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+    for key, values in (histories or {}).items():
+        logged += [Metric(key, v, now + step, step) for step, v in enumerate(values)]
+    client.log_batch(run_id, metrics=logged, params=[Param(k, str(v)) for k, v in params])
+    client.set_terminated(run_id)
+    return run_id
+
+
+def log_attack(client, experiment_id, parent_id, subject, strategy, optimizer, lr, seed, sweep_id=SWEEP_ID):
+    values = curve(subject, strategy, optimizer, lr, seed)
+    params = [("subject", subject), ("variant", VARIANT if subject == "protected" else "-"),
+              ("strategy", strategy), ("optimizer", optimizer), ("lr", lr), ("batch_size", 64),
+              ("data_fraction", 0.1), ("schedule", "constant"), ("epochs", len(values) - 1), ("seed", seed),
+              ("weight_decay", 0.0)] + ([("protect_seed", 0)] if subject == "protected" else [])
+    metrics = {"restricted_acc_final": values[-1], "restricted_acc_best": max(values), "original_acc": 90.0}
+    histories = {"restricted_acc": values, "restricted_loss": [3.0 - v / 50 for v in values]}
+    return log_run(client, experiment_id, parent_id, sweep_id, "attack", f"{subject}-{strategy}-{optimizer}",
+                   params, metrics, histories)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A SQLite store with an old decoy sweep and the sweep under test (its parent run id is returned)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+
+    old = client.create_run(experiment_id, run_name=f"sweep-{OLD_SWEEP_ID}", start_time=1,
+                            tags={"sophon.role": "sweep", "sophon.sweep_id": OLD_SWEEP_ID}).info.run_id
+    log_attack(client, experiment_id, old, "normal", "direct-all", "sgd", 0.001, 0, sweep_id=OLD_SWEEP_ID)
+
+    parent = client.create_run(experiment_id, run_name=f"sweep-{SWEEP_ID}",
+                               tags={"sophon.role": "sweep", "sophon.sweep_id": SWEEP_ID}).info.run_id
+    (root / "spec.yaml").write_text(f"name: {EXPERIMENT}\nmodel: {{arch: convnet, num_classes: 10}}\n")
+    client.log_artifact(parent, str(root / "spec.yaml"))
+    log_run(client, experiment_id, parent, SWEEP_ID, "pretrain", "pretrain",
+            metrics={"original_val_acc": 96.0, "original_test_acc": PRETRAIN_TEST_ACC})
+    log_run(client, experiment_id, parent, SWEEP_ID, "protect", f"protect-{VARIANT}",
+            params=[("variant", VARIANT), ("loss", "ice"), ("seed", 0)],
+            metrics={"original_val_acc": 94.0, "original_test_acc": PROTECTED_TEST_ACC,
+                     "intactness_drop": PRETRAIN_TEST_ACC - PROTECTED_TEST_ACC, "probe_acc": 11.0,
+                     "selected_iteration": 40, "rollbacks": 0},
+            histories={"fts_loss": [2.3, 2.2], "ntr_loss": [0.5, 0.4], "original_acc": [95.0, 93.5]})
+    for strategy in STRATEGIES:
+        for optimizer in OPTIMIZERS:
+            for lr in LRS:
+                for seed in SEEDS:
+                    for subject in ("protected", "normal") + (("scratch",) if strategy == "direct-all" else ()):
+                        log_attack(client, experiment_id, parent, subject, strategy, optimizer, lr, seed)
+    # A trial that failed before its summary metrics: left out of every table.
+    log_run(client, experiment_id, parent, SWEEP_ID, "attack", "failed", params=[("subject", "normal")])
+    return {"uri": uri, "parent": parent, "client": client}
+
+
+@pytest.fixture(scope="module")
+def runs(store):
+    return load_runs(store["uri"], EXPERIMENT)
+
+
+@pytest.fixture(scope="module")
+def report(store, tmp_path_factory):
+    return run_report(store["uri"], EXPERIMENT, tmp_path_factory.mktemp("report"))  # num_classes from spec.yaml
+
+
+def test_load_runs_picks_newest_sweep_and_types_params(runs):
+    # 2 strategies x 2 optimizers x 2 lrs x 2 seeds x {protected, normal} + 2 x 2 x 2 shared scratch runs.
+    assert len(runs) == 2 * 2 * 2 * 2 * 2 + 2 * 2 * 2
+    assert runs["subject"].value_counts().to_dict() == {"protected": 16, "normal": 16, "scratch": 8}
+    assert set(runs[runs["subject"] == "scratch"]["strategy"]) == {"direct-all"}
+    for column, kind in {"lr": "f", "data_fraction": "f", "weight_decay": "f", "final": "f",
+                         "batch_size": "i", "epochs": "i", "seed": "i", "protect_seed": "i"}.items():
+        assert runs[column].dtype.kind == kind, column
+    assert set(runs["lr"]) == set(LRS) and set(runs["batch_size"]) == {64}
+    assert set(runs[runs["subject"] == "protected"]["protect_seed"]) == {0}
+    assert set(runs[runs["subject"] != "protected"]["protect_seed"]) == {-1}
+    one = runs[(runs["subject"] == "normal") & (runs["strategy"] == "initfc-fc") & (runs["optimizer"] == "adam")
+               & (runs["lr"] == 0.01) & (runs["seed"] == 1)]
+    assert one["final"].tolist() == [85.0 + 1 + 2 + 1 + 4]
+
+
+def test_find_sweep_by_id_and_curves(store, runs):
+    assert find_sweep(store["uri"], EXPERIMENT, OLD_SWEEP_ID).sweep_id == OLD_SWEEP_ID
+    assert find_sweep(store["uri"], EXPERIMENT).parent_run_id == store["parent"]
+    run_id = runs[(runs["subject"] == "scratch") & (runs["optimizer"] == "sgd") & (runs["lr"] == 0.001)
+                  & (runs["seed"] == 0)]["run_id"].item()
+    assert load_curves(store["uri"], [run_id]) == {run_id: [10.0, 30.0, 45.0, 55.0, 60.0]}
+
+
+def test_cells_average_seeds_and_join_scratch_across_strategies(runs):
+    table = cells(runs)
+    assert len(table) == 2 * 2 * 2  # one variant x strategies x optimizers x lrs
+    row = table[(table["strategy"] == "initfc-fc") & (table["optimizer"] == "adam") & (table["lr"] == 0.01)].iloc[0]
+    # Seed mean offset: 0.5 (seeds 0, 1) + 2 (adam) + 1 (lr 0.01) + 4 (initfc-fc); scratch has no strategy term.
+    assert (row["protected"], row["normal"], row["scratch"]) == (20.5, 92.5, 63.5)
+    assert row["protected_minus_scratch"] == -43.0
+    assert row["protected_seeds"] == row["normal_seeds"] == row["scratch_seeds"] == 2
+    scratch_runs = runs[runs["run_id"].isin(row["scratch_runs"])]
+    assert set(scratch_runs["strategy"]) == {"direct-all"} and set(scratch_runs["optimizer"]) == {"adam"}
+    assert table["scratch"].notna().all()
+
+
+def test_report_writes_valid_pngs(report):
+    names = sorted(p.name for p in report["heatmaps"] + report["curves"])
+    assert names == ["curves-direct-all.png", "curves-initfc-fc.png", "heatmap-batch_size.png",
+                     "heatmap-direct-all.png", "heatmap-initfc-fc.png"]
+    for path in report["heatmaps"] + report["curves"]:
+        assert path.stat().st_size > 20_000, path
+        image = matplotlib.image.imread(path)
+        assert image.ndim == 3 and min(image.shape[:2]) > 300, (path, image.shape)
+        assert image.std() > 0.05, f"{path} looks blank"
+
+
+def test_summary_has_hand_computed_numbers(report):
+    text = report["summary"].read_text()
+    # Intactness: 95.0 normal vs 93.5 protected.
+    assert f"| {VARIANT} | ice | 1 | 95.0 | 93.5 | +1.5 |" in text
+    # Cell (initfc-fc, adam, 0.01): scratch seed-mean curve [13.5, 33.5, 48.5, 58.5, 63.5], tau = 57.15 is
+    # reached at epoch 3; normal reaches it at epoch 1 (1/3), protected never (censored: budget 4 / 3).
+    assert "| initfc-fc | adam | 0.01 | 20.5 | 92.5 | 63.5 | -43.0 | >=1.3 | 0.33 |" in text
+    # Every cell held, normal holds none, all meaningful; normal - protected = 72 everywhere; with 10 classes
+    # (from the logged spec) no protected final (13.5 .. 20.5) is under chance - 2 = 8.
+    assert (f"| {VARIANT} | 8 | 8/8 (100%) | 0/8 (0%) | 8 | 8/8 (100%) | 72.0 | 72.0 | "
+            f"20.5 (initfc-fc, adam, lr 0.01) | 0 |") in text
+    assert "every cell has batch_size 64, data_fraction 0.1, schedule constant, epochs 4" in text
+
+
+def test_report_is_logged_to_parent_run(store, report):
+    logged = {f.path for f in store["client"].list_artifacts(store["parent"], "report")}
+    assert logged == {f"report/{p.name}" for p in report["heatmaps"] + report["curves"] + [report["summary"]]}
+    assert sorted(report["artifacts"]) == sorted(logged)
+
+
+def test_summary_cli_writes_markdown(store, tmp_path):
+    # --num-classes overrides the spec's 10: chance 20%, so the 5 cells with protected < 18 are below chance.
+    assert summary.main(["--tracking-uri", store["uri"], "--experiment", EXPERIMENT, "--sweep-id", SWEEP_ID,
+                         "--out", str(tmp_path), "--num-classes", "5"]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert text.startswith(f"# {EXPERIMENT}: sweep {SWEEP_ID}")
+    assert "| 20.5 (initfc-fc, adam, lr 0.01) | 5 |" in text
+    assert load_num_classes(find_sweep(store["uri"], EXPERIMENT, OLD_SWEEP_ID)) is None  # it logged no spec
+
+
+def test_missing_experiment_and_sweep_name_the_fix(store, capsys):
+    with pytest.raises(RunsNotFoundError, match="no MLflow experiment named 'nope'") as err:
+        load_runs(store["uri"], "nope")
+    assert store["uri"] in str(err.value) and EXPERIMENT in str(err.value) and "--experiment" in str(err.value)
+    with pytest.raises(RunsNotFoundError, match=f"sweep ids there: .*{OLD_SWEEP_ID}.*--sweep-id"):
+        load_runs(store["uri"], EXPERIMENT, sweep_id="ffffffffffff")
+    assert summary.main(["--tracking-uri", store["uri"], "--experiment", "nope", "--out", "unused"]) == 1
+    assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
+
+
+def test_analysis_imports_neither_torch_nor_ray():
+    code = ("import sys, analysis.report; heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray'});"
+            " print(heavy); sys.exit(1 if heavy else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,148 @@
+"""End to end with real Ray (local, 2 CPUs) and real MLflow (SQLite in tmp_path)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 2
+SPEC = {
+    "name": "itest",
+    "model": {"arch": "convnet", "num_classes": 10},
+    "original": {"dataset": "shapes", "image_size": 12, "channels": 3, "train_size": 400, "test_size": 100},
+    "restricted": [{"dataset": "shapes_m", "image_size": 12, "channels": 3, "train_size": 300, "test_size": 100}],
+    "pretrain": {"epochs": 1},
+    "protect": [{"name": "ice-s", "loss": "ice", "iterations": 4, "inner_steps": 2, "base_lr": 1e-3, "alpha": 1,
+                 "beta": 1, "eval_every": 2, "probe_every": 2, "probe_epochs": 1,
+                 "environments": {"optimizers": ["sgd", "adam"], "lr": [1e-3, 1e-2], "head_reinit": 0.5}}],
+    "attack": {"grid": {"strategy": ["direct-all", "initfc-fc"], "optimizer": ["sgd", "adam"], "lr": [1e-3],
+                        "epochs": [EPOCHS], "seed": [0]}},
+}
+# per cell: protected + normal; scratch once per optimizer (shared across the two strategies)
+EXPECTED_TRIALS = 2 * 2 * 2 + 2
+
+
+def env(tmp: Path) -> dict[str, str]:
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "MPLBACKEND": "Agg",
+            "RAY_TMPDIR": str(tmp / "ray-tmp"), "PYTHONUNBUFFERED": "1"}
+
+
+def sophon(tmp: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sophon_ray.cli", *args], cwd=tmp, env=env(tmp), text=True,
+                          capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    (tmp / "ray-tmp").mkdir()
+    spec = {**SPEC, "output_dir": str(tmp / "out"), "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db"}}
+    (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
+    first = sophon(tmp, "run", "spec.yaml")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return tmp, first
+
+
+def _client(tmp: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    exp = client.get_experiment_by_name("itest")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_one_parent_and_the_expected_child_runs(sweep):
+    tmp, _ = sweep
+    client, runs = _client(tmp)
+    parents = [r for r in runs if r.data.tags.get("sophon.role") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(children) == len(runs) - 1
+    roles = [r.data.tags["sophon.role"] for r in children]
+    assert roles.count("pretrain") == 1 and roles.count("protect") == 1 and roles.count("attack") == EXPECTED_TRIALS
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert len({r.info.run_name for r in children}) == len(children)
+
+
+def test_attack_runs_carry_params_and_full_epoch_histories(sweep):
+    tmp, _ = sweep
+    client, runs = _client(tmp)
+    attacks = [r for r in runs if r.data.tags.get("sophon.role") == "attack"]
+    subjects = sorted(r.data.params["subject"] for r in attacks)
+    assert subjects.count("protected") == 4 and subjects.count("normal") == 4 and subjects.count("scratch") == 2
+    for r in attacks:
+        p = r.data.params
+        assert {"subject", "variant", "strategy", "optimizer", "lr", "batch_size", "data_fraction", "seed",
+                "epochs", "schedule"} <= set(p)
+        assert p["variant"] == ("ice-s" if p["subject"] == "protected" else "-")
+        history = client.get_metric_history(r.info.run_id, "restricted_acc")
+        assert sorted(m.step for m in history) == list(range(EPOCHS + 1))
+        assert r.data.metrics["restricted_acc_final"] == [m for m in history if m.step == EPOCHS][0].value
+        assert "original_acc" in r.data.metrics and "restricted_acc_best" in r.data.metrics
+
+
+def test_protect_run_has_history_and_checkpoint_artifacts(sweep):
+    tmp, _ = sweep
+    client, runs = _client(tmp)
+    protect = [r for r in runs if r.data.tags.get("sophon.role") == "protect"][0]
+    assert protect.data.params["variant"] == "ice-s" and "intactness_drop" in protect.data.metrics
+    assert client.get_metric_history(protect.info.run_id, "fts_loss")
+    names = {a.path for a in client.list_artifacts(protect.info.run_id, "checkpoint")}
+    assert names == {"checkpoint/model.safetensors", "checkpoint/model.json"}
+
+
+def test_heatmaps_and_summary_are_written_and_logged(sweep):
+    tmp, first = sweep
+    report = tmp / "out" / "report"
+    pngs = sorted(report.glob("*.png"))
+    assert pngs and (report / "summary.md").is_file()
+    client, runs = _client(tmp)
+    parent = [r for r in runs if r.data.tags.get("sophon.role") == "sweep"][0]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {f"report/{p.name}" for p in pngs} <= logged and "report/summary.md" in logged
+    assert "spec.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "heatmaps:" in first.stdout
+
+
+def test_rerun_reuses_everything(sweep):
+    tmp, _ = sweep
+    again = sophon(tmp, "run", "spec.yaml")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "0 to run" in again.stdout and "Ray Train" not in again.stdout
+    _, runs = _client(tmp)
+    assert len(runs) == 1 + 2 + EXPECTED_TRIALS
+
+
+def test_dry_run_prints_the_grid_without_ray(tmp_path):
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    result = sophon(tmp_path, "run", "spec.yaml", "--dry-run")
+    assert result.returncode == 0 and f"{EXPECTED_TRIALS} attack trials" in result.stdout
+    assert not (tmp_path / "mlflow.db").exists()
+    guarded = sophon(tmp_path, "run", "spec.yaml", "--max-trials", "3")
+    assert guarded.returncode == 2 and "exceed --max-trials 3" in guarded.stderr
+
+
+def test_two_worker_protection_ends_with_identical_weights(tmp_path):
+    import ray
+
+    from sophon_ray.spec import parse_spec
+    from sophon_ray.train_driver import run_training
+
+    spec = parse_spec({**SPEC, "resources": {"protect_workers": 2}})
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
+    try:
+        jobs = [{"stage": "pretrain", "label": "normal", "key": "k0"},
+                {"stage": "protect", "variant_index": 0, "label": "ice-s", "key": "k1"}]
+        results = run_training(spec, jobs, tmp_path, str(tmp_path / "ray"))
+    finally:
+        ray.shutdown()
+    assert [r["stage"] for r in results] == ["pretrain", "protect"]
+    for r in results:
+        assert len(r["rank_digests"]) == 2 and r["ranks_identical"], r["rank_digests"]
+        assert (Path(r["dir"]) / "model.safetensors").is_file()
