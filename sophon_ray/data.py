@@ -37,6 +37,7 @@ def load_domain(spec: DomainSpec) -> Split:
 
 
 RESTRICTED_VAL_FRACTION = 0.2
+PROCEDURAL = ("shapes", "shapes_m", "digits", "fake")  # generated or bundled: nothing to find on disk
 
 
 @dataclass(frozen=True)

@@ -108,14 +108,17 @@ def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
         return Outcome(sid, len(trials))
     from sophon_ray.tracking import Tracker, redact, resolve_uri  # noqa: PLC0415
 
-    out = spec.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    _check_data(spec)  # pre-flight: everything a user can get wrong fails here, before Ray or MLflow
+    if options.audit is not None:
+        _check_audited(spec, options.audit)
     uri = resolve_uri(spec.tracking.uri)
     tracker = Tracker(uri, spec.name)
     parent_status = _parent_status(tracker, sid)
     if parent_status not in (None, "FINISHED") and not options.resume:
         raise SpecError([Problem("", f"sweep {spec.name} ({sid}) was interrupted (parent run {parent_status}): "
                                  "continue it with --resume")], spec.name)
+    out = spec.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
     spec_file = out / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
     parent = tracker.sweep_run(sid, f"sweep-{sid}", spec_file)
@@ -147,6 +150,15 @@ def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
     return outcome
 
 
+def _check_data(spec: SweepSpec) -> None:
+    """Open every file-backed domain in the driver, so a missing root fails before Ray or MLflow start."""
+    from sophon_ray.data import PROCEDURAL, load_domain  # noqa: PLC0415
+
+    for domain in (spec.original, *spec.restricted):
+        if domain.dataset not in PROCEDURAL:
+            load_domain(domain)
+
+
 def _parent_status(tracker: Any, sid: str) -> str | None:
     from sophon_ray.tracking import ROLE, SWEEP  # noqa: PLC0415
 
@@ -157,7 +169,7 @@ def _parent_status(tracker: Any, sid: str) -> str | None:
 def _train_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: str, sid: str, out: Path,
                  outcome: Outcome) -> dict[str, Path]:
     """Reuse or train the normal model and every protected model; return label -> checkpoint dir."""
-    from sophon_ray.checkpoint import CARD, read_card  # noqa: PLC0415
+    from sophon_ray.checkpoint import CARD  # noqa: PLC0415
     from sophon_ray.train_driver import jobs_dir, protect_job, run_training  # noqa: PLC0415
 
     store = out / "checkpoints"
@@ -175,7 +187,6 @@ def _train_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: str
             if not (wanted[variant.label] / CARD).is_file():
                 jobs.append(protect_job(spec, i, key))
     else:
-        read_card(options.audit)  # refuse a bad checkpoint before anything starts
         wanted["audited"] = Path(options.audit).resolve()
     reused = [d for d in [normal_dir, *wanted.values()] if (d / CARD).is_file()]
     for d in reused:
@@ -191,6 +202,18 @@ def _train_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: str
     _log_models(spec, tracker, parent, sid, normal_dir, wanted)
     outcome.checkpoints = {"normal": str(normal_dir), **{k: str(v) for k, v in wanted.items()}}
     return {"normal": normal_dir, **wanted}
+
+
+def _check_audited(spec: SweepSpec, directory: Path) -> None:
+    """Refuse, before Ray starts, a checkpoint that is unreadable or does not fit the spec's model and data."""
+    from sophon_ray.checkpoint import CheckpointError, load_checkpoint  # noqa: PLC0415
+
+    _, card = load_checkpoint(directory)
+    want = (spec.model.arch, spec.model.num_classes, spec.original.channels, spec.original.image_size)
+    got = (card["arch"], card["num_classes"], card["channels"], card["image_size"])
+    if want != got:
+        raise CheckpointError(f"{directory}: the card says (arch, classes, channels, size) = {got} but the spec "
+                              f"asks for {want}; attack it with a spec whose model and domains match its card")
 
 
 def _log_models(spec: SweepSpec, tracker: Any, parent: str, sid: str, normal_dir: Path,

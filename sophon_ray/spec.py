@@ -97,7 +97,7 @@ class ProtectSpec:
     clip_norm: float = 0.5
     max_drop: float = 20.0
     select_drop: float = 2.0
-    max_rollbacks: int = 3
+    max_rollbacks: int = 10
     eval_every: int = 10
     probe_every: int = 50
     probe_epochs: int = 3

@@ -38,6 +38,22 @@ def redact(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+def _check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (instead of MLflow's minutes of retries) when a tracking server does not answer."""
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (auth, proxies...): let MLflow report what it says
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingError(f"the MLflow server at {redact(uri)} does not answer ({err}). Fix: start it "
+                            f"(mlflow server --host 127.0.0.1 ...), correct tracking.uri / MLFLOW_TRACKING_URI, "
+                            "or unset both to use sqlite:///mlflow.db here") from err
+
+
 class Tracker:
     """One experiment in one MLflow store, with idempotent parent/child runs."""
 
@@ -45,6 +61,8 @@ class Tracker:
         from mlflow import MlflowClient  # noqa: PLC0415
 
         self.uri = uri
+        if uri.startswith(("http://", "https://")):
+            _check_server(uri)
         self.client = MlflowClient(tracking_uri=uri)
         try:
             found = self.client.get_experiment_by_name(experiment)
@@ -126,6 +144,9 @@ class Tracker:
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

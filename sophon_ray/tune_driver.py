@@ -80,9 +80,13 @@ def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], s
     domain = int(trial.get("domain", "0").split(":")[0])
     result = finetune(model, splits.restricted_full[domain], splits.restricted_test[domain], cfg,
                       original_test=splits.original_test, on_epoch=report)
-    tune.report({"epoch": cfg.epochs, "restricted_acc": result.final, "restricted_loss": result.restricted_loss[-1],
+    import ray  # noqa: PLC0415
+
+    tune.report({"epoch": cfg.epochs, "node_id": ray.get_runtime_context().get_node_id(),
+                 "restricted_acc": result.final, "restricted_loss": result.restricted_loss[-1],
                  "restricted_acc_final": result.final, "restricted_acc_best": result.best,
-                 "original_acc": result.original_acc, "train_size": result.train_size, "done": True})
+                 "original_acc": result.original_acc, "train_size": result.train_size,
+                 "compute_seconds": result.seconds, "done": True})
 
 
 def make_callback(tracker: Any, parent_id: str, sweep_id: str) -> Any:
@@ -117,6 +121,8 @@ def make_callback(tracker: Any, parent_id: str, sweep_id: str) -> Any:
                 rows.append((0, {k: result[k] for k in ("restricted_acc_final", "restricted_acc_best",
                                                         "original_acc") if result.get(k) is not None}))
             tracker.log_rows(run_id, rows)
+            if result.get("done"):
+                tracker.set_tag(run_id, "sophon.node_id", result.get("node_id", ""))
             self.steps[run_id].add(step)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

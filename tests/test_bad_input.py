@@ -1,0 +1,135 @@
+"""Bad input: a clear message naming the problem and the fix, exit code 2, before Ray starts, nothing
+half-written (no MLflow runs, no checkpoints). Real subprocesses of the real CLI."""
+
+import copy
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.faults
+
+GOOD = {
+    "name": "bad-input",
+    "model": {"arch": "convnet", "num_classes": 10},
+    "original": {"dataset": "shapes", "image_size": 12, "channels": 3, "train_size": 200, "test_size": 50},
+    "restricted": [{"dataset": "shapes_m", "image_size": 12, "channels": 3, "train_size": 200, "test_size": 50}],
+    "pretrain": {"epochs": 1},
+    "protect": [{"name": "v", "iterations": 2, "inner_steps": 2}],
+    "attack": {"grid": {"strategy": ["direct-all"], "optimizer": ["sgd"], "lr": [1e-3], "epochs": [1]}},
+}
+
+
+def _with(path: str, value):
+    spec = copy.deepcopy(GOOD)
+    node = spec
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    node[int(parts[-1]) if isinstance(node, list) else parts[-1]] = value
+    return spec
+
+
+CASES = {
+    "unknown key": (_with("protect.0.alpah", 3), "did you mean 'alpha'"),
+    "wrong type": (_with("pretrain.epochs", "five"), "pretrain.epochs: expected an integer"),
+    "negative lr": (_with("pretrain.lr", -1e-3), "pretrain.lr: must be > 0"),
+    "zero attack lr": (_with("attack.grid.lr", [0.0]), "attack.grid.lr.0: must be > 0"),
+    "empty grid": (_with("attack.grid.optimizer", []), "attack.grid.optimizer: is empty"),
+    "unknown dataset": (_with("restricted.0.dataset", "svnh"), "did you mean 'svhn'"),
+    "unknown model": (_with("model.arch", "resnet19"), "did you mean 'resnet18'"),
+    "unknown loss": (_with("protect.0.loss", "klu2"), "did you mean 'klu'"),
+    "unknown strategy": (_with("attack.grid.strategy", ["initfc_all"]), "did you mean 'initfc-all'"),
+    "unknown optimizer": (_with("attack.grid.optimizer", ["adamw2"]), "did you mean 'adamw'"),
+    "unknown subject": (_with("attack.subjects", ["scrach"]), "did you mean 'scratch'"),
+    "bad probability": (_with("protect.0.environments", {"head_reinit": 1.5}), "must be in [0, 1]"),
+    "missing data root": (_with("restricted.0", {"dataset": "cifar10", "root": "/nonexistent/cifar", "image_size": 12}),
+                          "/nonexistent/cifar"),
+    "missing weights": (_with("pretrain.weights", "/nonexistent/ckpt"), "no sophon-ray checkpoint at /nonexistent/ckpt"),
+    "unreachable tracking": (_with("tracking", {"uri": "http://127.0.0.1:9"}), "does not answer"),
+}
+
+
+def run_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_TMPDIR": str(tmp / "raytmp"), "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "sophon_ray.cli", *args], cwd=tmp, env=env, text=True,
+                          capture_output=True, timeout=120)
+
+
+def assert_nothing_started(tmp: Path) -> None:
+    assert not (tmp / "raytmp").exists(), "Ray started"
+    assert not (tmp / "mlflow.db").exists(), "an MLflow store was written"
+    assert not list(tmp.rglob("model.safetensors")) or all("given" in str(p) for p in tmp.rglob("model.safetensors"))
+    assert not (tmp / "runs").exists(), "an output directory was written"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_spec_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, case):
+    spec, message = CASES[case]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    result = run_cli(tmp_path, "run", "spec.yaml")
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert_nothing_started(tmp_path)
+
+
+def test_grid_larger_than_max_trials_is_refused(tmp_path):
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(GOOD))
+    result = run_cli(tmp_path, "run", "spec.yaml", "--max-trials", "1")
+    assert result.returncode == 2 and "exceed --max-trials 1" in result.stderr
+    assert_nothing_started(tmp_path)
+
+
+def _given_checkpoint(tmp: Path, arch: str = "convnet", classes: int = 10) -> Path:
+    from sophon_ray.checkpoint import make_card, save_checkpoint
+    from sophon_ray.models import build_model
+    from sophon_ray.spec import DomainSpec, ModelSpec
+
+    spec = ModelSpec(arch, classes)
+    card = make_card(spec, DomainSpec("shapes", 12), [DomainSpec("shapes_m", 12)], "x", "protected")
+    return save_checkpoint(build_model(spec, 3, 12), card, tmp / "given")
+
+
+def test_attack_refuses_a_checkpoint_whose_card_does_not_match(tmp_path):
+    _given_checkpoint(tmp_path, classes=7)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(GOOD))
+    result = run_cli(tmp_path, "attack", "spec.yaml", "--checkpoint", "given")
+    assert result.returncode == 2 and "the card says" in result.stderr and "7" in result.stderr
+    assert_nothing_started(tmp_path)
+
+
+def test_attack_refuses_a_pickle_and_a_corrupt_safetensors(tmp_path):
+    marker = tmp_path / "unpickled"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "model.pt").write_bytes(pickle.dumps(Evil()))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(GOOD))
+    result = run_cli(tmp_path, "attack", "spec.yaml", "--checkpoint", "pickled")
+    assert result.returncode == 2 and "never loaded" in result.stderr
+    given = _given_checkpoint(tmp_path)
+    (given / "model.safetensors").write_bytes(b"\x00" * 64)
+    result = run_cli(tmp_path, "attack", "spec.yaml", "--checkpoint", "given")
+    assert result.returncode == 2 and "not a readable safetensors" in result.stderr
+    assert not marker.exists()
+    assert_nothing_started(tmp_path)
+
+
+def test_missing_spec_and_bad_override(tmp_path):
+    result = run_cli(tmp_path, "run", "nope.yaml")
+    assert result.returncode == 2 and "spec file not found" in result.stderr
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(GOOD))
+    result = run_cli(tmp_path, "run", "spec.yaml", "--set", "protect.5.alpha=1")
+    assert result.returncode == 2 and "cannot set" in result.stderr
+    assert_nothing_started(tmp_path)

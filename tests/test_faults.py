@@ -1,0 +1,277 @@
+"""Fault injection with real processes and real signals; every case asserts on MLflow's contents."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+pytestmark = pytest.mark.faults
+
+EPOCHS = 6
+
+
+def spec_for(tmp: Path, name: str, strategies: list[str], optimizers: list[str], uri: str | None = None) -> Path:
+    spec = {
+        "name": name,
+        "output_dir": str(tmp / "out"),
+        "model": {"arch": "convnet", "num_classes": 10},
+        "original": {"dataset": "shapes", "image_size": 16, "channels": 3, "train_size": 600, "test_size": 200},
+        "restricted": [{"dataset": "shapes_m", "image_size": 16, "channels": 3, "train_size": 1500,
+                        "test_size": 300}],
+        "pretrain": {"epochs": 1},
+        "protect": [],
+        "attack": {"subjects": ["normal", "scratch"],
+                   "grid": {"strategy": strategies, "optimizer": optimizers, "lr": [1e-3], "epochs": [EPOCHS],
+                            "data_fraction": [1.0], "seed": [0]}},
+        "resources": {"max_failures": 3},
+        "tracking": {"uri": uri or f"sqlite:///{tmp}/mlflow.db"},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def env(tmp: Path) -> dict[str, str]:
+    e = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "MPLBACKEND": "Agg",
+         "PYTHONUNBUFFERED": "1"}
+    e.pop("RAY_ADDRESS", None)
+    return e
+
+
+def start(tmp: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sophon_ray.cli", *args], cwd=tmp, env=env(tmp), text=True,
+                            stdout=open(tmp / "stdout.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def attack_runs(uri: str, experiment: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+            if r.data.tags.get("sophon.role") == "attack"]
+
+
+def assert_complete(uri: str, experiment: str, expected: int) -> list:
+    """Every trial exactly once, FINISHED, with one value per epoch (no gaps, no duplicates)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = attack_runs(uri, experiment)
+    keys = [r.data.tags["sophon.key"] for r in runs]
+    assert len(runs) == expected and len(set(keys)) == expected, (len(runs), len(set(keys)))
+    for r in runs:
+        assert r.info.status == "FINISHED", (r.info.run_name, r.info.status)
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "restricted_acc")]
+        assert sorted(steps) == list(range(EPOCHS + 1)), (r.info.run_name, steps)
+    exp = client.get_experiment_by_name(experiment)
+    everything = client.search_runs([exp.experiment_id], max_results=1000)
+    assert not [r.info.run_name for r in everything if r.info.status == "RUNNING"]
+    return runs
+
+
+def trial_processes() -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "ImplicitFunc" in cmd:
+            out.append(p)
+    return out
+
+
+def test_a_sigkilled_trial_is_retried_and_logged_exactly_once(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = spec_for(tmp_path, "trialkill", ["direct-all", "initfc-all", "direct-fc"], ["adam"])
+    proc = start(tmp_path, "run", str(spec))
+    killed = None
+    deadline = time.time() + 240
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        busy = [r for r in attack_runs(uri, "trialkill") if r.info.status == "RUNNING"]
+        victims = trial_processes()
+        if busy and victims:
+            time.sleep(1.0)  # mid-trial: some epochs are logged, some are not
+            killed = victims[0].pid
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.3)
+    assert killed is not None, (tmp_path / "stdout.log").read_text()[-3000:]
+    assert proc.wait(timeout=400) == 0, (tmp_path / "stdout.log").read_text()[-3000:]
+    assert_complete(uri, "trialkill", expected=3 + 1)
+    log = (tmp_path / "stdout.log").read_text()
+    assert "errored" in log or "failure" in log.lower(), "Tune never saw the kill"
+
+
+def test_driver_sigkill_then_resume_reruns_nothing_finished(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = spec_for(tmp_path, "driverkill", ["direct-all", "initfc-all", "direct-fc", "initfc-fc"], ["sgd", "adam"])
+    proc = start(tmp_path, "run", str(spec))
+    deadline = time.time() + 300
+    finished: dict[str, tuple[str, int]] = {}
+    while time.time() < deadline and proc.poll() is None:
+        done = [r for r in attack_runs(uri, "driverkill") if r.info.status == "FINISHED"]
+        if len(done) >= 3:
+            break
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray instance it started
+    proc.wait(timeout=30)
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env(tmp_path), timeout=60)
+    finished = {r.data.tags["sophon.key"]: (r.info.run_id, r.info.end_time)
+                for r in attack_runs(uri, "driverkill") if r.info.status == "FINISHED"}
+    orphans = [r for r in attack_runs(uri, "driverkill") if r.info.status == "RUNNING"]
+    assert len(finished) >= 3, "killed before any trial finished"
+    refused = subprocess.run([sys.executable, "-m", "sophon_ray.cli", "run", str(spec)], cwd=tmp_path,
+                             env=env(tmp_path), text=True, capture_output=True, timeout=120)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = start(tmp_path, "run", str(spec), "--resume")
+    assert resumed.wait(timeout=400) == 0, (tmp_path / "stdout.log").read_text()[-3000:]
+    runs = assert_complete(uri, "driverkill", expected=8 + 2)
+    after = {r.data.tags["sophon.key"]: (r.info.run_id, r.info.end_time) for r in runs}
+    assert all(after[k] == v for k, v in finished.items()), "a finished trial was rerun"
+    assert {r.info.run_id for r in orphans} <= {v[0] for v in after.values()}, "an orphan was duplicated"
+    log = (tmp_path / "stdout.log").read_text()
+    assert f"{len(finished)} finished earlier" in log
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str, tmp: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["ray", *args], env=env(tmp), text=True, capture_output=True, timeout=timeout)
+
+
+def test_two_node_cluster_job_submit_places_trials_on_both_nodes_and_survives_losing_one(tmp_path):
+    """A head and a worker node on 127.0.0.1 (1 CPU each), the sweep submitted with `ray job submit`,
+    the worker node's raylet SIGKILLed mid-sweep: the job still succeeds and MLflow holds every trial once."""
+    port, dash, worker_port = _free_port(), _free_port(), _free_port()
+    temp = Path(f"/tmp/sr{os.getpid()}")  # short: Ray's socket paths have a length limit
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = spec_for(tmp_path, "twonode", ["direct-all", "initfc-all", "direct-fc", "initfc-fc"], ["sgd", "adam"])
+    try:
+        head = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    f"--temp-dir={temp}", tmp=tmp_path)
+        assert head.returncode == 0, head.stderr[-2000:]
+        worker = _ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                      f"--node-manager-port={worker_port}", tmp=tmp_path)
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        submit = _ray("job", "submit", f"--address=http://127.0.0.1:{dash}", "--no-wait", "--",
+                      sys.executable, "-m", "sophon_ray.cli", "run", str(spec), tmp=tmp_path)
+        assert submit.returncode == 0, submit.stderr[-2000:]
+        job_id = next(w.strip("'") for w in submit.stdout.split() if w.strip("'").startswith("raysubmit_"))
+        raylet = next(p for p in psutil.process_iter(["cmdline"])
+                      if f"--node_manager_port={worker_port}" in " ".join(p.info["cmdline"] or []))
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            nodes = {r.data.tags.get("sophon.node_id") for r in attack_runs(uri, "twonode")
+                     if r.info.status == "FINISHED"}
+            if len(nodes - {None, ""}) >= 2:
+                break
+            time.sleep(0.5)
+        assert len(nodes - {None, ""}) >= 2, "trials never ran on both nodes"
+        raylet.kill()  # the worker node dies mid-sweep
+        status = ""
+        while time.time() < deadline + 300:
+            status = _ray("job", "status", f"--address=http://127.0.0.1:{dash}", job_id, tmp=tmp_path).stdout
+            if "SUCCEEDED" in status or "FAILED" in status or "STOPPED" in status:
+                break
+            time.sleep(2)
+        logs = _ray("job", "logs", f"--address=http://127.0.0.1:{dash}", job_id, tmp=tmp_path).stdout
+        assert "SUCCEEDED" in status, logs[-4000:]
+        assert_complete(uri, "twonode", expected=8 + 2)
+        assert list((tmp_path / "out" / "report").glob("heatmap-*.png"))
+    finally:
+        _ray("stop", "--force", tmp=tmp_path)
+
+
+def _wait_for_server(uri: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "mlflow server exited"
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"mlflow server at {uri} did not come up")
+
+
+def test_mlflow_server_mode_with_a_credentialed_uri_logs_everything_and_leaks_no_secret(tmp_path):
+    from mlflow import MlflowClient
+
+    from sophon_ray.checkpoint import load_checkpoint
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
+         str(tmp_path / "artifacts"), "--workers", "1"],
+        env=env(tmp_path), stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    plain = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_server(plain, server)
+        secret_uri = f"http://sophon:s3cr3t-token@127.0.0.1:{port}"
+        spec = spec_for(tmp_path, "server", ["direct-all", "initfc-fc"], ["adam"], uri=secret_uri)
+        data = yaml.safe_load(spec.read_text())
+        data["protect"] = [{"name": "v", "iterations": 4, "inner_steps": 2, "eval_every": 2, "probe_every": 2,
+                            "probe_epochs": 1}]
+        data["attack"]["subjects"] = ["protected", "normal", "scratch"]
+        spec.write_text(yaml.safe_dump(data))
+        proc = start(tmp_path, "run", str(spec))
+        assert proc.wait(timeout=400) == 0, (tmp_path / "stdout.log").read_text()[-3000:]
+        runs = assert_complete(plain, "server", expected=2 * 2 + 1)
+        client = MlflowClient(tracking_uri=plain)
+        exp = client.get_experiment_by_name("server")
+        everything = client.search_runs([exp.experiment_id], max_results=1000)
+        protect = [r for r in everything if r.data.tags.get("sophon.role") == "protect"][0]
+        local = client.download_artifacts(protect.info.run_id, "checkpoint", str(tmp_path / "dl"))
+        model, card = load_checkpoint(local)
+        assert card["variant"] == "v"
+        parent = [r for r in everything if r.data.tags.get("sophon.role") == "sweep"][0]
+        assert any(a.path.endswith(".png") for a in client.list_artifacts(parent.info.run_id, "report"))
+        for r in everything:
+            assert "s3cr3t" not in str(r.data.params) + str(r.data.tags), r.info.run_name
+        assert "s3cr3t" not in (tmp_path / "stdout.log").read_text()
+        assert len(runs) == 5
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_protection_divergence_is_rolled_back_recorded_in_mlflow_and_never_checkpointed(tmp_path):
+    from mlflow import MlflowClient
+
+    from sophon_ray.checkpoint import load_checkpoint
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = spec_for(tmp_path, "diverge", ["direct-all"], ["adam"])
+    data = yaml.safe_load(spec.read_text())
+    data["protect"] = [{"name": "blowup", "iterations": 8, "inner_steps": 2, "base_lr": 1.0e+6, "alpha": 1.0e+6,
+                        "beta": 1.0e+6, "clip_norm": 1.0e+12, "eval_every": 2, "probe_every": 4, "probe_epochs": 1,
+                        "max_rollbacks": 2}]
+    spec.write_text(yaml.safe_dump(data))
+    proc = start(tmp_path, "protect", str(spec))
+    assert proc.wait(timeout=300) == 0, (tmp_path / "stdout.log").read_text()[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("diverge")
+    run = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("sophon.role") == "protect"][0]
+    assert run.info.status == "FINISHED" and run.data.metrics["rollbacks"] >= 1
+    assert client.get_metric_history(run.info.run_id, "rollback"), "rollback events not in MLflow"
+    ckpt = next((tmp_path / "out" / "checkpoints").glob("protect-blowup-*"))
+    model, card = load_checkpoint(ckpt)
+    assert card["rollback_events"] and all("non-finite" in e["reason"] or "floor" in e["reason"]
+                                           for e in card["rollback_events"])
+    assert all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point())
