@@ -132,11 +132,14 @@ def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
             t0 = time.perf_counter()
             _attack_stage(spec, options, tracker, parent, sid, out, trials, models, outcome)
             outcome.stage_seconds["attack"] = time.perf_counter() - t0
-        if options.report and options.attack:
+        if options.report and options.attack and "protected" not in spec.attack.subjects:
+            _say("[4/4] report skipped: the heatmaps compare protected models with the baselines, and "
+                 "attack.subjects has no 'protected' (the runs are in MLflow)")
+        elif options.report and options.attack:
             t0 = time.perf_counter()
             from analysis.report import run_report  # noqa: PLC0415
 
-            outcome.report = run_report(uri, spec.name, out / "report", sweep_id=sid)
+            outcome.report = run_report(tracker.uri, spec.name, out / "report", sweep_id=sid)
             outcome.stage_seconds["report"] = time.perf_counter() - t0
             _say(f"[4/4] report | {out / 'report'}")
             summary = out / "report" / "summary.md"

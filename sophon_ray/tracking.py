@@ -38,13 +38,30 @@ def redact(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+def _credentials_to_env(uri: str) -> str:
+    """Move ``user:token@`` out of the URI into MLflow's auth variables, so that no link MLflow prints or
+    stores carries the secret; returns the URI without them."""
+    parts = urlsplit(uri)
+    if parts.username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = parts.username
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = parts.password or ""
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, parts.query, ""))
+
+
 def _check_server(uri: str, timeout: float = 5.0) -> None:
     """Fail fast (instead of MLflow's minutes of retries) when a tracking server does not answer."""
     import urllib.error  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
 
+    import base64  # noqa: PLC0415
+
+    parts = urlsplit(uri)
+    request = urllib.request.Request(redact(uri).rstrip("/") + "/health")
+    if parts.username:  # credentials in the URI go in a header, never in what is printed
+        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+        with urllib.request.urlopen(request, timeout=timeout):
             return
     except urllib.error.HTTPError:
         return  # it answered (auth, proxies...): let MLflow report what it says
@@ -60,9 +77,10 @@ class Tracker:
     def __init__(self, uri: str, experiment: str) -> None:
         from mlflow import MlflowClient  # noqa: PLC0415
 
-        self.uri = uri
         if uri.startswith(("http://", "https://")):
             _check_server(uri)
+            uri = _credentials_to_env(uri)
+        self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         try:
             found = self.client.get_experiment_by_name(experiment)

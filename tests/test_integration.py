@@ -29,7 +29,7 @@ EXPECTED_TRIALS = 2 * 2 * 2 + 2
 
 def env(tmp: Path) -> dict[str, str]:
     return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "MPLBACKEND": "Agg",
-            "RAY_TMPDIR": str(tmp / "ray-tmp"), "PYTHONUNBUFFERED": "1"}
+            "PYTHONUNBUFFERED": "1"}
 
 
 def sophon(tmp: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -40,7 +40,6 @@ def sophon(tmp: Path, *args: str, timeout: int = 600) -> subprocess.CompletedPro
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    (tmp / "ray-tmp").mkdir()
     spec = {**SPEC, "output_dir": str(tmp / "out"), "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db"}}
     (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
     first = sophon(tmp, "run", "spec.yaml")
