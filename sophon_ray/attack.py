@@ -20,21 +20,25 @@ Strategy = Callable[[Net, torch.Generator], list[str]]
 STRATEGIES: Registry[Strategy] = Registry("strategy")
 
 
+def _fill(target: torch.Tensor, init: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Draw ``init`` on the CPU (where the seeded generator lives) and copy to ``target``'s device."""
+    with torch.no_grad():
+        target.copy_(init(torch.empty(target.shape)))
+
+
 def reinit_head(model: Net, generator: torch.Generator) -> None:
     """NTLBench's head re-initialisation: weight ~ N(0, 0.01), bias 0."""
-    with torch.no_grad():
-        torch.nn.init.normal_(model.head.weight, 0.0, 0.01, generator=generator)
-        torch.nn.init.zeros_(model.head.bias)
+    _fill(model.head.weight, lambda t: torch.nn.init.normal_(t, 0.0, 0.01, generator=generator))
+    _fill(model.head.bias, torch.nn.init.zeros_)
 
 
 def reinit_classifier(model: Net, generator: torch.Generator) -> None:
     """Re-initialise every Linear of the classifier block (Kaiming-uniform, PyTorch's default scheme)."""
-    with torch.no_grad():
-        for layer in model.classifier:
-            if isinstance(layer, nn.Linear):
-                torch.nn.init.kaiming_uniform_(layer.weight, a=5**0.5, generator=generator)
-                bound = 1 / layer.in_features**0.5
-                torch.nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    for layer in model.classifier:
+        if isinstance(layer, nn.Linear):
+            bound = 1 / layer.in_features**0.5
+            _fill(layer.weight, lambda t: torch.nn.init.kaiming_uniform_(t, a=5**0.5, generator=generator))
+            _fill(layer.bias, lambda t: torch.nn.init.uniform_(t, -bound, bound, generator=generator))
 
 
 def _all(model: Net) -> list[str]:

@@ -121,7 +121,7 @@ def simulate(model: Net, batches: Iterator[Batch], env: Environment, suppression
     First-order: no gradient flows through the inner updates, so the outer gradient is
     (1/K) sum_k grad L_a(theta_k). When ``env.head_reinit`` re-initialises the copy's head (Xavier-uniform
     weight, zero bias), the real head gets a zero gradient from this simulation: the adapted head no
-    longer descends from it. Every batch must hold at least two samples.
+    longer descends from it. Every batch must hold at least four samples (two for support, two for query).
     """
     names = [n for n, _ in model.named_parameters()]
     head = set(model.head_param_names())
@@ -129,8 +129,9 @@ def simulate(model: Net, batches: Iterator[Batch], env: Environment, suppression
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     if env.head_reinit:
         for n in head:
-            if fast[n].dim() > 1:
-                torch.nn.init.xavier_uniform_(fast[n], generator=generator)
+            if fast[n].dim() > 1:  # drawn on the CPU generator, then moved: same numbers on any device
+                fresh = torch.empty(fast[n].shape)
+                fast[n].copy_(torch.nn.init.xavier_uniform_(fresh, generator=generator))
             else:
                 fast[n].zero_()
     inner = [n for n in names if n in head] if env.head_only else names
@@ -140,9 +141,12 @@ def simulate(model: Net, batches: Iterator[Batch], env: Environment, suppression
     fts_loss = adversary_loss = 0.0
     was_training = model.training
     model.train()
+    device = next(model.parameters()).device
     for _ in range(inner_steps):
         x, y = next(batches)
-        n_query = min(len(y) - 1, max(1, round(len(y) * query_fraction)))
+        x, y = x.to(device), y.to(device)
+        # >= 2 samples on each side: BatchNorm in train mode cannot normalise a single sample
+        n_query = min(len(y) - 2, max(2, round(len(y) * query_fraction)))
         support = {n: fast[n].requires_grad_(n in inner) for n in names}
         loss = F.cross_entropy(functional_call(model, (support, buffers), (x[n_query:],)), y[n_query:])
         grads = torch.autograd.grad(loss, [support[n] for n in inner])

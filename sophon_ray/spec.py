@@ -373,9 +373,9 @@ def _check_semantics(spec: SweepSpec, problems: list[Problem]) -> None:
                 problems.append(Problem(f"{path}.{key}", f"must be >= 0, got {getattr(v, key)}"))
         if not 0 < v.query_fraction < 1:
             problems.append(Problem(f"{path}.query_fraction", f"must be in (0, 1), got {v.query_fraction}"))
-        elif v.batch_size * v.query_fraction < 1 or v.batch_size * (1 - v.query_fraction) < 1:
-            problems.append(Problem(f"{path}.batch_size", "support and query need >= 1 sample each: raise "
-                                    f"batch_size ({v.batch_size}) or change query_fraction"))
+        elif v.batch_size < 4:
+            problems.append(Problem(f"{path}.batch_size", "support and query need >= 2 samples each "
+                                    f"(BatchNorm): raise batch_size ({v.batch_size}) to 4 or more"))
         if labels.count(v.label) > 1:
             problems.append(Problem(f"{path}.name", f"variant name '{v.label}' is used twice: give each "
                                     "protect entry a unique name"))

@@ -62,6 +62,7 @@ def model_for(trial: dict[str, Any]) -> str:
 
 def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], splits: Any, threads: int) -> None:
     """The Tune function trainable: build the subject, fine-tune it, report every epoch."""
+    import ray  # noqa: PLC0415
     from ray import tune  # noqa: PLC0415
 
     from sophon_ray.attack import finetune, scratch_model  # noqa: PLC0415
@@ -69,6 +70,7 @@ def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], s
     from sophon_ray.spec import ModelSpec  # noqa: PLC0415
 
     torch.set_num_threads(max(1, threads))
+    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"  # GPUs Tune gave this trial
     trial = config["trial"]
     state, card = models[model_for(trial)]
     model = build_model(ModelSpec(card["arch"], card["num_classes"]), card["channels"], card["image_size"])
@@ -79,9 +81,7 @@ def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], s
     report = lambda epoch, m: tune.report({"epoch": epoch, **m}) if epoch < cfg.epochs else None  # noqa: E731
     domain = int(trial.get("domain", "0").split(":")[0])
     result = finetune(model, splits.restricted_full[domain], splits.restricted_test[domain], cfg,
-                      original_test=splits.original_test, on_epoch=report)
-    import ray  # noqa: PLC0415
-
+                      original_test=splits.original_test, device=device, on_epoch=report)
     tune.report({"epoch": cfg.epochs, "node_id": ray.get_runtime_context().get_node_id(),
                  "restricted_acc": result.final, "restricted_loss": result.restricted_loss[-1],
                  "restricted_acc_final": result.final, "restricted_acc_best": result.best,

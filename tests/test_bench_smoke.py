@@ -1,0 +1,117 @@
+"""The benchmark scripts in bench/ run end to end in their --smoke mode and write their results section.
+
+Each smoke run is a subprocess with real Ray / MLflow where the benchmark uses them (tens of seconds each,
+hence ``slow``). The collect test is fast and fabricates its sections.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+HEADLINE = ["figure", "goal", "measured: median [min-max]", "met", "limited by"]
+TIMEOUT_S = 300  # smoke modes take < 60 s on 2 quiet cores; headroom for a busy machine
+
+
+def run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "MPLBACKEND": "Agg",
+           "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(cmd, cwd=tmp, env=env, text=True, capture_output=True, timeout=TIMEOUT_S)
+
+
+def check_section(out: Path, name: str, columns: list[str]) -> dict:
+    assert out.is_file(), f"{out} not written"
+    text = out.read_text()
+    for column in HEADLINE + columns:
+        assert column in text, f"column {column!r} missing from {out.name}:\n{text[:2000]}"
+    assert "SMOKE" in text
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert payload["name"] == name and payload["machine"]["nproc"] >= 1
+    return payload
+
+
+@pytest.mark.slow
+def test_fts_step_smoke(tmp_path):
+    out = tmp_path / "fts_step.md"
+    proc = run([sys.executable, str(BENCH / "fts_step.py"), "--smoke", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_section(out, "fts_step", ["ms/plain step", "ms/inner step", "inner/plain", "ms/outer iteration",
+                                              "outer/(K+ntr) plain"])
+    for label in ("convnet fp32", "resnet18 fp32"):
+        row = payload["data"][label]
+        assert row["plain_s"] and row["inner_s"] and row["outer_s"]
+        assert all(s > 0 for s in row["plain_s"] + row["inner_s"] + row["outer_s"])
+
+
+@pytest.mark.slow
+def test_tune_throughput_smoke(tmp_path):
+    out = tmp_path / "tune_throughput.md"
+    proc = run([sys.executable, str(BENCH / "tune_throughput.py"), "--smoke", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_section(out, "tune_throughput", ["wall / sequential", "per-trial overhead s (median / p90)",
+                                                     "driver peak RSS MiB", "trial process peak RSS MiB"])
+    trials = payload["data"]["trials"]
+    runs = payload["data"]["runs"]
+    assert set(runs) == {"sequential", "tune", "tune+mlflow"}
+    assert all(len(r["compute"]) == trials for rs in runs.values() for r in rs)
+    assert all(r["memory"]["worker_rss_mib"] for r in runs["tune"]), "no trial process was sampled"
+
+
+@pytest.mark.slow
+def test_train_scaling_smoke(tmp_path):
+    out = tmp_path / "train_scaling.md"
+    proc = run([sys.executable, str(BENCH / "train_scaling.py"), "--smoke", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_section(out, "train_scaling", ["iterations/s", "environments/s (x workers)",
+                                                   "TorchTrainer fixed cost s", "ranks identical"])
+    runs = payload["data"]["runs"]
+    assert set(runs) == {"1 worker x 1 thread", "2 workers x 1 thread"}
+    assert all(r["ranks_identical"] and r["iterations"] == 2 for rs in runs.values() for r in rs)
+
+
+@pytest.mark.slow
+def test_quickstart_smoke(tmp_path):
+    out = tmp_path / "quickstart.md"
+    proc = run(["bash", str(BENCH / "quickstart.sh"), "--smoke", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_section(out, "quickstart", ["stage: pretrain+protect", "stage: attack", "stage: report",
+                                                "peak RSS"])
+    assert payload["data"]["pipeline"]["trials"] == 3 and payload["data"]["timing"]["peak_rss_mib"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_script_refuses_clearly_without_a_gpu(tmp_path):
+    import torch
+
+    proc = run(["bash", str(BENCH / "gpu.sh"), "--check"], tmp_path)
+    if torch.cuda.is_available():
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
+
+
+def test_collect_orders_sections_under_a_machine_header(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("zeta_extra", "tune_throughput", "fts_step"):
+        (results / f"{name}.md").write_text(f"## {name} section\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+        (results / f"{name}.json").write_text(json.dumps({"name": name, "machine": {"nproc": 64, "cpu": "elsewhere",
+                                                                                    "host": "other"}}))
+    out = tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run([sys.executable, str(BENCH / "collect.py"), "--results", str(results), "--out", str(out)],
+                          text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert text.startswith("# sophon-ray benchmarks")
+    for item in ("cores (nproc)", "| CPU |", "| RAM |", "| torch |", "| ray |", "collected"):
+        assert item in text
+    positions = [text.index(f"## {n} section") for n in ("fts_step", "tune_throughput", "zeta_extra")]
+    assert positions == sorted(positions)
+    assert "ran on another machine: 64 cores, elsewhere" in text
