@@ -5,7 +5,7 @@
 # prints ("done in N s (pretrain+protect X s, attack Y s, report Z s)") as a results section.
 #
 # Usage: bench/quickstart.sh [--smoke] [--out PATH]     (default PATH: bench/results/quickstart.md, + .json)
-# Cost: full ~6-8 min on 2 quiet cores (the README's claim, which this checks); --smoke ~1 min (4 protect
+# Cost: full ~5-6 min on 2 quiet cores (goal <= 10 min, which this checks); --smoke ~1 min (4 protect
 # iterations, a 1x1x1 attack grid at 1 epoch: 3 trials).
 # Environment: PYTHON (default .venv/bin/python), KEEP=1 keeps the working directory and prints its path.
 set -euo pipefail

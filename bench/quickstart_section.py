@@ -19,7 +19,7 @@ from pathlib import Path
 import harness
 
 NAME = "quickstart"
-GOAL_S = 8 * 60  # README and sweeps/quickstart.yaml: "about 6-8 minutes on 2 CPU cores"
+GOAL_S = 10 * 60  # the orchestration issue: the quickstart finishes in <= 10 minutes on 2 CPU cores
 DONE = re.compile(r"done in (?P<total>[\d.]+) s \((?P<stages>[^)]*)\); (?P<trials>\d+) trials, (?P<run>\d+) run now")
 STAGE = re.compile(r"(?P<name>[\w+]+) (?P<seconds>[\d.]+) s")
 
@@ -76,8 +76,7 @@ def report(args: argparse.Namespace) -> None:
              "on a quiet machine." + (" **SMOKE overrides: the numbers check the script only.**" if args.smoke else ""))
     sec = harness.Section(NAME, "Quickstart end to end", setup)
     wall = timing.get("wall_s", float("nan"))
-    sec.goal("quickstart wall (sophon-ray run, start to exit)", f"<= {GOAL_S // 60} min (README: 6-8 min on 2 CPU "
-             "cores)", f"{wall / 60:.2f} min" if timing else "n/a", None if args.smoke or not timing or args.rc
+    sec.goal("quickstart wall (sophon-ray run, start to exit)", f"<= {GOAL_S // 60} min on 2 CPU cores", f"{wall / 60:.2f} min" if timing else "n/a", None if args.smoke or not timing or args.rc
              else wall <= GOAL_S, "the stage that dominates the breakdown below: protection (one process, "
              "protect_workers 1) after the TorchTrainer start, then 162 attack trials on 2 slots; see the "
              "fts_step, train_scaling and tune_throughput sections")

@@ -91,6 +91,16 @@ def read_card(directory: str | Path) -> dict[str, Any]:
     return card
 
 
+def check_fits(card: dict[str, Any], model: ModelSpec, original: DomainSpec, source: str) -> None:
+    """Raise CheckpointError when the card's architecture, classes or input differ from the spec's."""
+    want = (model.arch, model.num_classes, original.channels, original.image_size)
+    got = (card["arch"], card["num_classes"], card["channels"], card["image_size"])
+    if want != got:
+        raise CheckpointError(f"{source}: the card says (arch, classes, channels, size) = {got} but the spec asks "
+                              f"for {want}; use a spec whose model and original domain match the card, or "
+                              "another checkpoint")
+
+
 def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu") -> tuple[Net, dict[str, Any]]:
     """Rebuild the model from the card, load the safetensors weights, and check names and shapes.
 

@@ -76,7 +76,7 @@ def dry_run_text(spec: SweepSpec, trials: list[dict[str, Any]]) -> str:
 
 
 def start_ray(address: str | None) -> None:
-    """Join ``address`` / $RAY_ADDRESS, else start a private local instance bound to 127.0.0.1."""
+    """Join ``address`` / $RAY_ADDRESS, else start a private local instance on 127.0.0.1 (dashboard too)."""
     import ray  # noqa: PLC0415
 
     if ray.is_initialized():
@@ -86,7 +86,9 @@ def start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+        # the dashboard (on 127.0.0.1) also serves the state API that Ray Train's controller polls
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 logging_level=logging.WARNING)
 
 
 def _say(message: str) -> None:
@@ -209,14 +211,10 @@ def _train_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: str
 
 def _check_audited(spec: SweepSpec, directory: Path) -> None:
     """Refuse, before Ray starts, a checkpoint that is unreadable or does not fit the spec's model and data."""
-    from sophon_ray.checkpoint import CheckpointError, load_checkpoint  # noqa: PLC0415
+    from sophon_ray.checkpoint import check_fits, load_checkpoint  # noqa: PLC0415
 
     _, card = load_checkpoint(directory)
-    want = (spec.model.arch, spec.model.num_classes, spec.original.channels, spec.original.image_size)
-    got = (card["arch"], card["num_classes"], card["channels"], card["image_size"])
-    if want != got:
-        raise CheckpointError(f"{directory}: the card says (arch, classes, channels, size) = {got} but the spec "
-                              f"asks for {want}; attack it with a spec whose model and domains match its card")
+    check_fits(card, spec.model, spec.original, str(directory))
 
 
 def _log_models(spec: SweepSpec, tracker: Any, parent: str, sid: str, normal_dir: Path,

@@ -34,6 +34,8 @@ def resolve_uri(spec_uri: str | None, workdir: str | Path = ".") -> str:
 def redact(uri: str) -> str:
     """The URI without credentials (``user:token@`` and query strings), safe to print or log."""
     parts = urlsplit(uri)
+    if "@" not in parts.netloc and not parts.query:
+        return uri  # nothing to hide (and sqlite:////abs/path must keep its slashes)
     netloc = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 

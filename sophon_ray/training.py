@@ -145,17 +145,13 @@ def initial_model(spec: "SweepSpec") -> tuple["Net", bool]:
     ImageNet weights in the body (train it on the original domain); a sophon-ray checkpoint directory ->
     that model as the normal model (no training; its card must match the spec's model and input).
     """
-    from sophon_ray.checkpoint import CheckpointError, load_checkpoint  # noqa: PLC0415
+    from sophon_ray.checkpoint import check_fits, load_checkpoint  # noqa: PLC0415
     from sophon_ray.models import build_model  # noqa: PLC0415
 
     weights = spec.pretrain.weights
     if weights and weights != "torchvision":
         model, card = load_checkpoint(weights)
-        want = (spec.model.arch, spec.model.num_classes, spec.original.channels, spec.original.image_size)
-        got = (card["arch"], card["num_classes"], card["channels"], card["image_size"])
-        if want != got:
-            raise CheckpointError(f"pretrain.weights {weights}: the card says (arch, classes, channels, size) = "
-                                  f"{got} but the spec asks for {want}; fix the spec's model/original or the path")
+        check_fits(card, spec.model, spec.original, f"pretrain.weights {weights}")
         return model, False
     torch.manual_seed(spec.seed)
     return build_model(spec.model, spec.original.channels, spec.original.image_size, weights=weights), True

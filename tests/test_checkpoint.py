@@ -80,3 +80,25 @@ def test_card_format_is_checked(tmp_path):
     (tmp_path / "c" / "model.json").write_text('{"format": "other"}')
     with pytest.raises(CheckpointError, match="expected 'sophon-ray/1'"):
         read_card(tmp_path / "c")
+
+
+def test_pretrain_weights_from_a_checkpoint_skip_pretraining_and_must_fit(tmp_path):
+    from sophon_ray.spec import parse_spec
+    from sophon_ray.training import initial_model
+
+    torch.manual_seed(1)
+    model = build_model(ModelSpec(), 3, 16)
+    save_checkpoint(model, _card(), tmp_path / "given")
+    spec = parse_spec({"original": {"dataset": "shapes", "image_size": 16},
+                       "restricted": [{"dataset": "shapes_m", "image_size": 16}],
+                       "pretrain": {"weights": str(tmp_path / "given")}})
+    loaded, needs_training = initial_model(spec)
+    assert not needs_training
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    small = parse_spec({"original": {"dataset": "shapes", "image_size": 12},
+                        "restricted": [{"dataset": "shapes_m", "image_size": 12}],
+                        "pretrain": {"weights": str(tmp_path / "given")}})
+    with pytest.raises(CheckpointError, match="the card says"):
+        initial_model(small)
+    fresh, needs_training = initial_model(parse_spec({}))
+    assert needs_training and isinstance(fresh, torch.nn.Module)
