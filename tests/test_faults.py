@@ -164,12 +164,13 @@ def _ray(*args: str, tmp: Path, timeout: int = 120) -> subprocess.CompletedProce
     return subprocess.run([RAY, *args], env=env(tmp), text=True, capture_output=True, timeout=timeout)
 
 
-def test_two_node_cluster_places_trials_on_both_nodes_and_survives_losing_one(tmp_path):
-    """A head and a worker node on 127.0.0.1 (1 CPU each, `ray start`), the sweep's driver joining them with
-    `--address`, the worker node's raylet SIGKILLed mid-sweep: the sweep still succeeds, MLflow holds every
-    trial once, the heatmaps are drawn. (`ray job submit` answers 'No available agent to submit job' on two
-    raylets that share one IP with Ray 2.60, so the job-submission path itself is not exercised here.)"""
-    port, worker_port = _free_port(), _free_port()
+def test_two_node_cluster_job_submit_places_trials_on_both_nodes_and_survives_losing_one(tmp_path):
+    """The README's cluster path on a local 2-node cluster: `ray start --head` (with the job API on
+    127.0.0.1), the sweep submitted with `ray job submit`, a second `ray start --address` node on 127.0.0.1
+    (1 CPU each), trials on both nodes, the worker node's raylet SIGKILLed mid-sweep: the job succeeds, MLflow
+    holds every trial once, the heatmaps are drawn. (The job is submitted before the second node joins: with
+    two raylets already sharing one IP, Ray 2.60's job API answers 'No available agent to submit job'.)"""
+    port, dash, worker_port = _free_port(), _free_port(), _free_port()
     temp = Path(f"/tmp/sr{os.getpid()}")  # short: Ray's socket paths have a length limit
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spec = spec_for(tmp_path, "twonode", ["direct-all", "initfc-all"], ["sgd", "adam"])
@@ -178,18 +179,29 @@ def test_two_node_cluster_places_trials_on_both_nodes_and_survives_losing_one(tm
                         "probe_epochs": 1}]
     data["attack"]["subjects"] = ["protected", "normal", "scratch"]
     spec.write_text(yaml.safe_dump(data))
+    jobs = f"--address=http://127.0.0.1:{dash}"
     try:
         head = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
-                    "--include-dashboard=false", f"--temp-dir={temp}", tmp=tmp_path)
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    f"--temp-dir={temp}", tmp=tmp_path)
         assert head.returncode == 0, head.stderr[-2000:]
+        for _ in range(30):  # the job agent comes up a few seconds after `ray start`
+            submit = _ray("job", "submit", jobs, "--no-wait", "--", sys.executable, "-m", "sophon_ray.cli", "run",
+                          str(spec), tmp=tmp_path)
+            if submit.returncode == 0 or "No available agent" not in submit.stderr:
+                break
+            time.sleep(2)
+        assert submit.returncode == 0, submit.stderr[-2000:]
+        job_id = next(w.strip("'") for w in submit.stdout.split() if w.strip("'").startswith("raysubmit_"))
         worker = _ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                       f"--node-manager-port={worker_port}", tmp=tmp_path)
         assert worker.returncode == 0, worker.stderr[-2000:]
-        proc = start(tmp_path, "run", str(spec), "--address", f"127.0.0.1:{port}")
-        wait_for_store(tmp_path, proc)
         raylet = next(p for p in psutil.process_iter(["cmdline"])
                       if f"--node_manager_port={worker_port}" in " ".join(p.info["cmdline"] or []))
         deadline = time.time() + 300
+        while "| MLflow " not in _ray("job", "logs", jobs, job_id, tmp=tmp_path).stdout:
+            assert time.time() < deadline, "the job's driver never opened its MLflow store"
+            time.sleep(1)  # poll MLflow only once the driver created the store (no concurrent migration)
         while time.time() < deadline:
             nodes = {r.data.tags.get("sophon.node_id") for r in attack_runs(uri, "twonode")
                      if r.info.status == "FINISHED"}
@@ -198,7 +210,14 @@ def test_two_node_cluster_places_trials_on_both_nodes_and_survives_losing_one(tm
             time.sleep(0.5)
         assert len(nodes - {None, ""}) >= 2, "trials never ran on both nodes"
         raylet.kill()  # the worker node dies mid-sweep
-        assert proc.wait(timeout=600) == 0, (tmp_path / "stdout.log").read_text()[-4000:]
+        status = ""
+        while time.time() < deadline + 300:
+            status = _ray("job", "status", jobs, job_id, tmp=tmp_path).stdout.lower()
+            if any(word in status for word in ("succeeded", "failed", "stopped")):
+                break
+            time.sleep(2)
+        logs = _ray("job", "logs", jobs, job_id, tmp=tmp_path).stdout
+        assert "succeeded" in status, logs[-4000:]
         assert_complete(uri, "twonode", expected=2 * 4 + 2)
         assert list((tmp_path / "out" / "report").glob("heatmap-*.png"))
     finally:
