@@ -18,7 +18,6 @@ Usage (full, ~4 min on 2 quiet cores): ``.venv/bin/python bench/train_scaling.py
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 import time
@@ -146,16 +145,6 @@ def run_layout(spec: Any, layout: Layout, normal_dir: Path, tmp: Path) -> Run:
                sampler.peak.as_dict())
 
 
-def start_ray(args: Any, tmp: Path) -> float:
-    """A private local Ray instance (its own temp dir, 127.0.0.1, no dashboard); returns start seconds."""
-    import ray  # noqa: PLC0415
-
-    start = time.perf_counter()
-    ray.init(num_cpus=args.num_cpus, num_gpus=1 if args.device.startswith("cuda") else 0, include_dashboard=False,
-             _node_ip_address="127.0.0.1", logging_level=logging.WARNING, _temp_dir=str(tmp))
-    return time.perf_counter() - start
-
-
 NOTES = [
     "in-loop s = the protect job's reported `seconds` (rank 0: protect + evaluating the protected and the normal "
     "model on the original test set); fixed cost = driver wall of run_training - in-loop s.",
@@ -232,7 +221,7 @@ def main() -> None:
         spec = sweep_spec(args)
         harness.say("pretraining the normal model in the driver")
         normal_dir = pretrained(spec, tmp / "normal")
-        ray_init_s = start_ray(args, tmp / "ray")
+        ray_init_s = harness.start_ray(args, tmp / "ray")
         contenders = {layout: (lambda layout=layout: run_layout(spec, layout, normal_dir, tmp))
                       for layout in layouts(args)}
         runs = harness.interleave(contenders, rounds=args.rounds or (1 if args.smoke else 2), warmup=0,

@@ -21,7 +21,6 @@ Usage (full, ~4 min on 2 quiet cores): ``.venv/bin/python bench/tune_throughput.
 
 from __future__ import annotations
 
-import logging
 import pickle
 import shutil
 import tempfile
@@ -209,16 +208,6 @@ def data_access(splits: Any, make_splits_s: float) -> dict[str, float]:
             "pickled_mib": len(pickle.dumps(splits, protocol=5)) / MIB}
 
 
-def start_ray(args: Any, tmp: Path) -> float:
-    """A private local Ray instance (its own temp dir, 127.0.0.1, no dashboard); returns start seconds."""
-    import ray  # noqa: PLC0415
-
-    start = time.perf_counter()
-    ray.init(num_cpus=args.num_cpus, num_gpus=1 if args.device.startswith("cuda") else 0, include_dashboard=False,
-             _node_ip_address="127.0.0.1", logging_level=logging.WARNING, _temp_dir=str(tmp))
-    return time.perf_counter() - start
-
-
 # ------------------------------------------------------------------------------------------ reporting
 NOTES = [
     "data materialised once: verified by construction and by cost, not by counting generator calls. "
@@ -243,8 +232,8 @@ NOTES = [
     "`ImplicitFunc` (the trial actors); RSS includes shared library and object-store pages, USS is private "
     "memory only.",
 ]
-GPU_NOTE = ("GPU run: `attack_trial` calls `finetune` without a device, so Tune trials compute on CPU even with "
-            "gpus_per_trial > 0 (the GPU is only reserved); the sequential loop's device is in the set-up line.")
+GPU_NOTE = ("GPU run: `attack_trial` fine-tunes on the GPU Tune assigns it (gpus_per_trial > 0); the sequential "
+            "loop's device is in the set-up line.")
 CONTENDER_COLUMNS = ["contender", "wall s", "wall / sequential", "trials/min", "compute s/trial",
                      "per-trial overhead s (median / p90)", "time_total_s - compute (median / p90)",
                      "amortised overhead s/trial", "lead-in / tail s", "driver peak RSS MiB",
@@ -378,7 +367,7 @@ def main() -> None:
         trials = plan_trials(spec, [])
         harness.say(f"{len(trials)} trials; pretraining the normal model")
         models = normal_model(spec, splits, tmp)
-        context = {"ray_init_s": start_ray(args, tmp / "ray")}
+        context = {"ray_init_s": harness.start_ray(args, tmp / "ray")}
         context |= data_access(splits, make_splits_s)
         contenders = make_contenders(args, spec, trials, models, splits, tmp, context)
         runs = harness.interleave(contenders, rounds=args.rounds or (1 if args.smoke else 3), warmup=0,
