@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -14,6 +15,7 @@ from torch.utils.data import Dataset
 from sophon_ray.data import stratified_subset
 from sophon_ray.models import Net
 from sophon_ray.registry import Registry
+from sophon_ray.spec import GridSpec
 from sophon_ray.training import SCHEDULES, evaluate, make_optimizer, train_epoch
 
 Strategy = Callable[[Net, torch.Generator], list[str]]
@@ -102,6 +104,15 @@ class AttackConfig:
 
     def as_params(self) -> dict[str, object]:
         return asdict(self)
+
+
+def grid_configs(grid: GridSpec, weight_decay: float = 0.0) -> list[AttackConfig]:
+    """Every cell of an attack grid (the cross product of its lists), in a fixed order."""
+    return [AttackConfig(strategy=st, optimizer=o, lr=lr, batch_size=b, epochs=e, data_fraction=f, schedule=sc,
+                         seed=sd, weight_decay=weight_decay)
+            for st, o, lr, b, f, sc, e, sd in itertools.product(grid.strategy, grid.optimizer, grid.lr,
+                                                                 grid.batch_size, grid.data_fraction, grid.schedule,
+                                                                 grid.epochs, grid.seed)]
 
 
 @dataclass

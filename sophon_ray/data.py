@@ -111,7 +111,8 @@ def _stratified_indices(labels: Tensor, fraction: float, seed: int) -> Tensor:
     return torch.cat(keep).sort().values
 
 
-def _take(dataset: Dataset, indices: Tensor) -> Dataset:
+def take(dataset: Dataset, indices: Tensor) -> Dataset:
+    """The samples at ``indices``: a smaller tensor set, or a Subset of a file-backed set."""
     if isinstance(dataset, TensorDataset):
         return TensorDataset(*(t[indices] for t in dataset.tensors))
     return Subset(dataset, indices.tolist())
@@ -122,7 +123,7 @@ def stratified_subset(dataset: Dataset, fraction: float, seed: int) -> Dataset:
     every class); the whole set when fraction >= 1."""
     if fraction >= 1:
         return dataset
-    return _take(dataset, _stratified_indices(labels_of(dataset), fraction, seed))
+    return take(dataset, _stratified_indices(labels_of(dataset), fraction, seed))
 
 
 def split_off(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -130,7 +131,7 @@ def split_off(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Da
     held = _stratified_indices(labels_of(dataset), fraction, seed)
     rest = torch.ones(len(dataset), dtype=torch.bool)
     rest[held] = False
-    return _take(dataset, rest.nonzero().flatten()), _take(dataset, held)
+    return take(dataset, rest.nonzero().flatten()), take(dataset, held)
 
 
 def batches(dataset: Dataset, batch_size: int, generator: torch.Generator | None = None,

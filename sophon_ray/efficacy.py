@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from sophon_ray.attack import SCRATCH_STRATEGY, AttackConfig, finetune, scratch_model
+from sophon_ray.attack import SCRATCH_STRATEGY, AttackConfig, finetune, grid_configs, scratch_model
 from sophon_ray.checkpoint import load_checkpoint, make_card, save_checkpoint
 from sophon_ray.data import Splits, make_splits
 from sophon_ray.metrics import Cell, below_chance, overhead, summarise
@@ -75,14 +75,6 @@ def _attack_job(subject: str, checkpoint: str, config: AttackConfig, scratch_see
 
 
 # ---------------------------------------------------------------------------------------- the driver
-def grid_configs(spec: SweepSpec) -> list[AttackConfig]:
-    g = spec.attack.grid
-    return [AttackConfig(strategy=st, optimizer=o, lr=lr, batch_size=b, epochs=e, data_fraction=f, schedule=sc,
-                         seed=sd, weight_decay=spec.attack.weight_decay)
-            for st, o, lr, b, e, f, sc, sd in itertools.product(g.strategy, g.optimizer, g.lr, g.batch_size,
-                                                                 g.epochs, g.data_fraction, g.schedule, g.seed)]
-
-
 def stress_configs(spec: SweepSpec) -> list[tuple[str, AttackConfig]]:
     g = spec.attack.grid
     out = []
@@ -125,7 +117,7 @@ def run_efficacy(spec: SweepSpec, protect_seeds: list[int], out: Path, workers: 
                      row["original_val_acc"], row["original_test_acc"], row["selected_iteration"], row["seconds"])
         subjects = [("normal", "", -1, normal_dir)] + [("protected", r["variant"], r["seed"], r["dir"])
                                                          for r in report["protected"]]
-        for section, configs in (("attacks", [("grid", c) for c in grid_configs(spec)]),
+        for section, configs in (("attacks", [("grid", c) for c in grid_configs(spec.attack.grid, spec.attack.weight_decay)]),
                                  ("stress", stress_configs(spec))):
             futures = []
             seen_scratch = set()

@@ -115,7 +115,7 @@ def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
         _check_audited(spec, options.audit)
     uri = resolve_uri(spec.tracking.uri)
     tracker = Tracker(uri, spec.name)
-    parent_status = _parent_status(tracker, sid)
+    parent_status = tracker.sweep_status(sid)
     if parent_status not in (None, "FINISHED") and not options.resume:
         raise SpecError([Problem("", f"sweep {spec.name} ({sid}) was interrupted (parent run {parent_status}): "
                                  "continue it with --resume")], spec.name)
@@ -162,13 +162,6 @@ def _check_data(spec: SweepSpec) -> None:
     for domain in (spec.original, *spec.restricted):
         if domain.dataset not in PROCEDURAL:
             load_domain(domain)
-
-
-def _parent_status(tracker: Any, sid: str) -> str | None:
-    from sophon_ray.tracking import ROLE, SWEEP  # noqa: PLC0415
-
-    run = tracker._find(f"tags.`{ROLE}` = 'sweep' and tags.`{SWEEP}` = '{sid}'")
-    return run.info.status if run else None
 
 
 def _train_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: str, sid: str, out: Path,

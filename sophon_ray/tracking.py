@@ -105,9 +105,17 @@ class Tracker:
                                        order_by=["attributes.start_time ASC"])
         return runs[0] if runs else None
 
+    def _sweep(self, sweep_id: str) -> Any | None:
+        return self._find(f"tags.`{ROLE}` = 'sweep' and tags.`{SWEEP}` = '{sweep_id}'")
+
+    def sweep_status(self, sweep_id: str) -> str | None:
+        """Status of this sweep's parent run (FINISHED, RUNNING, FAILED...), None when it never ran."""
+        run = self._sweep(sweep_id)
+        return run.info.status if run else None
+
     def sweep_run(self, sweep_id: str, name: str, spec_file: Path | None = None) -> str:
         """The parent run of this sweep, created once; the resolved spec is logged as ``spec.yaml``."""
-        run = self._find(f"tags.`{ROLE}` = 'sweep' and tags.`{SWEEP}` = '{sweep_id}'")
+        run = self._sweep(sweep_id)
         if run is None:
             run = self.client.create_run(self.experiment_id, run_name=name, tags={ROLE: "sweep", SWEEP: sweep_id})
             if spec_file is not None:

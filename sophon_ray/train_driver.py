@@ -58,9 +58,9 @@ def state_digest(model: torch.nn.Module) -> str:
 
 
 def _shard(dataset: Any, rank: int, world: int) -> Any:
-    from sophon_ray.data import _take  # noqa: PLC0415
+    from sophon_ray.data import take  # noqa: PLC0415
 
-    return dataset if world == 1 else _take(dataset, torch.arange(rank, len(dataset), world))
+    return dataset if world == 1 else take(dataset, torch.arange(rank, len(dataset), world))
 
 
 def train_loop(config: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from sophon_ray.attack import SCRATCH_STRATEGY, AttackConfig
+from sophon_ray.attack import SCRATCH_STRATEGY, AttackConfig, grid_configs
 from sophon_ray.spec import SweepSpec, spec_hash
 
 log = logging.getLogger(__name__)
@@ -24,15 +24,11 @@ def plan_trials(spec: SweepSpec, protected: list[str]) -> list[dict[str, Any]]:
     (optimizer, lr, batch size, data fraction, schedule, epochs, seed), with strategy ``direct-all``:
     a random init trains all its layers whatever the cell's strategy (see README, Metrics).
     """
-    g = spec.attack.grid
     models = [("protected", label) for label in protected if "protected" in spec.attack.subjects]
     models += [("normal", "-")] if "normal" in spec.attack.subjects else []
     trials, seen = [], set()
-    domains = range(len(spec.restricted))
-    for d, st, o, lr, b, f, sc, e, sd in itertools.product(domains, g.strategy, g.optimizer, g.lr, g.batch_size,
-                                                            g.data_fraction, g.schedule, g.epochs, g.seed):
-        config = AttackConfig(strategy=st, optimizer=o, lr=lr, batch_size=b, epochs=e, data_fraction=f, schedule=sc,
-                              seed=sd, weight_decay=spec.attack.weight_decay)
+    configs = grid_configs(spec.attack.grid, spec.attack.weight_decay)
+    for d, config in itertools.product(range(len(spec.restricted)), configs):
         cells = [(subject, variant, config) for subject, variant in models]
         scratch = AttackConfig(**{**config.as_params(), "strategy": SCRATCH_STRATEGY})
         if "scratch" in spec.attack.subjects and (d, scratch) not in seen:
