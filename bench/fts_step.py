@@ -292,23 +292,26 @@ def measure(model_name: str, precision: str, args: Any) -> Measured:
 
 
 # ------------------------------------------------------------------------------------------ reporting
-INNER_LIMIT = ("per inner step: two functional_call passes re-binding every parameter and buffer, a second "
-               "forward/backward on the 10% query, the query-gradient accumulation over all parameters, and two "
-               "`.item()` host syncs (fts/adversary loss; Adam adds a third)")
-OUTER_LIMIT = ("per iteration on top of the steps: `clip_grad_norm_(...).item()`, `_finite(model)` (one host sync "
-               "per parameter tensor), one `loss.item()` per NTR step, the FTS Adam step over all parameters")
+INNER_LIMIT = ("per inner step: a second, small forward/backward on the 10% query (per-op overhead that does not "
+               "shrink with the batch: it dominates on a tiny convnet, vanishes on ResNet-18), the query-gradient "
+               "accumulation and the in-place inner optimizer step over all parameters; no host sync (losses "
+               "stay on the device until the end of simulate)")
+OUTER_LIMIT = ("per iteration on top of the steps: one deep copy of the model for the simulated adversary, "
+               "`clip_grad_norm_`, the FTS Adam step over all parameters, the finiteness check "
+               "(`_foreach_norm`), one host sync for the iteration's metrics")
 
 
 NOTES = [
-    "inner step = simulate(K) / K: support step on 90% of the batch (inner optimizer update of a functional "
-    "copy) + suppression-loss gradient on the 10% query at the adapted weights; the plain step processes the "
-    "whole batch once. So the inner step does ~1.1x the forward/backward work of a plain step by design.",
+    "inner step = simulate(K) / K: support step on 90% of the batch (in-place inner optimizer update of the "
+    "adversary's copy) + suppression-loss gradient on the 10% query at the adapted weights; the plain step "
+    "processes the whole batch once. So the inner step does ~1.1x the forward/backward work of a plain step by "
+    "design.",
     "outer iteration = one FTS (K inner steps), gradient clipping, the FTS Adam step, ntr_steps NTR steps "
     "(Adam), the NaN check: the mean interval between protect's consecutive per-iteration on_metrics calls "
     "over iterations 2..N-1 of one protect(N) call (eval_every/probe_every > N). The set-up before iteration 1 "
     "and the evaluation + probe protect always runs in iteration N are outside the measured intervals; they "
     "are in 'protect wall - N x iteration' (with the first iteration's warm-up; noise can make it slightly "
-    "negative for cheap models). The callback runs after the iteration's last `.item()` (and a device "
+    "negative for cheap models). The callback runs after the iteration's one host sync (and a device "
     "synchronize), so no device work leaks across intervals.",
     "reference for the outer ratio: (K + ntr) plain steps (the plain optimizer, not Adam) timed in the same "
     "rounds.",

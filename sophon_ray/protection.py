@@ -166,9 +166,9 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
             param.grad = sim.grads[name]
         if sync:
             sync.grads([p.grad for p in model.parameters()])
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.clip_norm)
         fts_opt.step()
-        ntr_loss = 0.0
+        ntr_loss = torch.zeros((), device=grad_norm.device)
         for _ in range(spec.ntr_steps):
             x, y = next(original_batches)
             loss = F.cross_entropy(model(x.to(device)), y.to(device))
@@ -177,12 +177,15 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
             if sync:
                 sync.grads([p.grad for p in model.parameters()])
             ntr_opt.step()
-            ntr_loss += loss.item() / spec.ntr_steps
+            ntr_loss += loss.detach()
         if sync:
             sync.buffers([b for b in model.buffers() if b.is_floating_point()])
-        row = {"fts_loss": sim.fts_loss, "adversary_loss": sim.adversary_loss, "ntr_loss": ntr_loss,
-               "fts_grad_norm": grad_norm}
-        finite = all(math.isfinite(v) for v in row.values()) and _finite(model)
+        # one host sync per iteration for everything the loop decides on
+        norm, ntr, weights_finite = torch.stack([grad_norm.float(), ntr_loss / max(spec.ntr_steps, 1),
+                                                 _finite(model).float()]).tolist()
+        row = {"fts_loss": sim.fts_loss, "adversary_loss": sim.adversary_loss, "ntr_loss": ntr,
+               "fts_grad_norm": norm}
+        finite = all(math.isfinite(v) for v in row.values()) and weights_finite == 1.0
         probe_now = iteration % spec.probe_every == 0 or iteration == spec.iterations
         if finite and iteration % spec.eval_every and not probe_now:
             emit(iteration, row)
@@ -221,5 +224,6 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     )
 
 
-def _finite(model: Net) -> bool:
-    return all(torch.isfinite(p).all() for p in model.parameters())
+def _finite(model: Net) -> torch.Tensor:
+    """A device bool: every parameter finite (the norm of a tensor holding inf or NaN is not finite)."""
+    return torch.stack(torch._foreach_norm(list(model.parameters()))).isfinite().all()
