@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import fields
+import time
+import warnings
+from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import Dataset, TensorDataset
 
 from sophon_ray.attack import SCRATCH_STRATEGY, AttackConfig, grid_configs
 from sophon_ray.spec import SweepSpec, spec_hash
@@ -56,8 +60,92 @@ def model_for(trial: dict[str, Any]) -> str:
     return f"protected/{trial['variant']}" if trial["subject"] == "protected" else "normal"
 
 
-def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], splits: Any, threads: int) -> None:
-    """The Tune function trainable: build the subject, fine-tune it, report every epoch."""
+# ---------------------------------------------------------------------------- trial inputs, shared
+# Tensors travel to trials as numpy arrays: Ray's object store keeps one copy per node and every trial's
+# ray.get maps it read-only without copying (pickled torch tensors would be copied out on every get).
+
+
+def share(obj: Any) -> Any:
+    """``obj`` with every CPU tensor (also inside TensorDatasets, dicts, lists, tuples) as a numpy array."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy() if obj.dtype != torch.bfloat16 else obj
+    if isinstance(obj, TensorDataset):
+        return _SharedTensors(tuple(share(t) for t in obj.tensors))
+    if isinstance(obj, dict):
+        return {k: share(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(share(v) for v in obj)
+    return obj
+
+
+def unshare(obj: Any) -> Any:
+    """The inverse of :func:`share`: tensors viewing the (read-only) arrays, no copy."""
+    if isinstance(obj, np.ndarray):
+        with warnings.catch_warnings():  # read-only object-store buffers; nothing here writes into them
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            return torch.from_numpy(obj)
+    if isinstance(obj, _SharedTensors):
+        return TensorDataset(*(unshare(a) for a in obj.arrays))
+    if isinstance(obj, dict):
+        return {k: unshare(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(unshare(v) for v in obj)
+    return obj
+
+
+@dataclass(frozen=True)
+class _SharedTensors:
+    arrays: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class AttackData:
+    """What attack trials read: the attacker's restricted data, the restricted and original test sets."""
+
+    restricted_full: list[Dataset]
+    restricted_test: list[Dataset]
+    original_test: Dataset
+
+
+def attack_data(splits: Any) -> AttackData:
+    """The trials' share of the sweep's splits (no original training or validation data)."""
+    return AttackData(splits.restricted_full, splits.restricted_test, splits.original_test)
+
+
+# --------------------------------------------------------------------------------------------- the trial
+REPORT_EVERY_S = 10.0  # a trial reports buffered epochs at most this often, and always at its end
+
+
+class EpochReporter:
+    """Buffers per-epoch rows and sends them to Tune in one report every ``every_s`` seconds.
+
+    ``tune.report`` in a function trainable waits for the driver to take the result, so reporting every
+    epoch of a short trial spends much of the trial waiting (and loads the driver). Each report carries
+    the buffered rows as ``curve`` (epoch, restricted_acc, restricted_loss); the MLflow callback logs them.
+    """
+
+    def __init__(self, report: Any, final_epoch: int, every_s: float = REPORT_EVERY_S) -> None:
+        self.report, self.final_epoch, self.every_s = report, final_epoch, every_s
+        self.rows: list[list[float]] = []
+        self.last = time.monotonic()
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.rows.append([epoch, metrics["restricted_acc"], metrics["restricted_loss"]])
+        if epoch < self.final_epoch and time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self, **final: Any) -> None:
+        """Report the buffered rows, then ``final`` metrics (which override the last row's)."""
+        epoch, acc, loss = self.rows[-1] if self.rows else (None, None, None)
+        self.report({"epoch": epoch, "restricted_acc": acc, "restricted_loss": loss, "curve": self.rows, **final})
+        self.rows, self.last = [], time.monotonic()
+
+
+def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], data: AttackData,
+                 threads: int) -> None:
+    """The Tune function trainable: build the subject, fine-tune it, report its curve and final metrics.
+
+    ``models`` and ``data`` arrive as :func:`share` made them (numpy views of the object store)."""
     import ray  # noqa: PLC0415
     from ray import tune  # noqa: PLC0415
 
@@ -70,19 +158,18 @@ def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], s
     trial = config["trial"]
     state, card = models[model_for(trial)]
     model = build_model(ModelSpec(card["arch"], card["num_classes"]), card["channels"], card["image_size"])
-    model.load_state_dict(state)
+    model.load_state_dict(unshare(state))
     if trial["subject"] == "scratch":
         model = scratch_model(model, trial["seed"])
     cfg = AttackConfig(**{k: trial[k] for k in ATTACK_FIELDS})
-    report = lambda epoch, m: tune.report({"epoch": epoch, **m}) if epoch < cfg.epochs else None  # noqa: E731
     domain = int(trial.get("domain", "0").split(":")[0])
-    result = finetune(model, splits.restricted_full[domain], splits.restricted_test[domain], cfg,
-                      original_test=splits.original_test, device=device, on_epoch=report)
-    tune.report({"epoch": cfg.epochs, "node_id": ray.get_runtime_context().get_node_id(),
-                 "restricted_acc": result.final, "restricted_loss": result.restricted_loss[-1],
-                 "restricted_acc_final": result.final, "restricted_acc_best": result.best,
-                 "original_acc": result.original_acc, "train_size": result.train_size,
-                 "compute_seconds": result.seconds, "done": True})
+    reporter = EpochReporter(tune.report, cfg.epochs)
+    result = finetune(model, unshare(data.restricted_full[domain]), unshare(data.restricted_test[domain]), cfg,
+                      original_test=unshare(data.original_test), device=device, on_epoch=reporter)
+    reporter.flush(epoch=cfg.epochs, restricted_acc=result.final, restricted_loss=result.restricted_loss[-1],
+                   restricted_acc_final=result.final, restricted_acc_best=result.best,
+                   original_acc=result.original_acc, train_size=result.train_size, compute_seconds=result.seconds,
+                   node_id=ray.get_runtime_context().get_node_id(), done=True)
 
 
 def make_callback(tracker: Any, parent_id: str, sweep_id: str) -> Any:
@@ -108,18 +195,17 @@ def make_callback(tracker: Any, parent_id: str, sweep_id: str) -> Any:
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             run_id = self._run(trial)
-            step = int(result["epoch"])
-            if step in self.steps[run_id]:
-                return  # a retried trial replays epochs that are already logged
-            row = {k: result[k] for k in ("restricted_acc", "restricted_loss") if k in result}
-            rows = [(step, row)]
+            logged = self.steps[run_id]  # a retried trial replays epochs that are already logged
+            rows = [(int(e), {"restricted_acc": acc, "restricted_loss": loss})
+                    for e, acc, loss in result.get("curve", []) if int(e) not in logged]
             if result.get("done"):
                 rows.append((0, {k: result[k] for k in ("restricted_acc_final", "restricted_acc_best",
                                                         "original_acc") if result.get(k) is not None}))
-            tracker.log_rows(run_id, rows)
+            if rows:
+                tracker.log_rows(run_id, rows)
             if result.get("done"):
                 tracker.set_tag(run_id, "sophon.node_id", result.get("node_id", ""))
-            self.steps[run_id].add(step)
+            logged.update(e for e, row in rows if "restricted_acc" in row)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             tracker.finish(self._run(trial), "FINISHED")
@@ -132,12 +218,15 @@ def make_callback(tracker: Any, parent_id: str, sweep_id: str) -> Any:
 
 def run_attacks(spec: SweepSpec, trials: list[dict[str, Any]], models: dict[str, tuple[dict, dict]], splits: Any,
                 storage_path: str, name: str, callbacks: list[Any], max_failures: int = 2) -> Any:
-    """Run ``trials`` as one Tune experiment; returns Tune's ResultGrid."""
+    """Run ``trials`` as one Tune experiment; returns Tune's ResultGrid.
+
+    ``models`` and the trials' share of ``splits`` go to the object store once, as numpy arrays."""
     from ray import tune  # noqa: PLC0415
 
     r = spec.resources
     trainable = tune.with_resources(
-        tune.with_parameters(attack_trial, models=models, splits=splits, threads=int(max(1, r.cpus_per_trial))),
+        tune.with_parameters(attack_trial, models=share(models), data=share(attack_data(splits)),
+                             threads=int(max(1, r.cpus_per_trial))),
         {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial},
     )
     tuner = tune.Tuner(

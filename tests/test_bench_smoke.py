@@ -59,7 +59,7 @@ def test_tune_throughput_smoke(tmp_path):
                                                      "driver peak RSS MiB", "trial process peak RSS MiB"])
     trials = payload["data"]["trials"]
     runs = payload["data"]["runs"]
-    assert set(runs) == {"sequential", "tune", "tune+mlflow"}
+    assert set(runs) == {"sequential", "process pool", "tune", "tune+mlflow"}
     assert all(len(r["compute"]) == trials for rs in runs.values() for r in rs)
     assert all(r["memory"]["worker_rss_mib"] for r in runs["tune"]), "no trial process was sampled"
 

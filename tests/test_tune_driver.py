@@ -1,0 +1,51 @@
+"""The Tune driver's pure parts: sharing trial inputs as numpy, and batched epoch reports (no Ray here)."""
+
+import pickle
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from sophon_ray.tune_driver import EpochReporter, share, unshare
+
+
+def test_share_turns_every_tensor_into_numpy_and_unshare_restores_equal_tensors():
+    data = {"train": [TensorDataset(torch.randn(5, 3), torch.arange(5))], "state": {"w": torch.ones(2, 2)},
+            "card": {"arch": "convnet", "num_classes": 10}}
+    shared = share(data)
+    arrays = [shared["train"][0].arrays[0], shared["train"][0].arrays[1], shared["state"]["w"]]
+    assert all(isinstance(a, np.ndarray) for a in arrays)
+    assert shared["card"] == data["card"]
+    back = unshare(pickle.loads(pickle.dumps(shared, protocol=5)))
+    x, y = back["train"][0].tensors
+    assert torch.equal(x, data["train"][0].tensors[0]) and torch.equal(y, data["train"][0].tensors[1])
+    assert torch.equal(back["state"]["w"], data["state"]["w"])
+
+
+def test_unshare_views_read_only_arrays_without_copying():
+    array = np.arange(6, dtype=np.float32)
+    array.setflags(write=False)  # as Ray's object store hands numpy buffers to a worker
+    tensor = unshare(array)
+    assert tensor.data_ptr() == array.ctypes.data
+
+
+def test_reporter_buffers_epochs_and_sends_them_with_the_final_metrics():
+    sent = []
+    reporter = EpochReporter(sent.append, final_epoch=3, every_s=3600)
+    for epoch in range(4):
+        reporter(epoch, {"restricted_acc": 10.0 * epoch, "restricted_loss": 1.0 / (epoch + 1)})
+    assert sent == []  # nothing reported before the end when reports are rate-limited
+    reporter.flush(epoch=3, restricted_acc=30.0, done=True)
+    assert len(sent) == 1
+    assert [row[0] for row in sent[0]["curve"]] == [0, 1, 2, 3]
+    assert sent[0]["done"] and sent[0]["epoch"] == 3
+
+
+def test_reporter_reports_every_epoch_when_the_interval_is_zero_but_never_the_last_one_early():
+    sent = []
+    reporter = EpochReporter(sent.append, final_epoch=2, every_s=0.0)
+    for epoch in range(3):
+        reporter(epoch, {"restricted_acc": 1.0, "restricted_loss": 2.0})
+    assert [[row[0] for row in r["curve"]] for r in sent] == [[0], [1]]
+    reporter.flush(epoch=2, done=True)
+    assert [row[0] for row in sent[-1]["curve"]] == [2]
