@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,8 @@ def parse_args() -> Any:
                         help="the simulated attacker's optimizer; the plain step uses its torch.optim twin")
     parser.add_argument("--bf16", default="off", choices=["off", "on", "both"],
                         help="torch.autocast(bfloat16) around both contenders; both = one row each")
+    parser.add_argument("--layouts", nargs="+", default=["channels_last"], choices=["channels_last", "contiguous"],
+                        help="model memory layouts to measure (ModelSpec.channels_last; default its default)")
     parser.add_argument("--no-outer", action="store_true", help="skip the whole-iteration (protect) measurement")
     return parser.parse_args()
 
@@ -225,6 +228,7 @@ class Measured:
 
     model: str
     precision: str
+    layout: str
     preset: Preset
     params: int
     plain: list[float]         # seconds per plain step, per round
@@ -271,7 +275,7 @@ def measure_outer(model: Any, pool: list, preset: Preset, args: Any, bf16: bool
     return per_iter, samples["plain"], fixed, errors
 
 
-def measure(model_name: str, precision: str, args: Any) -> Measured:
+def measure(model_name: str, precision: str, layout: str, args: Any) -> Measured:
     """Build the model (seed 0) on the device and run the inner-step and the outer-iteration rounds."""
     import torch  # noqa: PLC0415
 
@@ -281,13 +285,14 @@ def measure(model_name: str, precision: str, args: Any) -> Measured:
     preset = preset_for(model_name, args)
     bf16 = precision == "bf16"
     torch.manual_seed(0)
-    model = build_model(ModelSpec(model_name, CLASSES), channels=3, image_size=preset.image_size).to(args.device)
+    spec = ModelSpec(model_name, CLASSES, channels_last=layout == "channels_last")
+    model = build_model(spec, channels=3, image_size=preset.image_size).to(args.device)
     pool = make_pool(preset, args.device, count=4, seed=0)
-    harness.say(f"{model_name} {precision}: {preset}")
+    harness.say(f"{model_name} {precision} {layout}: {preset}")
     plain, inner = measure_inner(model, pool, preset, args, bf16)
     outer, outer_plain, fixed, errors = ([], [], [], []) if args.no_outer else measure_outer(
         model, pool, preset, args, bf16)
-    return Measured(model_name, precision, preset, sum(p.numel() for p in model.parameters()), plain, inner,
+    return Measured(model_name, precision, layout, preset, sum(p.numel() for p in model.parameters()), plain, inner,
                     outer, outer_plain, fixed, errors)
 
 
@@ -316,7 +321,7 @@ NOTES = [
     "reference for the outer ratio: (K + ntr) plain steps (the plain optimizer, not Adam) timed in the same "
     "rounds.",
 ]
-DETAIL_COLUMNS = ["model", "precision", "input", "batch", "params", "K", "ntr", "rounds (outer)", "N",
+DETAIL_COLUMNS = ["model", "precision", "layout", "input", "batch", "params", "K", "ntr", "rounds (outer)", "N",
                   "ms/plain step", "ms/inner step", "inner/plain", "ms/outer iteration", "(K+ntr) plain steps ms",
                   "outer/(K+ntr) plain", "protect wall - N x iteration s"]
 
@@ -337,7 +342,7 @@ def setup_text(args: Any) -> str:
 def report_model(sec: harness.Section, m: Measured, smoke: bool) -> list[Any]:
     """Add one model's headline rows, raw data and error notes to ``sec``; return its detail-table row."""
     p = m.preset
-    label = f"{m.model} {m.precision}"
+    label = f"{m.model} {m.precision} {m.layout}"
     inner_ratio = harness.spread(harness.paired_ratios(m.inner, m.plain))
     outer_ref = [s * (p.inner_steps + p.ntr_steps) for s in m.outer_plain]
     outer_ratio = harness.spread(harness.paired_ratios(m.outer, outer_ref))
@@ -354,9 +359,26 @@ def report_model(sec: harness.Section, m: Measured, smoke: bool) -> list[Any]:
                   f"per-iteration times are complete): {e}" for e in m.errors]
     outer = [harness.spread(m.outer).text(1, 1e3), harness.spread(outer_ref).text(1, 1e3), outer_ratio.text(3),
              harness.spread(m.fixed).text(2)] if m.outer else ["skipped", "-", "-", "-"]
-    return [m.model, m.precision, f"3x{p.image_size}x{p.image_size}", p.batch_size, f"{m.params:,}", p.inner_steps,
+    return [m.model, m.precision, m.layout, f"3x{p.image_size}x{p.image_size}", p.batch_size, f"{m.params:,}", p.inner_steps,
             p.ntr_steps, f"{p.rounds} ({p.outer_rounds})", p.outer_iterations, harness.spread(m.plain).text(2, 1e3),
             harness.spread(m.inner).text(2, 1e3), inner_ratio.text(3), *outer]
+
+
+def layout_table(results: list[Measured]) -> harness.Table:
+    """Contiguous vs channels-last for every model x precision measured in both (measured one after the other
+    in this run, not interleaved: context for ModelSpec.channels_last, not a paired ratio)."""
+    table = harness.Table("memory layout: contiguous ms / channels_last ms (> 1: channels_last is faster; "
+                          "medians of consecutive, not interleaved, measurements)",
+                          ["model", "precision", "plain step", "inner step", "outer iteration"])
+    by_key = {(m.model, m.precision, m.layout): m for m in results}
+    for (model, precision, layout), cl in by_key.items():
+        co = by_key.get((model, precision, "contiguous"))
+        if layout != "channels_last" or co is None:
+            continue
+        ratio = lambda a, b: f"{statistics.median(a) / statistics.median(b):.2f}" if a and b else "-"  # noqa: E731
+        table.rows.append([model, precision, ratio(co.plain, cl.plain), ratio(co.inner, cl.inner),
+                           ratio(co.outer, cl.outer)])
+    return table
 
 
 def section(results: list[Measured], args: Any) -> harness.Section:
@@ -365,6 +387,9 @@ def section(results: list[Measured], args: Any) -> harness.Section:
     detail = harness.Table("per model: ms per step / iteration (median [min-max] over rounds)", DETAIL_COLUMNS)
     detail.rows += [report_model(sec, m, args.smoke) for m in results]
     sec.tables.append(detail)
+    layouts = layout_table(results)
+    if layouts.rows:
+        sec.tables.append(layouts)
     sec.notes += NOTES
     return sec
 
@@ -377,7 +402,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     precisions = {"off": ["fp32"], "on": ["bf16"], "both": ["fp32", "bf16"]}[args.bf16]
-    results = [measure(model, precision, args) for model in args.models for precision in precisions]
+    results = [measure(model, precision, layout, args) for model in args.models for precision in precisions
+               for layout in args.layouts]
     md, js = section(results, args).write(Path(args.out))
     harness.say(f"wrote {md} and {js}")
 

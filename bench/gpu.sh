@@ -9,12 +9,17 @@
 #
 # Usage: bench/gpu.sh [--out-dir DIR] [--check]      (default DIR: bench/results/gpu)
 #   --check  only verify that a CUDA device is visible (exit 0) or not (exit 2)
-# Environment: PYTHON (default .venv/bin/python).
+# Environment: PYTHON (default .venv/bin/python, else python3: a machine's own PyTorch works, the repo goes on
+# PYTHONPATH). With no package index there: if `import ray` fails and WHEELS (default REPO/.whl, made by
+# bench/offline_wheels.py) holds wheels, they are installed into a temporary --target folder first; without
+# MLflow the tune+mlflow contender is skipped.
 set -uo pipefail
 
 BENCH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$BENCH")"
 PY="${PYTHON:-$REPO/.venv/bin/python}"
+[[ -x "$PY" ]] || PY="$(command -v python3 || true)"
+WHEELS="${WHEELS:-$REPO/.whl}"
 OUT_DIR="$BENCH/results/gpu"
 CHECK=0
 
@@ -27,7 +32,8 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
-[[ -x "$PY" ]] || { echo "gpu.sh: no python at $PY; create the venv (see README) or set PYTHON" >&2; exit 2; }
+[[ -x "$PY" ]] || { echo "gpu.sh: no python found; create the venv (see README) or set PYTHON" >&2; exit 2; }
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 if ! GPU="$("$PY" -c '
 import sys, torch
@@ -43,6 +49,26 @@ echo "gpu.sh: CUDA device: $GPU" >&2
 [[ "$CHECK" = 1 ]] && exit 0
 
 mkdir -p "$OUT_DIR"
+if ! "$PY" -c 'import ray.tune, ray.train' 2>/dev/null; then
+  ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "gpu.sh: ray is not importable by $PY and $WHEELS has no wheels" \
+    "(make them with bench/offline_wheels.py, or pip install the project)" >&2; exit 2; }
+  SITE="$(mktemp -d /tmp/sophon-site.XXXX)"
+  echo "gpu.sh: installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE" >&2
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl \
+    || { echo "gpu.sh: installing the wheels failed" >&2; exit 2; }
+  export PYTHONPATH="$PYTHONPATH:$SITE" PATH="$SITE/bin:$PATH"
+fi
+MLFLOW_FLAG=()
+"$PY" -c 'import mlflow' 2>/dev/null || { MLFLOW_FLAG=(--no-mlflow); echo "gpu.sh: no mlflow: tune+mlflow skipped" >&2; }
+"$PY" - >"$OUT_DIR/machine.txt" 2>&1 <<'PYEOF'
+import os, platform, subprocess, torch, ray
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), ray {ray.__version__}")
+print(f"GPU {torch.cuda.get_device_name(0)}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB; "
+      f"{os.cpu_count()} CPUs")
+print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw,temperature.gpu",
+                      "--format=csv"], capture_output=True, text=True).stdout)
+PYEOF
+cat "$OUT_DIR/machine.txt" >&2
 export RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true MPLBACKEND=Agg PYTHONUNBUFFERED=1
 unset RAY_ADDRESS
 FAILED=()
@@ -61,19 +87,20 @@ part() {  # part NAME LIMIT_S CMD...: run one benchmark under a time limit, log 
   return $rc
 }
 
-# Typical total ~5-6 min; the limits below cap a run where parts fail or hang at ~9.5 min.
-# 1. ~1.5-2 min on an H100/H200-class GPU (fp32 and bf16, 5 inner rounds, 3 protect rounds of N=4 iterations).
-part fts_step 170 "$PY" "$BENCH/fts_step.py" --device cuda --models resnet18 --image-size 32 --batch-size 150 \
+# Typical total ~5-6 min; the limits below cap a run where parts fail or hang at ~8.5 min.
+# 1. ~2-3 min on an H100/H200-class GPU (fp32 and bf16, channels-last and contiguous, 5 inner rounds, 3 protect
+#    rounds of N=4 iterations).
+part fts_step 240 "$PY" "$BENCH/fts_step.py" --device cuda --models resnet18 --image-size 32 --batch-size 150 \
   --inner-steps 50 --ntr-steps 1 --rounds 5 --outer-rounds 3 --outer-iterations 4 --bf16 both --threads 4 \
-  --out "$OUT_DIR/fts_step.md"
+  --layouts channels_last contiguous --out "$OUT_DIR/fts_step.md"
 # 2. ~2 min: 24 trials x 10 epochs, 1 round of the three contenders; 4 trials share the GPU (0.25 each); the
 #    sequential loop on the GPU. If that fails (finetune's head re-init draws from a CPU generator, which CUDA
 #    tensors refuse), rerun once with the sequential loop on CPU, which is where Tune's trials compute anyway
 #    (attack_trial passes no device to finetune).
 if ! part tune_throughput 160 "$PY" "$BENCH/tune_throughput.py" --device cuda --gpus-per-trial 0.25 --num-cpus 4 \
-  --threads 4 --rounds 1 --out "$OUT_DIR/tune_throughput.md"; then
+  --threads 4 --rounds 1 "${MLFLOW_FLAG[@]}" --out "$OUT_DIR/tune_throughput.md"; then
   part tune_throughput_cpu_baseline 140 "$PY" "$BENCH/tune_throughput.py" --device cuda --gpus-per-trial 0.25 \
-    --num-cpus 4 --threads 4 --rounds 1 --sequential-device cpu --out "$OUT_DIR/tune_throughput.md"
+    --num-cpus 4 --threads 4 --rounds 1 "${MLFLOW_FLAG[@]}" --sequential-device cpu --out "$OUT_DIR/tune_throughput.md"
 fi
 # 3. ~1 min: one GPU worker, 40 iterations, 1 round.
 part train_scaling 90 "$PY" "$BENCH/train_scaling.py" --device cuda --rounds 1 --num-cpus 4 \

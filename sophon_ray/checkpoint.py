@@ -101,15 +101,18 @@ def check_fits(card: dict[str, Any], model: ModelSpec, original: DomainSpec, sou
                               "another checkpoint")
 
 
-def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu") -> tuple[Net, dict[str, Any]]:
+def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu",
+                    channels_last: bool = True) -> tuple[Net, dict[str, Any]]:
     """Rebuild the model from the card, load the safetensors weights, and check names and shapes.
+
+    ``channels_last`` is how to run it (see ``ModelSpec.channels_last``); files always hold contiguous tensors.
 
     Raises CheckpointError when the card and the weights disagree or the weights file is corrupt.
     """
     directory = Path(directory)
     card = read_card(directory)
     try:
-        spec = ModelSpec(arch=card["arch"], num_classes=int(card["num_classes"]))
+        spec = ModelSpec(arch=card["arch"], num_classes=int(card["num_classes"]), channels_last=channels_last)
         model = build_model(spec, channels=int(card["channels"]), image_size=int(card["image_size"]))
     except (KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{directory / CARD}: cannot build the model it describes ({err})") from err

@@ -37,19 +37,21 @@ STRESS_CELLS = dict(strategy=("direct-all", "initfc-all"), optimizer=("momentum"
 
 # ----------------------------------------------------------------------------------- worker processes
 _SPLITS: Splits | None = None
+_CHANNELS_LAST = True
 
 
 def _init_worker(spec: SweepSpec) -> None:
-    global _SPLITS
+    global _SPLITS, _CHANNELS_LAST
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     _SPLITS = make_splits(spec)
+    _CHANNELS_LAST = spec.model.channels_last
 
 
 def _protect_job(spec: SweepSpec, variant_index: int, seed: int, normal_dir: str, normal_acc: float,
                  out_dir: str) -> dict[str, Any]:
     variant = replace(spec.protect[variant_index], seed=seed)
-    model, _ = load_checkpoint(normal_dir)
+    model, _ = load_checkpoint(normal_dir, channels_last=_CHANNELS_LAST)
     s = _SPLITS
     result = protect(model, s.original_train, s.original_val, s.restricted_train, s.restricted_val, variant,
                      normal_acc)
@@ -65,7 +67,7 @@ def _protect_job(spec: SweepSpec, variant_index: int, seed: int, normal_dir: str
 
 
 def _attack_job(subject: str, checkpoint: str, config: AttackConfig, scratch_seed: int) -> dict[str, Any]:
-    model, card = load_checkpoint(checkpoint)
+    model, card = load_checkpoint(checkpoint, channels_last=_CHANNELS_LAST)
     if subject == "scratch":
         model = scratch_model(model, scratch_seed)
     s = _SPLITS

@@ -43,10 +43,12 @@ def build_model(spec: ModelSpec, channels: int = 3, image_size: int = 32, weight
     """Build ``spec.arch`` for ``channels`` x ``image_size`` inputs with ``spec.num_classes`` outputs.
 
     ``weights='torchvision'`` loads the architecture's published ImageNet weights into the body (needs a
-    download); raises KeyError for an unknown architecture.
+    download); raises KeyError for an unknown architecture. With ``spec.channels_last`` the model's 4-D
+    weights are NHWC, and convolutions then run channels-last whatever the input's layout.
     """
-    return MODELS.get(spec.arch)(num_classes=spec.num_classes, channels=channels, image_size=image_size,
-                                 weights=weights)
+    model = MODELS.get(spec.arch)(num_classes=spec.num_classes, channels=channels, image_size=image_size,
+                                  weights=weights)
+    return model.to(memory_format=torch.channels_last) if spec.channels_last else model
 
 
 def _conv_block(c_in: int, c_out: int, bn: bool, pool: nn.Module) -> list[nn.Module]:

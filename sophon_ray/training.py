@@ -150,7 +150,7 @@ def initial_model(spec: "SweepSpec") -> tuple["Net", bool]:
 
     weights = spec.pretrain.weights
     if weights and weights != "torchvision":
-        model, card = load_checkpoint(weights)
+        model, card = load_checkpoint(weights, channels_last=spec.model.channels_last)
         check_fits(card, spec.model, spec.original, f"pretrain.weights {weights}")
         return model, False
     torch.manual_seed(spec.seed)

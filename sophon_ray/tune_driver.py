@@ -142,7 +142,7 @@ class EpochReporter:
 
 
 def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], data: AttackData,
-                 threads: int) -> None:
+                 threads: int, channels_last: bool = True) -> None:
     """The Tune function trainable: build the subject, fine-tune it, report its curve and final metrics.
 
     ``models`` and ``data`` arrive as :func:`share` made them (numpy views of the object store)."""
@@ -157,7 +157,8 @@ def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], d
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"  # GPUs Tune gave this trial
     trial = config["trial"]
     state, card = models[model_for(trial)]
-    model = build_model(ModelSpec(card["arch"], card["num_classes"]), card["channels"], card["image_size"])
+    model = build_model(ModelSpec(card["arch"], card["num_classes"], channels_last), card["channels"],
+                        card["image_size"])
     model.load_state_dict(unshare(state))
     if trial["subject"] == "scratch":
         model = scratch_model(model, trial["seed"])
@@ -226,7 +227,7 @@ def run_attacks(spec: SweepSpec, trials: list[dict[str, Any]], models: dict[str,
     r = spec.resources
     trainable = tune.with_resources(
         tune.with_parameters(attack_trial, models=share(models), data=share(attack_data(splits)),
-                             threads=int(max(1, r.cpus_per_trial))),
+                             threads=int(max(1, r.cpus_per_trial)), channels_last=spec.model.channels_last),
         {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial},
     )
     tuner = tune.Tuner(

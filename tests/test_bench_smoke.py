@@ -44,7 +44,7 @@ def test_fts_step_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = check_section(out, "fts_step", ["ms/plain step", "ms/inner step", "inner/plain", "ms/outer iteration",
                                               "outer/(K+ntr) plain"])
-    for label in ("convnet fp32", "resnet18 fp32"):
+    for label in ("convnet fp32 channels_last", "resnet18 fp32 channels_last"):
         row = payload["data"][label]
         assert row["plain_s"] and row["inner_s"] and row["outer_s"]
         assert all(s > 0 for s in row["plain_s"] + row["inner_s"] + row["outer_s"])
