@@ -77,6 +77,8 @@ def parse_args() -> Any:
                         help="torch.autocast(bfloat16) around both contenders; both = one row each")
     parser.add_argument("--layouts", nargs="+", default=["channels_last"], choices=["channels_last", "contiguous"],
                         help="model memory layouts to measure (ModelSpec.channels_last; default its default)")
+    parser.add_argument("--cuda-graphs", default="on", choices=["on", "off", "both"],
+                        help="simulate's CUDA-graph replay of the inner step (CUDA only); both = one row each")
     parser.add_argument("--no-outer", action="store_true", help="skip the whole-iteration (protect) measurement")
     return parser.parse_args()
 
@@ -229,6 +231,7 @@ class Measured:
     model: str
     precision: str
     layout: str
+    graphs: bool
     preset: Preset
     params: int
     plain: list[float]         # seconds per plain step, per round
@@ -275,9 +278,11 @@ def measure_outer(model: Any, pool: list, preset: Preset, args: Any, bf16: bool
     return per_iter, samples["plain"], fixed, errors
 
 
-def measure(model_name: str, precision: str, layout: str, args: Any) -> Measured:
+def measure(model_name: str, precision: str, layout: str, graphs: bool, args: Any) -> Measured:
     """Build the model (seed 0) on the device and run the inner-step and the outer-iteration rounds."""
     import torch  # noqa: PLC0415
+
+    from sophon_ray import simulation  # noqa: PLC0415
 
     from sophon_ray.models import build_model  # noqa: PLC0415
     from sophon_ray.spec import ModelSpec  # noqa: PLC0415
@@ -288,11 +293,13 @@ def measure(model_name: str, precision: str, layout: str, args: Any) -> Measured
     spec = ModelSpec(model_name, CLASSES, channels_last=layout == "channels_last")
     model = build_model(spec, channels=3, image_size=preset.image_size).to(args.device)
     pool = make_pool(preset, args.device, count=4, seed=0)
-    harness.say(f"{model_name} {precision} {layout}: {preset}")
+    simulation.CUDA_GRAPHS = graphs
+    harness.say(f"{model_name} {precision} {layout}{'' if graphs else ' eager'}: {preset}")
     plain, inner = measure_inner(model, pool, preset, args, bf16)
     outer, outer_plain, fixed, errors = ([], [], [], []) if args.no_outer else measure_outer(
         model, pool, preset, args, bf16)
-    return Measured(model_name, precision, layout, preset, sum(p.numel() for p in model.parameters()), plain, inner,
+    return Measured(model_name, precision, layout, graphs, preset, sum(p.numel() for p in model.parameters()),
+                    plain, inner,
                     outer, outer_plain, fixed, errors)
 
 
@@ -342,7 +349,7 @@ def setup_text(args: Any) -> str:
 def report_model(sec: harness.Section, m: Measured, smoke: bool) -> list[Any]:
     """Add one model's headline rows, raw data and error notes to ``sec``; return its detail-table row."""
     p = m.preset
-    label = f"{m.model} {m.precision} {m.layout}"
+    label = f"{m.model} {m.precision} {m.layout}" + ("" if m.graphs else " eager")
     inner_ratio = harness.spread(harness.paired_ratios(m.inner, m.plain))
     outer_ref = [s * (p.inner_steps + p.ntr_steps) for s in m.outer_plain]
     outer_ratio = harness.spread(harness.paired_ratios(m.outer, outer_ref))
@@ -359,7 +366,8 @@ def report_model(sec: harness.Section, m: Measured, smoke: bool) -> list[Any]:
                   f"per-iteration times are complete): {e}" for e in m.errors]
     outer = [harness.spread(m.outer).text(1, 1e3), harness.spread(outer_ref).text(1, 1e3), outer_ratio.text(3),
              harness.spread(m.fixed).text(2)] if m.outer else ["skipped", "-", "-", "-"]
-    return [m.model, m.precision, m.layout, f"3x{p.image_size}x{p.image_size}", p.batch_size, f"{m.params:,}", p.inner_steps,
+    return [m.model, m.precision, m.layout + ("" if m.graphs else " (eager)"), f"3x{p.image_size}x{p.image_size}",
+            p.batch_size, f"{m.params:,}", p.inner_steps,
             p.ntr_steps, f"{p.rounds} ({p.outer_rounds})", p.outer_iterations, harness.spread(m.plain).text(2, 1e3),
             harness.spread(m.inner).text(2, 1e3), inner_ratio.text(3), *outer]
 
@@ -370,7 +378,7 @@ def layout_table(results: list[Measured]) -> harness.Table:
     table = harness.Table("memory layout: contiguous ms / channels_last ms (> 1: channels_last is faster; "
                           "medians of consecutive, not interleaved, measurements)",
                           ["model", "precision", "plain step", "inner step", "outer iteration"])
-    by_key = {(m.model, m.precision, m.layout): m for m in results}
+    by_key = {(m.model, m.precision, m.layout): m for m in results if m.graphs}
     for (model, precision, layout), cl in by_key.items():
         co = by_key.get((model, precision, "contiguous"))
         if layout != "channels_last" or co is None:
@@ -402,8 +410,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     precisions = {"off": ["fp32"], "on": ["bf16"], "both": ["fp32", "bf16"]}[args.bf16]
-    results = [measure(model, precision, layout, args) for model in args.models for precision in precisions
-               for layout in args.layouts]
+    cuda = args.device.startswith("cuda")
+    graphs = {"on": [True], "off": [False], "both": [True, False]}[args.cuda_graphs] if cuda else [True]
+    results = [measure(model, precision, layout, g, args) for model in args.models for precision in precisions
+               for layout in args.layouts for g in graphs]
     md, js = section(results, args).write(Path(args.out))
     harness.say(f"wrote {md} and {js}")
 

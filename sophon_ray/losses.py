@@ -24,7 +24,7 @@ def ice(logits: Tensor, labels: Tensor) -> Tensor:
     Computed stably as -(logsumexp(z without z_y) - logsumexp(z)). Its gradient wrt z_y is p_y, which
     vanishes as p_y -> 0: the loss saturates once the restricted task fails.
     """
-    masked = logits.masked_fill(F.one_hot(labels, logits.shape[-1]).bool(), float("-inf"))
+    masked = logits.scatter(-1, labels.unsqueeze(-1), float("-inf"))  # no one_hot: it syncs on CUDA
     return (torch.logsumexp(logits, dim=-1) - torch.logsumexp(masked, dim=-1)).mean()
 
 

@@ -3,6 +3,7 @@ data fraction, schedule, epochs, seed), logged to MLflow by a driver-side callba
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -66,11 +67,13 @@ def model_for(trial: dict[str, Any]) -> str:
 
 
 def share(obj: Any) -> Any:
-    """``obj`` with every CPU tensor (also inside TensorDatasets, dicts, lists, tuples) as a numpy array."""
+    """``obj`` with every tensor (also inside TensorDatasets, dataclasses, dicts, lists, tuples) as a numpy array."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().numpy() if obj.dtype != torch.bfloat16 else obj
     if isinstance(obj, TensorDataset):
         return _SharedTensors(tuple(share(t) for t in obj.tensors))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: share(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
     if isinstance(obj, dict):
         return {k: share(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -86,6 +89,8 @@ def unshare(obj: Any) -> Any:
             return torch.from_numpy(obj)
     if isinstance(obj, _SharedTensors):
         return TensorDataset(*(unshare(a) for a in obj.arrays))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: unshare(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
     if isinstance(obj, dict):
         return {k: unshare(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -165,8 +170,9 @@ def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], d
     cfg = AttackConfig(**{k: trial[k] for k in ATTACK_FIELDS})
     domain = int(trial.get("domain", "0").split(":")[0])
     reporter = EpochReporter(tune.report, cfg.epochs)
-    result = finetune(model, unshare(data.restricted_full[domain]), unshare(data.restricted_test[domain]), cfg,
-                      original_test=unshare(data.original_test), device=device, on_epoch=reporter)
+    data = unshare(data)
+    result = finetune(model, data.restricted_full[domain], data.restricted_test[domain], cfg,
+                      original_test=data.original_test, device=device, on_epoch=reporter)
     reporter.flush(epoch=cfg.epochs, restricted_acc=result.final, restricted_loss=result.restricted_loss[-1],
                    restricted_acc_final=result.final, restricted_acc_best=result.best,
                    original_acc=result.original_acc, train_size=result.train_size, compute_seconds=result.seconds,

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from sophon_ray.tune_driver import EpochReporter, share, unshare
+from sophon_ray.tune_driver import AttackData, EpochReporter, share, unshare
 
 
 def test_share_turns_every_tensor_into_numpy_and_unshare_restores_equal_tensors():
@@ -20,6 +20,15 @@ def test_share_turns_every_tensor_into_numpy_and_unshare_restores_equal_tensors(
     x, y = back["train"][0].tensors
     assert torch.equal(x, data["train"][0].tensors[0]) and torch.equal(y, data["train"][0].tensors[1])
     assert torch.equal(back["state"]["w"], data["state"]["w"])
+
+
+def test_share_reaches_into_the_trials_data_dataclass():
+    ds = TensorDataset(torch.randn(4, 2), torch.arange(4))
+    shared = share(AttackData([ds], [ds], ds))
+    assert isinstance(shared.original_test.arrays[0], np.ndarray)
+    assert isinstance(shared.restricted_full[0].arrays[1], np.ndarray)
+    back = unshare(shared)
+    assert torch.equal(back.restricted_test[0].tensors[0], ds.tensors[0])
 
 
 def test_unshare_views_read_only_arrays_without_copying():
