@@ -11,6 +11,7 @@ graph and replayed K times (eager PyTorch spends more time launching ResNet-18's
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -38,8 +39,10 @@ WARMUP_STEPS = 3  # eager steps on a side stream before a capture (cuDNN/cuBLAS 
 class InnerOptimizer(Protocol):
     """A functional optimizer: explicit state, updates the parameters in place (under no_grad).
 
-    ``lr`` and ``t`` (the 1-based step count, already incremented) are 0-dim tensors on the parameters'
-    device, so a step never syncs with the host and can be captured in a CUDA graph."""
+    ``lr`` (the parameters' dtype) and ``t`` (float64, the 1-based step count, already incremented) are 0-dim
+    tensors on the parameters' device, so a step never syncs with the host and can be captured in a CUDA
+    graph. A tensor scalar handed to a ``_foreach`` op must have the list's dtype (CUDA's fast path does
+    not convert it)."""
 
     def init(self, params: list[Tensor]) -> dict[str, list[Tensor]]: ...
 
@@ -86,10 +89,10 @@ class Adam:
         torch._foreach_mul_(state["v"], 0.999)
         torch._foreach_addcmul_(state["v"], grads, grads, value=0.001)
         denom = torch._foreach_sqrt(state["v"])
-        torch._foreach_mul_(denom, torch.rsqrt(1 - torch.pow(0.999, t)))
+        torch._foreach_mul_(denom, torch.rsqrt(1 - torch.pow(0.999, t)).to(lr.dtype))
         torch._foreach_add_(denom, 1e-8)
         update = torch._foreach_div(state["m"], denom)
-        torch._foreach_mul_(update, -lr / (1 - torch.pow(0.9, t)))
+        torch._foreach_mul_(update, (-lr / (1 - torch.pow(0.9, t))).to(lr.dtype))
         torch._foreach_add_(params, update)
 
 
@@ -198,7 +201,12 @@ class _Step:
             self.lr.fill_(lr)
 
     def eager(self, x: Tensor, y: Tensor, n_query: int) -> None:
-        """Support step, in-place update, query gradient accumulation; no host sync."""
+        """Support step, in-place update, query gradient accumulation; no host sync. Under autocast, without
+        its weight-cast cache: the cache would keep serving the casts of the weights before the update."""
+        with _uncached_autocast(self.key.autocast):
+            self._step(x, y, n_query)
+
+    def _step(self, x: Tensor, y: Tensor, n_query: int) -> None:
         model = self.adversary.copy
         _requires_grad(self.frozen, False)  # head-only: no graph through the frozen body for the support step
         loss = F.cross_entropy(model(x[n_query:]), y[n_query:])
@@ -229,7 +237,7 @@ class _Step:
         changed (the copy's parameters and buffers, optimizer state, accumulators, step count)."""
         self.static = (x.clone(), y.clone(), n_query)
         saved = self.adversary.snapshot() + [t.clone() for t in self._state_tensors()]
-        with _capture_autocast(self.key.autocast):
+        with _uncached_autocast(self.key.autocast):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -296,8 +304,8 @@ class _Adversary:
             frozen = [p for n, p in zip(self.names, self.params) if not (n in self.head or not key.head_only)]
             self.steps[key] = _Step(
                 key, self, inner, frozen, INNER_OPTIMIZERS.get(key.optimizer).init(inner),
+                lr=torch.zeros((), dtype=self.params[0].dtype, device=self.device),
                 # float64: 1 - 0.999**t in float32 loses 1e-5 of Adam's bias correction to cancellation
-                lr=torch.zeros((), dtype=torch.float64, device=self.device),
                 t=torch.zeros((), dtype=torch.float64, device=self.device),
                 total=[torch.zeros_like(p) for p in self.params], losses=torch.zeros(2, device=self.device))
         return self.steps[key]
@@ -319,10 +327,12 @@ def _autocast_state(device: torch.device) -> tuple:
     return (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) if kind == "cuda" else ()
 
 
-def _capture_autocast(state: tuple) -> torch.autocast:
-    """Autocast as the caller had it, but without its weight-cast cache (which a graph capture cannot keep)."""
-    enabled, dtype = state or (False, torch.bfloat16)
-    return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
+def _uncached_autocast(state: tuple) -> contextlib.AbstractContextManager:
+    """CUDA autocast as the caller had it, without its weight-cast cache (stale after an in-place update, and
+    not allowed in a graph capture); nothing outside CUDA autocast."""
+    if not state or not state[0]:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=state[1], enabled=True, cache_enabled=False)
 
 
 def _reinit_head(model: Net, generator: torch.Generator) -> None:

@@ -52,7 +52,7 @@ def test_graph_replay_matches_the_eager_inner_step(arch, size, optimizer, head_r
     graphed = _run(model, pool, env, graphs=True)
     again = _run(model, pool, env, graphs=True)  # the cached graph, replayed from a reset state
     assert _rel(graphed.grads, eager.grads) < 1e-3
-    assert _rel(again.grads, graphed.grads) < 1e-5
+    assert _rel(again.grads, graphed.grads) < 1e-4  # cuDNN backward kernels are not bitwise deterministic
     assert abs(graphed.fts_loss - eager.fts_loss) < 1e-3 * max(1.0, abs(eager.fts_loss))
     assert all(torch.isfinite(g).all() for g in graphed.grads.values())
 
