@@ -144,16 +144,19 @@ def simulate(model: Net, batches: Iterator[Batch], env: Environment, suppression
     if inner_steps < 1:
         raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
     adversary = _adversary(model)
-    adversary.load(model)
-    if env.head_reinit:
-        _reinit_head(adversary.copy, generator)
     step = adversary.step_for(_Key(env.optimizer, env.head_only, suppression, _autocast_state(adversary.device)))
-    step.reset(env.lr)
-    for _ in range(inner_steps):
+    for k in range(inner_steps):
         x, y = next(batches)
         x, y = x.to(adversary.device, non_blocking=True), y.to(adversary.device, non_blocking=True)
         # >= 2 samples on each side: BatchNorm in train mode cannot normalise a single sample
-        step.run(x, y, min(len(y) - 2, max(2, round(len(y) * query_fraction))))
+        n_query = min(len(y) - 2, max(2, round(len(y) * query_fraction)))
+        if k == 0:
+            step.prepare(x, y, n_query)  # a first capture runs steps: everything they wrote is reset next
+            adversary.load(model)
+            if env.head_reinit:
+                _reinit_head(adversary.copy, generator)
+            step.reset(env.lr)
+        step.run(x, y, n_query)
     grads = dict(zip(adversary.names, torch._foreach_div(step.total, float(inner_steps))))
     if env.head_reinit:
         for n in model.head_param_names():
@@ -221,9 +224,13 @@ class _Step:
             torch._foreach_add_(self.total, q_grads)
             self.losses.add_(torch.stack([q_loss.detach().float(), loss.detach().float()]))
 
-    def run(self, x: Tensor, y: Tensor, n_query: int) -> None:
+    def prepare(self, x: Tensor, y: Tensor, n_query: int) -> None:
+        """On CUDA, capture the step for this batch shape once. The capture's warm-up steps write the copy's
+        parameters and buffers and this step's state: the caller reloads and resets them afterwards."""
         if self.static is None and self.adversary.device.type == "cuda" and CUDA_GRAPHS:
             self._capture(x, y, n_query)
+
+    def run(self, x: Tensor, y: Tensor, n_query: int) -> None:
         static = self.static
         if self.graph is None or static is None or static[0].shape != x.shape or static[2] != n_query:
             self.eager(x, y, n_query)
@@ -233,10 +240,8 @@ class _Step:
         self.graph.replay()
 
     def _capture(self, x: Tensor, y: Tensor, n_query: int) -> None:
-        """Warm up on a side stream, capture one step, then put back every value the warm-up and the capture
-        changed (the copy's parameters and buffers, optimizer state, accumulators, step count)."""
+        """Warm up on a side stream, then capture one step reading ``self.static``'s input buffers."""
         self.static = (x.clone(), y.clone(), n_query)
-        saved = self.adversary.snapshot() + [t.clone() for t in self._state_tensors()]
         with _uncached_autocast(self.key.autocast):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -248,12 +253,6 @@ class _Step:
             with torch.cuda.graph(graph):
                 self.eager(self.static[0], self.static[1], n_query)
         self.graph = graph
-        with torch.no_grad():
-            for mine, value in zip(self.adversary.tensors() + self._state_tensors(), saved):
-                mine.copy_(value)
-
-    def _state_tensors(self) -> list[Tensor]:
-        return [t for ts in self.state.values() for t in ts] + self.total + [self.losses, self.lr, self.t]
 
 
 @dataclass
@@ -291,12 +290,6 @@ class _Adversary:
             torch._foreach_copy_(self.params, [p.detach() for p in model.parameters()])
             for mine, theirs in zip(self.buffers, model.buffers()):
                 mine.copy_(theirs)
-
-    def tensors(self) -> list[Tensor]:
-        return [*self.params, *self.buffers]
-
-    def snapshot(self) -> list[Tensor]:
-        return [t.detach().clone() for t in self.tensors()]
 
     def step_for(self, key: _Key) -> _Step:
         if key not in self.steps:

@@ -44,15 +44,19 @@ def _rel(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
 @pytest.mark.parametrize("head_reinit,head_only", [(False, False), (True, False), (False, True)])
 def test_graph_replay_matches_the_eager_inner_step(arch, size, optimizer, head_reinit, head_only):
+    # cuDNN's backward kernels are not bitwise deterministic, and Adam's first steps (~ lr * sign(g)) amplify
+    # that: measured on an H200, two *eager* 12-step Adam simulations of the convnet differ by 9e-2 (relative),
+    # momentum by 2e-4; after one Adam step by 5e-8. So Adam is compared after one step.
+    steps = 1 if optimizer == "adam" else 12
     torch.manual_seed(0)
     model = build_model(ModelSpec(arch, 10), 3, size).cuda()
     pool = _pool(4, 40, size, 1)
     env = Environment(optimizer, 3e-3, head_reinit, head_only)
-    eager = _run(model, pool, env, graphs=False)
-    graphed = _run(model, pool, env, graphs=True)
-    again = _run(model, pool, env, graphs=True)  # the cached graph, replayed from a reset state
+    eager = _run(model, pool, env, graphs=False, steps=steps)
+    graphed = _run(model, pool, env, graphs=True, steps=steps)  # captures, then replays
+    again = _run(model, pool, env, graphs=True, steps=steps)  # replays the cached graph
     assert _rel(graphed.grads, eager.grads) < 1e-3
-    assert _rel(again.grads, graphed.grads) < 1e-4  # cuDNN backward kernels are not bitwise deterministic
+    assert _rel(again.grads, eager.grads) < 1e-3
     assert abs(graphed.fts_loss - eager.fts_loss) < 1e-3 * max(1.0, abs(eager.fts_loss))
     assert all(torch.isfinite(g).all() for g in graphed.grads.values())
 
