@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks 1-3 on one GPU, unattended, in under 8 minutes:
+#   0. tests/test_gpu.py: simulate's CUDA-graph replay against the eager step, an attack on the GPU;
 #   1. fts_step: ResNet-18 at 32 px, batch 150, K=50 inner steps: FTS inner step and the whole protection
-#      iteration vs a plain training step, fp32 and bf16 autocast;
+#      iteration vs a plain training step, fp32 and bf16 autocast, CUDA graphs on and off; the convnet too;
 #   2. tune_throughput: the 24-trial attack sweep with 0.25 GPU per trial vs the sequential loop on the GPU;
 #   3. train_scaling: protection on Ray Train with 1 GPU worker (its fixed start-up cost and in-loop speed);
 # then collect.py writes DIR/BENCHMARKS.md. Each part has its own time limit; a failing part is reported and
@@ -88,11 +89,15 @@ part() {  # part NAME LIMIT_S CMD...: run one benchmark under a time limit, log 
 }
 
 # Typical total ~5-6 min; the limits below cap a run where parts fail or hang at ~8.5 min.
-# 1. ~2-3 min on an H100/H200-class GPU (fp32 and bf16, channels-last and contiguous, 5 inner rounds, 3 protect
-#    rounds of N=4 iterations).
-part fts_step 240 "$PY" "$BENCH/fts_step.py" --device cuda --models resnet18 --image-size 32 --batch-size 150 \
+# 0. ~20 s: the GPU tests (CUDA graphs vs eager).
+part gpu_tests 120 "$PY" -m pytest -q -m gpu "$REPO/tests/test_gpu.py" -p no:cacheprovider
+# 1. ~2 min on an H100/H200-class GPU (fp32 and bf16, CUDA graphs on and off, 5 inner rounds, 3 protect rounds of
+#    N=4 iterations), then the convnet preset (~25 s).
+part fts_step 200 "$PY" "$BENCH/fts_step.py" --device cuda --models resnet18 --image-size 32 --batch-size 150 \
   --inner-steps 50 --ntr-steps 1 --rounds 5 --outer-rounds 3 --outer-iterations 4 --bf16 both --threads 4 \
-  --layouts channels_last contiguous --out "$OUT_DIR/fts_step.md"
+  --cuda-graphs both --out "$OUT_DIR/fts_step.md"
+part fts_convnet 80 "$PY" "$BENCH/fts_step.py" --device cuda --models convnet --cuda-graphs both --threads 4 \
+  --out "$OUT_DIR/fts_convnet.md"
 # 2. ~2 min: 24 trials x 10 epochs, 1 round of the three contenders; 4 trials share the GPU (0.25 each); the
 #    sequential loop on the GPU. If that fails (finetune's head re-init draws from a CPU generator, which CUDA
 #    tensors refuse), rerun once with the sequential loop on CPU, which is where Tune's trials compute anyway

@@ -102,3 +102,18 @@ def test_pretrain_weights_from_a_checkpoint_skip_pretraining_and_must_fit(tmp_pa
         initial_model(small)
     fresh, needs_training = initial_model(parse_spec({}))
     assert needs_training and isinstance(fresh, torch.nn.Module)
+
+
+def test_channels_last_models_save_contiguous_and_load_in_either_layout(tmp_path):
+    model = build_model(ModelSpec(channels_last=True), 3, 16)
+    conv = model.body[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    save_checkpoint(model, _card(), tmp_path / "c")
+    for layout in (True, False):
+        loaded, _ = load_checkpoint(tmp_path / "c", channels_last=layout)
+        assert loaded.body[0].weight.is_contiguous(memory_format=torch.channels_last) == layout
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    x = torch.randn(4, 3, 16, 16)
+    plain = build_model(ModelSpec(channels_last=False), 3, 16)
+    plain.load_state_dict(model.state_dict())
+    assert torch.allclose(model.eval()(x), plain.eval()(x), atol=1e-5)  # same function, other layout

@@ -93,3 +93,27 @@ def test_official_single_environment_is_expressible():
     spec = EnvironmentSpec(optimizers=("sgd",), lr=(1e-4, 1e-4), head_reinit=0.0, head_only=0.0)
     env = sample_environment(spec, random.Random(1))
     assert env == Environment("sgd", pytest.approx(1e-4), False, False)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_the_persistent_adversary_starts_every_simulation_from_the_model_and_a_fresh_state(optimizer):
+    model = tiny_net(bn=True)
+    env = Environment(optimizer=optimizer, lr=0.05, head_reinit=False, head_only=False)
+    first = simulate(model, iter(_batches(4)), env, ice, 4, 0.3, torch.Generator().manual_seed(0))
+    second = simulate(model, iter(_batches(4)), env, ice, 4, 0.3, torch.Generator().manual_seed(0))
+    assert all(torch.equal(first.grads[n], second.grads[n]) for n in first.grads)
+    with torch.no_grad():  # the model moves on (as protect's outer step does): the adversary follows it
+        for p in model.parameters():
+            p.mul_(0.5)
+    moved = simulate(model, iter(_batches(4)), env, ice, 4, 0.3, torch.Generator().manual_seed(0))
+    expected = hand_outer_gradient(model, _batches(4), optimizer, 0.05, ice, 0.3, head_only=False)
+    assert all(torch.allclose(moved.grads[n], expected[n], atol=1e-6) for n in expected)
+
+
+def test_a_batch_of_another_size_mid_simulation_keeps_the_optimizer_state():
+    model = tiny_net()
+    batches = _batches(3) + [_batches(1, n=7)[0]]
+    env = Environment(optimizer="momentum", lr=0.05, head_reinit=False, head_only=False)
+    sim = simulate(model, iter(batches), env, ice, 4, 0.3, torch.Generator().manual_seed(0))
+    expected = hand_outer_gradient(model, batches, "momentum", 0.05, ice, 0.3, head_only=False)
+    assert all(torch.allclose(sim.grads[n], expected[n], atol=1e-6) for n in expected)
