@@ -29,9 +29,9 @@ MODES = ("classification",)
 class ModelSpec:
     arch: str = "convnet"
     num_classes: int = 10
-    # NHWC ("channels last") weights and activations: same function, other rounding. Measured 1.3-2x faster
-    # for the small convnets on CPU and the usual layout for CUDA with bf16; ResNet-18 training on CPU measured
-    # ~15% slower with it (BENCHMARKS.md). Set false there.
+    # NHWC ("channels last") weights and activations: same function, other rounding. Measured faster for the
+    # convnet (1.4x) and ResNet-18 (1.14x) training steps on CPU and for ResNet-18 on an H200 (1.3-1.5x);
+    # BENCHMARKS.md. false keeps PyTorch's default (contiguous) layout.
     channels_last: bool = True
 
 
