@@ -37,7 +37,7 @@ WARMUP_STEPS = 3  # eager steps on a side stream before a capture (cuDNN/cuBLAS 
 
 
 class InnerOptimizer(Protocol):
-    """A functional optimizer: explicit state, updates the parameters in place (under no_grad).
+    """An inner optimizer: explicit state, updates the parameters in place (under no_grad).
 
     ``lr`` (the parameters' dtype) and ``t`` (float64, the 1-based step count, already incremented) are 0-dim
     tensors on the parameters' device, so a step never syncs with the host and can be captured in a CUDA
