@@ -18,7 +18,7 @@ import harness
 
 ORDER = ["fts_step", "tune_throughput", "train_scaling", "quickstart"]
 COMMANDS = {
-    "fts_step": ".venv/bin/python bench/fts_step.py",
+    "fts_step": ".venv/bin/python bench/fts_step.py --layouts channels_last contiguous",
     "tune_throughput": ".venv/bin/python bench/tune_throughput.py",
     "train_scaling": ".venv/bin/python bench/train_scaling.py",
     "quickstart": "bench/quickstart.sh",
