@@ -9,15 +9,18 @@ the median with the spread (min-max) over rounds. Absolute times are context onl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -267,3 +270,30 @@ def start_ray(args: Any, tmp: Path) -> float:
     ray.init(num_cpus=args.num_cpus, num_gpus=1 if args.device.startswith("cuda") else 0, include_dashboard=False,
              _node_ip_address="127.0.0.1", logging_level=logging.WARNING, _temp_dir=str(tmp))
     return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def ray_session(args: Any, prefix: str) -> Iterator[tuple[Path, float]]:
+    """A scratch directory and a private local Ray instance (``start_ray``) for one benchmark script:
+    yields (directory, ray.init seconds); shuts Ray down and removes the directory on the way out."""
+    import ray  # noqa: PLC0415
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield tmp, start_ray(args, tmp / "ray")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pretrained_normal(spec: Any, splits: Any, directory: Path) -> Path:
+    """Pretrain the spec's normal model in this process and store it as the pipeline does (card with the
+    original validation accuracy) in ``directory``."""
+    from sophon_ray.checkpoint import make_card, save_checkpoint  # noqa: PLC0415
+    from sophon_ray.training import evaluate, initial_model, pretrain  # noqa: PLC0415
+
+    model, _ = initial_model(spec)
+    pretrain(model, splits.original_train, splits.original_val, spec.pretrain, spec.seed)
+    metrics = {"original_val_acc": evaluate(model, splits.original_val).accuracy}
+    save_checkpoint(model, make_card(spec.model, spec.original, spec.restricted, "bench", "normal", metrics), directory)
+    return directory

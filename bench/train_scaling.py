@@ -19,7 +19,6 @@ Usage (full, ~4 min on 2 quiet cores): ``.venv/bin/python bench/train_scaling.py
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -88,20 +87,6 @@ def sweep_spec(args: Any) -> Any:
         "pretrain": {"epochs": 1}, "protect": [protect], "attack": {"subjects": ["protected"]},
         "resources": {"use_gpu": args.device.startswith("cuda")},
     }, "bench")
-
-
-def pretrained(spec: Any, directory: Path) -> Path:
-    """Pretrain the normal model in this process and store it as the pipeline would (card with val acc)."""
-    from sophon_ray.checkpoint import make_card, save_checkpoint  # noqa: PLC0415
-    from sophon_ray.data import make_splits  # noqa: PLC0415
-    from sophon_ray.training import evaluate, initial_model, pretrain  # noqa: PLC0415
-
-    splits = make_splits(spec)
-    model, _ = initial_model(spec)
-    pretrain(model, splits.original_train, splits.original_val, spec.pretrain, spec.seed)
-    metrics = {"original_val_acc": evaluate(model, splits.original_val).accuracy}
-    save_checkpoint(model, make_card(spec.model, spec.original, spec.restricted, "bench", "normal", metrics), directory)
-    return directory
 
 
 @dataclass
@@ -212,16 +197,15 @@ def main() -> None:
     args = parse_args()
     harness.check_device(args.device)
     harness.quiet_environment()
-    import ray  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
+    from sophon_ray.data import make_splits  # noqa: PLC0415
+
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="sb-train-", dir="/tmp"))
-    try:
+    with harness.ray_session(args, "sb-train-") as (tmp, ray_init_s):
         spec = sweep_spec(args)
         harness.say("pretraining the normal model in the driver")
-        normal_dir = pretrained(spec, tmp / "normal")
-        ray_init_s = harness.start_ray(args, tmp / "ray")
+        normal_dir = harness.pretrained_normal(spec, make_splits(spec), tmp / "normal")
         contenders = {layout: (lambda layout=layout: run_layout(spec, layout, normal_dir, tmp))
                       for layout in layouts(args)}
         runs = harness.interleave(contenders, rounds=args.rounds or (1 if args.smoke else 2), warmup=0,
@@ -230,9 +214,6 @@ def main() -> None:
                                       for k, v in row.items())))
         md, js = section(args, spec, runs, ray_init_s).write(Path(args.out))
         harness.say(f"wrote {md} and {js}")
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ Usage (full, ~4 min on 2 quiet cores): ``.venv/bin/python bench/tune_throughput.
 from __future__ import annotations
 
 import pickle
-import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -78,15 +76,9 @@ def sweep_spec(args: Any) -> Any:
 def normal_model(spec: Any, splits: Any, tmp: Path) -> dict[str, tuple[dict, dict]]:
     """Pretrain a convnet for one epoch, store it with sophon_ray.checkpoint and load it back, as the
     pipeline does; return the ``models`` mapping run_attacks takes."""
-    from sophon_ray.checkpoint import load_checkpoint, make_card, save_checkpoint  # noqa: PLC0415
-    from sophon_ray.training import evaluate, initial_model, pretrain  # noqa: PLC0415
+    from sophon_ray.checkpoint import load_checkpoint  # noqa: PLC0415
 
-    model, _ = initial_model(spec)
-    pretrain(model, splits.original_train, splits.original_val, spec.pretrain, spec.seed)
-    metrics = {"original_val_acc": evaluate(model, splits.original_val).accuracy}
-    card = make_card(spec.model, spec.original, spec.restricted, "bench", "normal", metrics)
-    save_checkpoint(model, card, tmp / "normal")
-    loaded, card = load_checkpoint(tmp / "normal")
+    loaded, card = load_checkpoint(harness.pretrained_normal(spec, splits, tmp / "normal"))
     return {"normal": (loaded.state_dict(), card)}
 
 
@@ -246,8 +238,9 @@ def data_access(splits: Any, make_splits_s: float) -> dict[str, float]:
         return sorted(ray.get(fetch_seconds.remote([ref])) for _ in range(3))[1]
 
     data = attack_data(splits)
-    return {"make_splits_s": make_splits_s, "fetch_s": median_fetch(share(data)),
-            "fetch_torch_s": median_fetch(data), "pickled_mib": len(pickle.dumps(share(data), protocol=5)) / MIB}
+    shared = share(data)
+    return {"make_splits_s": make_splits_s, "fetch_s": median_fetch(shared),
+            "fetch_torch_s": median_fetch(data), "pickled_mib": len(pickle.dumps(shared, protocol=5)) / MIB}
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -420,15 +413,13 @@ def main() -> None:
     args = parse_args()
     harness.check_device(args.device)
     harness.quiet_environment()
-    import ray  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
     from sophon_ray.data import make_splits  # noqa: PLC0415
     from sophon_ray.tune_driver import plan_trials  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="sb-tune-", dir="/tmp"))
-    try:
+    with harness.ray_session(args, "sb-tune-") as (tmp, ray_init_s):
         spec = sweep_spec(args)
         start = time.perf_counter()
         splits = make_splits(spec)
@@ -436,7 +427,7 @@ def main() -> None:
         trials = plan_trials(spec, [])
         harness.say(f"{len(trials)} trials; pretraining the normal model")
         models = normal_model(spec, splits, tmp)
-        context = {"ray_init_s": harness.start_ray(args, tmp / "ray")}
+        context = {"ray_init_s": ray_init_s}
         context |= data_access(splits, make_splits_s)
         contenders = make_contenders(args, spec, trials, models, splits, tmp, context)
         runs = harness.interleave(contenders, rounds=args.rounds or (1 if args.smoke else 3), warmup=0,
@@ -445,9 +436,6 @@ def main() -> None:
         context["driver_maxrss_mib"] = memory.driver_peak_rss() / MIB
         md, js = section(args, runs, len(trials), context).write(Path(args.out))
         harness.say(f"wrote {md} and {js}")
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

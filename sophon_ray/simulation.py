@@ -154,7 +154,7 @@ def simulate(model: Net, batches: Iterator[Batch], env: Environment, suppression
             step.prepare(x, y, n_query)  # a first capture runs steps: everything they wrote is reset next
             adversary.load(model)
             if env.head_reinit:
-                _reinit_head(adversary.copy, generator)
+                _reinit_head(adversary.net, generator)
             step.reset(env.lr)
         step.run(x, y, n_query)
     grads = dict(zip(adversary.names, torch._foreach_div(step.total, float(inner_steps))))
@@ -210,7 +210,7 @@ class _Step:
             self._step(x, y, n_query)
 
     def _step(self, x: Tensor, y: Tensor, n_query: int) -> None:
-        model = self.adversary.copy
+        model = self.adversary.net
         _requires_grad(self.frozen, False)  # head-only: no graph through the frozen body for the support step
         loss = F.cross_entropy(model(x[n_query:]), y[n_query:])
         grads = torch.autograd.grad(loss, self.inner)
@@ -242,16 +242,15 @@ class _Step:
     def _capture(self, x: Tensor, y: Tensor, n_query: int) -> None:
         """Warm up on a side stream, then capture one step reading ``self.static``'s input buffers."""
         self.static = (x.clone(), y.clone(), n_query)
-        with _uncached_autocast(self.key.autocast):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    self.eager(x, y, n_query)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.eager(self.static[0], self.static[1], n_query)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self.eager(x, y, n_query)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.eager(self.static[0], self.static[1], n_query)  # eager() disables the autocast cache
         self.graph = graph
 
 
@@ -259,7 +258,7 @@ class _Step:
 class _Adversary:
     """The persistent adversary copy of one model, and its inner steps by key."""
 
-    copy: Net
+    net: Net
     names: list[str]
     params: list[Tensor]
     buffers: list[Tensor]
