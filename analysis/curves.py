@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,9 +19,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from analysis.heatmaps import DPI, describe, save
-from analysis.runs import (OPTIMIZER_ORDER, STRATEGY_ORDER, RunsNotFoundError, in_order, load_curves, load_runs,
-                           parse_source_args, source_parser)
+from analysis.heatmaps import DPI, describe, section_prefix, save
+from analysis.runs import (OPTIMIZER_ORDER, SECONDARY, STRATEGY_ORDER, WHERE, base_slice, in_order, load_curves,
+                           load_runs, parse_source_args, source_parser)
+from sophon_ray.errors import cli_exit
 
 log = logging.getLogger(__name__)
 
@@ -106,24 +106,27 @@ def figure(lines: pd.DataFrame, title: str, subtitle: str) -> Figure:
 
 def make_curves(runs_df: pd.DataFrame, curves: Mapping[str, Sequence[float]], out_dir: str | Path,
                 title_prefix: str) -> list[Path]:
-    """Write ``curves-<strategy>.png`` per strategy; returns the paths.
+    """Write ``[<grid>-<domain>-]curves-<strategy>.png`` per (grid, domain) section and strategy, at the grid's
+    base recipe (the curves of one length); returns the paths.
 
     ``runs_df`` is ``load_runs`` output, ``curves`` maps run_id -> restricted accuracy per epoch
     (``load_curves``). Raises ValueError when ``runs_df`` has no protected or normal runs.
     """
-    attacked = runs_df[runs_df["subject"] != "scratch"]
-    if attacked.empty:
+    if runs_df[runs_df["subject"] != "scratch"].empty:
         raise ValueError("no protected or normal attack runs to plot curves for")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    parts = list(runs_df.groupby(list(WHERE), sort=True))
     paths = []
-    for strategy in in_order(attacked["strategy"], STRATEGY_ORDER):
-        lines = line_table(runs_df, curves, strategy)
-        subtitle = describe(attacked[attacked["strategy"] == strategy],
-                            ["batch_size", "data_fraction", "schedule", "epochs"])
-        fig = figure(lines, f"{title_prefix} — {strategy}: restricted-domain accuracy during fine-tuning, %",
-                     subtitle)
-        paths.append(save(fig, out / f"curves-{strategy}.png"))
+    for (grid, domain), section in parts:
+        section = base_slice(section)
+        attacked = section[section["subject"] != "scratch"]
+        title = f"{title_prefix} [{grid}, {domain}]" if len(parts) > 1 else title_prefix
+        for strategy in in_order(attacked["strategy"], STRATEGY_ORDER):
+            lines = line_table(section, curves, strategy)
+            subtitle = describe(attacked[attacked["strategy"] == strategy], list(SECONDARY))
+            fig = figure(lines, f"{title} — {strategy}: restricted-domain accuracy during fine-tuning, %", subtitle)
+            paths.append(save(fig, out / f"{section_prefix(grid, domain, len(parts) > 1)}curves-{strategy}.png"))
     return paths
 
 
@@ -131,15 +134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write the fine-tuning curves of one sweep into --out; returns the exit status."""
     args = parse_source_args(source_parser(__doc__.splitlines()[0]), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def command() -> int:
         runs = load_runs(args.tracking_uri, args.experiment, args.sweep_id)
-    except RunsNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    curves = load_curves(args.tracking_uri, runs["run_id"])
-    for path in make_curves(runs, curves, args.out, args.experiment):
-        print(path)
-    return 0
+        curves = load_curves(args.tracking_uri, runs["run_id"])
+        for path in make_curves(runs, curves, args.out, args.experiment):
+            print(path)
+        return 0
+
+    return cli_exit(command)
 
 
 if __name__ == "__main__":

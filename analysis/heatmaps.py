@@ -1,4 +1,5 @@
-"""Robustness heatmaps: final restricted accuracy over optimizer x lr (per strategy) and batch size x lr.
+"""Robustness heatmaps: final restricted accuracy over optimizer x lr (per strategy, at the grid's base recipe)
+and <setting> x lr for every setting the grid varies around it (batch size, data fraction, epochs, ...).
 
 Each figure puts, side by side, every protected variant, normal and scratch on one fixed 0-100 scale
 (dark = the attacker got little, bright = the attacker won), then protected - scratch on a diverging
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +24,9 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-from analysis.runs import (CELL_KEYS, OPTIMIZER_ORDER, STRATEGY_ORDER, RunsNotFoundError, cells, in_order,
-                           load_runs, parse_source_args, source_parser, varying)
+from analysis.runs import (CELL_KEYS, OPTIMIZER_ORDER, SECONDARY, STRATEGY_ORDER, WHERE, axis_slice, base_slice,
+                           cells, in_order, load_runs, parse_source_args, sections, source_parser, varying)
+from sophon_ray.errors import cli_exit
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def grid(frame: pd.DataFrame, value: str, rows: str, row_order: Sequence = ()) -
 def panels(cell_table: pd.DataFrame, rows: str, row_order: Sequence = ()) -> list[Panel]:
     """Accuracy panels (each protected variant, normal, scratch), then one protected - scratch per variant."""
     variants = in_order(cell_table["variant"])
-    shared = cell_table.drop_duplicates(subset=list(CELL_KEYS))  # normal/scratch repeat once per variant
+    shared = cell_table.drop_duplicates(subset=[*WHERE, *CELL_KEYS])  # normal/scratch repeat once per variant
     by_variant = {v: cell_table[cell_table["variant"] == v] for v in variants}
     accuracy = [Panel(f"protected ({v})", grid(by_variant[v], "protected", rows, row_order)) for v in variants]
     accuracy += [Panel(subject, grid(shared, subject, rows, row_order)) for subject in ("normal", "scratch")]
@@ -140,10 +141,12 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def make_heatmaps(cells_df: pd.DataFrame, out_dir: str | Path, title_prefix: str) -> list[Path]:
-    """Write ``heatmap-<strategy>.png`` (optimizer x lr) per strategy and ``heatmap-batch_size.png``.
+def make_heatmaps(cells_df: pd.DataFrame, out_dir: str | Path, title_prefix: str, prefix: str = "") -> list[Path]:
+    """Write ``<prefix>heatmap-<strategy>.png`` (optimizer x lr at the base recipe) per strategy and
+    ``<prefix>heatmap-<setting>.png`` (setting x lr) per secondary setting the grid varies.
 
-    ``cells_df`` is ``analysis.runs.cells`` output; returns the PNG paths. Raises ValueError when empty.
+    ``cells_df`` is one (grid, domain) section of ``analysis.runs.cells``; returns the PNG paths. Raises
+    ValueError when empty.
     """
     if cells_df.empty:
         raise ValueError("no cells to plot: the cells table is empty (did the sweep attack a protected model?)")
@@ -151,30 +154,49 @@ def make_heatmaps(cells_df: pd.DataFrame, out_dir: str | Path, title_prefix: str
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     what = "restricted-domain accuracy after fine-tuning, %"
-    for strategy in in_order(cells_df["strategy"], STRATEGY_ORDER):
-        frame = cells_df[cells_df["strategy"] == strategy]
-        subtitle = describe(frame, ["batch_size", "data_fraction", "schedule", "epochs"])
+    base = base_slice(cells_df)
+    for strategy in in_order(base["strategy"], STRATEGY_ORDER):
+        frame = base[base["strategy"] == strategy]
+        subtitle = describe(frame, list(SECONDARY))
         fig = figure(panels(frame, "optimizer", OPTIMIZER_ORDER), f"{title_prefix} — {strategy}: {what}",
                      subtitle, "optimizer")
-        paths.append(save(fig, out / f"heatmap-{strategy}.png"))
-    subtitle = describe(cells_df, ["strategy", "optimizer", "data_fraction", "schedule", "epochs"])
-    fig = figure(panels(cells_df, "batch_size"), f"{title_prefix} — by batch size: {what}", subtitle, "batch size")
-    paths.append(save(fig, out / "heatmap-batch_size.png"))
+        paths.append(save(fig, out / f"{prefix}heatmap-{strategy}.png"))
+    for axis in SECONDARY:
+        frame = axis_slice(cells_df, axis)
+        if frame.empty or frame[axis].nunique() < 2:
+            continue
+        label = axis.replace("_", " ")
+        subtitle = describe(frame, ["strategy", "optimizer", *(k for k in SECONDARY if k != axis)])
+        fig = figure(panels(frame, axis), f"{title_prefix} — by {label}: {what}", subtitle, label)
+        paths.append(save(fig, out / f"{prefix}heatmap-{axis}.png"))
     return paths
+
+
+def section_prefix(grid: str, domain: str, several: bool) -> str:
+    """File-name prefix of a (grid, domain) section: none when the sweep has only one section."""
+    return f"{grid}-{domain}-" if several else ""
+
+
+def make_all_heatmaps(cell_table: pd.DataFrame, out_dir: str | Path, title: str) -> list[Path]:
+    """Heatmaps of every (grid, domain) section of the cells table."""
+    parts = sections(cell_table)
+    return [path for grid, domain, frame in parts
+            for path in make_heatmaps(frame, out_dir, f"{title} [{grid}, {domain}]" if len(parts) > 1 else title,
+                                      section_prefix(grid, domain, len(parts) > 1))]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write the heatmaps of one sweep into --out; returns the exit status."""
     args = parse_source_args(source_parser(__doc__.splitlines()[0]), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def command() -> int:
         cell_table = cells(load_runs(args.tracking_uri, args.experiment, args.sweep_id))
-    except (RunsNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    for path in make_heatmaps(cell_table, args.out, args.experiment):
-        print(path)
-    return 0
+        for path in make_all_heatmaps(cell_table, args.out, args.experiment):
+            print(path)
+        return 0
+
+    return cli_exit(command)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The whole report of a sweep: heatmaps, curves and summary.md, written to a folder and logged as
-artifacts (under ``report/``) of the sweep's parent run.
+artifacts (under ``report/``) of the sweep's parent run; optionally the results document (RESULTS.md).
 
     python -m analysis.report --tracking-uri sqlite:///mlflow.db --experiment quickstart --out report/
 """
@@ -7,31 +7,33 @@ artifacts (under ``report/``) of the sweep's parent run.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 from analysis.curves import make_curves
-from analysis.heatmaps import make_heatmaps
-from analysis.runs import (RunsNotFoundError, cells, find_sweep, load_curves, load_num_classes, load_pretrain_run,
-                           load_protect_runs, load_runs, parse_source_args, source_parser)
+from analysis.heatmaps import make_all_heatmaps
+from analysis.results import kept_part, results_document
+from analysis.runs import (cells, find_sweep, load_curves, load_num_classes, load_pretrain_run, load_protect_runs,
+                           load_runs, load_spec_dict, parse_source_args, source_parser)
 from analysis.summary import make_summary, write_summary
+from sophon_ray import names
+from sophon_ray.errors import cli_exit
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_PATH = "report"
-
 
 def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id: str | None = None,
-               log_to_parent: bool = True, num_classes: int | None = None) -> dict:
-    """Write heatmaps, curves and summary.md for one sweep (default: the newest) into ``out_dir``.
+               log_to_parent: bool = True, num_classes: int | None = None, results: Path | None = None,
+               command: str | None = None) -> dict:
+    """Write heatmaps, curves and summary.md for one sweep (default: the newest) into ``out_dir``, and with
+    ``results`` the results document there (its hand-written part kept; ``command`` is quoted in it).
 
     With ``log_to_parent`` the files are also logged to the sweep's parent run under ``report/``.
     ``num_classes=None`` reads model.num_classes from the sweep's logged spec (``load_num_classes``;
-    below-chance counts are left out when it is not there). Returns {"sweep_id", "parent_run_id", "heatmaps", "curves",
-    "summary", "artifacts"} (paths; artifacts = the artifact paths logged, [] when not logged).
+    accuracies are not floored at chance when it is not there). Returns {"sweep_id", "parent_run_id",
+    "heatmaps", "curves", "summary", "results", "artifacts"} (paths; artifacts = the artifact paths logged).
     Raises RunsNotFoundError when the experiment, sweep or its runs are missing.
     """
     # Resolve the sweep once, so every table below reads the same sweep even if a new one starts meanwhile.
@@ -40,41 +42,54 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     cell_table = cells(runs)
     curves = load_curves(tracking_uri, runs["run_id"])
     title = f"{experiment} (sweep {sweep.sweep_id})"
-    heatmaps = make_heatmaps(cell_table, out_dir, title)
+    heatmaps = make_all_heatmaps(cell_table, out_dir, title)
     curve_paths = make_curves(runs, curves, out_dir, title)
-    text = make_summary(cell_table, curves, load_protect_runs(tracking_uri, experiment, sweep.sweep_id),
-                        load_pretrain_run(tracking_uri, experiment, sweep.sweep_id),
-                        num_classes or load_num_classes(sweep), title)
+    protect = load_protect_runs(tracking_uri, experiment, sweep.sweep_id)
+    pretrain = load_pretrain_run(tracking_uri, experiment, sweep.sweep_id)
+    text = make_summary(cell_table, curves, protect, pretrain, num_classes or load_num_classes(sweep), title)
     summary = write_summary(text, out_dir)
+    if results is not None:
+        spec = load_spec_dict(sweep) or {}
+        if num_classes:
+            spec = {**spec, "model": {**spec.get("model", {}), "num_classes": num_classes}}
+        parent = MlflowClient(tracking_uri=tracking_uri).get_run(sweep.parent_run_id).data.metrics
+        seconds = sum(v for k, v in parent.items() if k.startswith("seconds_")) or None
+        document = results_document(sweep, runs, curves, protect, pretrain.original_test_acc, spec,
+                                    command or f"sophon-ray report SPEC --results {results}", seconds,
+                                    kept_part(results))
+        results.write_text(document, encoding="utf-8")
+        log.info("wrote %s", results)
     artifacts = []
     if log_to_parent:
         client = MlflowClient(tracking_uri=tracking_uri)
-        for path in [*heatmaps, *curve_paths, summary]:
-            client.log_artifact(sweep.parent_run_id, str(path), artifact_path=ARTIFACT_PATH)
-            artifacts.append(f"{ARTIFACT_PATH}/{path.name}")
+        for path in [*heatmaps, *curve_paths, summary, *([results] if results else [])]:
+            client.log_artifact(sweep.parent_run_id, str(path), artifact_path=names.REPORT_ARTIFACTS)
+            artifacts.append(f"{names.REPORT_ARTIFACTS}/{Path(path).name}")
         log.info("logged %d report files to parent run %s", len(artifacts), sweep.parent_run_id)
     return {"sweep_id": sweep.sweep_id, "parent_run_id": sweep.parent_run_id, "heatmaps": heatmaps,
-            "curves": curve_paths, "summary": summary, "artifacts": artifacts}
+            "curves": curve_paths, "summary": summary, "results": results, "artifacts": artifacts}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write the report into --out and log it to the parent run; returns the exit status."""
     parser = source_parser(__doc__.splitlines()[0])
     parser.add_argument("--num-classes", type=int, default=None,
-                        help="class count for below-chance counts (default: model.num_classes of the "
-                             "sweep's logged spec)")
+                        help="class count for the chance floor (default: model.num_classes of the sweep's logged "
+                             "spec)")
     parser.add_argument("--no-log", action="store_true", help="only write files; do not log them to MLflow")
+    parser.add_argument("--results", default=None, help="also write the results document to this file")
     args = parse_source_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def command() -> int:
         result = run_report(args.tracking_uri, args.experiment, args.out, args.sweep_id,
-                            log_to_parent=not args.no_log, num_classes=args.num_classes)
-    except (RunsNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    for path in [*result["heatmaps"], *result["curves"], result["summary"]]:
-        print(path)
-    return 0
+                            log_to_parent=not args.no_log, num_classes=args.num_classes,
+                            results=Path(args.results) if args.results else None)
+        for path in [*result["heatmaps"], *result["curves"], result["summary"]]:
+            print(path)
+        return 0
+
+    return cli_exit(command)
 
 
 if __name__ == "__main__":

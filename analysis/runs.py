@@ -1,8 +1,9 @@
 """Read one sweep's MLflow runs into typed pandas tables: attack trials, cells, curves, protect, pretrain.
 
-The layout read here is the one the orchestrator writes: a parent run per sweep (tags
-``sophon.role=sweep``, ``sophon.sweep_id``) and child runs tagged ``sophon.role`` in {pretrain, protect,
-attack}. MLflow params are strings; every table returned here has them converted to int/float.
+The layout read here is the one the orchestrator writes (its names come from ``sophon_ray.names``, the
+one place both sides take them from): a parent run per sweep (tags ``sophon.role=sweep``,
+``sophon.sweep_id``) and child runs tagged ``sophon.role`` in {pretrain, protect, attack}. MLflow params are
+strings; every table returned here has them converted to int/float.
 """
 
 from __future__ import annotations
@@ -22,17 +23,20 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 
+from sophon_ray import names
+from sophon_ray.errors import SophonError
+
 log = logging.getLogger(__name__)
 
-CELL_KEYS = ("strategy", "optimizer", "lr", "batch_size", "data_fraction", "schedule", "epochs")
+# A cell is one recipe (everything but the seed) on one grid and restricted domain.
+CELL_KEYS = tuple(key for key in names.RECIPE if key != "seed")
+WHERE = (names.GRID, names.DOMAIN)
 # Scratch trains from random init, so the orchestrator runs it once per cell-without-strategy.
 SCRATCH_KEYS = tuple(key for key in CELL_KEYS if key != "strategy")
 SUBJECTS = ("protected", "normal", "scratch")
 # Display order of the registries' names (sophon_ray's registries import torch, so they are not used here).
 STRATEGY_ORDER = ("direct-all", "direct-fc", "initfc-all", "initfc-fc", "rtal")
 OPTIMIZER_ORDER = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
-NO_PROTECT_SEED = -1
-SPEC_ARTIFACT = "spec.yaml"  # the resolved spec, logged at the root of the parent run
 
 
 def _int(text: str) -> int:
@@ -42,16 +46,19 @@ def _int(text: str) -> int:
     return int(value)
 
 
-ATTACK_PARAMS: dict[str, Callable[[str], object]] = {
-    "subject": str, "variant": str, "strategy": str, "optimizer": str, "lr": float, "batch_size": _int,
-    "data_fraction": float, "schedule": str, "epochs": _int, "seed": _int, "weight_decay": float,
-}
-ATTACK_METRICS = {"final": "restricted_acc_final", "best": "restricted_acc_best", "original_acc": "original_acc"}
-PROTECT_METRICS = ("original_val_acc", "original_test_acc", "intactness_drop", "probe_acc",
-                   "selected_iteration", "rollbacks")
+_CASTS: dict[str, Callable[[str], object]] = {
+    "lr": float, "data_fraction": float, "weight_decay": float, "batch_size": _int, "epochs": _int, "seed": _int,
+    names.PROTECT_SEED: _int}
+ATTACK_PARAMS: dict[str, Callable[[str], object]] = {name: _CASTS.get(name, str) for name in names.ATTACK_PARAMS}
+ATTACK_METRICS = {"final": names.FINAL, "best": names.BEST, "original_acc": names.ORIGINAL_ACC}
+PROTECT_METRICS = names.PROTECT_METRICS
 
 
-class RunsNotFoundError(LookupError):
+class RunsLayoutError(SophonError, ValueError):
+    """Runs that are there but not in the layout analysis/ reads (a missing or malformed param, no protected run)."""
+
+
+class RunsNotFoundError(SophonError, LookupError):
     """The tracking store has no experiment, sweep or runs where the analysis looked."""
 
 
@@ -100,8 +107,8 @@ def _search(client: MlflowClient, experiment_id: str, filter_string: str,
 
 
 def _role_filter(role: str, sweep_id: str | None = None) -> str:
-    text = f"tags.`sophon.role` = '{role}'"
-    return text if sweep_id is None else f"{text} and tags.`sophon.sweep_id` = '{sweep_id}'"
+    text = f"tags.`{names.ROLE}` = '{role}'"
+    return text if sweep_id is None else f"{text} and tags.`{names.SWEEP}` = '{sweep_id}'"
 
 
 def find_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None) -> Sweep:
@@ -112,15 +119,15 @@ def find_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None) 
     client = _client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        names = sorted(e.name for e in client.search_experiments(max_results=50))
+        known_names = sorted(e.name for e in client.search_experiments(max_results=50))
         raise RunsNotFoundError(
             f"no MLflow experiment named {experiment!r} at {tracking_uri} (experiments there: "
-            f"{', '.join(names) or 'none'}). Fix: pass --experiment with the sweep spec's `name:`, or point "
+            f"{', '.join(known_names) or 'none'}). Fix: pass --experiment with the sweep spec's `name:`, or point "
             f"--tracking-uri (or MLFLOW_TRACKING_URI) at the store the sweep logged to.")
     parents = _search(client, found.experiment_id, _role_filter("sweep", sweep_id),
                       order_by=["attributes.start_time DESC"], max_results=1)
     if not parents:
-        known = [r.data.tags.get("sophon.sweep_id", "?")
+        known = [r.data.tags.get(names.SWEEP, "?")
                  for r in _search(client, found.experiment_id, _role_filter("sweep"), max_results=20)]
         wanted = "any sweep" if sweep_id is None else f"sweep {sweep_id!r}"
         raise RunsNotFoundError(
@@ -129,7 +136,7 @@ def find_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None) 
             f"those to --sweep-id, or run the sweep first (`sophon-ray run SPEC`).")
     parent = parents[0]
     return Sweep(tracking_uri, experiment, found.experiment_id,
-                 parent.data.tags.get("sophon.sweep_id", sweep_id or ""), parent.info.run_id)
+                 parent.data.tags.get(names.SWEEP, sweep_id or ""), parent.info.run_id)
 
 
 def _stage_runs(sweep: Sweep, role: str) -> list[Run]:
@@ -137,11 +144,11 @@ def _stage_runs(sweep: Sweep, role: str) -> list[Run]:
 
 
 def _typed_params(run: Run, casts: dict[str, Callable[[str], object]]) -> dict[str, object]:
-    """The run's params converted with ``casts``; raises ValueError naming the run and the bad param."""
+    """The run's params converted with ``casts``; raises RunsLayoutError naming the run and the bad param."""
     params = run.data.params
     missing = [name for name in casts if name not in params]
     if missing:
-        raise ValueError(f"run {run.info.run_id} ({run.data.tags.get('sophon.role')}) lacks params {missing}; "
+        raise RunsLayoutError(f"run {run.info.run_id} ({run.data.tags.get(names.ROLE)}) lacks params {missing}; "
                          f"it was not logged in the sweep layout analysis/ reads. Fix: re-log it with the "
                          f"current orchestrator, or delete the run.")
     typed = {}
@@ -149,13 +156,13 @@ def _typed_params(run: Run, casts: dict[str, Callable[[str], object]]) -> dict[s
         try:
             typed[name] = cast(params[name])
         except ValueError as err:
-            raise ValueError(f"run {run.info.run_id}: param {name}={params[name]!r} is not a "
+            raise RunsLayoutError(f"run {run.info.run_id}: param {name}={params[name]!r} is not a "
                              f"{getattr(cast, '__name__', cast).lstrip('_')}") from err
     return typed
 
 
 def attack_table(runs: Iterable[Run]) -> pd.DataFrame:
-    """One typed row per attack run: run_id, the ATTACK_PARAMS, protect_seed, final, best, original_acc.
+    """One typed row per attack run: run_id, the ATTACK_PARAMS, final, best, original_acc.
 
     Runs without ``restricted_acc_final`` (failed or still running trials) are left out with a warning.
     """
@@ -166,14 +173,13 @@ def attack_table(runs: Iterable[Run]) -> pd.DataFrame:
             unfinished += 1
             continue
         row = {"run_id": run.info.run_id, **_typed_params(run, ATTACK_PARAMS)}
-        row["protect_seed"] = _int(run.data.params.get("protect_seed", str(NO_PROTECT_SEED)))
         row.update({column: metrics.get(name, math.nan) for column, name in ATTACK_METRICS.items()})
         rows.append(row)
     if unfinished:
         log.warning("left out %d attack run(s) without %s (failed or unfinished)", unfinished, ATTACK_METRICS["final"])
-    columns = ["run_id", *ATTACK_PARAMS, "protect_seed", *ATTACK_METRICS]
+    columns = ["run_id", *ATTACK_PARAMS, *ATTACK_METRICS]
     table = pd.DataFrame(rows, columns=columns)
-    return table.sort_values(["subject", "variant", *CELL_KEYS, "seed", "protect_seed"], ignore_index=True)
+    return table.sort_values([*WHERE, "subject", "variant", *CELL_KEYS, "seed", names.PROTECT_SEED], ignore_index=True)
 
 
 def load_runs(tracking_uri: str, experiment: str, sweep_id: str | None = None) -> pd.DataFrame:
@@ -206,7 +212,7 @@ def load_curves(tracking_uri: str, run_ids: Iterable[str], metric: str = "restri
 
 
 def load_protect_runs(tracking_uri: str, experiment: str, sweep_id: str | None = None) -> pd.DataFrame:
-    """One row per protect run: run_id, variant, loss, seed, and PROTECT_METRICS (NaN when not logged).
+    """One row per protect run: run_id, variant, loss, protect_seed, and PROTECT_METRICS (NaN when not logged).
 
     Empty (with those columns) when the sweep protected nothing.
     """
@@ -214,12 +220,13 @@ def load_protect_runs(tracking_uri: str, experiment: str, sweep_id: str | None =
     rows = []
     for run in _stage_runs(sweep, "protect"):
         params = run.data.params
-        row = {"run_id": run.info.run_id, **_typed_params(run, {"variant": str}),
-               "loss": params.get("loss", "?"), "seed": _int(params.get("seed", str(NO_PROTECT_SEED)))}
+        row = {"run_id": run.info.run_id, **_typed_params(run, {names.VARIANT: str}),
+               "loss": params.get("loss", "?"),
+               names.PROTECT_SEED: _int(params.get(names.PROTECT_SEED, str(names.NO_PROTECT_SEED)))}
         row.update({name: run.data.metrics.get(name, math.nan) for name in PROTECT_METRICS})
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["run_id", "variant", "loss", "seed", *PROTECT_METRICS])
-    return table.sort_values(["variant", "seed"], ignore_index=True)
+    table = pd.DataFrame(rows, columns=["run_id", names.VARIANT, "loss", names.PROTECT_SEED, *PROTECT_METRICS])
+    return table.sort_values([names.VARIANT, names.PROTECT_SEED], ignore_index=True)
 
 
 def load_pretrain_run(tracking_uri: str, experiment: str, sweep_id: str | None = None) -> PretrainRun:
@@ -238,6 +245,18 @@ def load_pretrain_run(tracking_uri: str, experiment: str, sweep_id: str | None =
                        metrics.get("original_test_acc", math.nan))
 
 
+def load_spec_dict(sweep: Sweep) -> dict | None:
+    """The resolved spec the sweep logged (``spec.yaml`` on its parent run) as plain data; None when absent."""
+    client = _client(sweep.tracking_uri)
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(sweep.parent_run_id, names.SPEC_ARTIFACT, dst_path=folder)
+        except (MlflowException, OSError):
+            return None
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    return spec if isinstance(spec, dict) else None
+
+
 def load_num_classes(sweep: Sweep) -> int | None:
     """The model's class count (chance = 100 / C on the restricted domain): param ``model.num_classes`` or
     ``num_classes`` of the parent or pretrain run, else ``model.num_classes`` in the parent's ``spec.yaml``
@@ -247,13 +266,8 @@ def load_num_classes(sweep: Sweep) -> int | None:
         for name in ("model.num_classes", "num_classes"):
             if name in run.data.params:
                 return _int(run.data.params[name])
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            path = client.download_artifacts(sweep.parent_run_id, SPEC_ARTIFACT, dst_path=folder)
-        except (MlflowException, OSError):
-            return None  # no resolved spec logged: the caller reports below-chance counts as unknown
-        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    value = (spec.get("model") or {}).get("num_classes") if isinstance(spec, dict) else None
+    spec = load_spec_dict(sweep) or {}
+    value = (spec.get("model") or {}).get("num_classes")
     return int(value) if value is not None else None
 
 
@@ -267,29 +281,30 @@ def _seed_mean(runs: pd.DataFrame, keys: list[str], subject: str) -> pd.DataFram
 
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (variant, cell): seed-mean final accuracy of protected, normal and scratch.
+    """One row per (grid, domain, variant, cell): seed-mean final accuracy of protected, normal and scratch.
 
-    A cell is CELL_KEYS; seeds (attack and protection) are averaged. Normal joins on the cell, scratch on
-    SCRATCH_KEYS (it ran once, logged as direct-all, for every strategy). Columns: variant, CELL_KEYS,
-    then per subject ``<subject>``, ``<subject>_best``, ``<subject>_runs`` (run ids), ``<subject>_seeds``,
-    and ``protected_minus_scratch``. Subjects a cell lacks are NaN (runs: ()).
+    A cell is CELL_KEYS on one grid (development / evaluation) and restricted domain; seeds (attack and
+    protection) are averaged. Normal joins on the cell, scratch on SCRATCH_KEYS (it ran once, logged as
+    direct-all, for every strategy). Columns: grid, domain, variant, CELL_KEYS, then per subject
+    ``<subject>``, ``<subject>_best``, ``<subject>_runs`` (run ids), ``<subject>_seeds``, and
+    ``protected_minus_scratch``. Subjects a cell lacks are NaN (runs: ()).
 
-    Raises ValueError when there are no protected runs to compare.
+    Raises RunsLayoutError when there are no protected runs to compare.
     """
     protected = runs[runs["subject"] == "protected"]
     if protected.empty:
-        raise ValueError("no attack runs with subject=protected, so there is nothing to compare; "
+        raise RunsLayoutError("no attack runs with subject=protected, so there is nothing to compare; "
                          "Fix: include 'protected' in the spec's attack.subjects.")
-    table = _seed_mean(protected, ["variant", *CELL_KEYS], "protected")
-    table = table.merge(_seed_mean(runs[runs["subject"] == "normal"], list(CELL_KEYS), "normal"),
-                        on=list(CELL_KEYS), how="left")
-    table = table.merge(_seed_mean(runs[runs["subject"] == "scratch"], list(SCRATCH_KEYS), "scratch"),
-                        on=list(SCRATCH_KEYS), how="left")
+    cell, scratch_cell = [*WHERE, *CELL_KEYS], [*WHERE, *SCRATCH_KEYS]
+    table = _seed_mean(protected, [*WHERE, "variant", *CELL_KEYS], "protected")
+    table = table.merge(_seed_mean(runs[runs["subject"] == "normal"], cell, "normal"), on=cell, how="left")
+    table = table.merge(_seed_mean(runs[runs["subject"] == "scratch"], scratch_cell, "scratch"), on=scratch_cell,
+                        how="left")
     for subject in SUBJECTS:
         table[f"{subject}_runs"] = [ids if isinstance(ids, tuple) else () for ids in table[f"{subject}_runs"]]
         table[f"{subject}_seeds"] = table[f"{subject}_seeds"].fillna(0).astype(int)
     table["protected_minus_scratch"] = table["protected"] - table["scratch"]
-    return table.sort_values(["variant", *CELL_KEYS], ignore_index=True)
+    return table.sort_values([*WHERE, "variant", *CELL_KEYS], ignore_index=True)
 
 
 def varying(table: pd.DataFrame, keys: Sequence[str]) -> tuple[list[str], dict[str, object]]:
@@ -317,3 +332,41 @@ def parse_source_args(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     if not args.tracking_uri:
         parser.error("no tracking URI: pass --tracking-uri (e.g. sqlite:///mlflow.db) or set MLFLOW_TRACKING_URI")
     return args
+
+
+def sections(cell_table: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """The cell table split by (grid, domain), evaluation first: a report never averages across either."""
+    order = {names.EVALUATION: 0, names.DEVELOPMENT: 1}
+    keys = sorted(cell_table.groupby(list(WHERE)).groups, key=lambda k: (order.get(k[0], 2), k[1]))
+    return [(grid, domain, cell_table[(cell_table[names.GRID] == grid) & (cell_table[names.DOMAIN] == domain)])
+            for grid, domain in keys]
+
+
+# Settings beside (strategy, optimizer, lr): an evaluation grid is often a union of sub-grids that vary one of
+# these around a base recipe, so figures show the base recipe and one figure per varied setting.
+SECONDARY = ("batch_size", "data_fraction", "schedule", "epochs", "weight_decay")
+
+
+def base_setting(table: pd.DataFrame) -> dict[str, object]:
+    """The most common value of every secondary setting (ties: the smallest): the grid's base recipe."""
+    return {key: sorted(table[key].value_counts().loc[lambda c: c == c.max()].index)[0] for key in SECONDARY}
+
+
+def base_slice(table: pd.DataFrame, free: str | None = None) -> pd.DataFrame:
+    """Rows whose secondary settings (all but ``free``) are the base recipe's."""
+    base = base_setting(table)
+    keep = pd.Series(True, index=table.index)
+    for key, value in base.items():
+        if key != free:
+            keep &= table[key] == value
+    return table[keep]
+
+
+def axis_slice(table: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """Rows that vary ``axis`` around the base recipe: the base slice with ``axis`` free, restricted to the
+    (strategy, optimizer) pairs that were run with more than one value of it (so every value of the axis
+    averages over the same recipes)."""
+    rows = base_slice(table, free=axis)
+    pairs = rows.groupby(["strategy", "optimizer"])[axis].nunique()
+    several = set(pairs[pairs > 1].index)
+    return rows[[pair in several for pair in zip(rows["strategy"], rows["optimizer"])]]

@@ -1,7 +1,9 @@
-"""Markdown summary of a sweep: intactness, robustness per protected variant, and a per-cell table.
+"""Markdown summary of a sweep: intactness, then per (grid, restricted domain) the robustness of each protected
+variant, the best attacks found on each subject, label-information leaks, and a per-cell table.
 
-The metrics are ``sophon_ray.metrics``' (one definition, quoted in the README); this module only
-gathers the cells and formats them.
+The metrics are ``sophon_ray.metrics``' (one definition each, quoted in the README): accuracies are floored at
+chance for every comparison, below-chance cells are listed as leaks, overheads use seed-mean curves. This
+module only gathers the cells and formats them.
 
     python -m analysis.summary --tracking-uri sqlite:///mlflow.db --experiment quickstart --out report/
 """
@@ -10,17 +12,19 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from analysis.curves import mean_curve
-from analysis.runs import (CELL_KEYS, OPTIMIZER_ORDER, STRATEGY_ORDER, PretrainRun, RunsNotFoundError, cells,
-                           find_sweep, in_order, load_curves, load_num_classes, load_pretrain_run,
-                           load_protect_runs, load_runs, parse_source_args, source_parser, varying)
-from sophon_ray.metrics import HOLD_MARGIN, MEANINGFUL_GAP, TARGET_SHARE, Cell, intactness_drop, overhead, summarise
+from analysis.runs import (CELL_KEYS, OPTIMIZER_ORDER, STRATEGY_ORDER, PretrainRun, cells, find_sweep, in_order,
+                           load_curves, load_num_classes, load_pretrain_run, load_protect_runs, load_runs,
+                           parse_source_args, sections, source_parser, varying)
+from sophon_ray import names
+from sophon_ray.errors import cli_exit
+from sophon_ray.metrics import (BELOW_CHANCE_MARGIN, HOLD_MARGIN, MEANINGFUL_GAP, TARGET_SHARE, Cell, chance,
+                                intactness_drop, overhead, summarise)
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +47,28 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_co
 
 
 def intactness_section(protect: pd.DataFrame, pretrain: PretrainRun) -> str:
-    """(a) Original-domain test accuracy, normal vs each protected variant (seed mean), and the drop."""
+    """Original-domain test accuracy, normal vs each protected variant (mean and range over protection seeds)."""
     if protect.empty:
         return "No protect runs in this sweep."
     rows = []
-    for variant, group in protect.groupby("variant", sort=True):
-        protected = group["original_test_acc"].mean()
+    for variant, group in protect.groupby(names.VARIANT, sort=True):
+        acc = group["original_test_acc"]
         rows.append([variant, ", ".join(sorted(set(group["loss"]))), str(len(group)),
-                     number(pretrain.original_test_acc), number(protected),
-                     number(intactness_drop(pretrain.original_test_acc, protected), "+.1f")])
-    return markdown_table(["variant", "loss", "seeds", "normal test acc", "protected test acc", "drop (points)"],
-                          rows, text_columns=2)
+                     number(pretrain.original_test_acc), f"{number(acc.mean())} ({number(acc.min())}-{number(acc.max())})",
+                     number(intactness_drop(pretrain.original_test_acc, acc.mean()), "+.1f"),
+                     number(intactness_drop(pretrain.original_test_acc, acc.min()), "+.1f")])
+    return markdown_table(["variant", "loss", "seeds", "normal test acc", "protected test acc (range)",
+                           "drop (points, mean)", "worst seed's drop"], rows, text_columns=2)
 
 
-def cell_objects(variant_cells: pd.DataFrame) -> list[Cell]:
+def cell_objects(variant_cells: pd.DataFrame, chance_level: float) -> list[Cell]:
     """``sophon_ray.metrics.Cell`` per row (seed-mean finals)."""
-    return [Cell(protected=r.protected, normal=r.normal, scratch=r.scratch) for r in variant_cells.itertuples()]
+    return [Cell(r.protected, r.normal, r.scratch, chance_level) for r in variant_cells.itertuples()]
 
 
 def cell_name(row: pd.Series, keys: Sequence[str]) -> str:
     """Short name of a cell from its varying keys, e.g. ``direct-all, adam, lr 0.01``."""
-    named = ("lr", "batch_size", "data_fraction", "epochs")
+    named = ("lr", "batch_size", "data_fraction", "epochs", "weight_decay")
     return ", ".join(f"{key} {row[key]:g}" if key in named else str(row[key]) for key in keys)
 
 
@@ -71,83 +76,149 @@ def _share(share: float, total: int) -> str:
     return "n/a" if math.isnan(share) else f"{round(share * total)}/{total} ({share:.0%})"
 
 
-def robustness_section(cell_table: pd.DataFrame, num_classes: int | None) -> str:
-    """(b) ``summarise`` per variant over its complete cells (protected, normal and scratch all present)."""
-    keys, _ = varying(cell_table, CELL_KEYS)
-    header = ["variant", "cells", f"held (≤ scratch+{HOLD_MARGIN:g})", "normal held", "meaningful cells",
-              "held on meaningful", "median normal − protected (meaningful)", "min normal − protected",
-              "worst case (max protected)", "below chance"]
+def complete_cells(section: pd.DataFrame) -> pd.DataFrame:
+    """The cells where protected, normal and scratch were all measured."""
+    return section.dropna(subset=["protected", "normal", "scratch"])
+
+
+def robustness_rows(section: pd.DataFrame, chance_level: float) -> list[tuple[str, dict[str, float], pd.DataFrame]]:
+    """(variant, ``summarise`` of its complete cells, those cells) per protected variant of one section."""
+    out = []
+    for variant, group in section.groupby("variant", sort=True):
+        complete = complete_cells(group)
+        if not complete.empty:
+            out.append((variant, summarise(cell_objects(complete, chance_level)), complete))
+    return out
+
+
+ROBUSTNESS_HEADER = ["cells", f"held (≤ scratch+{HOLD_MARGIN:g})", "normal held", "meaningful cells",
+                     "held on meaningful", "median normal − protected (meaningful)", "min normal − protected",
+                     "best attack: protected", "best attack: scratch", "best protected − best scratch", "leaks"]
+
+
+def robustness_cells(s: Mapping[str, float]) -> list[str]:
+    """One robustness row's values, in ROBUSTNESS_HEADER's order."""
+    return [str(s["cells"]), _share(s["share_held"], s["cells"]), _share(s["normal_share_held"], s["cells"]),
+            str(s["meaningful"]), _share(s["meaningful_share_held"], s["meaningful"]),
+            number(s["meaningful_median_gap"]), number(s["min_gap"], "+.1f"), number(s["worst_case"]),
+            number(s["best_scratch"]), number(s["best_vs_scratch"], "+.1f"), str(s["leaks"])]
+
+
+def robustness_section(section: pd.DataFrame, chance_level: float) -> str:
+    """``summarise`` per variant over its complete cells (protected, normal and scratch all present)."""
     rows, notes = [], []
-    for variant, group in cell_table.groupby("variant", sort=True):
-        complete = group.dropna(subset=["protected", "normal", "scratch"])
-        if len(complete) < len(group):
-            notes.append(f"{variant}: {len(group) - len(complete)} cells lack normal or scratch and are left out.")
-        if complete.empty:
+    for variant, group in section.groupby("variant", sort=True):
+        missing = len(group) - len(complete_cells(group))
+        if missing:
+            notes.append(f"{variant}: {missing} cells lack normal or scratch and are left out.")
+    for variant, s, _ in robustness_rows(section, chance_level):
+        rows.append([variant, *robustness_cells(s)])
+    return "\n\n".join([markdown_table(["variant", *ROBUSTNESS_HEADER], rows), *notes])
+
+
+def best_attacks_section(section: pd.DataFrame, chance_level: float) -> str:
+    """The attacker's best recipe (highest seed-mean final accuracy) on each subject, with its cell."""
+    keys, _ = varying(section, CELL_KEYS)
+    keys = keys or ["strategy", "optimizer", "lr"]
+    rows = []
+    shared = section.drop_duplicates(subset=list(CELL_KEYS))
+    candidates = [(f"protected ({v})", group, "protected") for v, group in section.groupby("variant", sort=True)]
+    candidates += [("normal", shared, "normal"), ("scratch", shared, "scratch")]
+    for label, frame, column in candidates:
+        frame = frame.dropna(subset=[column])
+        if frame.empty:
             continue
-        # below_chance needs the class count; without it the column says so and the count is ignored.
-        s = summarise(cell_objects(complete), num_classes=num_classes or 1)
-        worst = complete.loc[complete["protected"].idxmax()]
-        rows.append([variant, str(s["cells"]), _share(s["share_held"], s["cells"]),
-                     _share(s["normal_share_held"], s["cells"]), str(s["meaningful"]),
-                     _share(s["meaningful_share_held"], s["meaningful"]), number(s["meaningful_median_gap"]),
-                     number(s["min_gap"]), f"{s['worst_case']:.1f} ({cell_name(worst, keys)})",
-                     str(s["below_chance"]) if num_classes else "n/a (pass --num-classes)"])
-    return "\n\n".join([markdown_table(header, rows), *notes])
+        top = frame.loc[frame[column].idxmax()]
+        recipe = cell_name(top, keys) if column != "scratch" else cell_name(top, [k for k in keys if k != "strategy"])
+        rows.append([label, number(max(top[column], chance_level)), recipe])
+    return markdown_table(["subject", "best final accuracy (seed mean)", "its recipe"], rows, text_columns=1)
+
+
+def leaks_section(section: pd.DataFrame, chance_level: float) -> str:
+    """Cells where a protected model ends more than 2 points under chance (label information leaks)."""
+    keys, _ = varying(section, CELL_KEYS)
+    leaky = section[section["protected"] < chance_level - BELOW_CHANCE_MARGIN]
+    if leaky.empty:
+        return "None."
+    rows = [[r["variant"], cell_name(r, keys or ["strategy"]), number(r["protected"])] for _, r in leaky.iterrows()]
+    return markdown_table(["variant", "cell", "protected accuracy"], rows, text_columns=2)
 
 
 def _overhead(subject_runs: Sequence[str], scratch_runs: Sequence[str], curves: Mapping[str, Sequence[float]]) -> str:
+    """Overhead on seed-mean curves (one definition: ``sophon_ray.metrics.overhead``)."""
     subject = mean_curve([curves.get(r, []) for r in subject_runs])
     scratch = mean_curve([curves.get(r, []) for r in scratch_runs])
     return str(overhead(subject, scratch)) if subject and scratch else "n/a"
 
 
-def cell_section(cell_table: pd.DataFrame, curves: Mapping[str, Sequence[float]]) -> str:
-    """(c) One row per (variant, cell): seed-mean final accuracies and overheads vs scratch."""
-    keys, fixed = varying(cell_table, CELL_KEYS)
-    several_variants = cell_table["variant"].nunique() > 1
+def cell_section(section: pd.DataFrame, curves: Mapping[str, Sequence[float]], chance_level: float) -> str:
+    """One row per (variant, cell): seed-mean final accuracies, held / meaningful, overheads vs scratch."""
+    keys, fixed = varying(section, CELL_KEYS)
+    several_variants = section["variant"].nunique() > 1
     order = {"strategy": STRATEGY_ORDER, "optimizer": OPTIMIZER_ORDER}
-    ranks = {key: {v: k for k, v in enumerate(in_order(cell_table[key], order.get(key, ())))} for key in keys}
-    ordered = cell_table.sort_values(["variant", *keys], key=lambda col: col.map(ranks[col.name])
-                                     if col.name in ranks else col)
+    ranks = {key: {v: k for k, v in enumerate(in_order(section[key], order.get(key, ())))} for key in keys}
+    ordered = section.sort_values(["variant", *keys], key=lambda col: col.map(ranks[col.name])
+                                  if col.name in ranks else col)
     rows = []
     for row in ordered.itertuples():
+        cell = Cell(row.protected, row.normal, row.scratch, chance_level)
+        flags = ("held" if cell.held else "**not held**") + (", meaningful" if cell.meaningful else "") + (
+            ", leak" if cell.leak else "")
         rows.append(([row.variant] if several_variants else []) + [setting(getattr(row, key)) for key in keys]
                     + [number(row.protected), number(row.normal), number(row.scratch),
-                       number(row.protected_minus_scratch, "+.1f"),
+                       number(row.protected_minus_scratch, "+.1f"), flags,
                        _overhead(row.protected_runs, row.scratch_runs, curves),
                        _overhead(row.normal_runs, row.scratch_runs, curves)])
     header = (["variant"] if several_variants else []) + list(keys) + [
-        "protected", "normal", "scratch", "protected − scratch", "overhead protected", "overhead normal"]
+        "protected", "normal", "scratch", "protected − scratch", "verdict", "overhead protected", "overhead normal"]
     settings = ", ".join(f"{key} {setting(value)}" for key, value in fixed.items())
-    intro = (f"Final restricted-domain accuracy (%, mean over seeds) per cell"
+    intro = ("Final restricted-domain accuracy (%, mean over seeds, not floored) per cell"
              + (f"; every cell has {settings}" if settings else "") + ".")
-    text_columns = int(several_variants) + sum(key in ("strategy", "optimizer") for key in keys)  # keys lead
+    text_columns = int(several_variants) + sum(key in ("strategy", "optimizer", "schedule") for key in keys)
     return intro + "\n\n" + markdown_table(header, rows, text_columns)
+
+
+def definitions(chance_level: float) -> str:
+    floor = (f"Accuracies are floored at chance ({chance_level:.0f}%) in every comparison; cells where a protected "
+             f"model ends more than {BELOW_CHANCE_MARGIN:g} points under chance are listed as label-information "
+             "leaks, never credited." if chance_level else
+             "The class count is unknown (pass --num-classes), so accuracies are not floored at chance.")
+    return (f"A cell is held when protected ≤ scratch + {HOLD_MARGIN:g} (accuracy points); *normal held* is the "
+            f"unprotected model's own share (the reference). A cell is meaningful when normal > scratch + "
+            f"{MEANINGFUL_GAP:g} (pretraining clearly helps the attacker there). *Best attack* is the attacker's "
+            f"best recipe over the whole grid on each subject (final accuracy, seed mean); best protected − best "
+            f"scratch > 0 means the best fine-tuning of the protected model beats the best training from scratch. "
+            f"{floor}")
+
+
+def grid_note(grid: str) -> str:
+    if grid == names.EVALUATION:
+        return ("Evaluation grid: attackers fine-tune on their own data pool and are scored on the restricted "
+                "test split. Nothing about the protection was chosen by looking at it.")
+    return ("Development grid: attackers fine-tune on the protector's restricted share and are scored on "
+            "restricted validation data. Protection settings may be tuned here; do not read these as results.")
 
 
 def make_summary(cells_df: pd.DataFrame, curves: Mapping[str, Sequence[float]], protect_df: pd.DataFrame,
                  pretrain: PretrainRun, num_classes: int | None, title: str) -> str:
-    """The markdown report: (a) intactness, (b) robustness per variant, (c) the per-cell table.
+    """The markdown report: intactness, then per (grid, domain): robustness, best attacks, leaks, cells.
 
     ``cells_df`` from ``cells``, ``curves`` run_id -> restricted accuracy per epoch (for overheads),
-    ``protect_df`` from ``load_protect_runs``; ``num_classes=None`` leaves below-chance counts out.
+    ``protect_df`` from ``load_protect_runs``; ``num_classes=None`` leaves accuracies unfloored.
     """
-    return "\n\n".join([
-        f"# {title}",
-        "## Intactness (original domain)",
-        intactness_section(protect_df, pretrain),
-        "## Robustness per protected variant",
-        f"A cell is held when protected ≤ scratch + {HOLD_MARGIN:g} (accuracy points); *normal held* is the "
-        f"unprotected model's own share (the reference). A cell is meaningful when normal > scratch + "
-        f"{MEANINGFUL_GAP:g} (pretraining clearly helps the attacker there). Accuracies are final "
-        f"restricted-domain accuracies, %.",
-        robustness_section(cells_df, num_classes),
-        "## Cells",
-        cell_section(cells_df, curves),
-        f"Overhead = epochs to reach tau = {TARGET_SHARE:g} × scratch's final accuracy, relative to scratch's "
-        f"(on seed-mean curves); `>=x` = never reached within the budget; < 1 = fine-tuning is cheaper than "
-        f"training from scratch.",
-    ]) + "\n"
+    chance_level = chance(num_classes) if num_classes else 0.0
+    parts = [f"# {title}", "## Intactness (original domain)", intactness_section(protect_df, pretrain),
+             definitions(chance_level)]
+    for grid, domain, section in sections(cells_df):
+        parts += [f"## {grid.capitalize()} grid, restricted domain `{domain}`", grid_note(grid),
+                  "### Robustness per protected variant (seed means)", robustness_section(section, chance_level),
+                  "### Best attack found on each subject", best_attacks_section(section, chance_level),
+                  "### Label-information leaks (protected below chance)", leaks_section(section, chance_level),
+                  "### Cells", cell_section(section, curves, chance_level)]
+    parts.append(f"Overhead = epochs to reach tau = {TARGET_SHARE:g} × scratch's final accuracy, relative to "
+                 f"scratch's, both counted from 1 (on seed-mean curves); `>=x` = never reached within the budget; "
+                 f"< 1 = fine-tuning is cheaper than training from scratch.")
+    return "\n\n".join(parts) + "\n"
 
 
 def write_summary(text: str, out_dir: str | Path) -> Path:
@@ -163,24 +234,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write ``summary.md`` of one sweep into --out; returns the exit status."""
     parser = source_parser(__doc__.splitlines()[0])
     parser.add_argument("--num-classes", type=int, default=None,
-                        help="class count for below-chance counts (default: model.num_classes of the "
-                             "sweep's logged spec)")
+                        help="class count for the chance floor (default: model.num_classes of the sweep's logged "
+                             "spec)")
     args = parse_source_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def command() -> int:
         sweep = find_sweep(args.tracking_uri, args.experiment, args.sweep_id)
         runs = load_runs(args.tracking_uri, args.experiment, sweep.sweep_id)
-        cell_table = cells(runs)
         protect = load_protect_runs(args.tracking_uri, args.experiment, sweep.sweep_id)
         pretrain = load_pretrain_run(args.tracking_uri, args.experiment, sweep.sweep_id)
-    except (RunsNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    curves = load_curves(args.tracking_uri, runs["run_id"])
-    text = make_summary(cell_table, curves, protect, pretrain, args.num_classes or load_num_classes(sweep),
-                        f"{args.experiment}: sweep {sweep.sweep_id}")
-    print(write_summary(text, args.out))
-    return 0
+        curves = load_curves(args.tracking_uri, runs["run_id"])
+        text = make_summary(cells(runs), curves, protect, pretrain, args.num_classes or load_num_classes(sweep),
+                            f"{args.experiment}: sweep {sweep.sweep_id}")
+        print(write_summary(text, args.out))
+        return 0
+
+    return cli_exit(command)
 
 
 if __name__ == "__main__":

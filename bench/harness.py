@@ -290,7 +290,8 @@ def pretrained_normal(spec: Any, splits: Any, directory: Path) -> Path:
     """Pretrain the spec's normal model in this process and store it as the pipeline does (card with the
     original validation accuracy) in ``directory``."""
     from sophon_ray.checkpoint import make_card, save_checkpoint  # noqa: PLC0415
-    from sophon_ray.training import evaluate, initial_model, pretrain  # noqa: PLC0415
+    from sophon_ray.checkpoint import initial_model  # noqa: PLC0415
+    from sophon_ray.training import evaluate, pretrain  # noqa: PLC0415
 
     model, _ = initial_model(spec)
     pretrain(model, splits.original_train, splits.original_val, spec.pretrain, spec.seed)

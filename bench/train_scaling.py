@@ -69,7 +69,7 @@ def layouts(args: Any) -> list[Layout]:
 
 def sweep_spec(args: Any) -> Any:
     """A quickstart-like spec with a short protect variant (only the final probe runs)."""
-    from sophon_ray.spec import parse_spec  # noqa: PLC0415
+    from sophon_ray.validation import parse_spec  # noqa: PLC0415
 
     smoke = args.smoke
     protect = {"name": "bench", "loss": "ice", "iterations": args.iterations or (2 if smoke else 40),
@@ -121,7 +121,7 @@ def run_layout(spec: Any, layout: Layout, normal_dir: Path, tmp: Path) -> Run:
     store.mkdir()
     with memory.RssSampler("RayTrainWorker") as sampler:
         start = time.perf_counter()
-        results = run_training(spec, [protect_job(spec, 0, protect_key(spec, 0))], store, str(tmp / "storage"),
+        results = run_training(spec, [protect_job(spec, 0, 0, protect_key(spec, 0, 0))], store, str(tmp / "storage"),
                                normal_dir)
         wall = time.perf_counter() - start
     shutil.rmtree(store, ignore_errors=True)

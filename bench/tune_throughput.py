@@ -56,7 +56,7 @@ def parse_args() -> Any:
 
 def sweep_spec(args: Any) -> Any:
     """The attack sweep: subjects [normal], 4 strategies x 3 optimizers x 2 lrs (24 trials) on shapes_m 16 px."""
-    from sophon_ray.spec import parse_spec  # noqa: PLC0415
+    from sophon_ray.validation import parse_spec  # noqa: PLC0415
 
     smoke = args.smoke
     grid = {"strategy": ["direct-all", "initfc-fc"] if smoke else ["direct-all", "initfc-all", "direct-fc", "initfc-fc"],
@@ -117,22 +117,20 @@ def trial_clock() -> Any:
     return TrialClock()
 
 
-def one_trial(trial: dict, models: dict, data: Any, device: str) -> float:
+def one_trial(trial: Any, models: dict, data: Any, device: str) -> float:
     """One trial's fine-tuning as a plain loop would run it (model built from the shared state); its compute s."""
-    from sophon_ray.attack import AttackConfig, finetune  # noqa: PLC0415
+    from sophon_ray.attack import finetune  # noqa: PLC0415
     from sophon_ray.models import build_model  # noqa: PLC0415
     from sophon_ray.spec import ModelSpec  # noqa: PLC0415
-    from sophon_ray.tune_driver import ATTACK_FIELDS  # noqa: PLC0415
 
     state, card = models["normal"]
     model = build_model(ModelSpec(card["arch"], card["num_classes"]), card["channels"], card["image_size"])
     model.load_state_dict(state)
-    cfg = AttackConfig(**{k: trial[k] for k in ATTACK_FIELDS})
-    return finetune(model, data.restricted_full[0], data.restricted_test[0], cfg, original_test=data.original_test,
-                    device=device).seconds
+    train, score = data.for_trial(trial)
+    return finetune(model, train, score, trial.config, original_test=data.original_test, device=device).seconds
 
 
-def run_sequential(trials: list[dict], models: dict, splits: Any, threads: int, device: str) -> Run:
+def run_sequential(trials: list[Any], models: dict, splits: Any, threads: int, device: str) -> Run:
     """The plain loop: every trial's finetune in this process, one after another."""
     import torch  # noqa: PLC0415
 
@@ -157,11 +155,11 @@ def _pool_init(models: dict, data: Any, device: str) -> None:
     _WORKER.update(models=models, data=data, device=device)
 
 
-def _pool_trial(trial: dict) -> float:
+def _pool_trial(trial: Any) -> float:
     return one_trial(trial, _WORKER["models"], _WORKER["data"], _WORKER["device"])
 
 
-def run_pool(trials: list[dict], models: dict, splits: Any, slots: int, device: str) -> Run:
+def run_pool(trials: list[Any], models: dict, splits: Any, slots: int, device: str) -> Run:
     """The best a hand-written parallel loop can do without Ray: a spawned process pool of ``slots`` workers
     at 1 thread each, models and data sent once per worker; the wall includes the workers' start."""
     import multiprocessing  # noqa: PLC0415
@@ -176,7 +174,7 @@ def run_pool(trials: list[dict], models: dict, splits: Any, slots: int, device: 
     return Run(time.perf_counter() - start, compute)
 
 
-def run_tune(spec: Any, trials: list[dict], models: dict, splits: Any, storage: Path, callbacks: list) -> Run:
+def run_tune(spec: Any, trials: list[Any], models: dict, splits: Any, storage: Path, callbacks: list) -> Run:
     """``run_attacks`` as the pipeline calls it; raises when any trial errored."""
     from sophon_ray.tune_driver import run_attacks  # noqa: PLC0415
 
@@ -384,7 +382,7 @@ def section(args: Any, runs: dict[str, list[Run]], n_trials: int, context: dict[
     return sec
 
 
-def make_contenders(args: Any, spec: Any, trials: list[dict], models: dict, splits: Any, tmp: Path,
+def make_contenders(args: Any, spec: Any, trials: list[Any], models: dict, splits: Any, tmp: Path,
                     context: dict[str, float]) -> dict[str, Any]:
     """The contenders by name, each a no-argument callable returning a :class:`Run`."""
     contenders = {"sequential": lambda: run_sequential(trials, models, splits, args.threads,
@@ -416,7 +414,7 @@ def main() -> None:
     import torch  # noqa: PLC0415
 
     from sophon_ray.data import make_splits  # noqa: PLC0415
-    from sophon_ray.tune_driver import plan_trials  # noqa: PLC0415
+    from sophon_ray.trials import plan_trials  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
     with harness.ray_session(args, "sb-tune-") as (tmp, ray_init_s):

@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "load_spec": "sophon_ray.spec",
+    "load_spec": "sophon_ray.validation",
     "SweepSpec": "sophon_ray.spec",
     "SpecError": "sophon_ray.spec",
     "load_domain": "sophon_ray.data",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -106,13 +106,15 @@ class AttackConfig:
         return asdict(self)
 
 
-def grid_configs(grid: GridSpec, weight_decay: float = 0.0) -> list[AttackConfig]:
-    """Every cell of an attack grid (the cross product of its lists), in a fixed order."""
-    return [AttackConfig(strategy=st, optimizer=o, lr=lr, batch_size=b, epochs=e, data_fraction=f, schedule=sc,
-                         seed=sd, weight_decay=weight_decay)
-            for st, o, lr, b, f, sc, e, sd in itertools.product(grid.strategy, grid.optimizer, grid.lr,
-                                                                 grid.batch_size, grid.data_fraction, grid.schedule,
-                                                                 grid.epochs, grid.seed)]
+def grid_configs(grids: Sequence[GridSpec]) -> list[AttackConfig]:
+    """Every cell of a union of grids (each the cross product of its lists), in a fixed order, each cell once."""
+    configs = [AttackConfig(strategy=st, optimizer=o, lr=lr, batch_size=b, epochs=e, data_fraction=f, schedule=sc,
+                            seed=sd, weight_decay=wd)
+               for g in grids
+               for st, o, lr, b, f, sc, e, wd, sd in itertools.product(g.strategy, g.optimizer, g.lr, g.batch_size,
+                                                                       g.data_fraction, g.schedule, g.epochs,
+                                                                       g.weight_decay, g.seed)]
+    return list(dict.fromkeys(configs))
 
 
 @dataclass

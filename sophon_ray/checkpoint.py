@@ -19,14 +19,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sophon_ray.errors import SophonError
 from sophon_ray.models import Net, build_model
-from sophon_ray.spec import DomainSpec, ModelSpec, to_dict
+from sophon_ray.spec import DomainSpec, ModelSpec, SweepSpec, to_dict
 
 FORMAT = "sophon-ray/1"
 WEIGHTS, CARD = "model.safetensors", "model.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SophonError, ValueError):
     """A checkpoint that cannot be written or loaded; the message says what and how to fix it."""
 
 
@@ -131,3 +132,19 @@ def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu",
                               + "; ".join(problems[:8]))
     model.load_state_dict(state)
     return model.to(device), card
+
+
+def initial_model(spec: SweepSpec) -> tuple[Net, bool]:
+    """The model pretraining starts from, and whether it still needs pretraining.
+
+    ``pretrain.weights``: None -> a seeded random init (train it); ``torchvision`` -> the published
+    ImageNet weights in the body (train it on the original domain); a sophon-ray checkpoint directory ->
+    that model as the normal model (no training; its card must match the spec's model and input).
+    """
+    weights = spec.pretrain.weights
+    if weights and weights != "torchvision":
+        model, card = load_checkpoint(weights, channels_last=spec.model.channels_last)
+        check_fits(card, spec.model, spec.original, f"pretrain.weights {weights}")
+        return model, False
+    torch.manual_seed(spec.seed)
+    return build_model(spec.model, spec.original.channels, spec.original.image_size, weights=weights), True

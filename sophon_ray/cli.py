@@ -1,7 +1,8 @@
-"""``sophon-ray``: run | protect | attack | report | validate | ls | efficacy.
+"""``sophon-ray``: run | protect | attack | report | validate | ls.
 
-Heavy modules are imported inside the commands so that
-``--help`` answers at once."""
+Heavy modules are imported inside the commands so that ``--help`` answers at once. Every error a user can
+fix is a :class:`~sophon_ray.errors.SophonError`, printed without a traceback and mapped to exit code 2 in
+:func:`main` (one place)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from sophon_ray.errors import EXIT_BAD_INPUT, cli_exit
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from sophon_ray.spec import SpecError, load_spec  # noqa: PLC0415
+    from sophon_ray.spec import SpecError  # noqa: PLC0415
+    from sophon_ray.validation import advisories, load_spec  # noqa: PLC0415
 
     status = 0
     for path in args.spec:
@@ -26,8 +28,11 @@ def _validate(args: argparse.Namespace) -> int:
             print(err, file=sys.stderr)
             status = EXIT_BAD_INPUT
             continue
-        print(f"{path}: ok ({spec.name}: {len(spec.protect)} protect variant(s), restricted "
+        seeds = sum(len(v.seeds) for v in spec.protect)
+        print(f"{path}: ok ({spec.name}: {len(spec.protect)} protect variant(s), {seeds} protection(s), restricted "
               f"{', '.join(d.dataset for d in spec.restricted)})")
+        for warning in advisories(spec):
+            print(f"{path}: warning: {warning}")
     return status
 
 
@@ -41,24 +46,8 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _efficacy(args: argparse.Namespace) -> int:
-    from sophon_ray.efficacy import run_efficacy, write_results  # noqa: PLC0415
-    from sophon_ray.spec import SpecError, load_spec  # noqa: PLC0415
-
-    try:
-        spec = load_spec(args.spec, args.set)
-    except SpecError as err:
-        print(err, file=sys.stderr)
-        return EXIT_BAD_INPUT
-    report = run_efficacy(spec, args.protect_seeds, spec.out, workers=args.workers)
-    command = "sophon-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_results(report, spec, command, Path(args.results))
-    print(f"wrote {args.results} ({report['seconds'] / 60:.1f} min)")
-    return 0
-
-
 def _load(args: argparse.Namespace):  # noqa: ANN202 - SweepSpec, imported lazily
-    from sophon_ray.spec import load_spec  # noqa: PLC0415
+    from sophon_ray.validation import load_spec  # noqa: PLC0415
 
     return load_spec(args.spec, args.set)
 
@@ -95,11 +84,13 @@ def _report(args: argparse.Namespace) -> int:
 
     spec = _load(args)
     out = Path(args.out) if args.out else spec.out / "report"
-    result = run_report(resolve_uri(spec.tracking.uri), spec.name, out, sweep_id=args.sweep_id or sweep_id(spec))
+    command = "sophon-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if args.results else None
+    result = run_report(resolve_uri(spec.tracking.uri), spec.name, out, sweep_id=args.sweep_id or sweep_id(spec),
+                        results=Path(args.results) if args.results else None, command=command)
     summary = out / "summary.md"
     if summary.is_file():
         print(summary.read_text())
-    print(f"report written to {out}: {result}")
+    print(f"report written to {out}" + (f"; results written to {args.results}" if args.results else ""))
     return 0
 
 
@@ -135,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", **overrides)
     p.add_argument("--sweep-id", default=None, help="default: the spec's own sweep id")
     p.add_argument("--out", default=None, help="default: <output_dir>/report")
+    p.add_argument("--results", default=None, metavar="FILE",
+                   help="also write the results document (e.g. RESULTS.md) from the sweep's MLflow runs")
     p.set_defaults(func=_report)
     p = sub.add_parser("validate", help="check spec files; print every problem; exit 2 when any")
     p.add_argument("spec", nargs="+")
@@ -142,13 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_validate)
     p = sub.add_parser("ls", help="list every registry (datasets, models, losses, strategies, optimizers, ...)")
     p.set_defaults(func=_ls)
-    p = sub.add_parser("efficacy", help="pretrain, protect (several seeds), attack the grid, write RESULTS.md")
-    p.add_argument("spec")
-    p.add_argument("--set", **overrides)
-    p.add_argument("--protect-seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--workers", type=int, default=2, help="worker processes (one CPU thread each)")
-    p.add_argument("--results", default="RESULTS.md")
-    p.set_defaults(func=_efficacy)
     return parser
 
 
@@ -156,16 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from sophon_ray.checkpoint import CheckpointError  # noqa: PLC0415
-    from sophon_ray.data import DatasetNotFound  # noqa: PLC0415
-    from sophon_ray.spec import SpecError  # noqa: PLC0415
-    from sophon_ray.tracking import TrackingError  # noqa: PLC0415
-
-    try:
-        return args.func(args)
-    except (SpecError, CheckpointError, DatasetNotFound, TrackingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return cli_exit(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -20,13 +20,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from sophon_ray.registry import Registry
-from sophon_ray.spec import DomainSpec, SweepSpec
+from sophon_ray.errors import SophonError
+from sophon_ray.spec import RESTRICTED_VAL_FRACTION, DomainSpec, SweepSpec
 
 Split = tuple[Dataset, Dataset]
 DATASETS: Registry[Callable[[DomainSpec], Split]] = Registry("dataset")
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetNotFound(SophonError, FileNotFoundError):
     """A file-backed dataset is missing under its root; the message says where and how to get it."""
 
 
@@ -36,33 +37,44 @@ def load_domain(spec: DomainSpec) -> Split:
     return _cap(train, spec.train_size, spec.seed), _cap(test, spec.test_size, spec.seed + 1)
 
 
-RESTRICTED_VAL_FRACTION = 0.2
 PROCEDURAL = ("shapes", "shapes_m", "digits", "fake")  # generated or bundled: nothing to find on disk
 
 
 @dataclass(frozen=True)
 class Splits:
+    """Every split a sweep uses. Per restricted domain (lists, in ``spec.restricted`` order): the protector's
+    share (``restricted_train``: protection, probes, the development grid's fine-tuning), its validation
+    data (``restricted_val``: probes' and the development grid's scores), the attacker's pool
+    (``restricted_attacker``: the evaluation grid's fine-tuning) and the test split (its scores)."""
+
     original_train: Dataset
     original_val: Dataset
     original_test: Dataset
-    restricted_train: list[Dataset]  # the protector's share (the attacker draws from restricted_full)
+    restricted_train: list[Dataset]
     restricted_val: list[Dataset]
-    restricted_full: list[Dataset]
+    restricted_attacker: list[Dataset]
     restricted_test: list[Dataset]
 
 
 def make_splits(spec: SweepSpec) -> Splits:
-    """Load every domain of a sweep and carve validation splits with fixed seeds: ``pretrain.val_fraction``
-    of the original training split, and 20% of each restricted training split (the protector's probe
-    validation; the attacker draws from the whole restricted training split)."""
+    """Load every domain of a sweep and carve its splits with fixed seeds: ``pretrain.val_fraction`` of the
+    original training split for validation; of each restricted training split, 20% for the protector's
+    validation, then with ``attack.data_pool: disjoint`` a further ``attack.pool_fraction`` (of the whole
+    split) for the attacker and the rest for the protector; with ``shared`` the attacker draws from the whole
+    restricted training split (the protector's share and validation data included)."""
     o_train, o_test = load_domain(spec.original)
     o_train, o_val = split_off(o_train, spec.pretrain.val_fraction, spec.seed)
-    r_train, r_val, r_full, r_test = [], [], [], []
+    r_train, r_val, r_attacker, r_test = [], [], [], []
     for domain in spec.restricted:
         full, test = load_domain(domain)
         rest, val = split_off(full, RESTRICTED_VAL_FRACTION, spec.seed)
-        r_train.append(rest), r_val.append(val), r_full.append(full), r_test.append(test)
-    return Splits(o_train, o_val, o_test, r_train, r_val, r_full, r_test)
+        if spec.attack.data_pool == "disjoint":
+            protector, attacker = split_off(rest, spec.attack.pool_fraction / (1 - RESTRICTED_VAL_FRACTION),
+                                            spec.seed + 1)
+        else:
+            protector, attacker = rest, full
+        r_train.append(protector), r_val.append(val), r_attacker.append(attacker), r_test.append(test)
+    return Splits(o_train, o_val, o_test, r_train, r_val, r_attacker, r_test)
 
 
 # ------------------------------------------------------------------------------------------ helpers

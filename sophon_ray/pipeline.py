@@ -11,13 +11,18 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from sophon_ray import names
 from sophon_ray.spec import Problem, SpecError, SweepSpec, spec_hash, to_dict
+
+if TYPE_CHECKING:
+    from sophon_ray.trials import Trial
 
 log = logging.getLogger(__name__)
 # Trials Tune gave up on get one more Tune run. Tune's own retries (resources.max_failures) can be cut short:
@@ -57,25 +62,33 @@ def pretrain_key(spec: SweepSpec) -> str:
     return spec_hash((spec.seed, spec.model, spec.original, spec.restricted, spec.pretrain))
 
 
-def protect_key(spec: SweepSpec, index: int) -> str:
-    return spec_hash((pretrain_key(spec), spec.protect[index]))
+def protect_key(spec: SweepSpec, index: int, seed: int) -> str:
+    """Key of one protection: the normal model's key, the variant's settings (not its seed list) and the seed,
+    so that adding a seed to a variant reuses the protections of the seeds it had."""
+    return spec_hash((pretrain_key(spec), replace(spec.protect[index], seeds=()), seed))
 
 
-def protected_labels(spec: SweepSpec, options: RunOptions) -> list[str]:
-    return ["audited"] if options.audit else [v.label for v in spec.protect]
+def protected_models(spec: SweepSpec, options: RunOptions) -> list[tuple[str, int]]:
+    """(variant, protection seed) of every protected model the attacks run against."""
+    if options.audit:
+        return [("audited", names.NO_PROTECT_SEED)]
+    return [(v.label, seed) for v in spec.protect for seed in v.seeds]
 
 
-def dry_run_text(spec: SweepSpec, trials: list[dict[str, Any]]) -> str:
-    g = spec.attack.grid
-    by_subject: dict[str, int] = {}
-    for t in trials:
-        by_subject[t["subject"]] = by_subject.get(t["subject"], 0) + 1
-    lines = [f"sweep {spec.name} ({sweep_id(spec)}): {len(trials)} attack trials "
-             f"({', '.join(f'{k} {v}' for k, v in by_subject.items())})",
-             *(f"  {name}: {list(getattr(g, name))}" for name in ("strategy", "optimizer", "lr", "batch_size",
-                                                                 "data_fraction", "schedule", "epochs", "seed")),
-             f"  protect variants: {[v.label for v in spec.protect]}", "trials:"]
-    lines += [f"  {t['name']}" for t in trials]
+def dry_run_text(spec: SweepSpec, trials: list[Trial]) -> str:
+    """The attack budget per grid and subject, then every trial's name."""
+    lines = [f"sweep {spec.name} ({sweep_id(spec)}): {len(trials)} attack trials, "
+             f"{sum(t.config.epochs for t in trials)} fine-tuning epochs in all; attacker data pool: "
+             f"{spec.attack.data_pool}",
+             f"  protected models: {[f'{v.label} seed {s}' for v in spec.protect for s in v.seeds]}"]
+    for grid in names.GRIDS:
+        chosen = [t for t in trials if t.grid == grid]
+        if chosen:
+            counts = Counter(t.subject.kind for t in chosen)
+            cells = len({(t.domain, replace(t.config, seed=0)) for t in chosen if t.subject.kind != "scratch"})
+            lines.append(f"  {grid} grid: {len(chosen)} trials ({', '.join(f'{k} {v}' for k, v in counts.items())}) "
+                         f"over {cells} cells (recipes x restricted domains) x {len({t.config.seed for t in chosen})} attack seeds")
+    lines += ["trials:", *(f"  {t.name}" for t in trials)]
     return "\n".join(lines)
 
 
@@ -102,10 +115,13 @@ def _say(message: str) -> None:
 def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
     """Run the sweep's stages; raise SpecError (before Ray starts) for a bad grid size or an interrupted
     sweep without ``resume``."""
-    from sophon_ray.tune_driver import plan_trials  # noqa: PLC0415
+    from sophon_ray.trials import plan_trials  # noqa: PLC0415
+    from sophon_ray.validation import advisories  # noqa: PLC0415
 
     sid = sweep_id(spec)
-    trials = plan_trials(spec, protected_labels(spec, options)) if options.attack else []
+    for warning in advisories(spec):
+        _say(f"warning: {warning}")
+    trials = plan_trials(spec, protected_models(spec, options)) if options.attack else []
     if options.max_trials is not None and len(trials) > options.max_trials:
         raise SpecError([Problem("attack.grid", f"{len(trials)} trials exceed --max-trials {options.max_trials}: "
                                  "shrink the grid or raise --max-trials")], spec.name)
@@ -170,9 +186,11 @@ def _check_data(spec: SweepSpec) -> None:
 
 def _train_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: str, sid: str, out: Path,
                  outcome: Outcome) -> dict[str, Path]:
-    """Reuse or train the normal model and every protected model; return label -> checkpoint dir."""
+    """Reuse or train the normal model and every protected model; return model key (``normal``,
+    ``protected/<variant>/s<seed>``) -> checkpoint dir."""
     from sophon_ray.checkpoint import CARD  # noqa: PLC0415
     from sophon_ray.train_driver import jobs_dir, protect_job, run_training  # noqa: PLC0415
+    from sophon_ray.trials import Subject  # noqa: PLC0415
 
     store = out / "checkpoints"
     store.mkdir(exist_ok=True)
@@ -184,17 +202,20 @@ def _train_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: str
     wanted = {}
     if options.audit is None:
         for i, variant in enumerate(spec.protect):
-            key = protect_key(spec, i)
-            wanted[variant.label] = store / jobs_dir("protect", variant.label, key)
-            if not (wanted[variant.label] / CARD).is_file():
-                jobs.append(protect_job(spec, i, key))
+            for seed in variant.seeds:
+                job = protect_job(spec, i, seed, protect_key(spec, i, seed))
+                path = wanted[Subject("protected", variant.label, seed).model] = store / jobs_dir(
+                    "protect", job["label"], job["key"])
+                if not (path / CARD).is_file():
+                    jobs.append(job)
     else:
-        wanted["audited"] = Path(options.audit).resolve()
+        wanted[Subject("protected", "audited", names.NO_PROTECT_SEED).model] = Path(options.audit).resolve()
     reused = [d for d in [normal_dir, *wanted.values()] if (d / CARD).is_file()]
     for d in reused:
         _say(f"[1/4] reuse {d.name} (finished earlier)")
     if jobs:
-        _say(f"[1/4] Ray Train: {', '.join(j['label'] for j in jobs)} on {spec.resources.protect_workers} worker(s)")
+        _say(f"[1/4] Ray Train: {', '.join(j['label'] for j in jobs)} on {spec.resources.protect_workers} worker(s) "
+             f"each, {spec.resources.protect_parallel} protection(s) at once")
         start_ray(options.address)
         storage = spec.resources.storage_path or str(out / "ray")
         results = run_training(spec, jobs, store, storage, normal_dir if (normal_dir / CARD).is_file() else None)
@@ -222,13 +243,18 @@ def _log_models(spec: SweepSpec, tracker: Any, parent: str, sid: str, normal_dir
 
     done = tracker.finished_keys(sid, "pretrain") | tracker.finished_keys(sid, "protect")
     entries = [("pretrain", "pretrain", normal_dir, to_dict(spec.pretrain))]
-    for label, d in protected.items():
+    for key, d in protected.items():
+        _, label, seed_text = key.split("/")
+        seed = int(seed_text[1:])
         variant = next((v for v in spec.protect if v.label == label), None)
-        params = {"variant": label, **({k: v for k, v in to_dict(variant).items() if k != "environments"}
-                                       if variant else {"checkpoint": str(d)})}
+        params = {names.VARIANT: label, names.PROTECT_SEED: seed,
+                  **({k: v for k, v in to_dict(variant).items() if k not in ("environments", "seeds", "probes")}
+                     if variant else {"checkpoint": str(d)})}
         if variant:
             params |= {f"env_{k}": v for k, v in to_dict(variant.environments).items()}
-        entries.append(("protect", f"protect/{label}", d, params))
+            params["probes"] = ", ".join(f"{p.strategy}/{p.optimizer}/lr{p.lr:g}/bs{p.batch_size}/f{p.data_fraction:g}"
+                                         for p in variant.probes)
+        entries.append(("protect", f"protect/{label}/s{seed}", d, params))
     for role, name, d, params in entries:
         card = read_card(d)
         key = f"{role}-{card['spec_hash']}"
@@ -247,21 +273,21 @@ def _log_models(spec: SweepSpec, tracker: Any, parent: str, sid: str, normal_dir
 
 
 def _attack_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: str, sid: str, out: Path,
-                  trials: list[dict[str, Any]], models: dict[str, Path], outcome: Outcome) -> None:
+                  trials: list[Trial], models: dict[str, Path], outcome: Outcome) -> None:
     from sophon_ray.checkpoint import load_checkpoint  # noqa: PLC0415
     from sophon_ray.data import make_splits  # noqa: PLC0415
     from sophon_ray.tune_driver import make_callback, run_attacks  # noqa: PLC0415
 
     finished = tracker.finished_keys(sid, "attack")
-    todo = [t for t in trials if t["key"] not in finished]
+    todo = [t for t in trials if t.key not in finished]
     _say(f"[2/4] attack grid: {len(trials)} trials, {len(trials) - len(todo)} finished earlier, {len(todo)} to run")
     if not todo:
         return
     start_ray(options.address)
     loaded = {}
-    for label, d in models.items():
+    for key, d in models.items():
         model, card = load_checkpoint(d)
-        loaded["normal" if label == "normal" else f"protected/{label}"] = (model.state_dict(), card)
+        loaded[key] = (model.state_dict(), card)
     splits = make_splits(spec)
     storage = spec.resources.storage_path or str(out / "ray")
     errors: list[Any] = []
@@ -270,14 +296,14 @@ def _attack_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: st
                            [make_callback(tracker, parent, sid)], spec.resources.max_failures)
         errors = [r for r in grid if r.error]
         now_finished = tracker.finished_keys(sid, "attack")
-        todo = [t for t in todo if t["key"] not in now_finished]
+        todo = [t for t in todo if t.key not in now_finished]
         if not todo or attempt == RETRY_PASSES:
             break
         why = f": {errors[0].error!r:.200}" if errors else ""
-        _say(f"      {len(todo)} trial(s) not finished after Tune's retries (e.g. {todo[0]['name']}{why}); "
+        _say(f"      {len(todo)} trial(s) not finished after Tune's retries (e.g. {todo[0].name}{why}); "
              "one more pass for them")
     outcome.trials_run = len(trials) - len(finished) - len(todo)
-    missing = [t["name"] for t in todo]
+    missing = [t.name for t in todo]
     _say(f"[3/4] attack grid done | {outcome.trials_run} run now, {len(errors)} errored in the last pass, "
          f"{len(trials) - len(missing)}/{len(trials)} finished in MLflow")
     if missing:

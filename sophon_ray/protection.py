@@ -21,7 +21,7 @@ from sophon_ray.data import infinite_batches
 from sophon_ray.losses import LOSSES
 from sophon_ray.models import Net
 from sophon_ray.simulation import sample_environment, simulate
-from sophon_ray.spec import ProtectSpec
+from sophon_ray.spec import ProbeSpec, ProtectSpec
 from sophon_ray.training import evaluate
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,6 @@ class Sync(Protocol):
 
     def buffers(self, tensors: list[torch.Tensor]) -> None:
         """Average these floating-point buffers (BatchNorm statistics) across workers, in place."""
-
-# The probe: a short worst-of-two fine-tuning on a stratified share of the restricted training data,
-# scored on restricted validation data. One keeps the head, one re-initialises it; one SGD-momentum, one Adam.
-PROBE_ATTACKS = (
-    AttackConfig(strategy="initfc-all", optimizer="momentum", lr=1e-2, batch_size=32, data_fraction=0.2),
-    AttackConfig(strategy="direct-all", optimizer="adam", lr=1e-3, batch_size=32, data_fraction=0.2),
-)
 
 
 @dataclass
@@ -88,13 +81,15 @@ def _restore(snap: _Snapshot, model: Net, fts_opt: torch.optim.Optimizer, ntr_op
     ntr_opt.load_state_dict(snap.ntr_opt)
 
 
-def probe(model: Net, restricted_train: list[Dataset], restricted_val: list[Dataset], epochs: int,
-          seed: int, device: torch.device | str) -> float:
-    """Worst case (max) restricted validation accuracy over :data:`PROBE_ATTACKS` and restricted domains."""
+def probe(model: Net, restricted_train: list[Dataset], restricted_val: list[Dataset], probes: tuple[ProbeSpec, ...],
+          epochs: int, seed: int, device: torch.device | str) -> float:
+    """Worst case (max) restricted *validation* accuracy over the probe attacks and restricted domains: each
+    probe fine-tunes on a stratified share of the protector's restricted data for ``epochs``."""
     scores = []
     for train, val in zip(restricted_train, restricted_val):
-        for config in PROBE_ATTACKS:
-            cfg = AttackConfig(**{**config.as_params(), "epochs": epochs, "seed": seed})
+        for p in probes:
+            cfg = AttackConfig(strategy=p.strategy, optimizer=p.optimizer, lr=p.lr, batch_size=p.batch_size,
+                               data_fraction=p.data_fraction, epochs=epochs, seed=seed)
             scores.append(finetune(model, train, val, cfg, device=device).final)
     return max(scores)
 
@@ -112,7 +107,7 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
             restricted_val: list[Dataset], spec: ProtectSpec, normal_acc: float,
             device: torch.device | str = "cpu", on_metrics: MetricSink | None = None,
             probe_tolerance: float = 5.0, sync: Sync | None = None, rank: int = 0,
-            probe_train: list[Dataset] | None = None) -> ProtectResult:
+            probe_train: list[Dataset] | None = None, seed: int | None = None) -> ProtectResult:
     """Protect a copy of ``model`` against fine-tuning on every restricted domain (SOPHON).
 
     Each iteration: one FTS step (sample an environment, simulate ``inner_steps`` of fine-tuning on a
@@ -128,11 +123,14 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     ``restricted_train``, its ``rank`` (which seeds its own environments and batches), the full
     ``probe_train`` and validation sets (so every rank takes the same decisions), and a ``sync`` that
     averages FTS and NTR gradients and BatchNorm statistics: all ranks then hold identical weights.
+
+    ``seed`` (default: the variant's first seed) seeds environments, batches and probes.
     """
     start = time.perf_counter()
-    torch.manual_seed(spec.seed)
-    rng = random.Random(spec.seed * 1009 + rank)
-    gen = torch.Generator().manual_seed(spec.seed * 1009 + rank)
+    seed = spec.seeds[0] if seed is None else seed
+    torch.manual_seed(seed)
+    rng = random.Random(seed * 1009 + rank)
+    gen = torch.Generator().manual_seed(seed * 1009 + rank)
     probe_train = probe_train or restricted_train
     model = copy.deepcopy(model).to(device)
     model.train()
@@ -149,7 +147,7 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     stopped, iteration, last_log = None, 0, time.perf_counter()
 
     def add_candidate(it: int, original_acc: float) -> None:
-        score = probe(model, probe_train, restricted_val, spec.probe_epochs, spec.seed, device)
+        score = probe(model, probe_train, restricted_val, spec.probes, spec.probe_epochs, seed, device)
         candidates.append(Candidate(it, original_acc, score, copy.deepcopy(model.state_dict())))
         emit(it, {"probe_acc": score})
 

@@ -1,8 +1,9 @@
-"""The sweep spec: frozen, typed dataclasses loaded from YAML, with dotted overrides and one validation pass.
+"""The sweep spec: frozen, typed dataclasses built from YAML, with dotted overrides.
 
 Precedence: dataclass defaults < YAML file < ``--set a.b=v`` overrides (< grid point, in the drivers).
-Validation walks the whole document, collects every problem (field path, bad value, what is allowed,
-did-you-mean) and raises a single :class:`SpecError`; nothing expensive starts before it passes.
+This module only types the document (every type problem collected, field path, did-you-mean); the checks
+against the registries live in :mod:`sophon_ray.validation` (``load_spec``), so that the modules the
+registries come from can import these dataclasses without an import circle.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from typing import Any
 
 import yaml
 
+from sophon_ray.errors import SophonError
 from sophon_ray.registry import did_you_mean
 
 SUBJECTS = ("protected", "normal", "scratch")
 MODES = ("classification",)
+DATA_POOLS = ("disjoint", "shared")
+RESTRICTED_VAL_FRACTION = 0.2  # of each restricted training split: the protector's validation data
 
 
 @dataclass(frozen=True)
@@ -80,12 +84,28 @@ class EnvironmentSpec:
 
 
 @dataclass(frozen=True)
+class ProbeSpec:
+    """One probe attack: a short fine-tuning on the protector's restricted share, scored on restricted
+    *validation* data, that rates a state of the protection for checkpoint selection. Probes belong to the
+    development side of the protocol: ``validate`` warns when one is also an evaluation cell."""
+
+    strategy: str = "initfc-all"
+    optimizer: str = "momentum"
+    lr: float = 3e-3
+    batch_size: int = 64
+    data_fraction: float = 0.2
+
+
+DEFAULT_PROBES = (ProbeSpec("initfc-all", "momentum", 3e-3), ProbeSpec("direct-all", "adam", 3e-4))
+
+
+@dataclass(frozen=True)
 class ProtectSpec:
-    """One SOPHON variant.
+    """One SOPHON variant, protected once per seed in ``seeds`` (one Ray Train job and checkpoint each).
 
     ``max_drop`` (points below the normal model's original validation accuracy) is the rollback floor, a
     guard against collapse (the official code's floor is 80% absolute); ``select_drop`` is the stricter
-    intactness bound a probed checkpoint must meet to be selected.
+    intactness bound a probed checkpoint must meet to be selected; ``probes`` rate the probed states.
     """
 
     name: str | None = None
@@ -105,7 +125,8 @@ class ProtectSpec:
     eval_every: int = 10
     probe_every: int = 50
     probe_epochs: int = 3
-    seed: int = 0
+    probes: tuple[ProbeSpec, ...] = DEFAULT_PROBES
+    seeds: tuple[int, ...] = (0,)
     environments: EnvironmentSpec = field(default_factory=EnvironmentSpec)
 
     @property
@@ -115,7 +136,7 @@ class ProtectSpec:
 
 @dataclass(frozen=True)
 class GridSpec:
-    """Every key is a list; the attack grid is their cross product."""
+    """Every key is a list; the grid is their cross product."""
 
     strategy: tuple[str, ...] = ("direct-all", "initfc-all", "direct-fc", "initfc-fc")
     optimizer: tuple[str, ...] = ("sgd", "momentum", "adam")
@@ -124,22 +145,41 @@ class GridSpec:
     data_fraction: tuple[float, ...] = (0.1,)
     schedule: tuple[str, ...] = ("constant",)
     epochs: tuple[int, ...] = (10,)
+    weight_decay: tuple[float, ...] = (0.0,)
     seed: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
 class AttackSpec:
+    """The attacks, on two grids (each a list of grids whose cells are united):
+
+    - ``evaluation``: the reported grid. Attackers fine-tune on their own pool of the restricted training
+      split and are scored on the restricted *test* split.
+    - ``development``: the only grid that protection settings, probes and checkpoint choice may be tuned
+      on. Attackers fine-tune on the protector's restricted share and are scored on restricted
+      *validation* data.
+
+    ``data_pool``: ``disjoint`` (default) gives the attacker ``pool_fraction`` of the restricted training
+    split that the protector never sees; ``shared`` lets the attacker draw from the whole split, the
+    protector's share included.
+    """
+
     subjects: tuple[str, ...] = SUBJECTS
-    grid: GridSpec = field(default_factory=GridSpec)
-    weight_decay: float = 0.0
+    evaluation: tuple[GridSpec, ...] = (GridSpec(),)
+    development: tuple[GridSpec, ...] = ()
+    data_pool: str = "disjoint"
+    pool_fraction: float = 0.5
 
 
 @dataclass(frozen=True)
 class ResourcesSpec:
-    """Ray resources. ``storage_path``: where Ray Train/Tune keep their state (default
-    ``<output_dir>/ray``); on a multi-node cluster a shared path (NFS, s3://...)."""
+    """Ray resources. ``protect_workers``: data-parallel workers of one protection (Ray Train);
+    ``protect_parallel``: protections (variants x seeds) run at once, each its own Ray Train run.
+    ``storage_path``: where Ray Train/Tune keep their state (default ``<output_dir>/ray``); on a multi-node
+    cluster a shared path (NFS, s3://...)."""
 
     protect_workers: int = 1
+    protect_parallel: int = 1
     use_gpu: bool = False
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
@@ -182,7 +222,7 @@ class Problem:
         return f"{self.path or '<spec>'}: {self.message}"
 
 
-class SpecError(ValueError):
+class SpecError(SophonError, ValueError):
     """Every problem found in a spec, reported at once."""
 
     def __init__(self, problems: Sequence[Problem], source: str = "spec") -> None:
@@ -315,135 +355,15 @@ def _lookup(data: Any, parts: list[str]) -> Any:
     return data
 
 
-# ------------------------------------------------------------------------------------------ semantics
-def _check_semantics(spec: SweepSpec, problems: list[Problem]) -> None:
-    from sophon_ray import registries  # noqa: PLC0415 - imports torch; only after typing passed
-
-    def name_in(path: str, value: str, registry: Any) -> None:
-        if value not in registry:
-            problems.append(Problem(path, registry.miss_message(value)))
-
-    def positive(path: str, value: float | None) -> None:
-        if value is not None and value <= 0:
-            problems.append(Problem(path, f"must be > 0, got {value}"))
-
-    def fraction(path: str, value: float | None, low_open: bool = True) -> None:
-        if value is not None and not ((0 < value <= 1) if low_open else (0 <= value <= 1)):
-            problems.append(Problem(path, f"must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}"))
-
-    if spec.mode not in MODES:
-        problems.append(Problem("mode", f"'{spec.mode}' is not supported; allowed: {', '.join(MODES)} "
-                                "(generation/DoS is not implemented yet)"))
-    name_in("model.arch", spec.model.arch, registries.MODELS)
-    positive("model.num_classes", spec.model.num_classes)
-    domains = [("original", spec.original)] + [(f"restricted.{i}", d) for i, d in enumerate(spec.restricted)]
-    if not spec.restricted:
-        problems.append(Problem("restricted", "needs at least one restricted domain"))
-    for path, d in domains:
-        name_in(f"{path}.dataset", d.dataset, registries.DATASETS)
-        positive(f"{path}.image_size", d.image_size)
-        if d.channels not in (1, 3):
-            problems.append(Problem(f"{path}.channels", f"must be 1 or 3, got {d.channels}"))
-        for key in ("train_size", "test_size"):
-            positive(f"{path}.{key}", getattr(d, key))
-        for key in ("mean", "std"):
-            if len(getattr(d, key)) not in (1, d.channels):
-                problems.append(Problem(f"{path}.{key}", f"needs 1 or {d.channels} values, got {getattr(d, key)}"))
-        if any(s <= 0 for s in d.std):
-            problems.append(Problem(f"{path}.std", f"must be > 0, got {d.std}"))
-        if (d.image_size, d.channels) != (spec.original.image_size, spec.original.channels):
-            problems.append(Problem(f"{path}.image_size", "every domain feeds the same model: image_size and "
-                                    f"channels must match original ({spec.original.image_size}, "
-                                    f"{spec.original.channels}), got ({d.image_size}, {d.channels})"))
-    p = spec.pretrain
-    name_in("pretrain.optimizer", p.optimizer, registries.OPTIMIZERS)
-    for key in ("epochs", "lr", "batch_size"):
-        positive(f"pretrain.{key}", getattr(p, key))
-    if p.weights and p.weights != "torchvision" and not (Path(p.weights) / "model.json").is_file():
-        problems.append(Problem("pretrain.weights", f"no sophon-ray checkpoint at {Path(p.weights).resolve()} "
-                                "(expected model.json + model.safetensors); give a checkpoint directory, "
-                                "'torchvision' for published ImageNet weights, or null to pretrain"))
-    if not 0 < p.val_fraction < 1:
-        problems.append(Problem("pretrain.val_fraction", f"must be in (0, 1), got {p.val_fraction}"))
-    labels = [v.label for v in spec.protect]
-    for i, v in enumerate(spec.protect):
-        path = f"protect.{i}"
-        name_in(f"{path}.loss", v.loss, registries.LOSSES)
-        for key in ("iterations", "inner_steps", "base_lr", "alpha", "beta", "batch_size", "clip_norm",
-                    "eval_every", "probe_every", "probe_epochs"):
-            positive(f"{path}.{key}", getattr(v, key))
-        for key in ("ntr_steps", "max_rollbacks", "max_drop", "select_drop"):
-            if getattr(v, key) < 0:
-                problems.append(Problem(f"{path}.{key}", f"must be >= 0, got {getattr(v, key)}"))
-        if not 0 < v.query_fraction < 1:
-            problems.append(Problem(f"{path}.query_fraction", f"must be in (0, 1), got {v.query_fraction}"))
-        elif v.batch_size < 4:
-            problems.append(Problem(f"{path}.batch_size", "support and query need >= 2 samples each "
-                                    f"(BatchNorm): raise batch_size ({v.batch_size}) to 4 or more"))
-        if labels.count(v.label) > 1:
-            problems.append(Problem(f"{path}.name", f"variant name '{v.label}' is used twice: give each "
-                                    "protect entry a unique name"))
-        env = v.environments
-        if not env.optimizers:
-            problems.append(Problem(f"{path}.environments.optimizers", "needs at least one optimizer"))
-        for j, opt in enumerate(env.optimizers):
-            name_in(f"{path}.environments.optimizers.{j}", opt, registries.INNER_OPTIMIZERS)
-        if env.lr[0] <= 0 or env.lr[0] > env.lr[1]:
-            problems.append(Problem(f"{path}.environments.lr", f"needs 0 < low <= high, got {list(env.lr)}"))
-        fraction(f"{path}.environments.head_reinit", env.head_reinit, low_open=False)
-        fraction(f"{path}.environments.head_only", env.head_only, low_open=False)
-    a = spec.attack
-    for i, s in enumerate(a.subjects):
-        if s not in SUBJECTS:
-            problems.append(Problem(f"attack.subjects.{i}", f"unknown subject '{s}'{did_you_mean(s, list(SUBJECTS))}; "
-                                    f"allowed: {', '.join(SUBJECTS)}"))
-    if "protected" in a.subjects and not spec.protect:
-        problems.append(Problem("attack.subjects", "'protected' needs at least one protect variant"))
-    if a.weight_decay < 0:
-        problems.append(Problem("attack.weight_decay", f"must be >= 0, got {a.weight_decay}"))
-    g = a.grid
-    for f_ in fields(GridSpec):
-        values = getattr(g, f_.name)
-        if not values:
-            problems.append(Problem(f"attack.grid.{f_.name}", "is empty: give at least one value"))
-    checks = {"strategy": registries.STRATEGIES, "optimizer": registries.OPTIMIZERS,
-              "schedule": registries.SCHEDULES}
-    for key, registry in checks.items():
-        for j, value in enumerate(getattr(g, key)):
-            name_in(f"attack.grid.{key}.{j}", value, registry)
-    for key in ("lr", "batch_size", "epochs"):
-        for j, value in enumerate(getattr(g, key)):
-            positive(f"attack.grid.{key}.{j}", value)
-    for j, value in enumerate(g.data_fraction):
-        fraction(f"attack.grid.data_fraction.{j}", value)
-    r = spec.resources
-    positive("resources.protect_workers", r.protect_workers)
-    positive("resources.cpus_per_trial", r.cpus_per_trial)
-    if r.max_failures < 0:
-        problems.append(Problem("resources.max_failures", f"must be >= 0, got {r.max_failures}"))
-    if r.gpus_per_trial < 0:
-        problems.append(Problem("resources.gpus_per_trial", f"must be >= 0, got {r.gpus_per_trial}"))
-
-
 # ------------------------------------------------------------------------------------------ public API
-def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
-    """Build and validate a :class:`SweepSpec` from a plain mapping; raise :class:`SpecError` listing all problems."""
+def build_spec(data: Any) -> tuple[SweepSpec | None, list[Problem]]:
+    """Type a plain mapping as a :class:`SweepSpec` (bad values keep their defaults); every type problem found."""
     problems: list[Problem] = []
-    spec = _build(SweepSpec, data, "", problems)
-    if not problems:
-        _check_semantics(spec, problems)
-    elif spec is not None:
-        try:
-            _check_semantics(spec, problems)
-        except Exception:  # noqa: BLE001 - a half-built spec may not support every check; typing errors stand
-            pass
-    if problems:
-        raise SpecError(problems, source)
-    return spec
+    return _build(SweepSpec, data, "", problems), problems
 
 
-def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
-    """Read a YAML sweep spec, apply dotted overrides, validate; raise :class:`SpecError` listing all problems."""
+def read_spec_data(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """The YAML mapping of a spec file with dotted overrides applied; SpecError for a missing or bad file."""
     path = Path(path)
     if not path.is_file():
         raise SpecError([Problem("", f"spec file not found: {path.resolve()}")], str(path))
@@ -451,7 +371,7 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> SweepSpec:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise SpecError([Problem("", f"not valid YAML: {err}")], str(path)) from err
-    return parse_spec(apply_overrides(data, overrides), str(path))
+    return apply_overrides(data, overrides)
 
 
 def to_dict(obj: Any) -> Any:

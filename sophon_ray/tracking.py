@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from sophon_ray.errors import SophonError
+from sophon_ray.names import KEY, PARENT, ROLE, SWEEP
+
 log = logging.getLogger(__name__)
-ROLE, SWEEP, KEY, PARENT = "sophon.role", "sophon.sweep_id", "sophon.key", "mlflow.parentRunId"
 MAX_BATCH = 900  # MLflow's log_batch accepts at most 1000 metrics per call
 
 
-class TrackingError(RuntimeError):
+class TrackingError(SophonError, RuntimeError):
     """The tracking server/store cannot be reached or used; the message names the URI and the fix."""
 
 

@@ -1,9 +1,12 @@
-"""Ray Train: pretraining and protection in one TorchTrainer run (its ~25 s start is paid once per sweep).
+"""Ray Train: pretraining and protection (one job per protect variant and seed).
 
-Every worker regenerates or reads the domains locally, trains on its own shard, and averages gradients
-and BatchNorm statistics with ``torch.distributed`` (gloo on CPU, nccl on GPU), so all ranks hold
-identical weights; rank 0 reports each finished model as a Ray Train checkpoint (weights, card and
-metric history), which the driver copies into the sweep's checkpoint store.
+With ``resources.protect_parallel = 1`` every job runs in one TorchTrainer run (its start, ~10-25 s, is paid
+once per sweep); with P > 1 pretraining runs first, then the protection jobs in P TorchTrainer runs at
+once (each job on its own ``protect_workers`` workers). Every worker regenerates or reads the domains
+locally, trains on its own shard, and averages gradients and BatchNorm statistics with
+``torch.distributed`` (gloo on CPU, nccl on GPU), so all ranks hold identical weights; rank 0 reports each
+finished model as a Ray Train checkpoint (weights, card and metric history), which the driver copies into
+the sweep's checkpoint store.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import logging
 import shutil
 import tempfile
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +74,11 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist  # noqa: PLC0415
     from ray.train import Checkpoint  # noqa: PLC0415
 
-    from sophon_ray.checkpoint import make_card, save_checkpoint  # noqa: PLC0415
+    from sophon_ray.checkpoint import initial_model, make_card, save_checkpoint  # noqa: PLC0415
     from sophon_ray.data import make_splits  # noqa: PLC0415
     from sophon_ray.protection import protect  # noqa: PLC0415
     from sophon_ray.spec import to_dict  # noqa: PLC0415
-    from sophon_ray.training import evaluate, initial_model, pretrain  # noqa: PLC0415
+    from sophon_ray.training import evaluate, pretrain  # noqa: PLC0415
 
     spec: SweepSpec = config["spec"]
     ctx = ray.train.get_context()
@@ -126,7 +131,7 @@ def train_loop(config: dict[str, Any]) -> None:
         result = protect(normal, _shard(splits.original_train, rank, world), splits.original_val,
                          [_shard(d, rank, world) for d in splits.restricted_train], splits.restricted_val, variant,
                          normal_acc, device, on_metrics=record, sync=sync, rank=rank,
-                         probe_train=splits.restricted_train)
+                         probe_train=splits.restricted_train, seed=job["seed"])
         test_acc = evaluate(result.model, splits.original_test, device).accuracy
         normal_test = evaluate(normal, splits.original_test, device).accuracy
         metrics = {"original_val_acc": result.original_acc, "original_test_acc": test_acc,
@@ -134,17 +139,36 @@ def train_loop(config: dict[str, Any]) -> None:
                    "selected_iteration": result.selected_iteration, "rollbacks": len(result.rollbacks),
                    "iterations_run": result.iterations_run, "seconds": time.perf_counter() - start}
         card = make_card(spec.model, spec.original, spec.restricted, job["key"], "protected", metrics,
-                         extra={"variant": variant.label, "protect": to_dict(variant),
+                         extra={"variant": variant.label, "protect_seed": job["seed"], "protect": to_dict(variant),
                                 "rollback_events": result.rollbacks, "stopped": result.stopped})
         finish(job, result.model, card, history, metrics)
 
 
 def run_training(spec: SweepSpec, jobs: list[dict[str, Any]], store: Path, storage_path: str,
                  normal_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Run ``jobs`` in one TorchTrainer; copy each reported checkpoint to ``store/<dir>``; return metrics.
+    """Run ``jobs`` (pretrain first, if there) on Ray Train, ``resources.protect_parallel`` protection runs at
+    once; copy each reported checkpoint to ``store/<dir>``; return their metrics (with ``dir``).
 
     ``normal_dir`` is the finished normal model when only protect jobs remain.
     """
+    protect_jobs = [j for j in jobs if j["stage"] == "protect"]
+    parallel = min(spec.resources.protect_parallel, len(protect_jobs))
+    if parallel <= 1:
+        return _fit(spec, jobs, store, storage_path, normal_dir)
+    out = []
+    if len(protect_jobs) < len(jobs):  # the protections start from the pretrained model
+        out = _fit(spec, [j for j in jobs if j["stage"] != "protect"], store, storage_path, normal_dir)
+        normal_dir = Path(next(r["dir"] for r in out if r["stage"] == "pretrain"))
+    groups = [protect_jobs[i::parallel] for i in range(parallel)]
+    with ThreadPoolExecutor(parallel, thread_name_prefix="protect") as pool:
+        for results in pool.map(lambda group: _fit(spec, group, store, storage_path, normal_dir), groups):
+            out += results
+    return out
+
+
+def _fit(spec: SweepSpec, jobs: list[dict[str, Any]], store: Path, storage_path: str,
+         normal_dir: Path | None) -> list[dict[str, Any]]:
+    """Run ``jobs`` in order in one TorchTrainer run; copy each reported checkpoint to ``store/<dir>``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: PLC0415
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 
@@ -160,7 +184,7 @@ def run_training(spec: SweepSpec, jobs: list[dict[str, Any]], store: Path, stora
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=r.protect_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_trial, **({"GPU": 1} if r.use_gpu else {})}),
-        run_config=RunConfig(name=f"train-{int(time.time() * 1000)}", storage_path=storage_path,
+        run_config=RunConfig(name=f"train-{int(time.time())}-{uuid.uuid4().hex[:8]}", storage_path=storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
                              failure_config=FailureConfig(max_failures=1)),
     )
@@ -181,6 +205,12 @@ def jobs_dir(stage: str, label: str, key: str) -> str:
     return f"{stage}-{label}-{key}"
 
 
-def protect_job(spec: SweepSpec, index: int, key: str) -> dict[str, Any]:
-    return {"stage": "protect", "variant_index": index, "label": spec.protect[index].label, "key": key}
+def protect_job(spec: SweepSpec, index: int, seed: int, key: str) -> dict[str, Any]:
+    """One protection: variant ``index`` with protection seed ``seed``."""
+    label = protected_label(spec.protect[index].label, seed)
+    return {"stage": "protect", "variant_index": index, "seed": seed, "label": label, "key": key}
+
+
+def protected_label(variant: str, seed: int) -> str:
+    return f"{variant}-s{seed}"
 

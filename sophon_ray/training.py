@@ -19,9 +19,7 @@ from sophon_ray.registry import Registry
 from sophon_ray.spec import PretrainSpec
 
 if TYPE_CHECKING:
-    from sophon_ray.models import Net
     from sophon_ray.protection import Sync
-    from sophon_ray.spec import SweepSpec
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float, float], torch.optim.Optimizer]
 OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
@@ -136,22 +134,3 @@ def pretrain(model: nn.Module, train: Dataset, val: Dataset, spec: PretrainSpec,
         if on_epoch:
             on_epoch(epoch, {"train_loss": loss, "val_acc": curve[-1]})
     return PretrainResult(curve, time.perf_counter() - start)
-
-
-def initial_model(spec: "SweepSpec") -> tuple["Net", bool]:
-    """The model pretraining starts from, and whether it still needs pretraining.
-
-    ``pretrain.weights``: None -> a seeded random init (train it); ``torchvision`` -> the published
-    ImageNet weights in the body (train it on the original domain); a sophon-ray checkpoint directory ->
-    that model as the normal model (no training; its card must match the spec's model and input).
-    """
-    from sophon_ray.checkpoint import check_fits, load_checkpoint  # noqa: PLC0415
-    from sophon_ray.models import build_model  # noqa: PLC0415
-
-    weights = spec.pretrain.weights
-    if weights and weights != "torchvision":
-        model, card = load_checkpoint(weights, channels_last=spec.model.channels_last)
-        check_fits(card, spec.model, spec.original, f"pretrain.weights {weights}")
-        return model, False
-    torch.manual_seed(spec.seed)
-    return build_model(spec.model, spec.original.channels, spec.original.image_size, weights=weights), True

@@ -1,64 +1,24 @@
-"""Ray Tune: the attack grid as one trial per (subject, variant, strategy, optimizer, lr, batch size,
-data fraction, schedule, epochs, seed), logged to MLflow by a driver-side callback (one writer)."""
+"""Ray Tune: one Tune trial per planned :class:`~sophon_ray.trials.Trial` (development and evaluation grids),
+logged to MLflow by a driver-side callback (one writer)."""
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from sophon_ray.attack import SCRATCH_STRATEGY, AttackConfig, grid_configs
-from sophon_ray.spec import SweepSpec, spec_hash
+from sophon_ray import names
+from sophon_ray.spec import SweepSpec
+from sophon_ray.trials import Trial
 
 log = logging.getLogger(__name__)
-ATTACK_FIELDS = [f.name for f in fields(AttackConfig)]
-
-
-def plan_trials(spec: SweepSpec, protected: list[str]) -> list[dict[str, Any]]:
-    """Every attack trial of the sweep as a plain dict (deterministic order and keys).
-
-    ``protected`` lists the protected models' labels. The scratch baseline runs once per
-    (optimizer, lr, batch size, data fraction, schedule, epochs, seed), with strategy ``direct-all``:
-    a random init trains all its layers whatever the cell's strategy (see README, Metrics).
-    """
-    models = [("protected", label) for label in protected if "protected" in spec.attack.subjects]
-    models += [("normal", "-")] if "normal" in spec.attack.subjects else []
-    trials, seen = [], set()
-    configs = grid_configs(spec.attack.grid, spec.attack.weight_decay)
-    for d, config in itertools.product(range(len(spec.restricted)), configs):
-        cells = [(subject, variant, config) for subject, variant in models]
-        scratch = AttackConfig(**{**config.as_params(), "strategy": SCRATCH_STRATEGY})
-        if "scratch" in spec.attack.subjects and (d, scratch) not in seen:
-            seen.add((d, scratch))
-            cells.append(("scratch", "-", scratch))
-        for subject, variant, cfg in cells:
-            trial = {"subject": subject, "variant": variant, **cfg.as_params()}
-            if len(spec.restricted) > 1:  # one more grid axis; single-domain keys stay as they were
-                trial["domain"] = f"{d}:{spec.restricted[d].dataset}"
-            trial["key"] = spec_hash(trial)
-            trial["name"] = trial_name(trial)
-            trials.append(trial)
-    return trials
-
-
-def trial_name(trial: dict[str, Any]) -> str:
-    who = trial["subject"] if trial["variant"] == "-" else f"{trial['subject']}/{trial['variant']}"
-    what = "all" if trial["subject"] == "scratch" else trial["strategy"]
-    where = f"{trial['domain']}/" if "domain" in trial else ""
-    return (f"{where}{who}/{what}/{trial['optimizer']}/lr{trial['lr']:g}/bs{trial['batch_size']}/"
-            f"f{trial['data_fraction']:g}/e{trial['epochs']}/{trial['schedule']}/s{trial['seed']}")
-
-
-def model_for(trial: dict[str, Any]) -> str:
-    return f"protected/{trial['variant']}" if trial["subject"] == "protected" else "normal"
 
 
 # ---------------------------------------------------------------------------- trial inputs, shared
@@ -105,16 +65,28 @@ class _SharedTensors:
 
 @dataclass(frozen=True)
 class AttackData:
-    """What attack trials read: the attacker's restricted data, the restricted and original test sets."""
+    """What attack trials read, per restricted domain: the development grid's data (the protector's share to
+    fine-tune on, its validation split to score on), the evaluation grid's (the attacker's pool, the test
+    split), and the original test split (intactness after the attack)."""
 
-    restricted_full: list[Dataset]
+    restricted_train: list[Dataset]
+    restricted_val: list[Dataset]
+    restricted_attacker: list[Dataset]
     restricted_test: list[Dataset]
     original_test: Dataset
+
+    def for_trial(self, trial: Trial) -> tuple[Dataset, Dataset]:
+        """(fine-tuning data, scoring data) of a trial's grid and domain."""
+        d = trial.domain
+        if trial.grid == names.DEVELOPMENT:
+            return self.restricted_train[d], self.restricted_val[d]
+        return self.restricted_attacker[d], self.restricted_test[d]
 
 
 def attack_data(splits: Any) -> AttackData:
     """The trials' share of the sweep's splits (no original training or validation data)."""
-    return AttackData(splits.restricted_full, splits.restricted_test, splits.original_test)
+    return AttackData(splits.restricted_train, splits.restricted_val, splits.restricted_attacker,
+                      splits.restricted_test, splits.original_test)
 
 
 # --------------------------------------------------------------------------------------------- the trial
@@ -160,23 +132,23 @@ def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], d
 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"  # GPUs Tune gave this trial
-    trial = config["trial"]
-    state, card = models[model_for(trial)]
+    trial: Trial = config["trial"]
+    state, card = models[trial.subject.model]
     model = build_model(ModelSpec(card["arch"], card["num_classes"], channels_last), card["channels"],
                         card["image_size"])
     model.load_state_dict(unshare(state))
-    if trial["subject"] == "scratch":
-        model = scratch_model(model, trial["seed"])
-    cfg = AttackConfig(**{k: trial[k] for k in ATTACK_FIELDS})
-    domain = int(trial.get("domain", "0").split(":")[0])
+    if trial.subject.kind == "scratch":
+        model = scratch_model(model, trial.config.seed)
+    cfg = trial.config
     reporter = EpochReporter(tune.report, cfg.epochs)
     data = unshare(data)
-    result = finetune(model, data.restricted_full[domain], data.restricted_test[domain], cfg,
-                      original_test=data.original_test, device=device, on_epoch=reporter)
-    reporter.flush(epoch=cfg.epochs, restricted_acc=result.final, restricted_loss=result.restricted_loss[-1],
-                   restricted_acc_final=result.final, restricted_acc_best=result.best,
-                   original_acc=result.original_acc, train_size=result.train_size, compute_seconds=result.seconds,
-                   node_id=ray.get_runtime_context().get_node_id(), done=True)
+    train, score = data.for_trial(trial)
+    result = finetune(model, train, score, cfg, original_test=data.original_test, device=device, on_epoch=reporter)
+    reporter.flush(**{"epoch": cfg.epochs, names.RESTRICTED_ACC: result.final,
+                      names.RESTRICTED_LOSS: result.restricted_loss[-1], names.FINAL: result.final,
+                      names.BEST: result.best, names.ORIGINAL_ACC: result.original_acc,
+                      "train_size": result.train_size, "compute_seconds": result.seconds,
+                      "node_id": ray.get_runtime_context().get_node_id(), "done": True})
 
 
 def make_callback(tracker: Any, parent_id: str, sweep_id: str) -> Any:
@@ -190,11 +162,10 @@ def make_callback(tracker: Any, parent_id: str, sweep_id: str) -> Any:
 
         def _run(self, trial: Any) -> str:
             if trial.trial_id not in self.runs:
-                t = trial.config["trial"]
-                params = {k: t[k] for k in ["subject", "variant", "domain", *ATTACK_FIELDS] if k in t}
-                run_id = tracker.child_run(parent_id, sweep_id, "attack", t["key"], t["name"], params)
+                t: Trial = trial.config["trial"]
+                run_id = tracker.child_run(parent_id, sweep_id, "attack", t.key, t.name, t.params())
                 self.runs[trial.trial_id] = run_id
-                self.steps[run_id] = tracker.logged_steps(run_id, "restricted_acc")
+                self.steps[run_id] = tracker.logged_steps(run_id, names.RESTRICTED_ACC)
             return self.runs[trial.trial_id]
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -203,16 +174,16 @@ def make_callback(tracker: Any, parent_id: str, sweep_id: str) -> Any:
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             run_id = self._run(trial)
             logged = self.steps[run_id]  # a retried trial replays epochs that are already logged
-            rows = [(int(e), {"restricted_acc": acc, "restricted_loss": loss})
+            rows = [(int(e), {names.RESTRICTED_ACC: acc, names.RESTRICTED_LOSS: loss})
                     for e, acc, loss in result.get("curve", []) if int(e) not in logged]
             if result.get("done"):
-                rows.append((0, {k: result[k] for k in ("restricted_acc_final", "restricted_acc_best",
-                                                        "original_acc") if result.get(k) is not None}))
+                rows.append((0, {k: result[k] for k in (names.FINAL, names.BEST, names.ORIGINAL_ACC)
+                                 if result.get(k) is not None}))
             if rows:
                 tracker.log_rows(run_id, rows)
             if result.get("done"):
-                tracker.set_tag(run_id, "sophon.node_id", result.get("node_id", ""))
-            logged.update(e for e, row in rows if "restricted_acc" in row)
+                tracker.set_tag(run_id, names.NODE, result.get("node_id", ""))
+            logged.update(e for e, row in rows if names.RESTRICTED_ACC in row)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             tracker.finish(self._run(trial), "FINISHED")
@@ -223,7 +194,7 @@ def make_callback(tracker: Any, parent_id: str, sweep_id: str) -> Any:
     return MlflowTrials()
 
 
-def run_attacks(spec: SweepSpec, trials: list[dict[str, Any]], models: dict[str, tuple[dict, dict]], splits: Any,
+def run_attacks(spec: SweepSpec, trials: list[Trial], models: dict[str, tuple[dict, dict]], splits: Any,
                 storage_path: str, name: str, callbacks: list[Any], max_failures: int = 2) -> Any:
     """Run ``trials`` as one Tune experiment; returns Tune's ResultGrid.
 

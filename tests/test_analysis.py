@@ -11,6 +11,7 @@ import sys
 import time
 
 import matplotlib.image
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
@@ -20,8 +21,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from analysis import summary  # noqa: E402
 from analysis.report import run_report  # noqa: E402
-from analysis.runs import (RunsNotFoundError, cells, find_sweep, load_curves, load_num_classes,  # noqa: E402
-                           load_runs)
+from analysis.results import HAND_WRITTEN  # noqa: E402
+from analysis.runs import (ATTACK_PARAMS, RunsNotFoundError, cells, find_sweep, load_curves,  # noqa: E402
+                           load_num_classes, load_runs)
 
 EXPERIMENT = "analysis-test"
 SWEEP_ID = "a1b2c3d4e5f6"
@@ -57,9 +59,10 @@ def log_run(client, experiment_id, parent_id, sweep_id, role, name, params=(), m
 def log_attack(client, experiment_id, parent_id, subject, strategy, optimizer, lr, seed, sweep_id=SWEEP_ID):
     values = curve(subject, strategy, optimizer, lr, seed)
     params = [("subject", subject), ("variant", VARIANT if subject == "protected" else "-"),
-              ("strategy", strategy), ("optimizer", optimizer), ("lr", lr), ("batch_size", 64),
-              ("data_fraction", 0.1), ("schedule", "constant"), ("epochs", len(values) - 1), ("seed", seed),
-              ("weight_decay", 0.0)] + ([("protect_seed", 0)] if subject == "protected" else [])
+              ("protect_seed", 0 if subject == "protected" else -1), ("grid", "evaluation"), ("domain", "shapes_m"),
+              ("data_pool", "disjoint"), ("strategy", strategy), ("optimizer", optimizer), ("lr", lr),
+              ("batch_size", 64), ("data_fraction", 0.1), ("schedule", "constant"), ("epochs", len(values) - 1),
+              ("seed", seed), ("weight_decay", 0.0)]
     metrics = {"restricted_acc_final": values[-1], "restricted_acc_best": max(values), "original_acc": 90.0}
     histories = {"restricted_acc": values, "restricted_loss": [3.0 - v / 50 for v in values]}
     return log_run(client, experiment_id, parent_id, sweep_id, "attack", f"{subject}-{strategy}-{optimizer}",
@@ -85,7 +88,7 @@ def store(tmp_path_factory):
     log_run(client, experiment_id, parent, SWEEP_ID, "pretrain", "pretrain",
             metrics={"original_val_acc": 96.0, "original_test_acc": PRETRAIN_TEST_ACC})
     log_run(client, experiment_id, parent, SWEEP_ID, "protect", f"protect-{VARIANT}",
-            params=[("variant", VARIANT), ("loss", "ice"), ("seed", 0)],
+            params=[("variant", VARIANT), ("loss", "ice"), ("protect_seed", 0)],
             metrics={"original_val_acc": 94.0, "original_test_acc": PROTECTED_TEST_ACC,
                      "intactness_drop": PRETRAIN_TEST_ACC - PROTECTED_TEST_ACC, "probe_acc": 11.0,
                      "selected_iteration": 40, "rollbacks": 0},
@@ -150,8 +153,8 @@ def test_cells_average_seeds_and_join_scratch_across_strategies(runs):
 
 def test_report_writes_valid_pngs(report):
     names = sorted(p.name for p in report["heatmaps"] + report["curves"])
-    assert names == ["curves-direct-all.png", "curves-initfc-fc.png", "heatmap-batch_size.png",
-                     "heatmap-direct-all.png", "heatmap-initfc-fc.png"]
+    assert names == ["curves-direct-all.png", "curves-initfc-fc.png", "heatmap-direct-all.png",
+                     "heatmap-initfc-fc.png"]  # one grid and domain: no prefix; no secondary setting varies
     for path in report["heatmaps"] + report["curves"]:
         assert path.stat().st_size > 20_000, path
         image = matplotlib.image.imread(path)
@@ -162,15 +165,18 @@ def test_report_writes_valid_pngs(report):
 def test_summary_has_hand_computed_numbers(report):
     text = report["summary"].read_text()
     # Intactness: 95.0 normal vs 93.5 protected.
-    assert f"| {VARIANT} | ice | 1 | 95.0 | 93.5 | +1.5 |" in text
+    assert f"| {VARIANT} | ice | 1 | 95.0 | 93.5 (93.5-93.5) | +1.5 | +1.5 |" in text
     # Cell (initfc-fc, adam, 0.01): scratch seed-mean curve [13.5, 33.5, 48.5, 58.5, 63.5], tau = 57.15 is
     # reached at epoch 3; normal reaches it at epoch 1 (1/3), protected never (censored: budget 4 / 3).
-    assert "| initfc-fc | adam | 0.01 | 20.5 | 92.5 | 63.5 | -43.0 | >=1.3 | 0.33 |" in text
+    assert "| initfc-fc | adam | 0.01 | 20.5 | 92.5 | 63.5 | -43.0 | held, meaningful | >=1.3 | 0.33 |" in text
     # Every cell held, normal holds none, all meaningful; normal - protected = 72 everywhere; with 10 classes
-    # (from the logged spec) no protected final (13.5 .. 20.5) is under chance - 2 = 8.
-    assert (f"| {VARIANT} | 8 | 8/8 (100%) | 0/8 (0%) | 8 | 8/8 (100%) | 72.0 | 72.0 | "
-            f"20.5 (initfc-fc, adam, lr 0.01) | 0 |") in text
-    assert "every cell has batch_size 64, data_fraction 0.1, schedule constant, epochs 4" in text
+    # (from the logged spec) no protected final (13.5 .. 20.5) is under chance - 2 = 8. The best attack on the
+    # protected model (20.5) is 43 points under the best from scratch (63.5, in another cell than the worst).
+    assert f"| {VARIANT} | 8 | 8/8 (100%) | 0/8 (0%) | 8 | 8/8 (100%) | 72.0 | +72.0 | 20.5 | 63.5 | -43.0 | 0 |" in text
+    assert "| protected (ice-sampled) | 20.5 | initfc-fc, adam, lr 0.01 |" in text
+    assert "| scratch | 63.5 | adam, lr 0.01 |" in text
+    assert "every cell has batch_size 64, data_fraction 0.1, schedule constant, epochs 4, weight_decay 0" in text
+    assert "## Evaluation grid, restricted domain `shapes_m`" in text
 
 
 def test_report_is_logged_to_parent_run(store, report):
@@ -180,12 +186,14 @@ def test_report_is_logged_to_parent_run(store, report):
 
 
 def test_summary_cli_writes_markdown(store, tmp_path):
-    # --num-classes overrides the spec's 10: chance 20%, so the 5 cells with protected < 18 are below chance.
+    # --num-classes overrides the spec's 10: chance 20%, so the 5 cells with protected < 18 are leaks, and every
+    # comparison floors the protected finals (13.5 .. 20.5) at 20: the median gap to normal shrinks.
     assert summary.main(["--tracking-uri", store["uri"], "--experiment", EXPERIMENT, "--sweep-id", SWEEP_ID,
                          "--out", str(tmp_path), "--num-classes", "5"]) == 0
     text = (tmp_path / "summary.md").read_text()
     assert text.startswith(f"# {EXPERIMENT}: sweep {SWEEP_ID}")
-    assert "| 20.5 (initfc-fc, adam, lr 0.01) | 5 |" in text
+    assert "| 20.5 | 63.5 | -43.0 | 5 |" in text and "floored at chance (20%)" in text
+    assert "| ice-sampled | 8 | 8/8 (100%) | 0/8 (0%) | 8 | 8/8 (100%) | 69.0 |" in text  # gaps 65.5..71.5 and 72
     assert load_num_classes(find_sweep(store["uri"], EXPERIMENT, OLD_SWEEP_ID)) is None  # it logged no spec
 
 
@@ -195,7 +203,7 @@ def test_missing_experiment_and_sweep_name_the_fix(store, capsys):
     assert store["uri"] in str(err.value) and EXPERIMENT in str(err.value) and "--experiment" in str(err.value)
     with pytest.raises(RunsNotFoundError, match=f"sweep ids there: .*{OLD_SWEEP_ID}.*--sweep-id"):
         load_runs(store["uri"], EXPERIMENT, sweep_id="ffffffffffff")
-    assert summary.main(["--tracking-uri", store["uri"], "--experiment", "nope", "--out", "unused"]) == 1
+    assert summary.main(["--tracking-uri", store["uri"], "--experiment", "nope", "--out", "unused"]) == 2
     assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
 
 
@@ -205,3 +213,44 @@ def test_analysis_imports_neither_torch_nor_ray():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_results_document_states_the_protocol_and_keeps_the_hand_written_part(store, tmp_path):
+    path = tmp_path / "RESULTS.md"
+    run_report(store["uri"], EXPERIMENT, tmp_path / "r1", log_to_parent=False, results=path, command="sophon-ray x")
+    first = path.read_text()
+    assert "Written by `sophon-ray x`" in first and "## Protocol" in first and first.rstrip().endswith(HAND_WRITTEN)
+    assert "**Evaluation grid**" in first and "attack seeds [0, 1]; 8 cells; 40 fine-tuning runs." in first
+    assert f"| {VARIANT} | 0 | 94.0 | 93.5 | +1.5 | 40 | 0 |" in first                        # intactness per seed
+    assert f"| **{VARIANT}** (seed means) | 8 | 8/8 (100%) |" in first
+    assert f"| {VARIANT} seed 0 | 8 | 8/8 (100%) |" in first                                  # per protection seed
+    assert "Meaningful cells (normal > scratch + 5): **8 of 8** (100%)" in first
+    path.write_text(first + "The reading: protection held everywhere on this toy store.\n")
+    run_report(store["uri"], EXPERIMENT, tmp_path / "r2", log_to_parent=False, results=path, command="sophon-ray y")
+    second = path.read_text()
+    assert "Written by `sophon-ray y`" in second and "The reading: protection held everywhere" in second
+    assert second.count(HAND_WRITTEN) == 1
+
+
+def _runs_frame(rows):
+    base = {"subject": "normal", "variant": "-", "protect_seed": -1, "grid": "evaluation", "domain": "a",
+            "data_pool": "disjoint", "strategy": "direct-all", "optimizer": "sgd", "lr": 0.01, "batch_size": 32,
+            "data_fraction": 0.1, "schedule": "constant", "epochs": 10, "weight_decay": 0.0, "seed": 0}
+    frame = pd.DataFrame([{**base, **row} for row in rows])
+    frame["run_id"] = [f"r{i}" for i in range(len(frame))]
+    frame["best"], frame["original_acc"] = frame["final"], 90.0
+    return frame[["run_id", *ATTACK_PARAMS, "final", "best", "original_acc"]]
+
+
+def test_cells_never_average_across_restricted_domains_or_grids():
+    rows = []
+    for domain, grid, offset in (("a", "evaluation", 0), ("b", "evaluation", 40), ("a", "development", 20)):
+        rows += [{"domain": domain, "grid": grid, "subject": "protected", "variant": "v", "protect_seed": 0,
+                  "final": 10 + offset},
+                 {"domain": domain, "grid": grid, "subject": "normal", "final": 50 + offset},
+                 {"domain": domain, "grid": grid, "subject": "scratch", "final": 30 + offset}]
+    table = cells(_runs_frame(rows)).set_index(["grid", "domain"])
+    assert len(table) == 3
+    assert table.loc[("evaluation", "a"), ["protected", "normal", "scratch"]].tolist() == [10, 50, 30]
+    assert table.loc[("evaluation", "b"), ["protected", "normal", "scratch"]].tolist() == [50, 90, 70]
+    assert table.loc[("development", "a"), ["protected", "normal", "scratch"]].tolist() == [30, 70, 50]

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from sophon_ray import attack
 from sophon_ray.attack import STRATEGIES, AttackConfig, finetune, prepare, scratch_model
 from sophon_ray.training import OPTIMIZERS, SCHEDULES, make_optimizer
 from tests.tiny import tiny_data, tiny_net
@@ -36,12 +37,29 @@ def test_strategy_reinitialises_and_freezes_exactly_the_right_parameters(strateg
 
 
 @pytest.mark.parametrize("strategy", ["direct-fc", "initfc-fc"])
-def test_head_only_attack_trains_only_the_head_but_updates_batchnorm_statistics(strategy):
+def test_head_only_attack_trains_only_the_head_but_updates_batchnorm_statistics(strategy, monkeypatch):
     model = tiny_net(bn=True)
     data = tiny_data(60)
     cfg = AttackConfig(strategy=strategy, optimizer="adam", lr=1e-2, batch_size=16, epochs=2)
+    seen = []  # finetune trains a private copy: catch it (and its state after re-init) where it is prepared
+
+    def spy(net, name, generator):
+        params = prepare(net, name, generator)
+        seen.append((net, {n: t.detach().clone() for n, t in net.state_dict().items()}))
+        return params
+
+    monkeypatch.setattr(attack, "prepare", spy)
     result = finetune(model, data, data, cfg)
     assert len(result.restricted_acc) == 3 and result.train_size == 60
+    [(tuned, prepared)] = seen
+    assert tuned is not model
+    params, buffers, original = dict(tuned.named_parameters()), dict(tuned.named_buffers()), model.state_dict()
+    body = set(params) - HEAD
+    assert body and all(torch.equal(params[n], original[n]) for n in body)
+    assert all(not torch.equal(params[n], prepared[n]) for n in HEAD)
+    assert buffers["body.1.num_batches_tracked"].item() == 2 * 4  # 2 epochs of 4 train-mode batches
+    assert not torch.equal(buffers["body.1.running_mean"], original["body.1.running_mean"])
+    assert not torch.equal(buffers["body.1.running_var"], original["body.1.running_var"])
 
 
 def test_finetune_does_not_modify_its_input_and_returns_curves():

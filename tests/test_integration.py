@@ -19,12 +19,16 @@ SPEC = {
     "pretrain": {"epochs": 1},
     "protect": [{"name": "ice-s", "loss": "ice", "iterations": 4, "inner_steps": 2, "base_lr": 1e-3, "alpha": 1,
                  "beta": 1, "eval_every": 2, "probe_every": 2, "probe_epochs": 1,
+                 "seeds": [0, 1],
                  "environments": {"optimizers": ["sgd", "adam"], "lr": [1e-3, 1e-2], "head_reinit": 0.5}}],
-    "attack": {"grid": {"strategy": ["direct-all", "initfc-fc"], "optimizer": ["sgd", "adam"], "lr": [1e-3],
-                        "epochs": [EPOCHS], "seed": [0]}},
+    "attack": {"development": {"strategy": ["direct-all"], "optimizer": ["sgd"], "lr": [3e-3], "epochs": [1]},
+               "evaluation": {"strategy": ["direct-all", "initfc-fc"], "optimizer": ["sgd", "adam"], "lr": [1e-3],
+                              "epochs": [EPOCHS], "seed": [0]}},
+    "resources": {"protect_parallel": 2},   # the two protection seeds as two Ray Train runs at once
 }
-# per cell: protected + normal; scratch once per optimizer (shared across the two strategies)
-EXPECTED_TRIALS = 2 * 2 * 2 + 2
+# evaluation, per cell: 2 protected seeds + normal; scratch once per optimizer (shared across the two strategies);
+# development: one cell, 2 protected seeds + normal + scratch
+EXPECTED_TRIALS = 2 * 2 * 3 + 2 + 4
 
 
 def env(tmp: Path) -> dict[str, str]:
@@ -64,7 +68,7 @@ def test_one_parent_and_the_expected_child_runs(sweep):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert len(children) == len(runs) - 1
     roles = [r.data.tags["sophon.role"] for r in children]
-    assert roles.count("pretrain") == 1 and roles.count("protect") == 1 and roles.count("attack") == EXPECTED_TRIALS
+    assert roles.count("pretrain") == 1 and roles.count("protect") == 2 and roles.count("attack") == EXPECTED_TRIALS
     assert all(r.info.status == "FINISHED" for r in children)
     assert len({r.info.run_name for r in children}) == len(children)
 
@@ -74,22 +78,30 @@ def test_attack_runs_carry_params_and_full_epoch_histories(sweep):
     client, runs = _client(tmp)
     attacks = [r for r in runs if r.data.tags.get("sophon.role") == "attack"]
     subjects = sorted(r.data.params["subject"] for r in attacks)
-    assert subjects.count("protected") == 4 and subjects.count("normal") == 4 and subjects.count("scratch") == 2
+    assert subjects.count("protected") == 10 and subjects.count("normal") == 5 and subjects.count("scratch") == 3
+    grids = [(r.data.params["grid"], r.data.params["subject"], r.data.params["protect_seed"]) for r in attacks]
+    assert sorted(g for g in grids if g[0] == "development") == [
+        ("development", "normal", "-1"), ("development", "protected", "0"), ("development", "protected", "1"),
+        ("development", "scratch", "-1")]
     for r in attacks:
         p = r.data.params
-        assert {"subject", "variant", "strategy", "optimizer", "lr", "batch_size", "data_fraction", "seed",
-                "epochs", "schedule"} <= set(p)
+        assert {"subject", "variant", "protect_seed", "grid", "domain", "data_pool", "strategy", "optimizer", "lr",
+                "batch_size", "data_fraction", "seed", "epochs", "schedule", "weight_decay"} <= set(p)
         assert p["variant"] == ("ice-s" if p["subject"] == "protected" else "-")
+        assert p["domain"] == "shapes_m" and p["data_pool"] == "disjoint"
+        epochs = EPOCHS if p["grid"] == "evaluation" else 1
         history = client.get_metric_history(r.info.run_id, "restricted_acc")
-        assert sorted(m.step for m in history) == list(range(EPOCHS + 1))
-        assert r.data.metrics["restricted_acc_final"] == [m for m in history if m.step == EPOCHS][0].value
+        assert sorted(m.step for m in history) == list(range(epochs + 1))
+        assert r.data.metrics["restricted_acc_final"] == [m for m in history if m.step == epochs][0].value
         assert "original_acc" in r.data.metrics and "restricted_acc_best" in r.data.metrics
 
 
 def test_protect_run_has_history_and_checkpoint_artifacts(sweep):
     tmp, _ = sweep
     client, runs = _client(tmp)
-    protect = [r for r in runs if r.data.tags.get("sophon.role") == "protect"][0]
+    protects = [r for r in runs if r.data.tags.get("sophon.role") == "protect"]
+    assert sorted(r.data.params["protect_seed"] for r in protects) == ["0", "1"]
+    protect = protects[0]
     assert protect.data.params["variant"] == "ice-s" and "intactness_drop" in protect.data.metrics
     assert client.get_metric_history(protect.info.run_id, "fts_loss")
     names = {a.path for a in client.list_artifacts(protect.info.run_id, "checkpoint")}
@@ -115,7 +127,7 @@ def test_rerun_reuses_everything(sweep):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "0 to run" in again.stdout and "Ray Train" not in again.stdout
     _, runs = _client(tmp)
-    assert len(runs) == 1 + 2 + EXPECTED_TRIALS
+    assert len(runs) == 1 + 3 + EXPECTED_TRIALS
 
 
 def test_dry_run_prints_the_grid_without_ray(tmp_path):
@@ -130,14 +142,14 @@ def test_dry_run_prints_the_grid_without_ray(tmp_path):
 def test_two_worker_protection_ends_with_identical_weights(tmp_path):
     import ray
 
-    from sophon_ray.spec import parse_spec
     from sophon_ray.train_driver import run_training
+    from sophon_ray.validation import parse_spec
 
-    spec = parse_spec({**SPEC, "resources": {"protect_workers": 2}})
+    spec = parse_spec({**SPEC, "resources": {"protect_workers": 2}})  # one protection at a time, 2 workers
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
     try:
         jobs = [{"stage": "pretrain", "label": "normal", "key": "k0"},
-                {"stage": "protect", "variant_index": 0, "label": "ice-s", "key": "k1"}]
+                {"stage": "protect", "variant_index": 0, "seed": 0, "label": "ice-s", "key": "k1"}]
         results = run_training(spec, jobs, tmp_path, str(tmp_path / "ray"))
     finally:
         ray.shutdown()

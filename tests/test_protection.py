@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -24,13 +25,19 @@ def _run(spec=SPEC, normal_acc=None, restricted=None, model=None):
 
 
 def test_protect_runs_probes_and_selects_a_candidate():
-    model, result = _run()
+    model = tiny_net(bn=True)
+    before = copy.deepcopy(model.state_dict())
+    _, result = _run(model=model)
     assert result.iterations_run == SPEC.iterations and result.stopped is None
     assert [c[0] for c in result.candidates] == [3, 6]
     assert result.selected_iteration in (3, 6)
     assert all(math.isfinite(v) for row in result.history for v in row.values())
-    # the input model is not modified
-    assert not torch.equal(model.state_dict()["body.0.weight"], result.model.state_dict()["body.0.weight"])
+    # the input model is not modified: parameters and BatchNorm buffers bit-identical to a clone taken before
+    after = model.state_dict()
+    assert after.keys() == before.keys() and [k for k in before if not torch.equal(before[k], after[k])] == []
+    # ... and the protected model returned is another model, with other weights
+    assert result.model is not model
+    assert not torch.equal(after["body.0.weight"], result.model.state_dict()["body.0.weight"])
 
 
 def test_fixed_seed_protection_is_reproducible_on_cpu():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sophon_ray.losses import ice, klu
-from sophon_ray.simulation import INNER_OPTIMIZERS, Environment, sample_environment, simulate
+from sophon_ray.simulation import INNER_OPTIMIZERS, Environment, _adversary, sample_environment, simulate
 from sophon_ray.spec import EnvironmentSpec
 from tests.tiny import tiny_data, tiny_net
 
@@ -55,15 +55,28 @@ def test_outer_gradient_equals_hand_computed_mean_of_query_gradients(optimizer, 
         assert torch.allclose(sim.grads[name], grad, atol=1e-6), name
 
 
+def _tensors(model) -> dict[str, torch.Tensor]:
+    """Deep clones of every parameter and buffer (BN running_mean, running_var, num_batches_tracked)."""
+    return {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
 def test_simulation_leaves_parameters_and_batchnorm_statistics_bit_identical():
     model = tiny_net(bn=True)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _tensors(model)
+    assert {"body.1.running_mean", "body.1.running_var", "body.1.num_batches_tracked"} <= set(before)
     env = Environment(optimizer="adam", lr=0.1, head_reinit=True, head_only=False)
     simulate(model, iter(_batches(4)), env, klu, 4, 0.2, torch.Generator().manual_seed(0))
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    after = _tensors(model)  # the real model, read after the call
+    assert after.keys() == before.keys()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
     # ... while the simulation itself did run BatchNorm in train mode on its own copy of the buffers
-    assert before["body.1.num_batches_tracked"].item() == 0
+    adversary = _adversary(model)
+    assert adversary.net is not model
+    copied = dict(adversary.net.named_buffers())
+    assert all(c is not b for c, b in zip(adversary.buffers, model.buffers()))
+    assert copied["body.1.num_batches_tracked"].item() == 2 * 4  # a support and a query forward per step
+    assert not torch.equal(copied["body.1.running_mean"], before["body.1.running_mean"])
+    assert not torch.equal(copied["body.1.running_var"], before["body.1.running_var"])
 
 
 def test_head_reinit_gives_the_real_head_no_gradient():

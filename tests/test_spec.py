@@ -1,10 +1,14 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from sophon_ray.attack import grid_configs
 from sophon_ray.cli import main
-from sophon_ray.spec import SpecError, SweepSpec, apply_overrides, load_spec, parse_spec, spec_hash
+from sophon_ray.spec import GridSpec, ProtectSpec, SpecError, SweepSpec, apply_overrides, spec_hash
+from sophon_ray.validation import advisories, load_spec, parse_spec
 
 SWEEPS = sorted(Path(__file__).parents[1].joinpath("sweeps").glob("*.yaml"))
 
@@ -16,7 +20,7 @@ BAD = {
     "restricted": [{"dataset": "cifar1O", "image_size": 32}],      # unknown dataset, size mismatch
     "pretrain": {"lr": -0.1},                                      # negative lr
     "protect": [{"loss": "icee", "query_fraction": 1.5, "environments": {"optimizers": ["adamm"], "lr": [1e-2, 1e-3]}}],
-    "attack": {"subjects": ["protectd"], "grid": {"strategy": [], "optimizer": ["sgdd"], "lr": [0]}},
+    "attack": {"subjects": ["protectd"], "evaluation": {"strategy": [], "optimizer": ["sgdd"], "lr": [0]}},
 }
 
 
@@ -42,9 +46,9 @@ def test_a_bad_spec_reports_every_problem_at_once():
         ("protect.0.environments.optimizers.0", "did you mean 'adam'"),
         ("protect.0.environments.lr", "low <= high"),
         ("attack.subjects.0", "did you mean 'protected'"),
-        ("attack.grid.strategy", "is empty"),
-        ("attack.grid.optimizer.0", "did you mean 'sgd'"),
-        ("attack.grid.lr.0", "must be > 0"),
+        ("attack.evaluation.0.strategy", "is empty"),
+        ("attack.evaluation.0.optimizer.0", "did you mean 'sgd'"),
+        ("attack.evaluation.0.lr.0", "must be > 0"),
     ]
     for path, message in expected:
         assert any(p.path == path and message in p.message for p in info.value.problems), (path, text)
@@ -53,17 +57,46 @@ def test_a_bad_spec_reports_every_problem_at_once():
 
 def test_defaults_yaml_and_overrides_take_precedence_in_order(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"name": "x", "protect": [{"alpha": 2}, {"name": "b", "loss": "klu"}]}))
-    spec = load_spec(path, ["protect.0.alpha=5", "attack.grid.lr=[1e-4, 1e-3]"])
-    assert spec.protect[0].alpha == 5.0 and spec.protect[0].beta == SweepSpec().protect[0].beta
-    assert spec.protect[1].loss == "klu"
-    assert spec.attack.grid.lr == (1e-4, 1e-3)
-    assert isinstance(spec, SweepSpec)
+    path.write_text(yaml.safe_dump({"name": "x", "protect": [{"alpha": 2, "beta": 3}, {"name": "b", "loss": "klu"}],
+                                    "attack": {"evaluation": [{"lr": [0.5]}]}}))
+    spec = load_spec(path, ["protect.0.alpha=5", "attack.evaluation.0.lr=[1e-4, 1e-3]"])
+    assert spec.protect[0].alpha == 5.0                       # override beats YAML
+    assert spec.protect[0].beta == 3.0                        # YAML beats default
+    assert spec.protect[1].alpha == ProtectSpec().alpha == 3.0 and spec.protect[1].loss == "klu"  # default kept
+    assert spec.attack.evaluation[0].lr == (1e-4, 1e-3)
 
 
 def test_scalars_are_accepted_where_lists_are_expected():
-    spec = parse_spec({"restricted": {"dataset": "digits"}, "attack": {"grid": {"optimizer": "adam"}}})
-    assert spec.restricted[0].dataset == "digits" and spec.attack.grid.optimizer == ("adam",)
+    spec = parse_spec({"restricted": {"dataset": "digits"}, "attack": {"evaluation": {"optimizer": "adam"}}})
+    assert spec.restricted[0].dataset == "digits" and spec.attack.evaluation[0].optimizer == ("adam",)
+
+
+def test_a_grid_list_is_the_union_of_its_grids_each_cell_once():
+    a = GridSpec(strategy=("direct-all",), optimizer=("sgd", "adam"), lr=(1e-3,))
+    b = GridSpec(strategy=("direct-all",), optimizer=("adam",), lr=(1e-3,), batch_size=(32, 128))
+    configs = grid_configs([a, b])
+    assert len(configs) == 3 and len(set(configs)) == 3   # (adam, 32) is in both grids: listed once
+    assert {(c.optimizer, c.batch_size) for c in configs} == {("sgd", 32), ("adam", 32), ("adam", 128)}
+
+
+def test_a_probe_that_is_also_an_evaluation_cell_is_warned_about(tmp_path, capsys):
+    clean = parse_spec({"attack": {"evaluation": {"strategy": ["initfc-all"], "optimizer": ["momentum"],
+                                                  "lr": [1e-2], "batch_size": [64]}}})
+    assert advisories(clean) == []
+    leaky = parse_spec({"attack": {"evaluation": {"strategy": ["initfc-all"], "optimizer": ["momentum"],
+                                                  "lr": [3e-3], "batch_size": [64]}}})
+    [warning] = advisories(leaky)
+    assert warning.path == "protect.0.probes.0" and "also an evaluation cell" in warning.message
+    path = tmp_path / "leaky.yaml"
+    path.write_text(yaml.safe_dump({"attack": {"evaluation": {"lr": [3e-3], "batch_size": [64]}}}))
+    assert main(["validate", str(path)]) == 0
+    assert "warning: protect.0.probes.0" in capsys.readouterr().out
+
+
+def test_the_spec_module_imports_no_registry_and_no_torch():
+    code = "import sys, sophon_ray.spec; print(sorted(m for m in sys.modules if m.startswith(('torch', 'sophon_ray'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "torch" not in out and "registries" not in out, out
 
 
 def test_bad_override_is_reported():
@@ -86,7 +119,7 @@ def test_cli_validate_exits_2_and_prints_every_problem(tmp_path, capsys):
     path.write_text(yaml.safe_dump(BAD))
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "problem(s)" in err and "did you mean 'pretrain'" in err and "attack.grid.lr.0" in err
+    assert "problem(s)" in err and "did you mean 'pretrain'" in err and "attack.evaluation.0.lr.0" in err
     assert main(["validate", str(SWEEPS[0])]) == 0
 
 

@@ -6,6 +6,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from sophon_ray import names
+from sophon_ray.attack import AttackConfig
+from sophon_ray.trials import Subject, Trial
 from sophon_ray.tune_driver import AttackData, EpochReporter, share, unshare
 
 
@@ -24,9 +27,9 @@ def test_share_turns_every_tensor_into_numpy_and_unshare_restores_equal_tensors(
 
 def test_share_reaches_into_the_trials_data_dataclass():
     ds = TensorDataset(torch.randn(4, 2), torch.arange(4))
-    shared = share(AttackData([ds], [ds], ds))
+    shared = share(AttackData([ds], [ds], [ds], [ds], ds))
     assert isinstance(shared.original_test.arrays[0], np.ndarray)
-    assert isinstance(shared.restricted_full[0].arrays[1], np.ndarray)
+    assert isinstance(shared.restricted_attacker[0].arrays[1], np.ndarray)
     back = unshare(shared)
     assert torch.equal(back.restricted_test[0].tensors[0], ds.tensors[0])
 
@@ -58,3 +61,14 @@ def test_reporter_reports_every_epoch_when_the_interval_is_zero_but_never_the_la
     assert [[row[0] for row in r["curve"]] for r in sent] == [[0], [1]]
     reporter.flush(epoch=2, done=True)
     assert [row[0] for row in sent[-1]["curve"]] == [2]
+
+
+def test_each_grid_fine_tunes_and_scores_on_its_own_data():
+    train, val, pool, test = (TensorDataset(torch.full((2, 1), float(i)), torch.zeros(2)) for i in range(4))
+    data = AttackData([train], [val], [pool], [test], test)
+
+    def trial(grid: str) -> Trial:
+        return Trial(Subject("normal"), grid, 0, "d", "disjoint", AttackConfig())
+
+    assert data.for_trial(trial(names.DEVELOPMENT)) == (train, val)      # the protector's share, validation
+    assert data.for_trial(trial(names.EVALUATION)) == (pool, test)       # the attacker's pool, test

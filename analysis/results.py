@@ -1,0 +1,151 @@
+"""The results document (RESULTS.md) of a sweep, written from its MLflow runs with the report's own metrics.
+
+It states the protocol (which grid is reported, on which data, what the protection was allowed to look at),
+then intactness per protection seed, robustness per variant on seed means and per protection seed, the best
+attack found on each subject, label-information leaks, the precondition (normal vs scratch) and every
+evaluation cell. Everything from the line ``HAND_WRITTEN`` on in an existing file is kept: that is where a
+person writes the reading of the numbers.
+
+    sophon-ray report sweeps/efficacy.yaml --results RESULTS.md
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis.runs import CELL_KEYS, Sweep, cells, sections, varying
+from analysis.summary import (ROBUSTNESS_HEADER, best_attacks_section, cell_name, cell_section, complete_cells,
+                              definitions, leaks_section, markdown_table, number, robustness_cells, robustness_rows)
+from sophon_ray import names
+from sophon_ray.metrics import MEANINGFUL_GAP, Cell, chance
+
+HAND_WRITTEN = "<!-- hand-written below: kept when the results are regenerated -->"
+
+
+def _grid_line(grid: Mapping[str, Any]) -> str:
+    return "; ".join(f"{key} {', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in values)}"
+                     for key, values in grid.items() if key != "seed")
+
+
+def protocol_section(spec: Mapping[str, Any], runs: pd.DataFrame) -> str:
+    """What was run and what each part of the protocol may look at, from the logged spec."""
+    attack = spec.get("attack", {})
+    lines = ["- **Evaluation grid** (reported below; attackers fine-tune on their own pool and are scored on the "
+             "restricted *test* split; nothing about the protection was chosen on it), the union of:"]
+    lines += [f"  - {_grid_line(g)}" for g in attack.get("evaluation", [])]
+    evaluation = runs[runs[names.GRID] == names.EVALUATION]
+    lines.append(f"  - attack seeds {sorted(set(evaluation['seed']))}; "
+                 f"{evaluation[evaluation['subject'] != 'scratch'].drop_duplicates(list(CELL_KEYS)).shape[0]} cells; "
+                 f"{len(evaluation)} fine-tuning runs.")
+    development = attack.get("development", [])
+    if development:
+        lines.append("- **Development grid** (the only attacks protection settings, probes and checkpoint choice may "
+                     "look at; the protector's restricted share, scored on restricted *validation* data):")
+        lines += [f"  - {_grid_line(g)}" for g in development]
+    else:
+        lines.append("- **Development grid**: none in this sweep.")
+    pool = attack.get("data_pool", "?")
+    lines.append(f"- **Attacker data**: `{pool}`" + (
+        f" (the attacker's pool is {attack.get('pool_fraction', 0):g} of the restricted training split, disjoint "
+        "from the protector's share and validation data; `data_fraction` is a share of that pool)."
+        if pool == "disjoint" else " (the attacker draws from the whole restricted training split, the "
+        "protector's share included)."))
+    for variant in spec.get("protect", []):
+        env = variant.get("environments", {})
+        probes = ", ".join(f"{p['strategy']}/{p['optimizer']}/lr {p['lr']:g}/batch {p['batch_size']}"
+                           for p in variant.get("probes", []))
+        lines.append(f"- **Protection `{variant.get('name') or variant.get('loss')}`**: loss `{variant.get('loss')}`, "
+                     f"{variant.get('iterations')} iterations, {variant.get('inner_steps')} inner steps, base lr "
+                     f"{variant.get('base_lr'):g}, alpha {variant.get('alpha'):g}, beta {variant.get('beta'):g}, "
+                     f"{variant.get('ntr_steps')} NTR steps, batch {variant.get('batch_size')}; environments: "
+                     f"{', '.join(env.get('optimizers', []))} at lr {env.get('lr', [0, 0])[0]:g}-"
+                     f"{env.get('lr', [0, 0])[1]:g}, head re-init p {env.get('head_reinit', 0):g}, head-only p "
+                     f"{env.get('head_only', 0):g}; seeds {variant.get('seeds')}; probes (checkpoint choice, "
+                     f"{variant.get('probe_epochs')} epochs, validation data): {probes}.")
+    return "\n".join(lines)
+
+
+def intactness_table(protect: pd.DataFrame, normal_test: float) -> str:
+    rows = [[r[names.VARIANT], str(r[names.PROTECT_SEED]), number(r["original_val_acc"]),
+             number(r["original_test_acc"]), number(normal_test - r["original_test_acc"], "+.1f"),
+             number(r["selected_iteration"], ".0f"), number(r["rollbacks"], ".0f")]
+            for _, r in protect.iterrows()]
+    return markdown_table(["variant", "protection seed", "val acc", "test acc", "drop vs normal (test)",
+                           "selected iteration", "rollbacks"], rows, text_columns=2)
+
+
+def per_seed_rows(runs: pd.DataFrame, grid: str, domain: str, chance_level: float) -> list[list[str]]:
+    """Robustness rows per (variant, protection seed): each protection seed's cells (mean over attack seeds)."""
+    section = runs[(runs[names.GRID] == grid) & (runs[names.DOMAIN] == domain)]
+    baselines = section[section["subject"] != "protected"]
+    protected = section[section["subject"] == "protected"]
+    rows = []
+    for (variant, seed), group in protected.groupby([names.VARIANT, names.PROTECT_SEED], sort=True):
+        for name, s, _ in robustness_rows(cells(pd.concat([group, baselines])), chance_level):
+            rows.append([f"{name} seed {seed}", *robustness_cells(s)])
+    return rows
+
+
+def precondition_section(section: pd.DataFrame, chance_level: float) -> str:
+    """How many cells the normal model beats scratch by more than MEANINGFUL_GAP (the protection's premise)."""
+    shared = complete_cells(section.drop_duplicates(subset=list(CELL_KEYS)))
+    cells_ = [Cell(r.normal, r.normal, r.scratch, chance_level) for r in shared.itertuples()]
+    meaningful = sum(c.meaningful for c in cells_)
+    keys, _ = varying(shared, CELL_KEYS)
+    weakest = shared.assign(gap=shared["normal"] - shared["scratch"]).nsmallest(5, "gap")
+    lines = [f"Meaningful cells (normal > scratch + {MEANINGFUL_GAP:g}): **{meaningful} of {len(cells_)}** "
+             f"({meaningful / max(1, len(cells_)):.0%}). The five where pretraining helps the attacker least:", ""]
+    lines.append(markdown_table(["cell", "normal", "scratch", "normal − scratch"],
+                                [[cell_name(r, keys), number(r.normal), number(r.scratch), number(r.gap, "+.1f")]
+                                 for _, r in weakest.iterrows()]))
+    return "\n".join(lines)
+
+
+def results_document(sweep: Sweep, runs: pd.DataFrame, curves: Mapping[str, Sequence[float]], protect: pd.DataFrame,
+                     normal_test: float, spec: Mapping[str, Any], command: str, seconds: float | None,
+                     kept: str = "") -> str:
+    """RESULTS.md's text: generated sections, then ``kept`` (the hand-written part of the previous file)."""
+    num_classes = (spec.get("model") or {}).get("num_classes")
+    chance_level = chance(num_classes) if num_classes else 0.0
+    cell_table = cells(runs)
+    took = f" in {seconds / 60:.1f} min" if seconds and not math.isnan(seconds) else ""
+    parts = [f"# Results: `{sweep.experiment}` (sweep {sweep.sweep_id})",
+             f"Written by `{command}` from the MLflow runs of `sophon-ray run` ({time.strftime('%Y-%m-%d')}); the "
+             f"sweep ran{took} on Ray Train + Ray Tune. Everything down to the hand-written part is generated.",
+             "## Protocol", protocol_section(spec, runs), definitions(chance_level),
+             "## Intactness (original-domain accuracy)",
+             f"Normal model: test accuracy {number(normal_test)}. Each protected checkpoint was chosen on "
+             "original-domain *validation* accuracy and development probes; test accuracy reported.",
+             intactness_table(protect, normal_test)]
+    for grid, domain, section in sections(cell_table):
+        if grid != names.EVALUATION:
+            continue
+        summary_rows = [[f"**{name}** (seed means)", *robustness_cells(s)]
+                        for name, s, _ in robustness_rows(section, chance_level)]
+        summary_rows += per_seed_rows(runs, grid, domain, chance_level)
+        parts += [f"## Evaluation grid, restricted domain `{domain}`",
+                  "### Robustness", markdown_table(["variant", *ROBUSTNESS_HEADER], summary_rows),
+                  "### Precondition: does pretraining help the attacker?", precondition_section(section, chance_level),
+                  "### Best attack found on each subject", best_attacks_section(section, chance_level),
+                  "### Label-information leaks (protected below chance)", leaks_section(section, chance_level),
+                  "### Every cell", cell_section(section, curves, chance_level)]
+    for grid, domain, section in sections(cell_table):
+        if grid == names.DEVELOPMENT:
+            rows = [[name, *robustness_cells(s)] for name, s, _ in robustness_rows(section, chance_level)]
+            parts += [f"## Development grid, restricted domain `{domain}` (what tuning may look at)",
+                      markdown_table(["variant", *ROBUSTNESS_HEADER], rows)]
+    return "\n\n".join(parts) + "\n\n" + (kept or HAND_WRITTEN + "\n")
+
+
+def kept_part(path: Path) -> str:
+    """The hand-written part of an existing results file (from HAND_WRITTEN on), else ''."""
+    if not path.is_file():
+        return ""
+    text = path.read_text(encoding="utf-8")
+    return text[text.index(HAND_WRITTEN):] if HAND_WRITTEN in text else ""
