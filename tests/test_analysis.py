@@ -254,3 +254,13 @@ def test_cells_never_average_across_restricted_domains_or_grids():
     assert table.loc[("evaluation", "a"), ["protected", "normal", "scratch"]].tolist() == [10, 50, 30]
     assert table.loc[("evaluation", "b"), ["protected", "normal", "scratch"]].tolist() == [50, 90, 70]
     assert table.loc[("development", "a"), ["protected", "normal", "scratch"]].tolist() == [30, 70, 50]
+
+
+def test_sophon_ray_report_on_a_missing_experiment_exits_2_without_a_traceback(tmp_path, capsys):
+    from sophon_ray.cli import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: never-ran\n")
+    assert main(["report", str(spec), "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db"]) == 2
+    err = capsys.readouterr().err
+    assert "error: no MLflow experiment named 'never-ran'" in err and "Traceback" not in err
