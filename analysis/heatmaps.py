@@ -58,8 +58,8 @@ def panels(cell_table: pd.DataFrame, rows: str, row_order: Sequence = ()) -> lis
     by_variant = {v: cell_table[cell_table["variant"] == v] for v in variants}
     accuracy = [Panel(f"protected ({v})", grid(by_variant[v], "protected", rows, row_order)) for v in variants]
     accuracy += [Panel(subject, grid(shared, subject, rows, row_order)) for subject in ("normal", "scratch")]
-    gaps = [Panel(f"protected ({v}) − scratch", grid(by_variant[v], "protected_minus_scratch", rows, row_order),
-                  gap=True) for v in variants]
+    gaps = [Panel(f"{v} − scratch" if len(variants) > 1 else f"protected ({v}) − scratch",
+                  grid(by_variant[v], "protected_minus_scratch", rows, row_order), gap=True) for v in variants]
     return accuracy + gaps
 
 

@@ -50,12 +50,14 @@ def protocol_section(spec: Mapping[str, Any], runs: pd.DataFrame) -> str:
         lines += [f"  - {_grid_line(g)}" for g in development]
     else:
         lines.append("- **Development grid**: none in this sweep.")
-    pool = attack.get("data_pool", "?")
-    lines.append(f"- **Attacker data**: `{pool}`" + (
-        f" (the attacker's pool is {attack.get('pool_fraction', 0):g} of the restricted training split, disjoint "
-        "from the protector's share and validation data; `data_fraction` is a share of that pool)."
-        if pool == "disjoint" else " (the attacker draws from the whole restricted training split, the "
-        "protector's share included)."))
+    pools = sorted(set(runs[names.DATA_POOL]))
+    if pools == ["disjoint"]:
+        lines.append(f"- **Attacker data**: `disjoint` (the attacker's pool is {attack.get('pool_fraction', 0.5):g} of "
+                     "the restricted training split, disjoint from the protector's share and validation data; "
+                     "`data_fraction` is a share of that pool).")
+    else:
+        lines.append(f"- **Attacker data**: `{', '.join(pools)}` (`shared`: the attacker draws from the whole "
+                     "restricted training split, the protector's share included).")
     for variant in spec.get("protect", []):
         env = variant.get("environments", {})
         probes = ", ".join(f"{p['strategy']}/{p['optimizer']}/lr {p['lr']:g}/batch {p['batch_size']}"
