@@ -159,11 +159,28 @@ def run_training(spec: SweepSpec, jobs: list[dict[str, Any]], store: Path, stora
     if len(protect_jobs) < len(jobs):  # the protections start from the pretrained model
         out = _fit(spec, [j for j in jobs if j["stage"] != "protect"], store, storage_path, normal_dir)
         normal_dir = Path(next(r["dir"] for r in out if r["stage"] == "pretrain"))
-    groups = [protect_jobs[i::parallel] for i in range(parallel)]
+    groups = balance(protect_jobs, parallel, lambda job: protection_cost(spec, job))
     with ThreadPoolExecutor(parallel, thread_name_prefix="protect") as pool:
         for results in pool.map(lambda group: _fit(spec, group, store, storage_path, normal_dir), groups):
             out += results
     return out
+
+
+def protection_cost(spec: SweepSpec, job: dict[str, Any]) -> float:
+    """Relative cost of a protection job: samples through the model per run (simulation and NTR)."""
+    v = spec.protect[job["variant_index"]]
+    return v.iterations * v.batch_size * (2 * v.inner_steps + v.ntr_steps)
+
+
+def balance(jobs: list[dict[str, Any]], groups: int, cost: Any) -> list[list[dict[str, Any]]]:
+    """Split ``jobs`` into ``groups`` lists of similar total cost: the costliest first, each to the lightest group
+    (longest-processing-time first); within a group the original order is kept."""
+    loads, out = [0.0] * groups, [[] for _ in range(groups)]
+    for index in sorted(range(len(jobs)), key=lambda i: -cost(jobs[i])):
+        lightest = loads.index(min(loads))
+        loads[lightest] += cost(jobs[index])
+        out[lightest].append(index)
+    return [[jobs[i] for i in sorted(group)] for group in out if group]
 
 
 def _fit(spec: SweepSpec, jobs: list[dict[str, Any]], store: Path, storage_path: str,

@@ -48,3 +48,15 @@ def test_an_audited_checkpoint_is_one_protected_subject_without_a_seed():
     spec = parse_spec(SPEC)
     [(variant, seed)] = protected_models(spec, RunOptions(audit="ckpt"))
     assert Subject("protected", variant, seed).model == "protected/audited/s-1"
+
+
+def test_parallel_protections_are_balanced_by_cost():
+    from sophon_ray.train_driver import balance
+
+    costs = {"a0": 1, "a1": 1, "a2": 1, "b0": 2.5, "b1": 2.5, "b2": 2.5}
+    jobs = [{"label": k} for k in costs]
+    groups = balance(jobs, 2, lambda j: costs[j["label"]])
+    loads = sorted(sum(costs[j["label"]] for j in g) for g in groups)
+    assert loads == [5.0, 5.5]                      # a round-robin split gives 4.5 and 6.0
+    assert sorted(j["label"] for g in groups for j in g) == sorted(costs)
+    assert balance(jobs[:1], 3, lambda j: 1) == [[jobs[0]]]
