@@ -5,7 +5,10 @@ Torch-free (``analysis/`` imports it without PyTorch or Ray).
 
 from __future__ import annotations
 
-# tags
+# experiment tag: MLflow 3's UI opens an experiment without it in its GenAI view ("Traces"), not on its runs
+EXPERIMENT_KIND, CUSTOM_MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+
+# run tags
 ROLE, SWEEP, KEY, PARENT, NODE = "sophon.role", "sophon.sweep_id", "sophon.key", "mlflow.parentRunId", "sophon.node_id"
 ROLES = ("sweep", "pretrain", "protect", "attack")
 
