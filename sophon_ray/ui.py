@@ -46,8 +46,12 @@ class ExperimentLink:
     experiment_id: str
 
     def url(self, base: str) -> str:
-        """The experiment's page under the UI at ``base`` (``http://host:port``)."""
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}"
+        """The experiment's runs under the UI at ``base`` (``http://host:port``).
+
+        ``workflowType=machine_learning`` selects MLflow's "Model training" view: MLflow 3.17's UI takes the view
+        from that switch (URL, else the browser's last choice, else GenAI), not from the experiment's
+        ``mlflow.experimentKind`` tag, so a plain experiment link opens on an empty "Traces" overview."""
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
 
 
 def check_store(uri: str) -> None:

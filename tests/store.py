@@ -22,7 +22,8 @@ BASE = {"protected": [10.0, 11.0, 12.0, 12.0, 13.0], "normal": [10.0, 60.0, 75.0
 def small_sweep(root: Path, experiment: str = "ui-test") -> dict:
     """Log the sweep into ``sqlite:///<root>/mlflow.db`` and its report into ``<root>/report``.
 
-    Returns {"uri", "experiment", "experiment_id", "parent", "attacks" (run ids), "report" (run_report's dict)}."""
+    Returns {"uri", "experiment", "experiment_id", "parent", "attacks" (run ids), "report" (run_report's dict),
+    "root", "spec" (``<root>/sweep.yaml``: the experiment's name and this store, for ``sophon-ray ui SPEC``)}."""
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root}/mlflow.db"
     tracker = Tracker(uri, experiment)
@@ -57,5 +58,7 @@ def small_sweep(root: Path, experiment: str = "ui-test") -> dict:
                 attacks.append(run)
     report = run_report(uri, experiment, root / "report", sweep_id=SWEEP_ID)
     tracker.finish(parent)
+    spec = root / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({"name": experiment, "tracking": {"uri": uri}}))
     return {"uri": uri, "experiment": experiment, "experiment_id": tracker.experiment_id, "parent": parent,
-            "attacks": attacks, "report": report}
+            "attacks": attacks, "report": report, "root": root, "spec": spec}

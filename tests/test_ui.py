@@ -5,17 +5,11 @@ integration (it starts MLflow's server process: about 10-30 s)."""
 
 import json
 import os
-import queue
 import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -25,68 +19,12 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from sophon_ray.cli import main  # noqa: E402
 from sophon_ray.names import CUSTOM_MODEL_DEVELOPMENT, EXPERIMENT_KIND  # noqa: E402
 from tests.store import small_sweep  # noqa: E402
-
-ROOT = Path(__file__).parents[1]
+from tests.ui_process import UiProcess  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ui-store")
-    made = small_sweep(root)
-    spec = root / "sweep.yaml"
-    spec.write_text(f"name: {made['experiment']}\ntracking: {{uri: '{made['uri']}'}}\n")
-    return {**made, "root": root, "spec": spec}
-
-
-class UiProcess:
-    """``python -m sophon_ray.cli ui ARGS`` as a subprocess; a thread collects its output lines."""
-
-    def __init__(self, cwd: Path, *args: str) -> None:
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        self.process = subprocess.Popen([sys.executable, "-m", "sophon_ray.cli", "ui", *args], cwd=cwd, env=env,
-                                        text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines: queue.Queue = queue.Queue()
-        self.seen: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.put(line)
-
-    def until(self, marker: str, timeout: float = 360) -> str:
-        """Everything printed up to the line containing ``marker``; fails with what it printed otherwise."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=1)
-            except queue.Empty:
-                if self.process.poll() is not None and not self.reader.is_alive() and self.lines.empty():
-                    break
-                continue
-            self.seen.append(line)
-            if marker in line:
-                return "".join(self.seen)
-        self.stop()
-        pytest.fail(f"no {marker!r} from sophon-ray ui (exit {self.process.poll()}):\n{''.join(self.seen)}")
-
-    def stop(self) -> None:
-        """SIGTERM (``sophon-ray ui`` then stops its server), SIGKILL if it does not exit in a minute."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-    def finish(self, timeout: float = 60) -> tuple[int, str]:
-        """Wait for the exit; returns (exit status, everything it printed)."""
-        status = self.process.wait(timeout=timeout)
-        self.reader.join(timeout=10)
-        while not self.lines.empty():
-            self.seen.append(self.lines.get())
-        return status, "".join(self.seen)
+    return small_sweep(tmp_path_factory.mktemp("ui-store"))
 
 
 HTTP_TIMEOUT_S = 60  # the first requests are slow while the sweep next door keeps both cores busy
@@ -135,7 +73,8 @@ def test_ui_serves_the_store_and_its_artifacts_then_stops_on_ctrl_c(store, tmp_p
     try:
         printed = ui.until("press Ctrl-C to stop")
         url = re.search(r"MLflow UI: (http://127\.0\.0\.1:\d+)", printed).group(1)
-        assert f"experiment ui-test: {url}/#/experiments/{store['experiment_id']}" in printed
+        link = f"{url}/#/experiments/{store['experiment_id']}?workflowType=machine_learning"  # the runs, not GenAI
+        assert f"experiment ui-test: {link}" in printed
         assert f"artifacts {store['root']}/mlartifacts" in printed
         with urllib.request.urlopen(f"{url}/health", timeout=HTTP_TIMEOUT_S) as response:
             assert response.status == 200
@@ -151,7 +90,7 @@ def test_ui_serves_the_store_and_its_artifacts_then_stops_on_ctrl_c(store, tmp_p
             assert response.read().decode().startswith("# ui-test")
         # a store that is a server already is not served again: its link is printed
         status, out = UiProcess(tmp_path, str(store["spec"]), "--set", f"tracking.uri={url}").finish(timeout=120)
-        assert status == 0 and f"experiment ui-test: {url}/#/experiments/{store['experiment_id']}" in out, out
+        assert status == 0 and f"experiment ui-test: {link}" in out, out
         ui.process.send_signal(signal.SIGINT)             # Ctrl-C
         status, out = ui.finish()
         assert status == 0 and out.rstrip().endswith("MLflow UI stopped"), out
