@@ -68,6 +68,8 @@ def _run(args: argparse.Namespace, **overrides: object) -> int:
             print("heatmaps: " + ", ".join(str(p) for p in outcome.report["heatmaps"]))
         if outcome.report.get("html"):
             print(f"report (one page, open it in a browser): {outcome.report['html']}")
+        sets = "".join(f" --set {shlex.quote(item)}" for item in args.set)
+        print(f"browse the runs in MLflow: sophon-ray ui {shlex.quote(args.spec)}{sets}")
     return 0
 
 

@@ -88,9 +88,9 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
 
 
 def ensure_experiment_kind(client: Any, experiment_id: str) -> bool:
-    """Tag the experiment ``mlflow.experimentKind = custom_model_development`` when it has no kind yet, so that
-    MLflow's UI opens it on its training runs instead of its GenAI "Traces" view; a kind already set (by the user)
-    is kept. ``client`` is an ``MlflowClient``. Returns True when the tag was set now."""
+    """Tag the experiment ``mlflow.experimentKind = custom_model_development`` (MLflow's mark of a training
+    experiment, see ``names.EXPERIMENT_KIND``) when it has no kind yet; a kind already set (by the user) is kept.
+    ``client`` is an ``MlflowClient``. Returns True when the tag was set now."""
     experiment = client.get_experiment(experiment_id)
     if experiment.tags.get(EXPERIMENT_KIND):
         return False

@@ -3,7 +3,7 @@
 A SQLite store (the default, ``sqlite:///mlflow.db``) gets ``mlflow server --backend-store-uri <store>
 --artifacts-destination <folder of the .db>/mlartifacts`` (the artifact root the Tracker uses), bound to
 127.0.0.1 by default; the command waits until ``/health`` answers, prints the URL and a direct link to the
-experiment, and stops the server (its whole process group) on Ctrl-C or SIGTERM. A store that is already an
+experiment's runs (MLflow's "Model training" view), and stops the server (its whole process group) on Ctrl-C or SIGTERM. A store that is already an
 MLflow server (``http(s)://``) is not served again: the link into it is printed. Imports nothing heavy at
 module level (MLflow only inside the functions that need it).
 """
