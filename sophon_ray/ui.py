@@ -97,8 +97,8 @@ def _tag_kind(client: Any, experiment_id: str) -> None:
     try:
         ensure_experiment_kind(client, experiment_id)
     except Exception as err:  # noqa: BLE001 - MLflow raises many types (permissions, read-only database)
-        print(f"note: could not tag experiment {experiment_id} as a training experiment ({type(err).__name__}); "
-              "MLflow may open it on its GenAI Traces view: choose its Runs tab", file=sys.stderr)
+        print(f"note: could not tag experiment {experiment_id} as a training experiment ({type(err).__name__}: "
+              f"{str(err)[:120]}); the links below open its runs all the same", file=sys.stderr)
 
 
 def free_port(host: str, port: int) -> int:
