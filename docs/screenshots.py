@@ -3,8 +3,8 @@
     sophon-ray ui sweeps/quickstart.yaml --port 5000 &          # after `sophon-ray run sweeps/quickstart.yaml`
     python -m docs.screenshots --ui http://127.0.0.1:5000 --experiment quickstart --out docs/
 
-Writes mlflow-experiment.png (the runs table: the sweep's parent run expanded into pretrain, protect and the attack
-trials, with their subject, strategy, optimizer, lr and final restricted accuracy), mlflow-trial-chart.png (one
+Writes mlflow-experiment.png (the runs table, oldest first: the sweep's parent run expanded into pretrain, protect
+and the attack trials, with their subject, strategy, optimizer, lr and final restricted accuracy), mlflow-trial-chart.png (one
 evaluation attack on the protected model: its restricted_acc per epoch) and mlflow-report-artifacts.png (the
 parent run's report/ artifacts, a heatmap shown). Needs a Chromium binary (``apt-get install chromium``).
 """
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     experiment_id, parent, trial = pick_runs(args.ui, args.experiment)
     out = Path(args.out)
     with Chromium(binary, width=1600, height=1000) as browser:
-        show_runs(browser, args.ui, experiment_id, COLUMNS)
+        show_runs(browser, args.ui, experiment_id, COLUMNS, oldest_first=True)  # pretrain, protect, trials
         print(browser.screenshot(out / "mlflow-experiment.png"))
         show_metric(browser, args.ui, experiment_id, trial, names.RESTRICTED_ACC)
         print(browser.screenshot(out / "mlflow-trial-chart.png"))

@@ -208,12 +208,14 @@ def close_assistant(browser: Chromium) -> bool:
     return True
 
 
-def show_runs(browser: Chromium, base: str, experiment_id: str, columns: tuple[str, ...] = ()) -> str:
+def show_runs(browser: Chromium, base: str, experiment_id: str, columns: tuple[str, ...] = (),
+              oldest_first: bool = False) -> str:
     """The experiment's runs table, with ``columns`` (names in MLflow's column chooser: attributes, metrics,
-    params) toggled and every parent run expanded; returns the page's text.
+    params) toggled and every parent run expanded, newest (or ``oldest_first``) first; returns the page's text.
 
     Raises BrowserError when the table or the nested runs never show."""
-    browser.goto(f"{base}/#/experiments/{experiment_id}?{ML_VIEW}")
+    order = "&orderByKey=attributes.start_time&orderByAsc=true" if oldest_first else ""
+    browser.goto(f"{base}/#/experiments/{experiment_id}/runs?{ML_VIEW}{order}")
     browser.wait_for("document.querySelectorAll('.ag-row').length > 0 && document.body.innerText.includes('Run Name')",
                      what="the runs table")
     close_assistant(browser)
