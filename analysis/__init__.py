@@ -7,5 +7,6 @@ the tracking store is reachable. Modules (each also a CLI, ``python -m analysis.
 - ``analysis.heatmaps``  optimizer x lr (and batch size x lr) grids of final restricted accuracy
 - ``analysis.curves``    restricted accuracy vs epoch, protected vs normal vs scratch
 - ``analysis.summary``   intactness, robustness summary and a per-cell table, as markdown
-- ``analysis.report``    all three, written to a folder and logged to the sweep's parent run
+- ``analysis.html``      all of it as one self-contained page (report.html: images embedded, inline CSS)
+- ``analysis.report``    all of these, written to a folder and logged to the sweep's parent run
 """

@@ -1,4 +1,4 @@
-"""The whole report of a sweep: heatmaps, curves and summary.md, written to a folder and logged as
+"""The whole report of a sweep: heatmaps, curves, summary.md and report.html, written to a folder and logged as
 artifacts (under ``report/``) of the sweep's parent run; optionally the results document (RESULTS.md).
 
     python -m analysis.report --tracking-uri sqlite:///mlflow.db --experiment quickstart --out report/
@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 from analysis.curves import make_curves
 from analysis.heatmaps import make_all_heatmaps
+from analysis.html import write_html_report
 from analysis.results import kept_part, results_document
 from analysis.runs import (cells, find_sweep, load_curves, load_num_classes, load_pretrain_run, load_protect_runs,
                            load_runs, load_spec_dict, parse_source_args, source_parser)
@@ -27,13 +28,14 @@ log = logging.getLogger(__name__)
 def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id: str | None = None,
                log_to_parent: bool = True, num_classes: int | None = None, results: Path | None = None,
                command: str | None = None) -> dict:
-    """Write heatmaps, curves and summary.md for one sweep (default: the newest) into ``out_dir``, and with
-    ``results`` the results document there (its hand-written part kept; ``command`` is quoted in it).
+    """Write heatmaps, curves, summary.md and report.html (all of it in one self-contained page) for one sweep
+    (default: the newest) into ``out_dir``, and with ``results`` the results document there (its hand-written
+    part kept; ``command`` is quoted in it).
 
     With ``log_to_parent`` the files are also logged to the sweep's parent run under ``report/``.
     ``num_classes=None`` reads model.num_classes from the sweep's logged spec (``load_num_classes``;
     accuracies are not floored at chance when it is not there). Returns {"sweep_id", "parent_run_id",
-    "heatmaps", "curves", "summary", "results", "artifacts"} (paths; artifacts = the artifact paths logged).
+    "heatmaps", "curves", "summary", "html", "results", "artifacts"} (paths; artifacts = the artifact paths logged).
     Raises RunsNotFoundError when the experiment, sweep or its runs are missing.
     """
     # Resolve the sweep once, so every table below reads the same sweep even if a new one starts meanwhile.
@@ -48,6 +50,7 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     pretrain = load_pretrain_run(tracking_uri, experiment, sweep.sweep_id)
     text = make_summary(cell_table, curves, protect, pretrain, num_classes or load_num_classes(sweep), title)
     summary = write_summary(text, out_dir)
+    page = write_html_report(text, heatmaps, curve_paths, out_dir)
     if results is not None:
         spec = load_spec_dict(sweep) or {}
         if num_classes:
@@ -62,12 +65,12 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     artifacts = []
     if log_to_parent:
         client = MlflowClient(tracking_uri=tracking_uri)
-        for path in [*heatmaps, *curve_paths, summary, *([results] if results else [])]:
+        for path in [*heatmaps, *curve_paths, summary, page, *([results] if results else [])]:
             client.log_artifact(sweep.parent_run_id, str(path), artifact_path=names.REPORT_ARTIFACTS)
             artifacts.append(f"{names.REPORT_ARTIFACTS}/{Path(path).name}")
         log.info("logged %d report files to parent run %s", len(artifacts), sweep.parent_run_id)
     return {"sweep_id": sweep.sweep_id, "parent_run_id": sweep.parent_run_id, "heatmaps": heatmaps,
-            "curves": curve_paths, "summary": summary, "results": results, "artifacts": artifacts}
+            "curves": curve_paths, "summary": summary, "html": page, "results": results, "artifacts": artifacts}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_report(args.tracking_uri, args.experiment, args.out, args.sweep_id,
                             log_to_parent=not args.no_log, num_classes=args.num_classes,
                             results=Path(args.results) if args.results else None)
-        for path in [*result["heatmaps"], *result["curves"], result["summary"]]:
+        for path in [*result["heatmaps"], *result["curves"], result["summary"], result["html"]]:
             print(path)
         return 0
 

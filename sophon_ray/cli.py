@@ -1,4 +1,4 @@
-"""``sophon-ray``: run | protect | attack | report | validate | ls.
+"""``sophon-ray``: run | protect | attack | report | ui | validate | ls.
 
 Heavy modules are imported inside the commands so that ``--help`` answers at once. Every error a user can
 fix is a :class:`~sophon_ray.errors.SophonError`, printed without a traceback and mapped to exit code 2 in
@@ -66,6 +66,10 @@ def _run(args: argparse.Namespace, **overrides: object) -> int:
               f"{outcome.trials_run} run now")
         if outcome.report.get("heatmaps"):
             print("heatmaps: " + ", ".join(str(p) for p in outcome.report["heatmaps"]))
+        if outcome.report.get("html"):
+            print(f"report (one page, open it in a browser): {outcome.report['html']}")
+        sets = "".join(f" --set {shlex.quote(item)}" for item in args.set)
+        print(f"browse the runs in MLflow: sophon-ray ui {shlex.quote(args.spec)}{sets}")
     return 0
 
 
@@ -90,8 +94,18 @@ def _report(args: argparse.Namespace) -> int:
     summary = out / "summary.md"
     if summary.is_file():
         print(summary.read_text())
-    print(f"report written to {out}" + (f"; results written to {args.results}" if args.results else ""))
+    print(f"report written to {out} (one page: {result['html']})"
+          + (f"; results written to {args.results}" if args.results else ""))
     return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from sophon_ray.tracking import resolve_uri  # noqa: PLC0415
+    from sophon_ray.ui import serve  # noqa: PLC0415
+
+    spec = _load(args) if args.spec else None
+    uri = resolve_uri(spec.tracking.uri if spec else None)
+    return serve(uri, spec.name if spec else None, host=args.host, port=args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default=None, metavar="FILE",
                    help="also write the results document (e.g. RESULTS.md) from the sweep's MLflow runs")
     p.set_defaults(func=_report)
+    p = sub.add_parser("ui", help="the MLflow UI on the sweep's tracking store (default: $MLFLOW_TRACKING_URI, else "
+                       "./mlflow.db), with a link to its experiment; Ctrl-C stops it")
+    p.add_argument("spec", nargs="?", default=None, help="the sweep whose store and experiment to show (default: the "
+                   "default store, every experiment)")
+    p.add_argument("--set", **overrides)
+    p.add_argument("--port", type=int, default=5000, help="default 5000; 0 picks a free port")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.set_defaults(func=_ui)
     p = sub.add_parser("validate", help="check spec files; print every problem; exit 2 when any")
     p.add_argument("spec", nargs="+")
     p.add_argument("--set", **overrides)

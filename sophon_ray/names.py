@@ -5,7 +5,13 @@ Torch-free (``analysis/`` imports it without PyTorch or Ray).
 
 from __future__ import annotations
 
-# tags
+# experiment tag: how MLflow tells a training experiment from a GenAI one (an experiment without it can open on the
+# GenAI "Traces" view). MLflow 3.17.2's UI reads it only when its GenAI / Model training switch is built out; with
+# the switch (default GenAI) the view comes from the URL, so `sophon-ray ui` links carry
+# ?workflowType=machine_learning.
+EXPERIMENT_KIND, CUSTOM_MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+
+# run tags
 ROLE, SWEEP, KEY, PARENT, NODE = "sophon.role", "sophon.sweep_id", "sophon.key", "mlflow.parentRunId", "sophon.node_id"
 ROLES = ("sweep", "pretrain", "protect", "attack")
 

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from sophon_ray.errors import SophonError
-from sophon_ray.names import KEY, PARENT, ROLE, SWEEP
+from sophon_ray.names import CUSTOM_MODEL_DEVELOPMENT, EXPERIMENT_KIND, KEY, PARENT, ROLE, SWEEP
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 900  # MLflow's log_batch accepts at most 1000 metrics per call
@@ -31,6 +31,18 @@ def resolve_uri(spec_uri: str | None, workdir: str | Path = ".") -> str:
     """Spec value, else $MLFLOW_TRACKING_URI, else ``sqlite:///<workdir>/mlflow.db``."""
     uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{(Path(workdir).resolve() / 'mlflow.db')}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (absolute), None for any other store."""
+    return Path(uri[len("sqlite:///"):]).resolve() if uri.startswith("sqlite:///") else None
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where sophon-ray keeps a SQLite store's artifacts, ``<folder of the .db>/mlartifacts`` (one subfolder per
+    experiment); None for any other store, whose server decides."""
+    db = sqlite_path(uri)
+    return db.parent / "mlartifacts" if db else None
 
 
 def redact(uri: str) -> str:
@@ -75,8 +87,20 @@ def _check_server(uri: str, timeout: float = 5.0) -> None:
                             "or unset both to use sqlite:///mlflow.db here") from err
 
 
+def ensure_experiment_kind(client: Any, experiment_id: str) -> bool:
+    """Tag the experiment ``mlflow.experimentKind = custom_model_development`` (MLflow's mark of a training
+    experiment, see ``names.EXPERIMENT_KIND``) when it has no kind yet; a kind already set (by the user) is kept.
+    ``client`` is an ``MlflowClient``. Returns True when the tag was set now."""
+    experiment = client.get_experiment(experiment_id)
+    if experiment.tags.get(EXPERIMENT_KIND):
+        return False
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, CUSTOM_MODEL_DEVELOPMENT)
+    return True
+
+
 class Tracker:
-    """One experiment in one MLflow store, with idempotent parent/child runs."""
+    """One experiment in one MLflow store, with idempotent parent/child runs; the experiment is tagged
+    ``mlflow.experimentKind = custom_model_development`` (created so, or tagged when it lacks a kind)."""
 
     def __init__(self, uri: str, experiment: str) -> None:
         from mlflow import MlflowClient  # noqa: PLC0415
@@ -88,8 +112,13 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         try:
             found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-                experiment, artifact_location=self._artifact_location(uri, experiment))
+            if found is None:
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=self._artifact_location(uri, experiment),
+                    tags={EXPERIMENT_KIND: CUSTOM_MODEL_DEVELOPMENT})
+            else:
+                self.experiment_id = found.experiment_id
+                ensure_experiment_kind(self.client, self.experiment_id)  # stores made before the tag existed
         except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unreachable store
             raise TrackingError(f"cannot use the MLflow store at {redact(uri)} ({type(err).__name__}: "
                                 f"{str(err)[:200]}). Fix: start the server, correct tracking.uri / "
@@ -97,10 +126,8 @@ class Tracker:
 
     @staticmethod
     def _artifact_location(uri: str, experiment: str) -> str | None:
-        if uri.startswith("sqlite:///"):
-            root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment
-            return root.resolve().as_uri()
-        return None  # a server decides
+        root = artifact_root(uri)
+        return (root / experiment).as_uri() if root else None  # None: a server decides
 
     def _find(self, filter_string: str) -> Any | None:
         runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=2,

@@ -181,8 +181,31 @@ def test_summary_has_hand_computed_numbers(report):
 
 def test_report_is_logged_to_parent_run(store, report):
     logged = {f.path for f in store["client"].list_artifacts(store["parent"], "report")}
-    assert logged == {f"report/{p.name}" for p in report["heatmaps"] + report["curves"] + [report["summary"]]}
+    assert logged == {f"report/{p.name}" for p in report["heatmaps"] + report["curves"] + [report["summary"],
+                                                                                         report["html"]]}
     assert sorted(report["artifacts"]) == sorted(logged)
+
+
+def test_html_report_embeds_every_figure_and_table_and_loads_nothing(report):
+    from tests.test_html import Page, external_references
+
+    path = report["html"]
+    assert path == report["summary"].parent / "report.html"
+    text = path.read_text(encoding="utf-8")
+    page = Page(text)
+    sources = [attrs["src"] for attrs in page.all("img")]
+    assert len(sources) == len(report["heatmaps"]) + len(report["curves"]) == 4
+    assert all(src.startswith("data:image/png;base64,") and len(src) > 20_000 for src in sources)
+    assert not external_references(page) and not page.all("link") and not page.all("script")
+    assert "http://" not in text and "https://" not in text
+    # the summary's sections and tables, with the same numbers
+    for heading in ("Intactness (original domain)", "Robustness per protected variant (seed means)",
+                    "Best attack found on each subject", "Label-information leaks (protected below chance)",
+                    "Cells"):
+        assert f">{heading}</h" in text, heading
+    assert len(page.all("table")) == 4  # intactness, robustness, best attacks, cells (no leaks: "None.")
+    assert ("<td>initfc-fc</td><td>adam</td><td class=\"r\">0.01</td><td class=\"r\">20.5</td>"
+            "<td class=\"r\">92.5</td><td class=\"r\">63.5</td>") in text
 
 
 def test_summary_cli_writes_markdown(store, tmp_path):
