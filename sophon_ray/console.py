@@ -9,7 +9,9 @@ at most every ``MAX_GAP_S``), never a carriage return or an escape code. Imports
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import re
 import shutil
 import sys
@@ -26,7 +28,10 @@ TICK_S = 1.0            # how often a live display is refreshed (terminal) or co
 MIN_GAP_S = 15.0        # plain output: the least time between two periodic progress lines of a stage ...
 MAX_GAP_S = 120.0       # ... and the most, reached as the stage goes on (the gap is a fifth of its age)
 OWN_LOGGERS = ("sophon_ray", "analysis", "__main__")
+# set while a run is quiet: MLflow prints two "View run ... at" lines per finished run against a tracking server
+QUIET_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def format_duration(seconds: float | None) -> str:
@@ -234,21 +239,83 @@ class _OwnWarnings(logging.Filter):
         return own and record.levelno >= logging.WARNING
 
 
+class _LogFile(logging.FileHandler):
+    """The log file: one format whatever ``setFormatter`` is given (``ray.init`` sets its own on every handler of
+    the ``ray`` logger), without ANSI colour codes (Ray colours some of its messages)."""
+
+    FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _ANSI.sub("", self.FORMAT.format(record))
+
+
+class StreamToLog(io.TextIOBase):
+    """A stand-in for ``sys.stdout`` / ``sys.stderr``: every whole line written to it becomes an INFO record of
+    ``logger``, without ANSI colour codes. ``fileno`` is the real stream's (what C code writes below Python is not
+    caught); a handler that writes back into this stream while it logs writes to the real stream instead."""
+
+    def __init__(self, logger: logging.Logger, real: IO[str]) -> None:
+        super().__init__()
+        self.logger, self.real = logger, real
+        self._pending = ""
+        self._lock = threading.Lock()
+        self._inside = threading.local()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.real, "encoding", None) or "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def write(self, text: str) -> int:
+        if getattr(self._inside, "active", False):
+            return self.real.write(text)
+        with self._lock:
+            *lines, self._pending = (self._pending + text).split("\n")
+        self._log(lines)
+        return len(text)
+
+    def flush(self) -> None:
+        """Log a pending partial line."""
+        with self._lock:
+            lines, self._pending = [self._pending], ""
+        self._log(lines)
+
+    def _log(self, lines: list[str]) -> None:
+        self._inside.active = True
+        try:
+            for line in lines:
+                line = _ANSI.sub("", line).rstrip()
+                if line.strip():
+                    self.logger.info(line)
+        finally:
+            self._inside.active = False
+
+
 class LogCapture:
     """Every log record of the process goes to ``<log_dir>/sophon-ray.log``; when not ``verbose`` the console
     keeps only this project's own warnings and errors (Ray's, Tune's, MLflow's and Python warnings go to the file
-    only). :meth:`reroute` takes over handlers that libraries add later (call it after importing them);
-    :meth:`close` restores the logging setup as it was."""
+    only), and whatever is printed to ``sys.stdout`` / ``sys.stderr`` (Tune's tables, the raylet's messages)
+    goes to the file too, as records of the ``stdout`` / ``stderr`` loggers: create the :class:`Console` before
+    the capture, so that it keeps the real stdout. :meth:`reroute` takes over handlers that libraries add later
+    (call it after importing them); :meth:`close` restores everything as it was."""
 
     def __init__(self, log_dir: Path, verbose: bool) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = log_dir
         self.path = log_dir / LOG_FILE
         self.verbose = verbose
-        self.file = logging.FileHandler(self.path, encoding="utf-8")
+        self.file = _LogFile(self.path, encoding="utf-8")
         self.file.setLevel(logging.DEBUG if verbose else logging.INFO)
-        self.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self._undo: list[Callable[[], None]] = []
+        self._stand_ins: list[StreamToLog] = []
         self._filter = _OwnWarnings()
         root = logging.getLogger()
         level = root.level
@@ -257,7 +324,17 @@ class LogCapture:
         self._undo.append(lambda: (root.removeHandler(self.file), root.setLevel(level)))
         logging.captureWarnings(True)
         self._undo.append(lambda: logging.captureWarnings(False))
+        if not verbose:
+            self._redirect("stdout")
+            self._redirect("stderr")
         self.reroute()
+
+    def _redirect(self, name: str) -> None:
+        real = getattr(sys, name)
+        stand_in = StreamToLog(logging.getLogger(name), real)
+        setattr(sys, name, stand_in)
+        self._stand_ins.append(stand_in)
+        self._undo.append(lambda: setattr(sys, name, real))
 
     def reroute(self) -> None:
         """Give every logger that does not propagate (Ray's, MLflow's) the log file too; when not verbose,
@@ -280,7 +357,9 @@ class LogCapture:
                 self._undo.append(lambda lg=logger: lg.removeHandler(self.file))
 
     def close(self) -> None:
-        """Undo everything, newest first, and close the file."""
+        """Log what is left of a printed partial line, undo everything, newest first, and close the file."""
+        for stand_in in self._stand_ins:
+            stand_in.flush()
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
@@ -302,3 +381,18 @@ def link_ray_logs(log_dir: Path, ray_logs: Path | None) -> Path | None:
     except OSError:
         return None
     return link
+
+
+@contextmanager
+def environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set these environment variables for the block, then restore each one as it was (or unset it)."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

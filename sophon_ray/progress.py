@@ -175,6 +175,14 @@ class AttackProgress:
         self.end: float | None = None
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the lock: Tune pickles its callbacks (and so this) into the experiment's saved state."""
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def started(self, trial_id: str) -> None:
         with self._lock:
             self.running.add(trial_id)
@@ -223,6 +231,8 @@ class AttackProgress:
                 parts.append(f"took {format_duration((self.end or self.clock()) - self.first_start)}")
             elif self.first_start is None:
                 parts.append("waiting for Ray Tune")
+            elif finished == 0:
+                parts.append("ETA after the first trial")
             else:
                 parts.append(f"ETA {format_duration(self.eta())}")
         return " | ".join(parts)
