@@ -18,7 +18,7 @@ from analysis.html import write_html_report
 from analysis.results import kept_part, results_document
 from analysis.runs import (cells, find_sweep, load_curves, load_num_classes, load_pretrain_run, load_protect_runs,
                            load_runs, load_spec_dict, parse_source_args, source_parser)
-from analysis.summary import make_summary, write_summary
+from analysis.summary import make_summary, overview, write_summary
 from sophon_ray import names
 from sophon_ray.errors import cli_exit
 
@@ -35,7 +35,8 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     With ``log_to_parent`` the files are also logged to the sweep's parent run under ``report/``.
     ``num_classes=None`` reads model.num_classes from the sweep's logged spec (``load_num_classes``;
     accuracies are not floored at chance when it is not there). Returns {"sweep_id", "parent_run_id",
-    "heatmaps", "curves", "summary", "html", "results", "artifacts"} (paths; artifacts = the artifact paths logged).
+    "heatmaps", "curves", "summary", "html", "results", "artifacts", "overview"} (paths; artifacts = the artifact
+    paths logged; overview = the short plain-text table of ``analysis.summary.overview``).
     Raises RunsNotFoundError when the experiment, sweep or its runs are missing.
     """
     # Resolve the sweep once, so every table below reads the same sweep even if a new one starts meanwhile.
@@ -48,7 +49,8 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     curve_paths = make_curves(runs, curves, out_dir, title)
     protect = load_protect_runs(tracking_uri, experiment, sweep.sweep_id)
     pretrain = load_pretrain_run(tracking_uri, experiment, sweep.sweep_id)
-    text = make_summary(cell_table, curves, protect, pretrain, num_classes or load_num_classes(sweep), title)
+    classes = num_classes or load_num_classes(sweep)
+    text = make_summary(cell_table, curves, protect, pretrain, classes, title)
     summary = write_summary(text, out_dir)
     page = write_html_report(text, heatmaps, curve_paths, out_dir)
     if results is not None:
@@ -70,7 +72,8 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
             artifacts.append(f"{names.REPORT_ARTIFACTS}/{Path(path).name}")
         log.info("logged %d report files to parent run %s", len(artifacts), sweep.parent_run_id)
     return {"sweep_id": sweep.sweep_id, "parent_run_id": sweep.parent_run_id, "heatmaps": heatmaps,
-            "curves": curve_paths, "summary": summary, "html": page, "results": results, "artifacts": artifacts}
+            "curves": curve_paths, "summary": summary, "html": page, "results": results, "artifacts": artifacts,
+            "overview": overview(cell_table, protect, pretrain, classes)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

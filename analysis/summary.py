@@ -221,6 +221,49 @@ def make_summary(cells_df: pd.DataFrame, curves: Mapping[str, Sequence[float]], 
     return "\n\n".join(parts) + "\n"
 
 
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> str:
+    """A plain-text table for a console: columns padded to their widest cell, the first ``text_columns``
+    left-aligned and the rest right-aligned, two spaces apart, a dashed line under the header."""
+    widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
+
+    def fmt(line: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i < text_columns else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)])
+
+
+OVERVIEW_HEADER = ["variant", "grid/domain", "drop", "held", "normal held", "meaningful held", "median gap",
+                   "best: protected vs scratch"]
+
+
+def overview(cells_df: pd.DataFrame, protect_df: pd.DataFrame, pretrain: PretrainRun, num_classes: int | None) -> str:
+    """The console's short summary: one row per protected variant and (grid, domain), with the intactness drop
+    (original test accuracy lost, seed mean), cells held next to the normal model's own share, meaningful cells
+    held, the median normal - protected gap on meaningful cells and the best attack on the protected model vs
+    the best from scratch; then a short legend. Plain ASCII text (no markdown), about 110 columns wide."""
+    chance_level = chance(num_classes) if num_classes else 0.0
+    drops = {variant: intactness_drop(pretrain.original_test_acc, group["original_test_acc"].mean())
+             for variant, group in protect_df.groupby(names.VARIANT, sort=True)} if not protect_df.empty else {}
+    rows = []
+    for grid, domain, section in sections(cells_df):
+        for variant, s, _ in robustness_rows(section, chance_level):
+            rows.append([variant, f"{grid}/{domain}", number(drops.get(variant, math.nan), "+.1f"),
+                         _share(s["share_held"], s["cells"]), _share(s["normal_share_held"], s["cells"]),
+                         _share(s["meaningful_share_held"], s["meaningful"]), number(s["meaningful_median_gap"]),
+                         f"{number(s['worst_case'])} vs {number(s['best_scratch'])} "
+                         f"({number(s['best_vs_scratch'], '+.1f')})"])
+    if not rows:
+        return "No cell has protected, normal and scratch all measured, so there is nothing to summarise."
+    legend = [f"drop: original-domain test accuracy lost to protection (points); held: cells where protected <= "
+              f"scratch + {HOLD_MARGIN:g};",
+              f"normal held: the unprotected model's own share; meaningful: normal > scratch + {MEANINGFUL_GAP:g}; "
+              f"gap: normal - protected;",
+              "accuracies in %, seed means, " + (f"floored at chance ({chance_level:.0f}%)." if chance_level else
+                                                 "not floored at chance (class count unknown).")]
+    return "\n".join([text_table(OVERVIEW_HEADER, rows, text_columns=2), *legend])
+
+
 def write_summary(text: str, out_dir: str | Path) -> Path:
     """Write ``summary.md`` into out_dir (created if missing) and return its path."""
     path = Path(out_dir) / "summary.md"

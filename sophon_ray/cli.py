@@ -53,23 +53,16 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - SweepSpec, imported lazil
 
 
 def _run(args: argparse.Namespace, **overrides: object) -> int:
-    from sophon_ray.pipeline import RunOptions, run  # noqa: PLC0415
+    from sophon_ray.pipeline import RunOptions, closing_text, run  # noqa: PLC0415
 
     spec = _load(args)
     options = RunOptions(address=args.address, resume=args.resume, dry_run=args.dry_run, max_trials=args.max_trials,
-                         **overrides)
+                         verbose=args.verbose, **overrides)
     start = time.perf_counter()
     outcome = run(spec, options)
     if not options.dry_run:
-        stages = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.stage_seconds.items())
-        print(f"done in {time.perf_counter() - start:.0f} s ({stages}); {outcome.trials} trials, "
-              f"{outcome.trials_run} run now")
-        if outcome.report.get("heatmaps"):
-            print("heatmaps: " + ", ".join(str(p) for p in outcome.report["heatmaps"]))
-        if outcome.report.get("html"):
-            print(f"report (one page, open it in a browser): {outcome.report['html']}")
         sets = "".join(f" --set {shlex.quote(item)}" for item in args.set)
-        print(f"browse the runs in MLflow: sophon-ray ui {shlex.quote(args.spec)}{sets}")
+        print(closing_text(outcome, time.perf_counter() - start, shlex.quote(args.spec) + sets), flush=True)
     return 0
 
 
@@ -110,7 +103,9 @@ def _ui(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sophon-ray", description="SOPHON protection and fine-tuning attack sweeps")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's, Tune's and MLflow's own output on the console (by default it "
+                             "goes to <output_dir>/logs/ and the console shows one progress display per stage)")
     sub = parser.add_subparsers(dest="command", required=True)
     overrides = {"action": "append", "default": [], "metavar": "KEY=VALUE",
                  "help": "override a spec field, e.g. --set protect.0.alpha=5 (repeatable)"}
@@ -123,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "trials are reused, unfinished trials rerun into their existing MLflow runs)")
         p.add_argument("--dry-run", action="store_true", help="print the expanded grid and trial count; start nothing")
         p.add_argument("--max-trials", type=int, default=None, help="refuse grids larger than this")
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="as the global -v: everything Ray, Tune and MLflow print, on the console too")
 
     p = sub.add_parser("run", help="pretrain -> protect (Ray Train) -> attack grid (Ray Tune) -> report")
     sweep_args(p)

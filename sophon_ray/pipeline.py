@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from sophon_ray import names
+from sophon_ray.console import QUIET_ENV, Console, LogCapture, environment, link_ray_logs
 from sophon_ray.spec import Problem, SpecError, SweepSpec, spec_hash, to_dict
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class RunOptions:
     attack: bool = True
     report: bool = True
     audit: Path | None = None          # attack a given protected checkpoint instead of protecting
+    verbose: bool = False              # Ray's, Tune's and MLflow's own output on the console too
 
 
 @dataclass
@@ -50,6 +52,36 @@ class Outcome:
     checkpoints: dict[str, str] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    tracking_uri: str = ""             # redacted: safe to print
+    output_dir: str = ""
+    log_dir: str = ""
+
+
+@dataclass
+class View:
+    """What the user sees during one run: the console, and the log files once the output folder is known."""
+
+    console: Console
+    logs: LogCapture | None = None
+    started_ray: bool = False
+
+    def say(self, message: str) -> None:
+        self.console.say(message)
+
+    def start_ray(self, address: str | None) -> None:
+        """``start_ray`` (quiet unless verbose) with Ray's loggers writing to the log file, then ``logs/ray``
+        linked to Ray's session logs."""
+        import ray  # noqa: PLC0415
+
+        if ray.is_initialized():
+            return
+        if self.logs is not None:
+            self.logs.reroute()  # Ray's loggers exist once it is imported; ray.init logs
+        self.started_ray = True
+        start_ray(address, quiet=not self.console.verbose)
+        if self.logs is not None:
+            self.logs.reroute()
+            link_ray_logs(self.logs.log_dir, ray_logs_dir())
 
 
 def sweep_id(spec: SweepSpec) -> str:
@@ -92,24 +124,67 @@ def dry_run_text(spec: SweepSpec, trials: list[Trial]) -> str:
     return "\n".join(lines)
 
 
-def start_ray(address: str | None) -> None:
-    """Join ``address`` / $RAY_ADDRESS, else start a private local instance on 127.0.0.1 (dashboard too)."""
+def start_ray(address: str | None, quiet: bool = False) -> None:
+    """Join ``address`` / $RAY_ADDRESS, else start a private local instance on 127.0.0.1 (dashboard too).
+
+    ``quiet``: workers' output is not forwarded to this process (it stays in Ray's session logs) and the driver's
+    Ray logger logs at INFO (to wherever its handlers write; ``LogCapture`` points them at the log file)."""
     import ray  # noqa: PLC0415
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
+    common: dict[str, Any] = {"logging_level": logging.INFO if quiet else logging.WARNING,
+                              "log_to_driver": not quiet}
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, **common)
     else:
         # the dashboard (on 127.0.0.1) also serves the state API that Ray Train's controller polls
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 logging_level=logging.WARNING)
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", **common)
 
 
-def _say(message: str) -> None:
-    print(message, flush=True)
+def ray_logs_dir() -> Path | None:
+    """Ray's session log folder on this machine (worker, raylet, Train and Tune logs); None when unknown."""
+    import ray  # noqa: PLC0415
+
+    try:
+        node = ray._private.worker._global_node  # noqa: SLF001 - Ray has no public accessor for it
+        return Path(node.get_logs_dir_path()) if node is not None else None
+    except (AttributeError, TypeError):
+        return None
+
+
+def mlflow_hint(uri: str, spec_path: str | None = None) -> str:
+    """How to look at the runs: ``mlflow ui`` on the store (or the server's address) and ``sophon-ray ui``."""
+    if uri.startswith(("http://", "https://")):
+        plain = f"open {uri}"
+    else:
+        plain = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    if spec_path:  # sophon-ray ui's links open MLflow's 'Model training' view (a plain link opens its GenAI view)
+        return f"MLflow UI: sophon-ray ui {spec_path}  (or: {plain}, then 'Model training')"
+    return f"MLflow UI: {plain} (then 'Model training')"
+
+
+def closing_text(outcome: Outcome, seconds: float, spec_path: str | None = None) -> str:
+    """The lines a run ends with: time per stage, the short summary table, where the report, heatmaps, runs
+    and logs are."""
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.stage_seconds.items())
+    lines = [f"done in {seconds:.0f} s ({stages}); {outcome.trials} trials, {outcome.trials_run} run now"]
+    report = outcome.report
+    if report.get("overview"):
+        lines += ["", report["overview"], ""]
+    if report.get("html"):
+        lines.append(f"report (one page, open it in a browser): {report['html']}")
+    if report.get("summary"):
+        lines.append(f"full report: {report['summary']}")
+    if report.get("heatmaps"):
+        lines.append("heatmaps: " + ", ".join(str(p) for p in report["heatmaps"]))
+    if outcome.tracking_uri:
+        lines.append(mlflow_hint(outcome.tracking_uri, spec_path))
+    if outcome.log_dir:
+        lines.append(f"logs: {outcome.log_dir}")
+    return "\n".join(lines)
 
 
 def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
@@ -118,55 +193,75 @@ def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
     from sophon_ray.trials import plan_trials  # noqa: PLC0415
     from sophon_ray.validation import advisories  # noqa: PLC0415
 
+    view = View(Console(verbose=options.verbose))
     sid = sweep_id(spec)
     for warning in advisories(spec):
-        _say(f"warning: {warning}")
+        view.say(f"warning: {warning}")
     trials = plan_trials(spec, protected_models(spec, options)) if options.attack else []
     if options.max_trials is not None and len(trials) > options.max_trials:
         raise SpecError([Problem("attack.grid", f"{len(trials)} trials exceed --max-trials {options.max_trials}: "
                                  "shrink the grid or raise --max-trials")], spec.name)
     if options.dry_run:
-        _say(dry_run_text(spec, trials))
+        view.say(dry_run_text(spec, trials))
         return Outcome(sid, len(trials))
-    from sophon_ray.tracking import Tracker, redact, resolve_uri  # noqa: PLC0415
-
     _check_data(spec)  # pre-flight: everything a user can get wrong fails here, before Ray or MLflow
     if options.audit is not None:
         _check_audited(spec, options.audit)
+    out = spec.out.resolve()
+    view.logs = LogCapture(out / "logs", options.verbose)
+    try:
+        with environment({} if options.verbose else QUIET_ENV):
+            return _run_stages(spec, options, view, sid, trials, out)
+    finally:
+        if view.started_ray:  # a Ray instance this run started ends with it (its shutdown logs to the file)
+            import ray  # noqa: PLC0415
+
+            ray.shutdown()
+        view.logs.close()
+
+
+def _run_stages(spec: SweepSpec, options: RunOptions, view: View, sid: str, trials: list[Trial],
+                out: Path) -> Outcome:
+    """Open the sweep's parent run and run its stages; the run is FINISHED at the end, FAILED on any error.
+
+    Raises SpecError for an interrupted sweep without ``resume``."""
+    import mlflow  # noqa: F401, PLC0415
+    from sophon_ray.tracking import Tracker, redact, resolve_uri  # noqa: PLC0415
+
+    view.logs.reroute()  # MLflow's loggers exist once it is imported (above); creating a store logs
     uri = resolve_uri(spec.tracking.uri)
     tracker = Tracker(uri, spec.name)
     parent_status = tracker.sweep_status(sid)
     if parent_status not in (None, "FINISHED") and not options.resume:
         raise SpecError([Problem("", f"sweep {spec.name} ({sid}) was interrupted (parent run {parent_status}): "
                                  "continue it with --resume")], spec.name)
-    out = spec.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     spec_file = out / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
     parent = tracker.sweep_run(sid, f"sweep-{sid}", spec_file)
-    outcome = Outcome(sid, len(trials))
-    _say(f"sweep {spec.name} ({sid}) | MLflow {redact(uri)} | experiment '{spec.name}' | output {out}")
+    outcome = Outcome(sid, len(trials), tracking_uri=redact(tracker.uri), output_dir=str(out),
+                      log_dir=str(view.logs.log_dir))
+    view.say(f"sweep {spec.name} ({sid}) | MLflow {redact(uri)} | experiment '{spec.name}' | output {out}")
+    view.say(f"logs: {view.logs.path}" + ("" if options.verbose else
+             f" and Ray's worker logs in {view.logs.log_dir / 'ray'} (--verbose prints them here)"))
     try:
         t0 = time.perf_counter()
-        models = _train_stage(spec, options, tracker, parent, sid, out, outcome)
+        models = _train_stage(spec, options, view, tracker, parent, sid, out, outcome)
         outcome.stage_seconds["pretrain+protect"] = time.perf_counter() - t0
         if options.attack:
             t0 = time.perf_counter()
-            _attack_stage(spec, options, tracker, parent, sid, out, trials, models, outcome)
+            _attack_stage(spec, options, view, tracker, parent, sid, out, trials, models, outcome)
             outcome.stage_seconds["attack"] = time.perf_counter() - t0
         if options.report and options.attack and "protected" not in spec.attack.subjects:
-            _say("[4/4] report skipped: the heatmaps compare protected models with the baselines, and "
-                 "attack.subjects has no 'protected' (the runs are in MLflow)")
+            view.say("[4/4] report skipped: the heatmaps compare protected models with the baselines, and "
+                     "attack.subjects has no 'protected' (the runs are in MLflow)")
         elif options.report and options.attack:
             t0 = time.perf_counter()
             from analysis.report import run_report  # noqa: PLC0415
 
             outcome.report = run_report(tracker.uri, spec.name, out / "report", sweep_id=sid)
             outcome.stage_seconds["report"] = time.perf_counter() - t0
-            _say(f"[4/4] report | {out / 'report'}")
-            summary = out / "report" / "summary.md"
-            if summary.is_file():
-                _say(summary.read_text())
+            view.say(f"[4/4] report | {out / 'report'}")
     except BaseException:
         tracker.finish(parent, "FAILED")
         raise
@@ -184,12 +279,13 @@ def _check_data(spec: SweepSpec) -> None:
             load_domain(domain)
 
 
-def _train_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: str, sid: str, out: Path,
+def _train_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any, parent: str, sid: str, out: Path,
                  outcome: Outcome) -> dict[str, Path]:
     """Reuse or train the normal model and every protected model; return model key (``normal``,
     ``protected/<variant>/s<seed>``) -> checkpoint dir."""
     from sophon_ray.checkpoint import CARD  # noqa: PLC0415
-    from sophon_ray.train_driver import jobs_dir, protect_job, run_training  # noqa: PLC0415
+    from sophon_ray.progress import TrainJob, TrainProgress, board_poll, start_board, stop_board  # noqa: PLC0415
+    from sophon_ray.train_driver import job_total, jobs_dir, protect_job, run_training  # noqa: PLC0415
     from sophon_ray.trials import Subject  # noqa: PLC0415
 
     store = out / "checkpoints"
@@ -212,16 +308,23 @@ def _train_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: str
         wanted[Subject("protected", "audited", names.NO_PROTECT_SEED).model] = Path(options.audit).resolve()
     reused = [d for d in [normal_dir, *wanted.values()] if (d / CARD).is_file()]
     for d in reused:
-        _say(f"[1/4] reuse {d.name} (finished earlier)")
+        view.say(f"[1/4] reuse {d.name} (finished earlier)")
     if jobs:
-        _say(f"[1/4] Ray Train: {', '.join(j['label'] for j in jobs)} on {spec.resources.protect_workers} worker(s) "
-             f"each, {spec.resources.protect_parallel} protection(s) at once")
-        start_ray(options.address)
+        view.say(f"[1/4] Ray Train: {', '.join(j['label'] for j in jobs)} on {spec.resources.protect_workers} "
+                 f"worker(s) each, {spec.resources.protect_parallel} protection(s) at once")
+        view.start_ray(options.address)
         storage = spec.resources.storage_path or str(out / "ray")
-        results = run_training(spec, jobs, store, storage, normal_dir if (normal_dir / CARD).is_file() else None)
+        board = start_board()
+        shown = TrainProgress([TrainJob(j["label"], j["stage"], job_total(spec, j)) for j in jobs], board_poll(board))
+        try:
+            with view.console.progress(shown, prefix="[1/4]"):
+                results = run_training(spec, jobs, store, storage,
+                                       normal_dir if (normal_dir / CARD).is_file() else None, progress=board)
+        finally:
+            stop_board(board)
         for r in results:
-            _say(f"[1/4] {r['stage']} {r['label']} | original val {r['original_val_acc']:.1f} | test "
-                 f"{r['original_test_acc']:.1f} | ranks identical: {r['ranks_identical']} | {r['dir']}")
+            view.say(f"[1/4] {r['stage']} {r['label']} | original val {r['original_val_acc']:.1f} | test "
+                     f"{r['original_test_acc']:.1f} | ranks identical: {r['ranks_identical']} | {r['dir']}")
     _log_models(spec, tracker, parent, sid, normal_dir, wanted)
     outcome.checkpoints = {"normal": str(normal_dir), **{k: str(v) for k, v in wanted.items()}}
     return {"normal": normal_dir, **wanted}
@@ -272,18 +375,19 @@ def _log_models(spec: SweepSpec, tracker: Any, parent: str, sid: str, normal_dir
         tracker.finish(run_id)
 
 
-def _attack_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: str, sid: str, out: Path,
+def _attack_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any, parent: str, sid: str, out: Path,
                   trials: list[Trial], models: dict[str, Path], outcome: Outcome) -> None:
     from sophon_ray.checkpoint import load_checkpoint  # noqa: PLC0415
     from sophon_ray.data import make_splits  # noqa: PLC0415
-    from sophon_ray.tune_driver import make_callback, run_attacks  # noqa: PLC0415
+    from sophon_ray.progress import AttackProgress  # noqa: PLC0415
+    from sophon_ray.tune_driver import make_callback, make_progress_callback, run_attacks  # noqa: PLC0415
 
     finished = tracker.finished_keys(sid, "attack")
     todo = [t for t in trials if t.key not in finished]
-    _say(f"[2/4] attack grid: {len(trials)} trials, {len(trials) - len(todo)} finished earlier, {len(todo)} to run")
+    view.say(f"[2/4] attack grid: {len(trials)} trials, {len(trials) - len(todo)} finished earlier, {len(todo)} to run")
     if not todo:
         return
-    start_ray(options.address)
+    view.start_ray(options.address)
     loaded = {}
     for key, d in models.items():
         model, card = load_checkpoint(d)
@@ -292,19 +396,22 @@ def _attack_stage(spec: SweepSpec, options: RunOptions, tracker: Any, parent: st
     storage = spec.resources.storage_path or str(out / "ray")
     errors: list[Any] = []
     for attempt in range(1 + RETRY_PASSES):
-        grid = run_attacks(spec, todo, loaded, splits, storage, f"attack-{sid}-{int(time.time())}-{attempt}",
-                           [make_callback(tracker, parent, sid)], spec.resources.max_failures)
+        counts = AttackProgress(len(todo))
+        with view.console.progress(counts, prefix="[2/4]" if attempt == 0 else "[2/4] retry pass:"):
+            grid = run_attacks(spec, todo, loaded, splits, storage, f"attack-{sid}-{int(time.time())}-{attempt}",
+                               [make_callback(tracker, parent, sid), make_progress_callback(counts)],
+                               spec.resources.max_failures, verbose=1 if options.verbose else 0)
         errors = [r for r in grid if r.error]
         now_finished = tracker.finished_keys(sid, "attack")
         todo = [t for t in todo if t.key not in now_finished]
         if not todo or attempt == RETRY_PASSES:
             break
         why = f": {errors[0].error!r:.200}" if errors else ""
-        _say(f"      {len(todo)} trial(s) not finished after Tune's retries (e.g. {todo[0].name}{why}); "
-             "one more pass for them")
+        view.say(f"      {len(todo)} trial(s) not finished after Tune's retries (e.g. {todo[0].name}{why}); "
+                 "one more pass for them")
     outcome.trials_run = len(trials) - len(finished) - len(todo)
     missing = [t.name for t in todo]
-    _say(f"[3/4] attack grid done | {outcome.trials_run} run now, {len(errors)} errored in the last pass, "
-         f"{len(trials) - len(missing)}/{len(trials)} finished in MLflow")
+    view.say(f"[3/4] attack grid done | {outcome.trials_run} run now, {len(errors)} errored in the last pass, "
+             f"{len(trials) - len(missing)}/{len(trials)} finished in MLflow")
     if missing:
         raise RuntimeError(f"{len(missing)} trials did not finish (e.g. {missing[:3]}); rerun with --resume")

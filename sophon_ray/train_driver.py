@@ -6,7 +6,8 @@ once (each job on its own ``protect_workers`` workers). Every worker regenerates
 locally, trains on its own shard, and averages gradients and BatchNorm statistics with
 ``torch.distributed`` (gloo on CPU, nccl on GPU), so all ranks hold identical weights; rank 0 reports each
 finished model as a Ray Train checkpoint (weights, card and metric history), which the driver copies into
-the sweep's checkpoint store.
+the sweep's checkpoint store. While a job runs, its rank 0 sends its progress (step, latest losses and
+accuracy) to a :class:`~sophon_ray.progress.ProgressBoard` actor that the driver's console display polls.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from sophon_ray.progress import ProgressSender
 from sophon_ray.spec import SweepSpec
 
 log = logging.getLogger(__name__)
@@ -114,7 +116,13 @@ def train_loop(config: dict[str, Any]) -> None:
     for job in config["jobs"]:
         start = time.perf_counter()
         history: list[dict[str, Any]] = []
-        record = lambda step, row: history.append({"step": step, **row})  # noqa: E731
+        progress = ProgressSender(config.get("progress") if rank == 0 else None, job["label"], job["stage"],
+                                  job_total(spec, job))
+
+        def record(step: int, row: dict[str, float], history: list = history, progress: Any = progress) -> None:
+            history.append({"step": step, **row})
+            progress(step, row)
+
         if job["stage"] == "pretrain":
             seconds = 0.0
             if needs_training:
@@ -125,6 +133,7 @@ def train_loop(config: dict[str, Any]) -> None:
                        "original_test_acc": evaluate(normal, splits.original_test, device).accuracy,
                        "seconds": seconds}
             card = make_card(spec.model, spec.original, spec.restricted, job["key"], "normal", metrics)
+            progress.finish(val_acc=normal_acc)
             finish(job, normal, card, history, metrics)
             continue
         variant = spec.protect[job["variant_index"]]
@@ -141,27 +150,39 @@ def train_loop(config: dict[str, Any]) -> None:
         card = make_card(spec.model, spec.original, spec.restricted, job["key"], "protected", metrics,
                          extra={"variant": variant.label, "protect_seed": job["seed"], "protect": to_dict(variant),
                                 "rollback_events": result.rollbacks, "stopped": result.stopped})
+        progress.finish(original_acc=result.original_acc, probe_acc=result.probe_acc)
         finish(job, result.model, card, history, metrics)
 
 
+def job_total(spec: SweepSpec, job: dict[str, Any]) -> int:
+    """A job's step count as its progress shows it: pretraining epochs (0 when the normal model is given),
+    protection iterations."""
+    if job["stage"] == "pretrain":
+        weights = spec.pretrain.weights
+        return 0 if weights and weights != "torchvision" else spec.pretrain.epochs
+    return spec.protect[job["variant_index"]].iterations
+
+
 def run_training(spec: SweepSpec, jobs: list[dict[str, Any]], store: Path, storage_path: str,
-                 normal_dir: Path | None = None) -> list[dict[str, Any]]:
+                 normal_dir: Path | None = None, progress: Any = None) -> list[dict[str, Any]]:
     """Run ``jobs`` (pretrain first, if there) on Ray Train, ``resources.protect_parallel`` protection runs at
     once; copy each reported checkpoint to ``store/<dir>``; return their metrics (with ``dir``).
 
-    ``normal_dir`` is the finished normal model when only protect jobs remain.
+    ``normal_dir`` is the finished normal model when only protect jobs remain. ``progress``: a
+    :class:`~sophon_ray.progress.ProgressBoard` actor that rank 0 of every job sends its progress to.
     """
     protect_jobs = [j for j in jobs if j["stage"] == "protect"]
     parallel = min(spec.resources.protect_parallel, len(protect_jobs))
     if parallel <= 1:
-        return _fit(spec, jobs, store, storage_path, normal_dir)
+        return _fit(spec, jobs, store, storage_path, normal_dir, progress)
     out = []
     if len(protect_jobs) < len(jobs):  # the protections start from the pretrained model
-        out = _fit(spec, [j for j in jobs if j["stage"] != "protect"], store, storage_path, normal_dir)
+        out = _fit(spec, [j for j in jobs if j["stage"] != "protect"], store, storage_path, normal_dir, progress)
         normal_dir = Path(next(r["dir"] for r in out if r["stage"] == "pretrain"))
     groups = balance(protect_jobs, parallel, lambda job: protection_cost(spec, job))
     with ThreadPoolExecutor(parallel, thread_name_prefix="protect") as pool:
-        for results in pool.map(lambda group: _fit(spec, group, store, storage_path, normal_dir), groups):
+        for results in pool.map(lambda group: _fit(spec, group, store, storage_path, normal_dir, progress),
+                                groups):
             out += results
     return out
 
@@ -184,14 +205,15 @@ def balance(jobs: list[dict[str, Any]], groups: int, cost: Any) -> list[list[dic
 
 
 def _fit(spec: SweepSpec, jobs: list[dict[str, Any]], store: Path, storage_path: str,
-         normal_dir: Path | None) -> list[dict[str, Any]]:
+         normal_dir: Path | None, progress: Any = None) -> list[dict[str, Any]]:
     """Run ``jobs`` in order in one TorchTrainer run; copy each reported checkpoint to ``store/<dir>``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: PLC0415
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 
     from sophon_ray.checkpoint import load_checkpoint  # noqa: PLC0415
 
-    config: dict[str, Any] = {"spec": spec, "jobs": jobs, "threads": spec.resources.cpus_per_trial}
+    config: dict[str, Any] = {"spec": spec, "jobs": jobs, "threads": spec.resources.cpus_per_trial,
+                              "progress": progress}
     if normal_dir is not None:
         model, card = load_checkpoint(normal_dir)
         config |= {"normal_state": model.state_dict(), "normal_val_acc": card["metrics"]["original_val_acc"]}

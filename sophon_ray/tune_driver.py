@@ -194,11 +194,33 @@ def make_callback(tracker: Any, parent_id: str, sweep_id: str) -> Any:
     return MlflowTrials()
 
 
+def make_progress_callback(progress: Any) -> Any:
+    """A Tune callback that counts trials into ``progress`` (a :class:`~sophon_ray.progress.AttackProgress`):
+    started, finished, errored (Tune gave up) and recovered (Tune queued it again after a failure)."""
+    from ray import tune  # noqa: PLC0415
+
+    class TrialCounts(tune.Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            progress.started(trial.trial_id)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            progress.completed(trial.trial_id)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            progress.errored(trial.trial_id)
+
+        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            progress.recovered(trial.trial_id)
+
+    return TrialCounts()
+
+
 def run_attacks(spec: SweepSpec, trials: list[Trial], models: dict[str, tuple[dict, dict]], splits: Any,
-                storage_path: str, name: str, callbacks: list[Any], max_failures: int = 2) -> Any:
+                storage_path: str, name: str, callbacks: list[Any], max_failures: int = 2, verbose: int = 1) -> Any:
     """Run ``trials`` as one Tune experiment; returns Tune's ResultGrid.
 
-    ``models`` and the trials' share of ``splits`` go to the object store once, as numpy arrays."""
+    ``models`` and the trials' share of ``splits`` go to the object store once, as numpy arrays. ``verbose``
+    is Tune's console verbosity (0: Tune prints nothing; 1: its status table)."""
     from ray import tune  # noqa: PLC0415
 
     r = spec.resources
@@ -211,7 +233,7 @@ def run_attacks(spec: SweepSpec, trials: list[Trial], models: dict[str, tuple[di
         trainable,
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(reuse_actors=True, trial_dirname_creator=lambda t: f"t-{t.trial_id}"),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks, verbose=1,
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks, verbose=verbose,
                                   failure_config=tune.FailureConfig(max_failures=max_failures)),
     )
     return tuner.fit()

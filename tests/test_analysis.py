@@ -22,8 +22,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from analysis import summary  # noqa: E402
 from analysis.report import run_report  # noqa: E402
 from analysis.results import HAND_WRITTEN  # noqa: E402
-from analysis.runs import (ATTACK_PARAMS, RunsNotFoundError, cells, find_sweep, load_curves,  # noqa: E402
-                           load_num_classes, load_runs)
+from analysis.runs import (ATTACK_PARAMS, PretrainRun, RunsNotFoundError, cells, find_sweep,  # noqa: E402
+                           load_curves, load_num_classes, load_runs)
 
 EXPERIMENT = "analysis-test"
 SWEEP_ID = "a1b2c3d4e5f6"
@@ -287,3 +287,34 @@ def test_sophon_ray_report_on_a_missing_experiment_exits_2_without_a_traceback(t
     assert main(["report", str(spec), "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db"]) == 2
     err = capsys.readouterr().err
     assert "error: no MLflow experiment named 'never-ran'" in err and "Traceback" not in err
+
+
+def test_report_returns_the_short_console_table(report):
+    lines = report["overview"].splitlines()
+    assert lines[0].split()[:4] == ["variant", "grid/domain", "drop", "held"]
+    row = next(line for line in lines if line.startswith(VARIANT))
+    assert "evaluation/" in row and "8/8 (100%)" in row
+
+
+def test_overview_is_one_plain_row_per_variant_and_section():
+    rows = []
+    for strategy, protected, normal, scratch in [("direct-all", 12.0, 80.0, 30.0), ("initfc-all", 35.0, 70.0, 30.0),
+                                                 ("direct-fc", 10.0, 31.0, 30.0)]:
+        rows.append({"grid": "evaluation", "domain": "shapes_m", "variant": "ice", "strategy": strategy,
+                     "protected": protected, "normal": normal, "scratch": scratch})
+    table = pd.DataFrame(rows)
+    protect = pd.DataFrame([{"variant": "ice", "original_test_acc": 90.0}, {"variant": "ice",
+                                                                             "original_test_acc": 92.0}])
+    text = summary.overview(table, protect, PretrainRun("r", 95.0, 94.0), num_classes=10)
+    header, rule, row, *legend = text.splitlines()
+    legend = " ".join(legend)
+    assert header.split("  ")[0] == "variant" and all(name in header for name in summary.OVERVIEW_HEADER)
+    assert set(rule) <= {"-", " "}
+    assert row.split()[:3] == ["ice", "evaluation/shapes_m", "+3.0"]
+    assert "2/3 (67%)" in row and "1/3 (33%)" in row and "35.0 vs 30.0 (+5.0)" in row
+    assert "protected <= scratch + 1" in legend and "|" not in text and all(ord(c) < 128 for c in text)
+    assert max(len(line) for line in text.splitlines()) <= 120
+
+
+def test_text_table_aligns_text_left_and_numbers_right():
+    assert summary.text_table(["name", "n"], [["a", "1"], ["bbb", "22"]]) == "name   n\n----  --\na      1\nbbb   22"

@@ -1,6 +1,7 @@
 """End to end with real Ray (local, 2 CPUs) and real MLflow (SQLite in tmp_path)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,44 @@ def test_heatmaps_and_summary_are_written_and_logged(sweep):
     assert {f"report/{p.name}" for p in pngs} <= logged and "report/summary.md" in logged
     assert "spec.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "heatmaps:" in first.stdout
+
+
+def test_the_console_is_short_plain_and_says_where_to_look_next(sweep):
+    """stdout is a pipe here: plain progress lines, no carriage return or escape code, Ray's and Tune's own
+    output in the log files, and a closing block with the summary table, the report and the MLflow UI."""
+    tmp, first = sweep
+    out = first.stdout + first.stderr
+    assert len(out.splitlines()) <= 60, out
+    assert "\x1b" not in out and "\r" not in out
+    assert re.search(r"^\[1/4\] pretrain normal: epoch 1/1 \|.* done in ", out, re.M), out
+    for seed in (0, 1):
+        assert re.search(rf"^\[1/4\] protect ice-s-s{seed}: iteration 4/4 \| fts_loss .* done in ", out, re.M), out
+    assert re.search(rf"^\[2/4\] attack trials: \d+/{EXPECTED_TRIALS} done \| \d+ running \| \d+ failed", out, re.M)
+    assert re.search(r"^variant +grid/domain +drop +held", out, re.M) and re.search(
+        r"^ice-s +evaluation/shapes_m +[-+]\d", out, re.M) and re.search(r"^ice-s +development/shapes_m", out, re.M)
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp}/mlflow.db --host 127.0.0.1 --port 5000" in out
+    assert "sophon-ray ui spec.yaml" in out and f"full report: {tmp}/out/report/summary.md" in out
+    assert "## " not in out, "the whole summary.md was printed"
+    for noise in ("pid=", "RayTrainWorker", "Trial status", "Checkpoint successfully created"):
+        assert noise not in out, noise
+    logs = tmp / "out" / "logs"
+    logged = (logs / "sophon-ray.log").read_text()
+    assert "Started a local Ray instance" in logged and "INFO stdout: " in logged and "\x1b" not in logged
+    assert (logs / "ray").is_symlink() and (logs / "ray").resolve().is_dir()
+
+
+def test_verbose_prints_what_ray_prints(sweep, tmp_path):
+    _, quiet = sweep
+    spec = {**SPEC, "protect": [{**SPEC["protect"][0], "seeds": [0]}], "output_dir": str(tmp_path / "out"),
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    verbose = sophon(tmp_path, "protect", "spec.yaml", "--verbose")
+    assert verbose.returncode == 0, verbose.stdout[-3000:] + verbose.stderr[-3000:]
+    out = verbose.stdout + verbose.stderr
+    assert "(RayTrainWorker pid=" in out and "Checkpoint successfully created" in out, "no forwarded worker output"
+    assert "[1/4] protect ice-s-s0: iteration 4/4" in out
+    quiet_training = quiet.stdout.split("[2/4]")[0]  # the same stage, with twice the protections
+    assert len(out.splitlines()) > 2 * len(quiet_training.splitlines())
 
 
 def test_rerun_reuses_everything(sweep):
