@@ -2,9 +2,10 @@
 Tune, MLflow and the driver in ``<output_dir>/logs/`` instead of the console.
 
 On a terminal the progress display is one line rewritten in place with a carriage return (no escape codes);
-when stdout is not a terminal (CI logs, pipes, files) or with ``--verbose`` it is plain lines: at every change
-of a job's state text and then at a pace that slows as a stage goes on (every ``MIN_GAP_S`` seconds at first,
-at most every ``MAX_GAP_S``), never a carriage return or an escape code. Imports neither Ray nor torch.
+when stdout is not a terminal (CI logs, pipes, files) or with ``--verbose`` it is plain lines: one when a job
+finishes, and for the running jobs whose state changed one at the stage's start and then at a pace that slows
+as the stage goes on (every ``MIN_GAP_S`` seconds at first, at most every ``MAX_GAP_S``), never a carriage
+return or an escape code. Imports neither Ray nor torch.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import yaml
 
 from sophon_ray import names
 from sophon_ray.console import QUIET_ENV, Console, LogCapture, environment, link_ray_logs
+from sophon_ray.errors import SophonError
 from sophon_ray.spec import Problem, SpecError, SweepSpec, spec_hash, to_dict
 
 if TYPE_CHECKING:
@@ -155,6 +156,12 @@ def ray_logs_dir() -> Path | None:
         return None
 
 
+def failure_hint(log_file: Path, ray_logs: Path) -> str:
+    """What a quiet run says when it stops on an error: where Ray's, Tune's and MLflow's own messages went."""
+    return (f"the run stopped on an error (below). What Ray, Tune and MLflow said is in {log_file} and Ray's worker "
+            f"logs in {ray_logs}; rerun with --verbose to see it all here, and with --resume to continue the sweep")
+
+
 def mlflow_hint(uri: str, spec_path: str | None = None) -> str:
     """How to look at the runs: ``mlflow ui`` on the store (or the server's address) and ``sophon-ray ui``."""
     if uri.startswith(("http://", "https://")):
@@ -212,6 +219,12 @@ def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
     try:
         with environment({} if options.verbose else QUIET_ENV):
             return _run_stages(spec, options, view, sid, trials, out)
+    except SophonError:
+        raise  # its message names the problem and the fix
+    except BaseException:
+        if not options.verbose:
+            view.say(failure_hint(view.logs.path, view.logs.log_dir / "ray"))
+        raise
     finally:
         if view.started_ray:  # a Ray instance this run started ends with it (its shutdown logs to the file)
             import ray  # noqa: PLC0415

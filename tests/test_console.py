@@ -12,7 +12,7 @@ import pytest
 
 from sophon_ray import console
 from sophon_ray.console import Console, Line, LogCapture, eta_seconds, format_duration, link_ray_logs, plain, plain_gap
-from sophon_ray.pipeline import Outcome, closing_text, mlflow_hint
+from sophon_ray.pipeline import Outcome, closing_text, failure_hint, mlflow_hint
 from sophon_ray.progress import AttackProgress, ProgressSender, TrainJob, TrainProgress, job_line
 
 
@@ -297,3 +297,9 @@ def test_a_stand_in_stream_logs_whole_lines_and_never_loops(tmp_path):
     stand_in.write("o\n\n")
     assert records == ["one", "two"] and not stand_in.isatty()
     assert real.getvalue() == "written back by a handler\n" * 2
+
+
+def test_a_failed_quiet_run_says_where_the_messages_are(tmp_path):
+    text = failure_hint(tmp_path / "logs" / "sophon-ray.log", tmp_path / "logs" / "ray")
+    assert f"{tmp_path}/logs/sophon-ray.log" in text and f"{tmp_path}/logs/ray" in text
+    assert "--verbose" in text and "--resume" in text and "\n" not in text
