@@ -214,8 +214,9 @@ def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
     _check_data(spec)  # pre-flight: everything a user can get wrong fails here, before Ray or MLflow
     if options.audit is not None:
         _check_audited(spec, options.audit)
+    _check_tracking(spec)
     out = spec.out.resolve()
-    view.logs = LogCapture(out / "logs", options.verbose)
+    view.logs = LogCapture(out / "logs", options.verbose)  # the first thing written
     try:
         with environment({} if options.verbose else QUIET_ENV):
             return _run_stages(spec, options, view, sid, trials, out)
@@ -231,6 +232,15 @@ def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
 
             ray.shutdown()
         view.logs.close()
+
+
+def _check_tracking(spec: SweepSpec) -> None:
+    """Refuse a tracking server that does not answer before anything is written (TrackingError names the fix)."""
+    from sophon_ray.tracking import check_server, resolve_uri  # noqa: PLC0415
+
+    uri = resolve_uri(spec.tracking.uri)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
 
 
 def _run_stages(spec: SweepSpec, options: RunOptions, view: View, sid: str, trials: list[Trial],

@@ -64,7 +64,7 @@ def _credentials_to_env(uri: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, parts.query, ""))
 
 
-def _check_server(uri: str, timeout: float = 5.0) -> None:
+def check_server(uri: str, timeout: float = 5.0) -> None:
     """Fail fast (instead of MLflow's minutes of retries) when a tracking server does not answer."""
     import urllib.error  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
@@ -106,7 +106,7 @@ class Tracker:
         from mlflow import MlflowClient  # noqa: PLC0415
 
         if uri.startswith(("http://", "https://")):
-            _check_server(uri)
+            check_server(uri)
             uri = _credentials_to_env(uri)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 from sophon_ray.errors import SophonError
 from sophon_ray.names import ROLE
-from sophon_ray.tracking import (_check_server, _credentials_to_env, artifact_root, ensure_experiment_kind, redact,
+from sophon_ray.tracking import (check_server, _credentials_to_env, artifact_root, ensure_experiment_kind, redact,
                                  sqlite_path)
 
 HEALTH_TIMEOUT_S = 300.0   # mlflow server took 90 s to answer on 2 cores busy with a sweep (load 12)
@@ -205,7 +205,7 @@ def serve(uri: str, experiment: str | None, host: str = "127.0.0.1", port: int =
 
     Raises UiError for a missing store or experiment, a busy port, or a server that dies or never answers."""
     if uri.startswith(("http://", "https://")):
-        _check_server(uri)
+        check_server(uri)
         links = find_experiments(_credentials_to_env(uri), experiment)
         url = redact(uri).rstrip("/")
         print(f"the store is an MLflow server already; open {url}", file=out)
