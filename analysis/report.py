@@ -55,8 +55,8 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     page = write_html_report(text, heatmaps, curve_paths, out_dir)
     if results is not None:
         spec = load_spec_dict(sweep) or {}
-        if num_classes:
-            spec = {**spec, "model": {**spec.get("model", {}), "num_classes": num_classes}}
+        if classes:  # the chance level summary.md used, so both documents floor at the same value
+            spec = {**spec, "model": {**spec.get("model", {}), "num_classes": classes}}
         parent = MlflowClient(tracking_uri=tracking_uri).get_run(sweep.parent_run_id).data.metrics
         seconds = sum(v for k, v in parent.items() if k.startswith("seconds_")) or None
         document = results_document(sweep, runs, curves, protect, pretrain.original_test_acc, spec,

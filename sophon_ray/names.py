@@ -13,7 +13,6 @@ EXPERIMENT_KIND, CUSTOM_MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_mod
 
 # run tags
 ROLE, SWEEP, KEY, PARENT, NODE = "sophon.role", "sophon.sweep_id", "sophon.key", "mlflow.parentRunId", "sophon.node_id"
-ROLES = ("sweep", "pretrain", "protect", "attack")
 
 # attack-run params: who was attacked, on which grid and domain, with which recipe
 SUBJECT, VARIANT, PROTECT_SEED, GRID, DOMAIN, DATA_POOL = (
@@ -33,6 +32,5 @@ GRIDS = (DEVELOPMENT, EVALUATION)
 # protect-run params and metrics
 PROTECT_METRICS = ("original_val_acc", "original_test_acc", "intactness_drop", "probe_acc", "selected_iteration",
                    "rollbacks")
-PRETRAIN_METRICS = ("original_val_acc", "original_test_acc")
 SPEC_ARTIFACT = "spec.yaml"      # the resolved spec, at the root of the parent run
 REPORT_ARTIFACTS = "report"      # the report files, under this folder of the parent run
