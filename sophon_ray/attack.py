@@ -101,6 +101,12 @@ class AttackConfig:
     schedule: str = "constant"
     seed: int = 0
     weight_decay: float = 0.0
+    label_smoothing: float = 0.0   # cross-entropy label smoothing of the attacker's loss
+    augment: str = "none"          # AUGMENTS: none | flip | shift | colour | all
+    bn_mode: str = "train"         # BN_MODES: train (statistics adapt) | frozen (running statistics kept)
+    blocks: int = 1                # k of the last-k / reinit-last-k strategies
+    lora_rank: int = 4             # the lora strategy's rank ...
+    lora_alpha: float = 8.0        # ... and scale numerator (update = alpha / rank * B A)
 
     def as_params(self) -> dict[str, object]:
         return asdict(self)
