@@ -17,17 +17,34 @@ ROLE, SWEEP, KEY, PARENT, NODE = "sophon.role", "sophon.sweep_id", "sophon.key",
 # attack-run params: who was attacked, on which grid and domain, with which recipe
 SUBJECT, VARIANT, PROTECT_SEED, GRID, DOMAIN, DATA_POOL = (
     "subject", "variant", "protect_seed", "grid", "domain", "data_pool")
-RECIPE = ("strategy", "optimizer", "lr", "batch_size", "data_fraction", "schedule", "epochs", "weight_decay", "seed")
+RECIPE = ("strategy", "optimizer", "lr", "batch_size", "data_fraction", "schedule", "epochs", "weight_decay",
+          "label_smoothing", "augment", "bn_mode", "blocks", "lora_rank", "lora_alpha", "seed")
+# what a run logged before a recipe field existed meant (AttackConfig's defaults; a test keeps them equal)
+RECIPE_DEFAULTS = {"label_smoothing": 0.0, "augment": "none", "bn_mode": "train", "blocks": 1, "lora_rank": 4,
+                   "lora_alpha": 8.0}
 ATTACK_PARAMS = (SUBJECT, VARIANT, PROTECT_SEED, GRID, DOMAIN, DATA_POOL, *RECIPE)
+# search trials also log which search (attack.search[i].name) and their place in it (0, 1, ...: the order the
+# searcher proposed them); their parent is the search run of (subject, search, domain), tagged role=search
+SEARCH, SEARCH_TRIAL = "search", "search_trial"
 NO_VARIANT, NO_PROTECT_SEED = "-", -1   # normal and scratch runs
 
 # attack-run metrics: per epoch (step = epoch, 0 = before fine-tuning) and at the end (step 0)
 RESTRICTED_ACC, RESTRICTED_LOSS = "restricted_acc", "restricted_loss"
 FINAL, BEST, ORIGINAL_ACC = "restricted_acc_final", "restricted_acc_best", "original_acc"
+# search trials: the attacker's own validation accuracy per epoch (its objective), its best over the epochs run,
+# and the test accuracy at that epoch (what the attacker's chosen checkpoint scores)
+VAL_ACC, VAL_BEST, AT_VAL_BEST = "val_acc", "val_acc_best", "restricted_acc_at_val_best"
+STOPPED = "stopped_early"   # 1 when the scheduler (ASHA) stopped the trial before its last epoch
+# search runs: step n = after n trials, the attacker's pick so far (by validation) and its test accuracy
+FOUND_VAL, FOUND_TEST = "best_found_val_acc", "best_found_restricted_acc"
 
-# the two attack grids: which data each fine-tunes on and scores on
-DEVELOPMENT, EVALUATION = "development", "evaluation"
-GRIDS = (DEVELOPMENT, EVALUATION)
+# the attack grids: which data each fine-tunes on and scores on. development: the protector's share ->
+# restricted validation; evaluation and budget: the attacker's pool -> restricted test; benign: a benign
+# domain's training split -> its test split; search: the attacker's pool minus its own validation split ->
+# that validation split (objective) and the restricted test split (score)
+DEVELOPMENT, EVALUATION, BUDGET, BENIGN, SEARCH_GRID = "development", "evaluation", "budget", "benign", "search"
+GRIDS = (DEVELOPMENT, EVALUATION, BUDGET, BENIGN)
+CELL_GRIDS = (DEVELOPMENT, EVALUATION)   # the grids the held/gap cell analysis reads
 
 # protect-run params and metrics
 PROTECT_METRICS = ("original_val_acc", "original_test_acc", "intactness_drop", "probe_acc", "selected_iteration",

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,12 +108,28 @@ def protected_models(spec: SweepSpec, options: RunOptions) -> list[tuple[str, in
     return [(v.label, seed) for v in spec.protect for seed in v.seeds]
 
 
-def dry_run_text(spec: SweepSpec, trials: list[Trial]) -> str:
-    """The attack budget per grid and subject, then every trial's name."""
-    lines = [f"sweep {spec.name} ({sweep_id(spec)}): {len(trials)} attack trials, "
-             f"{sum(t.config.epochs for t in trials)} fine-tuning epochs in all; attacker data pool: "
+def search_budget_lines(spec: SweepSpec, searched: int) -> list[str]:
+    """One line per search: algorithm, scheduler, trials per attacked model and domain, the total, the most
+    fine-tuning epochs it can spend."""
+    lines = []
+    for s in spec.attack.search:
+        attacked = searched // max(1, sum(x.num_samples for x in spec.attack.search))
+        total = s.num_samples * attacked
+        lines.append(f"  search {s.name}: {s.algorithm} ({s.random_start} random first) + "
+                     f"{'ASHA' if s.scheduler == 'asha' else 'no early stopping'}, {s.num_samples} trials x "
+                     f"{attacked} (attacked models x restricted domains) = {total} trials, {s.max_concurrent} at once, "
+                     f"at most {total * max(s.space.epochs)} fine-tuning epochs; objective: validation accuracy on "
+                     f"{s.val_fraction:g} of the attacker's pool")
+    return lines
+
+
+def dry_run_text(spec: SweepSpec, trials: list[Trial], searched: int = 0) -> str:
+    """The attack budget per grid and subject and per search, then every grid trial's name."""
+    lines = [f"sweep {spec.name} ({sweep_id(spec)}): {len(trials)} grid trials + {searched} search trials, "
+             f"{sum(t.config.epochs for t in trials)} grid fine-tuning epochs; attacker data pool: "
              f"{spec.attack.data_pool}",
              f"  protected models: {[f'{v.label} seed {s}' for v in spec.protect for s in v.seeds]}"]
+    lines += search_budget_lines(spec, searched)
     for grid in names.GRIDS:
         chosen = [t for t in trials if t.grid == grid]
         if chosen:
@@ -197,20 +213,23 @@ def closing_text(outcome: Outcome, seconds: float, spec_path: str | None = None)
 def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
     """Run the sweep's stages; raise SpecError (before Ray starts) for a bad grid size or an interrupted
     sweep without ``resume``."""
-    from sophon_ray.trials import plan_trials  # noqa: PLC0415
+    from sophon_ray.trials import plan_trials, search_budget  # noqa: PLC0415
     from sophon_ray.validation import advisories  # noqa: PLC0415
 
     view = View(Console(verbose=options.verbose))
     sid = sweep_id(spec)
     for warning in advisories(spec):
         view.say(f"warning: {warning}")
-    trials = plan_trials(spec, protected_models(spec, options)) if options.attack else []
-    if options.max_trials is not None and len(trials) > options.max_trials:
-        raise SpecError([Problem("attack.grid", f"{len(trials)} trials exceed --max-trials {options.max_trials}: "
-                                 "shrink the grid or raise --max-trials")], spec.name)
+    protected = protected_models(spec, options)
+    trials = plan_trials(spec, protected) if options.attack else []
+    searched = search_budget(spec, protected) if options.attack else 0
+    if options.max_trials is not None and len(trials) + searched > options.max_trials:
+        raise SpecError([Problem("attack", f"{len(trials)} grid + {searched} search trials exceed --max-trials "
+                                 f"{options.max_trials}: shrink the grids or searches, or raise --max-trials")],
+                        spec.name)
     if options.dry_run:
-        view.say(dry_run_text(spec, trials))
-        return Outcome(sid, len(trials))
+        view.say(dry_run_text(spec, trials, searched))
+        return Outcome(sid, len(trials) + searched)
     _check_data(spec)  # pre-flight: everything a user can get wrong fails here, before Ray or MLflow
     if options.audit is not None:
         _check_audited(spec, options.audit)
@@ -219,7 +238,7 @@ def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
     view.logs = LogCapture(out / "logs", options.verbose)  # the first thing written
     try:
         with environment({} if options.verbose else QUIET_ENV):
-            return _run_stages(spec, options, view, sid, trials, out)
+            return _run_stages(spec, options, view, sid, trials, out, searched)
     except SophonError:
         raise  # its message names the problem and the fix
     except BaseException:
@@ -244,7 +263,7 @@ def _check_tracking(spec: SweepSpec) -> None:
 
 
 def _run_stages(spec: SweepSpec, options: RunOptions, view: View, sid: str, trials: list[Trial],
-                out: Path) -> Outcome:
+                out: Path, searched: int = 0) -> Outcome:
     """Open the sweep's parent run and run its stages; the run is FINISHED at the end, FAILED on any error.
 
     Raises SpecError for an interrupted sweep without ``resume``."""
@@ -262,7 +281,7 @@ def _run_stages(spec: SweepSpec, options: RunOptions, view: View, sid: str, tria
     spec_file = out / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
     parent = tracker.sweep_run(sid, f"sweep-{sid}", spec_file)
-    outcome = Outcome(sid, len(trials), tracking_uri=redact(tracker.uri), output_dir=str(out),
+    outcome = Outcome(sid, len(trials) + searched, tracking_uri=redact(tracker.uri), output_dir=str(out),
                       log_dir=str(view.logs.log_dir))
     view.say(f"sweep {spec.name} ({sid}) | MLflow {redact(uri)} | experiment '{spec.name}' | output {out}")
     view.say(f"logs: {view.logs.path}" + ("" if options.verbose else
@@ -275,6 +294,10 @@ def _run_stages(spec: SweepSpec, options: RunOptions, view: View, sid: str, tria
             t0 = time.perf_counter()
             _attack_stage(spec, options, view, tracker, parent, sid, out, trials, models, outcome)
             outcome.stage_seconds["attack"] = time.perf_counter() - t0
+            if spec.attack.search:
+                t0 = time.perf_counter()
+                _search_stage(spec, options, view, tracker, parent, sid, out, models, outcome)
+                outcome.stage_seconds["search"] = time.perf_counter() - t0
         if options.report and options.attack and "protected" not in spec.attack.subjects:
             view.say("[4/4] report skipped: the heatmaps compare protected models with the baselines, and "
                      "attack.subjects has no 'protected' (the runs are in MLflow)")
@@ -400,10 +423,9 @@ def _log_models(spec: SweepSpec, tracker: Any, parent: str, sid: str, normal_dir
 
 def _attack_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any, parent: str, sid: str, out: Path,
                   trials: list[Trial], models: dict[str, Path], outcome: Outcome) -> None:
-    from sophon_ray.checkpoint import load_checkpoint  # noqa: PLC0415
-    from sophon_ray.data import make_splits  # noqa: PLC0415
+    from sophon_ray.data import load_domain, make_splits  # noqa: PLC0415
     from sophon_ray.progress import AttackProgress  # noqa: PLC0415
-    from sophon_ray.tune_driver import make_callback, make_progress_callback, run_attacks  # noqa: PLC0415
+    from sophon_ray.tune_driver import attack_data, make_callback, make_progress_callback, run_attacks  # noqa: PLC0415
 
     finished = tracker.finished_keys(sid, "attack")
     todo = [t for t in trials if t.key not in finished]
@@ -411,17 +433,14 @@ def _attack_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any
     if not todo:
         return
     view.start_ray(options.address)
-    loaded = {}
-    for key, d in models.items():
-        model, card = load_checkpoint(d)
-        loaded[key] = (model.state_dict(), card)
-    splits = make_splits(spec)
+    loaded = _load_models(models)
+    data = attack_data(make_splits(spec), [load_domain(d) for d in spec.benign])
     storage = spec.resources.storage_path or str(out / "ray")
     errors: list[Any] = []
     for attempt in range(1 + RETRY_PASSES):
         counts = AttackProgress(len(todo))
         with view.console.progress(counts, prefix="[2/4]" if attempt == 0 else "[2/4] retry pass:"):
-            grid = run_attacks(spec, todo, loaded, splits, storage, f"attack-{sid}-{int(time.time())}-{attempt}",
+            grid = run_attacks(spec, todo, loaded, data, storage, f"attack-{sid}-{int(time.time())}-{attempt}",
                                [make_callback(tracker, parent, sid), make_progress_callback(counts)],
                                spec.resources.max_failures, verbose=1 if options.verbose else 0)
         errors = [r for r in grid if r.error]
@@ -438,3 +457,102 @@ def _attack_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any
              f"{len(trials) - len(missing)}/{len(trials)} finished in MLflow")
     if missing:
         raise RuntimeError(f"{len(missing)} trials did not finish (e.g. {missing[:3]}); rerun with --resume")
+
+
+def _load_models(models: dict[str, Path]) -> dict[str, tuple[dict, dict]]:
+    """Every checkpoint the attacks start from, as (state dict, card) by model key."""
+    from sophon_ray.checkpoint import load_checkpoint  # noqa: PLC0415
+
+    loaded = {}
+    for key, d in models.items():
+        model, card = load_checkpoint(d)
+        loaded[key] = (model.state_dict(), card)
+    return loaded
+
+
+def search_key(sid: str, template: Trial) -> str:
+    """Key of the search run of one (search, attacked model, domain) in one sweep."""
+    return spec_hash((sid, template.search, template.subject.label, template.domain_name))
+
+
+def search_history(tracker: Any, search_run: str, scratch: bool) -> tuple[list[tuple[int, dict, float, float]], int]:
+    """The finished trials of a search run as (search_trial, searched params, objective, test accuracy at
+    the best-validation epoch), in search order, and the next free trial number. Trials an interrupted run left
+    unfinished are marked KILLED (their number is not reused)."""
+    from sophon_ray.spec import SearchSpace  # noqa: PLC0415
+
+    searched = [f.name for f in fields(SearchSpace) if not (scratch and f.name == "strategy")]
+    casts = {"batch_size": int, "epochs": int, "blocks": int, "lora_rank": int}
+    done, numbers = [], [-1]
+    for run in tracker.child_runs(search_run):
+        numbers.append(int(run.data.params.get(names.SEARCH_TRIAL, -1)))
+        metrics, params = run.data.metrics, run.data.params
+        if run.info.status != "FINISHED" or names.VAL_BEST not in metrics:
+            if run.info.status == "RUNNING":
+                tracker.finish(run.info.run_id, "KILLED")
+            continue
+        values = {k: _cast(params[k], casts.get(k)) for k in searched if k in params}
+        done.append((int(params[names.SEARCH_TRIAL]), values, metrics[names.VAL_BEST],
+                     metrics.get(names.AT_VAL_BEST, metrics[names.FINAL])))
+    return sorted(done, key=lambda row: row[0]), max(numbers) + 1
+
+
+def _cast(text: str, cast: Any) -> Any:
+    """An MLflow param (a string) back to the value the searcher gave: int, float, or the string itself."""
+    if cast is not None:
+        return cast(float(text))
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _search_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any, parent: str, sid: str, out: Path,
+                  models: dict[str, Path], outcome: Outcome) -> None:
+    """Every search (attack.search) against every attacked model and restricted domain, one Tune experiment
+    each, under its own MLflow search run; a resumed search continues with the trials it has (warm start)."""
+    from sophon_ray.data import make_splits  # noqa: PLC0415
+    from sophon_ray.progress import AttackProgress  # noqa: PLC0415
+    from sophon_ray.search import best_found  # noqa: PLC0415
+    from sophon_ray.trials import search_templates  # noqa: PLC0415
+    from sophon_ray.tune_driver import (SearchNumbering, make_callback, make_progress_callback,  # noqa: PLC0415
+                                        run_search, search_data)
+
+    searches = {s.name: s for s in spec.attack.search}
+    templates = search_templates(spec, protected_models(spec, options))
+    plan = []
+    for template in templates:
+        search = searches[template.search]
+        run_id = tracker.child_run(parent, sid, "search", search_key(sid, template),
+                                   f"search/{search.name}/{template.domain_name}/{template.subject.label}",
+                                   {**{k: v for k, v in template.params().items() if k in
+                                       (names.SUBJECT, names.VARIANT, names.PROTECT_SEED, names.DOMAIN, names.SEARCH)},
+                                    "algorithm": search.algorithm, "scheduler": search.scheduler,
+                                    "num_samples": search.num_samples, "val_fraction": search.val_fraction})
+        history, first = search_history(tracker, run_id, template.subject.kind == "scratch")
+        plan.append((template, search, run_id, history, first))
+    todo = sum(max(0, s.num_samples - len(h)) for _, s, _, h, _ in plan)
+    view.say(f"[3/4] search: {len(plan)} searches (search x attacked model x domain), {todo} trials to run")
+    splits = make_splits(spec) if todo else None
+    loaded = _load_models(models) if todo else {}
+    storage = spec.resources.storage_path or str(out / "ray")
+    counts = AttackProgress(todo)
+    with view.console.progress(counts, prefix="[3/4]"):
+        for template, search, run_id, history, first in plan:
+            remaining = search.num_samples - len(history)
+            if remaining > 0:
+                view.start_ray(options.address)
+                data = search_data(splits, template.domain, search.val_fraction, search.seed)
+                name = f"search-{search_key(sid, template)}-{int(time.time())}"
+                run_search(spec, search, template, remaining, [(p, v) for _, p, v, _ in history], loaded, data,
+                           storage, name, [make_callback(tracker, run_id, sid, SearchNumbering(template, first)),
+                                           make_progress_callback(counts)],
+                           spec.resources.max_failures, verbose=1 if options.verbose else 0)
+                history, _ = search_history(tracker, run_id, template.subject.kind == "scratch")
+                outcome.trials_run += remaining
+            logged = tracker.logged_steps(run_id, names.FOUND_VAL)
+            tracker.log_rows(run_id, [(f.n, {names.FOUND_VAL: f.val, names.FOUND_TEST: f.test})
+                                      for f in best_found([(n, v, t) for n, _, v, t in history]) if f.n not in logged])
+            complete = len(history) >= search.num_samples
+            tracker.finish(run_id, "FINISHED" if complete else "FAILED")
+    view.say(f"[3/4] search done | {todo} trials run now")

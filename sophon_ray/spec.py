@@ -150,6 +150,71 @@ class GridSpec:
 
 
 @dataclass(frozen=True)
+class Range:
+    """A numeric search dimension: ``loguniform`` / ``uniform`` over [low, high], or ``choice`` of ``values``."""
+
+    distribution: str = "loguniform"
+    low: float | None = None
+    high: float | None = None
+    values: tuple[float, ...] = ()
+
+
+DISTRIBUTIONS = ("loguniform", "uniform", "choice")
+ALL_STRATEGIES = ("direct-all", "direct-fc", "initfc-all", "initfc-fc", "rtal", "lora", "last-k", "reinit-last-k")
+ALL_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the adaptive attacker may choose: every list is a categorical choice (one value: fixed, not
+    searched), every :class:`Range` a numeric dimension. ``blocks`` is searched only for the last-k strategies,
+    ``lora_rank``/``lora_alpha`` only for ``lora``; a scratch search has no strategy (it trains everything)."""
+
+    strategy: tuple[str, ...] = ALL_STRATEGIES
+    optimizer: tuple[str, ...] = ALL_OPTIMIZERS
+    lr: Range = Range("loguniform", 1e-4, 1e-1)
+    weight_decay: Range = Range("choice", values=(0.0, 1e-4, 5e-4))
+    batch_size: tuple[int, ...] = (16, 32, 64, 128)
+    epochs: tuple[int, ...] = (10,)
+    schedule: tuple[str, ...] = ("constant", "cosine", "warmup-cosine", "one-cycle")
+    label_smoothing: Range = Range("choice", values=(0.0, 0.1))
+    augment: tuple[str, ...] = ("none", "flip", "shift", "colour", "all")
+    bn_mode: tuple[str, ...] = ("train", "frozen")
+    blocks: tuple[int, ...] = (1, 2)
+    lora_rank: tuple[int, ...] = (2, 4, 8)
+    lora_alpha: tuple[float, ...] = (4.0, 8.0, 16.0)
+    data_fraction: tuple[float, ...] = (0.1,)
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """An adaptive attacker: a Ray Tune search (``algorithm`` tpe: Optuna's TPE sampler, or random) of
+    ``num_samples`` fine-tuning recipes per attacked model and restricted domain, ``max_concurrent`` at a
+    time, bad trials stopped on their per-epoch validation curve by ``scheduler`` asha (or none: fifo).
+
+    The attacker's objective is its own validation accuracy: ``val_fraction`` of its data pool is held out,
+    the rest is what it fine-tunes on (``data_fraction`` of it), and each trial keeps its best-validation
+    epoch. The restricted test split only scores the recipes found. Every attacked model (protected,
+    normal, scratch) gets the same search with the same budget."""
+
+    name: str = "search"
+    algorithm: str = "tpe"
+    num_samples: int = 32
+    max_concurrent: int = 2
+    random_start: int = 8         # tpe: trials drawn at random before the model of good recipes is used
+    scheduler: str = "asha"
+    grace_period: int = 2         # asha: epochs every trial runs before it may be stopped
+    reduction_factor: float = 3.0
+    val_fraction: float = 0.2
+    seed: int = 0
+    space: SearchSpace = field(default_factory=SearchSpace)
+
+
+SEARCH_ALGORITHMS = ("tpe", "random")
+SCHEDULERS = ("asha", "none")
+
+
+@dataclass(frozen=True)
 class AttackSpec:
     """The attacks, on two grids (each a list of grids whose cells are united):
 
@@ -159,6 +224,12 @@ class AttackSpec:
       on. Attackers fine-tune on the protector's restricted share and are scored on restricted
       *validation* data.
 
+    - ``budget``: how far an attacker gets with more epochs and data (the evaluation grid's data; one trial
+      per recipe and data fraction, its per-epoch curve read at every epoch).
+    - ``benign``: fine-tuning on the unrelated ``benign`` domains (their training split -> their test split),
+      where the protected model should do as well as the normal one.
+    - ``search``: adaptive attackers (:class:`SearchSpec`).
+
     ``data_pool``: ``disjoint`` (default) gives the attacker ``pool_fraction`` of the restricted training
     split that the protector never sees; ``shared`` lets the attacker draw from the whole split, the
     protector's share included.
@@ -167,6 +238,9 @@ class AttackSpec:
     subjects: tuple[str, ...] = SUBJECTS
     evaluation: tuple[GridSpec, ...] = (GridSpec(),)
     development: tuple[GridSpec, ...] = ()
+    budget: tuple[GridSpec, ...] = ()
+    benign: tuple[GridSpec, ...] = ()
+    search: tuple[SearchSpec, ...] = ()
     data_pool: str = "disjoint"
     pool_fraction: float = 0.5
 
@@ -201,6 +275,7 @@ class SweepSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     original: DomainSpec = field(default_factory=DomainSpec)
     restricted: tuple[DomainSpec, ...] = (DomainSpec(dataset="digits"),)
+    benign: tuple[DomainSpec, ...] = ()   # unrelated domains for attack.benign (never protected against)
     pretrain: PretrainSpec = field(default_factory=PretrainSpec)
     protect: tuple[ProtectSpec, ...] = (ProtectSpec(),)
     attack: AttackSpec = field(default_factory=AttackSpec)

@@ -183,6 +183,18 @@ class Tracker:
             if not token:
                 return keys
 
+    def child_runs(self, parent_id: str) -> list[Any]:
+        """Every run whose parent is ``parent_id`` (any status), oldest first."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], max_results=1000, page_token=token,
+                                           filter_string=f"tags.`{PARENT}` = '{parent_id}'",
+                                           order_by=["attributes.start_time ASC"])
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         self.log_rows(run_id, [(step, metrics)])
 

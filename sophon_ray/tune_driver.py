@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,19 +75,23 @@ class AttackData:
     restricted_attacker: list[Dataset]
     restricted_test: list[Dataset]
     original_test: Dataset
+    benign: list[tuple[Dataset, Dataset]] = dataclasses.field(default_factory=list)  # (train, test) per domain
 
     def for_trial(self, trial: Trial) -> tuple[Dataset, Dataset]:
         """(fine-tuning data, scoring data) of a trial's grid and domain."""
         d = trial.domain
         if trial.grid == names.DEVELOPMENT:
             return self.restricted_train[d], self.restricted_val[d]
-        return self.restricted_attacker[d], self.restricted_test[d]
+        if trial.grid == names.BENIGN:
+            return self.benign[d]
+        return self.restricted_attacker[d], self.restricted_test[d]  # evaluation, budget
 
 
-def attack_data(splits: Any) -> AttackData:
-    """The trials' share of the sweep's splits (no original training or validation data)."""
+def attack_data(splits: Any, benign: list[tuple[Dataset, Dataset]] | None = None) -> AttackData:
+    """The trials' share of the sweep's splits (no original training or validation data), and the benign
+    domains' (train, test) splits."""
     return AttackData(splits.restricted_train, splits.restricted_val, splits.restricted_attacker,
-                      splits.restricted_test, splits.original_test)
+                      splits.restricted_test, splits.original_test, list(benign or []))
 
 
 # --------------------------------------------------------------------------------------------- the trial
@@ -98,71 +103,176 @@ class EpochReporter:
 
     ``tune.report`` in a function trainable waits for the driver to take the result, so reporting every
     epoch of a short trial spends much of the trial waiting (and loads the driver). Each report carries
-    the buffered rows as ``curve`` (epoch, restricted_acc, restricted_loss); the MLflow callback logs them.
+    the buffered rows as ``curve`` (one ``{"epoch": e, metric: value, ...}`` per epoch); the MLflow callback
+    logs them. A search trial reports every epoch (``every_s=0``): its scheduler stops trials on that curve.
     """
 
     def __init__(self, report: Any, final_epoch: int, every_s: float = REPORT_EVERY_S) -> None:
         self.report, self.final_epoch, self.every_s = report, final_epoch, every_s
-        self.rows: list[list[float]] = []
+        self.rows: list[dict[str, float]] = []
+        self.running: dict[str, float] = {}
         self.last = time.monotonic()
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.rows.append([epoch, metrics["restricted_acc"], metrics["restricted_loss"]])
+        self.rows.append({"epoch": epoch, **metrics})
+        self._update_running(metrics)
         if epoch < self.final_epoch and time.monotonic() - self.last >= self.every_s:
             self.flush()
 
+    def _update_running(self, metrics: dict[str, float]) -> None:
+        """Best test accuracy so far; with validation data, the best validation accuracy so far and the test
+        accuracy at that epoch (the attacker keeps its best-validation checkpoint)."""
+        acc = metrics[names.RESTRICTED_ACC]
+        self.running[names.BEST] = max(self.running.get(names.BEST, acc), acc)
+        if names.VAL_ACC in metrics and metrics[names.VAL_ACC] > self.running.get(names.VAL_BEST, -1.0):
+            self.running.update({names.VAL_BEST: metrics[names.VAL_ACC], names.AT_VAL_BEST: acc})
+
     def flush(self, **final: Any) -> None:
         """Report the buffered rows, then ``final`` metrics (which override the last row's)."""
-        epoch, acc, loss = self.rows[-1] if self.rows else (None, None, None)
-        self.report({"epoch": epoch, "restricted_acc": acc, "restricted_loss": loss, "curve": self.rows, **final})
+        last = self.rows[-1] if self.rows else {}
+        self.report({**last, **self.running, "curve": self.rows, **final})
         self.rows, self.last = [], time.monotonic()
 
 
-def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], data: AttackData,
-                 threads: int, channels_last: bool = True) -> None:
-    """The Tune function trainable: build the subject, fine-tune it, report its curve and final metrics.
-
-    ``models`` and ``data`` arrive as :func:`share` made them (numpy views of the object store)."""
-    import ray  # noqa: PLC0415
-    from ray import tune  # noqa: PLC0415
-
-    from sophon_ray.attack import finetune, scratch_model  # noqa: PLC0415
+def _subject_model(trial: Trial, models: dict[str, tuple[dict, dict]], channels_last: bool) -> Any:
+    """The model a trial attacks, built from the shared state (scratch: a fresh init of its architecture)."""
+    from sophon_ray.attack import scratch_model  # noqa: PLC0415
     from sophon_ray.models import build_model  # noqa: PLC0415
     from sophon_ray.spec import ModelSpec  # noqa: PLC0415
 
-    torch.set_num_threads(max(1, threads))
-    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"  # GPUs Tune gave this trial
-    trial: Trial = config["trial"]
     state, card = models[trial.subject.model]
     model = build_model(ModelSpec(card["arch"], card["num_classes"], channels_last), card["channels"],
                         card["image_size"])
     model.load_state_dict(unshare(state))
-    if trial.subject.kind == "scratch":
-        model = scratch_model(model, trial.config.seed)
-    cfg = trial.config
-    reporter = EpochReporter(tune.report, cfg.epochs)
-    data = unshare(data)
-    train, score = data.for_trial(trial)
-    result = finetune(model, train, score, cfg, original_test=data.original_test, device=device, on_epoch=reporter)
-    reporter.flush(**{"epoch": cfg.epochs, names.RESTRICTED_ACC: result.final,
+    return scratch_model(model, trial.config.seed) if trial.subject.kind == "scratch" else model
+
+
+def _finish(reporter: EpochReporter, result: Any, epochs: int) -> None:
+    """The trial's last report: its summary metrics and ``done`` (the MLflow callback finishes the run on it)."""
+    import ray  # noqa: PLC0415
+
+    reporter.flush(**{"epoch": epochs, names.RESTRICTED_ACC: result.final,
                       names.RESTRICTED_LOSS: result.restricted_loss[-1], names.FINAL: result.final,
                       names.BEST: result.best, names.ORIGINAL_ACC: result.original_acc,
                       "train_size": result.train_size, "compute_seconds": result.seconds,
                       "node_id": ray.get_runtime_context().get_node_id(), "done": True})
 
 
-def make_callback(tracker: Any, parent_id: str, sweep_id: str) -> Any:
-    """A Tune callback that mirrors every trial into its own MLflow child run, exactly once per step."""
+def _device(threads: int) -> str:
+    """Set this trial's torch threads (Ray reuses workers); its device: a GPU when Tune gave it one."""
+    import ray  # noqa: PLC0415
+
+    torch.set_num_threads(max(1, threads))
+    return "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+
+
+def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], data: AttackData,
+                 threads: int, channels_last: bool = True) -> None:
+    """The Tune function trainable of a grid trial: build the subject, fine-tune it, report its curve and
+    final metrics. ``models`` and ``data`` arrive as :func:`share` made them (numpy views of the object store)."""
+    from ray import tune  # noqa: PLC0415
+
+    from sophon_ray.attack import finetune  # noqa: PLC0415
+
+    device = _device(threads)
+    trial: Trial = config["trial"]
+    model = _subject_model(trial, models, channels_last)
+    reporter = EpochReporter(tune.report, trial.config.epochs)
+    data = unshare(data)
+    train, score = data.for_trial(trial)
+    result = finetune(model, train, score, trial.config, original_test=data.original_test, device=device,
+                      on_epoch=reporter)
+    _finish(reporter, result, trial.config.epochs)
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """What a search's trials read for one restricted domain: the attacker's pool without its validation
+    split (fine-tuning), that validation split (the objective), the restricted test split (the score), and the
+    original test split (intactness)."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    original_test: Dataset
+
+
+def search_data(splits: Any, domain: int, val_fraction: float, seed: int) -> SearchData:
+    """A search's data for ``domain``: ``val_fraction`` of the attacker's pool held out (stratified, seeded by
+    the search, the same for every attacked model)."""
+    from sophon_ray.data import split_off  # noqa: PLC0415
+
+    train, val = split_off(splits.restricted_attacker[domain], val_fraction, seed)
+    return SearchData(train, val, splits.restricted_test[domain], splits.original_test)
+
+
+def search_config(template: Trial, sampled: dict[str, Any]) -> Trial:
+    """The trial a search's sampled values make of its template (the template holds the fixed values)."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    return replace(template, config=replace(template.config, **sampled))
+
+
+def search_trial(config: dict[str, Any], template: Trial, models: dict[str, tuple[dict, dict]], data: SearchData,
+                 threads: int, channels_last: bool = True) -> None:
+    """The Tune function trainable of a search trial: fine-tune the search's subject with the sampled recipe,
+    report validation (the objective) and test accuracy after every epoch."""
+    from ray import tune  # noqa: PLC0415
+
+    from sophon_ray.attack import finetune  # noqa: PLC0415
+
+    device = _device(threads)
+    trial = search_config(template, config)
+    model = _subject_model(trial, models, channels_last)
+    reporter = EpochReporter(tune.report, trial.config.epochs, every_s=0.0)
+    data = unshare(data)
+    result = finetune(model, data.train, data.test, trial.config, original_test=data.original_test, device=device,
+                      on_epoch=reporter, val=data.val)
+    _finish(reporter, result, trial.config.epochs)
+
+
+SUMMARY = (names.FINAL, names.BEST, names.ORIGINAL_ACC, names.VAL_BEST, names.AT_VAL_BEST, names.STOPPED)
+
+
+def grid_trial_of(tune_trial: Any) -> Trial:
+    """The planned :class:`Trial` a grid trial runs (it is in Tune's param space)."""
+    return tune_trial.config["trial"]
+
+
+class SearchNumbering:
+    """The :class:`Trial` of each search trial: its template with the sampled values and its place in the
+    search (``first`` for the first trial Tune starts, then in the order Tune starts them, which is the order
+    the searcher proposed them; a retried trial keeps its number)."""
+
+    def __init__(self, template: Trial, first: int) -> None:
+        self.template, self.next = template, first
+        self.trials: dict[str, Trial] = {}
+
+    def __call__(self, tune_trial: Any) -> Trial:
+        from dataclasses import replace  # noqa: PLC0415
+
+        if tune_trial.trial_id not in self.trials:
+            trial = search_config(self.template, tune_trial.config)
+            self.trials[tune_trial.trial_id] = replace(trial, search_trial=self.next)
+            self.next += 1
+        return self.trials[tune_trial.trial_id]
+
+
+def make_callback(tracker: Any, parent_id: str, sweep_id: str,
+                  trial_of: Callable[[Any], Trial] = grid_trial_of) -> Any:
+    """A Tune callback that mirrors every trial into its own MLflow child run of ``parent_id``, exactly once per
+    step. A trial the scheduler stopped early (no final report) gets its summary from its last result."""
     from ray import tune  # noqa: PLC0415
 
     class MlflowTrials(tune.Callback):
         def __init__(self) -> None:
             self.runs: dict[str, str] = {}
             self.steps: dict[str, set[int]] = {}
+            self.done: set[str] = set()
 
         def _run(self, trial: Any) -> str:
             if trial.trial_id not in self.runs:
-                t: Trial = trial.config["trial"]
+                t = trial_of(trial)
                 run_id = tracker.child_run(parent_id, sweep_id, "attack", t.key, t.name, t.params())
                 self.runs[trial.trial_id] = run_id
                 self.steps[run_id] = tracker.logged_steps(run_id, names.RESTRICTED_ACC)
@@ -174,11 +284,11 @@ def make_callback(tracker: Any, parent_id: str, sweep_id: str) -> Any:
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             run_id = self._run(trial)
             logged = self.steps[run_id]  # a retried trial replays epochs that are already logged
-            rows = [(int(e), {names.RESTRICTED_ACC: acc, names.RESTRICTED_LOSS: loss})
-                    for e, acc, loss in result.get("curve", []) if int(e) not in logged]
+            rows = [(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
+                    for row in result.get("curve", []) if int(row["epoch"]) not in logged]
             if result.get("done"):
-                rows.append((0, {k: result[k] for k in (names.FINAL, names.BEST, names.ORIGINAL_ACC)
-                                 if result.get(k) is not None}))
+                rows.append((0, {k: result[k] for k in SUMMARY if result.get(k) is not None}))
+                self.done.add(run_id)
             if rows:
                 tracker.log_rows(run_id, rows)
             if result.get("done"):
@@ -186,7 +296,13 @@ def make_callback(tracker: Any, parent_id: str, sweep_id: str) -> Any:
             logged.update(e for e, row in rows if names.RESTRICTED_ACC in row)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            tracker.finish(self._run(trial), "FINISHED")
+            run_id = self._run(trial)
+            last = trial.last_result or {}
+            if run_id not in self.done and names.RESTRICTED_ACC in last:  # stopped by the scheduler
+                summary = {names.FINAL: last[names.RESTRICTED_ACC], names.STOPPED: 1.0,
+                           **{k: last[k] for k in (names.BEST, names.VAL_BEST, names.AT_VAL_BEST) if k in last}}
+                tracker.log_rows(run_id, [(0, summary)])
+            tracker.finish(run_id, "FINISHED")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             tracker.finish(self._run(trial), "FAILED")
@@ -215,25 +331,61 @@ def make_progress_callback(progress: Any) -> Any:
     return TrialCounts()
 
 
-def run_attacks(spec: SweepSpec, trials: list[Trial], models: dict[str, tuple[dict, dict]], splits: Any,
-                storage_path: str, name: str, callbacks: list[Any], max_failures: int = 2, verbose: int = 1) -> Any:
-    """Run ``trials`` as one Tune experiment; returns Tune's ResultGrid.
-
-    ``models`` and the trials' share of ``splits`` go to the object store once, as numpy arrays. ``verbose``
-    is Tune's console verbosity (0: Tune prints nothing; 1: its status table)."""
+def _trainable(spec: SweepSpec, function: Callable[..., None], **parameters: Any) -> Any:
+    """``function`` with its large inputs in the object store (as :func:`share` makes them) and one trial's
+    resources."""
     from ray import tune  # noqa: PLC0415
 
     r = spec.resources
-    trainable = tune.with_resources(
-        tune.with_parameters(attack_trial, models=share(models), data=share(attack_data(splits)),
-                             threads=int(max(1, r.cpus_per_trial)), channels_last=spec.model.channels_last),
-        {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial},
-    )
+    shared = {k: share(v) for k, v in parameters.items()}
+    return tune.with_resources(
+        tune.with_parameters(function, threads=int(max(1, r.cpus_per_trial)), channels_last=spec.model.channels_last,
+                             **shared),
+        {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
+
+
+def _run_config(name: str, storage_path: str, callbacks: list[Any], max_failures: int, verbose: int) -> Any:
+    from ray import tune  # noqa: PLC0415
+
+    return tune.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks, verbose=verbose,
+                          failure_config=tune.FailureConfig(max_failures=max_failures))
+
+
+def run_attacks(spec: SweepSpec, trials: list[Trial], models: dict[str, tuple[dict, dict]], data: AttackData,
+                storage_path: str, name: str, callbacks: list[Any], max_failures: int = 2, verbose: int = 1) -> Any:
+    """Run the grid ``trials`` as one Tune experiment; returns Tune's ResultGrid.
+
+    ``models`` and ``data`` go to the object store once, as numpy arrays. ``verbose`` is Tune's console
+    verbosity (0: Tune prints nothing; 1: its status table)."""
+    from ray import tune  # noqa: PLC0415
+
     tuner = tune.Tuner(
-        trainable,
+        _trainable(spec, attack_trial, models=models, data=data),
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(reuse_actors=True, trial_dirname_creator=lambda t: f"t-{t.trial_id}"),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=callbacks, verbose=verbose,
-                                  failure_config=tune.FailureConfig(max_failures=max_failures)),
+        run_config=_run_config(name, storage_path, callbacks, max_failures, verbose),
+    )
+    return tuner.fit()
+
+
+def run_search(spec: SweepSpec, search: Any, template: Trial, num_samples: int, history: list[tuple[dict, float]],
+               models: dict[str, tuple[dict, dict]], data: SearchData, storage_path: str, name: str,
+               callbacks: list[Any], max_failures: int = 2, verbose: int = 1) -> Any:
+    """Run ``num_samples`` trials of one search (``search``: a SearchSpec) against ``template``'s subject and
+    domain as one Tune experiment: the searcher proposes recipes (warm-started with ``history``: the searched
+    params and objective of trials an earlier run finished), the scheduler stops laggards."""
+    from ray import tune  # noqa: PLC0415
+
+    from sophon_ray import search as searching  # noqa: PLC0415
+
+    scratch = template.subject.kind == "scratch"
+    tuner = tune.Tuner(
+        _trainable(spec, search_trial, template=template, models={template.subject.model: models[template.subject.model]},
+                   data=data),
+        tune_config=tune.TuneConfig(
+            metric=names.VAL_BEST, mode="max", num_samples=num_samples, reuse_actors=True,
+            search_alg=searching.searcher(search, template.config.strategy, scratch, history, f"{name}"),
+            scheduler=searching.scheduler(search), trial_dirname_creator=lambda t: f"t-{t.trial_id}"),
+        run_config=_run_config(name, storage_path, callbacks, max_failures, verbose),
     )
     return tuner.fit()

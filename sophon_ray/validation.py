@@ -15,8 +15,9 @@ from typing import Any
 
 from sophon_ray import registries
 from sophon_ray.registry import Registry, did_you_mean
-from sophon_ray.spec import (DATA_POOLS, MODES, RESTRICTED_VAL_FRACTION, SUBJECTS, DomainSpec, GridSpec, Problem,
-                             SpecError, SweepSpec, build_spec, read_spec_data)
+from sophon_ray.spec import (DATA_POOLS, DISTRIBUTIONS, MODES, RESTRICTED_VAL_FRACTION, SCHEDULERS, SEARCH_ALGORITHMS,
+                             SUBJECTS, DomainSpec, GridSpec, Problem, Range, SearchSpec, SpecError, SweepSpec,
+                             build_spec, read_spec_data)
 
 
 class _Checker:
@@ -49,8 +50,13 @@ def _domains(c: _Checker, spec: SweepSpec) -> None:
     domains = [("original", spec.original)] + [(f"restricted.{i}", d) for i, d in enumerate(spec.restricted)]
     if not spec.restricted:
         c.add("restricted", "needs at least one restricted domain")
-    for path, d in domains:
+    for path, d in domains + [(f"benign.{i}", d) for i, d in enumerate(spec.benign)]:
         _domain(c, path, d, spec.original)
+    if spec.attack.benign and not spec.benign:
+        c.add("attack.benign", "benign grids need benign domains: add e.g. `benign: [{dataset: digits, ...}]` "
+              "(an unrelated domain, same image_size and channels) or remove attack.benign")
+    if spec.benign and not spec.attack.benign:
+        c.add("benign", "benign domains are only fine-tuned on by attack.benign grids: add one, or remove benign")
 
 
 def _domain(c: _Checker, path: str, d: DomainSpec, original: DomainSpec) -> None:
@@ -140,6 +146,86 @@ def _grid(c: _Checker, path: str, g: GridSpec) -> None:
         c.at_least_zero(f"{path}.weight_decay.{j}", value)
 
 
+def _range(c: _Checker, path: str, r: Range, low_bound: float = 0.0) -> None:
+    """A numeric search dimension: a known distribution, a non-empty range inside the allowed bounds."""
+    if r.distribution not in DISTRIBUTIONS:
+        c.add(f"{path}.distribution", f"unknown distribution '{r.distribution}'"
+              f"{did_you_mean(r.distribution, list(DISTRIBUTIONS))}; allowed: {', '.join(DISTRIBUTIONS)}")
+        return
+    if r.distribution == "choice":
+        if not r.values:
+            c.add(f"{path}.values", "a choice needs at least one value, e.g. values: [0.0, 0.1]")
+        for j, v in enumerate(r.values):
+            if v < low_bound:
+                c.add(f"{path}.values.{j}", f"must be >= {low_bound:g}, got {v}")
+        return
+    if r.low is None or r.high is None:
+        c.add(path, f"a {r.distribution} range needs low and high, e.g. {{distribution: {r.distribution}, "
+              "low: 1.0e-4, high: 1.0e-1}")
+        return
+    if r.low > r.high:
+        c.add(path, f"low > high ({r.low:g} > {r.high:g}): swap them")
+    elif r.low == r.high:
+        c.add(path, f"empty range (low = high = {r.low:g}): widen it, or use {{distribution: choice, values: [{r.low:g}]}}")
+    if r.low < low_bound or (r.distribution == "loguniform" and r.low <= 0):
+        c.add(f"{path}.low", f"must be > 0 for loguniform, got {r.low:g}" if r.distribution == "loguniform"
+              else f"must be >= {low_bound:g}, got {r.low:g}")
+
+
+def _search(c: _Checker, path: str, search: SearchSpec, spec: SweepSpec) -> None:
+    """An adaptive attacker's settings and space: names against the registries, ranges, budgets, and every
+    strategy the space may pick against the model (e.g. more blocks than the architecture has)."""
+    from sophon_ray.attack import AttackConfig, strategy_problem  # noqa: PLC0415
+
+    if search.algorithm not in SEARCH_ALGORITHMS:
+        c.add(f"{path}.algorithm", f"unknown search algorithm '{search.algorithm}'"
+              f"{did_you_mean(search.algorithm, list(SEARCH_ALGORITHMS))}; allowed: {', '.join(SEARCH_ALGORITHMS)}")
+    if search.scheduler not in SCHEDULERS:
+        c.add(f"{path}.scheduler", f"unknown scheduler '{search.scheduler}'"
+              f"{did_you_mean(search.scheduler, list(SCHEDULERS))}; allowed: {', '.join(SCHEDULERS)}")
+    for key in ("num_samples", "max_concurrent", "grace_period"):
+        c.positive(f"{path}.{key}", getattr(search, key))
+    c.at_least_zero(f"{path}.random_start", search.random_start)
+    if search.reduction_factor <= 1:
+        c.add(f"{path}.reduction_factor", f"must be > 1 (ASHA keeps 1/reduction_factor of the trials at each "
+              f"rung), got {search.reduction_factor}")
+    if not 0 < search.val_fraction < 1:
+        c.add(f"{path}.val_fraction", f"must be in (0, 1) (the attacker's own validation share of its pool), "
+              f"got {search.val_fraction}")
+    space, sp = search.space, f"{path}.space"
+    choices = {"strategy": registries.STRATEGIES, "optimizer": registries.OPTIMIZERS,
+               "schedule": registries.SCHEDULES, "augment": registries.AUGMENTS, "bn_mode": registries.BN_MODES}
+    for key, registry in choices.items():
+        if not getattr(space, key):
+            c.add(f"{sp}.{key}", "is empty: give at least one value")
+        for j, value in enumerate(getattr(space, key)):
+            c.name_in(f"{sp}.{key}.{j}", value, registry)
+    for key in ("batch_size", "epochs", "blocks", "lora_rank", "lora_alpha", "data_fraction"):
+        if not getattr(space, key):
+            c.add(f"{sp}.{key}", "is empty: give at least one value")
+        for j, value in enumerate(getattr(space, key)):
+            (c.fraction if key == "data_fraction" else c.positive)(f"{sp}.{key}.{j}", value)
+    _range(c, f"{sp}.lr", space.lr, low_bound=1e-12)
+    _range(c, f"{sp}.weight_decay", space.weight_decay)
+    _range(c, f"{sp}.label_smoothing", space.label_smoothing)
+    if space.label_smoothing.distribution != "choice" and (space.label_smoothing.high or 0) >= 1:
+        c.add(f"{sp}.label_smoothing.high", f"must be < 1, got {space.label_smoothing.high}")
+    if search.scheduler == "asha" and space.epochs and search.grace_period > max(space.epochs):
+        c.add(f"{path}.grace_period", f"{search.grace_period} epochs is more than the longest trial "
+              f"({max(space.epochs)} epochs): lower it, or use scheduler: none")
+    if spec.model.arch in registries.MODELS:
+        for j, strategy in enumerate(space.strategy):
+            if strategy not in registries.STRATEGIES:
+                continue
+            for blocks, rank in itertools.product(space.blocks or (1,), space.lora_rank or (1,)):
+                problem = strategy_problem(spec.model.arch, AttackConfig(strategy=strategy, blocks=blocks,
+                                                                         lora_rank=rank),
+                                           spec.original.channels, spec.original.image_size)
+                if problem:
+                    c.add(f"{sp}.strategy.{j}", f"{problem} (model.arch {spec.model.arch})")
+                    break
+
+
 def _attack(c: _Checker, spec: SweepSpec) -> None:
     a = spec.attack
     for i, s in enumerate(a.subjects):
@@ -150,9 +236,14 @@ def _attack(c: _Checker, spec: SweepSpec) -> None:
         c.add("attack.subjects", "'protected' needs at least one protect variant")
     if not a.evaluation:
         c.add("attack.evaluation", "needs at least one grid: the evaluation grid is what the report shows")
-    for name in ("evaluation", "development"):
+    for name in ("evaluation", "development", "budget", "benign"):
         for i, g in enumerate(getattr(a, name)):
             _grid(c, f"attack.{name}.{i}", g)
+    search_names = [s.name for s in a.search]
+    for i, search in enumerate(a.search):
+        _search(c, f"attack.search.{i}", search, spec)
+        if search_names.count(search.name) > 1:
+            c.add(f"attack.search.{i}.name", f"search name '{search.name}' is used twice: give each search its own name")
     if a.data_pool not in DATA_POOLS:
         c.add("attack.data_pool", f"unknown data pool '{a.data_pool}'{did_you_mean(a.data_pool, list(DATA_POOLS))}; "
               f"allowed: {', '.join(DATA_POOLS)}")
