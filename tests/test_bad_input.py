@@ -56,6 +56,16 @@ CASES = {
                           "/nonexistent/cifar"),
     "missing weights": (_with("pretrain.weights", "/nonexistent/ckpt"), "no sophon-ray checkpoint at /nonexistent/ckpt"),
     "unreachable tracking": (_with("tracking", {"uri": "http://127.0.0.1:9"}), "does not answer"),
+    "empty search range": (_with("attack.search", [{"space": {"lr": {"low": 1e-2, "high": 1e-2}}}]),
+                           "attack.search.0.space.lr: empty range"),
+    "search low > high": (_with("attack.search", [{"space": {"lr": {"low": 1e-1, "high": 1e-3}}}]),
+                          "attack.search.0.space.lr: low > high"),
+    "unknown distribution": (_with("attack.search", [{"space": {"lr": {"distribution": "logunifrom", "low": 1e-3,
+                                                                       "high": 1e-1}}}]), "did you mean 'loguniform'"),
+    "unknown search algorithm": (_with("attack.search", [{"algorithm": "tpee"}]), "did you mean 'tpe'"),
+    "unknown augmentation": (_with("attack.search", [{"space": {"augment": ["flp"]}}]), "did you mean 'flip'"),
+    "strategy the model lacks": (_with("attack.search", [{"space": {"strategy": ["last-k"], "blocks": [9]}}]),
+                                 "attack.search.0.space.strategy.0"),
 }
 
 
