@@ -17,12 +17,19 @@ SMALL_INPUT = 64  # at or below this size, torchvision stems lose their stride/m
 
 
 class Net(nn.Module):
-    """body -> flat features -> classifier; ``head`` is the classifier's last Linear."""
+    """body -> flat features -> classifier; ``head`` is the classifier's last Linear.
 
-    def __init__(self, body: nn.Module, classifier: nn.Sequential) -> None:
+    ``blocks`` (modules per block, input to output) is the architecture's block structure, recorded by
+    the builder and kept as parameter-name prefixes (see :meth:`blocks`); without it, :func:`default_blocks`
+    derives one from a Sequential body at construction.
+    """
+
+    def __init__(self, body: nn.Module, classifier: nn.Sequential,
+                 blocks: list[list[nn.Module]] | None = None) -> None:
         super().__init__()
         self.body = body
         self.classifier = classifier
+        self._blocks = _block_prefixes(self, blocks if blocks is not None else default_blocks(body, classifier))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.body(x))
@@ -38,6 +45,63 @@ class Net(nn.Module):
     def classifier_param_names(self) -> list[str]:
         return [n for n, _ in self.named_parameters() if n.startswith("classifier.")]
 
+    def blocks(self) -> list[list[str]]:
+        """Parameter-name prefixes (ending in '.') of each block, input to output.
+
+        Together they cover every parameter except the head's; ``last-k`` strategies train the last k.
+        convnet: each conv block (conv + BN), then the classifier's hidden Linear; ResNets: the stem
+        (conv1 + bn1), then the four stages layer1..layer4 (whole stages, not single residual blocks, so k
+        stays small and means the same across depths), then hidden classifier layers (none); VGG-13: the
+        five conv stages (between pools), then the two hidden Linears.
+        """
+        return [list(b) for b in self._blocks]
+
+    def block_param_names(self, k: int) -> list[str]:
+        """Names of the parameters of the last ``k`` blocks (0 <= k <= number of blocks)."""
+        if not 0 <= k <= len(self._blocks):
+            raise ValueError(f"blocks: {k} is outside 0..{len(self._blocks)} (this model has "
+                             f"{len(self._blocks)} blocks)")
+        prefixes = tuple(p for block in self._blocks[len(self._blocks) - k:] for p in block)
+        return [n for n, _ in self.named_parameters() if prefixes and n.startswith(prefixes)]
+
+
+def _block_prefixes(net: Net, blocks: list[list[nn.Module]]) -> list[list[str]]:
+    """Module lists -> their names in ``net`` + '.', checked to cover every non-head parameter exactly once."""
+    names = {id(m): name for name, m in net.named_modules()}
+    missing = [m for block in blocks for m in block if id(m) not in names]
+    if missing:
+        raise ValueError(f"Net blocks name {len(missing)} module(s) that are not part of the model")
+    prefixes = [[names[id(m)] + "." for m in block] for block in blocks]
+    flat = tuple(p for block in prefixes for p in block)
+    head = f"classifier.{len(net.classifier) - 1}."
+    owners = {n: [p for p in flat if n.startswith(p)] for n, _ in net.named_parameters() if not n.startswith(head)}
+    bad = {n: o for n, o in owners.items() if len(o) != 1}
+    if bad:
+        raise ValueError(f"Net blocks must cover every non-head parameter exactly once; wrong for "
+                         f"{sorted(bad)[:5]}")
+    return prefixes
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def default_blocks(body: nn.Module, classifier: nn.Sequential) -> list[list[nn.Module]]:
+    """A generic block structure for a hand-built Net: in a Sequential body, a block starts at each child
+    holding a weight matrix/kernel (conv, linear) and takes the following parameterised children without
+    one (BatchNorm); then each hidden Linear of the classifier. A non-Sequential body is one block."""
+    blocks: list[list[nn.Module]] = []
+    children = list(body) if isinstance(body, nn.Sequential) else [body]
+    for child in children:
+        if not _has_params(child):
+            continue
+        if any(p.dim() >= 2 for p in child.parameters()) or not blocks:
+            blocks.append([child])
+        else:
+            blocks[-1].append(child)
+    blocks += [[m] for m in list(classifier)[:-1] if _has_params(m)]
+    return blocks
+
 
 def build_model(spec: ModelSpec, channels: int = 3, image_size: int = 32, weights: str | None = None) -> Net:
     """Build ``spec.arch`` for ``channels`` x ``image_size`` inputs with ``spec.num_classes`` outputs.
@@ -51,23 +115,22 @@ def build_model(spec: ModelSpec, channels: int = 3, image_size: int = 32, weight
     return model.to(memory_format=torch.channels_last) if spec.channels_last else model
 
 
-def _conv_block(c_in: int, c_out: int, bn: bool, pool: nn.Module) -> list[nn.Module]:
+def _conv_block(c_in: int, c_out: int, bn: bool) -> list[nn.Module]:
+    """conv (+ BN): the parameterised part of one convnet block (ReLU and pooling follow)."""
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not bn)]
-    if bn:
-        layers.append(nn.BatchNorm2d(c_out))
-    return layers + [nn.ReLU(inplace=True), pool]
+    return layers + ([nn.BatchNorm2d(c_out)] if bn else [])
 
 
 def _convnet(num_classes: int, channels: int, bn: bool, width: int = 16) -> Net:
-    body = nn.Sequential(
-        *_conv_block(channels, width, bn, nn.MaxPool2d(2)),
-        *_conv_block(width, 2 * width, bn, nn.MaxPool2d(2)),
-        *_conv_block(2 * width, 4 * width, bn, nn.AdaptiveAvgPool2d(1)),
-        nn.Flatten(),
-    )
-    classifier = nn.Sequential(nn.Linear(4 * width, 4 * width), nn.ReLU(inplace=True),
-                               nn.Linear(4 * width, num_classes))
-    return Net(body, classifier)
+    """Three conv blocks + a hidden Linear: 4 blocks for ``last-k``."""
+    convs = [_conv_block(channels, width, bn), _conv_block(width, 2 * width, bn),
+             _conv_block(2 * width, 4 * width, bn)]
+    pools = [nn.MaxPool2d(2), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1)]
+    body = nn.Sequential(*[m for conv, pool in zip(convs, pools) for m in [*conv, nn.ReLU(inplace=True), pool]],
+                         nn.Flatten())
+    hidden = nn.Linear(4 * width, 4 * width)
+    classifier = nn.Sequential(hidden, nn.ReLU(inplace=True), nn.Linear(4 * width, num_classes))
+    return Net(body, classifier, blocks=[*convs, [hidden]])
 
 
 def _no_pretrained(arch: str, weights: str | None) -> None:
@@ -115,7 +178,8 @@ def _resnet(arch: str, num_classes: int, channels: int, image_size: int, weights
         net.maxpool = nn.Identity()
     body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
                          net.layer4, net.avgpool, nn.Flatten())
-    return Net(body, nn.Sequential(nn.Linear(net.fc.in_features, num_classes)))
+    blocks = [[net.conv1, net.bn1], [net.layer1], [net.layer2], [net.layer3], [net.layer4]]
+    return Net(body, nn.Sequential(nn.Linear(net.fc.in_features, num_classes)), blocks=blocks)
 
 
 @MODELS.register("resnet18")
@@ -147,12 +211,19 @@ def vgg13(num_classes: int, channels: int, image_size: int, weights: str | None 
     layers = list(net.features)
     if channels != 3:
         layers[0] = nn.Conv2d(channels, 64, 3, padding=1)
+    stages: list[list[nn.Module]] = [[]]  # the conv stages, split at torchvision's pools (before trimming)
+    for m in layers:
+        if isinstance(m, nn.MaxPool2d):
+            stages.append([])
+        elif isinstance(m, nn.Conv2d):
+            stages[-1].append(m)
     pools_allowed = max(0, int(math.log2(image_size)))
     pool_idx = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)]
     for i in pool_idx[pools_allowed:]:
         layers[i] = nn.Identity()
     body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    classifier = nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
-                               nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
+    hidden = [nn.Linear(512, 512), nn.Linear(512, 512)]
+    classifier = nn.Sequential(hidden[0], nn.ReLU(inplace=True), nn.Dropout(0.5),
+                               hidden[1], nn.ReLU(inplace=True), nn.Dropout(0.5),
                                nn.Linear(512, num_classes))
-    return Net(body, classifier)
+    return Net(body, classifier, blocks=[s for s in stages if s] + [[h] for h in hidden])

@@ -1,11 +1,12 @@
 """Every registry in one place, for spec validation and ``sophon-ray ls`` (imports torch)."""
 
+from sophon_ray.attack import STRATEGIES
+from sophon_ray.augment import AUGMENTS
 from sophon_ray.data import DATASETS
 from sophon_ray.losses import LOSSES
 from sophon_ray.models import MODELS
 from sophon_ray.simulation import INNER_OPTIMIZERS
-from sophon_ray.attack import STRATEGIES
-from sophon_ray.training import OPTIMIZERS, SCHEDULES
+from sophon_ray.training import BN_MODES, OPTIMIZERS, SCHEDULES
 
 ALL = {
     "datasets": DATASETS,
@@ -15,6 +16,9 @@ ALL = {
     "strategies": STRATEGIES,
     "optimizers": OPTIMIZERS,
     "schedules": SCHEDULES,
+    "augmentations": AUGMENTS,
+    "BN modes": BN_MODES,
 }
 
-__all__ = ["ALL", "DATASETS", "INNER_OPTIMIZERS", "LOSSES", "MODELS", "OPTIMIZERS", "SCHEDULES", "STRATEGIES"]
+__all__ = ["ALL", "AUGMENTS", "BN_MODES", "DATASETS", "INNER_OPTIMIZERS", "LOSSES", "MODELS", "OPTIMIZERS",
+           "SCHEDULES", "STRATEGIES"]

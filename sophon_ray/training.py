@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from sophon_ray.augment import Augment
 from sophon_ray.data import batches
 from sophon_ray.registry import Registry
 from sophon_ray.spec import PretrainSpec
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float, float], torch.optim.Optimizer]
 OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
 SCHEDULES: Registry[Callable[[int], Callable[[int], float]]] = Registry("lr schedule")
+BN_MODES: Registry[bool] = Registry("BN mode")  # name -> freeze_bn for train_epoch
+BN_MODES.register("train", "BatchNorm in train mode: batch statistics normalise, running statistics adapt")(False)
+BN_MODES.register("frozen", "BatchNorm in eval mode: running statistics kept and used; affine parameters "
+                  "still train if the strategy trains them")(True)
 
 
 def _reg(name: str, doc: str, build: OptimizerFactory) -> None:
@@ -60,6 +65,47 @@ def cosine(total_steps: int) -> Callable[[int], float]:
     return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
 
 
+WARMUP_FRACTION = 0.1
+
+
+@SCHEDULES.register("warmup-cosine")
+def warmup_cosine(total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up over the first 10% of steps (lr/w, 2lr/w, ... lr), then cosine decay to 0."""
+    warm = max(1, round(WARMUP_FRACTION * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(step - warm, total_steps - warm) / max(1, total_steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _cos_between(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
+
+
+ONE_CYCLE = {"pct_start": 0.3, "div_factor": 25.0, "final_div_factor": 1e4}
+
+
+@SCHEDULES.register("one-cycle")
+def one_cycle(total_steps: int) -> Callable[[int], float]:
+    """OneCycleLR (pct_start 0.3): cosine from lr/25 up to lr over 30% of steps, then down to lr/25/1e4."""
+    initial = 1 / ONE_CYCLE["div_factor"]
+    final = initial / ONE_CYCLE["final_div_factor"]
+    peak_end = float(ONE_CYCLE["pct_start"] * total_steps) - 1  # OneCycleLR's phase boundaries, in steps
+    last = float(total_steps - 1)
+
+    def factor(step: int) -> float:
+        step = min(step, max(0, total_steps - 1))  # LambdaLR's call after the last step: hold the end value
+        if step <= peak_end:
+            return _cos_between(initial, 1.0, step / peak_end if peak_end > 0 else 1.0)
+        return _cos_between(1.0, final, (step - peak_end) / (last - peak_end) if last > peak_end else 1.0)
+
+    return factor
+
+
 @dataclass(frozen=True)
 class Evaluation:
     accuracy: float  # percent
@@ -82,19 +128,34 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "c
     return Evaluation(100.0 * correct / max(1, n), loss / max(1, n))
 
 
+def set_bn_eval(model: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode (running statistics used and kept), the rest untouched."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optimizer, batch_size: int,
                 generator: torch.Generator, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                device: torch.device | str = "cpu", sync_grads: Callable[[list[torch.Tensor]], None] | None = None
+                device: torch.device | str = "cpu", sync_grads: Callable[[list[torch.Tensor]], None] | None = None,
+                *, label_smoothing: float = 0.0, augment: Augment | None = None, freeze_bn: bool = False
                 ) -> float:
     """One epoch of cross-entropy training in train mode (BatchNorm statistics update); mean batch loss.
 
     ``sync_grads`` (data-parallel workers) averages the gradients across workers before each step.
+    ``label_smoothing`` smooths the cross-entropy targets; ``augment(x, generator)`` transforms each
+    training batch (on its device, drawing from ``generator`` after the batch is drawn, so a seeded run
+    is reproducible); ``freeze_bn`` keeps BatchNorm layers in eval mode (running statistics untouched).
     """
     model.train()
+    if freeze_bn:
+        set_bn_eval(model)
     total, steps = 0.0, 0
     for x, y in batches(dataset, batch_size, generator):
         x, y = x.to(device), y.to(device)
-        loss = F.cross_entropy(model(x), y)
+        if augment is not None:
+            x = augment(x, generator)
+        loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sync_grads:

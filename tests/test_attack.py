@@ -15,18 +15,21 @@ EXPECTED = {  # strategy -> (trainable, re-initialised)
     "initfc-all": (ALL, HEAD),
     "initfc-fc": (HEAD, HEAD),
     "rtal": (ALL, CLASSIFIER),
+    "last-k": (CLASSIFIER, set()),  # blocks=1: tiny_net's last block is the classifier's hidden Linear
+    "reinit-last-k": (CLASSIFIER, CLASSIFIER),
 }
+ELSEWHERE = {"lora"}  # changes the module tree: tests/test_recipes.py
 
 
 def test_every_strategy_is_covered():
-    assert set(STRATEGIES.names()) == set(EXPECTED)
+    assert set(STRATEGIES.names()) == set(EXPECTED) | ELSEWHERE
 
 
 @pytest.mark.parametrize("strategy", sorted(EXPECTED))
 def test_strategy_reinitialises_and_freezes_exactly_the_right_parameters(strategy):
     model = tiny_net(bn=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    params = prepare(model, strategy, torch.Generator().manual_seed(0))
+    params = prepare(model, AttackConfig(strategy=strategy), torch.Generator().manual_seed(0))
     trainable, reinit = EXPECTED[strategy]
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     assert {id(p) for p in params} == {id(p) for n, p in model.named_parameters() if n in trainable}
@@ -43,8 +46,8 @@ def test_head_only_attack_trains_only_the_head_but_updates_batchnorm_statistics(
     cfg = AttackConfig(strategy=strategy, optimizer="adam", lr=1e-2, batch_size=16, epochs=2)
     seen = []  # finetune trains a private copy: catch it (and its state after re-init) where it is prepared
 
-    def spy(net, name, generator):
-        params = prepare(net, name, generator)
+    def spy(net, config, generator):
+        params = prepare(net, config, generator)
         seen.append((net, {n: t.detach().clone() for n, t in net.state_dict().items()}))
         return params
 
