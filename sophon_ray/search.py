@@ -10,7 +10,7 @@ trials at once, and ASHA stopping trials whose validation curve lags at its rung
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -56,17 +56,20 @@ def _suggest(trial: Any, name: str, dist: Any) -> Any:
     return trial.suggest_float(name, dist.low, dist.high, log=dist.log)
 
 
-def define_by_run(space: SearchSpace, fixed_strategy: str, scratch: bool) -> Callable[[Any], None]:
-    """Optuna define-by-run space: the unconditional dimensions, then those the drawn strategy needs."""
+class DefineByRun:
+    """Optuna define-by-run space: the unconditional dimensions, then those the drawn strategy needs. A class,
+    not a closure: Tune pickles the searcher (and so this) into its experiment state."""
 
-    def define(trial: Any) -> None:
-        chosen = {name: _suggest(trial, name, dist) for name, dist in dimensions(space, None, scratch).items()}
-        strategy = chosen.get("strategy", fixed_strategy)
-        for name, dist in dimensions(space, strategy, scratch).items():
+    def __init__(self, space: SearchSpace, fixed_strategy: str, scratch: bool) -> None:
+        self.space, self.fixed_strategy, self.scratch = space, fixed_strategy, scratch
+
+    def __call__(self, trial: Any) -> None:
+        unconditional = dimensions(self.space, None, self.scratch)
+        chosen = {name: _suggest(trial, name, dist) for name, dist in unconditional.items()}
+        strategy = chosen.get("strategy", self.fixed_strategy)
+        for name, dist in dimensions(self.space, strategy, self.scratch).items():
             if name not in chosen:
                 _suggest(trial, name, dist)
-
-    return define
 
 
 def sampler(search: SearchSpec) -> Any:
@@ -105,7 +108,7 @@ def searcher(search: SearchSpec, fixed_strategy: str, scratch: bool, history: Se
     from ray.tune.search import ConcurrencyLimiter  # noqa: PLC0415
     from ray.tune.search.optuna import OptunaSearch  # noqa: PLC0415
 
-    optuna_search = OptunaSearch(space=define_by_run(search.space, fixed_strategy, scratch), metric=names.VAL_BEST,
+    optuna_search = OptunaSearch(space=DefineByRun(search.space, fixed_strategy, scratch), metric=names.VAL_BEST,
                                  mode="max", sampler=sampler(search), study_name=study_name,
                                  storage=warm_study(search, fixed_strategy, scratch, history, study_name))
     return ConcurrencyLimiter(optuna_search, max_concurrent=search.max_concurrent)

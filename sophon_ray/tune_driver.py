@@ -96,6 +96,8 @@ def attack_data(splits: Any, benign: list[tuple[Dataset, Dataset]] | None = None
 
 # --------------------------------------------------------------------------------------------- the trial
 REPORT_EVERY_S = 10.0  # a trial reports buffered epochs at most this often, and always at its end
+# marks a trial's own last report (not Tune's ``done``, which Tune also sets on a result its scheduler stops at)
+LAST_REPORT = "sophon_last_report"
 
 
 class EpochReporter:
@@ -155,7 +157,7 @@ def _finish(reporter: EpochReporter, result: Any, epochs: int) -> None:
                       names.RESTRICTED_LOSS: result.restricted_loss[-1], names.FINAL: result.final,
                       names.BEST: result.best, names.ORIGINAL_ACC: result.original_acc,
                       "train_size": result.train_size, "compute_seconds": result.seconds,
-                      "node_id": ray.get_runtime_context().get_node_id(), "done": True})
+                      "node_id": ray.get_runtime_context().get_node_id(), LAST_REPORT: True})
 
 
 def _device(threads: int) -> str:
@@ -286,12 +288,12 @@ def make_callback(tracker: Any, parent_id: str, sweep_id: str,
             logged = self.steps[run_id]  # a retried trial replays epochs that are already logged
             rows = [(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
                     for row in result.get("curve", []) if int(row["epoch"]) not in logged]
-            if result.get("done"):
+            if result.get(LAST_REPORT):
                 rows.append((0, {k: result[k] for k in SUMMARY if result.get(k) is not None}))
                 self.done.add(run_id)
             if rows:
                 tracker.log_rows(run_id, rows)
-            if result.get("done"):
+            if result.get(LAST_REPORT):
                 tracker.set_tag(run_id, names.NODE, result.get("node_id", ""))
             logged.update(e for e, row in rows if names.RESTRICTED_ACC in row)
 

@@ -6,8 +6,8 @@ import pytest
 
 from sophon_ray import names
 from sophon_ray.pipeline import RunOptions, dry_run_text, protected_models, search_history
-from sophon_ray.search import best_found, define_by_run, dimensions, warm_study
-from sophon_ray.spec import SearchSpace, SearchSpec
+from sophon_ray.search import DefineByRun, best_found, dimensions, searcher, warm_study
+from sophon_ray.spec import Range, SearchSpace, SearchSpec
 from sophon_ray.trials import plan_trials, search_budget, search_templates
 from sophon_ray.tune_driver import EpochReporter, SearchNumbering
 from sophon_ray.validation import parse_spec
@@ -37,7 +37,7 @@ def test_conditional_dimensions_follow_the_strategy_and_scratch_has_none():
 
 def test_define_by_run_samples_inside_the_space_and_only_what_the_strategy_uses():
     space = SearchSpace()
-    define = define_by_run(space, "direct-all", scratch=False)
+    define = DefineByRun(space, "direct-all", scratch=False)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(60):
@@ -52,8 +52,20 @@ def test_define_by_run_samples_inside_the_space_and_only_what_the_strategy_uses(
     assert seen == set(space.strategy)
 
 
+def test_the_searcher_pickles_with_its_warm_study():
+    """Tune pickles the searcher into its experiment state after every step."""
+    import pickle
+
+    search = SearchSpec(space=SearchSpace(strategy=("direct-all", "lora")))
+    limited = searcher(search, "direct-all", False, [], "p")
+    assert pickle.loads(pickle.dumps(limited)) is not None
+
+
 def test_warm_study_holds_the_earlier_trials_and_skips_those_the_space_cannot_hold():
-    search = SearchSpec(space=SearchSpace(strategy=("direct-all", "lora"), optimizer=("sgd", "adam")))
+    search = SearchSpec(space=SearchSpace(strategy=("direct-all", "lora"), optimizer=("sgd", "adam"), batch_size=(32,),
+                                          schedule=("constant",), augment=("none",), bn_mode=("train",),
+                                          weight_decay=Range("choice", values=(0.0,)),
+                                          label_smoothing=Range("choice", values=(0.0,))))
     history = [({"strategy": "lora", "optimizer": "adam", "lr": 1e-2, "lora_rank": 4, "lora_alpha": 8.0}, 40.0),
                ({"strategy": "direct-all", "optimizer": "sgd", "lr": 1e-3}, 20.0),
                ({"strategy": "direct-all", "optimizer": "rmsprop", "lr": 1e-3}, 90.0)]   # not in the space

@@ -49,7 +49,7 @@ def test_reporter_buffers_epochs_and_sends_them_with_the_final_metrics():
     assert sent == []  # nothing reported before the end when reports are rate-limited
     reporter.flush(epoch=3, restricted_acc=30.0, done=True)
     assert len(sent) == 1
-    assert [row[0] for row in sent[0]["curve"]] == [0, 1, 2, 3]
+    assert [row["epoch"] for row in sent[0]["curve"]] == [0, 1, 2, 3]
     assert sent[0]["done"] and sent[0]["epoch"] == 3
 
 
@@ -58,9 +58,9 @@ def test_reporter_reports_every_epoch_when_the_interval_is_zero_but_never_the_la
     reporter = EpochReporter(sent.append, final_epoch=2, every_s=0.0)
     for epoch in range(3):
         reporter(epoch, {"restricted_acc": 1.0, "restricted_loss": 2.0})
-    assert [[row[0] for row in r["curve"]] for r in sent] == [[0], [1]]
+    assert [[row["epoch"] for row in r["curve"]] for r in sent] == [[0], [1]]
     reporter.flush(epoch=2, done=True)
-    assert [row[0] for row in sent[-1]["curve"]] == [2]
+    assert [row["epoch"] for row in sent[-1]["curve"]] == [2]
 
 
 def test_each_grid_fine_tunes_and_scores_on_its_own_data():
