@@ -130,8 +130,10 @@ def last_k(model: Net, generator: torch.Generator, config: AttackConfig) -> list
 
 @STRATEGIES.register("reinit-last-k")
 def reinit_last_k(model: Net, generator: torch.Generator, config: AttackConfig) -> list[str]:
-    """Re-initialise the last ``blocks`` blocks (their own init, BN statistics reset) and the head
-    (N(0, 0.01)), train those."""
+    """Re-initialise the last ``blocks`` blocks and the head, train those.
+
+    Blocks get their modules' own ``reset_parameters`` (BatchNorm statistics reset too), seeded from the
+    generator; the head gets N(0, 0.01) like initfc."""
     names = model.block_param_names(config.blocks)
     prefixes = [p for block in model.blocks()[len(model.blocks()) - config.blocks:] for p in block]
     reset_modules([m for p in prefixes for m in model.get_submodule(p.rstrip(".")).modules()], generator)
@@ -141,8 +143,9 @@ def reinit_last_k(model: Net, generator: torch.Generator, config: AttackConfig) 
 
 @STRATEGIES.register("lora")
 def lora(model: Net, generator: torch.Generator, config: AttackConfig) -> list[str]:
-    """Low-rank adapters (rank ``lora_rank``, scale ``lora_alpha / lora_rank``) on every conv and hidden
-    Linear, base weights frozen; the released head trains fully."""
+    """LoRA adapters on every conv and hidden Linear (base frozen), the released head trains fully.
+
+    Rank ``lora_rank``, update ``lora_alpha / lora_rank * B A`` (see :mod:`sophon_ray.lora`)."""
     return add_lora(model, config.lora_rank, config.lora_alpha, generator)
 
 

@@ -44,8 +44,9 @@ def flip(x: Tensor, generator: torch.Generator) -> Tensor:
 
 @AUGMENTS.register("shift")
 def shift(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random translation of each image by up to 2 px per axis (zero padding, i.e. the mean colour after
-    normalisation, then a crop at the shifted window: torchvision's RandomCrop(size, padding=2))."""
+    """Random translation of each image by up to 2 px per axis (zero padding, then crop).
+
+    Zero is the mean colour after normalisation; this is torchvision's RandomCrop(size, padding=2)."""
     n, _, h, w = x.shape
     offsets = torch.randint(0, 2 * MAX_SHIFT + 1, (2, n), generator=generator).to(x.device)
     padded = F.pad(x, (MAX_SHIFT,) * 4)
