@@ -130,11 +130,11 @@ def verdict_lines(rows: pd.DataFrame) -> str:
     lines = []
     for _, r in rows.iterrows():
         where = f"{r[names.VARIANT]}, {r['recipe'] + ', ' if r['recipe'] else ''}data fraction {r['data_fraction']:g}"
-        what = {"none": f"no delay: protected reaches normal's {READ_EPOCH}-epoch accuracy "
+        what = {"none": f"protected reaches normal's {READ_EPOCH}-epoch accuracy "
                         f"({number(r['target'])}) by epoch {r['break_even_protected']}",
-                "delay": f"delay: protected reaches normal's {READ_EPOCH}-epoch accuracy ({number(r['target'])}) "
+                "delay": f"protected reaches normal's {READ_EPOCH}-epoch accuracy ({number(r['target'])}) "
                          f"only at epoch {r['break_even_protected']}",
-                "wall": f"wall: protected never reaches normal's {READ_EPOCH}-epoch accuracy "
+                "wall": f"protected never reaches normal's {READ_EPOCH}-epoch accuracy "
                         f"({number(r['target'])}) within {r['epochs']} epochs (best {number(max(r['protected_curve']))})"
                 }[r["verdict"]]
         lines.append(f"- {where}: **{r['verdict']}** — {what}; scratch: epoch {r['break_even_scratch']}.")

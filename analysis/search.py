@@ -217,13 +217,16 @@ def make_search_figures(data: Searches, out_dir: str | Path, title: str, chance_
 
 
 def _pick_row(label: str, row: pd.Series, fields: Sequence[str]) -> list[str]:
-    return [label, str(row["trials"]), str(row[names.SEARCH_TRIAL]), *(setting(row[key]) for key in fields),
+    return [label, *(setting(row[key]) for key in fields), str(row["trials"]), str(row[names.SEARCH_TRIAL]),
             number(row["val_best"]), number(row["at_val_best"])]
 
 
 def picks_table(chosen: pd.DataFrame, fields: Sequence[str], per_seed: bool = True) -> str:
     """The final picks of one (search, domain): per protection seed (``per_seed``) and the seed mean per
-    variant, then normal and scratch; the searched fields, validation and test accuracy."""
+    variant, then normal and scratch; the searched fields (text ones first), trials run, the picked trial, its
+    validation and test accuracy."""
+    text = [key for key in fields if not pd.api.types.is_numeric_dtype(chosen[key])]
+    fields = text + [key for key in fields if key not in text]
     rows = []
     chosen = subject_order(chosen)
     for variant, seeds in chosen[chosen[names.SUBJECT] == "protected"].groupby(names.VARIANT, sort=True):
@@ -231,13 +234,12 @@ def picks_table(chosen: pd.DataFrame, fields: Sequence[str], per_seed: bool = Tr
             rows += [_pick_row(f"protected ({variant}) seed {r[names.PROTECT_SEED]}", r, fields)
                      for _, r in seeds.iterrows()]
         if len(seeds) > 1:
-            rows.append([f"**protected ({variant}) mean of {len(seeds)} seeds**", str(round(seeds["trials"].mean())),
-                         "", *([""] * len(fields)), number(seeds["val_best"].mean()),
+            rows.append([f"**protected ({variant}) mean of {len(seeds)} seeds**", *([""] * len(fields)),
+                         number(seeds["trials"].mean(), "g"), "", number(seeds["val_best"].mean()),
                          number(seeds["at_val_best"].mean())])
     rows += [_pick_row(r[names.SUBJECT], r, fields) for _, r in chosen.iterrows() if r[names.SUBJECT] != "protected"]
-    header = ["subject", "trials", "picked trial", *fields, "val acc (objective)", "test acc"]
-    return markdown_table(header, rows, text_columns=1 + sum(
-        not pd.api.types.is_numeric_dtype(chosen[key]) for key in fields))
+    header = ["subject", *fields, "trials", "picked trial", "val acc (objective)", "test acc"]
+    return markdown_table(header, rows, text_columns=1 + len(text))
 
 
 def gap_table(gaps: pd.DataFrame) -> str:
