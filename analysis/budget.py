@@ -25,11 +25,9 @@ from matplotlib.figure import Figure
 
 from analysis.curves import colours, mean_curve, plot_band, subject_label
 from analysis.heatmaps import DPI, save
-from analysis.runs import (CELL_KEYS, Sweep, cells, find_sweep, load_attack_runs, load_curves, load_num_classes,
-                           parse_source_args, source_parser, varying)
+from analysis.runs import CELL_KEYS, Sweep, cells, load_attack_runs, load_curves, part_main, varying
 from analysis.summary import cell_name, markdown_table, number
 from sophon_ray import names
-from sophon_ray.errors import cli_exit
 from sophon_ray.metrics import chance, epochs_to_target
 
 log = logging.getLogger(__name__)
@@ -79,11 +77,11 @@ def verdict(curve: Sequence[float], target: float) -> str:
     return "wall" if epoch is None else ("none" if epoch <= READ_EPOCH else "delay")
 
 
-def seed_curves(run_ids: Sequence[str], runs: pd.DataFrame, curves: Curves) -> list[list[float]]:
-    """One curve per protection seed among ``run_ids`` (the mean over its attack seeds)."""
+def seed_curves(run_ids: Sequence[str], runs: pd.DataFrame, curves: Curves) -> dict[int, list[float]]:
+    """Protection seed -> its curve (the mean over its attack seeds), for the runs ``run_ids``."""
     chosen = runs[runs["run_id"].isin(run_ids)]
-    return [mean_curve([curves.get(r, []) for r in group["run_id"]])
-            for _, group in chosen.groupby(names.PROTECT_SEED, sort=True)]
+    return {seed: mean_curve([curves.get(r, []) for r in group["run_id"]])
+            for seed, group in chosen.groupby(names.PROTECT_SEED, sort=True)}
 
 
 def budget_rows(data: GridRuns) -> pd.DataFrame:
@@ -145,12 +143,12 @@ def seed_table(rows: pd.DataFrame) -> str:
     """Markdown: per (variant, recipe, data fraction, protection seed) its accuracies and break-even epoch."""
     body = []
     for _, r in rows.iterrows():
-        for k, curve in enumerate(r["seed_curves"]):
-            body.append([r[names.VARIANT], str(k), f"{r['data_fraction']:g}", *([r["recipe"]] if r["recipe"] else []),
+        for seed, curve in r["seed_curves"].items():
+            body.append([r[names.VARIANT], str(seed), f"{r['data_fraction']:g}", *([r["recipe"]] if r["recipe"] else []),
                          number(at_epoch(curve)), number(curve[-1] if curve else math.nan),
                          break_even_text(curve, r["target"]), verdict(curve, r["target"])])
     recipe = bool(rows["recipe"].any())
-    return markdown_table(["variant", "seed #", "data fraction", *(["recipe"] if recipe else []),
+    return markdown_table(["variant", "protection seed", "data fraction", *(["recipe"] if recipe else []),
                            f"protected@{READ_EPOCH}", "protected@last", "break-even", "verdict"], body,
                           text_columns=1)
 
@@ -169,8 +167,7 @@ def budget_section(data: GridRuns, per_seed: bool = False, level: int = 2) -> st
     for domain, group in rows.groupby(names.DOMAIN, sort=True):
         parts += [f"{h}# Restricted domain `{domain}`", budget_table(group), verdict_lines(group)]
         if per_seed:
-            parts += ["Per protection seed (`seed #` = the seed's place in the sorted protection seeds):",
-                      seed_table(group)]
+            parts += ["Per protection seed:", seed_table(group)]
     return "\n\n".join(parts)
 
 
@@ -188,7 +185,7 @@ def curves_figure(rows: pd.DataFrame, title: str, chance_level: float) -> Figure
     axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
     for ax, ((recipe, fraction), group) in zip(axes, panels):
         for _, row in group.iterrows():
-            plot_band(ax, row["seed_curves"], palette[subject_label("protected", row[names.VARIANT])],
+            plot_band(ax, list(row["seed_curves"].values()), palette[subject_label("protected", row[names.VARIANT])],
                       subject_label("protected", row[names.VARIANT]))
         for subject in ("normal", "scratch"):
             if group[f"{subject}_curve"].iloc[0]:
@@ -220,7 +217,7 @@ def fraction_figure(rows: pd.DataFrame, title: str, chance_level: float) -> Figu
         for recipe, group in rows.groupby("recipe", sort=True):
             suffix = f" [{recipe}]" if recipe else ""
             for variant, lines in group.groupby(names.VARIANT, sort=True):
-                read = [[at_epoch(c, epoch) for c in seeds] for seeds in lines["seed_curves"]]
+                read = [[at_epoch(c, epoch) for c in seeds.values()] for seeds in lines["seed_curves"]]
                 colour = palette[subject_label("protected", variant)]
                 ax.fill_between(lines["data_fraction"], [min(r) for r in read], [max(r) for r in read],
                                 color=colour, alpha=0.18, linewidth=0)
@@ -233,6 +230,9 @@ def fraction_figure(rows: pd.DataFrame, title: str, chance_level: float) -> Figu
         if chance_level:
             ax.axhline(chance_level, color="black", linestyle="--", linewidth=1)
         ax.set_xscale("log")
+        fractions = sorted(rows["data_fraction"].unique())
+        ax.set_xticks(fractions, labels=[f"{f:g}" for f in fractions])
+        ax.minorticks_off()
         ax.set_title(when, fontsize=10)
         ax.set_xlabel("data fraction of the attacker's pool")
         ax.set_ylim(0, 100)
@@ -295,24 +295,19 @@ def benign_section(data: GridRuns, per_seed: bool = False, level: int = 2) -> st
                         markdown_table(header, body, text_columns=2 + bool(keys) + per_seed)])
 
 
+def write_budget(sweep: Sweep, out: Path, num_classes: int | None) -> list[Path]:
+    """The budget figures and ``budget.md`` (budget and benign, every protection seed) of one sweep in ``out``;
+    returns the paths."""
+    budget, benign = load_grid(sweep, names.BUDGET), load_grid(sweep, names.BENIGN)
+    path = out / "budget.md"
+    path.write_text("\n\n".join(filter(None, [budget_section(budget, per_seed=True),
+                                               benign_section(benign, per_seed=True)])) + "\n", encoding="utf-8")
+    return [*make_budget_figures(budget, out, sweep.experiment, chance(num_classes) if num_classes else 0.0), path]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: write the budget figures and ``budget.md`` (budget and benign) of one sweep into --out."""
-    args = parse_source_args(source_parser(__doc__.splitlines()[0]), argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    def command() -> int:
-        sweep = find_sweep(args.tracking_uri, args.experiment, args.sweep_id)
-        classes = load_num_classes(sweep)
-        budget, benign = load_grid(sweep, names.BUDGET), load_grid(sweep, names.BENIGN)
-        for path in make_budget_figures(budget, args.out, args.experiment, chance(classes) if classes else 0.0):
-            print(path)
-        path = Path(args.out) / "budget.md"
-        path.write_text("\n\n".join(filter(None, [budget_section(budget, per_seed=True),
-                                                   benign_section(benign, per_seed=True)])) + "\n")
-        print(path)
-        return 0
-
-    return cli_exit(command)
+    """CLI: write the budget figures and ``budget.md`` of one sweep into --out; returns the exit status."""
+    return part_main(__doc__.splitlines()[0], argv, write_budget)
 
 
 if __name__ == "__main__":

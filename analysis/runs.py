@@ -24,7 +24,7 @@ from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 
 from sophon_ray import names
-from sophon_ray.errors import SophonError
+from sophon_ray.errors import SophonError, cli_exit
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +367,24 @@ def parse_source_args(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     if not args.tracking_uri:
         parser.error("no tracking URI: pass --tracking-uri (e.g. sqlite:///mlflow.db) or set MLFLOW_TRACKING_URI")
     return args
+
+
+def part_main(description: str, argv: Sequence[str] | None,
+              write: Callable[[Sweep, Path, int | None], list[Path]]) -> int:
+    """The CLI of one report part: the shared arguments, the sweep, then ``write(sweep, out folder, class count or
+    None)``; prints the paths it returns and returns the exit status (2 with the fix on a known error)."""
+    args = parse_source_args(source_parser(description), argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def command() -> int:
+        sweep = find_sweep(args.tracking_uri, args.experiment, args.sweep_id)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in write(sweep, out, load_num_classes(sweep)):
+            print(path)
+        return 0
+
+    return cli_exit(command)
 
 
 def sections(cell_table: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:

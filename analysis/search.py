@@ -27,14 +27,14 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
+from matplotlib.ticker import MaxNLocator
 
 from analysis.curves import colours, plot_band, subject_label
 from analysis.heatmaps import ACCURACY_CMAP, ACCURACY_NORM, DPI, _text_colour, save
-from analysis.runs import (CELL_KEYS, STRATEGY_ORDER, Sweep, find_sweep, in_order, load_attack_runs, load_curves,
-                           load_num_classes, param_casts, parse_source_args, source_parser, stage_runs, typed_params)
+from analysis.runs import (CELL_KEYS, STRATEGY_ORDER, Sweep, in_order, load_attack_runs, load_curves, param_casts,
+                           part_main, stage_runs, typed_params)
 from analysis.summary import markdown_table, number, setting
 from sophon_ray import names
-from sophon_ray.errors import cli_exit
 from sophon_ray.metrics import Cell, chance
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,7 @@ def found_figure(runs: pd.DataFrame, title: str, chance_level: float) -> Figure:
             plot_band(ax, seeds, palette[label], f"{label} ({len(seeds)} seeds)" if len(seeds) > 1 else label, start=1)
     if chance_level:
         ax.axhline(chance_level, color="black", linestyle="--", linewidth=1, label=f"chance ({chance_level:.0f}%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trials run (n)")
     ax.set_ylabel("restricted test acc of the pick, %")
     ax.set_ylim(0, 100)
@@ -290,23 +291,18 @@ def search_section(data: Searches, chance_level: float = 0.0, per_seed: bool = F
     return "\n\n".join(parts)
 
 
+def write_search(sweep: Sweep, out: Path, num_classes: int | None) -> list[Path]:
+    """The search figures and ``search.md`` (every protection seed) of one sweep in ``out``; returns the paths."""
+    chance_level = chance(num_classes) if num_classes else 0.0
+    data = load_searches(sweep)
+    path = out / "search.md"
+    path.write_text(search_section(data, chance_level, per_seed=True) + "\n", encoding="utf-8")
+    return [*make_search_figures(data, out, sweep.experiment, chance_level), path]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write the search figures and ``search.md`` of one sweep into --out; returns the exit status."""
-    args = parse_source_args(source_parser(__doc__.splitlines()[0]), argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    def command() -> int:
-        sweep = find_sweep(args.tracking_uri, args.experiment, args.sweep_id)
-        classes = load_num_classes(sweep)
-        data = load_searches(sweep)
-        for path in make_search_figures(data, args.out, args.experiment, chance(classes) if classes else 0.0):
-            print(path)
-        path = Path(args.out) / "search.md"
-        path.write_text(search_section(data, chance(classes) if classes else 0.0, per_seed=True) + "\n")
-        print(path)
-        return 0
-
-    return cli_exit(command)
+    return part_main(__doc__.splitlines()[0], argv, write_search)
 
 
 if __name__ == "__main__":

@@ -45,13 +45,13 @@ def curve(subject: str, strategy: str, optimizer: str, lr: float, seed: int) -> 
 
 
 def log_run(client, experiment_id, parent_id, sweep_id, role, name, params=(), metrics=None,
-            histories=None, start_time=None):
+            histories=None, start_time=None, first_step=0):
     tags = {"mlflow.parentRunId": parent_id, "sophon.sweep_id": sweep_id, "sophon.role": role}
     run_id = client.create_run(experiment_id, run_name=name, tags=tags, start_time=start_time).info.run_id
     now = int(time.time() * 1000)
     logged = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
     for key, values in (histories or {}).items():
-        logged += [Metric(key, v, now + step, step) for step, v in enumerate(values)]
+        logged += [Metric(key, v, now + step, step) for step, v in enumerate(values, start=first_step)]
     client.log_batch(run_id, metrics=logged, params=[Param(k, str(v)) for k, v in params])
     client.set_terminated(run_id)
     return run_id

@@ -11,13 +11,11 @@ Numbers (chance = 10%, 10 classes):
 
 import math
 import os
-import time
 
 import matplotlib.image
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -27,6 +25,7 @@ from analysis.report import run_report  # noqa: E402
 from analysis.runs import ATTACK_PARAMS, cells  # noqa: E402
 from analysis.search import explored, lr_decade, picks, searched_fields, worst_case_gap  # noqa: E402
 from sophon_ray import names  # noqa: E402
+from tests.test_analysis import log_run  # noqa: E402
 
 EXPERIMENT, SWEEP_ID, VARIANT, DOMAIN = "search-test", "5ea4c0ffee00", "v", "shapes_m"
 
@@ -115,16 +114,10 @@ def test_cells_read_only_the_cell_grids():
 
 # ---- a store with every kind of run -----------------------------------------------------------------------------
 
-def log_run(client, experiment_id, parent, role, name, params, metrics=None, histories=None, first_step=0):
-    run_id = client.create_run(experiment_id, run_name=name, tags={
-        names.PARENT: parent, names.SWEEP: SWEEP_ID, names.ROLE: role}).info.run_id
-    now = int(time.time() * 1000)
-    logged = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
-    for key, values in (histories or {}).items():
-        logged += [Metric(key, float(v), now + step, step) for step, v in enumerate(values, start=first_step)]
-    client.log_batch(run_id, metrics=logged, params=[Param(k, str(v)) for k, v in params.items()])
-    client.set_terminated(run_id)
-    return run_id
+def log(client, experiment_id, parent, role, name, params, metrics=None, histories=None, first_step=0):
+    histories = {key: [float(v) for v in values] for key, values in (histories or {}).items()}
+    return log_run(client, experiment_id, parent, SWEEP_ID, role, name, params.items(), metrics, histories,
+                   first_step=first_step)
 
 
 def subject_params(subject, seed):
@@ -141,7 +134,7 @@ def recipe(**changes):
 
 def log_attack(client, eid, parent, subject, seed, grid, domain, curve, **changes):
     params = {**subject_params(subject, seed), names.GRID: grid, names.DOMAIN: domain, **recipe(**changes)}
-    return log_run(client, eid, parent, "attack", f"{grid}-{subject}-{seed}", params,
+    return log(client, eid, parent, "attack", f"{grid}-{subject}-{seed}", params,
                    {names.FINAL: curve[-1], names.BEST: max(curve)}, {names.RESTRICTED_ACC: curve})
 
 
@@ -177,9 +170,9 @@ def store(tmp_path_factory):
     parent = client.create_run(eid, run_name="sweep", tags={names.ROLE: "sweep", names.SWEEP: SWEEP_ID}).info.run_id
     (root / "spec.yaml").write_text(f"name: {EXPERIMENT}\nmodel: {{arch: convnet, num_classes: 10}}\n")
     client.log_artifact(parent, str(root / "spec.yaml"))
-    log_run(client, eid, parent, "pretrain", "pretrain", {}, {"original_val_acc": 96.0, "original_test_acc": 95.0})
+    log(client, eid, parent, "pretrain", "pretrain", {}, {"original_val_acc": 96.0, "original_test_acc": 95.0})
     for seed in (0, 1):
-        log_run(client, eid, parent, "protect", f"protect-{seed}",
+        log(client, eid, parent, "protect", f"protect-{seed}",
                 {names.VARIANT: VARIANT, "loss": "ice", names.PROTECT_SEED: seed},
                 {"original_val_acc": 94.0, "original_test_acc": 93.0, "selected_iteration": 4, "rollbacks": 0})
     for subject, seeds, curve in (("protected", (0, 1), [10.0, 12, 13, 14, 14]), ("normal", (-1,), [10.0, 60, 80, 84, 85]),
@@ -191,7 +184,7 @@ def store(tmp_path_factory):
         for trial, strategy, lr, augment, val, test in trials:
             best = (val, test) if best is None or val > best[0] else best
             found.append(best)
-        search = log_run(client, eid, parent, "search", f"search-{subject}-{seed}",
+        search = log(client, eid, parent, "search", f"search-{subject}-{seed}",
                          {**subject_params(subject, seed), names.DOMAIN: DOMAIN, names.SEARCH: "tpe",
                           "algorithm": "tpe", "scheduler": "asha", "num_samples": len(trials), "val_fraction": 0.2},
                          histories={names.FOUND_VAL: [v for v, _ in found], names.FOUND_TEST: [t for _, t in found]},
@@ -200,7 +193,7 @@ def store(tmp_path_factory):
             params = {**subject_params(subject, seed), names.GRID: names.SEARCH_GRID, names.DOMAIN: DOMAIN,
                       names.SEARCH: "tpe", names.SEARCH_TRIAL: trial,
                       **recipe(strategy=strategy, lr=lr, epochs=10), **names.RECIPE_DEFAULTS, "augment": augment}
-            log_run(client, eid, search, "attack", f"search-{subject}-{trial}", params,
+            log(client, eid, search, "attack", f"search-{subject}-{trial}", params,
                     {names.FINAL: test - 1, names.BEST: test, names.VAL_BEST: val, names.AT_VAL_BEST: test,
                      names.STOPPED: float(trial == 3)}, {names.RESTRICTED_ACC: [10.0, test], names.VAL_ACC: [10, val]})
     for fraction in FRACTIONS:
