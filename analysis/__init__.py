@@ -7,6 +7,9 @@ the tracking store is reachable. Modules (each also a CLI, ``python -m analysis.
 - ``analysis.heatmaps``  optimizer x lr (and batch size x lr) grids of final restricted accuracy
 - ``analysis.curves``    restricted accuracy vs epoch, protected vs normal vs scratch
 - ``analysis.summary``   intactness, robustness summary and a per-cell table, as markdown
+- ``analysis.search``    the adaptive attacker: best attack found after n trials, final picks, worst-case gap,
+                         what the search explored
+- ``analysis.budget``    budget study (delay or wall: break-even epochs per data fraction) and benign fine-tuning
 - ``analysis.html``      all of it as one self-contained page (report.html: images embedded, inline CSS)
 - ``analysis.report``    all of these, written to a folder and logged to the sweep's parent run
 """

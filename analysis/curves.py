@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -43,6 +44,25 @@ def mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
         padded[row, : len(curve)] = curve
     counts = np.sum(~np.isnan(padded), axis=0)
     return [float(np.nansum(padded[:, e]) / counts[e]) for e in range(length)]
+
+
+def curve_band(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[float], list[float]]:
+    """Epoch-wise mean, minimum and maximum of curves (missing epochs of shorter curves ignored)."""
+    length = max((len(c) for c in curves), default=0)
+    columns = [[c[e] for c in curves if e < len(c)] for e in range(length)]
+    return mean_curve(curves), [min(col) for col in columns], [max(col) for col in columns]
+
+
+def plot_band(ax: Axes, seed_curves: Sequence[Sequence[float]], colour: str, label: str, start: int = 0) -> None:
+    """Mean of ``seed_curves`` as a thick line, their min-max as a shaded band and each as a thin line (one
+    curve: just the line); x runs from ``start``."""
+    mean, low, high = curve_band(seed_curves)
+    x = range(start, start + len(mean))
+    if len(seed_curves) > 1:
+        ax.fill_between(x, low, high, color=colour, alpha=0.18, linewidth=0)
+        for curve in seed_curves:
+            ax.plot(range(start, start + len(curve)), curve, color=colour, linewidth=0.7, alpha=0.6)
+    ax.plot(x, mean, color=colour, linewidth=2.0, label=label)
 
 
 def subject_label(subject: str, variant: str) -> str:

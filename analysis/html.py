@@ -176,22 +176,27 @@ def figures_html(title: str, paths: Sequence[Path]) -> str:
     return f'<h2 id="{slug(title)}">{html.escape(title)}</h2>\n' + "\n".join(figures)
 
 
-def report_html(summary_markdown: str, heatmaps: Sequence[Path], curves: Sequence[Path]) -> str:
-    """The whole page: the summary's title, a contents list, the heatmaps, the curves, then the summary's sections.
-    Every image is embedded; the only style is the inline ``<style>``."""
+# figure sections after the heatmaps and curves: title -> the file-name patterns of their PNGs in a report folder
+EXTRA_FIGURES = (("Adaptive attacker: figures", ("search-found-*.png", "search-explored-*.png")),
+                 ("Budget: figures", ("budget-*.png",)))
+
+
+def report_html(summary_markdown: str, heatmaps: Sequence[Path], curves: Sequence[Path],
+                extra_figures: Sequence[tuple[str, Sequence[Path]]] = ()) -> str:
+    """The whole page: the summary's title, a contents list, the heatmaps, the curves, ``extra_figures``
+    ((section title, PNGs), empty ones left out), then the summary's sections. Every image is embedded; the
+    only style is the inline ``<style>``."""
     lines = summary_markdown.splitlines()
     title = lines[0][2:].strip() if lines and lines[0].startswith("# ") else "sophon-ray report"
     rest = "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines)
     body = markdown_to_html(rest)
-    figures = [name for name, paths in (("Heatmaps", heatmaps), ("Fine-tuning curves", curves)) if paths]
-    contents = "".join(f'<li><a href="#{slug(name)}">{name}</a></li>' for name in figures) + "".join(
+    figures = [(name, paths) for name, paths in (("Heatmaps", heatmaps), ("Fine-tuning curves", curves),
+                                                 *extra_figures) if paths]
+    contents = "".join(f'<li><a href="#{slug(name)}">{html.escape(name)}</a></li>' for name, _ in figures) + "".join(
         f'<li><a href="#{anchor}">{heading}</a></li>'
         for anchor, heading in re.findall(r'<h2 id="([^"]*)">(.*?)</h2>', body))
     parts = [f"<h1>{html.escape(title)}</h1>", f"<nav><ul>{contents}</ul></nav>"]
-    if heatmaps:
-        parts.append(figures_html("Heatmaps", heatmaps))
-    if curves:
-        parts.append(figures_html("Fine-tuning curves", curves))
+    parts += [figures_html(name, paths) for name, paths in figures]
     parts += [body, "<footer>Written by sophon-ray (analysis/html.py) from the sweep's MLflow runs; self-contained: "
                     "every image is embedded, nothing is loaded from the network.</footer>"]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -201,17 +206,18 @@ def report_html(summary_markdown: str, heatmaps: Sequence[Path], curves: Sequenc
 
 
 def write_html_report(summary_markdown: str, heatmaps: Sequence[Path], curves: Sequence[Path],
-                      out_dir: str | Path) -> Path:
+                      out_dir: str | Path, extra_figures: Sequence[tuple[str, Sequence[Path]]] = ()) -> Path:
     """Write ``report.html`` into ``out_dir`` (created if missing) and return its path."""
     path = Path(out_dir) / REPORT_HTML
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report_html(summary_markdown, heatmaps, curves), encoding="utf-8")
+    path.write_text(report_html(summary_markdown, heatmaps, curves, extra_figures), encoding="utf-8")
     log.info("wrote %s", path)
     return path
 
 
 def html_from_folder(folder: str | Path) -> Path:
-    """Rewrite ``report.html`` of a report folder from its summary.md, ``*heatmap-*.png`` and ``*curves-*.png``.
+    """Rewrite ``report.html`` of a report folder from its summary.md, ``*heatmap-*.png``, ``*curves-*.png`` and
+    the EXTRA_FIGURES there (``search-*.png``, ``budget-*.png``).
 
     Raises ReportFilesError when the folder has no summary.md."""
     root = Path(folder)
@@ -219,8 +225,10 @@ def html_from_folder(folder: str | Path) -> Path:
     if not summary.is_file():
         raise ReportFilesError(f"no summary.md in {root}. Fix: pass a report folder (`sophon-ray report SPEC` "
                                "writes one to <output_dir>/report)")
+    extra = [(title, [path for pattern in patterns for path in sorted(root.glob(pattern))])
+             for title, patterns in EXTRA_FIGURES]
     return write_html_report(summary.read_text(encoding="utf-8"), sorted(root.glob("*heatmap-*.png")),
-                             sorted(root.glob("*curves-*.png")), root)
+                             sorted(root.glob("*curves-*.png")), root, extra)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""The whole report of a sweep: heatmaps, curves, summary.md and report.html, written to a folder and logged as
-artifacts (under ``report/``) of the sweep's parent run; optionally the results document (RESULTS.md).
+"""The whole report of a sweep: heatmaps, curves, the adaptive attacker's and the budget study's figures (when the
+sweep ran them), summary.md and report.html, written to a folder and logged as artifacts (under ``report/``) of
+the sweep's parent run; optionally the results document (RESULTS.md).
 
     python -m analysis.report --tracking-uri sqlite:///mlflow.db --experiment quickstart --out report/
 """
@@ -12,14 +13,17 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from analysis.budget import benign_section, budget_section, load_grid, make_budget_figures
 from analysis.curves import make_curves
 from analysis.heatmaps import make_all_heatmaps
-from analysis.html import write_html_report
+from analysis.html import EXTRA_FIGURES, write_html_report
 from analysis.results import kept_part, results_document
 from analysis.runs import (cells, find_sweep, load_curves, load_num_classes, load_pretrain_run, load_protect_runs,
                            load_runs, load_spec_dict, parse_source_args, source_parser)
+from analysis.search import load_searches, make_search_figures, search_section
 from analysis.summary import make_summary, overview, write_summary
 from sophon_ray import names
+from sophon_ray.metrics import chance
 from sophon_ray.errors import cli_exit
 
 log = logging.getLogger(__name__)
@@ -35,7 +39,9 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     With ``log_to_parent`` the files are also logged to the sweep's parent run under ``report/``.
     ``num_classes=None`` reads model.num_classes from the sweep's logged spec (``load_num_classes``;
     accuracies are not floored at chance when it is not there). Returns {"sweep_id", "parent_run_id",
-    "heatmaps", "curves", "summary", "html", "results", "artifacts", "overview"} (paths; artifacts = the artifact
+    "heatmaps", "curves", "search", "budget", "summary", "html", "results", "artifacts", "overview"} (paths; search
+    and budget: the figures of ``analysis.search`` / ``analysis.budget``, [] when the sweep has no such runs;
+    artifacts = the artifact
     paths logged; overview = the short plain-text table of ``analysis.summary.overview``).
     Raises RunsNotFoundError when the experiment, sweep or its runs are missing.
     """
@@ -50,29 +56,39 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     protect = load_protect_runs(tracking_uri, experiment, sweep.sweep_id)
     pretrain = load_pretrain_run(tracking_uri, experiment, sweep.sweep_id)
     classes = num_classes or load_num_classes(sweep)
-    text = make_summary(cell_table, curves, protect, pretrain, classes, title)
+    chance_level = chance(classes) if classes else 0.0
+    searches, budget, benign = load_searches(sweep), load_grid(sweep, names.BUDGET), load_grid(sweep, names.BENIGN)
+    search_paths = make_search_figures(searches, out_dir, title, chance_level)
+    budget_paths = make_budget_figures(budget, out_dir, title, chance_level)
+    extra = [search_section(searches, chance_level), budget_section(budget), benign_section(benign)]
+    text = make_summary(cell_table, curves, protect, pretrain, classes, title, [part for part in extra if part])
     summary = write_summary(text, out_dir)
-    page = write_html_report(text, heatmaps, curve_paths, out_dir)
+    figures = list(zip((title for title, _ in EXTRA_FIGURES), (search_paths, budget_paths)))
+    page = write_html_report(text, heatmaps, curve_paths, out_dir, figures)
     if results is not None:
         spec = load_spec_dict(sweep) or {}
         if classes:  # the chance level summary.md used, so both documents floor at the same value
             spec = {**spec, "model": {**spec.get("model", {}), "num_classes": classes}}
         parent = MlflowClient(tracking_uri=tracking_uri).get_run(sweep.parent_run_id).data.metrics
         seconds = sum(v for k, v in parent.items() if k.startswith("seconds_")) or None
+        extra = [search_section(searches, chance_level, per_seed=True), budget_section(budget, per_seed=True),
+                 benign_section(benign, per_seed=True)]
         document = results_document(sweep, runs, curves, protect, pretrain.original_test_acc, spec,
                                     command or f"sophon-ray report SPEC --results {results}", seconds,
-                                    kept_part(results))
+                                    kept_part(results), [part for part in extra if part])
         results.write_text(document, encoding="utf-8")
         log.info("wrote %s", results)
     artifacts = []
     if log_to_parent:
         client = MlflowClient(tracking_uri=tracking_uri)
-        for path in [*heatmaps, *curve_paths, summary, page, *([results] if results else [])]:
+        for path in [*heatmaps, *curve_paths, *search_paths, *budget_paths, summary, page,
+                     *([results] if results else [])]:
             client.log_artifact(sweep.parent_run_id, str(path), artifact_path=names.REPORT_ARTIFACTS)
             artifacts.append(f"{names.REPORT_ARTIFACTS}/{Path(path).name}")
         log.info("logged %d report files to parent run %s", len(artifacts), sweep.parent_run_id)
     return {"sweep_id": sweep.sweep_id, "parent_run_id": sweep.parent_run_id, "heatmaps": heatmaps,
-            "curves": curve_paths, "summary": summary, "html": page, "results": results, "artifacts": artifacts,
+            "curves": curve_paths, "search": search_paths, "budget": budget_paths, "summary": summary, "html": page,
+            "results": results, "artifacts": artifacts,
             "overview": overview(cell_table, protect, pretrain, classes)}
 
 
@@ -91,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_report(args.tracking_uri, args.experiment, args.out, args.sweep_id,
                             log_to_parent=not args.no_log, num_classes=args.num_classes,
                             results=Path(args.results) if args.results else None)
-        for path in [*result["heatmaps"], *result["curves"], result["summary"], result["html"]]:
+        for path in [*result["heatmaps"], *result["curves"], *result["search"], *result["budget"], result["summary"],
+                     result["html"]]:
             print(path)
         return 0
 

@@ -111,8 +111,9 @@ def precondition_section(section: pd.DataFrame, chance_level: float) -> str:
 
 def results_document(sweep: Sweep, runs: pd.DataFrame, curves: Mapping[str, Sequence[float]], protect: pd.DataFrame,
                      normal_test: float, spec: Mapping[str, Any], command: str, seconds: float | None,
-                     kept: str = "") -> str:
-    """RESULTS.md's text: generated sections, then ``kept`` (the hand-written part of the previous file)."""
+                     kept: str = "", extra_sections: Sequence[str] = ()) -> str:
+    """RESULTS.md's text: generated sections, then ``extra_sections`` (markdown: the adaptive attacker, budget and
+    benign sections, per protection seed), then ``kept`` (the hand-written part of the previous file)."""
     num_classes = (spec.get("model") or {}).get("num_classes")
     chance_level = chance(num_classes) if num_classes else 0.0
     cell_table = cells(runs)
@@ -142,7 +143,7 @@ def results_document(sweep: Sweep, runs: pd.DataFrame, curves: Mapping[str, Sequ
             rows = [[name, *robustness_cells(s)] for name, s, _ in robustness_rows(section, chance_level)]
             parts += [f"## Development grid, restricted domain `{domain}` (what tuning may look at)",
                       markdown_table(["variant", *ROBUSTNESS_HEADER], rows)]
-    return "\n\n".join(parts) + "\n\n" + (kept or HAND_WRITTEN + "\n")
+    return "\n\n".join([*parts, *extra_sections]) + "\n\n" + (kept or HAND_WRITTEN + "\n")
 
 
 def kept_part(path: Path) -> str:

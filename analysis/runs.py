@@ -24,7 +24,7 @@ from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 
 from sophon_ray import names
-from sophon_ray.errors import SophonError
+from sophon_ray.errors import SophonError, cli_exit
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,17 @@ def _int(text: str) -> int:
 
 
 _CASTS: dict[str, Callable[[str], object]] = {
-    "lr": float, "data_fraction": float, "weight_decay": float, "batch_size": _int, "epochs": _int, "seed": _int,
-    names.PROTECT_SEED: _int}
-ATTACK_PARAMS: dict[str, Callable[[str], object]] = {name: _CASTS.get(name, str) for name in names.ATTACK_PARAMS}
+    "lr": float, "data_fraction": float, "weight_decay": float, "label_smoothing": float, "lora_alpha": float,
+    "batch_size": _int, "epochs": _int, "seed": _int, "blocks": _int, "lora_rank": _int, names.PROTECT_SEED: _int,
+    names.SEARCH_TRIAL: _int, "num_samples": _int, "val_fraction": float}
+
+
+def param_casts(params: Iterable[str]) -> dict[str, Callable[[str], object]]:
+    """Param name -> the cast of its MLflow text (int, float, else str)."""
+    return {name: _CASTS.get(name, str) for name in params}
+
+
+ATTACK_PARAMS = param_casts(names.ATTACK_PARAMS)
 ATTACK_METRICS = {"final": names.FINAL, "best": names.BEST, "original_acc": names.ORIGINAL_ACC}
 PROTECT_METRICS = names.PROTECT_METRICS
 
@@ -139,13 +147,16 @@ def find_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None) 
                  parent.data.tags.get(names.SWEEP, sweep_id or ""), parent.info.run_id)
 
 
-def _stage_runs(sweep: Sweep, role: str) -> list[Run]:
+def stage_runs(sweep: Sweep, role: str) -> list[Run]:
+    """Every run of the sweep tagged ``sophon.role = role``."""
     return _search(_client(sweep.tracking_uri), sweep.experiment_id, _role_filter(role, sweep.sweep_id))
 
 
-def _typed_params(run: Run, casts: dict[str, Callable[[str], object]]) -> dict[str, object]:
-    """The run's params converted with ``casts``; raises RunsLayoutError naming the run and the bad param."""
-    params = run.data.params
+def typed_params(run: Run, casts: dict[str, Callable[[str], object]],
+                  defaults: dict[str, object] | None = None) -> dict[str, object]:
+    """The run's params converted with ``casts``, ``defaults`` standing in for params the run lacks; raises
+    RunsLayoutError naming the run and the missing or bad param."""
+    params = {**{name: str(value) for name, value in (defaults or {}).items()}, **run.data.params}
     missing = [name for name in casts if name not in params]
     if missing:
         raise RunsLayoutError(f"run {run.info.run_id} ({run.data.tags.get(names.ROLE)}) lacks params {missing}; "
@@ -161,39 +172,61 @@ def _typed_params(run: Run, casts: dict[str, Callable[[str], object]]) -> dict[s
     return typed
 
 
-def attack_table(runs: Iterable[Run]) -> pd.DataFrame:
-    """One typed row per attack run: run_id, the ATTACK_PARAMS, final, best, original_acc.
+def attack_table(runs: Iterable[Run], extra_params: dict[str, Callable[[str], object]] | None = None,
+                 extra_metrics: dict[str, str] | None = None) -> pd.DataFrame:
+    """One typed row per attack run: run_id, the ATTACK_PARAMS, final, best, original_acc (then ``extra_params``
+    and ``extra_metrics``: column -> metric name, NaN when not logged). Recipe fields a run logged before they
+    existed get ``names.RECIPE_DEFAULTS``.
 
     Runs without ``restricted_acc_final`` (failed or still running trials) are left out with a warning.
     """
+    casts = {**ATTACK_PARAMS, **(extra_params or {})}
+    metric_names = {**ATTACK_METRICS, **(extra_metrics or {})}
     rows, unfinished = [], 0
     for run in runs:
         metrics = run.data.metrics
         if ATTACK_METRICS["final"] not in metrics:
             unfinished += 1
             continue
-        row = {"run_id": run.info.run_id, **_typed_params(run, ATTACK_PARAMS)}
-        row.update({column: metrics.get(name, math.nan) for column, name in ATTACK_METRICS.items()})
+        row = {"run_id": run.info.run_id, **typed_params(run, casts, names.RECIPE_DEFAULTS)}
+        row.update({column: metrics.get(name, math.nan) for column, name in metric_names.items()})
         rows.append(row)
     if unfinished:
         log.warning("left out %d attack run(s) without %s (failed or unfinished)", unfinished, ATTACK_METRICS["final"])
-    columns = ["run_id", *ATTACK_PARAMS, *ATTACK_METRICS]
-    table = pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=["run_id", *casts, *metric_names])
     return table.sort_values([*WHERE, "subject", "variant", *CELL_KEYS, "seed", names.PROTECT_SEED], ignore_index=True)
 
 
-def load_runs(tracking_uri: str, experiment: str, sweep_id: str | None = None) -> pd.DataFrame:
-    """Attack trials of one sweep (default: the newest) as ``attack_table`` rows.
+def on_grids(runs: pd.DataFrame, grids: Sequence[str] = names.CELL_GRIDS) -> pd.DataFrame:
+    """The attack runs of ``grids`` (default: the cell grids, development and evaluation; budget, benign and
+    search trials are analysed by ``analysis.budget`` and ``analysis.search``)."""
+    return runs[runs[names.GRID].isin(grids)].reset_index(drop=True)
+
+
+def load_attack_runs(sweep: Sweep, grids: Sequence[str], extra_params: dict[str, Callable[[str], object]] | None = None,
+                     extra_metrics: dict[str, str] | None = None) -> pd.DataFrame:
+    """The sweep's finished attack trials on ``grids`` as ``attack_table`` rows (empty when there are none)."""
+    where = _role_filter("attack", sweep.sweep_id)
+    if len(grids) == 1:  # MLflow's filter has no "or": several grids are filtered here
+        where += f" and params.`{names.GRID}` = '{grids[0]}'"
+    runs = _search(_client(sweep.tracking_uri), sweep.experiment_id, where)
+    return on_grids(attack_table(runs, extra_params, extra_metrics), grids)
+
+
+def load_runs(tracking_uri: str, experiment: str, sweep_id: str | None = None,
+              grids: Sequence[str] = names.CELL_GRIDS) -> pd.DataFrame:
+    """Attack trials of one sweep (default: the newest) on ``grids`` (default: the cell grids) as
+    ``attack_table`` rows.
 
     Raises RunsNotFoundError when the experiment, the sweep or its finished attack runs are missing.
     """
     sweep = find_sweep(tracking_uri, experiment, sweep_id)
-    table = attack_table(_stage_runs(sweep, "attack"))
+    table = load_attack_runs(sweep, grids)
     if table.empty:
         raise RunsNotFoundError(
             f"sweep {sweep.sweep_id} in experiment {experiment!r} at {tracking_uri} has no finished attack runs "
-            f"(tags.sophon.role = 'attack' with metric {ATTACK_METRICS['final']}). Fix: let the attack stage "
-            f"finish (`sophon-ray run SPEC --resume`), or pick another --sweep-id.")
+            f"on the {', '.join(grids)} grid(s) (tags.sophon.role = 'attack' with metric {ATTACK_METRICS['final']}). "
+            f"Fix: let the attack stage finish (`sophon-ray run SPEC --resume`), or pick another --sweep-id.")
     return table
 
 
@@ -218,9 +251,9 @@ def load_protect_runs(tracking_uri: str, experiment: str, sweep_id: str | None =
     """
     sweep = find_sweep(tracking_uri, experiment, sweep_id)
     rows = []
-    for run in _stage_runs(sweep, "protect"):
+    for run in stage_runs(sweep, "protect"):
         params = run.data.params
-        row = {"run_id": run.info.run_id, **_typed_params(run, {names.VARIANT: str}),
+        row = {"run_id": run.info.run_id, **typed_params(run, {names.VARIANT: str}),
                "loss": params.get("loss", "?"),
                names.PROTECT_SEED: _int(params.get(names.PROTECT_SEED, str(names.NO_PROTECT_SEED)))}
         row.update({name: run.data.metrics.get(name, math.nan) for name in PROTECT_METRICS})
@@ -235,7 +268,7 @@ def load_pretrain_run(tracking_uri: str, experiment: str, sweep_id: str | None =
     Raises RunsNotFoundError when the sweep has none.
     """
     sweep = find_sweep(tracking_uri, experiment, sweep_id)
-    runs = sorted(_stage_runs(sweep, "pretrain"), key=lambda r: r.info.start_time or 0)
+    runs = sorted(stage_runs(sweep, "pretrain"), key=lambda r: r.info.start_time or 0)
     if not runs:
         raise RunsNotFoundError(
             f"sweep {sweep.sweep_id} in experiment {experiment!r} at {tracking_uri} has no pretrain run "
@@ -262,7 +295,7 @@ def load_num_classes(sweep: Sweep) -> int | None:
     ``num_classes`` of the parent or pretrain run, else ``model.num_classes`` in the parent's ``spec.yaml``
     artifact; None when none of them has it (pass --num-classes then)."""
     client = _client(sweep.tracking_uri)
-    for run in [client.get_run(sweep.parent_run_id), *_stage_runs(sweep, "pretrain")]:
+    for run in [client.get_run(sweep.parent_run_id), *stage_runs(sweep, "pretrain")]:
         for name in ("model.num_classes", "num_classes"):
             if name in run.data.params:
                 return _int(run.data.params[name])
@@ -280,10 +313,11 @@ def _seed_mean(runs: pd.DataFrame, keys: list[str], subject: str) -> pd.DataFram
     return grouped.reset_index()
 
 
-def cells(runs: pd.DataFrame) -> pd.DataFrame:
+def cells(runs: pd.DataFrame, grids: Sequence[str] = names.CELL_GRIDS) -> pd.DataFrame:
     """One row per (grid, domain, variant, cell): seed-mean final accuracy of protected, normal and scratch.
 
-    A cell is CELL_KEYS on one grid (development / evaluation) and restricted domain; seeds (attack and
+    A cell is CELL_KEYS on one of ``grids`` (default: development / evaluation; runs of other grids are left
+    out) and one restricted (or benign) domain; seeds (attack and
     protection) are averaged. Normal joins on the cell, scratch on SCRATCH_KEYS (it ran once, logged as
     direct-all, for every strategy). Columns: grid, domain, variant, CELL_KEYS, then per subject
     ``<subject>``, ``<subject>_best``, ``<subject>_runs`` (run ids), ``<subject>_seeds``, and
@@ -291,6 +325,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
 
     Raises RunsLayoutError when there are no protected runs to compare.
     """
+    runs = on_grids(runs, grids)
     protected = runs[runs["subject"] == "protected"]
     if protected.empty:
         raise RunsLayoutError("no attack runs with subject=protected, so there is nothing to compare; "
@@ -332,6 +367,24 @@ def parse_source_args(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     if not args.tracking_uri:
         parser.error("no tracking URI: pass --tracking-uri (e.g. sqlite:///mlflow.db) or set MLFLOW_TRACKING_URI")
     return args
+
+
+def part_main(description: str, argv: Sequence[str] | None,
+              write: Callable[[Sweep, Path, int | None], list[Path]]) -> int:
+    """The CLI of one report part: the shared arguments, the sweep, then ``write(sweep, out folder, class count or
+    None)``; prints the paths it returns and returns the exit status (2 with the fix on a known error)."""
+    args = parse_source_args(source_parser(description), argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def command() -> int:
+        sweep = find_sweep(args.tracking_uri, args.experiment, args.sweep_id)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in write(sweep, out, load_num_classes(sweep)):
+            print(path)
+        return 0
+
+    return cli_exit(command)
 
 
 def sections(cell_table: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:

@@ -154,6 +154,7 @@ def _overhead(subject_runs: Sequence[str], scratch_runs: Sequence[str], curves: 
 def cell_section(section: pd.DataFrame, curves: Mapping[str, Sequence[float]], chance_level: float) -> str:
     """One row per (variant, cell): seed-mean final accuracies, held / meaningful, overheads vs scratch."""
     keys, fixed = varying(section, CELL_KEYS)
+    fixed = {key: value for key, value in fixed.items() if names.RECIPE_DEFAULTS.get(key, ...) != value}
     several_variants = section["variant"].nunique() > 1
     order = {"strategy": STRATEGY_ORDER, "optimizer": OPTIMIZER_ORDER}
     ranks = {key: {v: k for k, v in enumerate(in_order(section[key], order.get(key, ())))} for key in keys}
@@ -200,8 +201,10 @@ def grid_note(grid: str) -> str:
 
 
 def make_summary(cells_df: pd.DataFrame, curves: Mapping[str, Sequence[float]], protect_df: pd.DataFrame,
-                 pretrain: PretrainRun, num_classes: int | None, title: str) -> str:
-    """The markdown report: intactness, then per (grid, domain): robustness, best attacks, leaks, cells.
+                 pretrain: PretrainRun, num_classes: int | None, title: str, extra_sections: Sequence[str] = ()) -> str:
+    """The markdown report: intactness, then per (grid, domain): robustness, best attacks, leaks, cells; then
+    ``extra_sections`` (markdown: the adaptive attacker, budget and benign sections of ``analysis.search`` and
+    ``analysis.budget``).
 
     ``cells_df`` from ``cells``, ``curves`` run_id -> restricted accuracy per epoch (for overheads),
     ``protect_df`` from ``load_protect_runs``; ``num_classes=None`` leaves accuracies unfloored.
@@ -218,7 +221,7 @@ def make_summary(cells_df: pd.DataFrame, curves: Mapping[str, Sequence[float]], 
     parts.append(f"Overhead = epochs to reach tau = {TARGET_SHARE:g} × scratch's final accuracy, relative to "
                  f"scratch's, both counted from 1 (on seed-mean curves); `>=x` = never reached within the budget; "
                  f"< 1 = fine-tuning is cheaper than training from scratch.")
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join([*parts, *extra_sections]) + "\n"
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> str:

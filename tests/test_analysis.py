@@ -24,6 +24,7 @@ from analysis.report import run_report  # noqa: E402
 from analysis.results import HAND_WRITTEN  # noqa: E402
 from analysis.runs import (ATTACK_PARAMS, PretrainRun, RunsNotFoundError, cells, find_sweep,  # noqa: E402
                            load_curves, load_num_classes, load_runs)
+from sophon_ray.names import RECIPE_DEFAULTS  # noqa: E402
 
 EXPERIMENT = "analysis-test"
 SWEEP_ID = "a1b2c3d4e5f6"
@@ -44,13 +45,13 @@ def curve(subject: str, strategy: str, optimizer: str, lr: float, seed: int) -> 
 
 
 def log_run(client, experiment_id, parent_id, sweep_id, role, name, params=(), metrics=None,
-            histories=None, start_time=None):
+            histories=None, start_time=None, first_step=0):
     tags = {"mlflow.parentRunId": parent_id, "sophon.sweep_id": sweep_id, "sophon.role": role}
     run_id = client.create_run(experiment_id, run_name=name, tags=tags, start_time=start_time).info.run_id
     now = int(time.time() * 1000)
     logged = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
     for key, values in (histories or {}).items():
-        logged += [Metric(key, v, now + step, step) for step, v in enumerate(values)]
+        logged += [Metric(key, v, now + step, step) for step, v in enumerate(values, start=first_step)]
     client.log_batch(run_id, metrics=logged, params=[Param(k, str(v)) for k, v in params])
     client.set_terminated(run_id)
     return run_id
@@ -258,7 +259,8 @@ def test_results_document_states_the_protocol_and_keeps_the_hand_written_part(st
 def _runs_frame(rows):
     base = {"subject": "normal", "variant": "-", "protect_seed": -1, "grid": "evaluation", "domain": "a",
             "data_pool": "disjoint", "strategy": "direct-all", "optimizer": "sgd", "lr": 0.01, "batch_size": 32,
-            "data_fraction": 0.1, "schedule": "constant", "epochs": 10, "weight_decay": 0.0, "seed": 0}
+            "data_fraction": 0.1, "schedule": "constant", "epochs": 10, "weight_decay": 0.0, "seed": 0,
+            **RECIPE_DEFAULTS}
     frame = pd.DataFrame([{**base, **row} for row in rows])
     frame["run_id"] = [f"r{i}" for i in range(len(frame))]
     frame["best"], frame["original_acc"] = frame["final"], 90.0
