@@ -17,7 +17,7 @@ from analysis.budget import benign_section, budget_section, load_grid, make_budg
 from analysis.curves import make_curves
 from analysis.heatmaps import make_all_heatmaps
 from analysis.html import EXTRA_FIGURES, write_html_report
-from analysis.results import kept_part, results_document
+from analysis.results import merge_results, results_document
 from analysis.runs import (cells, find_sweep, load_curves, load_num_classes, load_pretrain_run, load_protect_runs,
                            load_runs, load_spec_dict, parse_source_args, source_parser)
 from analysis.search import load_searches, make_search_figures, search_section
@@ -75,8 +75,9 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
                  benign_section(benign, per_seed=True)]
         document = results_document(sweep, runs, curves, protect, pretrain.original_test_acc, spec,
                                     command or f"sophon-ray report SPEC --results {results}", seconds,
-                                    kept_part(results), [part for part in extra if part])
-        results.write_text(document, encoding="utf-8")
+                                    [part for part in extra if part])
+        existing = results.read_text(encoding="utf-8") if results.is_file() else ""
+        results.write_text(merge_results(existing, experiment, document), encoding="utf-8")
         log.info("wrote %s", results)
     artifacts = []
     if log_to_parent:

@@ -21,7 +21,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from analysis import summary  # noqa: E402
 from analysis.report import run_report  # noqa: E402
-from analysis.results import HAND_WRITTEN  # noqa: E402
+from analysis.results import HAND_WRITTEN, merge_results  # noqa: E402
 from analysis.runs import (ATTACK_PARAMS, PretrainRun, RunsNotFoundError, cells, find_sweep,  # noqa: E402
                            load_curves, load_num_classes, load_runs)
 from sophon_ray.names import RECIPE_DEFAULTS  # noqa: E402
@@ -253,7 +253,17 @@ def test_results_document_states_the_protocol_and_keeps_the_hand_written_part(st
     run_report(store["uri"], EXPERIMENT, tmp_path / "r2", log_to_parent=False, results=path, command="sophon-ray y")
     second = path.read_text()
     assert "Written by `sophon-ray y`" in second and "The reading: protection held everywhere" in second
-    assert second.count(HAND_WRITTEN) == 1
+    assert second.count(HAND_WRITTEN) == 1 and "sophon-ray x" not in second
+
+
+def test_one_results_file_holds_several_sweeps_each_replaced_in_place():
+    one = merge_results("", "a", "A1")
+    two = merge_results(one + "my reading\n", "b", "B1")
+    three = merge_results(two, "a", "A2")
+    assert three.index("A2") < three.index("B1") < three.index(HAND_WRITTEN) < three.index("my reading")
+    assert "A1" not in three and three.count("<!-- results:a -->") == 1 and three.count(HAND_WRITTEN) == 1
+    legacy = merge_results("# old generated text\n\n" + HAND_WRITTEN + "\nkept\n", "a", "A")
+    assert "old generated" not in legacy and legacy.endswith(HAND_WRITTEN + "\nkept\n")
 
 
 def _runs_frame(rows):
