@@ -11,6 +11,8 @@ import psutil
 import pytest
 import yaml
 
+from tests.sessions import kill_ray_cluster, kill_session, session_of
+
 pytestmark = pytest.mark.faults
 
 EPOCHS = 6
@@ -90,19 +92,12 @@ def assert_complete(uri: str, experiment: str, expected: int) -> list:
     return runs
 
 
-def _session(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return None
-
-
 def trial_processes(session: int) -> list[psutil.Process]:
     """Tune trial processes of the sweep started in process session ``session`` (never another sweep's)."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if "ImplicitFunc" in cmd and _session(p.pid) == session:
+        if "ImplicitFunc" in cmd and session_of(p.pid) == session:
             out.append(p)
     return out
 
@@ -141,9 +136,8 @@ def test_driver_sigkill_then_resume_reruns_nothing_finished(tmp_path):
         if len(done) >= 3:
             break
         time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray instance it started
+    kill_session(proc.pid)  # the driver and the local Ray instance it started, nothing else on the machine
     proc.wait(timeout=30)
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env(tmp_path), timeout=60)
     finished = {r.data.tags["sophon.key"]: (r.info.run_id, r.info.end_time)
                 for r in attack_runs(uri, "driverkill") if r.info.status == "FINISHED"}
     orphans = [r for r in attack_runs(uri, "driverkill") if r.info.status == "RUNNING"]
@@ -230,7 +224,7 @@ def test_two_node_cluster_job_submit_places_trials_on_both_nodes_and_survives_lo
         assert_complete(uri, "twonode", expected=2 * 4 + 2)
         assert list((tmp_path / "out" / "report").glob("heatmap-*.png"))
     finally:
-        _ray("stop", "--force", tmp=tmp_path)
+        kill_ray_cluster(str(temp))  # this test's two nodes only
 
 
 def _wait_for_server(uri: str, proc: subprocess.Popen, timeout: float = 90) -> None:
