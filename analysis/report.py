@@ -20,7 +20,7 @@ from analysis.html import EXTRA_FIGURES, write_html_report
 from analysis.results import merge_results, results_document
 from analysis.runs import (cells, find_sweep, load_curves, load_num_classes, load_pretrain_run, load_protect_runs,
                            load_runs, load_spec_dict, parse_source_args, source_parser)
-from analysis.search import load_searches, make_search_figures, search_section
+from analysis.search import load_searches, make_search_figures, search_overview, search_section
 from analysis.summary import make_summary, overview, write_summary
 from sophon_ray import names
 from sophon_ray.metrics import chance
@@ -90,7 +90,8 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     return {"sweep_id": sweep.sweep_id, "parent_run_id": sweep.parent_run_id, "heatmaps": heatmaps,
             "curves": curve_paths, "search": search_paths, "budget": budget_paths, "summary": summary, "html": page,
             "results": results, "artifacts": artifacts,
-            "overview": overview(cell_table, protect, pretrain, classes)}
+            "overview": "\n".join(part for part in (overview(cell_table, protect, pretrain, classes),
+                                                     search_overview(searches, chance_level)) if part)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

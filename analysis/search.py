@@ -119,6 +119,20 @@ def worst_case_gap(found: pd.DataFrame, chance_level: float = 0.0) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
+def search_overview(data: Searches, chance_level: float = 0.0) -> str:
+    """The console's lines for the searches: per (search, domain, variant) the best found on protected (seed mean
+    and worst seed) against scratch and normal, and whether it held ('' when the sweep ran no search)."""
+    if data.runs.empty:
+        return ""
+    lines = []
+    for _, g in worst_case_gap(final_found(data.runs), chance_level).iterrows():
+        verdict = "held" if g["held"] and g["worst_held"] else "NOT held"
+        lines.append(f"search {g[names.SEARCH]}/{g[names.DOMAIN]}, {g[names.VARIANT]}: best found on protected "
+                     f"{number(g['protected_mean'])} (worst seed {number(g['protected_max'])}) vs scratch "
+                     f"{number(g['scratch'])}, normal {number(g['normal'])}: {verdict} (held: protected <= scratch + 1)")
+    return "\n".join(lines)
+
+
 def lr_decade(lr: float) -> int:
     """The decade of a learning rate: floor(log10(lr)) (1e-3 and 5e-3 -> -3)."""
     return math.floor(math.log10(lr) + 1e-9)

@@ -35,8 +35,9 @@ def number(value: float, spec: str = ".1f") -> str:
 
 
 def setting(value: object) -> str:
-    """A cell key's value as text: floats in their shortest form (1e-04, 0.1), the rest as they are."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    """A cell key's value as text: floats in their shortest form with at most 4 significant digits (0.0001, 0.1,
+    0.0005753 for a searched lr), the rest as they are."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> str:

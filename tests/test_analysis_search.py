@@ -262,3 +262,21 @@ def test_results_document_has_every_protection_seed(report):
     assert "| v | 0 | 0.1 | 25.0 | 85.0 | 38 | delay |" in text     # seed 0: 2e + 5 reaches 80 at 37.5 -> 38
     assert "| v | 1 | 0.1 | 27.0 | 87.0 | 37 | delay |" in text     # seed 1: 2e + 7 -> 36.5 -> 37
     assert "| benign:digits | v | 72.0 | s0 70.0, s1 74.0 | 75.0 | 60.0 | -3.0 |" in text
+
+
+def test_the_console_overview_names_each_search_verdict():
+    from analysis.search import Searches, search_overview
+
+    runs = pd.DataFrame([
+        {names.SEARCH: "s", names.DOMAIN: "d", names.SUBJECT: "protected", names.VARIANT: "v", names.PROTECT_SEED: 0,
+         "found": [20.0, 30.0]},
+        {names.SEARCH: "s", names.DOMAIN: "d", names.SUBJECT: "protected", names.VARIANT: "v", names.PROTECT_SEED: 1,
+         "found": [50.0]},
+        {names.SEARCH: "s", names.DOMAIN: "d", names.SUBJECT: "normal", names.VARIANT: "-", names.PROTECT_SEED: -1,
+         "found": [70.0]},
+        {names.SEARCH: "s", names.DOMAIN: "d", names.SUBJECT: "scratch", names.VARIANT: "-", names.PROTECT_SEED: -1,
+         "found": [45.0]}])
+    text = search_overview(Searches(runs, pd.DataFrame()), chance_level=10.0)
+    assert text == ("search s/d, v: best found on protected 40.0 (worst seed 50.0) vs scratch 45.0, normal 70.0: "
+                    "NOT held (held: protected <= scratch + 1)")
+    assert search_overview(Searches(runs.iloc[0:0], pd.DataFrame())) == ""
