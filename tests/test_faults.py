@@ -11,6 +11,8 @@ import psutil
 import pytest
 import yaml
 
+from tests.procenv import process_env
+
 pytestmark = pytest.mark.faults
 
 EPOCHS = 6
@@ -39,10 +41,7 @@ def spec_for(tmp: Path, name: str, strategies: list[str], optimizers: list[str],
 
 
 def env(tmp: Path) -> dict[str, str]:
-    e = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "MPLBACKEND": "Agg",
-         "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"}  # a throwaway cluster on loopback only
-    e.pop("RAY_ADDRESS", None)
-    return e
+    return process_env()
 
 
 def start(tmp: Path, *args: str) -> subprocess.Popen:
