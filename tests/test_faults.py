@@ -96,14 +96,30 @@ def _session(pid: int) -> int | None:
         return None
 
 
-def trial_processes(session: int) -> list[psutil.Process]:
-    """Tune trial processes of the sweep started in process session ``session`` (never another sweep's)."""
+def session_processes(session: int, name: str = "") -> list[psutil.Process]:
+    """The processes of process session ``session`` whose command line holds ``name``: a driver started by
+    ``start`` and the local Ray instance it started, or what one ``ray start`` started (never another test's)."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "ImplicitFunc" in cmd and _session(p.pid) == session:
+        if _session(p.pid) == session and name in " ".join(p.info["cmdline"] or []):
             out.append(p)
     return out
+
+
+def trial_processes(session: int) -> list[psutil.Process]:
+    """Tune trial processes of the sweep started in process session ``session`` (never another sweep's)."""
+    return session_processes(session, "ImplicitFunc")
+
+
+def kill_sessions(sessions: list[int]) -> None:
+    """SIGKILL every process of these sessions and wait for them to go."""
+    victims = [p for s in sessions for p in session_processes(s)]
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
 
 
 def test_a_sigkilled_trial_is_retried_and_logged_exactly_once(tmp_path):
@@ -140,9 +156,8 @@ def test_driver_sigkill_then_resume_reruns_nothing_finished(tmp_path):
         if len(done) >= 3:
             break
         time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray instance it started
+    kill_sessions([proc.pid])  # the driver and the local Ray instance it started (not `ray stop`: every instance)
     proc.wait(timeout=30)
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env(tmp_path), timeout=60)
     finished = {r.data.tags["sophon.key"]: (r.info.run_id, r.info.end_time)
                 for r in attack_runs(uri, "driverkill") if r.info.status == "FINISHED"}
     orphans = [r for r in attack_runs(uri, "driverkill") if r.info.status == "RUNNING"]
@@ -168,8 +183,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray(*args: str, tmp: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args], env=env(tmp), text=True, capture_output=True, timeout=timeout)
+def _ray(*args: str, tmp: Path, timeout: int = 120, sessions: list[int] | None = None) -> subprocess.CompletedProcess:
+    """The ray CLI; with ``sessions``, in a new process session whose id is appended (what it starts stays in it)."""
+    proc = subprocess.Popen([RAY, *args], env=env(tmp), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=sessions is not None)
+    if sessions is not None:
+        sessions.append(proc.pid)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def test_two_node_cluster_job_submit_places_trials_on_both_nodes_and_survives_losing_one(tmp_path):
@@ -188,10 +209,11 @@ def test_two_node_cluster_job_submit_places_trials_on_both_nodes_and_survives_lo
     data["attack"]["subjects"] = ["protected", "normal", "scratch"]
     spec.write_text(yaml.safe_dump(data))
     jobs = f"--address=http://127.0.0.1:{dash}"
+    sessions: list[int] = []  # of the two `ray start`s: what they start, and only that, is stopped at the end
     try:
         head = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                    f"--temp-dir={temp}", tmp=tmp_path)
+                    f"--temp-dir={temp}", tmp=tmp_path, sessions=sessions)
         assert head.returncode == 0, head.stderr[-2000:]
         for _ in range(30):  # the job agent comes up a few seconds after `ray start`
             submit = _ray("job", "submit", jobs, "--no-wait", "--", sys.executable, "-m", "sophon_ray.cli", "run",
@@ -202,7 +224,7 @@ def test_two_node_cluster_job_submit_places_trials_on_both_nodes_and_survives_lo
         assert submit.returncode == 0, submit.stderr[-2000:]
         job_id = next(w.strip("'") for w in submit.stdout.split() if w.strip("'").startswith("raysubmit_"))
         worker = _ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                      f"--node-manager-port={worker_port}", tmp=tmp_path)
+                      f"--node-manager-port={worker_port}", tmp=tmp_path, sessions=sessions)
         assert worker.returncode == 0, worker.stderr[-2000:]
         raylet = next(p for p in psutil.process_iter(["cmdline"])
                       if f"--node_manager_port={worker_port}" in " ".join(p.info["cmdline"] or []))
@@ -229,7 +251,7 @@ def test_two_node_cluster_job_submit_places_trials_on_both_nodes_and_survives_lo
         assert_complete(uri, "twonode", expected=2 * 4 + 2)
         assert list((tmp_path / "out" / "report").glob("heatmap-*.png"))
     finally:
-        _ray("stop", "--force", tmp=tmp_path)
+        kill_sessions(sessions)  # not `ray stop`: it stops every Ray instance on the machine
 
 
 def _wait_for_server(uri: str, proc: subprocess.Popen, timeout: float = 90) -> None:

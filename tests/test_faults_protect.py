@@ -2,17 +2,15 @@
 Real processes and real signals; every case asserts on MLflow's contents and on Ray Train's own checkpoint record."""
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.test_faults import start, wait_for_store
+from tests.test_faults import kill_sessions, session_processes, start, wait_for_store
 
 pytestmark = pytest.mark.faults
 
@@ -64,19 +62,6 @@ def wait_for_state_checkpoint(tmp: Path, proc, timeout: float = 240) -> int:
     raise AssertionError("no protection state checkpoint: " + (tmp / "stdout.log").read_text()[-3000:])
 
 
-def session_processes(session: int, name: str = "") -> list[psutil.Process]:
-    """The processes of process session ``session`` (a driver started by ``start`` and the Ray instance it started),
-    those whose command line holds ``name``."""
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if os.getsid(p.pid) == session and name in " ".join(p.info["cmdline"] or []):
-                out.append(p)
-        except OSError:
-            continue
-    return out
-
-
 def protect_run(uri: str, experiment: str):
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
@@ -121,10 +106,8 @@ def test_b_sigkilled_driver_then_resume_continues_protection_from_its_last_state
     proc = start(tmp_path, "run", str(spec))
     wait_for_store(tmp_path, proc)
     wait_for_state_checkpoint(tmp_path, proc)
-    for p in session_processes(proc.pid):  # the driver and the local Ray instance it started, nothing else
-        p.send_signal(signal.SIGKILL)
+    kill_sessions([proc.pid])  # the driver and the local Ray instance it started, nothing else
     proc.wait(timeout=30)
-    psutil.wait_procs(session_processes(proc.pid), timeout=30)
     last = state_checkpoints(tmp_path)[-1]
     assert last < ITERATIONS and not list((tmp_path / "out" / "checkpoints").glob("protect-*"))
     resumed = start(tmp_path, "run", str(spec), "--resume")
