@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a private "
                        "local instance on 127.0.0.1)")
         p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished models and "
-                       "trials are reused, unfinished trials rerun into their existing MLflow runs)")
+                       "trials are reused, a protection continues from its last state checkpoint, unfinished "
+                       "trials rerun into their existing MLflow runs)")
         p.add_argument("--dry-run", action="store_true", help="print the expanded grid and trial count; start nothing")
         p.add_argument("--max-trials", type=int, default=None, help="refuse grids larger than this")
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -163,10 +164,56 @@ def batches(dataset: Dataset, batch_size: int, generator: torch.Generator | None
     yield from loader
 
 
-def infinite_batches(dataset: Dataset, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless fresh batches, reshuffled every pass (batches never cross a pass boundary)."""
-    while True:
-        yield from batches(dataset, min(batch_size, len(dataset)), generator, shuffle=True, drop_last=True)
+class BatchStream(Iterator[tuple[Tensor, Tensor]]):
+    """Endless fresh batches, reshuffled every pass (batches never cross a pass boundary), whose position can be
+    saved and restored exactly: :meth:`state` is the generator's state when the current pass started and how
+    many batches of that pass were taken. A pass draws from ``generator`` when it starts (its order) and, through
+    a DataLoader's sampler, when it ends; :meth:`load_state` replays the start on ``generator`` itself (so the
+    end still draws from it), skips the batches taken and puts the generator's state back as it was."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, generator: torch.Generator) -> None:
+        self.dataset, self.batch_size, self.generator = dataset, min(batch_size, len(dataset)), generator
+        self._pass: Iterator[tuple[Tensor, Tensor]] | None = None
+        self._pass_state: Tensor | None = None
+        self._taken = 0
+
+    def _start(self, generator: torch.Generator) -> None:
+        self._pass = batches(self.dataset, self.batch_size, generator, shuffle=True, drop_last=True)
+        self._taken = 0
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        while True:
+            if self._pass is None:
+                self._pass_state = self.generator.get_state()
+                self._start(self.generator)
+            batch = next(self._pass, None)
+            if batch is not None:
+                self._taken += 1
+                return batch
+            self._pass = None
+
+    def state(self) -> dict[str, Any]:
+        """Where the stream is: ``{"pass_state": generator state or None (no pass started), "taken": batches}``."""
+        return {"pass_state": None if self._pass is None else self._pass_state, "taken": self._taken}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue exactly where a stream of the same dataset and batch size was when it gave ``state``."""
+        self._pass = None
+        if state["pass_state"] is None:
+            return
+        now = self.generator.get_state()
+        self.generator.set_state(state["pass_state"])
+        self._pass_state = state["pass_state"]
+        self._start(self.generator)
+        for _ in range(state["taken"]):
+            next(self._pass)
+        self._taken = state["taken"]
+        self.generator.set_state(now)
+
+
+def infinite_batches(dataset: Dataset, batch_size: int, generator: torch.Generator) -> BatchStream:
+    """Endless fresh batches, reshuffled every pass (batches never cross a pass boundary); resumable."""
+    return BatchStream(dataset, batch_size, generator)
 
 
 # ------------------------------------------------------------------------------------- procedural sets

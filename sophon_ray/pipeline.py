@@ -365,7 +365,8 @@ def _train_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any,
         try:
             with view.console.progress(shown, prefix="[1/4]"):
                 results = run_training(spec, jobs, store, storage,
-                                       normal_dir if (normal_dir / CARD).is_file() else None, progress=board)
+                                       normal_dir if (normal_dir / CARD).is_file() else None, progress=board,
+                                       resume=options.resume)
         finally:
             stop_board(board)
         for r in results:
@@ -397,7 +398,8 @@ def _log_models(spec: SweepSpec, tracker: Any, parent: str, sid: str, normal_dir
         seed = int(seed_text[1:])
         variant = next((v for v in spec.protect if v.label == label), None)
         params = {names.VARIANT: label, names.PROTECT_SEED: seed,
-                  **({k: v for k, v in to_dict(variant).items() if k not in ("environments", "seeds", "probes")}
+                  **({k: v for k, v in to_dict(variant, hashed_only=True).items()
+                      if k not in ("environments", "seeds", "probes")}
                      if variant else {"checkpoint": str(d)})}
         if variant:
             params |= {f"env_{k}": v for k, v in to_dict(variant.environments).items()}

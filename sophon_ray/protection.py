@@ -10,14 +10,16 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from sophon_ray.attack import AttackConfig, finetune
-from sophon_ray.data import infinite_batches
+from sophon_ray.checkpoint import load_tree, save_tree
+from sophon_ray.data import BatchStream, infinite_batches
 from sophon_ray.losses import LOSSES
 from sophon_ray.models import Net
 from sophon_ray.simulation import sample_environment, simulate
@@ -26,6 +28,7 @@ from sophon_ray.training import evaluate
 
 log = logging.getLogger(__name__)
 MetricSink = Callable[[int, dict[str, float]], None]
+SHARED, LOCAL = "protect-state", "protect-rank{rank}"
 
 
 class Sync(Protocol):
@@ -60,6 +63,36 @@ class ProtectResult:
     stopped: str | None
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0        # the iteration of the state checkpoint it continued from (0: it started fresh)
+
+
+@dataclass
+class ProtectState:
+    """Everything :func:`protect` needs to continue after ``iteration`` as if it had never stopped.
+
+    ``shared`` is the same on every data-parallel rank: the weights, both Adam states (FTS and NTR), the rollback
+    snapshot, the probed candidates, the rollback events, the evaluation history and the seconds spent so far.
+    ``local`` is the rank's own: its Python and torch generators, the global torch RNG (and the CUDA one on a GPU)
+    and the position of each of its batch streams. The tensors are the live ones: save them before the loop goes on.
+    """
+
+    iteration: int
+    shared: dict[str, Any]
+    local: dict[str, Any]
+
+
+def save_state(state: ProtectState, directory: str | Path, rank: int = 0) -> None:
+    """Write ``state`` into ``directory`` (safetensors + JSON, never pickled): rank 0 writes the shared part, every
+    rank its own local part, so the ranks of one Ray Train report can write into one checkpoint folder."""
+    if rank == 0:
+        save_tree({"iteration": state.iteration, **state.shared}, directory, SHARED)
+    save_tree(state.local, directory, LOCAL.format(rank=rank))
+
+
+def load_state(directory: str | Path, rank: int = 0) -> ProtectState:
+    """The state :func:`save_state` wrote, for ``rank``; CheckpointError when a part is missing or unreadable."""
+    shared = load_tree(directory, SHARED)
+    return ProtectState(shared.pop("iteration"), shared, load_tree(directory, LOCAL.format(rank=rank)))
 
 
 @dataclass
@@ -76,9 +109,28 @@ def _snapshot(iteration: int, model: Net, fts_opt: torch.optim.Optimizer, ntr_op
 
 
 def _restore(snap: _Snapshot, model: Net, fts_opt: torch.optim.Optimizer, ntr_opt: torch.optim.Optimizer) -> None:
+    """Load ``snap`` into the model and optimizers; the snapshot stays as it was (an optimizer's load_state_dict
+    keeps the given tensors as its state and its steps would then update the snapshot in place)."""
     model.load_state_dict(snap.model)
-    fts_opt.load_state_dict(snap.fts_opt)
-    ntr_opt.load_state_dict(snap.ntr_opt)
+    fts_opt.load_state_dict(copy.deepcopy(snap.fts_opt))
+    ntr_opt.load_state_dict(copy.deepcopy(snap.ntr_opt))
+
+
+def _capture(iteration: int, seconds: float, model: Net, fts_opt: torch.optim.Optimizer,
+             ntr_opt: torch.optim.Optimizer, good: _Snapshot, candidates: list[Candidate],
+             rollbacks: list[dict[str, float | str]], history: list[dict[str, float]], rng: random.Random,
+             gen: torch.Generator, streams: list[BatchStream], device: torch.device | str) -> ProtectState:
+    shared = {"model": model.state_dict(), "fts_opt": fts_opt.state_dict(), "ntr_opt": ntr_opt.state_dict(),
+              "good": {"iteration": good.iteration, "model": good.model, "fts_opt": good.fts_opt,
+                       "ntr_opt": good.ntr_opt},
+              "candidates": [{"iteration": c.iteration, "original_acc": c.original_acc, "probe_acc": c.probe_acc,
+                              "state": c.state} for c in candidates],
+              "rollbacks": rollbacks, "history": history, "seconds": seconds}
+    local = {"rng": rng.getstate(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+             "streams": [s.state() for s in streams]}
+    if torch.device(device).type == "cuda":
+        local["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return ProtectState(iteration, shared, local)
 
 
 def probe(model: Net, restricted_train: list[Dataset], restricted_val: list[Dataset], probes: tuple[ProbeSpec, ...],
@@ -107,7 +159,9 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
             restricted_val: list[Dataset], spec: ProtectSpec, normal_acc: float,
             device: torch.device | str = "cpu", on_metrics: MetricSink | None = None,
             probe_tolerance: float = 5.0, sync: Sync | None = None, rank: int = 0,
-            probe_train: list[Dataset] | None = None, seed: int | None = None) -> ProtectResult:
+            probe_train: list[Dataset] | None = None, seed: int | None = None,
+            on_checkpoint: Callable[[ProtectState], None] | None = None,
+            resume: ProtectState | None = None) -> ProtectResult:
     """Protect a copy of ``model`` against fine-tuning on every restricted domain (SOPHON).
 
     Each iteration: one FTS step (sample an environment, simulate ``inner_steps`` of fine-tuning on a
@@ -125,6 +179,10 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     averages FTS and NTR gradients and BatchNorm statistics: all ranks then hold identical weights.
 
     ``seed`` (default: the variant's first seed) seeds environments, batches and probes.
+
+    Fault tolerance: every ``spec.checkpoint_every`` iterations (0: never) ``on_checkpoint`` gets the whole
+    :class:`ProtectState`; ``resume`` (such a state, from the same inputs and rank) continues from its iteration and
+    gives bit-identical results to a run that never stopped (on the CPU).
     """
     start = time.perf_counter()
     seed = spec.seeds[0] if seed is None else seed
@@ -140,11 +198,28 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     original_batches = infinite_batches(original_train, spec.batch_size, gen)
     fts_opt = torch.optim.Adam(model.parameters(), lr=spec.alpha * spec.base_lr)
     ntr_opt = torch.optim.Adam(model.parameters(), lr=spec.beta * spec.base_lr)
+    streams = [*restricted_batches, original_batches]
     good = _snapshot(0, model, fts_opt, ntr_opt)
     candidates: list[Candidate] = []
     rollbacks: list[dict[str, float | str]] = []
     history: list[dict[str, float]] = []
     stopped, iteration, last_log = None, 0, time.perf_counter()
+    if resume is not None:
+        sh, lo = resume.shared, resume.local
+        iteration, rollbacks, history = resume.iteration, sh["rollbacks"], sh["history"]
+        good = _Snapshot(**sh["good"])
+        candidates = [Candidate(**c) for c in sh["candidates"]]
+        _restore(_Snapshot(iteration, sh["model"], sh["fts_opt"], sh["ntr_opt"]), model, fts_opt, ntr_opt)
+        rng.setstate(lo["rng"])
+        gen.set_state(lo["gen"])
+        torch.set_rng_state(lo["torch_rng"])
+        if "cuda_rng" in lo:
+            torch.cuda.set_rng_state(lo["cuda_rng"], device)
+        for stream, position in zip(streams, lo["streams"], strict=True):
+            stream.load_state(position)
+        start -= sh["seconds"]
+        log.info("protect %s | resumed from the state checkpoint of iteration %d", spec.label, iteration)
+    resumed_from = iteration
 
     def add_candidate(it: int, original_acc: float) -> None:
         score = probe(model, probe_train, restricted_val, spec.probes, spec.probe_epochs, seed, device)
@@ -156,6 +231,10 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
             on_metrics(it, metrics)
 
     while iteration < spec.iterations:
+        every = spec.checkpoint_every
+        if on_checkpoint and every and iteration > resumed_from and iteration % every == 0:
+            on_checkpoint(_capture(iteration, time.perf_counter() - start, model, fts_opt, ntr_opt, good, candidates,
+                                   rollbacks, history, rng, gen, streams, device))
         iteration += 1
         env = sample_environment(spec.environments, rng)
         sim = simulate(model, restricted_batches[iteration % len(restricted_batches)], env, suppression,
@@ -218,7 +297,7 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
         model=model, selected_iteration=chosen.iteration, original_acc=chosen.original_acc,
         probe_acc=chosen.probe_acc, candidates=[(c.iteration, c.original_acc, c.probe_acc) for c in candidates],
         rollbacks=rollbacks, iterations_run=iteration, stopped=stopped, seconds=time.perf_counter() - start,
-        history=history,
+        history=history, resumed_from=resumed_from,
     )
 
 

@@ -27,6 +27,7 @@ SUBJECTS = ("protected", "normal", "scratch")
 MODES = ("classification",)
 DATA_POOLS = ("disjoint", "shared")
 RESTRICTED_VAL_FRACTION = 0.2  # of each restricted training split: the protector's validation data
+HASHED = "hashed"  # field metadata key: False for a field that does not change results (no hash depends on it)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ class ProtectSpec:
     ``max_drop`` (points below the normal model's original validation accuracy) is the rollback floor, a
     guard against collapse (the official code's floor is 80% absolute); ``select_drop`` is the stricter
     intactness bound a probed checkpoint must meet to be selected; ``probes`` rate the probed states.
+    ``checkpoint_every``: iterations between state checkpoints that a restarted worker group or ``--resume``
+    continue from (0: none); it does not change the result, so no key or sweep id depends on it.
     """
 
     name: str | None = None
@@ -128,6 +131,7 @@ class ProtectSpec:
     probes: tuple[ProbeSpec, ...] = DEFAULT_PROBES
     seeds: tuple[int, ...] = (0,)
     environments: EnvironmentSpec = field(default_factory=EnvironmentSpec)
+    checkpoint_every: int = field(default=50, metadata={HASHED: False})
 
     @property
     def label(self) -> str:
@@ -449,18 +453,21 @@ def read_spec_data(path: str | Path, overrides: Iterable[str] = ()) -> dict[str,
     return apply_overrides(data, overrides)
 
 
-def to_dict(obj: Any) -> Any:
-    """A dataclass (or tuple of them) as plain JSON-able data."""
+def to_dict(obj: Any, hashed_only: bool = False) -> Any:
+    """A dataclass (or tuple of them) as plain JSON-able data; ``hashed_only``: without the fields that do not
+    change results (``metadata={HASHED: False}``)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name), hashed_only) for f in fields(obj)
+                if not hashed_only or f.metadata.get(HASHED, True)}
     if isinstance(obj, (tuple, list)):
-        return [to_dict(v) for v in obj]
+        return [to_dict(v, hashed_only) for v in obj]
     return obj
 
 
 def spec_hash(obj: Any) -> str:
-    """A stable 12-hex-digit hash of a spec or any slice of it (dataclass, tuple, mapping)."""
-    text = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))
+    """A stable 12-hex-digit hash of a spec or any slice of it (dataclass, tuple, mapping), over the fields that
+    change results."""
+    text = json.dumps(to_dict(obj, hashed_only=True), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

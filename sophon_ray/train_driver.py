@@ -8,6 +8,14 @@ locally, trains on its own shard, and averages gradients and BatchNorm statistic
 finished model as a Ray Train checkpoint (weights, card and metric history), which the driver copies into
 the sweep's checkpoint store. While a job runs, its rank 0 sends its progress (step, latest losses and
 accuracy) to a :class:`~sophon_ray.progress.ProgressBoard` actor that the driver's console display polls.
+
+Fault tolerance: every ``protect[i].checkpoint_every`` iterations all ranks report the protection's whole state
+(:class:`~sophon_ray.protection.ProtectState`) as a Ray Train checkpoint, and every reported checkpoint carries a
+``resume/`` folder (the jobs finished so far, the normal model and, for a state checkpoint, the metric history).
+A restarted worker group (``FailureConfig``) reads Ray Train's latest checkpoint, skips the finished jobs and
+continues the protection from its state. The run's name is a hash of its jobs' keys, so after a driver crash
+``--resume`` restores the same Ray Train run (Ray Train V2 reloads the checkpoints of a run with the same name and
+storage path); a run without ``--resume`` deletes that run's folder first and starts over.
 """
 
 from __future__ import annotations
@@ -18,18 +26,62 @@ import logging
 import shutil
 import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sophon_ray.progress import ProgressSender
-from sophon_ray.spec import SweepSpec
+from sophon_ray.spec import SweepSpec, spec_hash
 
 log = logging.getLogger(__name__)
 HISTORY = "history.json"
+RESUME, MANIFEST, NORMAL = "resume", "manifest.json", "normal"  # a reported checkpoint's folder to continue from
+KEEP = "keep"  # reported metric: 1 for a finished job (always kept), 0 for a protection state (only the latest)
+STATE_STAGE = "protect-state"
+
+
+@dataclass
+class ResumePoint:
+    """What a (re)started worker group finds in Ray Train's latest checkpoint."""
+
+    done: list[str]                                  # keys of the jobs whose results are reported
+    normal_val_acc: float | None = None
+    normal_state: dict[str, torch.Tensor] | None = None  # when this run pretrained the normal model
+    job: str | None = None                           # the protection a state checkpoint belongs to
+    history: list[dict[str, Any]] = field(default_factory=list)  # its metric rows up to the state's iteration
+    state: Any = None                                # its ProtectState (this rank's)
+
+
+def write_resume(directory: Path, done: list[str], normal: torch.nn.Module | None, normal_val_acc: float | None,
+                 job: str | None = None, history: list[dict[str, Any]] | None = None) -> None:
+    """Rank 0's part of ``directory/resume``: the manifest, and the normal model when this run trained it."""
+    from sophon_ray.checkpoint import save_tree  # noqa: PLC0415
+
+    folder = directory / RESUME
+    folder.mkdir(parents=True, exist_ok=True)
+    if normal is not None:
+        save_tree(normal.state_dict(), folder, NORMAL)
+    (folder / MANIFEST).write_text(json.dumps({"done": done, "normal_val_acc": normal_val_acc, "job": job,
+                                               "history": history or []}))
+
+
+def read_resume(directory: Path, rank: int) -> ResumePoint:
+    """The :class:`ResumePoint` in a checkpoint ``directory`` (the protection state of ``rank``)."""
+    from sophon_ray.checkpoint import CheckpointError, load_tree  # noqa: PLC0415
+    from sophon_ray.protection import load_state  # noqa: PLC0415
+
+    folder = directory / RESUME
+    if not (folder / MANIFEST).is_file():
+        raise CheckpointError(f"{directory}: Ray Train's latest checkpoint has no {RESUME}/{MANIFEST}, so this run "
+                              "cannot continue from it; delete the Ray Train run folder it is in to start over")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    normal = load_tree(folder, NORMAL) if (folder / f"{NORMAL}.json").is_file() else None
+    state = load_state(folder, rank) if manifest["job"] else None
+    return ResumePoint(manifest["done"], manifest["normal_val_acc"], normal, manifest["job"], manifest["history"],
+                       state)
 
 
 class AllReduce:
@@ -78,7 +130,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from sophon_ray.checkpoint import initial_model, make_card, save_checkpoint  # noqa: PLC0415
     from sophon_ray.data import make_splits  # noqa: PLC0415
-    from sophon_ray.protection import protect  # noqa: PLC0415
+    from sophon_ray.protection import ProtectState, protect, save_state  # noqa: PLC0415
     from sophon_ray.spec import to_dict  # noqa: PLC0415
     from sophon_ray.training import evaluate, pretrain  # noqa: PLC0415
 
@@ -92,9 +144,26 @@ def train_loop(config: dict[str, Any]) -> None:
     normal, needs_training = initial_model(spec)
     normal = normal.to(device)
     normal_acc = None
-    if config.get("normal_state") is not None:
+    trained_here = config.get("normal_state") is None  # then the resume folder carries the normal model
+    if not trained_here:
         normal.load_state_dict(config["normal_state"])
         normal_acc = config["normal_val_acc"]
+    point = ResumePoint([])
+    latest = ray.train.get_checkpoint()
+    if latest is not None:  # a restarted worker group, or a restored run (--resume)
+        with latest.as_directory() as d:
+            point = read_resume(Path(d), rank)
+        if point.normal_state is not None:
+            normal.load_state_dict(point.normal_state)
+        normal_acc = point.normal_val_acc if point.normal_val_acc is not None else normal_acc
+        log.info("rank %d | continuing from Ray Train's latest checkpoint: %d job(s) finished%s", rank,
+                 len(point.done), f", protection {point.job} at iteration {point.state.iteration}" if point.job else "")
+    done = list(point.done)
+
+    def resume_folder(out: Path, job: str | None = None, history: list[dict] | None = None) -> None:
+        if rank == 0:
+            write_resume(out, done, normal if trained_here and normal_acc is not None else None, normal_acc, job,
+                         history)
 
     def finish(job: dict[str, Any], model: torch.nn.Module, card: dict[str, Any], history: list[dict],
                metrics: dict[str, Any]) -> None:
@@ -103,7 +172,8 @@ def train_loop(config: dict[str, Any]) -> None:
             digests = [None] * world
             dist.all_gather_object(digests, state_digest(model))
         metrics = {**metrics, "stage": job["stage"], "key": job["key"], "label": job["label"],
-                   "rank_digests": digests, "ranks_identical": len(set(digests)) == 1}
+                   "rank_digests": digests, "ranks_identical": len(set(digests)) == 1, KEEP: 1.0}
+        done.append(job["key"])
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
@@ -111,11 +181,27 @@ def train_loop(config: dict[str, Any]) -> None:
             out = Path(tmp) / "ckpt"
             save_checkpoint(model, card, out)
             (out / HISTORY).write_text(json.dumps(history))
+            resume_folder(out)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(out)))
 
+    def report_state(job: dict[str, Any], history: list[dict], state: ProtectState) -> None:
+        """Every rank: its part of the protection state (rank 0: the shared part, the manifest, the history)."""
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            save_state(state, out / RESUME, rank)
+            resume_folder(out, job["key"], history)
+            ray.train.report({"stage": STATE_STAGE, "key": job["key"], "label": job["label"],
+                              "iteration": state.iteration, KEEP: 0.0}, checkpoint=Checkpoint.from_directory(tmp))
+        log.info("protect %s | state checkpoint of iteration %d reported in %.2f s", job["label"], state.iteration,
+                 time.perf_counter() - t0)
+
     for job in config["jobs"]:
+        if job["key"] in done:
+            continue
         start = time.perf_counter()
-        history: list[dict[str, Any]] = []
+        resumed = point.job == job["key"]
+        history: list[dict[str, Any]] = list(point.history) if resumed else []
         progress = ProgressSender(config.get("progress") if rank == 0 else None, job["label"], job["stage"],
                                   job_total(spec, job))
 
@@ -140,13 +226,16 @@ def train_loop(config: dict[str, Any]) -> None:
         result = protect(normal, _shard(splits.original_train, rank, world), splits.original_val,
                          [_shard(d, rank, world) for d in splits.restricted_train], splits.restricted_val, variant,
                          normal_acc, device, on_metrics=record, sync=sync, rank=rank,
-                         probe_train=splits.restricted_train, seed=job["seed"])
+                         probe_train=splits.restricted_train, seed=job["seed"],
+                         on_checkpoint=lambda state, job=job, history=history: report_state(job, history, state),
+                         resume=point.state if resumed else None)
         test_acc = evaluate(result.model, splits.original_test, device).accuracy
         normal_test = evaluate(normal, splits.original_test, device).accuracy
         metrics = {"original_val_acc": result.original_acc, "original_test_acc": test_acc,
                    "intactness_drop": normal_test - test_acc, "probe_acc": result.probe_acc,
                    "selected_iteration": result.selected_iteration, "rollbacks": len(result.rollbacks),
-                   "iterations_run": result.iterations_run, "seconds": time.perf_counter() - start}
+                   "iterations_run": result.iterations_run, "resumed_from_iteration": result.resumed_from,
+                   "seconds": time.perf_counter() - start}
         card = make_card(spec.model, spec.original, spec.restricted, job["key"], "protected", metrics,
                          extra={"variant": variant.label, "protect_seed": job["seed"], "protect": to_dict(variant),
                                 "rollback_events": result.rollbacks, "stopped": result.stopped})
@@ -164,24 +253,26 @@ def job_total(spec: SweepSpec, job: dict[str, Any]) -> int:
 
 
 def run_training(spec: SweepSpec, jobs: list[dict[str, Any]], store: Path, storage_path: str,
-                 normal_dir: Path | None = None, progress: Any = None) -> list[dict[str, Any]]:
+                 normal_dir: Path | None = None, progress: Any = None, resume: bool = False) -> list[dict[str, Any]]:
     """Run ``jobs`` (pretrain first, if there) on Ray Train, ``resources.protect_parallel`` protection runs at
     once; copy each reported checkpoint to ``store/<dir>``; return their metrics (with ``dir``).
 
     ``normal_dir`` is the finished normal model when only protect jobs remain. ``progress``: a
     :class:`~sophon_ray.progress.ProgressBoard` actor that rank 0 of every job sends its progress to.
+    ``resume``: continue the Ray Train runs of these jobs from their checkpoints (else start them over).
     """
     protect_jobs = [j for j in jobs if j["stage"] == "protect"]
     parallel = min(spec.resources.protect_parallel, len(protect_jobs))
     if parallel <= 1:
-        return _fit(spec, jobs, store, storage_path, normal_dir, progress)
+        return _fit(spec, jobs, store, storage_path, normal_dir, progress, resume)
     out = []
     if len(protect_jobs) < len(jobs):  # the protections start from the pretrained model
-        out = _fit(spec, [j for j in jobs if j["stage"] != "protect"], store, storage_path, normal_dir, progress)
+        out = _fit(spec, [j for j in jobs if j["stage"] != "protect"], store, storage_path, normal_dir, progress,
+                   resume)
         normal_dir = Path(next(r["dir"] for r in out if r["stage"] == "pretrain"))
     groups = balance(protect_jobs, parallel, lambda job: protection_cost(spec, job))
     with ThreadPoolExecutor(parallel, thread_name_prefix="protect") as pool:
-        for results in pool.map(lambda group: _fit(spec, group, store, storage_path, normal_dir, progress),
+        for results in pool.map(lambda group: _fit(spec, group, store, storage_path, normal_dir, progress, resume),
                                 groups):
             out += results
     return out
@@ -204,9 +295,31 @@ def balance(jobs: list[dict[str, Any]], groups: int, cost: Any) -> list[list[dic
     return [[jobs[i] for i in sorted(group)] for group in out if group]
 
 
+def run_name(jobs: list[dict[str, Any]]) -> str:
+    """The Ray Train run of ``jobs``: the same jobs, the same run (what ``--resume`` restores)."""
+    return f"train-{spec_hash([j['key'] for j in jobs])}"
+
+
+def forget_run(storage_path: str, name: str) -> bool:
+    """Delete the folder of Ray Train run ``name`` under ``storage_path`` (local or a pyarrow URI such as s3://);
+    whether there was one."""
+    import pyarrow.fs  # noqa: PLC0415
+
+    if "://" in storage_path:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
+    else:
+        fs, root = pyarrow.fs.LocalFileSystem(), str(Path(storage_path).resolve())
+    path = f"{root.rstrip('/')}/{name}"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return False
+    fs.delete_dir(path)
+    return True
+
+
 def _fit(spec: SweepSpec, jobs: list[dict[str, Any]], store: Path, storage_path: str,
-         normal_dir: Path | None, progress: Any = None) -> list[dict[str, Any]]:
-    """Run ``jobs`` in order in one TorchTrainer run; copy each reported checkpoint to ``store/<dir>``."""
+         normal_dir: Path | None, progress: Any = None, resume: bool = False) -> list[dict[str, Any]]:
+    """Run ``jobs`` in order in one TorchTrainer run; copy each finished job's checkpoint (without its resume
+    folder) to ``store/<dir>``. Ray Train keeps every finished job's checkpoint and the latest state checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: PLC0415
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 
@@ -218,22 +331,29 @@ def _fit(spec: SweepSpec, jobs: list[dict[str, Any]], store: Path, storage_path:
         model, card = load_checkpoint(normal_dir)
         config |= {"normal_state": model.state_dict(), "normal_val_acc": card["metrics"]["original_val_acc"]}
     r = spec.resources
+    name = run_name(jobs)
+    if not resume and forget_run(storage_path, name):
+        log.info("Ray Train run %s: its earlier checkpoints deleted (a run without --resume starts over)", name)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=r.protect_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_trial, **({"GPU": 1} if r.use_gpu else {})}),
-        run_config=RunConfig(name=f"train-{int(time.time())}-{uuid.uuid4().hex[:8]}", storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=None),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=len(jobs), checkpoint_score_attribute=KEEP,
+                                                                checkpoint_score_order="max"),
                              failure_config=FailureConfig(max_failures=1)),
     )
     result = trainer.fit()
     out = []
     for checkpoint, metrics in result.best_checkpoints or []:
+        if metrics["stage"] == STATE_STAGE:
+            continue
         dest = store / jobs_dir(metrics["stage"], metrics["label"], metrics["key"])
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         checkpoint.to_directory(str(tmp))
+        shutil.rmtree(tmp / RESUME, ignore_errors=True)
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
         out.append({**metrics, "dir": str(dest)})

@@ -99,6 +99,9 @@ def _protect(c: _Checker, spec: SweepSpec) -> None:
             c.positive(f"{path}.{key}", getattr(v, key))
         for key in ("ntr_steps", "max_rollbacks", "max_drop", "select_drop"):
             c.at_least_zero(f"{path}.{key}", getattr(v, key))
+        if v.checkpoint_every < 0:
+            c.add(f"{path}.checkpoint_every", f"must be >= 0 (iterations between protection state checkpoints; 0 "
+                  f"turns them off), got {v.checkpoint_every}")
         if not 0 < v.query_fraction < 1:
             c.add(f"{path}.query_fraction", f"must be in (0, 1), got {v.query_fraction}")
         elif v.batch_size < 4:

@@ -1,11 +1,9 @@
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("MPLBACKEND", "Agg")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from tests.procenv import own_this_process
+
+own_this_process()  # in-process Ray and MLflow, and every subprocess that inherits os.environ
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 half-written (no MLflow runs, no checkpoints). Real subprocesses of the real CLI."""
 
 import copy
-import os
 import pickle
 import subprocess
 import sys
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.procenv import process_env
 
 pytestmark = pytest.mark.faults
 
@@ -70,11 +71,8 @@ CASES = {
 
 
 def run_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_TMPDIR": str(tmp / "raytmp"), "RAY_USAGE_STATS_ENABLED": "0",
-           "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "sophon_ray.cli", *args], cwd=tmp, env=env, text=True,
+    return subprocess.run([sys.executable, "-m", "sophon_ray.cli", *args], cwd=tmp, env=process_env(tmp / "raytmp"),
+                          text=True,
                           capture_output=True, timeout=120)
 
 

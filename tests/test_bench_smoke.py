@@ -5,12 +5,13 @@ hence ``slow``). The collect test is fast and fabricates its sections.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.procenv import process_env
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -19,11 +20,8 @@ TIMEOUT_S = 300  # smoke modes take < 60 s on 2 quiet cores; headroom for a busy
 
 
 def run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "MPLBACKEND": "Agg",
-           "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(cmd, cwd=tmp, env=env, text=True, capture_output=True, timeout=TIMEOUT_S)
+    return subprocess.run(cmd, cwd=tmp, env=process_env(PYTHON=sys.executable), text=True, capture_output=True,
+                          timeout=TIMEOUT_S)
 
 
 def check_section(out: Path, name: str, columns: list[str]) -> dict:

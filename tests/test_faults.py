@@ -11,7 +11,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.sessions import kill_ray_cluster, kill_session, session_of
+from tests.procenv import process_env
 
 pytestmark = pytest.mark.faults
 
@@ -41,10 +41,7 @@ def spec_for(tmp: Path, name: str, strategies: list[str], optimizers: list[str],
 
 
 def env(tmp: Path) -> dict[str, str]:
-    e = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "MPLBACKEND": "Agg",
-         "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"}  # a throwaway cluster on loopback only
-    e.pop("RAY_ADDRESS", None)
-    return e
+    return process_env()
 
 
 def start(tmp: Path, *args: str) -> subprocess.Popen:
@@ -92,14 +89,37 @@ def assert_complete(uri: str, experiment: str, expected: int) -> list:
     return runs
 
 
-def trial_processes(session: int) -> list[psutil.Process]:
-    """Tune trial processes of the sweep started in process session ``session`` (never another sweep's)."""
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def session_processes(session: int, name: str = "") -> list[psutil.Process]:
+    """The processes of process session ``session`` whose command line holds ``name``: a driver started by
+    ``start`` and the local Ray instance it started, or what one ``ray start`` started (never another test's)."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "ImplicitFunc" in cmd and session_of(p.pid) == session:
+        if _session(p.pid) == session and name in " ".join(p.info["cmdline"] or []):
             out.append(p)
     return out
+
+
+def trial_processes(session: int) -> list[psutil.Process]:
+    """Tune trial processes of the sweep started in process session ``session`` (never another sweep's)."""
+    return session_processes(session, "ImplicitFunc")
+
+
+def kill_sessions(sessions: list[int]) -> None:
+    """SIGKILL every process of these sessions and wait for them to go."""
+    victims = [p for s in sessions for p in session_processes(s)]
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
 
 
 def test_a_sigkilled_trial_is_retried_and_logged_exactly_once(tmp_path):
@@ -136,7 +156,7 @@ def test_driver_sigkill_then_resume_reruns_nothing_finished(tmp_path):
         if len(done) >= 3:
             break
         time.sleep(0.3)
-    kill_session(proc.pid)  # the driver and the local Ray instance it started, nothing else on the machine
+    kill_sessions([proc.pid])  # the driver and the local Ray instance it started (not `ray stop`: every instance)
     proc.wait(timeout=30)
     finished = {r.data.tags["sophon.key"]: (r.info.run_id, r.info.end_time)
                 for r in attack_runs(uri, "driverkill") if r.info.status == "FINISHED"}
@@ -163,8 +183,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray(*args: str, tmp: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args], env=env(tmp), text=True, capture_output=True, timeout=timeout)
+def _ray(*args: str, tmp: Path, timeout: int = 120, sessions: list[int] | None = None) -> subprocess.CompletedProcess:
+    """The ray CLI; with ``sessions``, in a new process session whose id is appended (what it starts stays in it)."""
+    proc = subprocess.Popen([RAY, *args], env=env(tmp), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=sessions is not None)
+    if sessions is not None:
+        sessions.append(proc.pid)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def test_two_node_cluster_job_submit_places_trials_on_both_nodes_and_survives_losing_one(tmp_path):
@@ -183,21 +209,23 @@ def test_two_node_cluster_job_submit_places_trials_on_both_nodes_and_survives_lo
     data["attack"]["subjects"] = ["protected", "normal", "scratch"]
     spec.write_text(yaml.safe_dump(data))
     jobs = f"--address=http://127.0.0.1:{dash}"
+    sessions: list[int] = []  # of the two `ray start`s: what they start, and only that, is stopped at the end
     try:
         head = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                    f"--temp-dir={temp}", tmp=tmp_path)
+                    f"--temp-dir={temp}", tmp=tmp_path, sessions=sessions)
         assert head.returncode == 0, head.stderr[-2000:]
-        for _ in range(30):  # the job agent comes up a few seconds after `ray start`
+        for _ in range(30):  # the job agent comes up a few seconds after `ray start` (until then: no agent, or a
+            # connection closed without a response)
             submit = _ray("job", "submit", jobs, "--no-wait", "--", sys.executable, "-m", "sophon_ray.cli", "run",
                           str(spec), tmp=tmp_path)
-            if submit.returncode == 0 or "No available agent" not in submit.stderr:
+            if submit.returncode == 0 or not any(m in submit.stderr for m in ("No available agent", "ConnectionError")):
                 break
             time.sleep(2)
         assert submit.returncode == 0, submit.stderr[-2000:]
         job_id = next(w.strip("'") for w in submit.stdout.split() if w.strip("'").startswith("raysubmit_"))
         worker = _ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                      f"--node-manager-port={worker_port}", tmp=tmp_path)
+                      f"--node-manager-port={worker_port}", tmp=tmp_path, sessions=sessions)
         assert worker.returncode == 0, worker.stderr[-2000:]
         raylet = next(p for p in psutil.process_iter(["cmdline"])
                       if f"--node_manager_port={worker_port}" in " ".join(p.info["cmdline"] or []))
@@ -224,7 +252,7 @@ def test_two_node_cluster_job_submit_places_trials_on_both_nodes_and_survives_lo
         assert_complete(uri, "twonode", expected=2 * 4 + 2)
         assert list((tmp_path / "out" / "report").glob("heatmap-*.png"))
     finally:
-        kill_ray_cluster(str(temp))  # this test's two nodes only
+        kill_sessions(sessions)  # not `ray stop`: it stops every Ray instance on the machine
 
 
 def _wait_for_server(uri: str, proc: subprocess.Popen, timeout: float = 90) -> None:

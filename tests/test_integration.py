@@ -1,6 +1,5 @@
 """End to end with real Ray (local, 2 CPUs) and real MLflow (SQLite in tmp_path)."""
 
-import os
 import re
 import subprocess
 import sys
@@ -8,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.procenv import process_env
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +34,7 @@ EXPECTED_TRIALS = 2 * 2 * 3 + 2 + 4
 
 
 def env(tmp: Path) -> dict[str, str]:
-    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "MPLBACKEND": "Agg",
-            "PYTHONUNBUFFERED": "1"}
+    return process_env()
 
 
 def sophon(tmp: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

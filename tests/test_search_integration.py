@@ -1,7 +1,6 @@
 """The adaptive attacker end to end with real Ray (local) and real MLflow (SQLite): search runs and their trials,
 the best-found curve, budget and benign grids; and a driver SIGKILLed mid-search, then --resume (faults)."""
 
-import os
 import subprocess
 import sys
 import time
@@ -12,7 +11,8 @@ import yaml
 
 from sophon_ray import names
 from sophon_ray.search import best_found
-from tests.sessions import kill_session
+from tests.procenv import process_env
+from tests.test_faults import kill_sessions
 
 NUM_SAMPLES = 4
 SPEC = {
@@ -34,10 +34,7 @@ SPEC = {
 
 
 def env() -> dict[str, str]:
-    e = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "MPLBACKEND": "Agg",
-         "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"}
-    e.pop("RAY_ADDRESS", None)
-    return e
+    return {**process_env(), "PYTHONUNBUFFERED": "1"}
 
 
 def write_spec(tmp: Path) -> Path:
@@ -130,7 +127,7 @@ def test_driver_killed_mid_search_then_resume_continues_the_search(tmp_path):
             if len(finished) >= 2:
                 break
         time.sleep(0.5)
-    kill_session(proc.pid)  # the driver and the local Ray instance it started, nothing else on the machine
+    kill_sessions([proc.pid])  # the driver and the local Ray instance it started, nothing else on the machine
     proc.wait(timeout=30)
     before = {r.info.run_id: r.data.params[names.SEARCH_TRIAL] for r in runs(tmp_path)
               if r.data.params.get(names.GRID) == names.SEARCH_GRID and r.info.status == "FINISHED"}

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.procenv import process_env
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -20,8 +22,7 @@ class UiProcess:
     """``python -m sophon_ray.cli ui ARGS`` as a subprocess; a thread collects its output lines."""
 
     def __init__(self, cwd: Path, *args: str) -> None:
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        env = process_env(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         self.process = subprocess.Popen([sys.executable, "-m", "sophon_ray.cli", "ui", *args], cwd=cwd, env=env,
                                         text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: queue.Queue = queue.Queue()
