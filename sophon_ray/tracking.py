@@ -156,10 +156,16 @@ class Tracker:
     def child_run(self, parent_id: str, sweep_id: str, role: str, key: str, name: str,
                   params: Mapping[str, Any] | None = None) -> str:
         """Find or create the child run with this key; log the params it does not have yet."""
+        return self.open_child(parent_id, sweep_id, role, key, name, params)[0]
+
+    def open_child(self, parent_id: str, sweep_id: str, role: str, key: str, name: str,
+                   params: Mapping[str, Any] | None = None) -> tuple[str, bool]:
+        """:meth:`child_run`, and whether the run was created now (so nothing was logged to it before)."""
         from mlflow.entities import Param  # noqa: PLC0415
 
         run = self._find(f"tags.`{KEY}` = '{key}' and tags.`{SWEEP}` = '{sweep_id}'")
-        if run is None:
+        created = run is None
+        if created:
             run = self.client.create_run(self.experiment_id, run_name=name,
                                          tags={ROLE: role, SWEEP: sweep_id, KEY: key, PARENT: parent_id})
         elif run.info.status != "RUNNING":
@@ -168,7 +174,7 @@ class Tracker:
         missing = [Param(k, str(v)) for k, v in (params or {}).items() if k not in have]
         if missing:
             self.client.log_batch(run.info.run_id, params=missing)
-        return run.info.run_id
+        return run.info.run_id, created
 
     def finished_keys(self, sweep_id: str, role: str) -> set[str]:
         """Keys of this sweep's child runs of ``role`` that finished."""

@@ -151,45 +151,49 @@ def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], d
                       "node_id": ray.get_runtime_context().get_node_id(), "done": True})
 
 
-def make_callback(tracker: Any, parent_id: str, sweep_id: str) -> Any:
-    """A Tune callback that mirrors every trial into its own MLflow child run, exactly once per step."""
+def make_callback(tracker: Any, parent_id: str, sweep_id: str, outbox: Any = None) -> Any:
+    """A Tune callback that mirrors every trial into its own MLflow child run, exactly once per step.
+
+    The hooks only enqueue into ``outbox`` (a :class:`~sophon_ray.outbox.Outbox`, whose thread delivers, retries
+    and journals), so a slow or unreachable store never blocks Tune. Without ``outbox`` the callback makes its
+    own (in memory) and waits for it at the experiment's end (``$SOPHON_TRACKING_WAIT_S``)."""
     from ray import tune  # noqa: PLC0415
 
+    from sophon_ray.outbox import Outbox, wait_seconds  # noqa: PLC0415
+
+    own = outbox is None
+    box = Outbox(tracker).start() if own else outbox
+
+    def key(trial: Any) -> str:
+        return trial.config["trial"].key
+
     class MlflowTrials(tune.Callback):
-        def __init__(self) -> None:
-            self.runs: dict[str, str] = {}
-            self.steps: dict[str, set[int]] = {}
-
-        def _run(self, trial: Any) -> str:
-            if trial.trial_id not in self.runs:
-                t: Trial = trial.config["trial"]
-                run_id = tracker.child_run(parent_id, sweep_id, "attack", t.key, t.name, t.params())
-                self.runs[trial.trial_id] = run_id
-                self.steps[run_id] = tracker.logged_steps(run_id, names.RESTRICTED_ACC)
-            return self.runs[trial.trial_id]
-
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._run(trial)
+            t: Trial = trial.config["trial"]
+            box.open(t.key, parent_id, sweep_id, t.name, t.params())
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            run_id = self._run(trial)
-            logged = self.steps[run_id]  # a retried trial replays epochs that are already logged
+            # a retried trial replays epochs that are already logged: the outbox logs each step once
             rows = [(int(e), {names.RESTRICTED_ACC: acc, names.RESTRICTED_LOSS: loss})
-                    for e, acc, loss in result.get("curve", []) if int(e) not in logged]
+                    for e, acc, loss in result.get("curve", [])]
             if result.get("done"):
                 rows.append((0, {k: result[k] for k in (names.FINAL, names.BEST, names.ORIGINAL_ACC)
                                  if result.get(k) is not None}))
-            if rows:
-                tracker.log_rows(run_id, rows)
+            box.rows(key(trial), rows)
             if result.get("done"):
-                tracker.set_tag(run_id, names.NODE, result.get("node_id", ""))
-            logged.update(e for e, row in rows if names.RESTRICTED_ACC in row)
+                box.tag(key(trial), names.NODE, result.get("node_id", ""))
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            tracker.finish(self._run(trial), "FINISHED")
+            box.finish(key(trial), "FINISHED")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            tracker.finish(self._run(trial), "FAILED")
+            box.finish(key(trial), "FAILED")
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            if own:
+                if not box.drain(wait_seconds()):
+                    log.warning("%d MLflow operation(s) not delivered (%s)", box.pending_ops(), box.stats.last_error)
+                box.close()
 
     return MlflowTrials()
 
