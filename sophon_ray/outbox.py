@@ -30,7 +30,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 JOURNAL = "tracking-journal.jsonl"
-WAIT_ENV = "SOPHON_TRACKING_WAIT_S"       # how long the end of a stage waits for an unreachable store
+WAIT_ENV = "SOPHON_TRACKING_WAIT_S"       # how long the end of a stage waits for a store that delivers nothing
 DEFAULT_WAIT_S = 120.0
 BACKOFF_START_S, BACKOFF_CAP_S = 0.5, 15.0
 # MLflow's own HTTP client retries a refused connection for minutes (7 retries, backoff factor 2) inside one call;
@@ -149,7 +149,8 @@ class _TrialState:
 
 class Outbox:
     """Queue + journal + delivery thread for one tracker. ``start()`` the thread, enqueue with :meth:`open`,
-    :meth:`rows`, :meth:`tag`, :meth:`finish` (they never block on the store), :meth:`drain` at the end, then
+    :meth:`rows`, :meth:`tag`, :meth:`finish` (they never block on the store), :meth:`drain` at the end (it waits
+    while deliveries progress, and gives up after ``$SOPHON_TRACKING_WAIT_S`` seconds without one), then
     :meth:`close`. ``journal=None`` keeps operations in memory only."""
 
     def __init__(self, tracker: Any, journal: Path | None = None, role: str = "attack",
@@ -229,12 +230,15 @@ class Outbox:
             self._thread.start()
         return self
 
-    def drain(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for every queued operation to be delivered; True when they were."""
-        deadline = time.monotonic() + timeout
+    def drain(self, stall_s: float) -> bool:
+        """Wait until every queued operation is delivered; give up (False) once ``stall_s`` seconds pass without
+        one being delivered (a store that does not answer, not one that is merely busy with a long queue)."""
         with self._cond:
+            seen, since = self.stats.delivered, time.monotonic()
             while self._queue:
-                left = deadline - time.monotonic()
+                if self.stats.delivered != seen:
+                    seen, since = self.stats.delivered, time.monotonic()
+                left = since + stall_s - time.monotonic()
                 if left <= 0:
                     return False
                 self._cond.wait(min(left, 1.0))

@@ -115,6 +115,18 @@ def test_a_down_store_never_blocks_the_caller_and_the_journal_keeps_everything_f
     assert again.load_journal() == 0  # everything acknowledged: a second sync has nothing to deliver
 
 
+def test_drain_waits_for_a_busy_store_and_gives_up_only_on_one_that_delivers_nothing(tmp_path):
+    tracker, parent = tracker_and_parent(tmp_path)
+    outbox = Outbox(tracker, None, delays=FAST)
+    for i in range(40):
+        trial_ops(outbox, parent, f"k{i}")
+    started = time.perf_counter()
+    outbox.start()
+    assert outbox.drain(0.5)  # each write takes well under 0.5 s; all of them together take longer
+    assert time.perf_counter() - started > 0.5
+    outbox.close()
+
+
 def test_delivery_resumes_by_itself_when_the_store_comes_back(tmp_path):
     tracker, parent = tracker_and_parent(tmp_path)
     live = tracker.client
