@@ -320,10 +320,12 @@ class SyncResult:
 def sync(spec: SweepSpec) -> SyncResult:
     """Deliver the journal's undelivered MLflow results of the spec's sweep (``sophon-ray sync``): idempotent,
     so a second sync delivers nothing twice. Raises TrackingError when the store does not answer."""
-    from sophon_ray.outbox import JOURNAL, Outbox, http_env, wait_seconds  # noqa: PLC0415
+    from sophon_ray.outbox import JOURNAL, Journal, Outbox, http_env, wait_seconds  # noqa: PLC0415
     from sophon_ray.tracking import Tracker, resolve_uri  # noqa: PLC0415
 
     journal = spec.out.resolve() / JOURNAL
+    if not Journal(journal).pending():
+        return SyncResult(journal, 0, 0, 0)  # nothing to do: the store is not even opened
     _check_tracking(spec)
     with environment(http_env()):
         outbox = Outbox(Tracker(resolve_uri(spec.tracking.uri), spec.name), journal)
