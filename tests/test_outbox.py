@@ -180,3 +180,16 @@ def test_the_outbox_pickles_for_tunes_experiment_state(tmp_path):
         assert restored.pending_ops() == 0 and restored.journal is None
     finally:
         outbox.close()
+
+
+def test_sync_cli_without_a_journal_says_so_and_with_one_on_a_down_server_names_the_fix(tmp_path, capsys):
+    from sophon_ray.cli import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: synced\noutput_dir: {tmp_path}/out\ntracking: {{uri: '{closed_port_uri()}'}}\n")
+    assert main(["sync", str(spec)]) == 0
+    assert "nothing to deliver" in capsys.readouterr().out
+    Journal(tmp_path / "out" / JOURNAL).append([Op("k1", "finish", {"status": "FINISHED"}).line()])
+    assert main(["sync", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "does not answer" in err and "Fix: start it" in err and "Traceback" not in err
