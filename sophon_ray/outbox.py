@@ -145,6 +145,8 @@ class _TrialState:
     fresh: bool = False                                  # created by this outbox: nothing logged before it
     points: dict[str, set[int]] = field(default_factory=dict)  # metric -> steps known to be in the store
     dirty: bool = False                                  # a write failed: re-read before writing again
+    reread: bool = False                                 # the store was re-read since (so nothing is "fresh")
+    params: dict[str, str] = field(default_factory=dict)  # the run's params not logged yet (go with the next batch)
 
 
 class Outbox:
@@ -262,78 +264,108 @@ class Outbox:
                     self._cond.wait()
                 if self._stop:
                     return
-                op = self._queue[0]
+                key = self._queue[0].key  # the oldest trial's queued operations, all of them, in their order
+                ops = [op for op in self._queue if op.key == key]
             started = time.perf_counter()
             try:
-                self._deliver(op)
-            except Exception as err:  # noqa: BLE001 - any store error: keep the op, back off, try again
+                self._deliver(ops)
+            except Exception as err:  # noqa: BLE001 - any store error: keep the ops, back off, try again
                 self.stats.busy_s += time.perf_counter() - started
-                self._failed(op, err)
+                self._failed(key, err)
                 with self._cond:
                     self._cond.wait_for(lambda: self._stop, timeout=next(delays))
                 continue
             self.stats.busy_s += time.perf_counter() - started
             delays = backoff(*self.delays)
-            self._delivered(op)
+            self._delivered(key, ops)
 
-    def _failed(self, op: Op, err: Exception) -> None:
-        state = self._trials.setdefault(op.key, _TrialState())
+    def _failed(self, key: str, err: Exception) -> None:
+        state = self._trials.setdefault(key, _TrialState())
         state.dirty = True  # the write may have reached the store before the error: read back before retrying
         self.stats.failures += 1
         self.stats.last_error = f"{type(err).__name__}: {str(err)[:200]}"
         if self.stats.failures == 1 or self.stats.failures % 20 == 0:
             log.warning("MLflow write for trial %s failed (%s); %d operation(s) queued, retrying with backoff "
-                        "(failure %d)", op.key, self.stats.last_error, self.pending_ops(), self.stats.failures)
+                        "(failure %d)", key, self.stats.last_error, self.pending_ops(), self.stats.failures)
 
-    def _delivered(self, op: Op) -> None:
+    def _delivered(self, key: str, ops: list[Op]) -> None:
+        sent = {id(op) for op in ops}
         with self._cond:
-            self._queue.popleft()
-            self._queued[op.key] -= 1
-            done = self._queued[op.key] == 0
+            self._queue = deque(op for op in self._queue if id(op) not in sent)
+            self._queued[key] -= len(ops)
+            done = self._queued[key] == 0
             if done:
-                del self._queued[op.key]
-            self.stats.delivered += 1
+                del self._queued[key]
+            self.stats.delivered += len(ops)
             self._cond.notify_all()
         if done and self.journal is not None:
-            self.journal.append([json.dumps({"key": op.key, "op": "ack"}) + "\n"])
+            self.journal.append([json.dumps({"key": key, "op": "ack"}) + "\n"])
 
-    # ---------------------------------------------------------------------------- one operation, idempotent
-    def deliver_now(self, op: Op) -> None:
-        """Deliver one operation in this thread (tests; the thread uses the same code)."""
-        self._deliver(op)
+    # ------------------------------------------------------------------------- one trial's operations, idempotent
+    def deliver_now(self, ops: list[Op]) -> None:
+        """Deliver one trial's operations in this thread (tests and profiling; the thread uses the same code)."""
+        self._deliver(ops)
 
-    def _deliver(self, op: Op) -> None:
-        state = self._trials.setdefault(op.key, _TrialState())
-        reread = state.dirty  # what a failed write left in the store is read back, never guessed
-        if reread:
-            state.fresh, state.points, state.dirty = False, {}, False
-        if op.kind == "open":
-            d = op.data
-            run_id, created = self.tracker.open_child(d["parent"], d["sweep"], self.role, op.key, d["name"],
-                                                      d["params"])
-            if state.run_id != run_id:
-                state.run_id, state.fresh, state.points = run_id, created and not reread, {}
-            self.stats.runs_opened += 1
-            return
+    def _deliver(self, ops: list[Op]) -> None:
+        """One trial's operations in order, each run of consecutive rows and tags (and the params of the open
+        before them) as one ``log_batch``: per short trial, find + create + one batch + terminate."""
+        state = self._trials.setdefault(ops[0].key, _TrialState())
+        if state.dirty:  # what a failed write left in the store is read back, never guessed
+            state.fresh, state.points, state.dirty, state.reread = False, {}, False, True
+        group: list[Op] = []
+        for op in ops:
+            if op.kind in ("rows", "tag"):
+                group.append(op)
+                continue
+            self._log(state, group)
+            group = []
+            if op.kind == "open":
+                self._open(state, op)
+            elif op.kind == "finish":
+                self._log(state, [])  # params not logged yet
+                self.tracker.finish(self._run_id(state, op), op.data["status"])
+                self.stats.finished += 1
+            else:
+                raise ValueError(f"journal operation {op.kind!r} of trial {op.key} is unknown (open, rows, tag, "
+                                 "finish)")
+        self._log(state, group)
+
+    def _open(self, state: _TrialState, op: Op) -> None:
+        d = op.data
+        run_id, created, missing = self.tracker.open_child(d["parent"], d["sweep"], self.role, op.key, d["name"],
+                                                           d["params"], defer_params=True)
+        if state.run_id != run_id:
+            state.run_id, state.fresh, state.points = run_id, created and not state.reread, {}
+        state.params = missing
+        self.stats.runs_opened += 1
+
+    @staticmethod
+    def _run_id(state: _TrialState, op: Op) -> str:
         if state.run_id is None:
             raise ValueError(f"trial {op.key}: operation {op.kind!r} comes before its run was opened (a journal "
                              "edited by hand?); delete the trial's lines from the journal and rerun it with --resume")
-        if op.kind == "rows":
-            rows = [(int(step), row) for step, row in op.data["rows"]]
-            todo = [(step, {k: v for k, v in row.items() if step not in self._points(state, k)}) for step, row in rows]
-            todo = [(step, row) for step, row in todo if row]
-            if todo:
-                self.tracker.log_rows(state.run_id, todo)
-            for step, row in todo:
-                for k in row:
-                    state.points[k].add(step)
-        elif op.kind == "tag":
-            self.tracker.set_tag(state.run_id, op.data["tag"], op.data["value"])
-        elif op.kind == "finish":
-            self.tracker.finish(state.run_id, op.data["status"])
-            self.stats.finished += 1
-        else:
-            raise ValueError(f"journal operation {op.kind!r} of trial {op.key} is unknown (open, rows, tag, finish)")
+        return state.run_id
+
+    def _log(self, state: _TrialState, group: list[Op]) -> None:
+        """The group's rows (each metric step not in the store yet), tags and the open's params in one batch."""
+        if not group and not state.params:
+            return
+        run_id = self._run_id(state, group[0]) if group else state.run_id
+        rows: list[tuple[int, dict[str, float]]] = []
+        tags: dict[str, str] = {}
+        for op in group:
+            if op.kind == "tag":
+                tags[op.data["tag"]] = op.data["value"]
+                continue
+            for step, row in op.data["rows"]:
+                todo = {k: v for k, v in row.items() if int(step) not in self._points(state, k)}
+                if todo:
+                    rows.append((int(step), todo))
+        self.tracker.log_rows(run_id, rows, params=state.params, tags=tags)
+        state.params = {}
+        for step, row in rows:
+            for k in row:
+                self._points(state, k).add(step)
 
     def _points(self, state: _TrialState, metric: str) -> set[int]:
         if metric not in state.points:
