@@ -126,6 +126,10 @@ class Journal:
         return ops
 
 
+class OrphanOperation(ValueError):
+    """An operation of a trial whose run was never opened: it can never be delivered."""
+
+
 @dataclass
 class Stats:
     """What the delivery thread did: operations delivered, failed attempts (each retried), seconds busy."""
@@ -161,6 +165,7 @@ class Outbox:
         self.journal = Journal(journal) if journal is not None else None
         self.stats = Stats()
         self.completed: set[str] = set()    # trials whose FINISHED status is enqueued (delivered or not)
+        self.opened: set[str] = set()       # trials whose run has an open enqueued (so later operations can land)
         self._queue: deque[Op] = deque()
         self._queued: Counter[str] = Counter()
         self._trials: dict[str, _TrialState] = {}
@@ -209,6 +214,8 @@ class Outbox:
             for op in ops:
                 self._queue.append(op)
                 self._queued[op.key] += 1
+                if op.kind == "open":
+                    self.opened.add(op.key)
                 if op.kind == "finish":
                     (self.completed.add if op.data["status"] == "FINISHED" else self.completed.discard)(op.key)
             self.stats.peak_queue = max(self.stats.peak_queue, len(self._queue))
@@ -269,6 +276,8 @@ class Outbox:
             started = time.perf_counter()
             try:
                 self._deliver(ops)
+            except OrphanOperation as err:  # can never succeed: retrying would block every trial behind it
+                log.error("dropped %d MLflow operation(s): %s", len(ops), err)
             except Exception as err:  # noqa: BLE001 - any store error: keep the ops, back off, try again
                 self.stats.busy_s += time.perf_counter() - started
                 self._failed(key, err)
@@ -342,8 +351,8 @@ class Outbox:
     @staticmethod
     def _run_id(state: _TrialState, op: Op) -> str:
         if state.run_id is None:
-            raise ValueError(f"trial {op.key}: operation {op.kind!r} comes before its run was opened (a journal "
-                             "edited by hand?); delete the trial's lines from the journal and rerun it with --resume")
+            raise OrphanOperation(f"trial {op.key}: operation {op.kind!r} comes before its run was opened (a journal "
+                                  "edited by hand?); the trial is rerun by --resume if it did not finish")
         return state.run_id
 
     def _log(self, state: _TrialState, group: list[Op]) -> None:

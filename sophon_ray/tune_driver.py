@@ -164,13 +164,20 @@ def make_callback(tracker: Any, parent_id: str, sweep_id: str, outbox: Any = Non
     own = outbox is None
     box = Outbox(tracker).start() if own else outbox
 
+    def open_run(trial: Any) -> None:
+        t: Trial = trial.config["trial"]
+        box.open(t.key, parent_id, sweep_id, t.name, t.params())
+
     def key(trial: Any) -> str:
-        return trial.config["trial"].key
+        """The trial's key, its run opened first if it never was (Tune can error a trial it never started)."""
+        t: Trial = trial.config["trial"]
+        if t.key not in box.opened:
+            open_run(trial)
+        return t.key
 
     class MlflowTrials(tune.Callback):
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            t: Trial = trial.config["trial"]
-            box.open(t.key, parent_id, sweep_id, t.name, t.params())
+            open_run(trial)  # also for a retried trial: its run is set RUNNING again
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             # a retried trial replays epochs that are already logged: the outbox logs each step once

@@ -193,3 +193,44 @@ def test_sync_cli_without_a_journal_says_so_and_with_one_on_a_down_server_names_
     assert main(["sync", str(spec)]) == 2
     err = capsys.readouterr().err
     assert "does not answer" in err and "Fix: start it" in err and "Traceback" not in err
+
+
+def test_an_operation_of_a_trial_never_opened_is_dropped_and_blocks_no_other_trial(tmp_path):
+    tracker, parent = tracker_and_parent(tmp_path)
+    outbox = Outbox(tracker, tmp_path / JOURNAL, delays=FAST)
+    outbox.finish("never-started", "FAILED")  # Tune can error a trial it never started
+    trial_ops(outbox, parent, "k1")
+    outbox.start()
+    assert outbox.drain(30)
+    outbox.close()
+    assert_exactly_once(tracker, ["k1"])
+    assert Journal(tmp_path / JOURNAL).pending() == []
+
+
+def test_the_tune_callback_opens_the_run_of_a_trial_tune_errors_before_starting_it(tmp_path):
+    """Tune's own Trial objects (stubs: no Ray cluster) through the real callback: a trial errored before it
+    started still gets its run opened first, so its FAILED status lands and blocks nothing behind it."""
+    from ray.tune.experiment import Trial as TuneTrial
+
+    from sophon_ray.trials import plan_trials
+    from sophon_ray.tune_driver import make_callback
+    from sophon_ray.validation import parse_spec
+
+    tracker, parent = tracker_and_parent(tmp_path)
+    planned = plan_trials(parse_spec({"attack": {"subjects": ["normal"], "evaluation": {"optimizer": ["sgd", "adam"]}}}),
+                          [])[:2]
+    never, ran = (TuneTrial("attack_trial", config={"trial": t}, stub=True) for t in planned)
+    outbox = Outbox(tracker, None, delays=FAST).start()
+    callback = make_callback(tracker, parent, "sweep1", outbox)
+    callback.on_trial_error(0, [], never)                       # no on_trial_start before it
+    callback.on_trial_start(0, [], ran)
+    callback.on_trial_result(0, [], ran, {"curve": [[0, 10.0, 2.0], [1, 20.0, 1.0]], "done": True,
+                                          names.FINAL: 20.0, names.BEST: 20.0, names.ORIGINAL_ACC: 90.0,
+                                          "node_id": "n1"})
+    callback.on_trial_complete(0, [], ran)
+    assert outbox.drain(30)
+    outbox.close()
+    client = MlflowClient(tracking_uri=tracker.uri)
+    status = {r.data.tags[names.KEY]: r.info.status for r in client.search_runs([tracker.experiment_id])
+              if r.data.tags.get(names.ROLE) == "attack"}
+    assert status == {planned[0].key: "FAILED", planned[1].key: "FINISHED"}
