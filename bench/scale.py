@@ -93,10 +93,26 @@ def ui_search_seconds(db: Path, experiment: str, workdir: Path, repeats: int = 5
 
         call()
         samples = [call() for _ in range(repeats)]
-        return {"server_start_s": started, "search_s": statistics.median(samples), "search_max_s": max(samples)}
+        return {"server_start_s": started, "search_s": statistics.median(samples), "search_max_s": max(samples),
+                "store_search_s": store_search_seconds(f"sqlite:///{db}", experiment_id, repeats)}
     finally:
         server.kill()
         server.wait()
+
+
+def store_search_seconds(uri: str, experiment_id: str, repeats: int) -> float:
+    """The same search (100 newest runs) in this process straight on the store: the SQL part of the UI's call."""
+    from mlflow import MlflowClient  # noqa: PLC0415
+
+    client = MlflowClient(tracking_uri=uri)
+
+    def call() -> float:
+        t0 = time.perf_counter()
+        client.search_runs([experiment_id], max_results=100, order_by=["attributes.start_time DESC"])
+        return time.perf_counter() - t0
+
+    call()
+    return statistics.median(call() for _ in range(repeats))
 
 
 def section(args: Any, result: sweep_run.SweepResult, report: tuple[float, int, str], ui: dict[str, float],
@@ -122,8 +138,9 @@ def section(args: Any, result: sweep_run.SweepResult, report: tuple[float, int, 
              "drawing the figures")
     sec.goal("MLflow UI experiment page: `POST /ajax-api/2.0/mlflow/runs/search` max_results 100",
              f"<= {UI_GOAL_S:.0f} s", f"{ui['search_s']:.2f} s (max {ui['search_max_s']:.2f})",
-             None if args.smoke else ui["search_s"] <= UI_GOAL_S, "the server's SQL over runs, params, tags, "
-             "latest metrics of 100 runs")
+             None if args.smoke else ui["search_s"] <= UI_GOAL_S,
+             f"not the run count: the store's own query for those 100 runs takes {ui['store_search_s']:.2f} s in "
+             "process; the rest is the server process (one worker) on busy cores")
     table = harness.Table("measured (one run)", ["item", "value"])
     busy = box.get("busy_s", float("nan"))
     table.rows += [
@@ -141,6 +158,7 @@ def section(args: Any, result: sweep_run.SweepResult, report: tuple[float, int, 
         ["`sophon-ray report SPEC` wall (process, incl. imports) / exit", f"{report[0]:.1f} s / {report[1]}"],
         ["mlflow server start", f"{ui['server_start_s']:.1f} s"],
         ["UI runs call, median of 5 (max)", f"{ui['search_s'] * 1e3:.0f} ms ({ui['search_max_s'] * 1e3:.0f} ms)"],
+        ["the same search in process on the SQLite store, median of 5", f"{ui['store_search_s'] * 1e3:.0f} ms"],
     ]
     sec.tables.append(table)
     sec.data = {"trials": trials, "rc": result.rc, "wall_s": result.wall_s, "pipeline": done, "outbox": box,
