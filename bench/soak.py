@@ -6,7 +6,7 @@ Victims are the ``ImplicitFunc`` processes in the sweep's own process session (t
 ``start_new_session``), never another sweep's. Recorded: kills (and how many hit a process), Tune's retries (the
 progress line's ``retried`` count), retry passes, trials, duplicates, runs not FINISHED, bad histories, wall.
 
-Usage: ``.venv/bin/python bench/soak.py`` (200 trials, a kill every 10 s: about 10 min on 2 cores);
+Usage: ``.venv/bin/python bench/soak.py`` (200 trials of 12 epochs, a kill every 10 s: about 8 min on 2 cores);
 ``--smoke``: 12 trials, a kill every 5 s.
 """
 
@@ -26,7 +26,7 @@ import harness
 import sweep_run
 
 NAME = "soak"
-EPOCHS = 3
+EPOCHS = 12
 RETRIED = re.compile(r"(\d+) retried")
 
 
@@ -90,7 +90,8 @@ def section(args: Any, result: sweep_run.SweepResult, killer: Killer, book: swee
     table.rows += [["exit status", str(result.rc)], ["wall (process)", f"{result.wall_s:.0f} s"],
                    ["stages", ", ".join(f"{k} {v:.0f} s" for k, v in result.done.get("stages", {}).items()) or "?"],
                    ["SIGKILLs sent to trial processes", str(len(killer.kills))],
-                   ["kills due while no trial process ran (skipped)", str(killer.misses)],
+                   ["seconds with a kill due but no trial process running (pretraining, between trials)",
+                    str(killer.misses)],
                    ["Tune retries (progress line, last pass)", str(max(retried, default=0))],
                    ["pipeline retry passes", str(passes)],
                    ["MLflow outbox: operations / failed writes", f"{result.outbox.get('ops', 0):.0f} / "
