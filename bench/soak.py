@@ -36,6 +36,8 @@ def parse_args() -> Any:
     parser.add_argument("--kill-every", type=float, default=10.0, help="seconds between two SIGKILLs")
     parser.add_argument("--max-failures", type=int, default=5, help="resources.max_failures (Tune retries per trial)")
     parser.add_argument("--seed", type=int, default=0, help="which trial process is picked")
+    parser.add_argument("--progress", type=int, default=1, help="trials that must finish between two kills "
+                        "(default 1; 0: kill every --kill-every seconds regardless)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory and print its path")
     args = parser.parse_args()
     if args.smoke:
@@ -44,16 +46,30 @@ def parse_args() -> Any:
 
 
 class Killer:
-    """Called every second with the sweep's session id: SIGKILLs one of its trial processes every ``every_s``."""
+    """Called every second with the sweep's session id: SIGKILLs one of its trial processes every ``every_s``,
+    once at least ``progress`` trials finished (in MLflow) since the previous kill: on a busy machine a Ray actor
+    can take longer than ``every_s`` to start, and killing every new one would stop the sweep altogether."""
 
-    def __init__(self, every_s: float, seed: int) -> None:
-        self.every_s, self.rng = every_s, random.Random(seed)
+    def __init__(self, every_s: float, seed: int, uri: str, progress: int) -> None:
+        self.every_s, self.rng, self.uri, self.progress = every_s, random.Random(seed), uri, progress
         self.last = time.monotonic()
+        self.finished_at_last = 0
         self.kills: list[dict[str, Any]] = []
         self.misses = 0   # a kill was due and no trial process was running
+        self.waits = 0    # a kill was due and too few trials had finished since the last one
+
+    def finished(self) -> int:
+        try:
+            return sweep_run.ledger(self.uri, "soak", EPOCHS, histories=False).status.get("FINISHED", 0)
+        except Exception:  # noqa: BLE001 - the store is being created or migrated by the driver: try next tick
+            return self.finished_at_last
 
     def __call__(self, session: int) -> None:
         if time.monotonic() - self.last < self.every_s:
+            return
+        finished = self.finished() if self.progress else 0
+        if finished - self.finished_at_last < self.progress:
+            self.waits += 1
             return
         victims = sweep_run.session_trial_processes(session)
         if not victims:
@@ -62,10 +78,16 @@ class Killer:
         victim = self.rng.choice(victims)
         try:
             os.kill(victim.pid, signal.SIGKILL)
-            self.kills.append({"t": time.monotonic(), "pid": victim.pid})
+            self.kills.append({"t": time.monotonic(), "pid": victim.pid, "finished_before": finished})
+            self.finished_at_last = finished
         except ProcessLookupError:
             pass
         self.last = time.monotonic()
+
+
+def _mean_gap(killer: Killer) -> float:
+    times = [k["t"] for k in killer.kills]
+    return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan")
 
 
 def section(args: Any, result: sweep_run.SweepResult, killer: Killer, book: sweep_run.Ledger) -> harness.Section:
@@ -80,7 +102,8 @@ def section(args: Any, result: sweep_run.SweepResult, killer: Killer, book: swee
         f"`sophon-ray run` of {args.trials} attack trials (normal + scratch, {args.trials // 2} attack seeds of one "
         f"recipe: convnet, 8 px shapes -> shapes_m, {EPOCHS} epochs; SQLite store; resources.max_failures "
         f"{args.max_failures}; 2 trials at once) while `bench/soak.py` SIGKILLs one of the sweep's own Tune trial "
-        f"processes (`ImplicitFunc`, same process session) every {args.kill_every:g} s. One run." + smoke))
+        f"processes (`ImplicitFunc`, same process session) every {args.kill_every:g} s, once at least "
+        f"{args.progress} trial(s) finished since the previous kill. One run." + smoke))
     sec.goal("every trial exactly once in MLflow (one FINISHED run per key, every epoch once)", "yes",
              f"{'yes' if exactly_once else 'no'}: {book.runs} runs / {book.keys} keys / {args.trials} trials, "
              f"{book.duplicate_keys} duplicated, {not_finished} not FINISHED, {len(book.bad_histories)} bad histories",
@@ -92,6 +115,9 @@ def section(args: Any, result: sweep_run.SweepResult, killer: Killer, book: swee
                    ["SIGKILLs sent to trial processes", str(len(killer.kills))],
                    ["seconds with a kill due but no trial process running (pretraining, between trials)",
                     str(killer.misses)],
+                   [f"seconds with a kill due but fewer than {args.progress} trial(s) finished since the last",
+                    str(killer.waits)],
+                   ["mean seconds between kills", f"{_mean_gap(killer):.1f}"],
                    ["Tune retries (progress line, last pass)", str(max(retried, default=0))],
                    ["pipeline retry passes", str(passes)],
                    ["MLflow outbox: operations / failed writes", f"{result.outbox.get('ops', 0):.0f} / "
@@ -118,7 +144,7 @@ def main() -> None:
                                    protect=False)
         spec["resources"] = {"max_failures": args.max_failures}
         path = sweep_run.write_spec(spec, work / "soak.yaml")
-        killer = Killer(args.kill_every, args.seed)
+        killer = Killer(args.kill_every, args.seed, uri, args.progress)
         harness.say(f"{args.trials} trials, a SIGKILL every {args.kill_every:g} s, in {work}")
         result = sweep_run.run_sweep(path, work, ["--max-trials", str(args.trials)], on_tick=killer)
         harness.say(f"exit {result.rc} after {result.wall_s:.0f} s, {len(killer.kills)} kills")
