@@ -39,7 +39,9 @@ HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT
 
 
 def wait_seconds() -> float:
-    """$SOPHON_TRACKING_WAIT_S, else ``DEFAULT_WAIT_S``; raises ValueError naming the variable when it is bad."""
+    """$SOPHON_TRACKING_WAIT_S, else ``DEFAULT_WAIT_S``; raises TrackingError naming the variable when it is bad."""
+    from sophon_ray.tracking import TrackingError  # noqa: PLC0415
+
     text = os.environ.get(WAIT_ENV)
     if text is None:
         return DEFAULT_WAIT_S
@@ -48,7 +50,7 @@ def wait_seconds() -> float:
     except ValueError:
         value = -1.0
     if not value >= 0:
-        raise ValueError(f"{WAIT_ENV}={text!r} is not a number of seconds >= 0; unset it (default "
+        raise TrackingError(f"{WAIT_ENV}={text!r} is not a number of seconds >= 0; unset it (default "
                          f"{DEFAULT_WAIT_S:g}) or set e.g. {WAIT_ENV}=300")
     return value
 

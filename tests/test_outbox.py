@@ -13,7 +13,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from sophon_ray import names  # noqa: E402
 from sophon_ray.outbox import HTTP_ENV, JOURNAL, WAIT_ENV, Journal, Op, Outbox, backoff, wait_seconds  # noqa: E402
-from sophon_ray.tracking import Tracker  # noqa: E402
+from sophon_ray.tracking import Tracker, TrackingError  # noqa: E402
 
 EPOCHS = 3
 FAST = (0.05, 0.2)  # backoff start and cap for the tests
@@ -72,7 +72,7 @@ def test_wait_seconds_reads_its_variable_and_names_it_when_bad(monkeypatch):
     monkeypatch.setenv(WAIT_ENV, "7.5")
     assert wait_seconds() == 7.5
     monkeypatch.setenv(WAIT_ENV, "soon")
-    with pytest.raises(ValueError, match=WAIT_ENV):
+    with pytest.raises(TrackingError, match=WAIT_ENV):  # a user error: exit 2 and the message, no traceback
         wait_seconds()
 
 
