@@ -238,10 +238,53 @@ def _history(metrics: Sequence[Metric]) -> list[float]:
     return [latest[step] for step in sorted(latest)]
 
 
+# MLflow's bulk metric-history read (the UI's compare-runs charts use it): at most this many runs per request ...
+BULK_RUNS = 100
+BULK_POINTS = 25000  # ... and this many points per answer (a full answer may be cut short: read those runs one by one)
+BulkReader = Callable[[list[str], str], list[tuple[str, Metric]]]
+
+
+def _bulk_reader(client: MlflowClient) -> BulkReader | None:
+    """(run id, metric) points of many runs in one query: the SQL store's ``get_metric_history_bulk``, or an MLflow
+    server's ``GET /ajax-api/2.0/mlflow/metrics/get-history-bulk``; None for any other store."""
+    from mlflow.store.tracking.rest_store import RestStore  # noqa: PLC0415
+    from mlflow.utils.rest_utils import http_request, verify_rest_response  # noqa: PLC0415
+
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)  # MLflow has no public accessor
+    if hasattr(store, "get_metric_history_bulk"):
+        return lambda ids, key: [(m.run_id, m) for m in store.get_metric_history_bulk(ids, key, BULK_POINTS)]
+    if isinstance(store, RestStore):
+        endpoint = "/ajax-api/2.0/mlflow/metrics/get-history-bulk"
+
+        def rest(ids: list[str], key: str) -> list[tuple[str, Metric]]:
+            response = http_request(store.get_host_creds(), endpoint, "GET",
+                                    params={"run_id": ids, "metric_key": key, "max_results": BULK_POINTS})
+            points = verify_rest_response(response, endpoint).json().get("metrics", [])
+            return [(p["run_id"], Metric(p["key"], p["value"], p["timestamp"], p["step"])) for p in points]
+        return rest
+    return None
+
+
 def load_curves(tracking_uri: str, run_ids: Iterable[str], metric: str = "restricted_acc") -> dict[str, list[float]]:
-    """Per run, the metric's values ordered by step (for attacks: epoch 0..E); [] when never logged."""
+    """Per run, the metric's values ordered by step (for attacks: epoch 0..E); [] when never logged.
+
+    Read ``BULK_RUNS`` runs per query where the store has a bulk read (SQL stores, MLflow servers), else run by
+    run (one query per run)."""
     client = _client(tracking_uri)
-    return {run_id: _history(client.get_metric_history(run_id, metric)) for run_id in run_ids}
+    ids = list(run_ids)
+    bulk = _bulk_reader(client)
+    curves: dict[str, list[float]] = {}
+    for i in range(0, len(ids), BULK_RUNS):
+        chunk = ids[i:i + BULK_RUNS]
+        points = bulk(chunk, metric) if bulk is not None else None
+        if points is None or len(points) >= BULK_POINTS:
+            curves |= {run_id: _history(client.get_metric_history(run_id, metric)) for run_id in chunk}
+            continue
+        by_run: dict[str, list[Metric]] = {run_id: [] for run_id in chunk}
+        for run_id, point in points:
+            by_run[run_id].append(point)
+        curves |= {run_id: _history(found) for run_id, found in by_run.items()}
+    return curves
 
 
 def load_protect_runs(tracking_uri: str, experiment: str, sweep_id: str | None = None) -> pd.DataFrame:

@@ -3,7 +3,7 @@ says where and when they ran (cores, CPU model, RAM, torch/ray versions, date).
 
 Usage: ``.venv/bin/python bench/collect.py [--results DIR] [--out PATH]`` (defaults: bench/results,
 BENCHMARKS.md at the repository root). Sections come in a fixed order (fts_step, tune_throughput,
-train_scaling, quickstart, then any others by name); a section whose JSON says it ran on a different
+train_scaling, quickstart, soak, scale, then any others by name); a section whose JSON says it ran on a different
 machine than this one is flagged in the header.
 """
 
@@ -16,12 +16,14 @@ from pathlib import Path
 
 import harness
 
-ORDER = ["fts_step", "tune_throughput", "train_scaling", "quickstart"]
+ORDER = ["fts_step", "tune_throughput", "train_scaling", "quickstart", "soak", "scale"]
 COMMANDS = {
     "fts_step": ".venv/bin/python bench/fts_step.py --layouts channels_last contiguous",
     "tune_throughput": ".venv/bin/python bench/tune_throughput.py",
     "train_scaling": ".venv/bin/python bench/train_scaling.py",
     "quickstart": "bench/quickstart.sh",
+    "soak": ".venv/bin/python bench/soak.py",
+    "scale": "nice -n 10 .venv/bin/python bench/scale.py --trials 5000",
 }
 
 

@@ -1,4 +1,4 @@
-"""``sophon-ray``: run | protect | attack | report | ui | validate | ls.
+"""``sophon-ray``: run | protect | attack | sync | report | ui | validate | ls.
 
 Heavy modules are imported inside the commands so that ``--help`` answers at once. Every error a user can
 fix is a :class:`~sophon_ray.errors.SophonError`, printed without a traceback and mapped to exit code 2 in
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from sophon_ray.errors import EXIT_BAD_INPUT, cli_exit
+from sophon_ray.errors import EXIT_BAD_INPUT, EXIT_INCOMPLETE, cli_exit
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -61,8 +61,29 @@ def _run(args: argparse.Namespace, **overrides: object) -> int:
     start = time.perf_counter()
     outcome = run(spec, options)
     if not options.dry_run:
-        sets = "".join(f" --set {shlex.quote(item)}" for item in args.set)
-        print(closing_text(outcome, time.perf_counter() - start, shlex.quote(args.spec) + sets), flush=True)
+        print(closing_text(outcome, time.perf_counter() - start, _spec_words(args)), flush=True)
+    return EXIT_INCOMPLETE if outcome.pending else 0
+
+
+def _spec_words(args: argparse.Namespace) -> str:
+    """The spec path and its --set overrides, quoted for a shell: how printed commands name the sweep."""
+    return shlex.quote(args.spec) + "".join(f" --set {shlex.quote(item)}" for item in args.set)
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from sophon_ray.pipeline import sync  # noqa: PLC0415
+
+    result = sync(_load(args))
+    if not result.trials:
+        print(f"nothing to deliver: no undelivered results in {result.journal}")
+        return 0
+    print(f"delivered {result.trials - result.pending} of {result.trials} trial(s) from {result.journal} to MLflow "
+          f"({result.delivered_ops} operation(s))")
+    if result.pending:
+        print(f"INCOMPLETE: {result.pending} trial(s) still undelivered (the store stopped answering); run "
+              f"sophon-ray sync {_spec_words(args)} again", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    print(f"finish the sweep (report, parent run) with: sophon-ray run {_spec_words(args)} --resume")
     return 0
 
 
@@ -133,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_args(p)
     p.add_argument("--checkpoint", required=True, help="protected checkpoint directory (model.safetensors + model.json)")
     p.set_defaults(func=_attack)
+    p = sub.add_parser("sync", help="deliver results kept in <output_dir>/tracking-journal.jsonl (written when the "
+                       "MLflow store did not answer) to the store; safe to repeat")
+    p.add_argument("spec")
+    p.add_argument("--set", **overrides)
+    p.set_defaults(func=_sync)
     p = sub.add_parser("report", help="heatmaps, curves and summary from the sweep's MLflow runs")
     p.add_argument("spec")
     p.add_argument("--set", **overrides)

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 EXIT_BAD_INPUT = 2
+EXIT_INCOMPLETE = 3  # the run ended, but results wait in the tracking journal (see `sophon-ray sync`)
 
 
 class SophonError(Exception):

@@ -56,6 +56,16 @@ class Outcome:
     tracking_uri: str = ""             # redacted: safe to print
     output_dir: str = ""
     log_dir: str = ""
+    pending: int = 0                   # trials whose results are only in the journal (the store did not answer)
+    journal: str = ""                  # that journal, when pending
+
+
+def pending_text(pending: int, journal: str, spec_path: str | None = None) -> str:
+    """What a sweep whose results are partly only in the journal says: not complete, where they are, the fix."""
+    spec = spec_path or "SPEC"
+    return (f"INCOMPLETE: the MLflow store did not answer, so {pending} trial(s)' results are not in MLflow yet; "
+            f"they are kept in {journal}. Deliver them once the store is back: sophon-ray sync {spec} (or "
+            f"sophon-ray run {spec} --resume, which also finishes the sweep and writes its report)")
 
 
 @dataclass
@@ -193,6 +203,10 @@ def closing_text(outcome: Outcome, seconds: float, spec_path: str | None = None)
     """The lines a run ends with: time per stage, the short summary table, where the report, heatmaps, runs
     and logs are."""
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.stage_seconds.items())
+    if outcome.pending:
+        return "\n".join([f"stopped after {seconds:.0f} s ({stages}); {outcome.trials} trials, {outcome.trials_run} "
+                          "run now", "", pending_text(outcome.pending, outcome.journal, spec_path), "",
+                          f"logs: {outcome.log_dir}"])
     lines = [f"done in {seconds:.0f} s ({stages}); {outcome.trials} trials, {outcome.trials_run} run now"]
     report = outcome.report
     if report.get("overview"):
@@ -294,10 +308,12 @@ def _run_stages(spec: SweepSpec, options: RunOptions, view: View, sid: str, tria
             t0 = time.perf_counter()
             _attack_stage(spec, options, view, tracker, parent, sid, out, trials, models, outcome)
             outcome.stage_seconds["attack"] = time.perf_counter() - t0
-            if spec.attack.search:
+            if spec.attack.search and not outcome.pending:
                 t0 = time.perf_counter()
                 _search_stage(spec, options, view, tracker, parent, sid, out, models, outcome)
                 outcome.stage_seconds["search"] = time.perf_counter() - t0
+        if outcome.pending:  # not complete: no report from partial runs, the parent run stays open for --resume
+            return outcome
         if options.report and options.attack and "protected" not in spec.attack.subjects:
             view.say("[4/4] report skipped: the heatmaps compare protected models with the baselines, and "
                      "attack.subjects has no 'protected' (the runs are in MLflow)")
@@ -314,6 +330,33 @@ def _run_stages(spec: SweepSpec, options: RunOptions, view: View, sid: str, tria
     tracker.log_metrics(parent, {f"seconds_{k.replace('+', '_')}": v for k, v in outcome.stage_seconds.items()})
     tracker.finish(parent, "FINISHED")
     return outcome
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    journal: Path
+    trials: int       # trials with undelivered results in the journal before
+    pending: int      # ... and after
+    delivered_ops: int
+
+
+def sync(spec: SweepSpec) -> SyncResult:
+    """Deliver the journal's undelivered MLflow results of the spec's sweep (``sophon-ray sync``): idempotent,
+    so a second sync delivers nothing twice. Raises TrackingError when the store does not answer."""
+    from sophon_ray.outbox import JOURNAL, Journal, Outbox, http_env, wait_seconds  # noqa: PLC0415
+    from sophon_ray.tracking import Tracker, resolve_uri  # noqa: PLC0415
+
+    journal = spec.out.resolve() / JOURNAL
+    if not Journal(journal).pending():
+        return SyncResult(journal, 0, 0, 0)  # nothing to do: the store is not even opened
+    _check_tracking(spec)
+    with environment(http_env()):
+        outbox = Outbox(Tracker(resolve_uri(spec.tracking.uri), spec.name), journal)
+        trials = outbox.load_journal()
+        outbox.start()
+        outbox.drain(wait_seconds())
+        outbox.close()
+    return SyncResult(journal, trials, len(outbox.pending_keys()), outbox.stats.delivered)
 
 
 def _check_data(spec: SweepSpec) -> None:
@@ -425,11 +468,41 @@ def _log_models(spec: SweepSpec, tracker: Any, parent: str, sid: str, normal_dir
 
 def _attack_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any, parent: str, sid: str, out: Path,
                   trials: list[Trial], models: dict[str, Path], outcome: Outcome) -> None:
+    from sophon_ray.outbox import JOURNAL, Outbox, http_env, wait_seconds  # noqa: PLC0415
+
+    wait = wait_seconds()
+    outbox = Outbox(tracker, out / JOURNAL)
+    with environment(http_env()):
+        try:
+            _attack_trials(spec, options, view, tracker, parent, sid, out, trials, models, outcome, outbox)
+        finally:
+            delivered = outbox.drain(wait)
+            outbox.close()
+    stats = outbox.stats
+    log.info("MLflow outbox: %d operation(s) delivered, %d failed write(s) retried, %.1f s busy, peak queue %d%s",
+             stats.delivered, stats.failures, stats.busy_s, stats.peak_queue,
+             f", last error {stats.last_error}" if stats.last_error else "")
+    if not delivered:
+        outcome.pending, outcome.journal = len(outbox.pending_keys()), str(outbox.journal.path)
+        view.say(f"[3/4] warning: {pending_text(outcome.pending, outcome.journal)}")
+
+
+def _attack_trials(spec: SweepSpec, options: RunOptions, view: View, tracker: Any, parent: str, sid: str, out: Path,
+                   trials: list[Trial], models: dict[str, Path], outcome: Outcome, outbox: Any) -> None:
+    """The attack stage's trials through ``outbox`` (started here): the journal's undelivered results of an
+    earlier run first (a trial finished there is never rerun), then every trial not finished."""
     from sophon_ray.data import load_domain, make_splits  # noqa: PLC0415
+    from sophon_ray.outbox import wait_seconds  # noqa: PLC0415
     from sophon_ray.progress import AttackProgress  # noqa: PLC0415
     from sophon_ray.tune_driver import attack_data, make_callback, make_progress_callback, run_attacks  # noqa: PLC0415
 
-    finished = tracker.finished_keys(sid, "attack")
+    journaled = outbox.load_journal()
+    outbox.start()
+    if journaled:
+        delivered = outbox.drain(wait_seconds())
+        view.say(f"[2/4] journal: {journaled} trial(s) with results not yet in MLflow, "
+                 + ("delivered now" if delivered else f"{len(outbox.pending_keys())} still undelivered"))
+    finished = tracker.finished_keys(sid, "attack") | outbox.completed
     todo = [t for t in trials if t.key not in finished]
     view.say(f"[2/4] attack grid: {len(trials)} trials, {len(trials) - len(todo)} finished earlier, {len(todo)} to run")
     if not todo:
@@ -443,11 +516,10 @@ def _attack_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any
         counts = AttackProgress(len(todo))
         with view.console.progress(counts, prefix="[2/4]" if attempt == 0 else "[2/4] retry pass:"):
             grid = run_attacks(spec, todo, loaded, data, storage, f"attack-{sid}-{int(time.time())}-{attempt}",
-                               [make_callback(tracker, parent, sid), make_progress_callback(counts)],
+                               [make_callback(tracker, parent, sid, outbox), make_progress_callback(counts)],
                                spec.resources.max_failures, verbose=1 if options.verbose else 0)
         errors = [r for r in grid if r.error]
-        now_finished = tracker.finished_keys(sid, "attack")
-        todo = [t for t in todo if t.key not in now_finished]
+        todo = [t for t in todo if t.key not in outbox.completed]  # MLflow's view once the outbox delivers
         if not todo or attempt == RETRY_PASSES:
             break
         why = f": {errors[0].error!r:.200}" if errors else ""
@@ -456,7 +528,7 @@ def _attack_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any
     outcome.trials_run = len(trials) - len(finished) - len(todo)
     missing = [t.name for t in todo]
     view.say(f"[3/4] attack grid done | {outcome.trials_run} run now, {len(errors)} errored in the last pass, "
-             f"{len(trials) - len(missing)}/{len(trials)} finished in MLflow")
+             f"{len(trials) - len(missing)}/{len(trials)} finished")
     if missing:
         raise RuntimeError(f"{len(missing)} trials did not finish (e.g. {missing[:3]}); rerun with --resume")
 
@@ -547,7 +619,8 @@ def _search_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any
                 data = search_data(splits, template.domain, search.val_fraction, search.seed)
                 name = f"search-{search_key(sid, template)}-{int(time.time())}"
                 run_search(spec, search, template, remaining, [(p, v) for _, p, v, _ in history], loaded, data,
-                           storage, name, [make_callback(tracker, run_id, sid, SearchNumbering(template, first)),
+                           storage, name, [make_callback(tracker, run_id, sid,
+                                                         trial_of=SearchNumbering(template, first)),
                                            make_progress_callback(counts)],
                            spec.resources.max_failures, verbose=1 if options.verbose else 0)
                 history, _ = search_history(tracker, run_id, template.subject.kind == "scratch")

@@ -156,19 +156,26 @@ class Tracker:
     def child_run(self, parent_id: str, sweep_id: str, role: str, key: str, name: str,
                   params: Mapping[str, Any] | None = None) -> str:
         """Find or create the child run with this key; log the params it does not have yet."""
-        from mlflow.entities import Param  # noqa: PLC0415
+        return self.open_child(parent_id, sweep_id, role, key, name, params)[0]
 
+    def open_child(self, parent_id: str, sweep_id: str, role: str, key: str, name: str,
+                   params: Mapping[str, Any] | None = None,
+                   defer_params: bool = False) -> tuple[str, bool, dict[str, str]]:
+        """:meth:`child_run`, whether the run was created now (so nothing was logged to it before), and, with
+        ``defer_params``, the params it lacks (for the caller's next :meth:`log_rows`) instead of logging them."""
         run = self._find(f"tags.`{KEY}` = '{key}' and tags.`{SWEEP}` = '{sweep_id}'")
-        if run is None:
+        created = run is None
+        if created:
             run = self.client.create_run(self.experiment_id, run_name=name,
                                          tags={ROLE: role, SWEEP: sweep_id, KEY: key, PARENT: parent_id})
         elif run.info.status != "RUNNING":
             self.client.update_run(run.info.run_id, status="RUNNING")
         have = run.data.params
-        missing = [Param(k, str(v)) for k, v in (params or {}).items() if k not in have]
-        if missing:
-            self.client.log_batch(run.info.run_id, params=missing)
-        return run.info.run_id
+        missing = {k: str(v) for k, v in (params or {}).items() if k not in have}
+        if missing and not defer_params:
+            self.log_rows(run.info.run_id, [], params=missing)
+            missing = {}
+        return run.info.run_id, created, missing
 
     def finished_keys(self, sweep_id: str, role: str) -> set[str]:
         """Keys of this sweep's child runs of ``role`` that finished."""
@@ -198,15 +205,22 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         self.log_rows(run_id, [(step, metrics)])
 
-    def log_rows(self, run_id: str, rows: Iterable[tuple[int, Mapping[str, float]]]) -> None:
-        """Log many (step, {name: value}) rows in batches; non-finite values are skipped."""
-        from mlflow.entities import Metric  # noqa: PLC0415
+    def log_rows(self, run_id: str, rows: Iterable[tuple[int, Mapping[str, float]]],
+                 params: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None) -> None:
+        """Log many (step, {name: value}) rows in batches, with ``params`` and ``tags`` in the first batch;
+        non-finite values are skipped."""
+        from mlflow.entities import Metric, Param, RunTag  # noqa: PLC0415
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, int(step)) for step, row in rows for k, v in row.items()
                    if isinstance(v, (int, float)) and v == v and abs(v) != float("inf")]
-        for i in range(0, len(metrics), MAX_BATCH):
-            self.client.log_batch(run_id, metrics=metrics[i:i + MAX_BATCH])
+        extra = {"params": [Param(k, str(v)) for k, v in (params or {}).items()],
+                 "tags": [RunTag(k, str(v)) for k, v in (tags or {}).items()]}
+        for i in range(0, max(len(metrics), 1), MAX_BATCH):
+            batch = metrics[i:i + MAX_BATCH]
+            if batch or extra["params"] or extra["tags"]:
+                self.client.log_batch(run_id, metrics=batch, **extra)
+            extra = {"params": [], "tags": []}
 
     def logged_steps(self, run_id: str, metric: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(run_id, metric)}

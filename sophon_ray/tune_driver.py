@@ -260,54 +260,65 @@ class SearchNumbering:
         return self.trials[tune_trial.trial_id]
 
 
-def make_callback(tracker: Any, parent_id: str, sweep_id: str,
+def make_callback(tracker: Any, parent_id: str, sweep_id: str, outbox: Any = None,
                   trial_of: Callable[[Any], Trial] = grid_trial_of) -> Any:
     """A Tune callback that mirrors every trial into its own MLflow child run of ``parent_id``, exactly once per
-    step. A trial the scheduler stopped early (no final report) gets its summary from its last result."""
+    step; ``trial_of`` gives a Tune trial's :class:`Trial` (grid trials carry theirs; a search numbers its own).
+
+    The hooks only enqueue into ``outbox`` (a :class:`~sophon_ray.outbox.Outbox`, whose thread delivers, retries
+    and journals), so a slow or unreachable store never blocks Tune. Without ``outbox`` the callback makes its
+    own (in memory) and waits for it at the experiment's end (``$SOPHON_TRACKING_WAIT_S``). A trial the scheduler
+    stopped early (no last report of its own) gets its summary from its last result."""
     from ray import tune  # noqa: PLC0415
 
+    from sophon_ray.outbox import Outbox, wait_seconds  # noqa: PLC0415
+
+    own = outbox is None
+    box = Outbox(tracker).start() if own else outbox
+    summarised: set[str] = set()
+
+    def open_run(trial: Any) -> None:
+        t = trial_of(trial)
+        box.open(t.key, parent_id, sweep_id, t.name, t.params())
+
+    def key(trial: Any) -> str:
+        """The trial's key, its run opened first if it never was (Tune can error a trial it never started)."""
+        t = trial_of(trial)
+        if t.key not in box.opened:
+            open_run(trial)
+        return t.key
+
     class MlflowTrials(tune.Callback):
-        def __init__(self) -> None:
-            self.runs: dict[str, str] = {}
-            self.steps: dict[str, set[int]] = {}
-            self.done: set[str] = set()
-
-        def _run(self, trial: Any) -> str:
-            if trial.trial_id not in self.runs:
-                t = trial_of(trial)
-                run_id = tracker.child_run(parent_id, sweep_id, "attack", t.key, t.name, t.params())
-                self.runs[trial.trial_id] = run_id
-                self.steps[run_id] = tracker.logged_steps(run_id, names.RESTRICTED_ACC)
-            return self.runs[trial.trial_id]
-
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._run(trial)
+            open_run(trial)  # also for a retried trial: its run is set RUNNING again
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            run_id = self._run(trial)
-            logged = self.steps[run_id]  # a retried trial replays epochs that are already logged
+            # a retried trial replays epochs that are already logged: the outbox logs each step once
             rows = [(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
-                    for row in result.get("curve", []) if int(row["epoch"]) not in logged]
+                    for row in result.get("curve", [])]
             if result.get(LAST_REPORT):
                 rows.append((0, {k: result[k] for k in SUMMARY if result.get(k) is not None}))
-                self.done.add(run_id)
-            if rows:
-                tracker.log_rows(run_id, rows)
+                summarised.add(key(trial))
+            box.rows(key(trial), rows)
             if result.get(LAST_REPORT):
-                tracker.set_tag(run_id, names.NODE, result.get("node_id", ""))
-            logged.update(e for e, row in rows if names.RESTRICTED_ACC in row)
+                box.tag(key(trial), names.NODE, result.get("node_id", ""))
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            run_id = self._run(trial)
             last = trial.last_result or {}
-            if run_id not in self.done and names.RESTRICTED_ACC in last:  # stopped by the scheduler
-                summary = {names.FINAL: last[names.RESTRICTED_ACC], names.STOPPED: 1.0,
-                           **{k: last[k] for k in (names.BEST, names.VAL_BEST, names.AT_VAL_BEST) if k in last}}
-                tracker.log_rows(run_id, [(0, summary)])
-            tracker.finish(run_id, "FINISHED")
+            if key(trial) not in summarised and names.RESTRICTED_ACC in last:  # stopped by the scheduler
+                box.rows(key(trial), [(0, {names.FINAL: last[names.RESTRICTED_ACC], names.STOPPED: 1.0,
+                                           **{k: last[k] for k in (names.BEST, names.VAL_BEST, names.AT_VAL_BEST)
+                                              if k in last}})])
+            box.finish(key(trial), "FINISHED")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            tracker.finish(self._run(trial), "FAILED")
+            box.finish(key(trial), "FAILED")
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            if own:
+                if not box.drain(wait_seconds()):
+                    log.warning("%d MLflow operation(s) not delivered (%s)", box.pending_ops(), box.stats.last_error)
+                box.close()
 
     return MlflowTrials()
 

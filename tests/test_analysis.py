@@ -139,6 +139,21 @@ def test_find_sweep_by_id_and_curves(store, runs):
     assert load_curves(store["uri"], [run_id]) == {run_id: [10.0, 30.0, 45.0, 55.0, 60.0]}
 
 
+def test_curves_are_read_in_bulk_chunks_and_match_one_history_call_per_run(store, runs, monkeypatch):
+    import analysis.runs as runs_module
+
+    ids = list(runs["run_id"])
+    one_by_one = {r: [m.value for m in sorted(store["client"].get_metric_history(r, "restricted_acc"),
+                                              key=lambda m: m.step)] for r in ids}
+    monkeypatch.setattr(runs_module, "BULK_RUNS", 3)  # several chunks, the last one short
+    calls = []
+    real = MlflowClient.get_metric_history
+    monkeypatch.setattr(MlflowClient, "get_metric_history", lambda self, *a: calls.append(a) or real(self, *a))
+    assert load_curves(store["uri"], ids) == one_by_one and not calls  # no per-run call
+    monkeypatch.setattr(runs_module, "BULK_POINTS", 2)  # every chunk's answer looks cut short: read run by run
+    assert load_curves(store["uri"], ids) == one_by_one and len(calls) == len(ids)
+
+
 def test_cells_average_seeds_and_join_scratch_across_strategies(runs):
     table = cells(runs)
     assert len(table) == 2 * 2 * 2  # one variant x strategies x optimizers x lrs

@@ -75,6 +75,29 @@ def test_train_scaling_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_soak_smoke_kills_only_its_own_trials_and_finds_every_trial_once(tmp_path):
+    """The chaos soak at smoke size (12 trials, a SIGKILL every 5 s): the sweep still ends with every trial
+    exactly once in MLflow."""
+    out = tmp_path / "soak.md"
+    proc = run([sys.executable, str(BENCH / "soak.py"), "--smoke", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_section(out, "soak", ["SIGKILLs sent to trial processes", "Tune retries"])
+    ledger = payload["data"]["ledger"]
+    assert payload["data"]["rc"] == 0 and ledger["runs"] == ledger["keys"] == 12, ledger
+    assert ledger["status"] == {"FINISHED": 12} and not ledger["bad_histories"] and not ledger["duplicate_keys"]
+
+
+@pytest.mark.slow
+def test_scale_smoke(tmp_path):
+    out = tmp_path / "scale.md"
+    proc = run([sys.executable, str(BENCH / "scale.py"), "--smoke", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_section(out, "scale", ["driver peak RSS", "MLflow write capacity", "sophon-ray report SPEC"])
+    assert payload["data"]["rc"] == 0 and payload["data"]["report_rc"] == 0
+    assert payload["data"]["ledger"]["runs"] == payload["data"]["ledger"]["keys"] == 20
+
+
+@pytest.mark.slow
 def test_quickstart_smoke(tmp_path):
     out = tmp_path / "quickstart.md"
     proc = run(["bash", str(BENCH / "quickstart.sh"), "--smoke", "--out", str(out)], tmp_path)

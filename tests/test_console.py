@@ -271,6 +271,17 @@ def test_closing_text_names_the_report_the_mlflow_ui_and_the_logs():
     assert mlflow_hint("http://127.0.0.1:5000") == "MLflow UI: open http://127.0.0.1:5000 (then 'Model training')"
 
 
+def test_closing_text_of_a_sweep_with_results_only_in_the_journal_says_incomplete_and_how_to_deliver():
+    outcome = Outcome("abc", 10, 10, report={"overview": "TABLE"}, stage_seconds={"attack": 20.0},
+                      tracking_uri="http://127.0.0.1:5000", log_dir="/o/logs", pending=4,
+                      journal="/o/tracking-journal.jsonl")
+    text = closing_text(outcome, 31.2, "sweeps/q.yaml")
+    assert text.startswith("stopped after 31 s") and "done in" not in text and "TABLE" not in text
+    assert ("INCOMPLETE: the MLflow store did not answer, so 4 trial(s)' results are not in MLflow yet; they are "
+            "kept in /o/tracking-journal.jsonl") in text
+    assert "sophon-ray sync sweeps/q.yaml" in text and "sophon-ray run sweeps/q.yaml --resume" in text
+
+
 def test_environment_is_restored_after_the_block(monkeypatch):
     monkeypatch.setenv("SOPHON_TEST_KEPT", "before")
     monkeypatch.delenv("SOPHON_TEST_NEW", raising=False)

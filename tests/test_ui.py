@@ -88,6 +88,11 @@ def test_ui_serves_the_store_and_its_artifacts_then_stops_on_ctrl_c(store, tmp_p
         query = urllib.parse.urlencode({"run_id": store["parent"], "path": "report/summary.md"})
         with urllib.request.urlopen(f"{url}/get-artifact?{query}", timeout=HTTP_TIMEOUT_S) as response:
             assert response.read().decode().startswith("# ui-test")
+        # the report's bulk curve read through the server gives what it reads from the SQLite file
+        from analysis.runs import load_curves
+
+        assert load_curves(url, store["attacks"]) == load_curves(store["uri"], store["attacks"])
+        assert all(len(curve) == 5 for curve in load_curves(url, store["attacks"]).values())
         # a store that is a server already is not served again: its link is printed
         status, out = UiProcess(tmp_path, str(store["spec"]), "--set", f"tracking.uri={url}").finish(timeout=120)
         assert status == 0 and f"experiment ui-test: {link}" in out, out

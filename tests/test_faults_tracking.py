@@ -1,0 +1,146 @@
+"""Tracking outages with real processes: an ``mlflow server`` (SQLite backend) SIGKILLed during the attack stage of a
+real ``sophon-ray run``, then restarted on the same port and database, or never. MLflow must end up holding every
+trial exactly once (one FINISHED run per trial key, every epoch once), whether the results arrive by the driver's
+retries or later from the journal (``sophon-ray sync`` / ``--resume``).
+
+``SOPHON_FAULT_OUTAGE_S`` sets how long the server stays down in the restart case (default 30 s, the issue's
+figure; the code path is the same for any gap)."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sophon_ray.outbox import JOURNAL, WAIT_ENV, Journal
+from tests.test_faults import (_free_port, _wait_for_server, assert_complete, attack_runs, env, spec_for,
+                               wait_for_store)
+
+pytestmark = pytest.mark.faults
+
+OUTAGE_S = float(os.environ.get("SOPHON_FAULT_OUTAGE_S", "30"))
+STRATEGIES = ["direct-all", "initfc-all", "direct-fc", "initfc-fc"]
+TRIALS = 4 * 2 * 2 + 2 * 2  # normal: strategies x optimizers x lrs; scratch once per (optimizer, lr)
+
+
+def start_server(tmp: Path, port: int) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:port over ``tmp/server.db`` (the same database on every restart)."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp}/server.db", "--artifacts-destination", str(tmp / "artifacts"),
+         "--workers", "1"],
+        env=env(tmp), stdout=open(tmp / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for_server(f"http://127.0.0.1:{port}", server)
+    return server
+
+
+def kill_server(server: subprocess.Popen) -> None:
+    """SIGKILL the server and its workers (no clean shutdown); nothing when it is gone already."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=30)
+
+
+def sweep(tmp: Path, uri: str, wait_s: float, name: str) -> tuple[Path, subprocess.Popen]:
+    """Start `sophon-ray run` on a 20-trial attack grid logging to ``uri``; returns (spec, driver process)."""
+    spec = spec_for(tmp, name, STRATEGIES, ["sgd", "adam"], uri=uri)
+    data = yaml.safe_load(spec.read_text())
+    data["attack"]["evaluation"]["lr"] = [1e-3, 1e-2]
+    spec.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([sys.executable, "-m", "sophon_ray.cli", "run", str(spec)], cwd=tmp,
+                            env={**env(tmp), WAIT_ENV: str(wait_s)}, text=True,
+                            stdout=open(tmp / "stdout.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_store(tmp, proc)
+    return spec, proc
+
+
+def kill_mid_attack(tmp: Path, uri: str, name: str, server: subprocess.Popen, proc: subprocess.Popen) -> None:
+    """SIGKILL the server once a few trials are FINISHED in it and the attack stage is under way."""
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len([r for r in attack_runs(uri, name) if r.info.status == "FINISHED"]) >= 2:
+            kill_server(server)
+            return
+        time.sleep(0.3)
+    raise AssertionError("no trial finished before the deadline: " + (tmp / "stdout.log").read_text()[-3000:])
+
+
+def outbox_failures(tmp: Path) -> int:
+    """Failed MLflow writes the driver retried, from its log line ``MLflow outbox: ... N failed write(s)``."""
+    text = (tmp / "out" / "logs" / "sophon-ray.log").read_text()
+    lines = [line for line in text.splitlines() if "MLflow outbox:" in line]
+    assert lines, "the driver logged no outbox summary"
+    return int(lines[-1].split(" delivered, ")[1].split(" failed")[0])
+
+
+def histories(uri: str, name: str) -> dict:
+    """Per trial key: (run id, status, every logged (metric, step)) of its attack run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    out = {}
+    for r in attack_runs(uri, name):
+        points = sorted((m, h.step) for m in ("restricted_acc", "restricted_loss", "restricted_acc_final")
+                        for h in client.get_metric_history(r.info.run_id, m))
+        assert r.data.tags["sophon.key"] not in out, "a trial has two runs"
+        out[r.data.tags["sophon.key"]] = (r.info.run_id, r.info.status, points)
+    return out
+
+
+def test_server_killed_mid_attack_and_restarted_loses_and_duplicates_nothing(tmp_path):
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    try:
+        _, proc = sweep(tmp_path, uri, wait_s=OUTAGE_S + 120, name="outage")
+        kill_mid_attack(tmp_path, uri, "outage", server, proc)
+        time.sleep(OUTAGE_S)
+        server = start_server(tmp_path, port)  # same port, same SQLite database
+        assert proc.wait(timeout=300) == 0, (tmp_path / "stdout.log").read_text()[-3000:]
+        assert_complete(uri, "outage", expected=TRIALS)  # also: no run left RUNNING (the sweep's parent finished)
+        assert outbox_failures(tmp_path) >= 1, "the outage never hit a write: the test did not test it"
+        assert Journal(tmp_path / "out" / JOURNAL).pending() == []
+        assert "INCOMPLETE" not in (tmp_path / "stdout.log").read_text()
+    finally:
+        kill_server(server)
+
+
+def test_server_that_never_returns_leaves_a_journal_that_sync_delivers_once(tmp_path):
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    try:
+        spec, proc = sweep(tmp_path, uri, wait_s=5, name="gone")
+        kill_mid_attack(tmp_path, uri, "gone", server, proc)
+        assert proc.wait(timeout=300) == 3, (tmp_path / "stdout.log").read_text()[-3000:]  # EXIT_INCOMPLETE
+        out = (tmp_path / "stdout.log").read_text()
+        assert "INCOMPLETE" in out and f"sophon-ray sync {spec}" in out and "stopped after" in out, out[-3000:]
+        assert "MLflow UI:" not in out  # not the closing block of a complete sweep
+        journal = tmp_path / "out" / JOURNAL
+        assert Journal(journal).pending(), "nothing was left to deliver"
+
+        server = start_server(tmp_path, port)
+        cli = [sys.executable, "-m", "sophon_ray.cli"]
+        synced = subprocess.run([*cli, "sync", str(spec)], cwd=tmp_path, env=env(tmp_path), text=True,
+                                capture_output=True, timeout=120)
+        assert synced.returncode == 0 and "delivered" in synced.stdout, synced.stdout + synced.stderr
+        first = histories(uri, "gone")
+        assert len(first) == TRIALS and {s for _, s, _ in first.values()} == {"FINISHED"}
+        again = subprocess.run([*cli, "sync", str(spec)], cwd=tmp_path, env=env(tmp_path), text=True,
+                               capture_output=True, timeout=120)
+        assert again.returncode == 0 and "nothing to deliver" in again.stdout, again.stdout + again.stderr
+        assert histories(uri, "gone") == first  # nothing duplicated, nothing rerun
+
+        resumed = subprocess.run([*cli, "run", str(spec), "--resume"], cwd=tmp_path, env=env(tmp_path), text=True,
+                                 capture_output=True, timeout=180)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert f"{TRIALS} finished earlier, 0 to run" in resumed.stdout, resumed.stdout[-3000:]
+        assert_complete(uri, "gone", expected=TRIALS)  # the parent run finished too
+        assert histories(uri, "gone") == first
+    finally:
+        kill_server(server)

@@ -1,0 +1,236 @@
+"""The MLflow outbox without Ray: a real SQLite store, and a store that is really down (an HTTP URI on a closed
+port: connection refused), never mocks. Exactly once means: one run per trial key, each metric step once."""
+
+import os
+import pickle
+import socket
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from sophon_ray import names  # noqa: E402
+from sophon_ray.outbox import HTTP_ENV, JOURNAL, WAIT_ENV, Journal, Op, Outbox, backoff, wait_seconds  # noqa: E402
+from sophon_ray.tracking import Tracker, TrackingError  # noqa: E402
+
+EPOCHS = 3
+FAST = (0.05, 0.2)  # backoff start and cap for the tests
+
+
+@pytest.fixture(autouse=True)
+def _fast_http_failures(monkeypatch):
+    for k, v in HTTP_ENV.items():  # what the pipeline sets while the outbox delivers
+        monkeypatch.setenv(k, v)
+
+
+def closed_port_uri() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens once the socket is closed
+
+
+def tracker_and_parent(tmp_path) -> tuple[Tracker, str]:
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "outbox")
+    return tracker, tracker.sweep_run("sweep1", "sweep-sweep1")
+
+
+def trial_ops(outbox: Outbox, parent: str, key: str) -> None:
+    """What the Tune callback enqueues for one trial: open, two reports (epochs 0-1, then 2-3 + final), a tag,
+    the finish; the second report repeats epoch 1 (a retried trial replays its epochs)."""
+    outbox.open(key, parent, "sweep1", f"name-{key}", {"lr": 0.01, "optimizer": "adam"})
+    outbox.rows(key, [(e, {names.RESTRICTED_ACC: 10.0 + e, names.RESTRICTED_LOSS: 2.0 - e / 10}) for e in (0, 1)])
+    outbox.rows(key, [(e, {names.RESTRICTED_ACC: 10.0 + e, names.RESTRICTED_LOSS: 2.0 - e / 10}) for e in (1, 2, 3)]
+                + [(0, {names.FINAL: 13.0, names.BEST: 13.0, names.ORIGINAL_ACC: 90.0})])
+    outbox.tag(key, names.NODE, "node-a")
+    outbox.finish(key, "FINISHED")
+
+
+def assert_exactly_once(tracker: Tracker, keys: list[str]) -> None:
+    client = MlflowClient(tracking_uri=tracker.uri)
+    runs = [r for r in client.search_runs([tracker.experiment_id], max_results=1000)
+            if r.data.tags.get(names.ROLE) == "attack"]
+    assert sorted(r.data.tags[names.KEY] for r in runs) == sorted(keys)
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags[names.NODE] == "node-a"
+        assert r.data.params == {"lr": "0.01", "optimizer": "adam"}
+        for metric in (names.RESTRICTED_ACC, names.RESTRICTED_LOSS):
+            steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, metric))
+            assert steps == list(range(EPOCHS + 1)), (r.data.tags[names.KEY], metric, steps)
+        for metric in (names.FINAL, names.BEST, names.ORIGINAL_ACC):
+            assert len(client.get_metric_history(r.info.run_id, metric)) == 1, metric
+
+
+def test_backoff_doubles_up_to_its_cap():
+    delays = backoff(0.5, 4.0)
+    assert [next(delays) for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+
+
+def test_wait_seconds_reads_its_variable_and_names_it_when_bad(monkeypatch):
+    monkeypatch.setenv(WAIT_ENV, "7.5")
+    assert wait_seconds() == 7.5
+    monkeypatch.setenv(WAIT_ENV, "soon")
+    with pytest.raises(TrackingError, match=WAIT_ENV):  # a user error: exit 2 and the message, no traceback
+        wait_seconds()
+
+
+def test_operations_are_delivered_in_order_exactly_once_and_acknowledged(tmp_path):
+    tracker, parent = tracker_and_parent(tmp_path)
+    outbox = Outbox(tracker, tmp_path / JOURNAL, delays=FAST).start()
+    for key in ("k1", "k2", "k3"):
+        trial_ops(outbox, parent, key)
+    assert outbox.drain(30)
+    outbox.close()
+    assert outbox.completed == {"k1", "k2", "k3"} and outbox.stats.failures == 0
+    assert_exactly_once(tracker, ["k1", "k2", "k3"])
+    assert Journal(tmp_path / JOURNAL).pending() == []  # every trial acknowledged
+
+
+def test_a_down_store_never_blocks_the_caller_and_the_journal_keeps_everything_for_a_later_sync(tmp_path):
+    tracker, parent = tracker_and_parent(tmp_path)
+    live = tracker.client
+    tracker.client = MlflowClient(tracking_uri=closed_port_uri())  # the server is down: connection refused
+    outbox = Outbox(tracker, tmp_path / JOURNAL, delays=FAST).start()
+    started = time.perf_counter()
+    for key in ("k1", "k2"):
+        trial_ops(outbox, parent, key)
+    assert time.perf_counter() - started < 0.5, "enqueueing waited for the store"
+    assert not outbox.drain(1.0)
+    outbox.close()
+    assert outbox.stats.failures >= 2 and outbox.pending_keys() == {"k1", "k2"}
+    assert outbox.completed == {"k1", "k2"}  # finished trials are known as finished, so --resume reruns neither
+    pending = Journal(tmp_path / JOURNAL).pending()
+    assert [op.kind for op in pending if op.key == "k1"] == ["open", "rows", "rows", "tag", "finish"]
+
+    tracker.client = live  # the store is back: a sync delivers the journal, once
+    sync = Outbox(tracker, tmp_path / JOURNAL, delays=FAST)
+    assert sync.load_journal() == 2 and sync.completed == {"k1", "k2"}
+    sync.start()
+    assert sync.drain(30)
+    sync.close()
+    assert_exactly_once(tracker, ["k1", "k2"])
+    again = Outbox(tracker, tmp_path / JOURNAL, delays=FAST)
+    assert again.load_journal() == 0  # everything acknowledged: a second sync has nothing to deliver
+
+
+def test_drain_waits_for_a_busy_store_and_gives_up_only_on_one_that_delivers_nothing(tmp_path):
+    tracker, parent = tracker_and_parent(tmp_path)
+    outbox = Outbox(tracker, None, delays=FAST)
+    for i in range(40):
+        trial_ops(outbox, parent, f"k{i}")
+    started = time.perf_counter()
+    outbox.start()
+    assert outbox.drain(0.5)  # each write takes well under 0.5 s; all of them together take longer
+    assert time.perf_counter() - started > 0.5
+    outbox.close()
+
+
+def test_delivery_resumes_by_itself_when_the_store_comes_back(tmp_path):
+    tracker, parent = tracker_and_parent(tmp_path)
+    live = tracker.client
+    tracker.client = MlflowClient(tracking_uri=closed_port_uri())
+    outbox = Outbox(tracker, tmp_path / JOURNAL, delays=FAST).start()
+    trial_ops(outbox, parent, "k1")
+    deadline = time.time() + 20
+    while outbox.stats.failures < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    assert outbox.stats.failures >= 3
+    tracker.client = live  # the server restarted
+    trial_ops(outbox, parent, "k2")
+    assert outbox.drain(30)
+    outbox.close()
+    assert_exactly_once(tracker, ["k1", "k2"])
+
+
+def test_replaying_writes_that_reached_the_store_but_were_never_acknowledged_duplicates_nothing(tmp_path):
+    """A driver killed (or a server that died) after a write was stored but before it was acknowledged: the
+    journal still holds the operations; replaying them finds the run by its key and logs no step twice."""
+    tracker, parent = tracker_and_parent(tmp_path)
+    first = Outbox(tracker, None, delays=FAST).start()  # delivers, writes no journal (so: no acks)
+    trial_ops(first, parent, "k1")
+    assert first.drain(30)
+    first.close()
+    recorder = Outbox(tracker, None)
+    recorder._put = lambda ops, write=True: Journal(tmp_path / JOURNAL).append(op.line() for op in ops)  # noqa: SLF001
+    trial_ops(recorder, parent, "k1")  # the same operations, only journaled
+    replay = Outbox(tracker, tmp_path / JOURNAL, delays=FAST)
+    assert replay.load_journal() == 1
+    replay.start()
+    assert replay.drain(30)
+    replay.close()
+    assert_exactly_once(tracker, ["k1"])
+
+
+def test_a_torn_last_journal_line_is_skipped(tmp_path):
+    journal = Journal(tmp_path / JOURNAL)
+    journal.append([Op("k1", "open", {"parent": "p", "sweep": "s", "name": "n", "params": {}}).line(),
+                    Op("k1", "finish", {"status": "FINISHED"}).line()])
+    with journal.path.open("a") as f:
+        f.write('{"key": "k1", "op": "ro')  # the driver was killed mid-write
+    assert [op.kind for op in journal.pending()] == ["open", "finish"]
+
+
+def test_the_outbox_pickles_for_tunes_experiment_state(tmp_path):
+    tracker, _ = tracker_and_parent(tmp_path)
+    outbox = Outbox(tracker, tmp_path / JOURNAL).start()
+    try:
+        restored = pickle.loads(pickle.dumps(outbox))
+        assert restored.pending_ops() == 0 and restored.journal is None
+    finally:
+        outbox.close()
+
+
+def test_sync_cli_without_a_journal_says_so_and_with_one_on_a_down_server_names_the_fix(tmp_path, capsys):
+    from sophon_ray.cli import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: synced\noutput_dir: {tmp_path}/out\ntracking: {{uri: '{closed_port_uri()}'}}\n")
+    assert main(["sync", str(spec)]) == 0
+    assert "nothing to deliver" in capsys.readouterr().out
+    Journal(tmp_path / "out" / JOURNAL).append([Op("k1", "finish", {"status": "FINISHED"}).line()])
+    assert main(["sync", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "does not answer" in err and "Fix: start it" in err and "Traceback" not in err
+
+
+def test_an_operation_of_a_trial_never_opened_is_dropped_and_blocks_no_other_trial(tmp_path):
+    tracker, parent = tracker_and_parent(tmp_path)
+    outbox = Outbox(tracker, tmp_path / JOURNAL, delays=FAST)
+    outbox.finish("never-started", "FAILED")  # Tune can error a trial it never started
+    trial_ops(outbox, parent, "k1")
+    outbox.start()
+    assert outbox.drain(30)
+    outbox.close()
+    assert_exactly_once(tracker, ["k1"])
+    assert Journal(tmp_path / JOURNAL).pending() == []
+
+
+def test_the_tune_callback_opens_the_run_of_a_trial_tune_errors_before_starting_it(tmp_path):
+    """Tune's own Trial objects (stubs: no Ray cluster) through the real callback: a trial errored before it
+    started still gets its run opened first, so its FAILED status lands and blocks nothing behind it."""
+    from ray.tune.experiment import Trial as TuneTrial
+
+    from sophon_ray.trials import plan_trials
+    from sophon_ray.tune_driver import make_callback
+    from sophon_ray.validation import parse_spec
+
+    tracker, parent = tracker_and_parent(tmp_path)
+    planned = plan_trials(parse_spec({"attack": {"subjects": ["normal"], "evaluation": {"optimizer": ["sgd", "adam"]}}}),
+                          [])[:2]
+    never, ran = (TuneTrial("attack_trial", config={"trial": t}, stub=True) for t in planned)
+    outbox = Outbox(tracker, None, delays=FAST).start()
+    callback = make_callback(tracker, parent, "sweep1", outbox)
+    callback.on_trial_error(0, [], never)                       # no on_trial_start before it
+    callback.on_trial_start(0, [], ran)
+    callback.on_trial_result(0, [], ran, {"curve": [[0, 10.0, 2.0], [1, 20.0, 1.0]], "done": True,
+                                          names.FINAL: 20.0, names.BEST: 20.0, names.ORIGINAL_ACC: 90.0,
+                                          "node_id": "n1"})
+    callback.on_trial_complete(0, [], ran)
+    assert outbox.drain(30)
+    outbox.close()
+    client = MlflowClient(tracking_uri=tracker.uri)
+    status = {r.data.tags[names.KEY]: r.info.status for r in client.search_runs([tracker.experiment_id])
+              if r.data.tags.get(names.ROLE) == "attack"}
+    assert status == {planned[0].key: "FAILED", planned[1].key: "FINISHED"}
