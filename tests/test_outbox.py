@@ -213,7 +213,7 @@ def test_the_tune_callback_opens_the_run_of_a_trial_tune_errors_before_starting_
     from ray.tune.experiment import Trial as TuneTrial
 
     from sophon_ray.trials import plan_trials
-    from sophon_ray.tune_driver import make_callback
+    from sophon_ray.tune_driver import LAST_REPORT, make_callback
     from sophon_ray.validation import parse_spec
 
     tracker, parent = tracker_and_parent(tmp_path)
@@ -224,7 +224,8 @@ def test_the_tune_callback_opens_the_run_of_a_trial_tune_errors_before_starting_
     callback = make_callback(tracker, parent, "sweep1", outbox)
     callback.on_trial_error(0, [], never)                       # no on_trial_start before it
     callback.on_trial_start(0, [], ran)
-    callback.on_trial_result(0, [], ran, {"curve": [[0, 10.0, 2.0], [1, 20.0, 1.0]], "done": True,
+    callback.on_trial_result(0, [], ran, {"curve": [{"epoch": 0, names.RESTRICTED_ACC: 10.0},
+                                                    {"epoch": 1, names.RESTRICTED_ACC: 20.0}], LAST_REPORT: True,
                                           names.FINAL: 20.0, names.BEST: 20.0, names.ORIGINAL_ACC: 90.0,
                                           "node_id": "n1"})
     callback.on_trial_complete(0, [], ran)
