@@ -468,13 +468,15 @@ def _log_models(spec: SweepSpec, tracker: Any, parent: str, sid: str, normal_dir
 
 def _attack_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any, parent: str, sid: str, out: Path,
                   trials: list[Trial], models: dict[str, Path], outcome: Outcome) -> None:
+    """Attack trials whose MLflow writes go through an outbox (journal in ``out``); when the store stops
+    answering for good, ``outcome.pending`` / ``outcome.journal`` say what waits for ``sophon-ray sync``."""
     from sophon_ray.outbox import JOURNAL, Outbox, http_env, wait_seconds  # noqa: PLC0415
 
     wait = wait_seconds()
     outbox = Outbox(tracker, out / JOURNAL)
     with environment(http_env()):
         try:
-            _attack_trials(spec, options, view, tracker, parent, sid, out, trials, models, outcome, outbox)
+            _attack_trials(spec, options, view, tracker, parent, sid, out, trials, models, outcome, outbox, wait)
         finally:
             delivered = outbox.drain(wait)
             outbox.close()
@@ -488,18 +490,17 @@ def _attack_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any
 
 
 def _attack_trials(spec: SweepSpec, options: RunOptions, view: View, tracker: Any, parent: str, sid: str, out: Path,
-                   trials: list[Trial], models: dict[str, Path], outcome: Outcome, outbox: Any) -> None:
+                   trials: list[Trial], models: dict[str, Path], outcome: Outcome, outbox: Any, wait: float) -> None:
     """The attack stage's trials through ``outbox`` (started here): the journal's undelivered results of an
     earlier run first (a trial finished there is never rerun), then every trial not finished."""
     from sophon_ray.data import load_domain, make_splits  # noqa: PLC0415
-    from sophon_ray.outbox import wait_seconds  # noqa: PLC0415
     from sophon_ray.progress import AttackProgress  # noqa: PLC0415
     from sophon_ray.tune_driver import attack_data, make_callback, make_progress_callback, run_attacks  # noqa: PLC0415
 
     journaled = outbox.load_journal()
     outbox.start()
     if journaled:
-        delivered = outbox.drain(wait_seconds())
+        delivered = outbox.drain(wait)
         view.say(f"[2/4] journal: {journaled} trial(s) with results not yet in MLflow, "
                  + ("delivered now" if delivered else f"{len(outbox.pending_keys())} still undelivered"))
     finished = tracker.finished_keys(sid, "attack") | outbox.completed

@@ -235,3 +235,29 @@ def test_the_tune_callback_opens_the_run_of_a_trial_tune_errors_before_starting_
     status = {r.data.tags[names.KEY]: r.info.status for r in client.search_runs([tracker.experiment_id])
               if r.data.tags.get(names.ROLE) == "attack"}
     assert status == {planned[0].key: "FAILED", planned[1].key: "FINISHED"}
+
+
+def test_resume_delivers_the_journal_first_and_reruns_no_trial_whose_result_is_in_it(tmp_path):
+    """The attack stage of a resumed sweep whose trials all finished, with results only in the journal: they are
+    delivered, counted as finished earlier, and no trial is run (the stage returns before Ray is started)."""
+    import io
+
+    from sophon_ray.console import Console
+    from sophon_ray.pipeline import Outcome, RunOptions, View, _attack_stage
+    from sophon_ray.trials import plan_trials
+    from sophon_ray.validation import parse_spec
+
+    tracker, parent = tracker_and_parent(tmp_path)
+    spec = parse_spec({"attack": {"subjects": ["normal"], "evaluation": {"optimizer": ["sgd", "adam"]}}})
+    trials = plan_trials(spec, [])
+    recorder = Outbox(tracker, tmp_path / JOURNAL)  # the earlier run: everything journaled, nothing delivered
+    for t in trials:
+        trial_ops(recorder, parent, t.key)
+    shown = io.StringIO()
+    outcome = Outcome("sweep1", len(trials))
+    _attack_stage(spec, RunOptions(resume=True), View(Console(shown)), tracker, parent, "sweep1", tmp_path,
+                  trials, {}, outcome)
+    assert f"{len(trials)} trial(s) with results not yet in MLflow, delivered now" in shown.getvalue()
+    assert f"{len(trials)} finished earlier, 0 to run" in shown.getvalue()
+    assert outcome.pending == 0 and outcome.trials_run == 0
+    assert_exactly_once(tracker, [t.key for t in trials])
