@@ -172,7 +172,7 @@ def test_rerun_reuses_everything(sweep):
 def test_dry_run_prints_the_grid_without_ray(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
     result = sophon(tmp_path, "run", "spec.yaml", "--dry-run")
-    assert result.returncode == 0 and f"{EXPECTED_TRIALS} attack trials" in result.stdout
+    assert result.returncode == 0 and f"{EXPECTED_TRIALS} grid trials + 0 search trials" in result.stdout
     assert not (tmp_path / "mlflow.db").exists()
     guarded = sophon(tmp_path, "run", "spec.yaml", "--max-trials", "3")
     assert guarded.returncode == 2 and "exceed --max-trials 3" in guarded.stderr
