@@ -52,7 +52,7 @@ class GridRuns:
 def load_grid(sweep: Sweep, grid: str) -> GridRuns:
     """The sweep's finished trials on ``grid`` (budget or benign) and their per-epoch curves."""
     runs = load_attack_runs(sweep, (grid,))
-    return GridRuns(runs, load_curves(sweep.tracking_uri, runs["run_id"]))
+    return GridRuns(runs, load_curves(sweep.tracking_uri, runs["run_id"], sweep.metric.restricted))
 
 
 def at_epoch(curve: Sequence[float], epoch: int = READ_EPOCH) -> float:
@@ -123,16 +123,17 @@ def budget_table(rows: pd.DataFrame) -> str:
                           text_columns=1 + recipe)
 
 
-def verdict_lines(rows: pd.DataFrame) -> str:
+def verdict_lines(rows: pd.DataFrame, metric: names.Metric = names.ACCURACY) -> str:
     """One line per (variant, recipe, data fraction) saying delay, wall or none in words."""
+    score = metric.noun
     lines = []
     for _, r in rows.iterrows():
         where = f"{r[names.VARIANT]}, {r['recipe'] + ', ' if r['recipe'] else ''}data fraction {r['data_fraction']:g}"
-        what = {"none": f"protected reaches normal's {READ_EPOCH}-epoch accuracy "
+        what = {"none": f"protected reaches normal's {READ_EPOCH}-epoch {score} "
                         f"({number(r['target'])}) by epoch {r['break_even_protected']}",
-                "delay": f"protected reaches normal's {READ_EPOCH}-epoch accuracy ({number(r['target'])}) "
+                "delay": f"protected reaches normal's {READ_EPOCH}-epoch {score} ({number(r['target'])}) "
                          f"only at epoch {r['break_even_protected']}",
-                "wall": f"protected never reaches normal's {READ_EPOCH}-epoch accuracy "
+                "wall": f"protected never reaches normal's {READ_EPOCH}-epoch {score} "
                         f"({number(r['target'])}) within {r['epochs']} epochs (best {number(max(r['protected_curve']))})"
                 }[r["verdict"]]
         lines.append(f"- {where}: **{r['verdict']}** — {what}; scratch: epoch {r['break_even_scratch']}.")
@@ -153,7 +154,8 @@ def seed_table(rows: pd.DataFrame) -> str:
                           text_columns=1)
 
 
-def budget_section(data: GridRuns, per_seed: bool = False, level: int = 2) -> str:
+def budget_section(data: GridRuns, per_seed: bool = False, level: int = 2,
+                   metric: names.Metric = names.ACCURACY) -> str:
     """The "Budget: delay or wall" markdown per restricted domain ('' when the sweep has no budget trials)."""
     if data.empty or data.runs[data.runs[names.SUBJECT] == "protected"].empty:
         return ""
@@ -161,17 +163,19 @@ def budget_section(data: GridRuns, per_seed: bool = False, level: int = 2) -> st
     rows = budget_rows(data)
     parts = [f"{h} Budget: delay or wall",
              f"Attackers fine-tune on their own pool for E epochs at several data fractions (restricted *test* "
-             f"accuracy per epoch; seed means). Target: the normal model's accuracy after {READ_EPOCH} epochs. "
+             f"{metric.noun} per epoch; seed means). Target: the normal model's {metric.noun} after {READ_EPOCH} "
+             f"epochs. "
              f"Break-even: the first epoch the seed-mean curve reaches it (`>E`: never within the E epochs run). "
              f"Verdict: *none* = within {READ_EPOCH} epochs (as fast as normal), *delay* = later, *wall* = never."]
     for domain, group in rows.groupby(names.DOMAIN, sort=True):
-        parts += [f"{h}# Restricted domain `{domain}`", budget_table(group), verdict_lines(group)]
+        parts += [f"{h}# Restricted domain `{domain}`", budget_table(group), verdict_lines(group, metric)]
         if per_seed:
             parts += ["Per protection seed:", seed_table(group)]
     return "\n\n".join(parts)
 
 
-def curves_figure(rows: pd.DataFrame, title: str, chance_level: float) -> Figure:
+def curves_figure(rows: pd.DataFrame, title: str, chance_level: float,
+                  metric: names.Metric = names.ACCURACY) -> Figure:
     """Restricted accuracy vs epoch, one panel per (recipe, data fraction), each protected variant (seed mean
     and band), normal, scratch; the normal model's READ_EPOCH accuracy dotted, chance dashed."""
     panels = list(rows.groupby(["recipe", "data_fraction"], sort=True))
@@ -180,7 +184,8 @@ def curves_figure(rows: pd.DataFrame, title: str, chance_level: float) -> Figure
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(4.2 * ncols + 0.4, 3.2 * nrows + 1.3), layout="constrained", dpi=DPI)
-    fig.suptitle(f"{title}\nrestricted test accuracy during fine-tuning, % (seed mean, band = protection seeds)",
+    fig.suptitle(f"{title}\nrestricted test {metric.noun} during fine-tuning, % (seed mean, band = protection "
+                 "seeds)",
                  fontsize=10)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
     for ax, ((recipe, fraction), group) in zip(axes, panels):
@@ -199,19 +204,20 @@ def curves_figure(rows: pd.DataFrame, title: str, chance_level: float) -> Figure
         ax.grid(alpha=0.3)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    axes[0].set_ylabel("restricted acc, %")
+    axes[0].set_ylabel(f"restricted {metric.short}, %")
     handles, names_ = axes[0].get_legend_handles_labels()
     fig.legend(handles, names_, loc="outside lower center", ncols=len(handles), fontsize=9, frameon=False)
     return fig
 
 
-def fraction_figure(rows: pd.DataFrame, title: str, chance_level: float) -> Figure:
+def fraction_figure(rows: pd.DataFrame, title: str, chance_level: float,
+                    metric: names.Metric = names.ACCURACY) -> Figure:
     """Accuracy at READ_EPOCH and at the last epoch vs data fraction (log x): protected variants (seed mean,
     band), normal, scratch."""
     labels = [subject_label("protected", v) for v in sorted(rows[names.VARIANT].unique())]
     palette = colours(labels)
     fig = Figure(figsize=(9.5, 4.2), layout="constrained", dpi=DPI)
-    fig.suptitle(f"{title}\nrestricted test accuracy vs the attacker's data fraction, %", fontsize=10)
+    fig.suptitle(f"{title}\nrestricted test {metric.noun} vs the attacker's data fraction, %", fontsize=10)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, (when, epoch) in zip(axes, ((f"after {READ_EPOCH} epochs", READ_EPOCH), ("at the last epoch", LAST))):
         for recipe, group in rows.groupby("recipe", sort=True):
@@ -237,12 +243,13 @@ def fraction_figure(rows: pd.DataFrame, title: str, chance_level: float) -> Figu
         ax.set_xlabel("data fraction of the attacker's pool")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("restricted acc, %")
+    axes[0].set_ylabel(f"restricted {metric.short}, %")
     axes[1].legend(fontsize=8, loc="best")
     return fig
 
 
-def make_budget_figures(data: GridRuns, out_dir: str | Path, title: str, chance_level: float = 0.0) -> list[Path]:
+def make_budget_figures(data: GridRuns, out_dir: str | Path, title: str, chance_level: float = 0.0,
+                        metric: names.Metric = names.ACCURACY) -> list[Path]:
     """Write ``budget-epochs-<domain>.png`` and ``budget-fraction-<domain>.png`` per restricted domain; returns
     the paths ([] without budget trials on a protected model)."""
     if data.empty or data.runs[data.runs[names.SUBJECT] == "protected"].empty:
@@ -252,8 +259,8 @@ def make_budget_figures(data: GridRuns, out_dir: str | Path, title: str, chance_
     paths = []
     for domain, rows in budget_rows(data).groupby(names.DOMAIN, sort=True):
         name = f"{title} — budget, {domain}"
-        paths.append(save(curves_figure(rows, name, chance_level), out / f"budget-epochs-{domain}.png"))
-        paths.append(save(fraction_figure(rows, name, chance_level), out / f"budget-fraction-{domain}.png"))
+        paths.append(save(curves_figure(rows, name, chance_level, metric), out / f"budget-epochs-{domain}.png"))
+        paths.append(save(fraction_figure(rows, name, chance_level, metric), out / f"budget-fraction-{domain}.png"))
     return paths
 
 
@@ -264,10 +271,11 @@ def benign_rows(data: GridRuns) -> pd.DataFrame:
     return table.assign(protected_minus_normal=table["protected"] - table["normal"])
 
 
-def benign_section(data: GridRuns, per_seed: bool = False, level: int = 2) -> str:
+def benign_section(data: GridRuns, per_seed: bool = False, level: int = 2,
+                   metric: names.Metric = names.ACCURACY) -> str:
     """The "Benign fine-tuning" markdown ('' when the sweep has no benign trials on a protected model):
     per benign cell protected vs normal vs scratch, then the mean over cells; ``per_seed`` adds each protection
-    seed's accuracy."""
+    seed's score (``metric``)."""
     if data.empty or data.runs[data.runs[names.SUBJECT] == "protected"].empty:
         return ""
     rows = benign_rows(data)
@@ -288,10 +296,11 @@ def benign_section(data: GridRuns, per_seed: bool = False, level: int = 2) -> st
     header = ["benign domain", "variant", *(["cell"] if keys else []), "protected (seed mean)",
               *(["protected per seed"] if per_seed else []), "normal", "scratch", "protected − normal"]
     h = "#" * level
+    floor = "0" if metric == names.SKILL else "chance"
     return "\n\n".join([f"{h} Benign fine-tuning",
                         "Fine-tuning on unrelated domains (their training split, scored on their test split; "
-                        "final accuracy %, not floored at chance). Protection should leave these as good as the "
-                        "normal model's: protected − normal near 0.",
+                        f"final {metric.noun} %, not floored at {floor}). Protection should leave these as good as "
+                        "the normal model's: protected − normal near 0.",
                         markdown_table(header, body, text_columns=2 + bool(keys) + per_seed)])
 
 
@@ -300,9 +309,12 @@ def write_budget(sweep: Sweep, out: Path, num_classes: int | None) -> list[Path]
     returns the paths."""
     budget, benign = load_grid(sweep, names.BUDGET), load_grid(sweep, names.BENIGN)
     path = out / "budget.md"
-    path.write_text("\n\n".join(filter(None, [budget_section(budget, per_seed=True),
-                                               benign_section(benign, per_seed=True)])) + "\n", encoding="utf-8")
-    return [*make_budget_figures(budget, out, sweep.experiment, chance(num_classes) if num_classes else 0.0), path]
+    metric = sweep.metric
+    path.write_text("\n\n".join(filter(None, [budget_section(budget, per_seed=True, metric=metric),
+                                               benign_section(benign, per_seed=True, metric=metric)])) + "\n",
+                    encoding="utf-8")
+    return [*make_budget_figures(budget, out, sweep.experiment, chance(num_classes) if num_classes else 0.0, metric),
+            path]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

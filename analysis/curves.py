@@ -21,8 +21,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from analysis.heatmaps import DPI, describe, section_prefix, save
-from analysis.runs import (OPTIMIZER_ORDER, SECONDARY, STRATEGY_ORDER, WHERE, base_slice, in_order, load_curves,
-                           load_runs, parse_source_args, source_parser)
+from analysis.runs import (OPTIMIZER_ORDER, SECONDARY, STRATEGY_ORDER, WHERE, base_slice, find_sweep, in_order,
+                           load_curves, load_runs, parse_source_args, source_parser)
+from sophon_ray import names
 from sophon_ray.errors import cli_exit
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def colours(labels: Sequence[str]) -> dict[str, str]:
     return table | {"normal": NORMAL_COLOUR, "scratch": SCRATCH_COLOUR}
 
 
-def figure(lines: pd.DataFrame, title: str, subtitle: str) -> Figure:
+def figure(lines: pd.DataFrame, title: str, subtitle: str, metric: names.Metric = names.ACCURACY) -> Figure:
     """One panel per optimizer (up to 4 per row) on a fixed 0-100 scale, with subject and lr legends."""
     optimizers = in_order(lines["optimizer"], OPTIMIZER_ORDER)
     labels = sorted(lines["label"].unique(), key=lambda l: (not l.startswith("protected"), l != "normal", l))
@@ -112,7 +113,7 @@ def figure(lines: pd.DataFrame, title: str, subtitle: str) -> Figure:
     for ax in axes[len(optimizers):]:
         ax.set_visible(False)
     for ax in axes[::ncols]:
-        ax.set_ylabel("restricted acc, %")
+        ax.set_ylabel(f"restricted {metric.short}, %")
     for ax in axes[(nrows - 1) * ncols:]:
         ax.set_xlabel("epoch (0 = before fine-tuning)")
     subjects = [Line2D([], [], color=palette[label], linewidth=2.5, label=label) for label in labels]
@@ -125,7 +126,7 @@ def figure(lines: pd.DataFrame, title: str, subtitle: str) -> Figure:
 
 
 def make_curves(runs_df: pd.DataFrame, curves: Mapping[str, Sequence[float]], out_dir: str | Path,
-                title_prefix: str) -> list[Path]:
+                title_prefix: str, metric: names.Metric = names.ACCURACY) -> list[Path]:
     """Write ``[<grid>-<domain>-]curves-<strategy>.png`` per (grid, domain) section and strategy, at the grid's
     base recipe (the curves of one length); returns the paths.
 
@@ -145,7 +146,8 @@ def make_curves(runs_df: pd.DataFrame, curves: Mapping[str, Sequence[float]], ou
         for strategy in in_order(attacked["strategy"], STRATEGY_ORDER):
             lines = line_table(section, curves, strategy)
             subtitle = describe(attacked[attacked["strategy"] == strategy], list(SECONDARY))
-            fig = figure(lines, f"{title} — {strategy}: restricted-domain accuracy during fine-tuning, %", subtitle)
+            fig = figure(lines, f"{title} — {strategy}: restricted-domain {metric.axis} during fine-tuning", subtitle,
+                         metric)
             paths.append(save(fig, out / f"{section_prefix(grid, domain, len(parts) > 1)}curves-{strategy}.png"))
     return paths
 
@@ -156,9 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def command() -> int:
-        runs = load_runs(args.tracking_uri, args.experiment, args.sweep_id)
-        curves = load_curves(args.tracking_uri, runs["run_id"])
-        for path in make_curves(runs, curves, args.out, args.experiment):
+        sweep = find_sweep(args.tracking_uri, args.experiment, args.sweep_id)
+        runs = load_runs(args.tracking_uri, args.experiment, sweep.sweep_id)
+        curves = load_curves(args.tracking_uri, runs["run_id"], sweep.metric.restricted)
+        for path in make_curves(runs, curves, args.out, args.experiment, sweep.metric):
             print(path)
         return 0
 

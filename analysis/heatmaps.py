@@ -25,7 +25,9 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
 from analysis.runs import (CELL_KEYS, OPTIMIZER_ORDER, SECONDARY, STRATEGY_ORDER, WHERE, axis_slice, base_slice,
-                           cells, in_order, load_runs, parse_source_args, sections, source_parser, varying)
+                           cells, find_sweep, in_order, load_runs, parse_source_args, sections, source_parser,
+                           varying)
+from sophon_ray import names
 from sophon_ray.errors import cli_exit
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,8 @@ def describe(frame: pd.DataFrame, averaged: Sequence[str]) -> str:
     return "; ".join(parts)
 
 
-def figure(all_panels: Sequence[Panel], title: str, subtitle: str, row_label: str) -> Figure:
+def figure(all_panels: Sequence[Panel], title: str, subtitle: str, row_label: str,
+           metric: names.Metric = names.ACCURACY) -> Figure:
     """Accuracy panels (shared 0-100 colour bar) left, gap panels (shared diverging colour bar) right."""
     accuracy = [p for p in all_panels if not p.gap]
     gaps = [p for p in all_panels if p.gap]
@@ -120,8 +123,8 @@ def figure(all_panels: Sequence[Panel], title: str, subtitle: str, row_label: st
     fig.suptitle(f"{title}\n{subtitle}", fontsize=11)
     left, right = fig.subfigures(1, 2, width_ratios=[len(accuracy) + 0.35, len(gaps) + 0.45], wspace=0.02)
     for subfig, group, norm, heading, label in (
-            (left, accuracy, ACCURACY_NORM, "final accuracy (dark = attack failed, bright = attack succeeded)",
-             "accuracy, %"),
+            (left, accuracy, ACCURACY_NORM, f"final {metric.noun} (dark = attack failed, bright = attack succeeded)",
+             metric.axis),
             (right, gaps, gap_norm([p.table for p in gaps]),
              "red = protection failed (protected > scratch)", "points")):
         subfig.suptitle(heading, fontsize=9, color="#444444")
@@ -141,7 +144,8 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def make_heatmaps(cells_df: pd.DataFrame, out_dir: str | Path, title_prefix: str, prefix: str = "") -> list[Path]:
+def make_heatmaps(cells_df: pd.DataFrame, out_dir: str | Path, title_prefix: str, prefix: str = "",
+                  metric: names.Metric = names.ACCURACY) -> list[Path]:
     """Write ``<prefix>heatmap-<strategy>.png`` (optimizer x lr at the base recipe) per strategy and
     ``<prefix>heatmap-<setting>.png`` (setting x lr) per secondary setting the grid varies.
 
@@ -153,13 +157,13 @@ def make_heatmaps(cells_df: pd.DataFrame, out_dir: str | Path, title_prefix: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    what = "restricted-domain accuracy after fine-tuning, %"
+    what = f"restricted-domain {metric.axis} after fine-tuning"
     base = base_slice(cells_df)
     for strategy in in_order(base["strategy"], STRATEGY_ORDER):
         frame = base[base["strategy"] == strategy]
         subtitle = describe(frame, list(SECONDARY))
         fig = figure(panels(frame, "optimizer", OPTIMIZER_ORDER), f"{title_prefix} — {strategy}: {what}",
-                     subtitle, "optimizer")
+                     subtitle, "optimizer", metric)
         paths.append(save(fig, out / f"{prefix}heatmap-{strategy}.png"))
     for axis in SECONDARY:
         frame = axis_slice(cells_df, axis)
@@ -167,7 +171,7 @@ def make_heatmaps(cells_df: pd.DataFrame, out_dir: str | Path, title_prefix: str
             continue
         label = axis.replace("_", " ")
         subtitle = describe(frame, ["strategy", "optimizer", *(k for k in SECONDARY if k != axis)])
-        fig = figure(panels(frame, axis), f"{title_prefix} — by {label}: {what}", subtitle, label)
+        fig = figure(panels(frame, axis), f"{title_prefix} — by {label}: {what}", subtitle, label, metric)
         paths.append(save(fig, out / f"{prefix}heatmap-{axis}.png"))
     return paths
 
@@ -177,12 +181,13 @@ def section_prefix(grid: str, domain: str, several: bool) -> str:
     return f"{grid}-{domain}-" if several else ""
 
 
-def make_all_heatmaps(cell_table: pd.DataFrame, out_dir: str | Path, title: str) -> list[Path]:
+def make_all_heatmaps(cell_table: pd.DataFrame, out_dir: str | Path, title: str,
+                      metric: names.Metric = names.ACCURACY) -> list[Path]:
     """Heatmaps of every (grid, domain) section of the cells table."""
     parts = sections(cell_table)
     return [path for grid, domain, frame in parts
             for path in make_heatmaps(frame, out_dir, f"{title} [{grid}, {domain}]" if len(parts) > 1 else title,
-                                      section_prefix(grid, domain, len(parts) > 1))]
+                                      section_prefix(grid, domain, len(parts) > 1), metric)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,8 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def command() -> int:
-        cell_table = cells(load_runs(args.tracking_uri, args.experiment, args.sweep_id))
-        for path in make_all_heatmaps(cell_table, args.out, args.experiment):
+        sweep = find_sweep(args.tracking_uri, args.experiment, args.sweep_id)
+        cell_table = cells(load_runs(args.tracking_uri, args.experiment, sweep.sweep_id))
+        for path in make_all_heatmaps(cell_table, args.out, args.experiment, sweep.metric):
             print(path)
         return 0
 

@@ -49,19 +49,21 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     sweep = find_sweep(tracking_uri, experiment, sweep_id)
     runs = load_runs(tracking_uri, experiment, sweep.sweep_id)
     cell_table = cells(runs)
-    curves = load_curves(tracking_uri, runs["run_id"])
+    curves = load_curves(tracking_uri, runs["run_id"], sweep.metric.restricted)
     title = f"{experiment} (sweep {sweep.sweep_id})"
-    heatmaps = make_all_heatmaps(cell_table, out_dir, title)
-    curve_paths = make_curves(runs, curves, out_dir, title)
+    metric = sweep.metric
+    heatmaps = make_all_heatmaps(cell_table, out_dir, title, metric)
+    curve_paths = make_curves(runs, curves, out_dir, title, metric)
     protect = load_protect_runs(tracking_uri, experiment, sweep.sweep_id)
     pretrain = load_pretrain_run(tracking_uri, experiment, sweep.sweep_id)
     classes = num_classes or load_num_classes(sweep)
     chance_level = chance(classes) if classes else 0.0
     searches, budget, benign = load_searches(sweep), load_grid(sweep, names.BUDGET), load_grid(sweep, names.BENIGN)
-    search_paths = make_search_figures(searches, out_dir, title, chance_level)
-    budget_paths = make_budget_figures(budget, out_dir, title, chance_level)
-    extra = [search_section(searches, chance_level), budget_section(budget), benign_section(benign)]
-    text = make_summary(cell_table, curves, protect, pretrain, classes, title, [part for part in extra if part])
+    search_paths = make_search_figures(searches, out_dir, title, chance_level, metric)
+    budget_paths = make_budget_figures(budget, out_dir, title, chance_level, metric)
+    extra = [search_section(searches, chance_level, metric=metric), budget_section(budget, metric=metric),
+             benign_section(benign, metric=metric)]
+    text = make_summary(cell_table, curves, protect, pretrain, classes, title, [part for part in extra if part], metric)
     summary = write_summary(text, out_dir)
     figures = list(zip((title for title, _ in EXTRA_FIGURES), (search_paths, budget_paths)))
     page = write_html_report(text, heatmaps, curve_paths, out_dir, figures)
@@ -71,8 +73,9 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
             spec = {**spec, "model": {**spec.get("model", {}), "num_classes": classes}}
         parent = MlflowClient(tracking_uri=tracking_uri).get_run(sweep.parent_run_id).data.metrics
         seconds = sum(v for k, v in parent.items() if k.startswith("seconds_")) or None
-        extra = [search_section(searches, chance_level, per_seed=True), budget_section(budget, per_seed=True),
-                 benign_section(benign, per_seed=True)]
+        extra = [search_section(searches, chance_level, per_seed=True, metric=metric),
+                 budget_section(budget, per_seed=True, metric=metric),
+                 benign_section(benign, per_seed=True, metric=metric)]
         document = results_document(sweep, runs, curves, protect, pretrain.original_test_acc, spec,
                                     command or f"sophon-ray report SPEC --results {results}", seconds,
                                     [part for part in extra if part])
@@ -90,8 +93,8 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     return {"sweep_id": sweep.sweep_id, "parent_run_id": sweep.parent_run_id, "heatmaps": heatmaps,
             "curves": curve_paths, "search": search_paths, "budget": budget_paths, "summary": summary, "html": page,
             "results": results, "artifacts": artifacts,
-            "overview": "\n".join(part for part in (overview(cell_table, protect, pretrain, classes),
-                                                     search_overview(searches, chance_level)) if part)}
+            "overview": "\n".join(part for part in (overview(cell_table, protect, pretrain, classes, metric),
+                                                     search_overview(searches, chance_level, metric)) if part)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

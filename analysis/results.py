@@ -76,12 +76,13 @@ def protocol_section(spec: Mapping[str, Any], runs: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def intactness_table(protect: pd.DataFrame, normal_test: float) -> str:
+def intactness_table(protect: pd.DataFrame, normal_test: float, metric: names.Metric = names.ACCURACY) -> str:
     rows = [[r[names.VARIANT], str(r[names.PROTECT_SEED]), number(r["original_val_acc"]),
              number(r["original_test_acc"]), number(normal_test - r["original_test_acc"], "+.1f"),
              number(r["selected_iteration"], ".0f"), number(r["rollbacks"], ".0f")]
             for _, r in protect.iterrows()]
-    return markdown_table(["variant", "protection seed", "val acc", "test acc", "drop vs normal (test)",
+    return markdown_table(["variant", "protection seed", f"val {metric.short}", f"test {metric.short}",
+                           "drop vs normal (test)",
                            "selected iteration", "rollbacks"], rows, text_columns=2)
 
 
@@ -117,18 +118,21 @@ def results_document(sweep: Sweep, runs: pd.DataFrame, curves: Mapping[str, Sequ
                      extra_sections: Sequence[str] = ()) -> str:
     """One sweep's generated part of RESULTS.md: its sections, then ``extra_sections`` (markdown: the adaptive
     attacker, budget and benign sections, per protection seed). :func:`merge_results` places it in the file."""
-    num_classes = (spec.get("model") or {}).get("num_classes")
+    metric = sweep.metric
+    num_classes = (spec.get("model") or {}).get("num_classes") if sweep.mode != "generation" else None
     chance_level = chance(num_classes) if num_classes else 0.0
+    leaks = ("Worse than refusing (protected below zero skill)" if metric == names.SKILL
+             else "Label-information leaks (protected below chance)")
     cell_table = cells(runs)
     took = f" in {seconds / 60:.1f} min" if seconds and not math.isnan(seconds) else ""
     parts = [f"# Results: `{sweep.experiment}` (sweep {sweep.sweep_id})",
              f"Written by `{command}` from the MLflow runs of `sophon-ray run` ({time.strftime('%Y-%m-%d')}); the "
              f"sweep ran{took} on Ray Train + Ray Tune. Everything down to the hand-written part is generated.",
-             "## Protocol", protocol_section(spec, runs), definitions(chance_level),
-             "## Intactness (original-domain accuracy)",
-             f"Normal model: test accuracy {number(normal_test)}. Each protected checkpoint was chosen on "
-             "original-domain *validation* accuracy and development probes; test accuracy reported.",
-             intactness_table(protect, normal_test)]
+             "## Protocol", protocol_section(spec, runs), definitions(chance_level, metric),
+             f"## Intactness (original-domain {metric.noun})",
+             f"Normal model: test {metric.noun} {number(normal_test)}. Each protected checkpoint was chosen on "
+             f"original-domain *validation* {metric.noun} and development probes; test {metric.noun} reported.",
+             intactness_table(protect, normal_test, metric)]
     for grid, domain, section in sections(cell_table):
         if grid != names.EVALUATION:
             continue
@@ -138,9 +142,9 @@ def results_document(sweep: Sweep, runs: pd.DataFrame, curves: Mapping[str, Sequ
         parts += [f"## Evaluation grid, restricted domain `{domain}`",
                   "### Robustness", markdown_table(["variant", *ROBUSTNESS_HEADER], summary_rows),
                   "### Precondition: does pretraining help the attacker?", precondition_section(section, chance_level),
-                  "### Best attack found on each subject", best_attacks_section(section, chance_level),
-                  "### Label-information leaks (protected below chance)", leaks_section(section, chance_level),
-                  "### Every cell", cell_section(section, curves, chance_level)]
+                  "### Best attack found on each subject", best_attacks_section(section, chance_level, metric),
+                  f"### {leaks}", leaks_section(section, chance_level, metric),
+                  "### Every cell", cell_section(section, curves, chance_level, metric)]
     for grid, domain, section in sections(cell_table):
         if grid == names.DEVELOPMENT:
             rows = [[name, *robustness_cells(s)] for name, s, _ in robustness_rows(section, chance_level)]

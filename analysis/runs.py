@@ -58,8 +58,15 @@ def param_casts(params: Iterable[str]) -> dict[str, Callable[[str], object]]:
 
 
 ATTACK_PARAMS = param_casts(names.ATTACK_PARAMS)
-ATTACK_METRICS = {"final": names.FINAL, "best": names.BEST, "original_acc": names.ORIGINAL_ACC}
-PROTECT_METRICS = names.PROTECT_METRICS
+PROTECT_METRICS = names.PROTECT_METRICS   # the protect table's columns (each mode's metric is read into them)
+
+
+def attack_metrics(metric: names.Metric = names.ACCURACY) -> dict[str, str]:
+    """The attack table's metric columns -> the MLflow names of the sweep's metric (accuracy or denoising skill)."""
+    return {"final": metric.final, "best": metric.best, "original_acc": metric.original}
+
+
+ATTACK_METRICS = attack_metrics()
 
 
 class RunsLayoutError(SophonError, ValueError):
@@ -72,13 +79,19 @@ class RunsNotFoundError(SophonError, LookupError):
 
 @dataclass(frozen=True)
 class Sweep:
-    """Where one sweep lives: its store, experiment and parent run."""
+    """Where one sweep lives: its store, experiment and parent run, and its mode (what its scores are)."""
 
     tracking_uri: str
     experiment: str
     experiment_id: str
     sweep_id: str
     parent_run_id: str
+    mode: str = "classification"
+
+    @property
+    def metric(self) -> names.Metric:
+        """The sweep's score: accuracy (classification) or denoising skill (generation)."""
+        return names.metric_for(self.mode)
 
 
 @dataclass(frozen=True)
@@ -144,7 +157,8 @@ def find_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None) 
             f"those to --sweep-id, or run the sweep first (`sophon-ray run SPEC`).")
     parent = parents[0]
     return Sweep(tracking_uri, experiment, found.experiment_id,
-                 parent.data.tags.get(names.SWEEP, sweep_id or ""), parent.info.run_id)
+                 parent.data.tags.get(names.SWEEP, sweep_id or ""), parent.info.run_id,
+                 parent.data.tags.get(names.MODE, "classification"))
 
 
 def stage_runs(sweep: Sweep, role: str) -> list[Run]:
@@ -173,26 +187,28 @@ def typed_params(run: Run, casts: dict[str, Callable[[str], object]],
 
 
 def attack_table(runs: Iterable[Run], extra_params: dict[str, Callable[[str], object]] | None = None,
-                 extra_metrics: dict[str, str] | None = None) -> pd.DataFrame:
-    """One typed row per attack run: run_id, the ATTACK_PARAMS, final, best, original_acc (then ``extra_params``
-    and ``extra_metrics``: column -> metric name, NaN when not logged). Recipe fields a run logged before they
-    existed get ``names.RECIPE_DEFAULTS``.
+                 extra_metrics: dict[str, str] | None = None, metric: names.Metric = names.ACCURACY) -> pd.DataFrame:
+    """One typed row per attack run: run_id, the ATTACK_PARAMS, final, best, original_acc (the sweep's ``metric``:
+    accuracy or denoising skill; then ``extra_params`` and ``extra_metrics``: column -> metric name, NaN when not
+    logged). Recipe fields a run logged before they existed get ``names.RECIPE_DEFAULTS``.
 
-    Runs without ``restricted_acc_final`` (failed or still running trials) are left out with a warning.
+    Runs without ``restricted_acc_final`` (``restricted_skill_final``; failed or still running trials) are left out
+    with a warning.
     """
     casts = {**ATTACK_PARAMS, **(extra_params or {})}
-    metric_names = {**ATTACK_METRICS, **(extra_metrics or {})}
+    final = metric.final
+    metric_names = {**attack_metrics(metric), **(extra_metrics or {})}
     rows, unfinished = [], 0
     for run in runs:
         metrics = run.data.metrics
-        if ATTACK_METRICS["final"] not in metrics:
+        if final not in metrics:
             unfinished += 1
             continue
         row = {"run_id": run.info.run_id, **typed_params(run, casts, names.RECIPE_DEFAULTS)}
         row.update({column: metrics.get(name, math.nan) for column, name in metric_names.items()})
         rows.append(row)
     if unfinished:
-        log.warning("left out %d attack run(s) without %s (failed or unfinished)", unfinished, ATTACK_METRICS["final"])
+        log.warning("left out %d attack run(s) without %s (failed or unfinished)", unfinished, final)
     table = pd.DataFrame(rows, columns=["run_id", *casts, *metric_names])
     return table.sort_values([*WHERE, "subject", "variant", *CELL_KEYS, "seed", names.PROTECT_SEED], ignore_index=True)
 
@@ -210,7 +226,7 @@ def load_attack_runs(sweep: Sweep, grids: Sequence[str], extra_params: dict[str,
     if len(grids) == 1:  # MLflow's filter has no "or": several grids are filtered here
         where += f" and params.`{names.GRID}` = '{grids[0]}'"
     runs = _search(_client(sweep.tracking_uri), sweep.experiment_id, where)
-    return on_grids(attack_table(runs, extra_params, extra_metrics), grids)
+    return on_grids(attack_table(runs, extra_params, extra_metrics, sweep.metric), grids)
 
 
 def load_runs(tracking_uri: str, experiment: str, sweep_id: str | None = None,
@@ -225,7 +241,7 @@ def load_runs(tracking_uri: str, experiment: str, sweep_id: str | None = None,
     if table.empty:
         raise RunsNotFoundError(
             f"sweep {sweep.sweep_id} in experiment {experiment!r} at {tracking_uri} has no finished attack runs "
-            f"on the {', '.join(grids)} grid(s) (tags.sophon.role = 'attack' with metric {ATTACK_METRICS['final']}). "
+            f"on the {', '.join(grids)} grid(s) (tags.sophon.role = 'attack' with metric {sweep.metric.final}). "
             f"Fix: let the attack stage finish (`sophon-ray run SPEC --resume`), or pick another --sweep-id.")
     return table
 
@@ -299,7 +315,8 @@ def load_protect_runs(tracking_uri: str, experiment: str, sweep_id: str | None =
         row = {"run_id": run.info.run_id, **typed_params(run, {names.VARIANT: str}),
                "loss": params.get("loss", "?"),
                names.PROTECT_SEED: _int(params.get(names.PROTECT_SEED, str(names.NO_PROTECT_SEED)))}
-        row.update({name: run.data.metrics.get(name, math.nan) for name in PROTECT_METRICS})
+        row.update({column: run.data.metrics.get(name, math.nan)
+                    for column, name in zip(PROTECT_METRICS, sweep.metric.protect_metrics)})
         rows.append(row)
     table = pd.DataFrame(rows, columns=["run_id", names.VARIANT, "loss", names.PROTECT_SEED, *PROTECT_METRICS])
     return table.sort_values([names.VARIANT, names.PROTECT_SEED], ignore_index=True)
@@ -316,9 +333,9 @@ def load_pretrain_run(tracking_uri: str, experiment: str, sweep_id: str | None =
         raise RunsNotFoundError(
             f"sweep {sweep.sweep_id} in experiment {experiment!r} at {tracking_uri} has no pretrain run "
             f"(tags.sophon.role = 'pretrain'). Fix: let the pretrain stage finish, or pick another --sweep-id.")
-    metrics = runs[-1].data.metrics
-    return PretrainRun(runs[-1].info.run_id, metrics.get("original_val_acc", math.nan),
-                       metrics.get("original_test_acc", math.nan))
+    metrics, m = runs[-1].data.metrics, sweep.metric
+    return PretrainRun(runs[-1].info.run_id, metrics.get(m.key("original_val"), math.nan),
+                       metrics.get(m.key("original_test"), math.nan))
 
 
 def load_spec_dict(sweep: Sweep) -> dict | None:
@@ -336,7 +353,10 @@ def load_spec_dict(sweep: Sweep) -> dict | None:
 def load_num_classes(sweep: Sweep) -> int | None:
     """The model's class count (chance = 100 / C on the restricted domain): param ``model.num_classes`` or
     ``num_classes`` of the parent or pretrain run, else ``model.num_classes`` in the parent's ``spec.yaml``
-    artifact; None when none of them has it (pass --num-classes then)."""
+    artifact; None when none of them has it (pass --num-classes then), and for a generation sweep (its score,
+    denoising skill, has 0 as its do-nothing level)."""
+    if sweep.mode == "generation":
+        return None
     client = _client(sweep.tracking_uri)
     for run in [client.get_run(sweep.parent_run_id), *stage_runs(sweep, "pretrain")]:
         for name in ("model.num_classes", "num_classes"):

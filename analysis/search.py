@@ -44,7 +44,9 @@ SEARCH_KEYS = (names.SEARCH, names.DOMAIN, names.SUBJECT, names.VARIANT, names.P
 SEARCH_PARAMS = param_casts((names.SUBJECT, names.VARIANT, names.PROTECT_SEED, names.DOMAIN, names.SEARCH,
                               "algorithm", "scheduler", "num_samples", "val_fraction"))
 TRIAL_PARAMS = param_casts((names.SEARCH, names.SEARCH_TRIAL))
-TRIAL_METRICS = {"val_best": names.VAL_BEST, "at_val_best": names.AT_VAL_BEST, "stopped": names.STOPPED}
+def trial_metrics(metric: names.Metric = names.ACCURACY) -> dict[str, str]:
+    """A search trial's extra columns -> the MLflow names of the sweep's metric."""
+    return {"val_best": metric.val_best, "at_val_best": metric.at_val_best, "stopped": names.STOPPED}
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,9 @@ def load_searches(sweep: Sweep) -> Searches:
     """The sweep's search runs (with their best-found histories) and search trials; both empty when none."""
     runs = pd.DataFrame([{"run_id": run.info.run_id, **typed_params(run, SEARCH_PARAMS)}
                          for run in stage_runs(sweep, "search")], columns=["run_id", *SEARCH_PARAMS])
-    found = load_curves(sweep.tracking_uri, runs["run_id"], names.FOUND_TEST)
+    found = load_curves(sweep.tracking_uri, runs["run_id"], sweep.metric.found_test)
     runs["found"] = [found[run_id] for run_id in runs["run_id"]]
-    trials = load_attack_runs(sweep, (names.SEARCH_GRID,), TRIAL_PARAMS, TRIAL_METRICS)
+    trials = load_attack_runs(sweep, (names.SEARCH_GRID,), TRIAL_PARAMS, trial_metrics(sweep.metric))
     return Searches(runs.sort_values(list(SEARCH_KEYS), ignore_index=True), trials)
 
 
@@ -119,15 +121,17 @@ def worst_case_gap(found: pd.DataFrame, chance_level: float = 0.0) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def search_overview(data: Searches, chance_level: float = 0.0) -> str:
+def search_overview(data: Searches, chance_level: float = 0.0, metric: names.Metric = names.ACCURACY) -> str:
     """The console's lines for the searches: per (search, domain, variant) the best found on protected (seed mean
-    and worst seed) against scratch and normal, and whether it held ('' when the sweep ran no search)."""
+    and worst seed) against scratch and normal, and whether it held ('' when the sweep ran no search); a score
+    other than accuracy is named ("best denoising skill found")."""
     if data.runs.empty:
         return ""
+    what = "" if metric == names.ACCURACY else f" {metric.noun}"
     lines = []
     for _, g in worst_case_gap(final_found(data.runs), chance_level).iterrows():
         verdict = "held" if g["held"] and g["worst_held"] else "NOT held"
-        lines.append(f"search {g[names.SEARCH]}/{g[names.DOMAIN]}, {g[names.VARIANT]}: best found on protected "
+        lines.append(f"search {g[names.SEARCH]}/{g[names.DOMAIN]}, {g[names.VARIANT]}: best{what} found on protected "
                      f"{number(g['protected_mean'])} (worst seed {number(g['protected_max'])}) vs scratch "
                      f"{number(g['scratch'])}, normal {number(g['normal'])}: {verdict} (held: protected <= scratch + 1)")
     return "\n".join(lines)
@@ -176,30 +180,31 @@ def subject_groups(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return [(label, labelled[labelled["label"] == label]) for label in order]
 
 
-def explored_figure(trials: pd.DataFrame, title: str) -> Figure:
+def explored_figure(trials: pd.DataFrame, title: str, metric: names.Metric = names.ACCURACY) -> Figure:
     """One explored-space panel per subject (strategy x lr decade), one 0-100 colour bar (dark = attack failed)."""
     decades = list(range(min(map(lr_decade, trials["lr"])), max(map(lr_decade, trials["lr"])) + 1))
     groups = subject_groups(trials)
     rows = trials["strategy"].nunique()
     fig = Figure(figsize=(max(2.6, 1.0 * len(decades) + 1.6) * len(groups) + 1.2, max(2.6, 0.5 * rows + 2.0)),
                  layout="constrained", dpi=DPI)
-    fig.suptitle(f"{title}\nbest test accuracy at the best-validation epoch, %, and trials per cell "
+    fig.suptitle(f"{title}\nbest test {metric.noun} at the best-validation epoch, %, and trials per cell "
                  "(dark = attack failed; blank = not tried)", fontsize=10)
     axes = np.atleast_1d(fig.subplots(1, len(groups)))
     images = [_draw_explored(ax, *explored(frame, decades), f"{label} ({len(frame)} trials)")
               for ax, (label, frame) in zip(axes, groups)]
-    fig.colorbar(images[-1], ax=list(axes), label="accuracy, %", shrink=0.9)
+    fig.colorbar(images[-1], ax=list(axes), label=metric.axis, shrink=0.9)
     return fig
 
 
-def found_figure(runs: pd.DataFrame, title: str, chance_level: float) -> Figure:
+def found_figure(runs: pd.DataFrame, title: str, chance_level: float,
+                 metric: names.Metric = names.ACCURACY) -> Figure:
     """Best-found test accuracy after n trials per subject: protected variants as seed mean, band and seed
     lines; normal and scratch; chance dashed."""
     groups = subject_groups(runs)
     palette = colours([label for label, _ in groups])
     fig = Figure(figsize=(7.0, 4.6), layout="constrained", dpi=DPI)
     fig.suptitle(f"{title}\nbest attack found after n trials (the attacker's pick by validation; its test "
-                 "accuracy)", fontsize=10)
+                 f"{metric.noun})", fontsize=10)
     ax = fig.subplots()
     for label, frame in groups:
         seeds = [curve for curve in frame["found"] if curve]
@@ -209,24 +214,25 @@ def found_figure(runs: pd.DataFrame, title: str, chance_level: float) -> Figure:
         ax.axhline(chance_level, color="black", linestyle="--", linewidth=1, label=f"chance ({chance_level:.0f}%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trials run (n)")
-    ax.set_ylabel("restricted test acc of the pick, %")
+    ax.set_ylabel(f"restricted test {metric.short} of the pick, %")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return fig
 
 
-def make_search_figures(data: Searches, out_dir: str | Path, title: str, chance_level: float = 0.0) -> list[Path]:
+def make_search_figures(data: Searches, out_dir: str | Path, title: str, chance_level: float = 0.0,
+                        metric: names.Metric = names.ACCURACY) -> list[Path]:
     """Write ``search-found-<search>-<domain>.png`` and ``search-explored-<search>-<domain>.png`` per search
     and restricted domain; returns the paths ([] when the sweep ran no search)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for (search, domain), runs in data.runs.groupby([names.SEARCH, names.DOMAIN], sort=True):
-        paths.append(save(found_figure(runs, f"{title} — search {search}, {domain}", chance_level),
+        paths.append(save(found_figure(runs, f"{title} — search {search}, {domain}", chance_level, metric),
                           out / f"search-found-{search}-{domain}.png"))
     for (search, domain), trials in data.trials.groupby([names.SEARCH, names.DOMAIN], sort=True):
-        paths.append(save(explored_figure(trials, f"{title} — search {search}, {domain}: what it explored"),
+        paths.append(save(explored_figure(trials, f"{title} — search {search}, {domain}: what it explored", metric),
                           out / f"search-explored-{search}-{domain}.png"))
     return paths
 
@@ -236,10 +242,11 @@ def _pick_row(label: str, row: pd.Series, fields: Sequence[str]) -> list[str]:
             number(row["val_best"]), number(row["at_val_best"])]
 
 
-def picks_table(chosen: pd.DataFrame, fields: Sequence[str], per_seed: bool = True) -> str:
+def picks_table(chosen: pd.DataFrame, fields: Sequence[str], per_seed: bool = True,
+                metric: names.Metric = names.ACCURACY) -> str:
     """The final picks of one (search, domain): per protection seed (``per_seed``) and the seed mean per
     variant, then normal and scratch; the searched fields (text ones first), trials run, the picked trial, its
-    validation and test accuracy."""
+    validation and test score (``metric``)."""
     text = [key for key in fields if not pd.api.types.is_numeric_dtype(chosen[key])]
     fields = text + [key for key in fields if key not in text]
     rows = []
@@ -253,7 +260,7 @@ def picks_table(chosen: pd.DataFrame, fields: Sequence[str], per_seed: bool = Tr
                          number(seeds["trials"].mean(), "g"), "", number(seeds["val_best"].mean()),
                          number(seeds["at_val_best"].mean())])
     rows += [_pick_row(r[names.SUBJECT], r, fields) for _, r in chosen.iterrows() if r[names.SUBJECT] != "protected"]
-    header = ["subject", *fields, "trials", "picked trial", "val acc (objective)", "test acc"]
+    header = ["subject", *fields, "trials", "picked trial", f"val {metric.short} (objective)", f"test {metric.short}"]
     return markdown_table(header, rows, text_columns=1 + len(text))
 
 
@@ -269,7 +276,7 @@ def gap_table(gaps: pd.DataFrame) -> str:
                            "mean − scratch", "worst − scratch", "mean − normal", "worst − normal", "verdict"], rows)
 
 
-def protocol(data: Searches) -> str:
+def protocol(data: Searches, metric: names.Metric = names.ACCURACY) -> str:
     """The search protocol, from the search runs' params."""
     settings = data.runs.drop_duplicates(names.SEARCH)
     lines = [f"- `{r[names.SEARCH]}`: {r['algorithm']} search, scheduler {r['scheduler']}, {r['num_samples']} "
@@ -277,31 +284,33 @@ def protocol(data: Searches) -> str:
              for _, r in settings.iterrows()]
     return ("Every attacked model gets the same search with the same budget. The attacker's objective is its own "
             "validation split (held out of its data pool); each trial keeps its best-validation epoch, and the "
-            "attacker's pick is the trial with the best validation accuracy. The restricted *test* split only "
+            f"attacker's pick is the trial with the best validation {metric.noun}. The restricted *test* split only "
             "scores the picks: nothing was chosen on it.\n\n" + "\n".join(lines))
 
 
-def search_section(data: Searches, chance_level: float = 0.0, per_seed: bool = False, level: int = 2) -> str:
+def search_section(data: Searches, chance_level: float = 0.0, per_seed: bool = False, level: int = 2,
+                   metric: names.Metric = names.ACCURACY) -> str:
     """The "Adaptive attacker" markdown: the protocol, then per (search, domain) the worst-case gap and the
     attacker's final picks (``per_seed``: every protection seed's pick, else only when one seed). '' when the
     sweep ran no search."""
     if data.empty:
         return ""
     h = "#" * level
-    floor = f" floored at chance ({chance_level:.0f}%)" if chance_level else ""
-    parts = [f"{h} Adaptive attacker", protocol(data)]
+    floor = (" floored at 0 (predicting zero noise)" if metric == names.SKILL else
+             f" floored at chance ({chance_level:.0f}%)" if chance_level else "")
+    parts = [f"{h} Adaptive attacker", protocol(data, metric)]
     found = final_found(data.runs)
     chosen = picks(data.trials) if not data.trials.empty else data.trials
     for (search, domain), trials in data.trials.groupby([names.SEARCH, names.DOMAIN], sort=True):
         here = (found[names.SEARCH] == search) & (found[names.DOMAIN] == domain)
         parts += [f"{h}# Search `{search}`, restricted domain `{domain}`",
-                  f"Worst-case gap: the best-found test accuracy after all trials{floor}; *worst seed* is the "
+                  f"Worst-case gap: the best-found test {metric.noun} after all trials{floor}; *worst seed* is the "
                   f"protection seed the search broke most. held = protected ≤ scratch + 1.",
                   gap_table(worst_case_gap(found[here], chance_level)),
-                  "The attacker's final pick per subject (the searched fields; accuracy at its best-validation "
-                  "epoch):",
+                  f"The attacker's final pick per subject (the searched fields; {metric.noun} at its "
+                  "best-validation epoch):",
                   picks_table(chosen[(chosen[names.SEARCH] == search) & (chosen[names.DOMAIN] == domain)],
-                              searched_fields(trials), per_seed)]
+                              searched_fields(trials), per_seed, metric)]
     return "\n\n".join(parts)
 
 
@@ -310,8 +319,8 @@ def write_search(sweep: Sweep, out: Path, num_classes: int | None) -> list[Path]
     chance_level = chance(num_classes) if num_classes else 0.0
     data = load_searches(sweep)
     path = out / "search.md"
-    path.write_text(search_section(data, chance_level, per_seed=True) + "\n", encoding="utf-8")
-    return [*make_search_figures(data, out, sweep.experiment, chance_level), path]
+    path.write_text(search_section(data, chance_level, per_seed=True, metric=sweep.metric) + "\n", encoding="utf-8")
+    return [*make_search_figures(data, out, sweep.experiment, chance_level, sweep.metric), path]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,8 +47,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_co
     return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines)
 
 
-def intactness_section(protect: pd.DataFrame, pretrain: PretrainRun) -> str:
-    """Original-domain test accuracy, normal vs each protected variant (mean and range over protection seeds)."""
+def intactness_section(protect: pd.DataFrame, pretrain: PretrainRun, metric: names.Metric = names.ACCURACY) -> str:
+    """Original-domain test score, normal vs each protected variant (mean and range over protection seeds)."""
     if protect.empty:
         return "No protect runs in this sweep."
     rows = []
@@ -58,7 +58,8 @@ def intactness_section(protect: pd.DataFrame, pretrain: PretrainRun) -> str:
                      number(pretrain.original_test_acc), f"{number(acc.mean())} ({number(acc.min())}-{number(acc.max())})",
                      number(intactness_drop(pretrain.original_test_acc, acc.mean()), "+.1f"),
                      number(intactness_drop(pretrain.original_test_acc, acc.min()), "+.1f")])
-    return markdown_table(["variant", "loss", "seeds", "normal test acc", "protected test acc (range)",
+    return markdown_table(["variant", "loss", "seeds", f"normal test {metric.short}",
+                           f"protected test {metric.short} (range)",
                            "drop (points, mean)", "worst seed's drop"], rows, text_columns=2)
 
 
@@ -117,7 +118,7 @@ def robustness_section(section: pd.DataFrame, chance_level: float) -> str:
     return "\n\n".join([markdown_table(["variant", *ROBUSTNESS_HEADER], rows), *notes])
 
 
-def best_attacks_section(section: pd.DataFrame, chance_level: float) -> str:
+def best_attacks_section(section: pd.DataFrame, chance_level: float, metric: names.Metric = names.ACCURACY) -> str:
     """The attacker's best recipe (highest seed-mean final accuracy) on each subject, with its cell."""
     keys, _ = varying(section, CELL_KEYS)
     keys = keys or ["strategy", "optimizer", "lr"]
@@ -132,17 +133,17 @@ def best_attacks_section(section: pd.DataFrame, chance_level: float) -> str:
         top = frame.loc[frame[column].idxmax()]
         recipe = cell_name(top, keys) if column != "scratch" else cell_name(top, [k for k in keys if k != "strategy"])
         rows.append([label, number(max(top[column], chance_level)), recipe])
-    return markdown_table(["subject", "best final accuracy (seed mean)", "its recipe"], rows, text_columns=1)
+    return markdown_table(["subject", f"best final {metric.noun} (seed mean)", "its recipe"], rows, text_columns=1)
 
 
-def leaks_section(section: pd.DataFrame, chance_level: float) -> str:
+def leaks_section(section: pd.DataFrame, chance_level: float, metric: names.Metric = names.ACCURACY) -> str:
     """Cells where a protected model ends more than 2 points under chance (label information leaks)."""
     keys, _ = varying(section, CELL_KEYS)
     leaky = section[section["protected"] < chance_level - BELOW_CHANCE_MARGIN]
     if leaky.empty:
         return "None."
     rows = [[r["variant"], cell_name(r, keys or ["strategy"]), number(r["protected"])] for _, r in leaky.iterrows()]
-    return markdown_table(["variant", "cell", "protected accuracy"], rows, text_columns=2)
+    return markdown_table(["variant", "cell", f"protected {metric.noun}"], rows, text_columns=2)
 
 
 def _overhead(subject_runs: Sequence[str], scratch_runs: Sequence[str], curves: Mapping[str, Sequence[float]]) -> str:
@@ -152,7 +153,8 @@ def _overhead(subject_runs: Sequence[str], scratch_runs: Sequence[str], curves: 
     return str(overhead(subject, scratch)) if subject and scratch else "n/a"
 
 
-def cell_section(section: pd.DataFrame, curves: Mapping[str, Sequence[float]], chance_level: float) -> str:
+def cell_section(section: pd.DataFrame, curves: Mapping[str, Sequence[float]], chance_level: float,
+                 metric: names.Metric = names.ACCURACY) -> str:
     """One row per (variant, cell): seed-mean final accuracies, held / meaningful, overheads vs scratch."""
     keys, fixed = varying(section, CELL_KEYS)
     fixed = {key: value for key, value in fixed.items() if names.RECIPE_DEFAULTS.get(key, ...) != value}
@@ -174,21 +176,27 @@ def cell_section(section: pd.DataFrame, curves: Mapping[str, Sequence[float]], c
     header = (["variant"] if several_variants else []) + list(keys) + [
         "protected", "normal", "scratch", "protected − scratch", "verdict", "overhead protected", "overhead normal"]
     settings = ", ".join(f"{key} {setting(value)}" for key, value in fixed.items())
-    intro = ("Final restricted-domain accuracy (%, mean over seeds, not floored) per cell"
+    intro = (f"Final restricted-domain {metric.noun} (%, mean over seeds, not floored) per cell"
              + (f"; every cell has {settings}" if settings else "") + ".")
     text_columns = int(several_variants) + sum(key in ("strategy", "optimizer", "schedule") for key in keys)
     return intro + "\n\n" + markdown_table(header, rows, text_columns)
 
 
-def definitions(chance_level: float) -> str:
-    floor = (f"Accuracies are floored at chance ({chance_level:.0f}%) in every comparison; cells where a protected "
-             f"model ends more than {BELOW_CHANCE_MARGIN:g} points under chance are listed as label-information "
-             "leaks, never credited." if chance_level else
-             "The class count is unknown (pass --num-classes), so accuracies are not floored at chance.")
-    return (f"A cell is held when protected ≤ scratch + {HOLD_MARGIN:g} (accuracy points); *normal held* is the "
+def definitions(chance_level: float, metric: names.Metric = names.ACCURACY) -> str:
+    if metric == names.SKILL:
+        floor = ("Denoising skill = 100 × (1 − MSE) of the predicted noise at the fixed evaluation timesteps: 100 is "
+                 "perfect, 0 is predicting zero noise (the refusal the DoS loss teaches). Skill is floored at 0 in "
+                 f"every comparison; cells where a protected model ends more than {BELOW_CHANCE_MARGIN:g} points "
+                 "under 0 (worse than refusing) are listed below, never credited.")
+    else:
+        floor = (f"Accuracies are floored at chance ({chance_level:.0f}%) in every comparison; cells where a "
+                 f"protected model ends more than {BELOW_CHANCE_MARGIN:g} points under chance are listed as "
+                 "label-information leaks, never credited." if chance_level else
+                 "The class count is unknown (pass --num-classes), so accuracies are not floored at chance.")
+    return (f"A cell is held when protected ≤ scratch + {HOLD_MARGIN:g} ({metric.noun} points); *normal held* is the "
             f"unprotected model's own share (the reference). A cell is meaningful when normal > scratch + "
             f"{MEANINGFUL_GAP:g} (pretraining clearly helps the attacker there). *Best attack* is the attacker's "
-            f"best recipe over the whole grid on each subject (final accuracy, seed mean); best protected − best "
+            f"best recipe over the whole grid on each subject (final {metric.noun}, seed mean); best protected − best "
             f"scratch > 0 means the best fine-tuning of the protected model beats the best training from scratch. "
             f"{floor}")
 
@@ -202,7 +210,8 @@ def grid_note(grid: str) -> str:
 
 
 def make_summary(cells_df: pd.DataFrame, curves: Mapping[str, Sequence[float]], protect_df: pd.DataFrame,
-                 pretrain: PretrainRun, num_classes: int | None, title: str, extra_sections: Sequence[str] = ()) -> str:
+                 pretrain: PretrainRun, num_classes: int | None, title: str, extra_sections: Sequence[str] = (),
+                 metric: names.Metric = names.ACCURACY) -> str:
     """The markdown report: intactness, then per (grid, domain): robustness, best attacks, leaks, cells; then
     ``extra_sections`` (markdown: the adaptive attacker, budget and benign sections of ``analysis.search`` and
     ``analysis.budget``).
@@ -211,15 +220,17 @@ def make_summary(cells_df: pd.DataFrame, curves: Mapping[str, Sequence[float]], 
     ``protect_df`` from ``load_protect_runs``; ``num_classes=None`` leaves accuracies unfloored.
     """
     chance_level = chance(num_classes) if num_classes else 0.0
-    parts = [f"# {title}", "## Intactness (original domain)", intactness_section(protect_df, pretrain),
-             definitions(chance_level)]
+    leaks = ("Worse than refusing (protected below zero skill)" if metric == names.SKILL
+             else "Label-information leaks (protected below chance)")
+    parts = [f"# {title}", "## Intactness (original domain)", intactness_section(protect_df, pretrain, metric),
+             definitions(chance_level, metric)]
     for grid, domain, section in sections(cells_df):
         parts += [f"## {grid.capitalize()} grid, restricted domain `{domain}`", grid_note(grid),
                   "### Robustness per protected variant (seed means)", robustness_section(section, chance_level),
-                  "### Best attack found on each subject", best_attacks_section(section, chance_level),
-                  "### Label-information leaks (protected below chance)", leaks_section(section, chance_level),
-                  "### Cells", cell_section(section, curves, chance_level)]
-    parts.append(f"Overhead = epochs to reach tau = {TARGET_SHARE:g} × scratch's final accuracy, relative to "
+                  "### Best attack found on each subject", best_attacks_section(section, chance_level, metric),
+                  f"### {leaks}", leaks_section(section, chance_level, metric),
+                  "### Cells", cell_section(section, curves, chance_level, metric)]
+    parts.append(f"Overhead = epochs to reach tau = {TARGET_SHARE:g} × scratch's final {metric.noun}, relative to "
                  f"scratch's, both counted from 1 (on seed-mean curves); `>=x` = never reached within the budget; "
                  f"< 1 = fine-tuning is cheaper than training from scratch.")
     return "\n\n".join([*parts, *extra_sections]) + "\n"
@@ -241,7 +252,8 @@ OVERVIEW_HEADER = ["variant", "grid/domain", "drop", "held", "normal held", "mea
                    "best: protected vs scratch"]
 
 
-def overview(cells_df: pd.DataFrame, protect_df: pd.DataFrame, pretrain: PretrainRun, num_classes: int | None) -> str:
+def overview(cells_df: pd.DataFrame, protect_df: pd.DataFrame, pretrain: PretrainRun, num_classes: int | None,
+             metric: names.Metric = names.ACCURACY) -> str:
     """The console's short summary: one row per protected variant and (grid, domain), with the intactness drop
     (original test accuracy lost, seed mean), cells held next to the normal model's own share, meaningful cells
     held, the median normal - protected gap on meaningful cells and the best attack on the protected model vs
@@ -259,12 +271,14 @@ def overview(cells_df: pd.DataFrame, protect_df: pd.DataFrame, pretrain: Pretrai
                          f"({number(s['best_vs_scratch'], '+.1f')})"])
     if not rows:
         return "No cell has protected, normal and scratch all measured, so there is nothing to summarise."
-    legend = [f"drop: original-domain test accuracy lost to protection (points); held: cells where protected <= "
+    legend = [f"drop: original-domain test {metric.noun} lost to protection (points); held: cells where protected <= "
               f"scratch + {HOLD_MARGIN:g};",
               f"normal held: the unprotected model's own share; meaningful: normal > scratch + {MEANINGFUL_GAP:g}; "
               f"gap: normal - protected;",
-              "accuracies in %, seed means, " + (f"floored at chance ({chance_level:.0f}%)." if chance_level else
-                                                 "not floored at chance (class count unknown).")]
+              f"{metric.noun} in %, seed means, " + (
+                  "floored at 0 (predicting zero noise)." if metric == names.SKILL else
+                  f"floored at chance ({chance_level:.0f}%)." if chance_level else
+                  "not floored at chance (class count unknown).")]
     return "\n".join([text_table(OVERVIEW_HEADER, rows, text_columns=2), *legend])
 
 
@@ -291,9 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = load_runs(args.tracking_uri, args.experiment, sweep.sweep_id)
         protect = load_protect_runs(args.tracking_uri, args.experiment, sweep.sweep_id)
         pretrain = load_pretrain_run(args.tracking_uri, args.experiment, sweep.sweep_id)
-        curves = load_curves(args.tracking_uri, runs["run_id"])
+        curves = load_curves(args.tracking_uri, runs["run_id"], sweep.metric.restricted)
         text = make_summary(cells(runs), curves, protect, pretrain, args.num_classes or load_num_classes(sweep),
-                            f"{args.experiment}: sweep {sweep.sweep_id}")
+                            f"{args.experiment}: sweep {sweep.sweep_id}", metric=sweep.metric)
         print(write_summary(text, args.out))
         return 0
 

@@ -48,7 +48,7 @@ def main() -> None:
 
         start = time.perf_counter()
         protect(model, splits.original_train, splits.original_val, splits.restricted_train, splits.restricted_val,
-                spec.protect[0], evaluate(model, splits.original_val).accuracy, on_checkpoint=checkpoint)
+                spec.protect[0], evaluate(model, splits.original_val).score, on_checkpoint=checkpoint)
         wall = time.perf_counter() - start
     saving = sum(r[1] for r in rows)
     per_iteration = (wall - saving) / args.iterations

@@ -295,6 +295,6 @@ def pretrained_normal(spec: Any, splits: Any, directory: Path) -> Path:
 
     model, _ = initial_model(spec)
     pretrain(model, splits.original_train, splits.original_val, spec.pretrain, spec.seed)
-    metrics = {"original_val_acc": evaluate(model, splits.original_val).accuracy}
+    metrics = {"original_val_acc": evaluate(model, splits.original_val).score}
     save_checkpoint(model, make_card(spec.model, spec.original, spec.restricted, "bench", "normal", metrics), directory)
     return directory

@@ -16,9 +16,10 @@ from torch.utils.data import Dataset
 from sophon_ray.augment import make_augment
 from sophon_ray.data import stratified_subset
 from sophon_ray.lora import add_lora, lora_targets
-from sophon_ray.models import MODELS, Net
+from sophon_ray.models import MODELS, Net, build_model, denoisers
 from sophon_ray.registry import Registry
-from sophon_ray.spec import GridSpec
+from sophon_ray.spec import GridSpec, ModelSpec
+from sophon_ray.tasks import CLASSIFICATION, Task
 from sophon_ray.training import BN_MODES, SCHEDULES, evaluate, make_optimizer, train_epoch
 
 
@@ -141,6 +142,15 @@ def reinit_last_k(model: Net, generator: torch.Generator, config: AttackConfig) 
     return names + model.head_param_names()
 
 
+@STRATEGIES.register("decoder")
+def decoder(model: Net, generator: torch.Generator, config: AttackConfig) -> list[str]:
+    """Denoisers: keep the released weights, train the decoder (the UNet's up path and output layers) only."""
+    if not hasattr(model, "decoder_param_names"):
+        raise ValueError(f"strategy: decoder needs a denoiser (generation mode); {type(model).__name__} has no "
+                         "decoder; use last-k")
+    return model.decoder_param_names()
+
+
 @STRATEGIES.register("lora")
 def lora(model: Net, generator: torch.Generator, config: AttackConfig) -> list[str]:
     """LoRA adapters on every conv and hidden Linear (base frozen), the released head trains fully.
@@ -165,7 +175,7 @@ BLOCK_STRATEGIES = ("last-k", "reinit-last-k")
 def _arch_facts(arch: str, channels: int, image_size: int) -> tuple[int, int, int]:
     """(blocks, LoRA targets, grouped convs) of ``arch``, built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
-        model = MODELS.get(arch)(num_classes=2, channels=channels, image_size=image_size, weights=None)
+        model = build_model(ModelSpec(arch, num_classes=2, channels_last=False), channels, image_size)
     grouped = sum(isinstance(m, nn.Conv2d) and m.groups != 1 for m in model.modules())
     return len(model.blocks()), lora_targets(model), grouped
 
@@ -176,8 +186,10 @@ def strategy_problem(arch: str, config: AttackConfig, channels: int = 3, image_s
     reinit-last-k, ``lora_rank``/``lora_alpha`` for lora); names of other registries are not."""
     if config.strategy not in STRATEGIES:
         return STRATEGIES.miss_message(config.strategy)
-    if arch not in MODELS:
+    if arch not in MODELS and arch not in denoisers():
         return MODELS.miss_message(arch)
+    if config.strategy == "decoder" and arch not in denoisers():
+        return f"strategy: decoder trains a denoiser's up path and {arch} is a classifier; use last-k"
     n_blocks, n_targets, grouped = _arch_facts(arch, channels, image_size)
     if config.strategy in BLOCK_STRATEGIES and not 1 <= config.blocks <= n_blocks:
         relation = ">" if config.blocks > n_blocks else "<"
@@ -208,36 +220,40 @@ def grid_configs(grids: Sequence[GridSpec]) -> list[AttackConfig]:
 
 @dataclass
 class FinetuneResult:
-    """Per-epoch restricted-domain test curves; index 0 is before fine-tuning (after re-initialisation)."""
+    """Per-epoch restricted-domain test curves of the task's score (classification: accuracy, %) and loss; index
+    0 is before fine-tuning (after re-initialisation)."""
 
-    restricted_acc: list[float] = field(default_factory=list)
+    restricted: list[float] = field(default_factory=list)
     restricted_loss: list[float] = field(default_factory=list)
-    val_acc: list[float] = field(default_factory=list)  # per epoch on ``val`` (the attacker's own held-out data)
-    original_acc: float | None = None
+    val: list[float] = field(default_factory=list)  # per epoch on ``val`` (the attacker's own held-out data)
+    original: float | None = None
     train_size: int = 0
     seconds: float = 0.0
+    model: nn.Module | None = field(default=None, repr=False)  # the attacked model, with ``keep_model``
 
     @property
     def final(self) -> float:
-        return self.restricted_acc[-1]
+        return self.restricted[-1]
 
     @property
     def best(self) -> float:
-        return max(self.restricted_acc)
+        return max(self.restricted)
 
 
 def finetune(model: Net, train: Dataset, test: Dataset, config: AttackConfig,
              original_test: Dataset | None = None, device: torch.device | str = "cpu",
              on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-             val: Dataset | None = None) -> FinetuneResult:
+             val: Dataset | None = None, task: Task = CLASSIFICATION, keep_model: bool = False) -> FinetuneResult:
     """Fine-tune a copy of ``model`` on a stratified ``data_fraction`` of ``train`` as ``config`` says.
 
     ``config.bn_mode`` 'train' runs the model in train mode, so BatchNorm running statistics adapt even
     when only the head trains (what an attacker calling ``model.train()`` gets); 'frozen' keeps BatchNorm
     in eval mode. Training batches get ``config.augment`` and a ``config.label_smoothing`` loss. The
-    input model is not modified. Returns the restricted test accuracy/loss after every epoch (and before
-    the first), the accuracy on ``val`` at the same points when given (what an adaptive attacker selects
-    by: never the test curve), and the original-domain accuracy at the end when ``original_test`` is given.
+    input model is not modified. Returns the restricted test score/loss (``task``'s metric: classification
+    accuracy, generation denoising skill and MSE) after every epoch (and before the first), the score on ``val``
+    at the same points when given (what an adaptive attacker selects by: never the test curve), and the
+    original-domain score at the end when ``original_test`` is given. ``on_epoch`` gets them under the task's
+    MLflow names. ``keep_model`` keeps the fine-tuned copy in the result.
     """
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(config.seed)
@@ -248,23 +264,24 @@ def finetune(model: Net, train: Dataset, test: Dataset, config: AttackConfig,
     steps = config.epochs * -(-len(data) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES.get(config.schedule)(steps))
     augment, freeze_bn = make_augment(config.augment), BN_MODES.get(config.bn_mode)
-    result = FinetuneResult(train_size=len(data))
+    result, metric = FinetuneResult(train_size=len(data)), task.metric
     for epoch in range(config.epochs + 1):
         if epoch:
             train_epoch(model, data, optimizer, config.batch_size, gen, scheduler, device,
-                        label_smoothing=config.label_smoothing, augment=augment, freeze_bn=freeze_bn)
-        ev = evaluate(model, test, device)
-        result.restricted_acc.append(ev.accuracy)
+                        label_smoothing=config.label_smoothing, augment=augment, freeze_bn=freeze_bn, task=task)
+        ev = evaluate(model, test, device, task)
+        result.restricted.append(ev.score)
         result.restricted_loss.append(ev.loss)
-        metrics = {"restricted_acc": ev.accuracy, "restricted_loss": ev.loss}
+        metrics = {metric.restricted: ev.score, metric.restricted_loss: ev.loss}
         if val is not None:
-            result.val_acc.append(evaluate(model, val, device).accuracy)
-            metrics["val_acc"] = result.val_acc[-1]
+            result.val.append(evaluate(model, val, device, task).score)
+            metrics[metric.val] = result.val[-1]
         if on_epoch:
             on_epoch(epoch, metrics)
     if original_test is not None:
-        result.original_acc = evaluate(model, original_test, device).accuracy
+        result.original = evaluate(model, original_test, device, task).score
     result.seconds = time.perf_counter() - start
+    result.model = model if keep_model else None
     return result
 
 

@@ -120,5 +120,5 @@ def add_lora(model: Net, rank: int, alpha: float, generator: torch.Generator) ->
 
 def lora_targets(model: nn.Module) -> int:
     """How many layers ``add_lora`` would wrap (every Conv2d and Linear except the head)."""
-    head = model.head if isinstance(model, Net) else None
+    head = getattr(model, "head", None)
     return sum(isinstance(m, (nn.Conv2d, nn.Linear)) and m is not head for m in model.modules())

@@ -104,15 +104,28 @@ def default_blocks(body: nn.Module, classifier: nn.Sequential) -> list[list[nn.M
 
 
 def build_model(spec: ModelSpec, channels: int = 3, image_size: int = 32, weights: str | None = None) -> Net:
-    """Build ``spec.arch`` for ``channels`` x ``image_size`` inputs with ``spec.num_classes`` outputs.
+    """Build ``spec.arch`` for ``channels`` x ``image_size`` inputs with ``spec.num_classes`` outputs (a classifier,
+    :data:`MODELS`), or the DDPM UNet preset ``spec.arch`` (generation mode, ``sophon_ray.diffusion.DENOISERS``).
 
     ``weights='torchvision'`` loads the architecture's published ImageNet weights into the body (needs a
     download); raises KeyError for an unknown architecture. With ``spec.channels_last`` the model's 4-D
     weights are NHWC, and convolutions then run channels-last whatever the input's layout.
     """
-    model = MODELS.get(spec.arch)(num_classes=spec.num_classes, channels=channels, image_size=image_size,
-                                  weights=weights)
+    if spec.arch in denoisers():  # generation mode's DDPM UNets (num_classes unused)
+        if weights:
+            _no_pretrained(spec.arch, weights)
+        model = denoisers().get(spec.arch)(channels, image_size)
+    else:
+        model = MODELS.get(spec.arch)(num_classes=spec.num_classes, channels=channels, image_size=image_size,
+                                      weights=weights)
     return model.to(memory_format=torch.channels_last) if spec.channels_last else model
+
+
+def denoisers() -> Registry:
+    """The DDPM UNet presets (``sophon_ray.diffusion.DENOISERS``), imported on first use."""
+    from sophon_ray.diffusion import DENOISERS  # noqa: PLC0415 - classification never loads the diffusion code
+
+    return DENOISERS
 
 
 def _conv_block(c_in: int, c_out: int, bn: bool) -> list[nn.Module]:

@@ -5,6 +5,8 @@ Torch-free (``analysis/`` imports it without PyTorch or Ray).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # experiment tag: how MLflow tells a training experiment from a GenAI one (an experiment without it can open on the
 # GenAI "Traces" view). MLflow 3.17.2's UI reads it only when its GenAI / Model training switch is built out; with
 # the switch (default GenAI) the view comes from the URL, so `sophon-ray ui` links carry
@@ -13,6 +15,7 @@ EXPERIMENT_KIND, CUSTOM_MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_mod
 
 # run tags
 ROLE, SWEEP, KEY, PARENT, NODE = "sophon.role", "sophon.sweep_id", "sophon.key", "mlflow.parentRunId", "sophon.node_id"
+MODE = "sophon.mode"   # on the parent run: classification | generation (no tag: a sweep from before generation mode)
 
 # attack-run params: who was attacked, on which grid and domain, with which recipe
 SUBJECT, VARIANT, PROTECT_SEED, GRID, DOMAIN, DATA_POOL = (
@@ -51,3 +54,81 @@ PROTECT_METRICS = ("original_val_acc", "original_test_acc", "intactness_drop", "
                    "rollbacks")
 SPEC_ARTIFACT = "spec.yaml"      # the resolved spec, at the root of the parent run
 REPORT_ARTIFACTS = "report"      # the report files, under this folder of the parent run
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The score a mode's runs log, and its MLflow keys. Both modes' scores are percentages where higher means the
+    model does the task better (so on the restricted domain: the attack succeeded) and 0 is the do-nothing model:
+    classification logs accuracy (chance = 100 / C), generation logs denoising skill, 100 x (1 - MSE) of the
+    predicted noise at fixed timesteps (0 = predicting zero noise, the refusal DoS teaches; < 0 = worse than that),
+    with the MSE itself as its loss (``restricted_mse``)."""
+
+    short: str                  # acc | skill: the suffix of every score key below
+    noun: str                   # what the score is, in words: accuracy | denoising skill
+    loss: str = "loss"          # the suffix of the loss beside the score: cross-entropy (loss) | denoising MSE (mse)
+
+    @property
+    def axis(self) -> str:
+        return f"{self.noun}, %"
+
+    def key(self, part: str) -> str:
+        return f"{part}_{self.short}"
+
+    @property
+    def restricted(self) -> str:
+        return self.key("restricted")
+
+    @property
+    def restricted_loss(self) -> str:
+        return f"restricted_{self.loss}"
+
+    @property
+    def final(self) -> str:
+        return self.key("restricted") + "_final"
+
+    @property
+    def best(self) -> str:
+        return self.key("restricted") + "_best"
+
+    @property
+    def original(self) -> str:
+        return self.key("original")
+
+    @property
+    def val(self) -> str:
+        return self.key("val")
+
+    @property
+    def val_best(self) -> str:
+        return self.key("val") + "_best"
+
+    @property
+    def at_val_best(self) -> str:
+        return self.key("restricted") + "_at_val_best"
+
+    @property
+    def found_val(self) -> str:
+        return "best_found_" + self.key("val")
+
+    @property
+    def found_test(self) -> str:
+        return "best_found_" + self.key("restricted")
+
+    @property
+    def protect_metrics(self) -> tuple[str, ...]:
+        return (self.key("original_val"), self.key("original_test"), "intactness_drop", self.key("probe"),
+                "selected_iteration", "rollbacks")
+
+
+ACCURACY = Metric("acc", "accuracy")
+SKILL = Metric("skill", "denoising skill", loss="mse")
+METRICS = {"classification": ACCURACY, "generation": SKILL}
+
+
+def metric_for(mode: str) -> Metric:
+    """The metric of a sweep's ``mode`` (classification: accuracy; generation: denoising skill)."""
+    try:
+        return METRICS[mode]
+    except KeyError:
+        raise KeyError(f"mode: unknown mode '{mode}'; use one of {', '.join(METRICS)}") from None

@@ -16,6 +16,7 @@ logged twice.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -70,7 +71,8 @@ def backoff(start: float = BACKOFF_START_S, cap: float = BACKOFF_CAP_S) -> Itera
 
 @dataclass(frozen=True)
 class Op:
-    """One pending MLflow operation of one trial: ``kind`` open | rows | tag | finish, its data as JSON."""
+    """One pending MLflow operation of one trial: ``kind`` open | rows | tag | artifact | finish, its data as JSON
+    (an artifact's bytes base64-encoded)."""
 
     key: str
     kind: str
@@ -194,6 +196,10 @@ class Outbox:
 
     def tag(self, key: str, name: str, value: str) -> None:
         self._put([Op(key, "tag", {"tag": name, "value": str(value)})])
+
+    def artifact(self, key: str, name: str, data: bytes) -> None:
+        """A file of the trial's run (``name`` relative to its artifact root, e.g. ``samples/after.png``)."""
+        self._put([Op(key, "artifact", {"name": name, "base64": base64.b64encode(data).decode("ascii")})])
 
     def finish(self, key: str, status: str) -> None:
         self._put([Op(key, "finish", {"status": status})])
@@ -332,13 +338,16 @@ class Outbox:
             group = []
             if op.kind == "open":
                 self._open(state, op)
+            elif op.kind == "artifact":
+                self._log(state, [])  # params not logged yet
+                self.tracker.log_bytes(self._run_id(state, op), op.data["name"], base64.b64decode(op.data["base64"]))
             elif op.kind == "finish":
                 self._log(state, [])  # params not logged yet
                 self.tracker.finish(self._run_id(state, op), op.data["status"])
                 self.stats.finished += 1
             else:
                 raise ValueError(f"journal operation {op.kind!r} of trial {op.key} is unknown (open, rows, tag, "
-                                 "finish)")
+                                 "artifact, finish)")
         self._log(state, group)
 
     def _open(self, state: _TrialState, op: Op) -> None:

@@ -294,7 +294,7 @@ def _run_stages(spec: SweepSpec, options: RunOptions, view: View, sid: str, tria
     out.mkdir(parents=True, exist_ok=True)
     spec_file = out / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
-    parent = tracker.sweep_run(sid, f"sweep-{sid}", spec_file)
+    parent = tracker.sweep_run(sid, f"sweep-{sid}", spec_file, spec.mode)
     outcome = Outcome(sid, len(trials) + searched, tracking_uri=redact(tracker.uri), output_dir=str(out),
                       log_dir=str(view.logs.log_dir))
     view.say(f"sweep {spec.name} ({sid}) | MLflow {redact(uri)} | experiment '{spec.name}' | output {out}")
@@ -413,8 +413,9 @@ def _train_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any,
         finally:
             stop_board(board)
         for r in results:
-            view.say(f"[1/4] {r['stage']} {r['label']} | original val {r['original_val_acc']:.1f} | test "
-                     f"{r['original_test_acc']:.1f} | ranks identical: {r['ranks_identical']} | {r['dir']}")
+            m = names.metric_for(spec.mode)
+            view.say(f"[1/4] {r['stage']} {r['label']} | original val {r[m.key('original_val')]:.1f} | test "
+                     f"{r[m.key('original_test')]:.1f} | ranks identical: {r['ranks_identical']} | {r['dir']}")
     _log_models(spec, tracker, parent, sid, normal_dir, wanted)
     outcome.checkpoints = {"normal": str(normal_dir), **{k: str(v) for k, v in wanted.items()}}
     return {"normal": normal_dir, **wanted}
@@ -517,7 +518,8 @@ def _attack_trials(spec: SweepSpec, options: RunOptions, view: View, tracker: An
         counts = AttackProgress(len(todo))
         with view.console.progress(counts, prefix="[2/4]" if attempt == 0 else "[2/4] retry pass:"):
             grid = run_attacks(spec, todo, loaded, data, storage, f"attack-{sid}-{int(time.time())}-{attempt}",
-                               [make_callback(tracker, parent, sid, outbox), make_progress_callback(counts)],
+                               [make_callback(tracker, parent, sid, outbox, metric=names.metric_for(spec.mode)),
+                                make_progress_callback(counts)],
                                spec.resources.max_failures, verbose=1 if options.verbose else 0)
         errors = [r for r in grid if r.error]
         todo = [t for t in todo if t.key not in outbox.completed]  # MLflow's view once the outbox delivers
@@ -550,9 +552,10 @@ def search_key(sid: str, template: Trial) -> str:
     return spec_hash((sid, template.search, template.subject.label, template.domain_name))
 
 
-def search_history(tracker: Any, search_run: str, scratch: bool) -> tuple[list[tuple[int, dict, float, float]], int]:
-    """The finished trials of a search run as (search_trial, searched params, objective, test accuracy at
-    the best-validation epoch), in search order, and the next free trial number. Trials an interrupted run left
+def search_history(tracker: Any, search_run: str, scratch: bool, metric: names.Metric = names.ACCURACY
+                   ) -> tuple[list[tuple[int, dict, float, float]], int]:
+    """The finished trials of a search run as (search_trial, searched params, objective, test score at the
+    best-validation epoch), in search order, and the next free trial number. Trials an interrupted run left
     unfinished are marked KILLED (their number is not reused)."""
     from sophon_ray.spec import SearchSpace  # noqa: PLC0415
 
@@ -562,13 +565,13 @@ def search_history(tracker: Any, search_run: str, scratch: bool) -> tuple[list[t
     for run in tracker.child_runs(search_run):
         numbers.append(int(run.data.params.get(names.SEARCH_TRIAL, -1)))
         metrics, params = run.data.metrics, run.data.params
-        if run.info.status != "FINISHED" or names.VAL_BEST not in metrics:
+        if run.info.status != "FINISHED" or metric.val_best not in metrics:
             if run.info.status == "RUNNING":
                 tracker.finish(run.info.run_id, "KILLED")
             continue
         values = {k: _cast(params[k], casts.get(k)) for k in searched if k in params}
-        done.append((int(params[names.SEARCH_TRIAL]), values, metrics[names.VAL_BEST],
-                     metrics.get(names.AT_VAL_BEST, metrics[names.FINAL])))
+        done.append((int(params[names.SEARCH_TRIAL]), values, metrics[metric.val_best],
+                     metrics.get(metric.at_val_best, metrics[metric.final])))
     return sorted(done, key=lambda row: row[0]), max(numbers) + 1
 
 
@@ -593,7 +596,7 @@ def _search_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any
     from sophon_ray.tune_driver import (SearchNumbering, make_callback, make_progress_callback,  # noqa: PLC0415
                                         run_search, search_data)
 
-    searches = {s.name: s for s in spec.attack.search}
+    searches, m = {s.name: s for s in spec.attack.search}, names.metric_for(spec.mode)
     templates = search_templates(spec, protected_models(spec, options))
     plan = []
     for template in templates:
@@ -604,7 +607,7 @@ def _search_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any
                                        (names.SUBJECT, names.VARIANT, names.PROTECT_SEED, names.DOMAIN, names.SEARCH)},
                                     "algorithm": search.algorithm, "scheduler": search.scheduler,
                                     "num_samples": search.num_samples, "val_fraction": search.val_fraction})
-        history, first = search_history(tracker, run_id, template.subject.kind == "scratch")
+        history, first = search_history(tracker, run_id, template.subject.kind == "scratch", m)
         plan.append((template, search, run_id, history, first))
     todo = sum(max(0, s.num_samples - len(h)) for _, s, _, h, _ in plan)
     view.say(f"[3/4] search: {len(plan)} searches (search x attacked model x domain), {todo} trials to run")
@@ -621,13 +624,13 @@ def _search_stage(spec: SweepSpec, options: RunOptions, view: View, tracker: Any
                 name = f"search-{search_key(sid, template)}-{int(time.time())}"
                 run_search(spec, search, template, remaining, [(p, v) for _, p, v, _ in history], loaded, data,
                            storage, name, [make_callback(tracker, run_id, sid,
-                                                         trial_of=SearchNumbering(template, first)),
+                                                         trial_of=SearchNumbering(template, first), metric=m),
                                            make_progress_callback(counts)],
                            spec.resources.max_failures, verbose=1 if options.verbose else 0)
-                history, _ = search_history(tracker, run_id, template.subject.kind == "scratch")
+                history, _ = search_history(tracker, run_id, template.subject.kind == "scratch", m)
                 outcome.trials_run += remaining
-            logged = tracker.logged_steps(run_id, names.FOUND_VAL)
-            tracker.log_rows(run_id, [(f.n, {names.FOUND_VAL: f.val, names.FOUND_TEST: f.test})
+            logged = tracker.logged_steps(run_id, m.found_val)
+            tracker.log_rows(run_id, [(f.n, {m.found_val: f.val, m.found_test: f.test})
                                       for f in best_found([(n, v, t) for n, _, v, t in history]) if f.n not in logged])
             complete = len(history) >= search.num_samples
             tracker.finish(run_id, "FINISHED" if complete else "FAILED")

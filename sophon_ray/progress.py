@@ -16,15 +16,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sophon_ray import names
 from sophon_ray.console import Line, eta_seconds, format_duration
 
 log = logging.getLogger(__name__)
 SEND_EVERY_S = 1.0
 SEND_TIMEOUT_S = 10.0
 # metrics shown per stage, in this order: (name in the worker's rows, label on the console, format)
-SHOWN = {"pretrain": (("train_loss", "loss", ".3f"), ("val_acc", "val acc", ".1f")),
+# (each mode's score: accuracy in classification, denoising skill in generation; a row holds one of them)
+SHOWN = {"pretrain": (("train_loss", "loss", ".3f"),
+                      *((m.val, f"val {m.short}", ".1f") for m in names.METRICS.values())),
          "protect": (("fts_loss", "fts_loss", ".3f"), ("ntr_loss", "ntr_loss", ".3f"),
-                     ("original_acc", "original_acc", ".1f"), ("probe_acc", "probe_acc", ".1f"))}
+                     *((m.original, m.original, ".1f") for m in names.METRICS.values()),
+                     *((m.key("probe"), m.key("probe"), ".1f") for m in names.METRICS.values()))}
 UNIT = {"pretrain": "epoch", "protect": "iteration"}
 
 

@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from sophon_ray.attack import AttackConfig, finetune
 from sophon_ray.checkpoint import load_tree, save_tree
 from sophon_ray.data import BatchStream, infinite_batches
-from sophon_ray.losses import LOSSES
 from sophon_ray.models import Net
 from sophon_ray.simulation import sample_environment, simulate
 from sophon_ray.spec import ProbeSpec, ProtectSpec
+from sophon_ray.tasks import CLASSIFICATION, Task
 from sophon_ray.training import evaluate
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ class Sync(Protocol):
 
 @dataclass
 class Candidate:
-    """A probed state of the model during protection."""
+    """A probed state of the model during protection (scores in the task's metric: classification accuracy)."""
 
     iteration: int
     original_acc: float
@@ -134,15 +133,15 @@ def _capture(iteration: int, seconds: float, model: Net, fts_opt: torch.optim.Op
 
 
 def probe(model: Net, restricted_train: list[Dataset], restricted_val: list[Dataset], probes: tuple[ProbeSpec, ...],
-          epochs: int, seed: int, device: torch.device | str) -> float:
-    """Worst case (max) restricted *validation* accuracy over the probe attacks and restricted domains: each
+          epochs: int, seed: int, device: torch.device | str, task: Task = CLASSIFICATION) -> float:
+    """Worst case (max) restricted *validation* score over the probe attacks and restricted domains: each
     probe fine-tunes on a stratified share of the protector's restricted data for ``epochs``."""
     scores = []
     for train, val in zip(restricted_train, restricted_val):
         for p in probes:
             cfg = AttackConfig(strategy=p.strategy, optimizer=p.optimizer, lr=p.lr, batch_size=p.batch_size,
                                data_fraction=p.data_fraction, epochs=epochs, seed=seed)
-            scores.append(finetune(model, train, val, cfg, device=device).final)
+            scores.append(finetune(model, train, val, cfg, device=device, task=task).final)
     return max(scores)
 
 
@@ -161,7 +160,7 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
             probe_tolerance: float = 5.0, sync: Sync | None = None, rank: int = 0,
             probe_train: list[Dataset] | None = None, seed: int | None = None,
             on_checkpoint: Callable[[ProtectState], None] | None = None,
-            resume: ProtectState | None = None) -> ProtectResult:
+            resume: ProtectState | None = None, task: Task = CLASSIFICATION) -> ProtectResult:
     """Protect a copy of ``model`` against fine-tuning on every restricted domain (SOPHON).
 
     Each iteration: one FTS step (sample an environment, simulate ``inner_steps`` of fine-tuning on a
@@ -180,6 +179,10 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
 
     ``seed`` (default: the variant's first seed) seeds environments, batches and probes.
 
+    ``task`` (default: classification) supplies the fitting loss (adversary and NTR), the suppression loss named
+    ``spec.loss`` and the score (accuracy, or generation's denoising skill) that floors, probes and selection
+    read, all in its percent scale where higher is better; metrics are emitted under its names.
+
     Fault tolerance: every ``spec.checkpoint_every`` iterations (0: never) ``on_checkpoint`` gets the whole
     :class:`ProtectState`; ``resume`` (such a state, from the same inputs and rank) continues from its iteration and
     gives bit-identical results to a run that never stopped (on the CPU).
@@ -192,7 +195,7 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     probe_train = probe_train or restricted_train
     model = copy.deepcopy(model).to(device)
     model.train()
-    suppression = LOSSES.get(spec.loss)
+    suppression, metric = task.suppression(spec.loss), task.metric
     floor = normal_acc - spec.max_drop
     restricted_batches = [infinite_batches(d, spec.batch_size, gen) for d in restricted_train]
     original_batches = infinite_batches(original_train, spec.batch_size, gen)
@@ -222,9 +225,9 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     resumed_from = iteration
 
     def add_candidate(it: int, original_acc: float) -> None:
-        score = probe(model, probe_train, restricted_val, spec.probes, spec.probe_epochs, seed, device)
+        score = probe(model, probe_train, restricted_val, spec.probes, spec.probe_epochs, seed, device, task)
         candidates.append(Candidate(it, original_acc, score, copy.deepcopy(model.state_dict())))
-        emit(it, {"probe_acc": score})
+        emit(it, {metric.key("probe"): score})
 
     def emit(it: int, metrics: dict[str, float]) -> None:
         if on_metrics:
@@ -238,7 +241,7 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
         iteration += 1
         env = sample_environment(spec.environments, rng)
         sim = simulate(model, restricted_batches[iteration % len(restricted_batches)], env, suppression,
-                       spec.inner_steps, spec.query_fraction, gen)
+                       spec.inner_steps, spec.query_fraction, gen, task.fit_loss)
         for name, param in model.named_parameters():
             param.grad = sim.grads[name]
         if sync:
@@ -248,7 +251,7 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
         ntr_loss = torch.zeros((), device=grad_norm.device)
         for _ in range(spec.ntr_steps):
             x, y = next(original_batches)
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            loss = task.fit_loss(model, x.to(device), y.to(device))
             ntr_opt.zero_grad(set_to_none=True)
             loss.backward()
             if sync:
@@ -267,12 +270,13 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
         if finite and iteration % spec.eval_every and not probe_now:
             emit(iteration, row)
             continue
-        original_acc = evaluate(model, original_val, device).accuracy if finite else float("nan")
-        row["original_acc"] = original_acc
+        original_acc = evaluate(model, original_val, device, task).score if finite else float("nan")
+        row[metric.original] = original_acc
         history.append({"iteration": iteration, **row})
         emit(iteration, row)
         if not finite or original_acc < floor:
-            reason = "non-finite loss or weights" if not finite else f"original_acc {original_acc:.1f} < floor {floor:.1f}"
+            reason = ("non-finite loss or weights" if not finite
+                      else f"{metric.original} {original_acc:.1f} < floor {floor:.1f}")
             rollbacks.append({"iteration": iteration, "to": good.iteration, "reason": reason})
             log.warning("protect %s | rollback %d -> %d: %s", spec.label, iteration, good.iteration, reason)
             emit(iteration, {"rollback": 1.0})
@@ -285,12 +289,13 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
         if probe_now:
             add_candidate(iteration, original_acc)
         now = time.perf_counter()
-        log.info("protect %s %d/%d | fts_loss %.3f | ntr_loss %.3f | original_acc %.1f | %.2f s/it", spec.label,
-                 iteration, spec.iterations, sim.fts_loss, ntr_loss, original_acc, (now - last_log) / spec.eval_every)
+        log.info("protect %s %d/%d | fts_loss %.3f | ntr_loss %.3f | %s %.1f | %.2f s/it", spec.label, iteration,
+                 spec.iterations, sim.fts_loss, ntr_loss, metric.original, original_acc,
+                 (now - last_log) / spec.eval_every)
         last_log = now
     if not candidates or candidates[-1].iteration != good.iteration:
         _restore(good, model, fts_opt, ntr_opt)
-        add_candidate(good.iteration, evaluate(model, original_val, device).accuracy)
+        add_candidate(good.iteration, evaluate(model, original_val, device, task).score)
     chosen = select(candidates, normal_acc - spec.select_drop, probe_tolerance)
     model.load_state_dict(chosen.state)
     return ProtectResult(

@@ -103,12 +103,13 @@ def warm_study(search: SearchSpec, fixed_strategy: str, scratch: bool, history: 
 
 
 def searcher(search: SearchSpec, fixed_strategy: str, scratch: bool, history: Sequence[tuple[dict, float]],
-             study_name: str) -> Any:
-    """The Tune search algorithm: OptunaSearch over the define-by-run space, warm-started, concurrency-limited."""
+             study_name: str, objective: str = names.VAL_BEST) -> Any:
+    """The Tune search algorithm: OptunaSearch over the define-by-run space, warm-started, concurrency-limited,
+    maximising ``objective`` (the best validation score of a trial: accuracy, or generation's denoising skill)."""
     from ray.tune.search import ConcurrencyLimiter  # noqa: PLC0415
     from ray.tune.search.optuna import OptunaSearch  # noqa: PLC0415
 
-    optuna_search = OptunaSearch(space=DefineByRun(search.space, fixed_strategy, scratch), metric=names.VAL_BEST,
+    optuna_search = OptunaSearch(space=DefineByRun(search.space, fixed_strategy, scratch), metric=objective,
                                  mode="max", sampler=sampler(search), study_name=study_name,
                                  storage=warm_study(search, fixed_strategy, scratch, history, study_name))
     return ConcurrencyLimiter(optuna_search, max_concurrent=search.max_concurrent)

@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sophon_ray.models import Net
 from sophon_ray.registry import Registry
 from sophon_ray.spec import EnvironmentSpec
+from sophon_ray.tasks import CLASSIFICATION
 
 Batch = tuple[Tensor, Tensor]
-SuppressionLoss = Callable[[Tensor, Tensor], Tensor]
+ModelLoss = Callable[[torch.nn.Module, Tensor, Tensor], Tensor]   # (model, x, y) -> scalar, see sophon_ray.tasks
 # SOPHON_CUDA_GRAPHS=0 runs every inner step eagerly on CUDA too (debugging, or a model that cannot be captured)
 CUDA_GRAPHS = os.environ.get("SOPHON_CUDA_GRAPHS", "1") != "0"
 WARMUP_STEPS = 3  # eager steps on a side stream before a capture (cuDNN/cuBLAS handles, autograd streams)
@@ -131,10 +131,12 @@ class Simulation:
     adversary_loss: float
 
 
-def simulate(model: Net, batches: Iterator[Batch], env: Environment, suppression: SuppressionLoss,
-             inner_steps: int, query_fraction: float, generator: torch.Generator) -> Simulation:
-    """Run ``inner_steps`` adversary steps on a copy of ``model``; after each, take the gradient of
-    ``suppression`` on the held-out query part of that step's batch at the adapted weights.
+def simulate(model: Net, batches: Iterator[Batch], env: Environment, suppression: ModelLoss,
+             inner_steps: int, query_fraction: float, generator: torch.Generator,
+             fit: ModelLoss = CLASSIFICATION.fit_loss) -> Simulation:
+    """Run ``inner_steps`` adversary steps (each minimising the task's ``fit`` loss on the support part of a fresh
+    batch) on a copy of ``model``; after each, take the gradient of ``suppression`` on the held-out query part of
+    that step's batch at the adapted weights. Both losses come from the task (``sophon_ray.tasks``).
 
     First-order: no gradient flows through the inner updates, so the outer gradient is
     (1/K) sum_k grad L_a(theta_k). When ``env.head_reinit`` re-initialises the copy's head (Xavier-uniform
@@ -144,7 +146,8 @@ def simulate(model: Net, batches: Iterator[Batch], env: Environment, suppression
     if inner_steps < 1:
         raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
     adversary = _adversary(model)
-    step = adversary.step_for(_Key(env.optimizer, env.head_only, suppression, _autocast_state(adversary.device)))
+    step = adversary.step_for(_Key(env.optimizer, env.head_only, suppression, fit,
+                                   _autocast_state(adversary.device)))
     for k in range(inner_steps):
         x, y = next(batches)
         x, y = x.to(adversary.device, non_blocking=True), y.to(adversary.device, non_blocking=True)
@@ -171,7 +174,8 @@ class _Key:
 
     optimizer: str
     head_only: bool
-    suppression: SuppressionLoss
+    suppression: ModelLoss
+    fit: ModelLoss
     autocast: tuple
 
 
@@ -212,13 +216,13 @@ class _Step:
     def _step(self, x: Tensor, y: Tensor, n_query: int) -> None:
         model = self.adversary.net
         _requires_grad(self.frozen, False)  # head-only: no graph through the frozen body for the support step
-        loss = F.cross_entropy(model(x[n_query:]), y[n_query:])
+        loss = self.key.fit(model, x[n_query:], y[n_query:])
         grads = torch.autograd.grad(loss, self.inner)
         with torch.no_grad():
             self.t.add_(1)
             INNER_OPTIMIZERS.get(self.key.optimizer).step_(self.inner, list(grads), self.state, self.lr, self.t)
         _requires_grad(self.frozen, True)
-        q_loss = self.key.suppression(model(x[:n_query]), y[:n_query])
+        q_loss = self.key.suppression(model, x[:n_query], y[:n_query])
         q_grads = torch.autograd.grad(q_loss, self.adversary.params)
         with torch.no_grad():
             torch._foreach_add_(self.total, q_grads)

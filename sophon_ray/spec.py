@@ -24,10 +24,12 @@ from sophon_ray.errors import SophonError
 from sophon_ray.registry import did_you_mean
 
 SUBJECTS = ("protected", "normal", "scratch")
-MODES = ("classification",)
+MODES = ("classification", "generation")
 DATA_POOLS = ("disjoint", "shared")
 RESTRICTED_VAL_FRACTION = 0.2  # of each restricted training split: the protector's validation data
 HASHED = "hashed"  # field metadata key: False for a field that does not change results (no hash depends on it)
+UNLESS_DEFAULT = "unless-default"  # HASHED value: hashed only when it differs from its default (a field added later
+                                   # that leaves the ids of the sweeps that do not use it unchanged)
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,30 @@ class TrackingSpec:
 
 
 @dataclass(frozen=True)
+class GenerationSpec:
+    """Generation mode's DDPM settings (``mode: generation``; ignored in classification mode).
+
+    ``suppression_t`` is the timestep policy of the suppression losses (DoS, negative MSE): ``uniform`` draws
+    t ~ U{0..T-1} per image, as the paper's text and every DDPM fine-tuning attacker do; ``one`` is the official
+    code's fixed t = 1. ``eval_t`` are the fixed timesteps of the denoising-error metric (common random noise,
+    seeded by ``eval_seed``). ``samples`` images are drawn (``sample_steps`` respaced ancestral steps; null: all T)
+    for the sample grids before and after an attack (0: none) and, with ``sample_quality``, scored by KID and
+    recognisability in an offline-trained restricted-domain classifier's features; FID too when ``fid_weights``
+    (or torchvision's cache) holds Inception-v3 weights."""
+
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    suppression_t: str = "uniform"
+    eval_t: tuple[int, ...] = (1, 10, 100, 250, 500)
+    eval_seed: int = 0
+    samples: int = 16
+    sample_steps: int | None = 100
+    sample_quality: bool = True
+    fid_weights: str | None = field(default=None, metadata={HASHED: False})  # torchvision inception_v3 state dict
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     name: str = "sweep"
     seed: int = 0
@@ -285,6 +311,7 @@ class SweepSpec:
     attack: AttackSpec = field(default_factory=AttackSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    generation: GenerationSpec = field(default_factory=GenerationSpec, metadata={HASHED: UNLESS_DEFAULT})
 
     @property
     def out(self) -> Path:
@@ -458,10 +485,18 @@ def to_dict(obj: Any, hashed_only: bool = False) -> Any:
     change results (``metadata={HASHED: False}``)."""
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name), hashed_only) for f in fields(obj)
-                if not hashed_only or f.metadata.get(HASHED, True)}
+                if not hashed_only or _hashed(obj, f)}
     if isinstance(obj, (tuple, list)):
         return [to_dict(v, hashed_only) for v in obj]
     return obj
+
+
+def _hashed(obj: Any, f: dataclasses.Field) -> bool:
+    how = f.metadata.get(HASHED, True)
+    if how == UNLESS_DEFAULT:
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        return getattr(obj, f.name) != default
+    return bool(how)
 
 
 def spec_hash(obj: Any) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from sophon_ray.errors import SophonError
-from sophon_ray.names import CUSTOM_MODEL_DEVELOPMENT, EXPERIMENT_KIND, KEY, PARENT, ROLE, SWEEP
+from sophon_ray.names import CUSTOM_MODEL_DEVELOPMENT, EXPERIMENT_KIND, KEY, MODE, PARENT, ROLE, SWEEP
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 900  # MLflow's log_batch accepts at most 1000 metrics per call
@@ -142,11 +143,13 @@ class Tracker:
         run = self._sweep(sweep_id)
         return run.info.status if run else None
 
-    def sweep_run(self, sweep_id: str, name: str, spec_file: Path | None = None) -> str:
-        """The parent run of this sweep, created once; the resolved spec is logged as ``spec.yaml``."""
+    def sweep_run(self, sweep_id: str, name: str, spec_file: Path | None = None, mode: str = "classification") -> str:
+        """The parent run of this sweep, created once, tagged with its ``mode`` (what its metrics are: accuracy or
+        denoising skill); the resolved spec is logged as ``spec.yaml``."""
         run = self._sweep(sweep_id)
         if run is None:
-            run = self.client.create_run(self.experiment_id, run_name=name, tags={ROLE: "sweep", SWEEP: sweep_id})
+            run = self.client.create_run(self.experiment_id, run_name=name,
+                                         tags={ROLE: "sweep", SWEEP: sweep_id, MODE: mode})
             if spec_file is not None:
                 self.client.log_artifact(run.info.run_id, str(spec_file))
         elif run.info.status != "RUNNING":
@@ -227,6 +230,13 @@ class Tracker:
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_bytes(self, run_id: str, name: str, data: bytes) -> None:
+        """Write ``data`` as the run's artifact ``name`` (e.g. ``samples/after.png``); writing it again replaces it."""
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / Path(name).name
+            path.write_bytes(data)
+            self.client.log_artifact(run_id, str(path), str(Path(name).parent) if Path(name).parent.name else None)
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from sophon_ray.names import metric_for
 from sophon_ray.progress import ProgressSender
 from sophon_ray.spec import SweepSpec, spec_hash
 
@@ -132,9 +133,12 @@ def train_loop(config: dict[str, Any]) -> None:
     from sophon_ray.data import make_splits  # noqa: PLC0415
     from sophon_ray.protection import ProtectState, protect, save_state  # noqa: PLC0415
     from sophon_ray.spec import to_dict  # noqa: PLC0415
+    from sophon_ray.tasks import task_for  # noqa: PLC0415
     from sophon_ray.training import evaluate, pretrain  # noqa: PLC0415
 
     spec: SweepSpec = config["spec"]
+    task = task_for(spec)
+    m = task.metric
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config["threads"])))
@@ -213,13 +217,14 @@ def train_loop(config: dict[str, Any]) -> None:
             seconds = 0.0
             if needs_training:
                 seconds = pretrain(normal, _shard(splits.original_train, rank, world), splits.original_val,
-                                   spec.pretrain, spec.seed, device, on_epoch=record, sync=sync, rank=rank).seconds
-            normal_acc = evaluate(normal, splits.original_val, device).accuracy
-            metrics = {"original_val_acc": normal_acc,
-                       "original_test_acc": evaluate(normal, splits.original_test, device).accuracy,
+                                   spec.pretrain, spec.seed, device, on_epoch=record, sync=sync, rank=rank,
+                                   task=task).seconds
+            normal_acc = evaluate(normal, splits.original_val, device, task).score
+            metrics = {m.key("original_val"): normal_acc,
+                       m.key("original_test"): evaluate(normal, splits.original_test, device, task).score,
                        "seconds": seconds}
             card = make_card(spec.model, spec.original, spec.restricted, job["key"], "normal", metrics)
-            progress.finish(val_acc=normal_acc)
+            progress.finish(**{m.val: normal_acc})
             finish(job, normal, card, history, metrics)
             continue
         variant = spec.protect[job["variant_index"]]
@@ -228,18 +233,18 @@ def train_loop(config: dict[str, Any]) -> None:
                          normal_acc, device, on_metrics=record, sync=sync, rank=rank,
                          probe_train=splits.restricted_train, seed=job["seed"],
                          on_checkpoint=lambda state, job=job, history=history: report_state(job, history, state),
-                         resume=point.state if resumed else None)
-        test_acc = evaluate(result.model, splits.original_test, device).accuracy
-        normal_test = evaluate(normal, splits.original_test, device).accuracy
-        metrics = {"original_val_acc": result.original_acc, "original_test_acc": test_acc,
-                   "intactness_drop": normal_test - test_acc, "probe_acc": result.probe_acc,
+                         resume=point.state if resumed else None, task=task)
+        test_acc = evaluate(result.model, splits.original_test, device, task).score
+        normal_test = evaluate(normal, splits.original_test, device, task).score
+        metrics = {m.key("original_val"): result.original_acc, m.key("original_test"): test_acc,
+                   "intactness_drop": normal_test - test_acc, m.key("probe"): result.probe_acc,
                    "selected_iteration": result.selected_iteration, "rollbacks": len(result.rollbacks),
                    "iterations_run": result.iterations_run, "resumed_from_iteration": result.resumed_from,
                    "seconds": time.perf_counter() - start}
         card = make_card(spec.model, spec.original, spec.restricted, job["key"], "protected", metrics,
                          extra={"variant": variant.label, "protect_seed": job["seed"], "protect": to_dict(variant),
                                 "rollback_events": result.rollbacks, "stopped": result.stopped})
-        progress.finish(original_acc=result.original_acc, probe_acc=result.probe_acc)
+        progress.finish(**{m.original: result.original_acc, m.key("probe"): result.probe_acc})
         finish(job, result.model, card, history, metrics)
 
 
@@ -329,7 +334,8 @@ def _fit(spec: SweepSpec, jobs: list[dict[str, Any]], store: Path, storage_path:
                               "progress": progress}
     if normal_dir is not None:
         model, card = load_checkpoint(normal_dir)
-        config |= {"normal_state": model.state_dict(), "normal_val_acc": card["metrics"]["original_val_acc"]}
+        score = metric_for(spec.mode).key("original_val")
+        config |= {"normal_state": model.state_dict(), "normal_val_acc": card["metrics"][score]}
     r = spec.resources
     name = run_name(jobs)
     if not resume and forget_run(storage_path, name):

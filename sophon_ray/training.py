@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -18,6 +17,7 @@ from sophon_ray.augment import Augment
 from sophon_ray.data import batches
 from sophon_ray.registry import Registry
 from sophon_ray.spec import PretrainSpec
+from sophon_ray.tasks import CLASSIFICATION, Evaluation, Task
 
 if TYPE_CHECKING:
     from sophon_ray.protection import Sync
@@ -106,26 +106,11 @@ def one_cycle(total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    accuracy: float  # percent
-    loss: float
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 1000) -> Evaluation:
-    """Accuracy (%) and mean cross-entropy of ``model`` in eval mode; restores the model's train/eval mode."""
-    was_training = model.training
-    model.eval()
-    correct, loss, n = 0, 0.0, 0
-    for x, y in batches(dataset, batch_size, shuffle=False):
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        n += len(y)
-    model.train(was_training)
-    return Evaluation(100.0 * correct / max(1, n), loss / max(1, n))
+def evaluate(model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu",
+             task: Task = CLASSIFICATION) -> Evaluation:
+    """``task``'s score (classification: accuracy, %) and mean loss of ``model`` in eval mode; restores the
+    model's train/eval mode."""
+    return task.evaluate(model, dataset, device)
 
 
 def set_bn_eval(model: nn.Module) -> None:
@@ -138,9 +123,10 @@ def set_bn_eval(model: nn.Module) -> None:
 def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optimizer, batch_size: int,
                 generator: torch.Generator, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                 device: torch.device | str = "cpu", sync_grads: Callable[[list[torch.Tensor]], None] | None = None,
-                *, label_smoothing: float = 0.0, augment: Augment | None = None, freeze_bn: bool = False
-                ) -> float:
-    """One epoch of cross-entropy training in train mode (BatchNorm statistics update); mean batch loss.
+                *, label_smoothing: float = 0.0, augment: Augment | None = None, freeze_bn: bool = False,
+                task: Task = CLASSIFICATION) -> float:
+    """One epoch of training on ``task``'s fitting loss (classification: cross-entropy) in train mode (BatchNorm
+    statistics update); mean batch loss.
 
     ``sync_grads`` (data-parallel workers) averages the gradients across workers before each step.
     ``label_smoothing`` smooths the cross-entropy targets; ``augment(x, generator)`` transforms each
@@ -155,7 +141,7 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
         x, y = x.to(device), y.to(device)
         if augment is not None:
             x = augment(x, generator)
-        loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+        loss = task.fit_loss(model, x, y, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sync_grads:
@@ -170,14 +156,14 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
 
 @dataclass
 class PretrainResult:
-    val_acc: list[float]
+    val_score: list[float]   # the task's validation score per epoch
     seconds: float
 
 
 def pretrain(model: nn.Module, train: Dataset, val: Dataset, spec: PretrainSpec, seed: int = 0,
              device: torch.device | str = "cpu", on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-             sync: "Sync | None" = None, rank: int = 0) -> PretrainResult:
-    """Train the normal model in place on the original domain; validation accuracy per epoch.
+             sync: "Sync | None" = None, rank: int = 0, task: Task = CLASSIFICATION) -> PretrainResult:
+    """Train the normal model in place on the original domain; validation score (``task``'s metric) per epoch.
 
     Data-parallel workers pass their shard as ``train``, their ``rank`` and a ``sync`` (see
     ``sophon_ray.protection.Sync``) that averages gradients and, after each epoch, BatchNorm statistics.
@@ -188,10 +174,10 @@ def pretrain(model: nn.Module, train: Dataset, val: Dataset, spec: PretrainSpec,
     start, curve = time.perf_counter(), []
     for epoch in range(1, spec.epochs + 1):
         loss = train_epoch(model, train, optimizer, spec.batch_size, gen, device=device,
-                           sync_grads=sync.grads if sync else None)
+                           sync_grads=sync.grads if sync else None, task=task)
         if sync:
             sync.buffers([b for b in model.buffers() if b.is_floating_point()])
-        curve.append(evaluate(model, val, device).accuracy)
+        curve.append(evaluate(model, val, device, task).score)
         if on_epoch:
-            on_epoch(epoch, {"train_loss": loss, "val_acc": curve[-1]})
+            on_epoch(epoch, {"train_loss": loss, task.metric.val: curve[-1]})
     return PretrainResult(curve, time.perf_counter() - start)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from sophon_ray import names
 from sophon_ray.spec import SweepSpec
+from sophon_ray.tasks import CLASSIFICATION
 from sophon_ray.trials import Trial
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ def attack_data(splits: Any, benign: list[tuple[Dataset, Dataset]] | None = None
 REPORT_EVERY_S = 10.0  # a trial reports buffered epochs at most this often, and always at its end
 # marks a trial's own last report (not Tune's ``done``, which Tune also sets on a result its scheduler stops at)
 LAST_REPORT = "sophon_last_report"
+ARTIFACTS = "sophon_artifacts"   # in a trial's last report: {name: bytes} files for its MLflow run
 
 
 class EpochReporter:
@@ -109,8 +112,9 @@ class EpochReporter:
     logs them. A search trial reports every epoch (``every_s=0``): its scheduler stops trials on that curve.
     """
 
-    def __init__(self, report: Any, final_epoch: int, every_s: float = REPORT_EVERY_S) -> None:
-        self.report, self.final_epoch, self.every_s = report, final_epoch, every_s
+    def __init__(self, report: Any, final_epoch: int, every_s: float = REPORT_EVERY_S,
+                 metric: names.Metric = names.ACCURACY) -> None:
+        self.report, self.final_epoch, self.every_s, self.metric = report, final_epoch, every_s, metric
         self.rows: list[dict[str, float]] = []
         self.running: dict[str, float] = {}
         self.last = time.monotonic()
@@ -122,12 +126,13 @@ class EpochReporter:
             self.flush()
 
     def _update_running(self, metrics: dict[str, float]) -> None:
-        """Best test accuracy so far; with validation data, the best validation accuracy so far and the test
-        accuracy at that epoch (the attacker keeps its best-validation checkpoint)."""
-        acc = metrics[names.RESTRICTED_ACC]
-        self.running[names.BEST] = max(self.running.get(names.BEST, acc), acc)
-        if names.VAL_ACC in metrics and metrics[names.VAL_ACC] > self.running.get(names.VAL_BEST, -1.0):
-            self.running.update({names.VAL_BEST: metrics[names.VAL_ACC], names.AT_VAL_BEST: acc})
+        """Best test score so far; with validation data, the best validation score so far and the test score at
+        that epoch (the attacker keeps its best-validation checkpoint)."""
+        m = self.metric
+        acc = metrics[m.restricted]
+        self.running[m.best] = max(self.running.get(m.best, acc), acc)
+        if m.val in metrics and metrics[m.val] > self.running.get(m.val_best, -math.inf):
+            self.running.update({m.val_best: metrics[m.val], m.at_val_best: acc})
 
     def flush(self, **final: Any) -> None:
         """Report the buffered rows, then ``final`` metrics (which override the last row's)."""
@@ -149,13 +154,16 @@ def _subject_model(trial: Trial, models: dict[str, tuple[dict, dict]], channels_
     return scratch_model(model, trial.config.seed) if trial.subject.kind == "scratch" else model
 
 
-def _finish(reporter: EpochReporter, result: Any, epochs: int) -> None:
-    """The trial's last report: its summary metrics and ``done`` (the MLflow callback finishes the run on it)."""
+def _finish(reporter: EpochReporter, result: Any, epochs: int, extra: tuple[dict, dict] = ({}, {})) -> None:
+    """The trial's last report: its summary metrics (and ``extra``: the task's after-attack metrics and
+    artifacts) and its last-report mark (the MLflow callback finishes the run on it)."""
     import ray  # noqa: PLC0415
 
-    reporter.flush(**{"epoch": epochs, names.RESTRICTED_ACC: result.final,
-                      names.RESTRICTED_LOSS: result.restricted_loss[-1], names.FINAL: result.final,
-                      names.BEST: result.best, names.ORIGINAL_ACC: result.original_acc,
+    m = reporter.metric
+    metrics, artifacts = extra
+    reporter.flush(**{"epoch": epochs, m.restricted: result.final, **metrics, ARTIFACTS: artifacts,
+                      m.restricted_loss: result.restricted_loss[-1], m.final: result.final,
+                      m.best: result.best, m.original: result.original,
                       "train_size": result.train_size, "compute_seconds": result.seconds,
                       "node_id": ray.get_runtime_context().get_node_id(), LAST_REPORT: True})
 
@@ -169,7 +177,7 @@ def _device(threads: int) -> str:
 
 
 def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], data: AttackData,
-                 threads: int, channels_last: bool = True) -> None:
+                 threads: int, channels_last: bool = True, task: Any = None) -> None:
     """The Tune function trainable of a grid trial: build the subject, fine-tune it, report its curve and
     final metrics. ``models`` and ``data`` arrive as :func:`share` made them (numpy views of the object store)."""
     from ray import tune  # noqa: PLC0415
@@ -179,12 +187,13 @@ def attack_trial(config: dict[str, Any], models: dict[str, tuple[dict, dict]], d
     device = _device(threads)
     trial: Trial = config["trial"]
     model = _subject_model(trial, models, channels_last)
-    reporter = EpochReporter(tune.report, trial.config.epochs)
+    task = task or CLASSIFICATION
+    reporter = EpochReporter(tune.report, trial.config.epochs, metric=task.metric)
     data = unshare(data)
     train, score = data.for_trial(trial)
     result = finetune(model, train, score, trial.config, original_test=data.original_test, device=device,
-                      on_epoch=reporter)
-    _finish(reporter, result, trial.config.epochs)
+                      on_epoch=reporter, task=task, keep_model=True)
+    _finish(reporter, result, trial.config.epochs, task.after_attack(model, result.model, train, score, device))
 
 
 @dataclass(frozen=True)
@@ -216,7 +225,7 @@ def search_config(template: Trial, sampled: dict[str, Any]) -> Trial:
 
 
 def search_trial(config: dict[str, Any], template: Trial, models: dict[str, tuple[dict, dict]], data: SearchData,
-                 threads: int, channels_last: bool = True) -> None:
+                 threads: int, channels_last: bool = True, task: Any = None) -> None:
     """The Tune function trainable of a search trial: fine-tune the search's subject with the sampled recipe,
     report validation (the objective) and test accuracy after every epoch."""
     from ray import tune  # noqa: PLC0415
@@ -226,14 +235,22 @@ def search_trial(config: dict[str, Any], template: Trial, models: dict[str, tupl
     device = _device(threads)
     trial = search_config(template, config)
     model = _subject_model(trial, models, channels_last)
-    reporter = EpochReporter(tune.report, trial.config.epochs, every_s=0.0)
+    task = task or CLASSIFICATION
+    reporter = EpochReporter(tune.report, trial.config.epochs, every_s=0.0, metric=task.metric)
     data = unshare(data)
     result = finetune(model, data.train, data.test, trial.config, original_test=data.original_test, device=device,
-                      on_epoch=reporter, val=data.val)
-    _finish(reporter, result, trial.config.epochs)
+                      on_epoch=reporter, val=data.val, task=task, keep_model=True)
+    _finish(reporter, result, trial.config.epochs,
+            task.after_attack(model, result.model, data.train, data.test, device))
 
 
-SUMMARY = (names.FINAL, names.BEST, names.ORIGINAL_ACC, names.VAL_BEST, names.AT_VAL_BEST, names.STOPPED)
+SAMPLE_METRICS = ("sample_kid", "sample_kid_std", "sample_confidence", "sample_confident_share", "sample_class_entropy",
+                  "sample_kid_before", "sample_fid")   # generation's after-attack scores
+
+
+def summary_keys(m: names.Metric) -> tuple[str, ...]:
+    """The metrics a trial's last report logs at step 0."""
+    return m.final, m.best, m.original, m.val_best, m.at_val_best, names.STOPPED, *SAMPLE_METRICS
 
 
 def grid_trial_of(tune_trial: Any) -> Trial:
@@ -261,7 +278,7 @@ class SearchNumbering:
 
 
 def make_callback(tracker: Any, parent_id: str, sweep_id: str, outbox: Any = None,
-                  trial_of: Callable[[Any], Trial] = grid_trial_of) -> Any:
+                  trial_of: Callable[[Any], Trial] = grid_trial_of, metric: names.Metric = names.ACCURACY) -> Any:
     """A Tune callback that mirrors every trial into its own MLflow child run of ``parent_id``, exactly once per
     step; ``trial_of`` gives a Tune trial's :class:`Trial` (grid trials carry theirs; a search numbers its own).
 
@@ -276,6 +293,7 @@ def make_callback(tracker: Any, parent_id: str, sweep_id: str, outbox: Any = Non
     own = outbox is None
     box = Outbox(tracker).start() if own else outbox
     summarised: set[str] = set()
+    m, summary = metric, summary_keys(metric)
 
     def open_run(trial: Any) -> None:
         t = trial_of(trial)
@@ -297,17 +315,19 @@ def make_callback(tracker: Any, parent_id: str, sweep_id: str, outbox: Any = Non
             rows = [(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
                     for row in result.get("curve", [])]
             if result.get(LAST_REPORT):
-                rows.append((0, {k: result[k] for k in SUMMARY if result.get(k) is not None}))
+                rows.append((0, {k: result[k] for k in summary if result.get(k) is not None}))
                 summarised.add(key(trial))
             box.rows(key(trial), rows)
             if result.get(LAST_REPORT):
                 box.tag(key(trial), names.NODE, result.get("node_id", ""))
+                for name, data in (result.get(ARTIFACTS) or {}).items():
+                    box.artifact(key(trial), name, data)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             last = trial.last_result or {}
-            if key(trial) not in summarised and names.RESTRICTED_ACC in last:  # stopped by the scheduler
-                box.rows(key(trial), [(0, {names.FINAL: last[names.RESTRICTED_ACC], names.STOPPED: 1.0,
-                                           **{k: last[k] for k in (names.BEST, names.VAL_BEST, names.AT_VAL_BEST)
+            if key(trial) not in summarised and m.restricted in last:  # stopped by the scheduler
+                box.rows(key(trial), [(0, {m.final: last[m.restricted], names.STOPPED: 1.0,
+                                           **{k: last[k] for k in (m.best, m.val_best, m.at_val_best)
                                               if k in last}})])
             box.finish(key(trial), "FINISHED")
 
@@ -349,11 +369,13 @@ def _trainable(spec: SweepSpec, function: Callable[..., None], **parameters: Any
     resources."""
     from ray import tune  # noqa: PLC0415
 
+    from sophon_ray.tasks import task_for  # noqa: PLC0415
+
     r = spec.resources
     shared = {k: share(v) for k, v in parameters.items()}
     return tune.with_resources(
         tune.with_parameters(function, threads=int(max(1, r.cpus_per_trial)), channels_last=spec.model.channels_last,
-                             **shared),
+                             task=task_for(spec), **shared),
         {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
 
 
@@ -396,8 +418,9 @@ def run_search(spec: SweepSpec, search: Any, template: Trial, num_samples: int, 
         _trainable(spec, search_trial, template=template, models={template.subject.model: models[template.subject.model]},
                    data=data),
         tune_config=tune.TuneConfig(
-            metric=names.VAL_BEST, mode="max", num_samples=num_samples, reuse_actors=True,
-            search_alg=searching.searcher(search, template.config.strategy, scratch, history, f"{name}"),
+            metric=names.metric_for(spec.mode).val_best, mode="max", num_samples=num_samples, reuse_actors=True,
+            search_alg=searching.searcher(search, template.config.strategy, scratch, history, f"{name}",
+                                          names.metric_for(spec.mode).val_best),
             scheduler=searching.scheduler(search), trial_dirname_creator=lambda t: f"t-{t.trial_id}"),
         run_config=_run_config(name, storage_path, callbacks, max_failures, verbose),
     )

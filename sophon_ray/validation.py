@@ -93,7 +93,7 @@ def _protect(c: _Checker, spec: SweepSpec) -> None:
     labels = [v.label for v in spec.protect]
     for i, v in enumerate(spec.protect):
         path = f"protect.{i}"
-        c.name_in(f"{path}.loss", v.loss, registries.LOSSES)
+        _loss(c, f"{path}.loss", v.loss, spec.mode)
         for key in ("iterations", "inner_steps", "base_lr", "alpha", "beta", "batch_size", "clip_norm",
                     "eval_every", "probe_every", "probe_epochs"):
             c.positive(f"{path}.{key}", getattr(v, key))
@@ -116,7 +116,7 @@ def _protect(c: _Checker, spec: SweepSpec) -> None:
         if not v.probes:
             c.add(f"{path}.probes", "needs at least one probe attack (they choose the returned checkpoint)")
         for j, probe in enumerate(v.probes):
-            c.name_in(f"{path}.probes.{j}.strategy", probe.strategy, registries.STRATEGIES)
+            _strategy(c, f"{path}.probes.{j}.strategy", probe.strategy, spec.mode)
             c.name_in(f"{path}.probes.{j}.optimizer", probe.optimizer, registries.OPTIMIZERS)
             c.positive(f"{path}.probes.{j}.lr", probe.lr)
             c.positive(f"{path}.probes.{j}.batch_size", probe.batch_size)
@@ -130,13 +130,20 @@ def _protect(c: _Checker, spec: SweepSpec) -> None:
             c.add(f"{path}.environments.lr", f"needs 0 < low <= high, got {list(env.lr)}")
         c.fraction(f"{path}.environments.head_reinit", env.head_reinit, low_open=False)
         c.fraction(f"{path}.environments.head_only", env.head_only, low_open=False)
+        if spec.mode == "generation":
+            for key in ("head_reinit", "head_only"):
+                if getattr(env, key):
+                    c.add(f"{path}.environments.{key}", "a denoiser has no classifier head: the simulated attacker "
+                          f"fine-tunes every parameter in generation mode; set {key}: 0")
 
 
-def _grid(c: _Checker, path: str, g: GridSpec) -> None:
+def _grid(c: _Checker, path: str, g: GridSpec, mode: str) -> None:
     for f in fields(GridSpec):
         if not getattr(g, f.name):
             c.add(f"{path}.{f.name}", "is empty: give at least one value")
-    checks = {"strategy": registries.STRATEGIES, "optimizer": registries.OPTIMIZERS, "schedule": registries.SCHEDULES}
+    for j, value in enumerate(g.strategy):
+        _strategy(c, f"{path}.strategy.{j}", value, mode)
+    checks = {"optimizer": registries.OPTIMIZERS, "schedule": registries.SCHEDULES}
     for key, registry in checks.items():
         for j, value in enumerate(getattr(g, key)):
             c.name_in(f"{path}.{key}.{j}", value, registry)
@@ -196,8 +203,12 @@ def _search(c: _Checker, path: str, search: SearchSpec, spec: SweepSpec) -> None
         c.add(f"{path}.val_fraction", f"must be in (0, 1) (the attacker's own validation share of its pool), "
               f"got {search.val_fraction}")
     space, sp = search.space, f"{path}.space"
-    choices = {"strategy": registries.STRATEGIES, "optimizer": registries.OPTIMIZERS,
-               "schedule": registries.SCHEDULES, "augment": registries.AUGMENTS, "bn_mode": registries.BN_MODES}
+    for j, value in enumerate(space.strategy):
+        _strategy(c, f"{sp}.strategy.{j}", value, spec.mode)
+    if not space.strategy:
+        c.add(f"{sp}.strategy", "is empty: give at least one value")
+    choices = {"optimizer": registries.OPTIMIZERS, "schedule": registries.SCHEDULES, "augment": registries.AUGMENTS,
+               "bn_mode": registries.BN_MODES}
     for key, registry in choices.items():
         if not getattr(space, key):
             c.add(f"{sp}.{key}", "is empty: give at least one value")
@@ -216,7 +227,7 @@ def _search(c: _Checker, path: str, search: SearchSpec, spec: SweepSpec) -> None
     if search.scheduler == "asha" and space.epochs and search.grace_period > max(space.epochs):
         c.add(f"{path}.grace_period", f"{search.grace_period} epochs is more than the longest trial "
               f"({max(space.epochs)} epochs): lower it, or use scheduler: none")
-    if spec.model.arch in registries.MODELS:
+    if spec.model.arch in registries.MODELS or spec.model.arch in registries.DENOISERS:
         for j, strategy in enumerate(space.strategy):
             if strategy not in registries.STRATEGIES:
                 continue
@@ -241,7 +252,7 @@ def _attack(c: _Checker, spec: SweepSpec) -> None:
         c.add("attack.evaluation", "needs at least one grid: the evaluation grid is what the report shows")
     for name in ("evaluation", "development", "budget", "benign"):
         for i, g in enumerate(getattr(a, name)):
-            _grid(c, f"attack.{name}.{i}", g)
+            _grid(c, f"attack.{name}.{i}", g, spec.mode)
     search_names = [s.name for s in a.search]
     for i, search in enumerate(a.search):
         _search(c, f"attack.search.{i}", search, spec)
@@ -269,13 +280,80 @@ def check(spec: SweepSpec) -> list[Problem]:
     """Every problem of a typed spec against the registries and the rules between fields."""
     c = _Checker()
     if spec.mode not in MODES:
-        c.add("mode", f"'{spec.mode}' is not supported; allowed: {', '.join(MODES)} (generation/DoS is not "
-              "implemented yet)")
-    c.name_in("model.arch", spec.model.arch, registries.MODELS)
+        c.add("mode", f"unknown mode '{spec.mode}'{did_you_mean(spec.mode, list(MODES))}; allowed: {', '.join(MODES)}")
+        return c.problems
+    _model(c, spec)
     c.positive("model.num_classes", spec.model.num_classes)
-    for part in (_domains, _pretrain, _protect, _attack, _resources):
+    for part in (_domains, _pretrain, _protect, _attack, _resources, _generation):
         part(c, spec)
     return c.problems
+
+
+def _model(c: _Checker, spec: SweepSpec) -> None:
+    """The model family follows the mode: classifiers (MODELS) classify, denoisers (DENOISERS) generate; a
+    denoiser must take the original domain's image size."""
+    arch, generation = spec.model.arch, spec.mode == "generation"
+    if generation and arch in registries.MODELS:
+        c.add("model.arch", f"'{arch}' is a classifier; generation mode needs a denoiser: "
+              f"{', '.join(registries.DENOISERS.names())} (or set mode: classification)")
+    elif not generation and arch in registries.DENOISERS:
+        c.add("model.arch", f"'{arch}' is a denoiser; classification mode needs a classifier: "
+              f"{', '.join(registries.MODELS.names())} (or set mode: generation)")
+    elif arch not in (registries.DENOISERS if generation else registries.MODELS):
+        c.name_in("model.arch", arch, registries.DENOISERS if generation else registries.MODELS)
+    elif generation:
+        import torch  # noqa: PLC0415
+
+        try:
+            with torch.device("meta"):
+                registries.DENOISERS.get(arch)(spec.original.channels, spec.original.image_size)
+        except ValueError as err:
+            c.add("original.image_size", f"{err} (model.arch {arch})")
+
+
+def _loss(c: _Checker, path: str, loss: str, mode: str) -> None:
+    """A suppression loss of the mode: ICE/KLU act on a classifier's logits, DoS / negative MSE on a denoiser's
+    predicted noise."""
+    own, other = ((registries.GENERATION_LOSSES, registries.LOSSES) if mode == "generation"
+                  else (registries.LOSSES, registries.GENERATION_LOSSES))
+    if loss in other:
+        c.add(path, f"'{loss}' is a {'classification' if mode == 'generation' else 'generation'} loss and this is "
+              f"{mode} mode; allowed: {', '.join(own.names())}")
+    else:
+        c.name_in(path, loss, own)
+
+
+def _strategy(c: _Checker, path: str, strategy: str, mode: str) -> None:
+    """An attack strategy that makes sense for the mode's models (``Task.strategies``)."""
+    from sophon_ray.tasks import TASKS  # noqa: PLC0415
+
+    allowed = TASKS.get(mode)().strategies  # the mode's task with default settings
+    if strategy in registries.STRATEGIES and strategy not in allowed:
+        c.add(path, f"strategy '{strategy}' does not apply in {mode} mode; allowed: {', '.join(allowed)}")
+    else:
+        c.name_in(path, strategy, registries.STRATEGIES)
+
+
+def _generation(c: _Checker, spec: SweepSpec) -> None:
+    """Generation mode's DDPM settings: a valid schedule, known timestep policy, timesteps inside it."""
+    from sophon_ray.diffusion import TIMESTEP_POLICIES  # noqa: PLC0415
+
+    g, path = spec.generation, "generation"
+    if g.timesteps < 2:
+        c.add(f"{path}.timesteps", f"must be >= 2 (the DDPM chain's length; the paper uses 1000), got {g.timesteps}")
+    if not 0 < g.beta_start < g.beta_end < 1:
+        c.add(f"{path}.beta_start", f"needs 0 < beta_start < beta_end < 1 (DDPM: 1e-4, 0.02), got "
+              f"{g.beta_start}, {g.beta_end}")
+    c.name_in(f"{path}.suppression_t", g.suppression_t, TIMESTEP_POLICIES)
+    if not g.eval_t:
+        c.add(f"{path}.eval_t", "needs at least one timestep, e.g. [1, 10, 100, 250, 500]")
+    for j, t in enumerate(g.eval_t):
+        if not 0 <= t < g.timesteps:
+            c.add(f"{path}.eval_t.{j}", f"must be in 0..{g.timesteps - 1} (generation.timesteps - 1), got {t}")
+    c.at_least_zero(f"{path}.samples", g.samples)
+    if g.sample_steps is not None and not 2 <= g.sample_steps <= g.timesteps:
+        c.add(f"{path}.sample_steps", f"must be in 2..{g.timesteps} (respaced sampling steps) or null (all "
+              f"{g.timesteps}), got {g.sample_steps}")
 
 
 def _cells(grids: Iterable[GridSpec]) -> set[tuple[Any, ...]]:

@@ -27,6 +27,8 @@ from analysis.search import explored, lr_decade, picks, searched_fields, worst_c
 from sophon_ray import names  # noqa: E402
 from tests.test_analysis import log_run  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("test_analysis_search")  # -n: one worker, fixtures once
+
 EXPERIMENT, SWEEP_ID, VARIANT, DOMAIN = "search-test", "5ea4c0ffee00", "v", "shapes_m"
 
 
@@ -280,3 +282,51 @@ def test_the_console_overview_names_each_search_verdict():
     assert text == ("search s/d, v: best found on protected 40.0 (worst seed 50.0) vs scratch 45.0, normal 70.0: "
                     "NOT held (held: protected <= scratch + 1)")
     assert search_overview(Searches(runs.iloc[0:0], pd.DataFrame())) == ""
+
+
+def _labelled_parts(metric=None):
+    """search_overview, search_section, budget_section and benign_section on small hand-made tables (default
+    metric when ``metric`` is None)."""
+    from analysis.budget import GridRuns, benign_section, budget_section
+    from analysis.search import Searches, search_overview, search_section
+
+    kwargs = {} if metric is None else {"metric": metric}
+    settings = {"algorithm": "tpe", "scheduler": "asha", "num_samples": 2, "val_fraction": 0.2}
+    runs = pd.DataFrame([{**keys, **settings, names.SEARCH: "tpe", names.DOMAIN: DOMAIN, "found": found}
+                         for keys, found in ((subject_params("protected", 0), [20.0, 30.0]),
+                                             (subject_params("normal", 0), [70.0]),
+                                             (subject_params("scratch", 0), [45.0]))])
+    trials = _trials([{**subject_params(subject, 0), names.SEARCH_TRIAL: trial, "val_best": val, "at_val_best": test,
+                       "strategy": strategy}
+                      for subject, trial, val, test, strategy in (("protected", 0, 12.0, 11.0, "direct-all"),
+                                                                  ("protected", 1, 20.0, 18.0, "initfc-all"),
+                                                                  ("normal", 0, 90.0, 88.0, "direct-all"),
+                                                                  ("scratch", 0, 40.0, 38.0, "direct-all"))])
+    trials = trials.assign(**{k: v for k, v in recipe().items() if k not in trials}, **{
+        k: v for k, v in names.RECIPE_DEFAULTS.items() if k not in trials})
+    searches = Searches(runs, trials)
+    base = {**dict.fromkeys(ATTACK_PARAMS, 0), **names.RECIPE_DEFAULTS, **recipe(epochs=12)}
+    rows = [{**base, **subject_params(subject, seed), names.GRID: grid, names.DOMAIN: domain, "final": curve[-1],
+             "best": max(curve), "curve": curve}
+            for grid, domain in ((names.BUDGET, DOMAIN), (names.BENIGN, "benign:digits"))
+            for subject, seed, curve in (("protected", 0, [10.0, 12.0]), ("protected", 1, [10.0, 14.0]),
+                                         ("normal", -1, [10.0 + 7 * e for e in range(13)]),
+                                         ("scratch", -1, [10.0 + 2 * e for e in range(13)]))]
+    grid = pd.DataFrame(rows).assign(run_id=[f"r{i}" for i in range(len(rows))])
+    curves = dict(zip(grid["run_id"], grid["curve"]))
+    budget = GridRuns(grid[grid[names.GRID] == names.BUDGET].drop(columns="curve"), curves)
+    benign = GridRuns(grid[grid[names.GRID] == names.BENIGN].drop(columns="curve"), curves)
+    return {"overview": search_overview(searches, **kwargs), "search": search_section(searches, **kwargs),
+            "budget": budget_section(budget, **kwargs), "benign": benign_section(benign, **kwargs)}
+
+
+def test_search_and_budget_text_names_the_sweeps_metric():
+    generation = _labelled_parts(names.SKILL)
+    for part, text in generation.items():
+        assert text and "denoising skill" in text and "accuracy" not in text, (part, text)
+    assert "floored at 0 (predicting zero noise)" in generation["search"] and "chance" not in generation["search"]
+    assert "| val skill (objective) | test skill |" in generation["search"]
+    for part, text in _labelled_parts().items():    # classification: the default, worded as before
+        assert "denoising skill" not in text, (part, text)
+        assert part == "overview" or "accuracy" in text, (part, text)
+    assert _labelled_parts(names.ACCURACY) == _labelled_parts()

@@ -18,7 +18,7 @@ EXPECTED = {  # strategy -> (trainable, re-initialised)
     "last-k": (CLASSIFIER, set()),  # blocks=1: tiny_net's last block is the classifier's hidden Linear
     "reinit-last-k": (CLASSIFIER, CLASSIFIER),
 }
-ELSEWHERE = {"lora"}  # changes the module tree: tests/test_recipes.py
+ELSEWHERE = {"lora", "decoder"}  # lora changes the module tree: tests/test_recipes.py; decoder: test_generation.py
 
 
 def test_every_strategy_is_covered():
@@ -53,7 +53,7 @@ def test_head_only_attack_trains_only_the_head_but_updates_batchnorm_statistics(
 
     monkeypatch.setattr(attack, "prepare", spy)
     result = finetune(model, data, data, cfg)
-    assert len(result.restricted_acc) == 3 and result.train_size == 60
+    assert len(result.restricted) == 3 and result.train_size == 60
     [(tuned, prepared)] = seen
     assert tuned is not model
     params, buffers, original = dict(tuned.named_parameters()), dict(tuned.named_buffers()), model.state_dict()
@@ -72,9 +72,9 @@ def test_finetune_does_not_modify_its_input_and_returns_curves():
     result = finetune(model, data, data, AttackConfig(epochs=3, lr=0.05, batch_size=16, data_fraction=0.5),
                       original_test=data)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert len(result.restricted_acc) == len(result.restricted_loss) == 4
-    assert result.train_size == 30 and result.original_acc is not None
-    assert result.best >= result.final and result.restricted_acc[-1] > result.restricted_acc[0]
+    assert len(result.restricted) == len(result.restricted_loss) == 4
+    assert result.train_size == 30 and result.original is not None
+    assert result.best >= result.final and result.restricted[-1] > result.restricted[0]
 
 
 def test_finetune_is_reproducible_and_seed_sensitive():

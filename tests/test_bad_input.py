@@ -24,6 +24,13 @@ GOOD = {
     "attack": {"evaluation": [{"strategy": ["direct-all"], "optimizer": ["sgd"], "lr": [1e-3], "epochs": [1]}]},
 }
 
+GENERATION = {**GOOD, "mode": "generation", "model": {"arch": "unet-tiny"},
+              "original": {**GOOD["original"], "image_size": 16, "channels": 1},
+              "restricted": [{**GOOD["restricted"][0], "image_size": 16, "channels": 1}],
+              "protect": [{"name": "v", "loss": "dos", "iterations": 2, "inner_steps": 2,
+                           "environments": {"head_reinit": 0, "head_only": 0},
+                           "probes": [{"strategy": "direct-all", "optimizer": "adam", "lr": 1e-3}]}]}
+
 
 def _with(path: str, value):
     spec = copy.deepcopy(GOOD)
@@ -67,6 +74,16 @@ CASES = {
     "unknown augmentation": (_with("attack.search", [{"space": {"augment": ["flp"]}}]), "did you mean 'flip'"),
     "strategy the model lacks": (_with("attack.search", [{"space": {"strategy": ["last-k"], "blocks": [9]}}]),
                                  "attack.search.0.space.strategy.0"),
+    "generation with a classifier": (_with("mode", "generation"),
+                                     "model.arch: 'convnet' is a classifier; generation mode needs a denoiser"),
+    "DoS loss in classification": (_with("protect.0.loss", "dos"),
+                                   "protect.0.loss: 'dos' is a generation loss and this is classification mode"),
+    "image size the UNet cannot take": ({**GENERATION, "original": {**GENERATION["original"], "image_size": 18},
+                                         "restricted": [{**GENERATION["restricted"][0], "image_size": 18}]},
+                                        "original.image_size: Denoiser: image_size 18 must be a multiple of 4"),
+    "classifier strategy on a denoiser": ({**GENERATION, "attack": {"evaluation": [
+        {"strategy": ["initfc-all"], "optimizer": ["sgd"], "lr": [1e-3], "epochs": [1]}]}},
+        "strategy 'initfc-all' does not apply in generation mode"),
 }
 
 

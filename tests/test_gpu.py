@@ -10,7 +10,7 @@ import torch
 
 from sophon_ray import simulation
 from sophon_ray.attack import AttackConfig, finetune
-from sophon_ray.losses import LOSSES
+from sophon_ray.tasks import CLASSIFICATION
 from sophon_ray.models import build_model
 from sophon_ray.simulation import Environment, simulate
 from sophon_ray.spec import ModelSpec
@@ -31,7 +31,7 @@ def _run(model, pool, env, monkeypatch, graphs: bool, loss: str = "ice", steps: 
     reference needs a model (a deep copy) whose adversary cache is its own."""
     monkeypatch.setattr(simulation, "CUDA_GRAPHS", graphs)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-        sim = simulate(model, itertools.cycle(pool), env, LOSSES.get(loss), steps, 0.1,
+        sim = simulate(model, itertools.cycle(pool), env, CLASSIFICATION.suppression(loss), steps, 0.1,
                        torch.Generator().manual_seed(0))
     captured = [s.graph is not None for s in simulation._adversary(model).steps.values()]
     assert captured and all(c == graphs for c in captured), captured  # eager is eager, graphed did capture
@@ -96,4 +96,4 @@ def test_model_is_untouched_and_attack_runs_on_the_gpu(monkeypatch):
     from torch.utils.data import TensorDataset
     data = TensorDataset(torch.randn(200, 3, 16, 16), torch.arange(200) % 10)
     result = finetune(model.cpu(), data, data, AttackConfig(strategy="initfc-all", epochs=2), device="cuda")
-    assert len(result.restricted_acc) == 3
+    assert len(result.restricted) == 3

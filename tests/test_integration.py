@@ -10,7 +10,7 @@ import yaml
 
 from tests.procenv import process_env
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("integration")]  # one worker: one module sweep
 
 EPOCHS = 2
 SPEC = {

@@ -29,7 +29,7 @@ def _protect(tmp_path, spec, normal_acc, resume=None):
     result, the metric rows emitted and, per checkpoint, how many rows had been emitted then."""
     model = tiny_net(bn=True, seed=3)
     original, restricted = tiny_data(90, seed=1), tiny_data(70, seed=2)
-    acc = evaluate(model, original).accuracy if normal_acc is None else normal_acc
+    acc = evaluate(model, original).score if normal_acc is None else normal_acc
     rows, emitted = [], {}
 
     def checkpoint(state):

@@ -20,7 +20,7 @@ def _run(spec=SPEC, normal_acc=None, restricted=None, model=None):
     model = model or tiny_net(bn=True)
     original = tiny_data(80, seed=1)
     restricted = restricted or tiny_data(80, seed=2)
-    acc = evaluate(model, original).accuracy if normal_acc is None else normal_acc
+    acc = evaluate(model, original).score if normal_acc is None else normal_acc
     return model, protect(model, original, original, [restricted], [restricted], spec, acc)
 
 
@@ -100,7 +100,7 @@ def test_sampled_environments_do_not_make_a_reinitialised_head_attack_easier():
     spec = ProtectSpec(loss="ice", iterations=150, inner_steps=20, base_lr=1e-3, alpha=1, beta=1, ntr_steps=3,
                        probe_every=50, environments=EnvironmentSpec(optimizers=("sgd", "momentum", "adam"),
                                                                     lr=(1e-3, 1e-2), head_reinit=0.5, head_only=0.25))
-    result = protect(normal, o_train, o_val, [r_prot], [r_val], spec, evaluate(normal, o_val).accuracy)
+    result = protect(normal, o_train, o_val, [r_prot], [r_val], spec, evaluate(normal, o_val).score)
     attack = AttackConfig(strategy="initfc-all", optimizer="momentum", lr=1e-2, epochs=10, data_fraction=0.1)
     for seed in (0, 1):
         cfg = AttackConfig(**{**attack.as_params(), "seed": seed})

@@ -303,12 +303,12 @@ def test_finetune_reports_validation_accuracy_every_epoch():
     metrics = []
     same = finetune(model, data, data, cfg, val=data)
     result = finetune(model, data, data, cfg, val=other, on_epoch=lambda e, m: metrics.append((e, m)))
-    assert same.val_acc == same.restricted_acc and len(result.val_acc) == 3
-    assert result.val_acc[0] == evaluate(model, other).accuracy
-    assert result.val_acc[-1] < result.restricted_acc[-1] - 20
-    assert [m["val_acc"] for _, m in metrics] == result.val_acc and [e for e, _ in metrics] == [0, 1, 2]
+    assert same.val == same.restricted and len(result.val) == 3
+    assert result.val[0] == evaluate(model, other).score
+    assert result.val[-1] < result.restricted[-1] - 20
+    assert [m["val_acc"] for _, m in metrics] == result.val and [e for e, _ in metrics] == [0, 1, 2]
     plain = []
-    assert finetune(model, data, data, cfg, on_epoch=lambda e, m: plain.append(m)).val_acc == []
+    assert finetune(model, data, data, cfg, on_epoch=lambda e, m: plain.append(m)).val == []
     assert all("val_acc" not in m for m in plain)
 
 

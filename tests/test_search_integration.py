@@ -96,6 +96,7 @@ def sweep(tmp_path_factory):
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("search-sweep")
 def test_every_attacked_model_gets_a_complete_search_logged_once(sweep):
     tmp, result = sweep
     children = assert_searches_complete(tmp)
@@ -105,6 +106,7 @@ def test_every_attacked_model_gets_a_complete_search_logged_once(sweep):
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("search-sweep")
 def test_budget_and_benign_grids_fine_tune_where_they_should(sweep):
     tmp, _ = sweep
     attack = [r for r in runs(tmp) if r.data.tags.get(names.ROLE) == "attack"]
