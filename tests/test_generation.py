@@ -155,3 +155,26 @@ def test_the_bad_input_base_generation_spec_is_valid():
     spec = parse_spec(GENERATION)
     assert spec.mode == "generation" and task_for(spec).schedule.steps == 1000
     assert isinstance(task_for(spec).schedule, Schedule)
+
+
+def test_dos_saturates_at_zero_where_negative_mse_keeps_falling():
+    """The paper's ablation in miniature: the DoS loss is bounded below by 0 and the outer loop drives it there;
+    the negative MSE is unbounded and keeps falling (the suppressed model moves ever further from the noise)."""
+    t = task()
+    original, restricted = blobs(48, seed=0), blobs(48, seed=1, shift=1.4)
+    normal = finetune(denoiser(), original, original, AttackConfig("direct-all", "adam", 3e-3, 16, epochs=2), task=t,
+                      keep_model=True).model
+    spec = ProtectSpec(loss="neg_mse", iterations=12, inner_steps=2, base_lr=1e-3, alpha=3, beta=1, ntr_steps=2,
+                       batch_size=16, query_fraction=0.25, max_drop=1000, select_drop=1000, eval_every=4,
+                       probe_every=12, probe_epochs=1, probes=(ProbeSpec("direct-all", "adam", 1e-3, 16, 0.25),),
+                       environments=EnvironmentSpec(optimizers=("sgd", "adam"), lr=(1e-4, 1e-3), head_reinit=0.0,
+                                                    head_only=0.0), checkpoint_every=0)
+    curves = {}
+    for loss in ("neg_mse", "dos"):
+        rows = []
+        protect(normal, original, original, [restricted], [restricted], dataclasses.replace(spec, loss=loss),
+                t.evaluate(normal, original).score, on_metrics=lambda it, m, rows=rows: rows.append(m), task=t)
+        curves[loss] = [m["fts_loss"] for m in rows if "fts_loss" in m]
+    dos, neg = curves["dos"], curves["neg_mse"]
+    assert min(dos) >= 0 and dos[-1] < 0.1 < dos[0], dos
+    assert sum(neg[-4:]) / 4 < sum(neg[:4]) / 4 - 0.3 and min(neg) < -0.8, neg

@@ -11,6 +11,7 @@ import yaml
 
 from sophon_ray import names
 from sophon_ray.search import best_found
+from tests.once import once
 from tests.procenv import process_env
 from tests.test_faults import kill_sessions
 
@@ -88,11 +89,13 @@ def assert_searches_complete(tmp: Path) -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("search")
-    result = subprocess.run([sys.executable, "-m", "sophon_ray.cli", "run", str(write_spec(tmp))], cwd=tmp,
-                            env=env(), text=True, capture_output=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return tmp, result
+    def run(tmp: Path) -> tuple[Path, subprocess.CompletedProcess]:
+        result = subprocess.run([sys.executable, "-m", "sophon_ray.cli", "run", str(write_spec(tmp))], cwd=tmp,
+                                env=env(), text=True, capture_output=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return tmp, result
+
+    return once(tmp_path_factory, "search-sweep", run)
 
 
 @pytest.mark.integration

@@ -51,15 +51,15 @@ class UiProcess:
         pytest.fail(f"no {marker!r} from sophon-ray ui (exit {self.process.poll()}):\n{''.join(self.seen)}")
 
     def stop(self) -> None:
-        """SIGTERM (``sophon-ray ui`` then stops its server), SIGKILL if it does not exit in a minute."""
+        """SIGTERM (``sophon-ray ui`` then stops its server), SIGKILL if it does not exit in three minutes."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=60)
+                self.process.wait(timeout=180)  # the MLflow server's shutdown is slow on loaded cores
             except subprocess.TimeoutExpired:
                 self.process.kill()
 
-    def finish(self, timeout: float = 60) -> tuple[int, str]:
+    def finish(self, timeout: float = 180) -> tuple[int, str]:
         """Wait for the exit; returns (exit status, everything it printed)."""
         status = self.process.wait(timeout=timeout)
         self.reader.join(timeout=10)
