@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 # what a run writes (not in the repository): outputs, stores, data roots
 GENERATED = ("runs/", "mlflow.db", "mlartifacts", "data/", "ckpt/", "report/", "summary.md", "bad.yaml",
-             "curves-", "heatmap-", ".venv", "model.json", "model.safetensors", "spec.yaml")
+             "curves-", "heatmap-", ".venv", "model.json", "model.safetensors", "spec.yaml", "samples/")
 
 
 def referenced_paths(text: str) -> set[str]:
