@@ -25,6 +25,7 @@ _API = {
     "save_checkpoint": "sophon_ray.checkpoint",
     "load_checkpoint": "sophon_ray.checkpoint",
     "make_card": "sophon_ray.checkpoint",
+    "task_for": "sophon_ray.tasks",
 }
 __all__ = list(_API)
 

@@ -281,11 +281,9 @@ class Denoiser(nn.Module):
 
     def block_param_names(self, k: int) -> list[str]:
         """Names of the parameters of the last ``k`` blocks (0 <= k <= number of blocks)."""
-        if not 0 <= k <= len(self._blocks):
-            raise ValueError(f"blocks: {k} is outside 0..{len(self._blocks)} (this model has "
-                             f"{len(self._blocks)} blocks)")
-        prefixes = tuple(p for block in self._blocks[len(self._blocks) - k:] for p in block)
-        return [n for n, _ in self.named_parameters() if prefixes and n.startswith(prefixes)]
+        from sophon_ray.models import last_blocks  # noqa: PLC0415 - models imports this module lazily
+
+        return last_blocks(self, self._blocks, k)
 
     def _check_blocks(self, blocks: list[list[str]]) -> list[list[str]]:
         flat = tuple(p for block in blocks for p in block)

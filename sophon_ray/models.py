@@ -58,11 +58,15 @@ class Net(nn.Module):
 
     def block_param_names(self, k: int) -> list[str]:
         """Names of the parameters of the last ``k`` blocks (0 <= k <= number of blocks)."""
-        if not 0 <= k <= len(self._blocks):
-            raise ValueError(f"blocks: {k} is outside 0..{len(self._blocks)} (this model has "
-                             f"{len(self._blocks)} blocks)")
-        prefixes = tuple(p for block in self._blocks[len(self._blocks) - k:] for p in block)
-        return [n for n, _ in self.named_parameters() if prefixes and n.startswith(prefixes)]
+        return last_blocks(self, self._blocks, k)
+
+
+def last_blocks(model: nn.Module, blocks: list[list[str]], k: int) -> list[str]:
+    """Names of ``model``'s parameters under the prefixes of the last ``k`` of ``blocks`` (0 <= k <= len(blocks))."""
+    if not 0 <= k <= len(blocks):
+        raise ValueError(f"blocks: {k} is outside 0..{len(blocks)} (this model has {len(blocks)} blocks)")
+    prefixes = tuple(p for block in blocks[len(blocks) - k:] for p in block)
+    return [n for n, _ in model.named_parameters() if prefixes and n.startswith(prefixes)]
 
 
 def _block_prefixes(net: Net, blocks: list[list[nn.Module]]) -> list[list[str]]:

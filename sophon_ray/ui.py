@@ -187,14 +187,19 @@ class _Stop(Exception):
 
 @contextmanager
 def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM raises :class:`_Stop`; SIGINT raises KeyboardInterrupt even when this process inherited it ignored
+    (a non-interactive shell starts a background job with SIGINT ignored, which would
+    otherwise leave Ctrl-C with no effect)."""
     def handler(signum: int, frame: object) -> None:  # noqa: ARG001 - signal handler signature
         raise _Stop()
 
     previous = signal.signal(signal.SIGTERM, handler)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def serve(uri: str, experiment: str | None, host: str = "127.0.0.1", port: int = 5000,

@@ -26,8 +26,6 @@ from analysis.runs import (ATTACK_PARAMS, PretrainRun, RunsNotFoundError, cells,
                            load_curves, load_num_classes, load_runs)
 from sophon_ray.names import RECIPE_DEFAULTS  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("test_analysis")  # -n: one worker, fixtures once
-
 EXPERIMENT = "analysis-test"
 SWEEP_ID = "a1b2c3d4e5f6"
 OLD_SWEEP_ID = "000000000000"

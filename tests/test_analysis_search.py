@@ -27,8 +27,6 @@ from analysis.search import explored, lr_decade, picks, searched_fields, worst_c
 from sophon_ray import names  # noqa: E402
 from tests.test_analysis import log_run  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("test_analysis_search")  # -n: one worker, fixtures once
-
 EXPERIMENT, SWEEP_ID, VARIANT, DOMAIN = "search-test", "5ea4c0ffee00", "v", "shapes_m"
 
 

@@ -13,8 +13,6 @@ from sophon_ray.genquality import (dataset_images, feature_stats, fid, fid_unava
                                    train_feature_net)
 from sophon_ray.spec import DomainSpec
 
-pytestmark = pytest.mark.xdist_group("test_genquality")  # -n: one worker, fixtures once
-
 
 def reference_mmd(x: np.ndarray, y: np.ndarray) -> float:
     """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, written out pair by pair."""

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.once import once
 from tests.procenv import process_env
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("integration")]  # one worker: one module sweep
+pytestmark = pytest.mark.integration
 
 EPOCHS = 2
 SPEC = {
@@ -45,14 +44,12 @@ def sophon(tmp: Path, *args: str, timeout: int = 600) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    def run(tmp: Path) -> tuple[Path, subprocess.CompletedProcess]:
-        spec = {**SPEC, "output_dir": str(tmp / "out"), "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db"}}
-        (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
-        first = sophon(tmp, "run", "spec.yaml")
-        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-        return tmp, first
-
-    return once(tmp_path_factory, "integration-sweep", run)
+    tmp = tmp_path_factory.mktemp("sweep")
+    spec = {**SPEC, "output_dir": str(tmp / "out"), "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db"}}
+    (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
+    first = sophon(tmp, "run", "spec.yaml")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return tmp, first
 
 
 def _client(tmp: Path):

@@ -11,7 +11,6 @@ import yaml
 
 from sophon_ray import names
 from sophon_ray.search import best_found
-from tests.once import once
 from tests.procenv import process_env
 from tests.test_faults import kill_sessions
 
@@ -89,17 +88,14 @@ def assert_searches_complete(tmp: Path) -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    def run(tmp: Path) -> tuple[Path, subprocess.CompletedProcess]:
-        result = subprocess.run([sys.executable, "-m", "sophon_ray.cli", "run", str(write_spec(tmp))], cwd=tmp,
-                                env=env(), text=True, capture_output=True, timeout=900)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return tmp, result
-
-    return once(tmp_path_factory, "search-sweep", run)
+    tmp = tmp_path_factory.mktemp("search")
+    result = subprocess.run([sys.executable, "-m", "sophon_ray.cli", "run", str(write_spec(tmp))], cwd=tmp,
+                            env=env(), text=True, capture_output=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp, result
 
 
 @pytest.mark.integration
-@pytest.mark.xdist_group("search-sweep")
 def test_every_attacked_model_gets_a_complete_search_logged_once(sweep):
     tmp, result = sweep
     children = assert_searches_complete(tmp)
@@ -109,7 +105,6 @@ def test_every_attacked_model_gets_a_complete_search_logged_once(sweep):
 
 
 @pytest.mark.integration
-@pytest.mark.xdist_group("search-sweep")
 def test_budget_and_benign_grids_fine_tune_where_they_should(sweep):
     tmp, _ = sweep
     attack = [r for r in runs(tmp) if r.data.tags.get(names.ROLE) == "attack"]

@@ -21,8 +21,6 @@ from sophon_ray.names import CUSTOM_MODEL_DEVELOPMENT, EXPERIMENT_KIND  # noqa: 
 from tests.store import small_sweep  # noqa: E402
 from tests.ui_process import UiProcess  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("test_ui")  # -n: one worker, fixtures once
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
