@@ -31,30 +31,6 @@ ATTACK_PARAMS = (SUBJECT, VARIANT, PROTECT_SEED, GRID, DOMAIN, DATA_POOL, *RECIP
 SEARCH, SEARCH_TRIAL = "search", "search_trial"
 NO_VARIANT, NO_PROTECT_SEED = "-", -1   # normal and scratch runs
 
-# attack-run metrics: per epoch (step = epoch, 0 = before fine-tuning) and at the end (step 0)
-RESTRICTED_ACC, RESTRICTED_LOSS = "restricted_acc", "restricted_loss"
-FINAL, BEST, ORIGINAL_ACC = "restricted_acc_final", "restricted_acc_best", "original_acc"
-# search trials: the attacker's own validation accuracy per epoch (its objective), its best over the epochs run,
-# and the test accuracy at that epoch (what the attacker's chosen checkpoint scores)
-VAL_ACC, VAL_BEST, AT_VAL_BEST = "val_acc", "val_acc_best", "restricted_acc_at_val_best"
-STOPPED = "stopped_early"   # 1 when the scheduler (ASHA) stopped the trial before its last epoch
-# search runs: step n = after n trials, the attacker's pick so far (by validation) and its test accuracy
-FOUND_VAL, FOUND_TEST = "best_found_val_acc", "best_found_restricted_acc"
-
-# the attack grids: which data each fine-tunes on and scores on. development: the protector's share ->
-# restricted validation; evaluation and budget: the attacker's pool -> restricted test; benign: a benign
-# domain's training split -> its test split; search: the attacker's pool minus its own validation split ->
-# that validation split (objective) and the restricted test split (score)
-DEVELOPMENT, EVALUATION, BUDGET, BENIGN, SEARCH_GRID = "development", "evaluation", "budget", "benign", "search"
-GRIDS = (DEVELOPMENT, EVALUATION, BUDGET, BENIGN)
-CELL_GRIDS = (DEVELOPMENT, EVALUATION)   # the grids the held/gap cell analysis reads
-
-# protect-run params and metrics
-PROTECT_METRICS = ("original_val_acc", "original_test_acc", "intactness_drop", "probe_acc", "selected_iteration",
-                   "rollbacks")
-SPEC_ARTIFACT = "spec.yaml"      # the resolved spec, at the root of the parent run
-REPORT_ARTIFACTS = "report"      # the report files, under this folder of the parent run
-
 
 @dataclass(frozen=True)
 class Metric:
@@ -123,6 +99,30 @@ class Metric:
 
 ACCURACY = Metric("acc", "accuracy")
 SKILL = Metric("skill", "denoising skill", loss="mse")
+# attack-run metrics: per epoch (step = epoch, 0 = before fine-tuning) and at the end (step 0)
+RESTRICTED_ACC, RESTRICTED_LOSS = ACCURACY.restricted, ACCURACY.restricted_loss
+FINAL, BEST, ORIGINAL_ACC = ACCURACY.final, ACCURACY.best, ACCURACY.original
+# search trials: the attacker's own validation accuracy per epoch (its objective), its best over the epochs run,
+# and the test accuracy at that epoch (what the attacker's chosen checkpoint scores)
+VAL_ACC, VAL_BEST, AT_VAL_BEST = ACCURACY.val, ACCURACY.val_best, ACCURACY.at_val_best
+STOPPED = "stopped_early"   # 1 when the scheduler (ASHA) stopped the trial before its last epoch
+# search runs: step n = after n trials, the attacker's pick so far (by validation) and its test accuracy
+FOUND_VAL, FOUND_TEST = ACCURACY.found_val, ACCURACY.found_test
+
+# the attack grids: which data each fine-tunes on and scores on. development: the protector's share ->
+# restricted validation; evaluation and budget: the attacker's pool -> restricted test; benign: a benign
+# domain's training split -> its test split; search: the attacker's pool minus its own validation split ->
+# that validation split (objective) and the restricted test split (score)
+DEVELOPMENT, EVALUATION, BUDGET, BENIGN, SEARCH_GRID = "development", "evaluation", "budget", "benign", "search"
+GRIDS = (DEVELOPMENT, EVALUATION, BUDGET, BENIGN)
+CELL_GRIDS = (DEVELOPMENT, EVALUATION)   # the grids the held/gap cell analysis reads
+
+# protect-run params and metrics
+PROTECT_METRICS = ACCURACY.protect_metrics
+SPEC_ARTIFACT = "spec.yaml"      # the resolved spec, at the root of the parent run
+REPORT_ARTIFACTS = "report"      # the report files, under this folder of the parent run
+
+
 METRICS = {"classification": ACCURACY, "generation": SKILL}
 
 
