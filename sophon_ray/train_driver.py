@@ -134,7 +134,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from sophon_ray.protection import ProtectState, protect, save_state  # noqa: PLC0415
     from sophon_ray.spec import to_dict  # noqa: PLC0415
     from sophon_ray.tasks import task_for  # noqa: PLC0415
-    from sophon_ray.training import evaluate, pretrain  # noqa: PLC0415
+    from sophon_ray.training import evaluate  # noqa: PLC0415
 
     spec: SweepSpec = config["spec"]
     task = task_for(spec)
@@ -214,16 +214,9 @@ def train_loop(config: dict[str, Any]) -> None:
             progress(step, row)
 
         if job["stage"] == "pretrain":
-            seconds = 0.0
-            if needs_training:
-                seconds = pretrain(normal, _shard(splits.original_train, rank, world), splits.original_val,
-                                   spec.pretrain, spec.seed, device, on_epoch=record, sync=sync, rank=rank,
-                                   task=task).seconds
-            normal_acc = evaluate(normal, splits.original_val, device, task).score
-            metrics = {m.key("original_val"): normal_acc,
-                       m.key("original_test"): evaluate(normal, splits.original_test, device, task).score,
-                       "seconds": seconds}
-            card = make_card(spec.model, spec.original, spec.restricted, job["key"], "normal", metrics)
+            metrics, card = pretrain_normal(spec, normal, splits, job["key"], needs_training, device, record, sync,
+                                            rank, world)
+            normal_acc = metrics[m.key("original_val")]
             progress.finish(**{m.val: normal_acc})
             finish(job, normal, card, history, metrics)
             continue
@@ -246,6 +239,26 @@ def train_loop(config: dict[str, Any]) -> None:
                                 "rollback_events": result.rollbacks, "stopped": result.stopped})
         progress.finish(**{m.original: result.original_acc, m.key("probe"): result.probe_acc})
         finish(job, result.model, card, history, metrics)
+
+
+def pretrain_normal(spec: SweepSpec, normal: torch.nn.Module, splits: Any, key: str, needs_training: bool = True,
+                    device: Any = "cpu", on_epoch: Any = None, sync: Any = None, rank: int = 0,
+                    world: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pretrain ``normal`` in place on this rank's shard of the original domain (when it ``needs_training``) and
+    score it on the original validation and test splits; returns (metrics, card) of the normal model."""
+    from sophon_ray.checkpoint import make_card  # noqa: PLC0415
+    from sophon_ray.tasks import task_for  # noqa: PLC0415
+    from sophon_ray.training import evaluate, pretrain  # noqa: PLC0415
+
+    task = task_for(spec)
+    seconds = 0.0
+    if needs_training:
+        seconds = pretrain(normal, _shard(splits.original_train, rank, world), splits.original_val, spec.pretrain,
+                           spec.seed, device, on_epoch=on_epoch, sync=sync, rank=rank, task=task).seconds
+    metrics = {task.metric.key("original_val"): evaluate(normal, splits.original_val, device, task).score,
+               task.metric.key("original_test"): evaluate(normal, splits.original_test, device, task).score,
+               "seconds": seconds}
+    return metrics, make_card(spec.model, spec.original, spec.restricted, key, "normal", metrics)
 
 
 def job_total(spec: SweepSpec, job: dict[str, Any]) -> int:

@@ -201,6 +201,9 @@ def test_log_capture_sends_library_logs_and_warnings_to_the_file_and_keeps_our_w
     library_handler = logging.StreamHandler(stderr)
     library.addHandler(library_handler)
     library.propagate = False
+    tune = logging.getLogger("ray.tune")
+    tune_level = tune.level
+    tune.setLevel(logging.INFO)  # an earlier in-process ray.init(logging_level=...) in this worker must not matter
     root.addHandler(console_handler)
     try:
         capture = LogCapture(tmp_path / "logs", verbose=False)
@@ -219,6 +222,7 @@ def test_log_capture_sends_library_logs_and_warnings_to_the_file_and_keeps_our_w
         root.removeHandler(console_handler)
         library.removeHandler(library_handler)
         library.propagate = True
+        tune.setLevel(tune_level)
     assert stderr.getvalue().splitlines() == ["our warning", "after close"]
     logged = (tmp_path / "logs" / "sophon-ray.log").read_text()
     for text in ("library noise", "tune noise", "our info", "our warning", "a python warning",

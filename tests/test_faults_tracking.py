@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from sophon_ray.outbox import JOURNAL, WAIT_ENV, Journal
-from tests.test_faults import (_free_port, _wait_for_server, assert_complete, attack_runs, env, spec_for,
-                               wait_for_store)
+from tests.test_faults import (_free_port, _wait_for_server, assert_complete, attack_runs, env, seed_normal_model,
+                               spec_for, wait_for_store)
 
 pytestmark = pytest.mark.faults
 
@@ -47,11 +47,13 @@ def kill_server(server: subprocess.Popen) -> None:
 
 
 def sweep(tmp: Path, uri: str, wait_s: float, name: str) -> tuple[Path, subprocess.Popen]:
-    """Start `sophon-ray run` on a 20-trial attack grid logging to ``uri``; returns (spec, driver process)."""
+    """Start `sophon-ray run` on a 20-trial attack grid (normal model pretrained here) logging to ``uri``; returns
+    (spec, driver process)."""
     spec = spec_for(tmp, name, STRATEGIES, ["sgd", "adam"], uri=uri)
     data = yaml.safe_load(spec.read_text())
     data["attack"]["evaluation"]["lr"] = [1e-3, 1e-2]
     spec.write_text(yaml.safe_dump(data))
+    seed_normal_model(spec)  # the outage is in the attack stage: no Ray Train start to wait through
     proc = subprocess.Popen([sys.executable, "-m", "sophon_ray.cli", "run", str(spec)], cwd=tmp,
                             env={**env(tmp), WAIT_ENV: str(wait_s)}, text=True,
                             stdout=open(tmp / "stdout.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)

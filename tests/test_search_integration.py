@@ -1,5 +1,6 @@
-"""The adaptive attacker end to end with real Ray (local) and real MLflow (SQLite): search runs and their trials,
-the best-found curve, budget and benign grids; and a driver SIGKILLed mid-search, then --resume (faults)."""
+"""The adaptive attacker end to end with real Ray (local) and real MLflow (SQLite), after a driver SIGKILLed
+mid-search and ``--resume`` (faults): search runs and their trials, the best-found curve, budget and benign grids,
+nothing finished rerun."""
 
 import subprocess
 import sys
@@ -86,27 +87,46 @@ def assert_searches_complete(tmp: Path) -> dict[str, list]:
     return children
 
 
+def search_trials(tmp: Path) -> dict[str, str]:
+    """Finished search trials: run id -> trial number."""
+    return {r.info.run_id: r.data.params[names.SEARCH_TRIAL] for r in runs(tmp)
+            if r.data.params.get(names.GRID) == names.SEARCH_GRID and r.info.status == "FINISHED"}
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
+    """The sweep as a user has it after a crash: its driver SIGKILLed once two search trials have finished, then
+    ``run --resume``. Every test below reads this end state (an uninterrupted search runs in
+    test_generation_integration); one sweep instead of two keeps CI short."""
     tmp = tmp_path_factory.mktemp("search")
-    result = subprocess.run([sys.executable, "-m", "sophon_ray.cli", "run", str(write_spec(tmp))], cwd=tmp,
-                            env=env(), text=True, capture_output=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return tmp, result
+    spec = write_spec(tmp)
+    proc = start(tmp, "run", str(spec))
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if "[3/4] search:" in (tmp / "stdout.log").read_text() and len(search_trials(tmp)) >= 2:
+            break
+        time.sleep(0.5)
+    kill_sessions([proc.pid])  # the driver and the local Ray instance it started, nothing else on the machine
+    proc.wait(timeout=30)
+    before = search_trials(tmp)
+    first = (tmp / "stdout.log").read_text()
+    resumed = start(tmp, "run", str(spec), "--resume")
+    assert resumed.wait(timeout=600) == 0, (tmp / "stdout.log").read_text()[-3000:]
+    return tmp, first, before
 
 
 @pytest.mark.integration
 def test_every_attacked_model_gets_a_complete_search_logged_once(sweep):
-    tmp, result = sweep
+    tmp, first, _ = sweep
     children = assert_searches_complete(tmp)
     scratch = children["scratch"]
     assert {r.data.params["strategy"] for r in scratch} == {"direct-all"}      # scratch has no strategy to search
-    assert "search: 3 searches" in result.stdout and "12 trials to run" in result.stdout
+    assert "search: 3 searches" in first and "12 trials to run" in first
 
 
 @pytest.mark.integration
 def test_budget_and_benign_grids_fine_tune_where_they_should(sweep):
-    tmp, _ = sweep
+    tmp, _, _ = sweep
     attack = [r for r in runs(tmp) if r.data.tags.get(names.ROLE) == "attack"]
     budget = [r for r in attack if r.data.params[names.GRID] == names.BUDGET]
     benign = [r for r in attack if r.data.params[names.GRID] == names.BENIGN]
@@ -116,26 +136,9 @@ def test_budget_and_benign_grids_fine_tune_where_they_should(sweep):
 
 
 @pytest.mark.faults
-def test_driver_killed_mid_search_then_resume_continues_the_search(tmp_path):
-    spec = write_spec(tmp_path)
-    proc = start(tmp_path, "run", str(spec))
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if "[3/4] search:" in (tmp_path / "stdout.log").read_text():
-            finished = [r for r in runs(tmp_path) if r.data.params.get(names.GRID) == names.SEARCH_GRID
-                        and r.info.status == "FINISHED"]
-            if len(finished) >= 2:
-                break
-        time.sleep(0.5)
-    kill_sessions([proc.pid])  # the driver and the local Ray instance it started, nothing else on the machine
-    proc.wait(timeout=30)
-    before = {r.info.run_id: r.data.params[names.SEARCH_TRIAL] for r in runs(tmp_path)
-              if r.data.params.get(names.GRID) == names.SEARCH_GRID and r.info.status == "FINISHED"}
+def test_driver_killed_mid_search_then_resume_continues_the_search(sweep):
+    tmp, _, before = sweep
     assert 2 <= len(before) < 3 * NUM_SAMPLES, "the kill missed the search stage"
-    resumed = start(tmp_path, "run", str(spec), "--resume")
-    assert resumed.wait(timeout=600) == 0, (tmp_path / "stdout.log").read_text()[-3000:]
-    assert_searches_complete(tmp_path)
-    after = {r.info.run_id: r.data.params[names.SEARCH_TRIAL] for r in runs(tmp_path)
-             if r.data.params.get(names.GRID) == names.SEARCH_GRID and r.info.status == "FINISHED"}
+    after = search_trials(tmp)
     assert all(after.get(run) == n for run, n in before.items()), "a finished search trial was rerun or renumbered"
     assert len(after) == 3 * NUM_SAMPLES
