@@ -156,13 +156,13 @@ def time_simulate(model: Any, pool: list, steps: int, optimizer: str, device: st
     """Seconds for one ``simulate`` call with ``steps`` inner steps on the pooled batches."""
     import torch  # noqa: PLC0415
 
-    from sophon_ray.losses import LOSSES  # noqa: PLC0415
     from sophon_ray.simulation import Environment, simulate  # noqa: PLC0415
+    from sophon_ray.tasks import CLASSIFICATION  # noqa: PLC0415
 
     env = Environment(optimizer=optimizer, lr=1e-3, head_reinit=False, head_only=False)
     gen = torch.Generator().manual_seed(0)
     with harness.Stopwatch(harness.device_sync(device)) as sw, autocast(device, bf16):
-        simulate(model, itertools.cycle(pool), env, LOSSES.get("ice"), steps, QUERY_FRACTION, gen)
+        simulate(model, itertools.cycle(pool), env, CLASSIFICATION.suppression("ice"), steps, QUERY_FRACTION, gen)
     return sw.seconds
 
 

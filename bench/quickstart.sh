@@ -38,8 +38,8 @@ if [[ "$SMOKE" = 1 ]]; then
         --set protect.0.probe_every=4 --set protect.0.probe_epochs=1 --set pretrain.epochs=1
         --set original.train_size=500 --set original.test_size=200
         --set restricted.0.train_size=300 --set restricted.0.test_size=200
-        --set 'attack.grid.strategy=[direct-all]' --set 'attack.grid.optimizer=[adam]'
-        --set 'attack.grid.lr=[0.001]' --set 'attack.grid.seed=[0]' --set 'attack.grid.epochs=[1]')
+        --set 'attack.evaluation.strategy=[direct-all]' --set 'attack.evaluation.optimizer=[adam]'
+        --set 'attack.evaluation.lr=[0.001]' --set 'attack.evaluation.seed=[0]' --set 'attack.evaluation.epochs=[1]')
 fi
 CMD=("$PY" -m sophon_ray.cli run "$REPO/sweeps/quickstart.yaml" "${SETS[@]}")
 

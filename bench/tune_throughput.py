@@ -39,7 +39,7 @@ OVERHEAD_GOAL_S = 1.0
 MIB = 2**20
 
 
-def parse_args() -> Any:
+def parse_args(argv: list[str] | None = None) -> Any:
     """The common flags plus Ray resources, rounds, epochs and --no-mlflow."""
     parser = harness.base_parser(NAME, __doc__.split("\n\n")[0], threads=2,
                                  threads_help="torch.set_num_threads of the sequential loop (default 2: both cores)")
@@ -49,7 +49,7 @@ def parse_args() -> Any:
     parser.add_argument("--epochs", type=int, help="attack epochs per trial (default 10, smoke 1)")
     parser.add_argument("--no-mlflow", action="store_true", help="skip the tune+mlflow contender")
     parser.add_argument("--sequential-device", help="device of the sequential loop (default: --device)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.sequential_device = args.sequential_device or args.device
     return args
 
@@ -68,7 +68,7 @@ def sweep_spec(args: Any) -> Any:
                      "test_size": 200 if smoke else 1000},
         "restricted": [{"dataset": "shapes_m", "image_size": 16, "channels": 3, "train_size": 400 if smoke else 2000,
                         "test_size": 200 if smoke else 1000}],
-        "pretrain": {"epochs": 1}, "attack": {"subjects": ["normal"], "grid": grid},
+        "pretrain": {"epochs": 1}, "attack": {"subjects": ["normal"], "evaluation": grid},
         "resources": {"cpus_per_trial": 1, "gpus_per_trial": args.gpus_per_trial},
     }, "bench")
 
@@ -176,12 +176,12 @@ def run_pool(trials: list[Any], models: dict, splits: Any, slots: int, device: s
 
 def run_tune(spec: Any, trials: list[Any], models: dict, splits: Any, storage: Path, callbacks: list) -> Run:
     """``run_attacks`` as the pipeline calls it; raises when any trial errored."""
-    from sophon_ray.tune_driver import run_attacks  # noqa: PLC0415
+    from sophon_ray.tune_driver import attack_data, run_attacks  # noqa: PLC0415
 
     clock = trial_clock()
     with memory.RssSampler("ImplicitFunc") as sampler:
         start = time.perf_counter()
-        grid = run_attacks(spec, trials, models, splits, str(storage), f"bench-{uuid.uuid4().hex[:8]}",
+        grid = run_attacks(spec, trials, models, attack_data(splits), str(storage), f"bench-{uuid.uuid4().hex[:8]}",
                            [*callbacks, clock], max_failures=0)
         wall = time.perf_counter() - start
     errors = [r.error for r in grid if r.error]

@@ -136,3 +136,28 @@ def test_collect_orders_sections_under_a_machine_header(tmp_path):
     positions = [text.index(f"## {n} section") for n in ("fts_step", "tune_throughput", "zeta_extra")]
     assert positions == sorted(positions)
     assert "ran on another machine: 64 cores, elsewhere" in text
+
+
+def test_the_benchmarks_specs_validate_against_the_current_spec_schema():
+    """Fast guard (default suite) for the slow smoke runs above: the specs the benchmarks build or override still
+    validate, so a renamed spec field breaks CI, not the next benchmark run (an `attack.grid` left in two benchmarks
+    after the evaluation issue renamed it went unnoticed for a wave)."""
+    import re
+    import shlex
+
+    from sophon_ray.validation import load_spec
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import tune_throughput
+    finally:
+        sys.path.remove(str(BENCH))
+    for argv in ([], ["--smoke"]):
+        tune_throughput.sweep_spec(tune_throughput.parse_args(argv))  # raises SpecError when invalid
+    script = (BENCH / "quickstart.sh").read_text()
+    block = script[script.index("SETS=(--set"):script.index(")\nfi")]
+    tokens = shlex.split(re.sub(r"^SETS=\(", "", block).replace("\n", " "))
+    overrides = [tokens[i + 1] for i, t in enumerate(tokens) if t == "--set"]
+    assert len(overrides) >= 10, overrides
+    spec = load_spec(REPO / "sweeps" / "quickstart.yaml", overrides)
+    assert spec.protect[0].iterations == 4 and spec.attack.evaluation[0].strategy == ("direct-all",)
