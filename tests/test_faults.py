@@ -1,5 +1,6 @@
 """Fault injection with real processes and real signals; every case asserts on MLflow's contents."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -54,12 +55,12 @@ def seed_normal_model(spec_path: Path) -> Path:
     from sophon_ray.validation import load_spec
 
     spec = load_spec(str(spec_path))
+    key = pretrain_key(spec)
     normal, needs_training = initial_model(spec)
     history: list[dict] = []
-    _, card = pretrain_normal(spec, normal, make_splits(spec), pretrain_key(spec), needs_training,
+    _, card = pretrain_normal(spec, normal, make_splits(spec), key, needs_training,
                               on_epoch=lambda step, row: history.append({"step": step, **row}))
-    out = save_checkpoint(normal, card, Path(spec.output_dir) / "checkpoints" / jobs_dir("pretrain", "normal",
-                                                                                        pretrain_key(spec)))
+    out = save_checkpoint(normal, card, Path(spec.output_dir) / "checkpoints" / jobs_dir("pretrain", "normal", key))
     (out / HISTORY).write_text(json.dumps(history))
     return out
 
@@ -294,6 +295,24 @@ def _wait_for_server(uri: str, proc: subprocess.Popen, timeout: float = 90) -> N
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"mlflow server at {uri} did not come up")
+
+
+def start_server(tmp: Path, port: int) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:port over ``tmp/server.db`` (the same database on every restart)."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp}/server.db", "--artifacts-destination", str(tmp / "artifacts"),
+         "--workers", "1"],
+        env=env(tmp), stdout=open(tmp / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for_server(f"http://127.0.0.1:{port}", server)
+    return server
+
+
+def kill_server(server: subprocess.Popen) -> None:
+    """SIGKILL the server and its workers (no clean shutdown); nothing when it is gone already."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=30)
 
 
 def test_protection_divergence_is_rolled_back_recorded_in_mlflow_and_never_checkpointed(tmp_path):

@@ -1,15 +1,10 @@
 """MLflow server mode with real processes: an ``mlflow server`` (SQLite backend, artifact proxy) on 127.0.0.1 and a
 sweep that logs to it through a credentialed URI; everything arrives, no secret leaks."""
 
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 import yaml
 
-from tests.test_faults import _free_port, _wait_for_server, assert_complete, env, spec_for, start
+from tests.test_faults import _free_port, assert_complete, kill_server, spec_for, start, start_server
 
 pytestmark = pytest.mark.faults
 
@@ -20,15 +15,9 @@ def test_mlflow_server_mode_with_a_credentialed_uri_logs_everything_and_leaks_no
     from sophon_ray.checkpoint import load_checkpoint
 
     port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
-         str(tmp_path / "artifacts"), "--workers", "1"],
-        env=env(tmp_path), stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+    server = start_server(tmp_path, port)
     plain = f"http://127.0.0.1:{port}"
     try:
-        _wait_for_server(plain, server)
         secret_uri = f"http://sophon:s3cr3t-token@127.0.0.1:{port}"
         spec = spec_for(tmp_path, "server", ["direct-all", "initfc-fc"], ["adam"], uri=secret_uri)
         data = yaml.safe_load(spec.read_text())
@@ -53,4 +42,4 @@ def test_mlflow_server_mode_with_a_credentialed_uri_logs_everything_and_leaks_no
         assert "s3cr3t" not in (tmp_path / "stdout.log").read_text()
         assert len(runs) == 5
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
+        kill_server(server)

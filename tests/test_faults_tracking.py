@@ -6,9 +6,7 @@ retries or later from the journal (``sophon-ray sync`` / ``--resume``).
 ``SOPHON_FAULT_OUTAGE_S`` sets how long the server stays down in the restart case (default 30 s, the issue's
 figure; the code path is the same for any gap)."""
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,32 +16,14 @@ import pytest
 import yaml
 
 from sophon_ray.outbox import JOURNAL, WAIT_ENV, Journal
-from tests.test_faults import (_free_port, _wait_for_server, assert_complete, attack_runs, env, seed_normal_model,
-                               spec_for, wait_for_store)
+from tests.test_faults import (_free_port, assert_complete, attack_runs, env, kill_server, seed_normal_model,
+                               spec_for, start_server, wait_for_store)
 
 pytestmark = pytest.mark.faults
 
 OUTAGE_S = float(os.environ.get("SOPHON_FAULT_OUTAGE_S", "30"))
 STRATEGIES = ["direct-all", "initfc-all", "direct-fc", "initfc-fc"]
 TRIALS = 4 * 2 * 2 + 2 * 2  # normal: strategies x optimizers x lrs; scratch once per (optimizer, lr)
-
-
-def start_server(tmp: Path, port: int) -> subprocess.Popen:
-    """``mlflow server`` on 127.0.0.1:port over ``tmp/server.db`` (the same database on every restart)."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp}/server.db", "--artifacts-destination", str(tmp / "artifacts"),
-         "--workers", "1"],
-        env=env(tmp), stdout=open(tmp / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_for_server(f"http://127.0.0.1:{port}", server)
-    return server
-
-
-def kill_server(server: subprocess.Popen) -> None:
-    """SIGKILL the server and its workers (no clean shutdown); nothing when it is gone already."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)
-    server.wait(timeout=30)
 
 
 def sweep(tmp: Path, uri: str, wait_s: float, name: str) -> tuple[Path, subprocess.Popen]:
