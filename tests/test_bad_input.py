@@ -1,5 +1,9 @@
 """Bad input: a clear message naming the problem and the fix, exit code 2, before Ray starts, nothing
-half-written (no MLflow runs, no checkpoints). Real subprocesses of the real CLI."""
+half-written (no MLflow runs, no checkpoints).
+
+The cases run the CLI's ``main`` in this process (with ``ray.init`` made to fail, so "before Ray starts" is checked,
+not assumed): a subprocess per case spent ~4 s importing torch, Ray and MLflow to print one line. One test runs the
+real CLI as a subprocess, for what only a process shows: the exit status and no traceback on stderr."""
 
 import copy
 import pickle
@@ -10,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sophon_ray import cli
 from tests.procenv import process_env
 
 pytestmark = pytest.mark.faults
@@ -87,10 +92,29 @@ CASES = {
 }
 
 
-def run_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sophon_ray.cli", *args], cwd=tmp, env=process_env(tmp / "raytmp"),
-                          text=True,
-                          capture_output=True, timeout=120)
+class Cli:
+    """``sophon-ray`` in this process, in ``tmp``, where starting Ray fails the test."""
+
+    def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+        import ray
+
+        def no_ray(*args, **kwargs):
+            raise AssertionError("Ray started")
+
+        monkeypatch.chdir(tmp)
+        monkeypatch.setattr(ray, "init", no_ray)
+        self.tmp, self.capsys = tmp, capsys
+
+    def __call__(self, *args: str) -> tuple[int, str]:
+        """(exit status, stderr)."""
+        self.capsys.readouterr()
+        status = cli.main(list(args))
+        return status, self.capsys.readouterr().err
+
+
+@pytest.fixture
+def run_cli(tmp_path, monkeypatch, capsys) -> Cli:
+    return Cli(tmp_path, monkeypatch, capsys)
 
 
 def assert_nothing_started(tmp: Path) -> None:
@@ -100,21 +124,31 @@ def assert_nothing_started(tmp: Path) -> None:
     assert not (tmp / "runs").exists(), "an output directory was written"
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_spec_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, case):
-    spec, message = CASES[case]
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    result = run_cli(tmp_path, "run", "spec.yaml")
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert message in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+def test_the_real_cli_exits_2_without_a_traceback_and_starts_nothing(tmp_path):
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(CASES["unknown key"][0]))
+    for args, message in ((["run", "spec.yaml"], "did you mean 'alpha'"),
+                          (["run", "nope.yaml"], "spec file not found")):
+        result = subprocess.run([sys.executable, "-m", "sophon_ray.cli", *args], cwd=tmp_path,
+                                env=process_env(tmp_path / "raytmp"), text=True, capture_output=True, timeout=120)
+        assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert_nothing_started(tmp_path)
 
 
-def test_grid_larger_than_max_trials_is_refused(tmp_path):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_spec_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, run_cli, case):
+    spec, message = CASES[case]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    status, err = run_cli("run", "spec.yaml")
+    assert status == 2, (status, err[-2000:])
+    assert message in err, err[-2000:]
+    assert_nothing_started(tmp_path)
+
+
+def test_grid_larger_than_max_trials_is_refused(tmp_path, run_cli):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(GOOD))
-    result = run_cli(tmp_path, "run", "spec.yaml", "--max-trials", "1")
-    assert result.returncode == 2 and "exceed --max-trials 1" in result.stderr
+    status, err = run_cli("run", "spec.yaml", "--max-trials", "1")
+    assert status == 2 and "exceed --max-trials 1" in err, err
     assert_nothing_started(tmp_path)
 
 
@@ -128,15 +162,15 @@ def _given_checkpoint(tmp: Path, arch: str = "convnet", classes: int = 10) -> Pa
     return save_checkpoint(build_model(spec, 3, 12), card, tmp / "given")
 
 
-def test_attack_refuses_a_checkpoint_whose_card_does_not_match(tmp_path):
+def test_attack_refuses_a_checkpoint_whose_card_does_not_match(tmp_path, run_cli):
     _given_checkpoint(tmp_path, classes=7)
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(GOOD))
-    result = run_cli(tmp_path, "attack", "spec.yaml", "--checkpoint", "given")
-    assert result.returncode == 2 and "the card says" in result.stderr and "7" in result.stderr
+    status, err = run_cli("attack", "spec.yaml", "--checkpoint", "given")
+    assert status == 2 and "the card says" in err and "7" in err, err
     assert_nothing_started(tmp_path)
 
 
-def test_attack_refuses_a_pickle_and_a_corrupt_safetensors(tmp_path):
+def test_attack_refuses_a_pickle_and_a_corrupt_safetensors(tmp_path, run_cli):
     marker = tmp_path / "unpickled"
 
     class Evil:
@@ -146,20 +180,20 @@ def test_attack_refuses_a_pickle_and_a_corrupt_safetensors(tmp_path):
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "model.pt").write_bytes(pickle.dumps(Evil()))
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(GOOD))
-    result = run_cli(tmp_path, "attack", "spec.yaml", "--checkpoint", "pickled")
-    assert result.returncode == 2 and "never loaded" in result.stderr
+    status, err = run_cli("attack", "spec.yaml", "--checkpoint", "pickled")
+    assert status == 2 and "never loaded" in err, err
     given = _given_checkpoint(tmp_path)
     (given / "model.safetensors").write_bytes(b"\x00" * 64)
-    result = run_cli(tmp_path, "attack", "spec.yaml", "--checkpoint", "given")
-    assert result.returncode == 2 and "not a readable safetensors" in result.stderr
+    status, err = run_cli("attack", "spec.yaml", "--checkpoint", "given")
+    assert status == 2 and "not a readable safetensors" in err, err
     assert not marker.exists()
     assert_nothing_started(tmp_path)
 
 
-def test_missing_spec_and_bad_override(tmp_path):
-    result = run_cli(tmp_path, "run", "nope.yaml")
-    assert result.returncode == 2 and "spec file not found" in result.stderr
+def test_missing_spec_and_bad_override(tmp_path, run_cli):
+    status, err = run_cli("run", "nope.yaml")
+    assert status == 2 and "spec file not found" in err, err
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(GOOD))
-    result = run_cli(tmp_path, "run", "spec.yaml", "--set", "protect.5.alpha=1")
-    assert result.returncode == 2 and "cannot set" in result.stderr
+    status, err = run_cli("run", "spec.yaml", "--set", "protect.5.alpha=1")
+    assert status == 2 and "cannot set" in err, err
     assert_nothing_started(tmp_path)

@@ -146,10 +146,12 @@ def test_the_console_is_short_plain_and_says_where_to_look_next(sweep):
     assert (logs / "ray").is_symlink() and (logs / "ray").resolve().is_dir()
 
 
-def test_verbose_prints_what_ray_prints(sweep, tmp_path):
+def test_verbose_prints_what_ray_prints_and_two_train_workers_end_identical(sweep, tmp_path):
+    """``--verbose`` forwards Ray's and the workers' output; the protection (and its pretraining) runs on two Ray
+    Train workers (DDP), whose weights end bit-identical (each rank's state digest, gathered and compared)."""
     _, quiet = sweep
     spec = {**SPEC, "protect": [{**SPEC["protect"][0], "seeds": [0]}], "output_dir": str(tmp_path / "out"),
-            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}, "resources": {"protect_workers": 2}}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     verbose = sophon(tmp_path, "protect", "spec.yaml", "--verbose")
     assert verbose.returncode == 0, verbose.stdout[-3000:] + verbose.stderr[-3000:]
@@ -158,6 +160,11 @@ def test_verbose_prints_what_ray_prints(sweep, tmp_path):
     assert "[1/4] protect ice-s-s0: iteration 4/4" in out
     quiet_training = quiet.stdout.split("[2/4]")[0]  # the same stage, with twice the protections
     assert len(out.splitlines()) > 2 * len(quiet_training.splitlines())
+    assert len(set(re.findall(r"\(RayTrainWorker pid=(\d+)", out))) == 2, "not two Train workers"
+    finished = [line for line in out.splitlines() if line.startswith("[1/4] ") and " | original val " in line]
+    assert [line.split()[1] for line in finished] == ["pretrain", "protect"], finished
+    for line in finished:
+        assert "ranks identical: True" in line and (Path(line.split(" | ")[-1]) / "model.safetensors").is_file(), line
 
 
 def test_rerun_reuses_everything(sweep):
@@ -176,23 +183,3 @@ def test_dry_run_prints_the_grid_without_ray(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
     guarded = sophon(tmp_path, "run", "spec.yaml", "--max-trials", "3")
     assert guarded.returncode == 2 and "exceed --max-trials 3" in guarded.stderr
-
-
-def test_two_worker_protection_ends_with_identical_weights(tmp_path):
-    import ray
-
-    from sophon_ray.train_driver import run_training
-    from sophon_ray.validation import parse_spec
-
-    spec = parse_spec({**SPEC, "resources": {"protect_workers": 2}})  # one protection at a time, 2 workers
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
-    try:
-        jobs = [{"stage": "pretrain", "label": "normal", "key": "k0"},
-                {"stage": "protect", "variant_index": 0, "seed": 0, "label": "ice-s", "key": "k1"}]
-        results = run_training(spec, jobs, tmp_path, str(tmp_path / "ray"))
-    finally:
-        ray.shutdown()
-    assert [r["stage"] for r in results] == ["pretrain", "protect"]
-    for r in results:
-        assert len(r["rank_digests"]) == 2 and r["ranks_identical"], r["rank_digests"]
-        assert (Path(r["dir"]) / "model.safetensors").is_file()
