@@ -129,12 +129,10 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist  # noqa: PLC0415
     from ray.train import Checkpoint  # noqa: PLC0415
 
-    from sophon_ray.checkpoint import initial_model, make_card, save_checkpoint  # noqa: PLC0415
+    from sophon_ray.checkpoint import initial_model, save_checkpoint  # noqa: PLC0415
     from sophon_ray.data import make_splits  # noqa: PLC0415
-    from sophon_ray.protection import ProtectState, protect, save_state  # noqa: PLC0415
-    from sophon_ray.spec import to_dict  # noqa: PLC0415
+    from sophon_ray.protection import ProtectState, save_state  # noqa: PLC0415
     from sophon_ray.tasks import task_for  # noqa: PLC0415
-    from sophon_ray.training import evaluate  # noqa: PLC0415
 
     spec: SweepSpec = config["spec"]
     task = task_for(spec)
@@ -203,7 +201,6 @@ def train_loop(config: dict[str, Any]) -> None:
     for job in config["jobs"]:
         if job["key"] in done:
             continue
-        start = time.perf_counter()
         resumed = point.job == job["key"]
         history: list[dict[str, Any]] = list(point.history) if resumed else []
         progress = ProgressSender(config.get("progress") if rank == 0 else None, job["label"], job["stage"],
@@ -220,25 +217,12 @@ def train_loop(config: dict[str, Any]) -> None:
             progress.finish(**{m.val: normal_acc})
             finish(job, normal, card, history, metrics)
             continue
-        variant = spec.protect[job["variant_index"]]
-        result = protect(normal, _shard(splits.original_train, rank, world), splits.original_val,
-                         [_shard(d, rank, world) for d in splits.restricted_train], splits.restricted_val, variant,
-                         normal_acc, device, on_metrics=record, sync=sync, rank=rank,
-                         probe_train=splits.restricted_train, seed=job["seed"],
-                         on_checkpoint=lambda state, job=job, history=history: report_state(job, history, state),
-                         resume=point.state if resumed else None, task=task)
-        test_acc = evaluate(result.model, splits.original_test, device, task).score
-        normal_test = evaluate(normal, splits.original_test, device, task).score
-        metrics = {m.key("original_val"): result.original_acc, m.key("original_test"): test_acc,
-                   "intactness_drop": normal_test - test_acc, m.key("probe"): result.probe_acc,
-                   "selected_iteration": result.selected_iteration, "rollbacks": len(result.rollbacks),
-                   "iterations_run": result.iterations_run, "resumed_from_iteration": result.resumed_from,
-                   "seconds": time.perf_counter() - start}
-        card = make_card(spec.model, spec.original, spec.restricted, job["key"], "protected", metrics,
-                         extra={"variant": variant.label, "protect_seed": job["seed"], "protect": to_dict(variant),
-                                "rollback_events": result.rollbacks, "stopped": result.stopped})
-        progress.finish(**{m.original: result.original_acc, m.key("probe"): result.probe_acc})
-        finish(job, result.model, card, history, metrics)
+        model, metrics, card = protect_variant(
+            spec, normal, splits, job, normal_acc, device, record, sync, rank, world,
+            on_checkpoint=lambda state, job=job, history=history: report_state(job, history, state),
+            resume=point.state if resumed else None)
+        progress.finish(**{m.original: metrics[m.key("original_val")], m.key("probe"): metrics[m.key("probe")]})
+        finish(job, model, card, history, metrics)
 
 
 def pretrain_normal(spec: SweepSpec, normal: torch.nn.Module, splits: Any, key: str, needs_training: bool = True,
@@ -259,6 +243,39 @@ def pretrain_normal(spec: SweepSpec, normal: torch.nn.Module, splits: Any, key: 
                task.metric.key("original_test"): evaluate(normal, splits.original_test, device, task).score,
                "seconds": seconds}
     return metrics, make_card(spec.model, spec.original, spec.restricted, key, "normal", metrics)
+
+
+def protect_variant(spec: SweepSpec, normal: torch.nn.Module, splits: Any, job: dict[str, Any], normal_acc: float,
+                    device: Any = "cpu", on_metrics: Any = None, sync: Any = None, rank: int = 0, world: int = 1,
+                    on_checkpoint: Any = None,
+                    resume: Any = None) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """Run one protection (``job``: :func:`protect_job`) of ``normal`` on this rank's shards, from ``resume`` (a
+    ProtectState) when given, and score it on the original test split; returns (protected model, metrics, card)."""
+    from sophon_ray.checkpoint import make_card  # noqa: PLC0415
+    from sophon_ray.protection import protect  # noqa: PLC0415
+    from sophon_ray.spec import to_dict  # noqa: PLC0415
+    from sophon_ray.tasks import task_for  # noqa: PLC0415
+    from sophon_ray.training import evaluate  # noqa: PLC0415
+
+    task = task_for(spec)
+    m = task.metric
+    variant = spec.protect[job["variant_index"]]
+    result = protect(normal, _shard(splits.original_train, rank, world), splits.original_val,
+                     [_shard(d, rank, world) for d in splits.restricted_train], splits.restricted_val, variant,
+                     normal_acc, device, on_metrics=on_metrics, sync=sync, rank=rank,
+                     probe_train=splits.restricted_train, seed=job["seed"], on_checkpoint=on_checkpoint,
+                     resume=resume, task=task)
+    test_acc = evaluate(result.model, splits.original_test, device, task).score
+    normal_test = evaluate(normal, splits.original_test, device, task).score
+    metrics = {m.key("original_val"): result.original_acc, m.key("original_test"): test_acc,
+               "intactness_drop": normal_test - test_acc, m.key("probe"): result.probe_acc,
+               "selected_iteration": result.selected_iteration, "rollbacks": len(result.rollbacks),
+               "iterations_run": result.iterations_run, "resumed_from_iteration": result.resumed_from,
+               "seconds": result.seconds}
+    card = make_card(spec.model, spec.original, spec.restricted, job["key"], "protected", metrics,
+                     extra={"variant": variant.label, "protect_seed": job["seed"], "protect": to_dict(variant),
+                            "rollback_events": result.rollbacks, "stopped": result.stopped})
+    return result.model, metrics, card
 
 
 def job_total(spec: SweepSpec, job: dict[str, Any]) -> int:

@@ -42,27 +42,41 @@ def spec_for(tmp: Path, name: str, strategies: list[str], optimizers: list[str],
     return path
 
 
-def seed_normal_model(spec_path: Path) -> Path:
-    """Pretrain the spec's normal model in this process (the plain-PyTorch core, as a Ray Train worker does it) and
-    store it where the pipeline looks for it, so the sweep reuses it and skips Ray Train: for tests of the attack
-    stage, whose time should go to the faults they inject. Returns the checkpoint directory."""
+def seed_models(spec_path: Path) -> Path:
+    """Pretrain the spec's normal model and run each of its protections in this process (the plain-PyTorch core, as
+    a Ray Train worker runs it: ``train_driver.pretrain_normal`` and ``protect_variant``) and store them where the
+    pipeline looks for them, so the sweep reuses them and skips Ray Train: for tests of the attack stage, whose time
+    should go to the faults they inject. Returns the checkpoint folder."""
     import json
 
     from sophon_ray.checkpoint import initial_model, save_checkpoint
     from sophon_ray.data import make_splits
-    from sophon_ray.pipeline import pretrain_key
-    from sophon_ray.train_driver import HISTORY, jobs_dir, pretrain_normal
+    from sophon_ray.names import metric_for
+    from sophon_ray.pipeline import pretrain_key, protect_key
+    from sophon_ray.train_driver import HISTORY, jobs_dir, pretrain_normal, protect_job, protect_variant
     from sophon_ray.validation import load_spec
 
     spec = load_spec(str(spec_path))
-    key = pretrain_key(spec)
+    store = Path(spec.output_dir) / "checkpoints"
+    splits = make_splits(spec)
+
+    def save(model, card: dict, history: list[dict], stage: str, label: str, key: str) -> None:
+        out = save_checkpoint(model, card, store / jobs_dir(stage, label, key))
+        (out / HISTORY).write_text(json.dumps(history))
+
     normal, needs_training = initial_model(spec)
     history: list[dict] = []
-    _, card = pretrain_normal(spec, normal, make_splits(spec), key, needs_training,
-                              on_epoch=lambda step, row: history.append({"step": step, **row}))
-    out = save_checkpoint(normal, card, Path(spec.output_dir) / "checkpoints" / jobs_dir("pretrain", "normal", key))
-    (out / HISTORY).write_text(json.dumps(history))
-    return out
+    metrics, card = pretrain_normal(spec, normal, splits, pretrain_key(spec), needs_training,
+                                    on_epoch=lambda step, row: history.append({"step": step, **row}))
+    save(normal, card, history, "pretrain", "normal", pretrain_key(spec))
+    normal_acc = metrics[metric_for(spec.mode).key("original_val")]
+    for i, variant in enumerate(spec.protect):
+        for seed in variant.seeds:
+            job, history = protect_job(spec, i, seed, protect_key(spec, i, seed)), []
+            model, _, card = protect_variant(spec, normal, splits, job, normal_acc,
+                                             on_metrics=lambda step, row, h=history: h.append({"step": step, **row}))
+            save(model, card, history, "protect", job["label"], job["key"])
+    return store
 
 
 def env(tmp: Path) -> dict[str, str]:
@@ -150,7 +164,7 @@ def kill_sessions(sessions: list[int]) -> None:
 def test_a_sigkilled_trial_is_retried_and_logged_exactly_once(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spec = spec_for(tmp_path, "trialkill", ["direct-all", "initfc-all", "direct-fc"], ["adam"])
-    seed_normal_model(spec)
+    seed_models(spec)
     proc = start(tmp_path, "run", str(spec))
     wait_for_store(tmp_path, proc)
     killed = None
@@ -174,7 +188,7 @@ def test_a_sigkilled_trial_is_retried_and_logged_exactly_once(tmp_path):
 def test_driver_sigkill_then_resume_reruns_nothing_finished(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spec = spec_for(tmp_path, "driverkill", ["direct-all", "initfc-all", "direct-fc", "initfc-fc"], ["sgd", "adam"])
-    seed_normal_model(spec)
+    seed_models(spec)
     proc = start(tmp_path, "run", str(spec))
     wait_for_store(tmp_path, proc)
     deadline = time.time() + 300

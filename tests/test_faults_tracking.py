@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from sophon_ray.outbox import JOURNAL, WAIT_ENV, Journal
-from tests.test_faults import (_free_port, assert_complete, attack_runs, env, kill_server, seed_normal_model,
+from tests.test_faults import (_free_port, assert_complete, attack_runs, env, kill_server, seed_models,
                                spec_for, start_server, wait_for_store)
 
 pytestmark = pytest.mark.faults
@@ -30,7 +30,7 @@ WITHOUT_PROTECTION = 2 * 2 * 2 + 2 * 2  # normal: strategies x optimizers x lrs;
 
 
 def sweep(tmp: Path, uri: str, wait_s: float, name: str, protect: bool) -> tuple[Path, subprocess.Popen]:
-    """Start `sophon-ray run` logging to ``uri`` (normal model pretrained here); returns (spec, driver process).
+    """Start `sophon-ray run` logging to ``uri`` (its models trained here); returns (spec, driver process).
     ``protect``: a 4-iteration protection, and the attack grid over the protected, normal and scratch models at one lr
     (WITH_PROTECTION trials); else the normal and scratch models at two lrs (WITHOUT_PROTECTION trials)."""
     spec = spec_for(tmp, name, STRATEGIES, ["sgd", "adam"], uri=uri)
@@ -42,7 +42,7 @@ def sweep(tmp: Path, uri: str, wait_s: float, name: str, protect: bool) -> tuple
     else:
         data["attack"]["evaluation"]["lr"] = [1e-3, 1e-2]
     spec.write_text(yaml.safe_dump(data))
-    seed_normal_model(spec)  # the outage is in the attack stage: no Ray Train start to wait through
+    seed_models(spec)  # the outage is in the attack stage: no Ray Train start to wait through
     proc = subprocess.Popen([sys.executable, "-m", "sophon_ray.cli", "run", str(spec)], cwd=tmp,
                             env={**env(tmp), WAIT_ENV: str(wait_s)}, text=True,
                             stdout=open(tmp / "stdout.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)

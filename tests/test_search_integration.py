@@ -13,7 +13,7 @@ import yaml
 from sophon_ray import names
 from sophon_ray.search import best_found
 from tests.procenv import process_env
-from tests.test_faults import kill_sessions
+from tests.test_faults import kill_sessions, seed_models
 
 NUM_SAMPLES = 4
 SPEC = {
@@ -100,6 +100,7 @@ def sweep(tmp_path_factory):
     test_generation_integration); one sweep instead of two keeps CI short."""
     tmp = tmp_path_factory.mktemp("search")
     spec = write_spec(tmp)
+    seed_models(spec)  # pretrained and protected in this process: the sweep starts at the attacks, no Ray Train
     proc = start(tmp, "run", str(spec))
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
