@@ -29,6 +29,8 @@ from typing import Any
 import harness
 import sweep_run
 
+from sophon_ray.ui import JOB_EXECUTION_OFF
+
 NAME = "scale"
 REPORT_GOAL_S = 60.0
 UI_GOAL_S = 2.0  # the page's runs call; a page feels broken well before 2 s
@@ -65,7 +67,8 @@ def ui_search_seconds(db: Path, experiment: str, workdir: Path, repeats: int = 5
     start = time.perf_counter()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{db}", "--workers", "1"],
-                              env=sweep_run.run_env(), stdout=open(workdir / "server.log", "w"),
+                              env={**sweep_run.run_env(), **JOB_EXECUTION_OFF},
+                              stdout=open(workdir / "server.log", "w"),
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         while True:

@@ -12,6 +12,7 @@ import psutil
 import pytest
 import yaml
 
+from sophon_ray.ui import JOB_EXECUTION_OFF
 from tests.procenv import process_env
 
 pytestmark = pytest.mark.faults
@@ -312,12 +313,15 @@ def _wait_for_server(uri: str, proc: subprocess.Popen, timeout: float = 90) -> N
 
 
 def start_server(tmp: Path, port: int) -> subprocess.Popen:
-    """``mlflow server`` on 127.0.0.1:port over ``tmp/server.db`` (the same database on every restart)."""
+    """``mlflow server`` on 127.0.0.1:port over ``tmp/server.db`` (the same database on every restart), with MLflow's
+    job execution off as ``sophon-ray ui`` and cluster.yaml run it (``ui.JOB_EXECUTION_OFF``: else a core is busy while
+    the server idles)."""
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp}/server.db", "--artifacts-destination", str(tmp / "artifacts"),
          "--workers", "1"],
-        env=env(tmp), stdout=open(tmp / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+        env={**env(tmp), **JOB_EXECUTION_OFF}, stdout=open(tmp / "server.log", "a"), stderr=subprocess.STDOUT,
+        start_new_session=True)
     _wait_for_server(f"http://127.0.0.1:{port}", server)
     return server
 
