@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -214,7 +215,11 @@ def test_driver_sigkill_then_resume_reruns_nothing_finished(tmp_path):
     assert all(after[k] == v for k, v in finished.items()), "a finished trial was rerun"
     assert {r.info.run_id for r in orphans} <= {v[0] for v in after.values()}, "an orphan was duplicated"
     log = (tmp_path / "stdout.log").read_text()
-    assert f"{len(finished)} finished earlier" in log
+    # a trial can finish with its result in the journal but not yet in MLflow when the driver dies: --resume delivers
+    # the journal first and counts such trials as finished too (seen once under load)
+    journaled = re.search(r"journal: (\d+) trial\(s\) with results not yet in MLflow, delivered now", log)
+    earlier = int(re.findall(r"attack grid: \d+ trials, (\d+) finished earlier", log)[-1])  # the resumed run's
+    assert len(finished) <= earlier <= len(finished) + (int(journaled[1]) if journaled else 0), log[-3000:]
 
 
 def _free_port() -> int:
