@@ -103,7 +103,7 @@ class Cli:
 
         monkeypatch.chdir(tmp)
         monkeypatch.setattr(ray, "init", no_ray)
-        self.tmp, self.capsys = tmp, capsys
+        self.capsys = capsys
 
     def __call__(self, *args: str) -> tuple[int, str]:
         """(exit status, stderr)."""

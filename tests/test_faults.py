@@ -68,9 +68,10 @@ def seed_models(spec_path: Path) -> Path:
 
     normal, needs_training = initial_model(spec)
     history: list[dict] = []
-    metrics, card = pretrain_normal(spec, normal, splits, pretrain_key(spec), needs_training,
+    key = pretrain_key(spec)
+    metrics, card = pretrain_normal(spec, normal, splits, key, needs_training,
                                     on_epoch=lambda step, row: history.append({"step": step, **row}))
-    save(normal, card, history, "pretrain", "normal", pretrain_key(spec))
+    save(normal, card, history, "pretrain", "normal", key)
     normal_acc = metrics[metric_for(spec.mode).key("original_val")]
     for i, variant in enumerate(spec.protect):
         for seed in variant.seeds:
