@@ -28,7 +28,7 @@ from analysis.heatmaps import DPI, save
 from analysis.runs import CELL_KEYS, Sweep, cells, load_attack_runs, load_curves, part_main, varying
 from analysis.summary import cell_name, markdown_table, number
 from sophon_ray import names
-from sophon_ray.metrics import chance, epochs_to_target
+from sophon_ray.core.metrics import chance, epochs_to_target
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def at_epoch(curve: Sequence[float], epoch: int = READ_EPOCH) -> float:
 
 
 def break_even(curve: Sequence[float], target: float) -> int | None:
-    """First epoch at which ``curve`` reaches ``target`` (``sophon_ray.metrics.epochs_to_target``); None: never."""
+    """First epoch at which ``curve`` reaches ``target`` (``sophon_ray.core.metrics.epochs_to_target``); None: never."""
     return epochs_to_target(curve, target) if curve and not math.isnan(target) else None
 
 

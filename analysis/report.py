@@ -23,7 +23,7 @@ from analysis.runs import (cells, find_sweep, load_curves, load_num_classes, loa
 from analysis.search import load_searches, make_search_figures, search_overview, search_section
 from analysis.summary import make_summary, overview, write_summary
 from sophon_ray import names
-from sophon_ray.metrics import chance
+from sophon_ray.core.metrics import chance
 from sophon_ray.errors import cli_exit
 
 log = logging.getLogger(__name__)

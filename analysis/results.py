@@ -26,7 +26,8 @@ from analysis.runs import CELL_KEYS, Sweep, cells, sections, varying
 from analysis.summary import (ROBUSTNESS_HEADER, best_attacks_section, cell_name, cell_section, complete_cells,
                               definitions, leaks_section, markdown_table, number, robustness_cells, robustness_rows)
 from sophon_ray import names
-from sophon_ray.metrics import MEANINGFUL_GAP, Cell, chance
+from sophon_ray.modes import MODES
+from sophon_ray.core.metrics import MEANINGFUL_GAP, Cell, chance
 
 HAND_WRITTEN = "<!-- hand-written below: kept when the results are regenerated -->"
 
@@ -119,7 +120,7 @@ def results_document(sweep: Sweep, runs: pd.DataFrame, curves: Mapping[str, Sequ
     """One sweep's generated part of RESULTS.md: its sections, then ``extra_sections`` (markdown: the adaptive
     attacker, budget and benign sections, per protection seed). :func:`merge_results` places it in the file."""
     metric = sweep.metric
-    num_classes = (spec.get("model") or {}).get("num_classes") if sweep.mode != "generation" else None
+    num_classes = (spec.get("model") or {}).get("num_classes") if MODES.get(sweep.mode).has_classes else None
     chance_level = chance(num_classes) if num_classes else 0.0
     leaks = ("Worse than refusing (protected below zero skill)" if metric == names.SKILL
              else "Label-information leaks (protected below chance)")

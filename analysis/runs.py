@@ -24,19 +24,22 @@ from mlflow.entities import Metric, Run
 from mlflow.exceptions import MlflowException
 
 from sophon_ray import names
+from sophon_ray.modes import MODES, metric_for
+from sophon_ray.recipes import OPTIMIZERS, SETTINGS, STRATEGIES, legacy_defaults
+from sophon_ray.recipes import param_casts as recipe_casts
 from sophon_ray.errors import SophonError, cli_exit
 
 log = logging.getLogger(__name__)
 
 # A cell is one recipe (everything but the seed) on one grid and restricted domain.
-CELL_KEYS = tuple(key for key in names.RECIPE if key != "seed")
+CELL_KEYS = tuple(key for key in SETTINGS if key != "seed")
 WHERE = (names.GRID, names.DOMAIN)
 # Scratch trains from random init, so the orchestrator runs it once per cell-without-strategy.
 SCRATCH_KEYS = tuple(key for key in CELL_KEYS if key != "strategy")
 SUBJECTS = ("protected", "normal", "scratch")
-# Display order of the registries' names (sophon_ray's registries import torch, so they are not used here).
-STRATEGY_ORDER = ("direct-all", "direct-fc", "initfc-all", "initfc-fc", "rtal")
-OPTIMIZER_ORDER = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "adadelta")
+# Display order: the recipe table's registration order (the table is torch-free)
+STRATEGY_ORDER = tuple(STRATEGIES.names())
+OPTIMIZER_ORDER = tuple(OPTIMIZERS.names())
 
 
 def _int(text: str) -> int:
@@ -47,9 +50,8 @@ def _int(text: str) -> int:
 
 
 _CASTS: dict[str, Callable[[str], object]] = {
-    "lr": float, "data_fraction": float, "weight_decay": float, "label_smoothing": float, "lora_alpha": float,
-    "batch_size": _int, "epochs": _int, "seed": _int, "blocks": _int, "lora_rank": _int, names.PROTECT_SEED: _int,
-    names.SEARCH_TRIAL: _int, "num_samples": _int, "val_fraction": float}
+    **{name: (_int if cast is int else cast) for name, cast in recipe_casts().items()},
+    names.PROTECT_SEED: _int, names.SEARCH_TRIAL: _int, "num_samples": _int, "val_fraction": float}
 
 
 def param_casts(params: Iterable[str]) -> dict[str, Callable[[str], object]]:
@@ -57,7 +59,7 @@ def param_casts(params: Iterable[str]) -> dict[str, Callable[[str], object]]:
     return {name: _CASTS.get(name, str) for name in params}
 
 
-ATTACK_PARAMS = param_casts(names.ATTACK_PARAMS)
+ATTACK_PARAMS = param_casts([*names.TRIAL_PARAMS, *SETTINGS])
 PROTECT_METRICS = names.PROTECT_METRICS   # the protect table's columns (each mode's metric is read into them)
 
 
@@ -91,7 +93,7 @@ class Sweep:
     @property
     def metric(self) -> names.Metric:
         """The sweep's score: accuracy (classification) or denoising skill (generation)."""
-        return names.metric_for(self.mode)
+        return metric_for(self.mode)
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,7 @@ def attack_table(runs: Iterable[Run], extra_params: dict[str, Callable[[str], ob
                  extra_metrics: dict[str, str] | None = None, metric: names.Metric = names.ACCURACY) -> pd.DataFrame:
     """One typed row per attack run: run_id, the ATTACK_PARAMS, final, best, original_acc (the sweep's ``metric``:
     accuracy or denoising skill; then ``extra_params`` and ``extra_metrics``: column -> metric name, NaN when not
-    logged). Recipe fields a run logged before they existed get ``names.RECIPE_DEFAULTS``.
+    logged). Recipe fields a run logged before they existed get ``legacy_defaults()``.
 
     Runs without ``restricted_acc_final`` (``restricted_skill_final``; failed or still running trials) are left out
     with a warning.
@@ -204,7 +206,7 @@ def attack_table(runs: Iterable[Run], extra_params: dict[str, Callable[[str], ob
         if final not in metrics:
             unfinished += 1
             continue
-        row = {"run_id": run.info.run_id, **typed_params(run, casts, names.RECIPE_DEFAULTS)}
+        row = {"run_id": run.info.run_id, **typed_params(run, casts, legacy_defaults())}
         row.update({column: metrics.get(name, math.nan) for column, name in metric_names.items()})
         rows.append(row)
     if unfinished:
@@ -355,7 +357,7 @@ def load_num_classes(sweep: Sweep) -> int | None:
     ``num_classes`` of the parent or pretrain run, else ``model.num_classes`` in the parent's ``spec.yaml``
     artifact; None when none of them has it (pass --num-classes then), and for a generation sweep (its score,
     denoising skill, has 0 as its do-nothing level)."""
-    if sweep.mode == "generation":
+    if not MODES.get(sweep.mode).has_classes:
         return None
     client = _client(sweep.tracking_uri)
     for run in [client.get_run(sweep.parent_run_id), *stage_runs(sweep, "pretrain")]:

@@ -35,7 +35,7 @@ from analysis.runs import (CELL_KEYS, STRATEGY_ORDER, Sweep, in_order, load_atta
                            part_main, stage_runs, typed_params)
 from analysis.summary import markdown_table, number, setting
 from sophon_ray import names
-from sophon_ray.metrics import Cell, chance
+from sophon_ray.core.metrics import Cell, chance
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def final_found(runs: pd.DataFrame) -> pd.DataFrame:
 def worst_case_gap(found: pd.DataFrame, chance_level: float = 0.0) -> pd.DataFrame:
     """Per (search, domain, variant): the best-found test accuracy on protected (mean over protection seeds and
     the highest seed), normal and scratch, and the gaps protected - scratch and protected - normal on
-    accuracies floored at chance (``sophon_ray.metrics.Cell``); ``held``: protected <= scratch + 1 (for the
+    accuracies floored at chance (``sophon_ray.core.metrics.Cell``); ``held``: protected <= scratch + 1 (for the
     mean and for the worst seed). ``found`` has SEARCH_KEYS and ``test`` (``final_found``)."""
     rows = []
     for (search, domain), group in found.groupby([names.SEARCH, names.DOMAIN], sort=True):

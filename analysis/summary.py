@@ -1,7 +1,7 @@
 """Markdown summary of a sweep: intactness, then per (grid, restricted domain) the robustness of each protected
 variant, the best attacks found on each subject, label-information leaks, and a per-cell table.
 
-The metrics are ``sophon_ray.metrics``' (one definition each, quoted in the README): accuracies are floored at
+The metrics are ``sophon_ray.core.metrics``' (one definition each, quoted in the README): accuracies are floored at
 chance for every comparison, below-chance cells are listed as leaks, overheads use seed-mean curves. This
 module only gathers the cells and formats them.
 
@@ -22,8 +22,9 @@ from analysis.runs import (CELL_KEYS, OPTIMIZER_ORDER, STRATEGY_ORDER, PretrainR
                            load_curves, load_num_classes, load_pretrain_run, load_protect_runs, load_runs,
                            parse_source_args, sections, source_parser, varying)
 from sophon_ray import names
+from sophon_ray.recipes import legacy_defaults
 from sophon_ray.errors import cli_exit
-from sophon_ray.metrics import (BELOW_CHANCE_MARGIN, HOLD_MARGIN, MEANINGFUL_GAP, TARGET_SHARE, Cell, chance,
+from sophon_ray.core.metrics import (BELOW_CHANCE_MARGIN, HOLD_MARGIN, MEANINGFUL_GAP, TARGET_SHARE, Cell, chance,
                                 intactness_drop, overhead, summarise)
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def intactness_section(protect: pd.DataFrame, pretrain: PretrainRun, metric: nam
 
 
 def cell_objects(variant_cells: pd.DataFrame, chance_level: float) -> list[Cell]:
-    """``sophon_ray.metrics.Cell`` per row (seed-mean finals)."""
+    """``sophon_ray.core.metrics.Cell`` per row (seed-mean finals)."""
     return [Cell(r.protected, r.normal, r.scratch, chance_level) for r in variant_cells.itertuples()]
 
 
@@ -147,7 +148,7 @@ def leaks_section(section: pd.DataFrame, chance_level: float, metric: names.Metr
 
 
 def _overhead(subject_runs: Sequence[str], scratch_runs: Sequence[str], curves: Mapping[str, Sequence[float]]) -> str:
-    """Overhead on seed-mean curves (one definition: ``sophon_ray.metrics.overhead``)."""
+    """Overhead on seed-mean curves (one definition: ``sophon_ray.core.metrics.overhead``)."""
     subject = mean_curve([curves.get(r, []) for r in subject_runs])
     scratch = mean_curve([curves.get(r, []) for r in scratch_runs])
     return str(overhead(subject, scratch)) if subject and scratch else "n/a"
@@ -157,7 +158,7 @@ def cell_section(section: pd.DataFrame, curves: Mapping[str, Sequence[float]], c
                  metric: names.Metric = names.ACCURACY) -> str:
     """One row per (variant, cell): seed-mean final accuracies, held / meaningful, overheads vs scratch."""
     keys, fixed = varying(section, CELL_KEYS)
-    fixed = {key: value for key, value in fixed.items() if names.RECIPE_DEFAULTS.get(key, ...) != value}
+    fixed = {key: value for key, value in fixed.items() if legacy_defaults().get(key, ...) != value}
     several_variants = section["variant"].nunique() > 1
     order = {"strategy": STRATEGY_ORDER, "optimizer": OPTIMIZER_ORDER}
     ranks = {key: {v: k for k, v in enumerate(in_order(section[key], order.get(key, ())))} for key in keys}

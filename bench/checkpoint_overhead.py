@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from sophon_ray.checkpoint import initial_model
-from sophon_ray.data import make_splits
-from sophon_ray.protection import protect, save_state
-from sophon_ray.training import evaluate
-from sophon_ray.validation import load_spec
+from sophon_ray.run.checkpoint import initial_model
+from sophon_ray.core.data import make_splits
+from sophon_ray.core.protection import protect, save_state
+from sophon_ray.core.training import evaluate
+from sophon_ray.run.validate import load_spec
+from sophon_ray.modes.classification.task import CLASSIFICATION
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ def main() -> None:
 
         start = time.perf_counter()
         protect(model, splits.original_train, splits.original_val, splits.restricted_train, splits.restricted_val,
-                spec.protect[0], evaluate(model, splits.original_val).score, on_checkpoint=checkpoint)
+                spec.protect[0], evaluate(model, splits.original_val, task=CLASSIFICATION).score, on_checkpoint=checkpoint)
         wall = time.perf_counter() - start
     saving = sum(r[1] for r in rows)
     per_iteration = (wall - saving) / args.iterations

@@ -4,9 +4,9 @@ Same model, same batch size, same device, same thread count, measured in alterna
 
 - plain step: ``F.cross_entropy(model(x), y).backward(); optimizer.step()`` (torch.optim SGD, or the
   torch.optim twin of ``--inner-optimizer``), with ``zero_grad`` - what a user's training loop costs.
-- FTS inner step: ``sophon_ray.simulation.simulate(..., inner_steps=K)`` / K (support step + query
+- FTS inner step: ``sophon_ray.core.simulation.simulate(..., inner_steps=K)`` / K (support step + query
   gradient at the adapted weights), on the same pre-made batches.
-- outer iteration: one ``sophon_ray.protection.protect`` call of N iterations (eval/probe intervals larger
+- outer iteration: one ``sophon_ray.core.protection.protect`` call of N iterations (eval/probe intervals larger
   than N, so the only evaluation and probe are the ones protect always runs at the end); an iteration's time
   is the interval between protect's consecutive per-iteration ``on_metrics`` calls (each comes after the
   iteration's last ``.item()``, so device work is finished), over iterations 2..N-1: the set-up before the
@@ -156,13 +156,13 @@ def time_simulate(model: Any, pool: list, steps: int, optimizer: str, device: st
     """Seconds for one ``simulate`` call with ``steps`` inner steps on the pooled batches."""
     import torch  # noqa: PLC0415
 
-    from sophon_ray.simulation import Environment, simulate  # noqa: PLC0415
-    from sophon_ray.tasks import CLASSIFICATION  # noqa: PLC0415
+    from sophon_ray.core.simulation import Environment, simulate  # noqa: PLC0415
+    from sophon_ray.modes.classification.task import CLASSIFICATION  # noqa: PLC0415
 
     env = Environment(optimizer=optimizer, lr=1e-3, head_reinit=False, head_only=False)
     gen = torch.Generator().manual_seed(0)
     with harness.Stopwatch(harness.device_sync(device)) as sw, autocast(device, bf16):
-        simulate(model, itertools.cycle(pool), env, CLASSIFICATION.suppression("ice"), steps, QUERY_FRACTION, gen)
+        simulate(model, itertools.cycle(pool), env, CLASSIFICATION.suppression("ice"), steps, QUERY_FRACTION, gen, fit=CLASSIFICATION.fit_loss)
     return sw.seconds
 
 
@@ -196,7 +196,7 @@ def time_protect(model: Any, data: dict[str, Any], preset: Preset, optimizer: st
     An exception raised after every iteration's metrics were emitted (i.e. in the final evaluation or
     probe, which are not measured) is recorded, not raised: the per-iteration times are complete.
     """
-    from sophon_ray.protection import protect  # noqa: PLC0415
+    from sophon_ray.core.protection import protect  # noqa: PLC0415
 
     n = preset.outer_iterations
     spec = protect_spec(preset, n, optimizer)
@@ -213,7 +213,7 @@ def time_protect(model: Any, data: dict[str, Any], preset: Preset, optimizer: st
     with harness.Stopwatch(sync) as sw, autocast(device, bf16):
         try:
             result = protect(model, data["o_train"], data["o_val"], [data["r_train"]], [data["r_val"]], spec,
-                             normal_acc=0.0, device=device, on_metrics=on_metrics)
+                             normal_acc=0.0, device=device, on_metrics=on_metrics, task=CLASSIFICATION)
             if result.rollbacks:
                 raise RuntimeError(f"protect rolled back ({result.rollbacks}): the timing would not be comparable")
         except Exception as err:  # noqa: BLE001 - see the docstring; re-raised unless every iteration was timed
@@ -256,7 +256,7 @@ def measure_inner(model: Any, pool: list, preset: Preset, args: Any, bf16: bool)
 
 def measure_outer(model: Any, pool: list, preset: Preset, args: Any, bf16: bool
                   ) -> tuple[list[float], list[float], list[float], list[str]]:
-    """Interleaved protect(N) and (K + ntr) plain steps: per-iteration seconds, per-plain-step seconds,
+    """Interleaved protect(N, task=CLASSIFICATION) and (K + ntr) plain steps: per-iteration seconds, per-plain-step seconds,
     protect's remaining per-call cost, and any error protect raised after the measured iterations."""
     n = preset.outer_iterations
     data = {"o_train": make_dataset(8 * preset.batch_size, preset, args.device, 1),
@@ -270,7 +270,7 @@ def measure_outer(model: Any, pool: list, preset: Preset, args: Any, bf16: bool
         "protect": lambda: time_protect(model, data, preset, args.inner_optimizer, args.device, bf16),
         "plain": lambda: time_plain(plain_model, plain_opt, pool, budget, args.device, bf16) / budget,
     }, rounds=preset.outer_rounds, on_round=lambda r, row: harness.say(
-        f"  outer round {r}: protect({n}) {row['protect'].wall:.2f} s, "
+        f"  outer round {r}: protect({n}, task=CLASSIFICATION) {row['protect'].wall:.2f} s, "
         f"{harness.ms(row['protect'].per_iteration())} ms/iteration"))
     per_iter = [t.per_iteration() for t in samples["protect"]]
     fixed = [t.wall - n * it for t, it in zip(samples["protect"], per_iter)]
@@ -282,9 +282,9 @@ def measure(model_name: str, precision: str, layout: str, graphs: bool, args: An
     """Build the model (seed 0) on the device and run the inner-step and the outer-iteration rounds."""
     import torch  # noqa: PLC0415
 
-    from sophon_ray import simulation  # noqa: PLC0415
+    from sophon_ray.core import simulation  # noqa: PLC0415
 
-    from sophon_ray.models import build_model  # noqa: PLC0415
+    from sophon_ray.modes import build_model  # noqa: PLC0415
     from sophon_ray.spec import ModelSpec  # noqa: PLC0415
 
     preset = preset_for(model_name, args)
@@ -314,13 +314,13 @@ OUTER_LIMIT = ("per iteration on top of the steps: one deep copy of the model fo
 
 
 NOTES = [
-    "inner step = simulate(K) / K: support step on 90% of the batch (in-place inner optimizer update of the "
+    "inner step = simulate(K, fit=CLASSIFICATION.fit_loss) / K: support step on 90% of the batch (in-place inner optimizer update of the "
     "adversary's copy) + suppression-loss gradient on the 10% query at the adapted weights; the plain step "
     "processes the whole batch once. So the inner step does ~1.1x the forward/backward work of a plain step by "
     "design.",
     "outer iteration = one FTS (K inner steps), gradient clipping, the FTS Adam step, ntr_steps NTR steps "
     "(Adam), the NaN check: the mean interval between protect's consecutive per-iteration on_metrics calls "
-    "over iterations 2..N-1 of one protect(N) call (eval_every/probe_every > N). The set-up before iteration 1 "
+    "over iterations 2..N-1 of one protect(N, task=CLASSIFICATION) call (eval_every/probe_every > N). The set-up before iteration 1 "
     "and the evaluation + probe protect always runs in iteration N are outside the measured intervals; they "
     "are in 'protect wall - N x iteration' (with the first iteration's warm-up; noise can make it slightly "
     "negative for cheap models). The callback runs after the iteration's one host sync (and a device "

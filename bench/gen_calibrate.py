@@ -15,13 +15,14 @@ import time
 
 import torch
 
-from sophon_ray.validation import load_spec
-from sophon_ray.data import make_splits
-from sophon_ray.tasks import task_for
-from sophon_ray.checkpoint import initial_model
-from sophon_ray.training import pretrain
-from sophon_ray.protection import protect
-from sophon_ray.attack import AttackConfig, finetune, scratch_model
+from sophon_ray.run.validate import load_spec
+from sophon_ray.core.data import make_splits
+from sophon_ray.modes import task_for
+from sophon_ray.run.checkpoint import initial_model
+from sophon_ray.core.training import pretrain
+from sophon_ray.core.protection import protect
+from sophon_ray.core.attack import finetune, scratch_model
+from sophon_ray.recipes import AttackConfig
 torch.set_num_threads(1)
 spec = load_spec(sys.argv[2] if len(sys.argv) > 2 else "sweeps/quickstart_generation.yaml")
 task = task_for(spec); splits = make_splits(spec)

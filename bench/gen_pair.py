@@ -10,7 +10,7 @@ measures that for the offline datasets, plain PyTorch, no Ray, every seed fixed:
    fraction of the restricted training split (``--fractions``, stratified, seeded), fine-tune the normal
    model and a scratch model (the same initial weights the normal model started from, the same recipe) for
    ``--epochs`` epochs, printing the restricted test denoising error (mean over
-   :data:`sophon_ray.diffusion.EVAL_TIMESTEPS`, fixed noise seed) after every epoch;
+   :data:`sophon_ray.modes.generation.ddpm.EVAL_TIMESTEPS`, fixed noise seed) after every epoch;
 3. print a compact table: normal vs scratch per recipe, fraction and epoch, ``normal/scratch`` (below 0.9
    = pretraining helps by >= 10%), the per-timestep errors at the last epoch, the fine-tuned models'
    original-domain error, and wall times.
@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 
-from sophon_ray.data import batches, load_domain, stratified_subset
-from sophon_ray.diffusion import (
+from sophon_ray.core.data import batches, load_domain, stratified_subset
+from sophon_ray.modes.generation.ddpm import (
     EVAL_TIMESTEPS, Denoiser, Schedule, build_denoiser, denoising_error, denoising_loss, mean_error,
 )
 from sophon_ray.spec import DomainSpec
+from sophon_ray.modes.classification.task import CLASSIFICATION
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,10 @@ def pretrain(init: Denoiser, o_train, o_test, r_test, schedule: Schedule, args: 
     start = time.perf_counter()
     for epoch in range(1, args.pretrain_epochs + 1):
         t0 = time.perf_counter()
-        loss = train_epoch(model, o_train, optimizer, schedule, args.batch_size, generator)
+        loss = train_epoch(model, o_train, optimizer, schedule, args.batch_size, generator, task=CLASSIFICATION)
         took = time.perf_counter() - t0
-        o_err, r_err = mean_error(evaluate(model, o_test, schedule, args.seed)), \
-            mean_error(evaluate(model, r_test, schedule, args.seed))
+        o_err, r_err = mean_error(evaluate(model, o_test, schedule, args.seed, task=CLASSIFICATION)), \
+            mean_error(evaluate(model, r_test, schedule, args.seed, task=CLASSIFICATION))
         print(f"  epoch {epoch}: loss {loss:.4f}  original test err {o_err:.4f}  restricted test err {r_err:.4f}"
               f"  ({took:.1f} s train)", flush=True)
     print(f"pretraining took {time.perf_counter() - start:.1f} s")
@@ -125,18 +126,18 @@ def finetune(start: Denoiser, subject: str, recipe: Recipe, fraction: float, dat
     generator = torch.Generator().manual_seed(args.seed + 2)  # the same batches and noise for both subjects
     run = Run(subject, str(recipe), fraction, len(data))
     t0 = time.perf_counter()
-    run.errors.append(mean_error(evaluate(model, r_test, schedule, args.seed)))
+    run.errors.append(mean_error(evaluate(model, r_test, schedule, args.seed, task=CLASSIFICATION)))
     run.eval_s += time.perf_counter() - t0
     for _ in range(args.epochs):
         t0 = time.perf_counter()
-        train_epoch(model, data, optimizer, schedule, args.batch_size, generator)
+        train_epoch(model, data, optimizer, schedule, args.batch_size, generator, task=CLASSIFICATION)
         t1 = time.perf_counter()
-        per_t = evaluate(model, r_test, schedule, args.seed)
+        per_t = evaluate(model, r_test, schedule, args.seed, task=CLASSIFICATION)
         run.errors.append(mean_error(per_t))
         run.train_s += t1 - t0
         run.eval_s += time.perf_counter() - t1
     run.per_t = per_t
-    run.original_error = mean_error(evaluate(model, o_test, schedule, args.seed))
+    run.original_error = mean_error(evaluate(model, o_test, schedule, args.seed, task=CLASSIFICATION))
     errs = " ".join(f"{e:.4f}" for e in run.errors)
     print(f"  {subject:7s} {recipe} frac {fraction:g} (n={len(data)}): err by epoch {errs}; original "
           f"{run.original_error:.4f}; {run.train_s:.1f} s train + {run.eval_s:.1f} s eval", flush=True)
@@ -170,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--original", default="shapes", help="original (pretraining) domain: shapes or shapes_m")
     p.add_argument("--restricted", default="digits", help="restricted domain (default digits)")
-    p.add_argument("--model", default="unet-tiny", help="a sophon_ray.diffusion.DENOISERS preset")
+    p.add_argument("--model", default="unet-tiny", help="a sophon_ray.modes.generation.ddpm.DENOISERS preset")
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--original-train-size", type=int, default=5000)
@@ -206,13 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     init = build_denoiser(args.model, args.channels, args.image_size)
     print(f"{args.model}: {sum(p.numel() for p in init.parameters()):,} parameters")
-    normal = pretrain(init, o_train, o_test, r_test, schedule, args)
+    normal = pretrain(init, o_train, o_test, r_test, schedule, args, task=CLASSIFICATION)
     runs: list[Run] = []
     for recipe in args.recipes:
         for fraction in args.fractions:
             data = stratified_subset(r_train, fraction, args.seed)
             for subject, start in (("normal", normal), ("scratch", init)):
-                runs.append(finetune(start, subject, recipe, fraction, data, r_test, o_test, schedule, args))
+                runs.append(finetune(start, subject, recipe, fraction, data, r_test, o_test, schedule, args, task=CLASSIFICATION))
     print()
     print(table(runs, args.epochs))
     train_s = sum(r.train_s for r in runs)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
+from sophon_ray.modes.classification.task import CLASSIFICATION
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -289,12 +290,12 @@ def ray_session(args: Any, prefix: str) -> Iterator[tuple[Path, float]]:
 def pretrained_normal(spec: Any, splits: Any, directory: Path) -> Path:
     """Pretrain the spec's normal model in this process and store it as the pipeline does (card with the
     original validation accuracy) in ``directory``."""
-    from sophon_ray.checkpoint import make_card, save_checkpoint  # noqa: PLC0415
-    from sophon_ray.checkpoint import initial_model  # noqa: PLC0415
-    from sophon_ray.training import evaluate, pretrain  # noqa: PLC0415
+    from sophon_ray.run.checkpoint import make_card, save_checkpoint  # noqa: PLC0415
+    from sophon_ray.run.checkpoint import initial_model  # noqa: PLC0415
+    from sophon_ray.core.training import evaluate, pretrain  # noqa: PLC0415
 
     model, _ = initial_model(spec)
-    pretrain(model, splits.original_train, splits.original_val, spec.pretrain, spec.seed)
-    metrics = {"original_val_acc": evaluate(model, splits.original_val).score}
+    pretrain(model, splits.original_train, splits.original_val, spec.pretrain, spec.seed, task=CLASSIFICATION)
+    metrics = {"original_val_acc": evaluate(model, splits.original_val, task=CLASSIFICATION).score}
     save_checkpoint(model, make_card(spec.model, spec.original, spec.restricted, "bench", "normal", metrics), directory)
     return directory

@@ -29,7 +29,7 @@ from typing import Any
 import harness
 import sweep_run
 
-from sophon_ray.ui import JOB_EXECUTION_OFF
+from sophon_ray.cli.ui import JOB_EXECUTION_OFF
 
 NAME = "scale"
 REPORT_GOAL_S = 60.0

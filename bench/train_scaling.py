@@ -1,4 +1,4 @@
-"""Protection on Ray Train: ``sophon_ray.train_driver.run_training`` with 1 vs 2 workers (CPU, gloo).
+"""Protection on Ray Train: ``sophon_ray.run.train_driver.run_training`` with 1 vs 2 workers (CPU, gloo).
 
 One small protect variant (the quickstart's environments, fewer iterations), the same spec except
 ``resources``; the normal model is pretrained once in this process and handed over as ``normal_dir``, so
@@ -69,7 +69,7 @@ def layouts(args: Any) -> list[Layout]:
 
 def sweep_spec(args: Any) -> Any:
     """A quickstart-like spec with a short protect variant (only the final probe runs)."""
-    from sophon_ray.validation import parse_spec  # noqa: PLC0415
+    from sophon_ray.run.validate import parse_spec  # noqa: PLC0415
 
     smoke = args.smoke
     protect = {"name": "bench", "loss": "ice", "iterations": args.iterations or (2 if smoke else 40),
@@ -112,8 +112,8 @@ class Run:
 
 def run_layout(spec: Any, layout: Layout, normal_dir: Path, tmp: Path) -> Run:
     """One protect job through run_training with ``layout``'s workers and threads."""
-    from sophon_ray.pipeline import protect_key  # noqa: PLC0415
-    from sophon_ray.train_driver import protect_job, run_training  # noqa: PLC0415
+    from sophon_ray.run.pipeline import protect_key  # noqa: PLC0415
+    from sophon_ray.run.train_driver import protect_job, run_training  # noqa: PLC0415
 
     spec = replace(spec, resources=replace(spec.resources, protect_workers=layout.workers,
                                            cpus_per_trial=float(layout.threads)))
@@ -199,7 +199,7 @@ def main() -> None:
     harness.quiet_environment()
     import torch  # noqa: PLC0415
 
-    from sophon_ray.data import make_splits  # noqa: PLC0415
+    from sophon_ray.core.data import make_splits  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
     with harness.ray_session(args, "sb-train-") as (tmp, ray_init_s):

@@ -2,10 +2,10 @@
 
 Contenders, interleaved round by round (rotating order), on one local Ray instance started once:
 
-- ``tune``: ``sophon_ray.tune_driver.run_attacks`` with ``callbacks=[]`` (no MLflow), ``cpus_per_trial`` 1;
+- ``tune``: ``sophon_ray.run.tune_driver.run_attacks`` with ``callbacks=[]`` (no MLflow), ``cpus_per_trial`` 1;
 - ``tune+mlflow``: the same with the real MLflow callback (``make_callback``) on a SQLite store;
 - ``sequential``: one process, ``torch.set_num_threads(--threads)``, a for-loop calling
-  ``sophon_ray.attack.finetune`` on the same trial configs, models and splits (what a user writes instead);
+  ``sophon_ray.core.attack.finetune`` on the same trial configs, models and splits (what a user writes instead);
 - ``process pool``: the same loop body in a spawned ``ProcessPoolExecutor`` with one 1-thread worker per
   Tune slot, data sent once per worker: the ceiling for running 1-thread trials in parallel without Ray.
 
@@ -32,6 +32,7 @@ from typing import Any
 
 import harness
 import memory
+from sophon_ray.modes.classification.task import CLASSIFICATION
 
 NAME = "tune_throughput"
 WALL_GOAL = 0.65
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
 
 def sweep_spec(args: Any) -> Any:
     """The attack sweep: subjects [normal], 4 strategies x 3 optimizers x 2 lrs (24 trials) on shapes_m 16 px."""
-    from sophon_ray.validation import parse_spec  # noqa: PLC0415
+    from sophon_ray.run.validate import parse_spec  # noqa: PLC0415
 
     smoke = args.smoke
     grid = {"strategy": ["direct-all", "initfc-fc"] if smoke else ["direct-all", "initfc-all", "direct-fc", "initfc-fc"],
@@ -74,9 +75,9 @@ def sweep_spec(args: Any) -> Any:
 
 
 def normal_model(spec: Any, splits: Any, tmp: Path) -> dict[str, tuple[dict, dict]]:
-    """Pretrain a convnet for one epoch, store it with sophon_ray.checkpoint and load it back, as the
+    """Pretrain a convnet for one epoch, store it with sophon_ray.run.checkpoint and load it back, as the
     pipeline does; return the ``models`` mapping run_attacks takes."""
-    from sophon_ray.checkpoint import load_checkpoint  # noqa: PLC0415
+    from sophon_ray.run.checkpoint import load_checkpoint  # noqa: PLC0415
 
     loaded, card = load_checkpoint(harness.pretrained_normal(spec, splits, tmp / "normal"))
     return {"normal": (loaded.state_dict(), card)}
@@ -119,22 +120,22 @@ def trial_clock() -> Any:
 
 def one_trial(trial: Any, models: dict, data: Any, device: str) -> float:
     """One trial's fine-tuning as a plain loop would run it (model built from the shared state); its compute s."""
-    from sophon_ray.attack import finetune  # noqa: PLC0415
-    from sophon_ray.models import build_model  # noqa: PLC0415
+    from sophon_ray.core.attack import finetune  # noqa: PLC0415
+    from sophon_ray.modes import build_model  # noqa: PLC0415
     from sophon_ray.spec import ModelSpec  # noqa: PLC0415
 
     state, card = models["normal"]
     model = build_model(ModelSpec(card["arch"], card["num_classes"]), card["channels"], card["image_size"])
     model.load_state_dict(state)
     train, score = data.for_trial(trial)
-    return finetune(model, train, score, trial.config, original_test=data.original_test, device=device).seconds
+    return finetune(model, train, score, trial.config, original_test=data.original_test, device=device, task=CLASSIFICATION).seconds
 
 
 def run_sequential(trials: list[Any], models: dict, splits: Any, threads: int, device: str) -> Run:
     """The plain loop: every trial's finetune in this process, one after another."""
     import torch  # noqa: PLC0415
 
-    from sophon_ray.tune_driver import attack_data  # noqa: PLC0415
+    from sophon_ray.run.tune_driver import attack_data  # noqa: PLC0415
 
     torch.set_num_threads(threads)
     data = attack_data(splits)
@@ -165,7 +166,7 @@ def run_pool(trials: list[Any], models: dict, splits: Any, slots: int, device: s
     import multiprocessing  # noqa: PLC0415
     from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415
 
-    from sophon_ray.tune_driver import attack_data  # noqa: PLC0415
+    from sophon_ray.run.tune_driver import attack_data  # noqa: PLC0415
 
     start = time.perf_counter()
     with ProcessPoolExecutor(slots, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init,
@@ -176,7 +177,7 @@ def run_pool(trials: list[Any], models: dict, splits: Any, slots: int, device: s
 
 def run_tune(spec: Any, trials: list[Any], models: dict, splits: Any, storage: Path, callbacks: list) -> Run:
     """``run_attacks`` as the pipeline calls it; raises when any trial errored."""
-    from sophon_ray.tune_driver import attack_data, run_attacks  # noqa: PLC0415
+    from sophon_ray.run.tune_driver import attack_data, run_attacks  # noqa: PLC0415
 
     clock = trial_clock()
     with memory.RssSampler("ImplicitFunc") as sampler:
@@ -200,7 +201,7 @@ class MlflowContender:
     """A fresh MLflow parent run per Tune run in one SQLite store (created before timing starts)."""
 
     def __init__(self, tmp: Path) -> None:
-        from sophon_ray.tracking import Tracker  # noqa: PLC0415
+        from sophon_ray.run.tracking import Tracker  # noqa: PLC0415
 
         start = time.perf_counter()
         self.tracker = Tracker(f"sqlite:///{tmp / 'mlflow.db'}", "bench-tune")
@@ -208,7 +209,7 @@ class MlflowContender:
 
     def callbacks(self) -> tuple[list, str]:
         """The MLflow callback for one Tune run under a new parent run; and that parent run's id."""
-        from sophon_ray.tune_driver import make_callback  # noqa: PLC0415
+        from sophon_ray.run.tune_driver import make_callback  # noqa: PLC0415
 
         sid = f"bench-{uuid.uuid4().hex[:10]}"
         parent = self.tracker.sweep_run(sid, f"sweep-{sid}")
@@ -222,7 +223,7 @@ def data_access(splits: Any, make_splits_s: float) -> dict[str, float]:
     as pickled torch tensors (copied out on every get); against regenerating the splits (make_splits)."""
     import ray  # noqa: PLC0415
 
-    from sophon_ray.tune_driver import attack_data, share  # noqa: PLC0415
+    from sophon_ray.run.tune_driver import attack_data, share  # noqa: PLC0415
 
     @ray.remote(num_cpus=1)
     def fetch_seconds(refs: list) -> float:
@@ -413,8 +414,8 @@ def main() -> None:
     harness.quiet_environment()
     import torch  # noqa: PLC0415
 
-    from sophon_ray.data import make_splits  # noqa: PLC0415
-    from sophon_ray.trials import plan_trials  # noqa: PLC0415
+    from sophon_ray.core.data import make_splits  # noqa: PLC0415
+    from sophon_ray.run.plan import plan_trials  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
     with harness.ray_session(args, "sb-tune-") as (tmp, ray_init_s):

@@ -12,20 +12,20 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "load_spec": "sophon_ray.validation",
+    "load_spec": "sophon_ray.run.validate",
     "SweepSpec": "sophon_ray.spec",
     "SpecError": "sophon_ray.spec",
-    "load_domain": "sophon_ray.data",
-    "build_model": "sophon_ray.models",
-    "pretrain": "sophon_ray.training",
-    "protect": "sophon_ray.protection",
-    "finetune": "sophon_ray.attack",
-    "AttackConfig": "sophon_ray.attack",
-    "scratch_model": "sophon_ray.attack",
-    "save_checkpoint": "sophon_ray.checkpoint",
-    "load_checkpoint": "sophon_ray.checkpoint",
-    "make_card": "sophon_ray.checkpoint",
-    "task_for": "sophon_ray.tasks",
+    "load_domain": "sophon_ray.core.data",
+    "build_model": "sophon_ray.modes.classification.models",
+    "pretrain": "sophon_ray.core.training",
+    "protect": "sophon_ray.core.protection",
+    "finetune": "sophon_ray.core.attack",
+    "AttackConfig": "sophon_ray.core.attack",
+    "scratch_model": "sophon_ray.core.attack",
+    "save_checkpoint": "sophon_ray.run.checkpoint",
+    "load_checkpoint": "sophon_ray.run.checkpoint",
+    "make_card": "sophon_ray.run.checkpoint",
+    "task_for": "sophon_ray.modes.classification.task",
 }
 __all__ = list(_API)
 

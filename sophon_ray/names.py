@@ -20,12 +20,8 @@ MODE = "sophon.mode"   # on the parent run: classification | generation (no tag:
 # attack-run params: who was attacked, on which grid and domain, with which recipe
 SUBJECT, VARIANT, PROTECT_SEED, GRID, DOMAIN, DATA_POOL = (
     "subject", "variant", "protect_seed", "grid", "domain", "data_pool")
-RECIPE = ("strategy", "optimizer", "lr", "batch_size", "data_fraction", "schedule", "epochs", "weight_decay",
-          "label_smoothing", "augment", "bn_mode", "blocks", "lora_rank", "lora_alpha", "seed")
-# what a run logged before a recipe field existed meant (AttackConfig's defaults; a test keeps them equal)
-RECIPE_DEFAULTS = {"label_smoothing": 0.0, "augment": "none", "bn_mode": "train", "blocks": 1, "lora_rank": 4,
-                   "lora_alpha": 8.0}
-ATTACK_PARAMS = (SUBJECT, VARIANT, PROTECT_SEED, GRID, DOMAIN, DATA_POOL, *RECIPE)
+# (the recipe's own params, one per setting, come from the recipe table: sophon_ray.recipes.param_casts)
+TRIAL_PARAMS = (SUBJECT, VARIANT, PROTECT_SEED, GRID, DOMAIN, DATA_POOL)
 # search trials also log which search (attack.search[i].name) and their place in it (0, 1, ...: the order the
 # searcher proposed them); their parent is the search run of (subject, search, domain), tagged role=search
 SEARCH, SEARCH_TRIAL = "search", "search_trial"
@@ -121,14 +117,3 @@ CELL_GRIDS = (DEVELOPMENT, EVALUATION)   # the grids the held/gap cell analysis 
 PROTECT_METRICS = ACCURACY.protect_metrics
 SPEC_ARTIFACT = "spec.yaml"      # the resolved spec, at the root of the parent run
 REPORT_ARTIFACTS = "report"      # the report files, under this folder of the parent run
-
-
-METRICS = {"classification": ACCURACY, "generation": SKILL}
-
-
-def metric_for(mode: str) -> Metric:
-    """The metric of a sweep's ``mode`` (classification: accuracy; generation: denoising skill)."""
-    try:
-        return METRICS[mode]
-    except KeyError:
-        raise KeyError(f"mode: unknown mode '{mode}'; use one of {', '.join(METRICS)}") from None

@@ -10,7 +10,7 @@ import yaml
 
 from analysis.report import run_report
 from sophon_ray import names
-from sophon_ray.tracking import Tracker
+from sophon_ray.run.tracking import Tracker
 
 SWEEP_ID = "0123456789ab"
 OPTIMIZERS = ("sgd", "adam")

@@ -24,7 +24,9 @@ from analysis.report import run_report  # noqa: E402
 from analysis.results import HAND_WRITTEN, merge_results  # noqa: E402
 from analysis.runs import (ATTACK_PARAMS, PretrainRun, RunsNotFoundError, cells, find_sweep,  # noqa: E402
                            load_curves, load_num_classes, load_runs)
-from sophon_ray.names import RECIPE_DEFAULTS  # noqa: E402
+from sophon_ray.recipes import legacy_defaults  # noqa: E402
+
+RECIPE_DEFAULTS = legacy_defaults()
 
 EXPERIMENT = "analysis-test"
 SWEEP_ID = "a1b2c3d4e5f6"

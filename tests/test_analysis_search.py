@@ -25,6 +25,7 @@ from analysis.report import run_report  # noqa: E402
 from analysis.runs import ATTACK_PARAMS, cells  # noqa: E402
 from analysis.search import explored, lr_decade, picks, searched_fields, worst_case_gap  # noqa: E402
 from sophon_ray import names  # noqa: E402
+from sophon_ray.recipes import legacy_defaults  # noqa: E402
 from tests.test_analysis import log_run  # noqa: E402
 
 EXPERIMENT, SWEEP_ID, VARIANT, DOMAIN = "search-test", "5ea4c0ffee00", "v", "shapes_m"
@@ -97,7 +98,7 @@ def test_explored_bins_lr_by_decade_and_keeps_the_best_test_accuracy():
 
 
 def test_cells_read_only_the_cell_grids():
-    base = {**dict.fromkeys(ATTACK_PARAMS, 0), **names.RECIPE_DEFAULTS, names.DOMAIN: DOMAIN, "strategy": "direct-all",
+    base = {**dict.fromkeys(ATTACK_PARAMS, 0), **legacy_defaults(), names.DOMAIN: DOMAIN, "strategy": "direct-all",
             "optimizer": "sgd", "lr": 0.01, "schedule": "constant", names.DATA_POOL: "disjoint", "epochs": 10}
     rows = []
     for grid, offset in ((names.EVALUATION, 0), (names.BUDGET, 1), (names.SEARCH_GRID, 2), (names.BENIGN, 3),
@@ -192,7 +193,7 @@ def store(tmp_path_factory):
         for trial, strategy, lr, augment, val, test in trials:
             params = {**subject_params(subject, seed), names.GRID: names.SEARCH_GRID, names.DOMAIN: DOMAIN,
                       names.SEARCH: "tpe", names.SEARCH_TRIAL: trial,
-                      **recipe(strategy=strategy, lr=lr, epochs=10), **names.RECIPE_DEFAULTS, "augment": augment}
+                      **recipe(strategy=strategy, lr=lr, epochs=10), **legacy_defaults(), "augment": augment}
             log(client, eid, search, "attack", f"search-{subject}-{trial}", params,
                     {names.FINAL: test - 1, names.BEST: test, names.VAL_BEST: val, names.AT_VAL_BEST: test,
                      names.STOPPED: float(trial == 3)}, {names.RESTRICTED_ACC: [10.0, test], names.VAL_ACC: [10, val]})
@@ -301,9 +302,9 @@ def _labelled_parts(metric=None):
                                                                   ("normal", 0, 90.0, 88.0, "direct-all"),
                                                                   ("scratch", 0, 40.0, 38.0, "direct-all"))])
     trials = trials.assign(**{k: v for k, v in recipe().items() if k not in trials}, **{
-        k: v for k, v in names.RECIPE_DEFAULTS.items() if k not in trials})
+        k: v for k, v in legacy_defaults().items() if k not in trials})
     searches = Searches(runs, trials)
-    base = {**dict.fromkeys(ATTACK_PARAMS, 0), **names.RECIPE_DEFAULTS, **recipe(epochs=12)}
+    base = {**dict.fromkeys(ATTACK_PARAMS, 0), **legacy_defaults(), **recipe(epochs=12)}
     rows = [{**base, **subject_params(subject, seed), names.GRID: grid, names.DOMAIN: domain, "final": curve[-1],
              "best": max(curve), "curve": curve}
             for grid, domain in ((names.BUDGET, DOMAIN), (names.BENIGN, "benign:digits"))

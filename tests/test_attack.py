@@ -1,10 +1,13 @@
 import pytest
 import torch
 
-from sophon_ray import attack
-from sophon_ray.attack import STRATEGIES, AttackConfig, finetune, prepare, scratch_model
-from sophon_ray.training import OPTIMIZERS, SCHEDULES, make_optimizer
+from sophon_ray.core import attack
+from sophon_ray.core.attack import finetune, prepare, scratch_model
+from sophon_ray.recipes import STRATEGIES, AttackConfig
+from sophon_ray.core.training import make_optimizer
+from sophon_ray.recipes import OPTIMIZERS, SCHEDULES
 from tests.tiny import tiny_data, tiny_net
+from sophon_ray.modes.classification.task import CLASSIFICATION
 
 HEAD = {"classifier.2.weight", "classifier.2.bias"}
 CLASSIFIER = HEAD | {"classifier.0.weight", "classifier.0.bias"}
@@ -52,7 +55,7 @@ def test_head_only_attack_trains_only_the_head_but_updates_batchnorm_statistics(
         return params
 
     monkeypatch.setattr(attack, "prepare", spy)
-    result = finetune(model, data, data, cfg)
+    result = finetune(model, data, data, cfg, task=CLASSIFICATION)
     assert len(result.restricted) == 3 and result.train_size == 60
     [(tuned, prepared)] = seen
     assert tuned is not model
@@ -70,7 +73,7 @@ def test_finetune_does_not_modify_its_input_and_returns_curves():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = tiny_data(60)
     result = finetune(model, data, data, AttackConfig(epochs=3, lr=0.05, batch_size=16, data_fraction=0.5),
-                      original_test=data)
+                      original_test=data, task=CLASSIFICATION)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(result.restricted) == len(result.restricted_loss) == 4
     assert result.train_size == 30 and result.original is not None
@@ -80,7 +83,7 @@ def test_finetune_does_not_modify_its_input_and_returns_curves():
 def test_finetune_is_reproducible_and_seed_sensitive():
     model, data = tiny_net(bn=True), tiny_data(60)
     run = lambda seed: finetune(model, data, data, AttackConfig(epochs=2, batch_size=8, seed=seed, lr=0.05,
-                                                                 strategy="initfc-all")).restricted_loss
+                                                                 strategy="initfc-all"), task=CLASSIFICATION).restricted_loss
     assert run(0) == run(0) and run(0) != run(1)
 
 

@@ -153,8 +153,8 @@ def test_grid_larger_than_max_trials_is_refused(tmp_path, run_cli):
 
 
 def _given_checkpoint(tmp: Path, arch: str = "convnet", classes: int = 10) -> Path:
-    from sophon_ray.checkpoint import make_card, save_checkpoint
-    from sophon_ray.models import build_model
+    from sophon_ray.run.checkpoint import make_card, save_checkpoint
+    from sophon_ray.modes import build_model
     from sophon_ray.spec import DomainSpec, ModelSpec
 
     spec = ModelSpec(arch, classes)

@@ -145,7 +145,7 @@ def test_the_benchmarks_specs_validate_against_the_current_spec_schema():
     import re
     import shlex
 
-    from sophon_ray.validation import load_spec
+    from sophon_ray.run.validate import load_spec
 
     sys.path.insert(0, str(BENCH))
     try:

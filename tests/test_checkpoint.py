@@ -4,8 +4,8 @@ import pickle
 import pytest
 import torch
 
-from sophon_ray.checkpoint import CheckpointError, load_checkpoint, make_card, read_card, save_checkpoint
-from sophon_ray.models import build_model
+from sophon_ray.run.checkpoint import CheckpointError, load_checkpoint, make_card, read_card, save_checkpoint
+from sophon_ray.modes import build_model
 from sophon_ray.spec import DomainSpec, ModelSpec
 
 
@@ -83,8 +83,8 @@ def test_card_format_is_checked(tmp_path):
 
 
 def test_pretrain_weights_from_a_checkpoint_skip_pretraining_and_must_fit(tmp_path):
-    from sophon_ray.checkpoint import initial_model
-    from sophon_ray.validation import parse_spec
+    from sophon_ray.run.checkpoint import initial_model
+    from sophon_ray.run.validate import parse_spec
 
     torch.manual_seed(1)
     model = build_model(ModelSpec(), 3, 16)

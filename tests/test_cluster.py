@@ -39,7 +39,7 @@ def test_kuberay_rayjob_has_the_fields_kuberay_documents():
         container = group["template"]["spec"]["containers"][0]
         assert "nvidia.com/gpu" in container["resources"]["limits"]
     # the sweep the job runs exists and validates
-    from sophon_ray.validation import load_spec
+    from sophon_ray.run.validate import load_spec
 
     sweep = spec["entrypoint"].split("sophon-ray run ")[1].split()[0]
     load_spec(ROOT / sweep)

@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 
-from sophon_ray import console
-from sophon_ray.console import Console, Line, LogCapture, eta_seconds, format_duration, link_ray_logs, plain, plain_gap
-from sophon_ray.pipeline import Outcome, closing_text, failure_hint, mlflow_hint
-from sophon_ray.progress import AttackProgress, ProgressSender, TrainJob, TrainProgress, job_line
+from sophon_ray.console import terminal as console
+from sophon_ray.console.terminal import Console, Line, LogCapture, eta_seconds, format_duration, link_ray_logs, plain, plain_gap
+from sophon_ray.run.pipeline import Outcome, closing_text, failure_hint, mlflow_hint
+from sophon_ray.console.progress import AttackProgress, ProgressSender, TrainJob, TrainProgress, job_line
 
 
 class FakeTerminal(io.StringIO):
@@ -209,8 +209,8 @@ def test_log_capture_sends_library_logs_and_warnings_to_the_file_and_keeps_our_w
         capture = LogCapture(tmp_path / "logs", verbose=False)
         library.warning("library noise")
         logging.getLogger("ray.tune").warning("tune noise")
-        logging.getLogger("sophon_ray.pipeline").info("our info")
-        logging.getLogger("sophon_ray.pipeline").warning("our warning")
+        logging.getLogger("sophon_ray.run.pipeline").info("our info")
+        logging.getLogger("sophon_ray.run.pipeline").warning("our warning")
         warnings.warn("a python warning", UserWarning, stacklevel=1)
         print("printed \x1b[33m(raylet)\x1b[0m noise")
         capture.file.setFormatter(logging.Formatter("%(message)s"))  # as ray.init does

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from sophon_ray.data import (DATASETS, DatasetNotFound, batches, labels_of, load_domain, split_off,
+from sophon_ray.core.data import (DATASETS, DatasetNotFound, batches, labels_of, load_domain, split_off,
                              stratified_subset)
-from sophon_ray.models import MODELS, build_model
+from sophon_ray.modes import build_model
+from sophon_ray.modes.classification.models import MODELS
 from sophon_ray.spec import DomainSpec, ModelSpec
 
 

@@ -1,4 +1,4 @@
-"""sophon_ray.diffusion: the schedule and losses in closed form, the evaluation metric, the sampler on a
+"""sophon_ray.modes.generation.ddpm: the schedule and losses in closed form, the evaluation metric, the sampler on a
 point mass (where the exact answer is known), and the UNet presets' structure (blocks, decoder, head, LoRA)."""
 
 import copy
@@ -9,11 +9,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from sophon_ray.diffusion import (
-    DENOISERS, EVAL_TIMESTEPS, OFFICIAL_T, TIMESTEP_POLICIES, Denoiser, Schedule, denoising_error, denoising_loss,
-    dos_loss, mean_error, neg_mse_loss, respace, sample, sample_timesteps, save_grid, timestep_embedding,
+from sophon_ray.modes.generation.ddpm import (
+    EVAL_TIMESTEPS, OFFICIAL_T, TIMESTEP_POLICIES, Schedule, denoising_error, denoising_loss, dos_loss, mean_error,
+    neg_mse_loss, respace, sample, sample_timesteps, save_grid,
 )
-from sophon_ray.lora import LoRAConv2d, LoRALinear, add_lora
+from sophon_ray.modes.generation.unet import DENOISERS, Denoiser, timestep_embedding
+from sophon_ray.recipes.lora import LoRAConv2d, LoRALinear, add_lora
 
 SCHEDULE = Schedule.linear(1000)
 

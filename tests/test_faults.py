@@ -13,7 +13,7 @@ import psutil
 import pytest
 import yaml
 
-from sophon_ray.ui import JOB_EXECUTION_OFF
+from sophon_ray.cli.ui import JOB_EXECUTION_OFF
 from tests.procenv import process_env
 
 pytestmark = pytest.mark.faults
@@ -51,12 +51,12 @@ def seed_models(spec_path: Path) -> Path:
     should go to the faults they inject. Returns the checkpoint folder."""
     import json
 
-    from sophon_ray.checkpoint import initial_model, save_checkpoint
-    from sophon_ray.data import make_splits
-    from sophon_ray.names import metric_for
-    from sophon_ray.pipeline import pretrain_key, protect_key
-    from sophon_ray.train_driver import HISTORY, jobs_dir, pretrain_normal, protect_job, protect_variant
-    from sophon_ray.validation import load_spec
+    from sophon_ray.run.checkpoint import initial_model, save_checkpoint
+    from sophon_ray.core.data import make_splits
+    from sophon_ray.modes import metric_for
+    from sophon_ray.run.pipeline import pretrain_key, protect_key
+    from sophon_ray.run.train_driver import HISTORY, jobs_dir, pretrain_normal, protect_job, protect_variant
+    from sophon_ray.run.validate import load_spec
 
     spec = load_spec(str(spec_path))
     store = Path(spec.output_dir) / "checkpoints"

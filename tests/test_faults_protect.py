@@ -92,7 +92,7 @@ def test_a_sigkilled_train_worker_restarts_protection_from_its_last_state_checkp
     """The Ray Train run protects two variants: ``blowup`` diverges (rolled back, recorded, never checkpointed), then
     ``v``, whose worker is SIGKILLed after a state checkpoint: the restarted group skips the finished jobs and
     continues ``v`` from that checkpoint."""
-    from sophon_ray.checkpoint import load_checkpoint
+    from sophon_ray.run.checkpoint import load_checkpoint
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = start(tmp_path, "protect", str(protect_spec(tmp_path, "workerkill", diverging_first=True)))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sophon_ray.outbox import JOURNAL, WAIT_ENV, Journal
+from sophon_ray.run.outbox import JOURNAL, WAIT_ENV, Journal
 from tests.test_faults import (_free_port, assert_complete, attack_runs, env, kill_server, seed_models,
                                spec_for, start_server, wait_for_store)
 
@@ -89,7 +89,7 @@ def test_server_mode_survives_a_server_killed_mid_attack_and_restarted_losing_an
     loads, the report PNGs are on the parent run, and the token is in no param, tag or printed line."""
     from mlflow import MlflowClient
 
-    from sophon_ray.checkpoint import load_checkpoint
+    from sophon_ray.run.checkpoint import load_checkpoint
 
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"

@@ -11,14 +11,18 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from sophon_ray import names
-from sophon_ray.attack import AttackConfig, finetune, prepare
-from sophon_ray.diffusion import Schedule, build_denoiser, denoising_error, denoising_loss, dos_loss, mean_error
-from sophon_ray.generation import Generation, skill
-from sophon_ray.protection import protect
-from sophon_ray.simulation import Environment, simulate
+from sophon_ray.core.attack import finetune, prepare
+from sophon_ray.recipes import AttackConfig
+from sophon_ray.modes.generation.ddpm import Schedule, denoising_error, denoising_loss, dos_loss, mean_error
+from sophon_ray.modes.generation.unet import build_denoiser
+from sophon_ray.recipes import strategies_for
+from sophon_ray.modes.generation.task import Generation, skill
+from sophon_ray.core.protection import protect
+from sophon_ray.core.simulation import Environment, simulate
 from sophon_ray.spec import EnvironmentSpec, GenerationSpec, ProbeSpec, ProtectSpec, SweepSpec
-from sophon_ray.tasks import CLASSIFICATION, task_for
-from sophon_ray.validation import parse_spec
+from sophon_ray.modes import task_for
+from sophon_ray.modes.classification.task import CLASSIFICATION
+from sophon_ray.run.validate import parse_spec
 from tests.test_bad_input import GENERATION
 
 SIZE = 8
@@ -51,7 +55,7 @@ def test_the_mode_picks_the_task_and_its_names():
     assert isinstance(gen, Generation) and gen.metric is names.SKILL
     assert (gen.metric.restricted, gen.metric.restricted_loss, gen.metric.final) == (
         "restricted_skill", "restricted_mse", "restricted_skill_final")
-    assert gen.losses == ("dos", "neg_mse") and "decoder" in gen.strategies and "initfc-all" not in gen.strategies
+    assert gen.losses == ("dos", "neg_mse") and "decoder" in strategies_for("generation") and "initfc-all" not in strategies_for("generation")
 
 
 def test_skill_is_100_times_one_minus_the_denoising_error():
@@ -103,7 +107,7 @@ def test_simulation_runs_the_denoiser_with_the_tasks_losses():
     batches = iter([(data.tensors[0][i:i + 12], data.tensors[1][i:i + 12]) for i in range(0, 48, 12)])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sim = simulate(model, batches, Environment("adam", 1e-3, False, False), t.suppression("dos"), 3, 0.25,
-                   torch.Generator().manual_seed(0), t.fit_loss)
+                   torch.Generator().manual_seed(0), fit=t.fit_loss)
     assert set(sim.grads) == {n for n, _ in model.named_parameters()}
     assert all(torch.isfinite(g).all() for g in sim.grads.values()) and any(g.abs().sum() > 0 for g in sim.grads.values())
     assert sim.fts_loss > 0 and sim.adversary_loss > 0

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sophon_ray.data import load_domain
-from sophon_ray.genquality import (dataset_images, feature_stats, fid, fid_unavailable_message,
+from sophon_ray.core.data import load_domain
+from sophon_ray.modes.generation.quality import (dataset_images, feature_stats, fid, fid_unavailable_message,
                                    find_inception_weights, frechet_distance, kid, recognisability, sample_quality,
                                    train_feature_net)
 from sophon_ray.spec import DomainSpec
@@ -176,7 +176,7 @@ def test_fid_plumbing_with_random_inception_weights(tmp_path):
     replicated, resized and pooled to 2048-d features; a set against itself scores ~0, against others more."""
     from torchvision.models import Inception3
 
-    from sophon_ray.genquality import _pool_features, inception_features
+    from sophon_ray.modes.generation.quality import _pool_features, inception_features
 
     torch.manual_seed(0)
     net = Inception3(aux_logits=True, init_weights=False)

@@ -8,11 +8,12 @@ import itertools
 import pytest
 import torch
 
-from sophon_ray import simulation
-from sophon_ray.attack import AttackConfig, finetune
-from sophon_ray.tasks import CLASSIFICATION
-from sophon_ray.models import build_model
-from sophon_ray.simulation import Environment, simulate
+from sophon_ray.core import simulation
+from sophon_ray.core.attack import finetune
+from sophon_ray.recipes import AttackConfig
+from sophon_ray.modes.classification.task import CLASSIFICATION
+from sophon_ray.modes import build_model
+from sophon_ray.core.simulation import Environment, simulate
 from sophon_ray.spec import ModelSpec
 
 pytestmark = [pytest.mark.gpu,
@@ -32,7 +33,7 @@ def _run(model, pool, env, monkeypatch, graphs: bool, loss: str = "ice", steps: 
     monkeypatch.setattr(simulation, "CUDA_GRAPHS", graphs)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         sim = simulate(model, itertools.cycle(pool), env, CLASSIFICATION.suppression(loss), steps, 0.1,
-                       torch.Generator().manual_seed(0))
+                       torch.Generator().manual_seed(0), fit=CLASSIFICATION.fit_loss)
     captured = [s.graph is not None for s in simulation._adversary(model).steps.values()]
     assert captured and all(c == graphs for c in captured), captured  # eager is eager, graphed did capture
     return sim
@@ -95,5 +96,5 @@ def test_model_is_untouched_and_attack_runs_on_the_gpu(monkeypatch):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     from torch.utils.data import TensorDataset
     data = TensorDataset(torch.randn(200, 3, 16, 16), torch.arange(200) % 10)
-    result = finetune(model.cpu(), data, data, AttackConfig(strategy="initfc-all", epochs=2), device="cuda")
+    result = finetune(model.cpu(), data, data, AttackConfig(strategy="initfc-all", epochs=2), device="cuda", task=CLASSIFICATION)
     assert len(result.restricted) == 3

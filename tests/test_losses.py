@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sophon_ray.losses import LOSSES, ice, ice_code, klu
+from sophon_ray.modes.classification.losses import LOSSES, ice, ice_code, klu
 
 
 def test_ice_value_matches_closed_form():

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from sophon_ray.metrics import Cell, below_chance, chance, epochs_to_target, intactness_drop, overhead, summarise
+from sophon_ray.core.metrics import Cell, below_chance, chance, epochs_to_target, intactness_drop, overhead, summarise
 
 
 def test_epochs_to_target_and_overhead():

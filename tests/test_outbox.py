@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from sophon_ray import names  # noqa: E402
-from sophon_ray.outbox import HTTP_ENV, JOURNAL, WAIT_ENV, Journal, Op, Outbox, backoff, wait_seconds  # noqa: E402
-from sophon_ray.tracking import Tracker, TrackingError  # noqa: E402
+from sophon_ray.run.outbox import HTTP_ENV, JOURNAL, WAIT_ENV, Journal, Op, Outbox, backoff, wait_seconds  # noqa: E402
+from sophon_ray.run.tracking import Tracker, TrackingError  # noqa: E402
 
 EPOCHS = 3
 FAST = (0.05, 0.2)  # backoff start and cap for the tests
@@ -212,9 +212,9 @@ def test_the_tune_callback_opens_the_run_of_a_trial_tune_errors_before_starting_
     started still gets its run opened first, so its FAILED status lands and blocks nothing behind it."""
     from ray.tune.experiment import Trial as TuneTrial
 
-    from sophon_ray.trials import plan_trials
-    from sophon_ray.tune_driver import LAST_REPORT, make_callback
-    from sophon_ray.validation import parse_spec
+    from sophon_ray.run.plan import plan_trials
+    from sophon_ray.run.tune_driver import LAST_REPORT, make_callback
+    from sophon_ray.run.validate import parse_spec
 
     tracker, parent = tracker_and_parent(tmp_path)
     planned = plan_trials(parse_spec({"attack": {"subjects": ["normal"], "evaluation": {"optimizer": ["sgd", "adam"]}}}),
@@ -242,10 +242,10 @@ def test_resume_delivers_the_journal_first_and_reruns_no_trial_whose_result_is_i
     delivered, counted as finished earlier, and no trial is run (the stage returns before Ray is started)."""
     import io
 
-    from sophon_ray.console import Console
-    from sophon_ray.pipeline import Outcome, RunOptions, View, _attack_stage
-    from sophon_ray.trials import plan_trials
-    from sophon_ray.validation import parse_spec
+    from sophon_ray.console.terminal import Console
+    from sophon_ray.run.pipeline import Outcome, RunOptions, View, _attack_stage
+    from sophon_ray.run.plan import plan_trials
+    from sophon_ray.run.validate import parse_spec
 
     tracker, parent = tracker_and_parent(tmp_path)
     spec = parse_spec({"attack": {"subjects": ["normal"], "evaluation": {"optimizer": ["sgd", "adam"]}}})

@@ -9,14 +9,15 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from sophon_ray.checkpoint import CheckpointError, load_tree, save_tree
-from sophon_ray.data import infinite_batches
-from sophon_ray.protection import ProtectState, load_state, protect, save_state
+from sophon_ray.run.checkpoint import CheckpointError, load_tree, save_tree
+from sophon_ray.core.data import infinite_batches
+from sophon_ray.core.protection import ProtectState, load_state, protect, save_state
 from sophon_ray.spec import EnvironmentSpec, ProtectSpec, spec_hash
-from sophon_ray.train_driver import state_digest
-from sophon_ray.training import evaluate
-from sophon_ray.validation import parse_spec
+from sophon_ray.run.train_driver import state_digest
+from sophon_ray.core.training import evaluate
+from sophon_ray.run.validate import parse_spec
 from tests.tiny import tiny_data, tiny_net
+from sophon_ray.modes.classification.task import CLASSIFICATION
 
 SPEC = ProtectSpec(loss="ice", iterations=12, inner_steps=3, base_lr=1e-3, alpha=1, beta=1, ntr_steps=2,
                    batch_size=20, eval_every=2, probe_every=5, probe_epochs=1, checkpoint_every=4,
@@ -29,7 +30,7 @@ def _protect(tmp_path, spec, normal_acc, resume=None):
     result, the metric rows emitted and, per checkpoint, how many rows had been emitted then."""
     model = tiny_net(bn=True, seed=3)
     original, restricted = tiny_data(90, seed=1), tiny_data(70, seed=2)
-    acc = evaluate(model, original).score if normal_acc is None else normal_acc
+    acc = evaluate(model, original, task=CLASSIFICATION).score if normal_acc is None else normal_acc
     rows, emitted = [], {}
 
     def checkpoint(state):
@@ -38,7 +39,7 @@ def _protect(tmp_path, spec, normal_acc, resume=None):
 
     result = protect(model, original, original, [restricted, Subset(restricted, range(50))], [restricted], spec,
                      acc, on_metrics=lambda step, row: rows.append((step, row)), on_checkpoint=checkpoint,
-                     resume=resume)
+                     resume=resume, task=CLASSIFICATION)
     return result, rows, emitted
 
 
@@ -82,7 +83,7 @@ def test_checkpoint_every_zero_never_checkpoints(tmp_path):
     model = tiny_net(bn=True)
     data = tiny_data(60, seed=1)
     protect(model, data, data, [data], [data], replace(SPEC, iterations=5, checkpoint_every=0), 0.0,
-            on_checkpoint=calls.append)
+            on_checkpoint=calls.append, task=CLASSIFICATION)
     assert calls == []
 
 

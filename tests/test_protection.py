@@ -5,11 +5,13 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from sophon_ray.attack import AttackConfig, finetune
-from sophon_ray.protection import Candidate, protect, select
+from sophon_ray.core.attack import finetune
+from sophon_ray.recipes import AttackConfig
+from sophon_ray.core.protection import Candidate, protect, select
 from sophon_ray.spec import EnvironmentSpec, ProtectSpec
-from sophon_ray.training import evaluate
+from sophon_ray.core.training import evaluate
 from tests.tiny import tiny_data, tiny_net
+from sophon_ray.modes.classification.task import CLASSIFICATION
 
 SPEC = ProtectSpec(loss="ice", iterations=6, inner_steps=3, base_lr=1e-3, alpha=1, beta=1, ntr_steps=1,
                    batch_size=20, eval_every=2, probe_every=3, probe_epochs=1,
@@ -20,8 +22,8 @@ def _run(spec=SPEC, normal_acc=None, restricted=None, model=None):
     model = model or tiny_net(bn=True)
     original = tiny_data(80, seed=1)
     restricted = restricted or tiny_data(80, seed=2)
-    acc = evaluate(model, original).score if normal_acc is None else normal_acc
-    return model, protect(model, original, original, [restricted], [restricted], spec, acc)
+    acc = evaluate(model, original, task=CLASSIFICATION).score if normal_acc is None else normal_acc
+    return model, protect(model, original, original, [restricted], [restricted], spec, acc, task=CLASSIFICATION)
 
 
 def test_protect_runs_probes_and_selects_a_candidate():
@@ -85,10 +87,10 @@ def test_sampled_environments_do_not_make_a_reinitialised_head_attack_easier():
     """The backfire seen in the first trial: ICE with one plain-SGD environment and no head re-init made
     initfc-all attacks *easier* than on the unprotected model. With sampled environments (head re-init
     included) the protected model must stay within 10 points of the normal one under that attack."""
-    from sophon_ray.data import load_domain, split_off
-    from sophon_ray.models import build_model
+    from sophon_ray.core.data import load_domain, split_off
+    from sophon_ray.modes import build_model
     from sophon_ray.spec import DomainSpec, ModelSpec, PretrainSpec
-    from sophon_ray.training import pretrain
+    from sophon_ray.core.training import pretrain
 
     o_train, _ = load_domain(DomainSpec(dataset="shapes", train_size=3000, test_size=200))
     r_train, r_test = load_domain(DomainSpec(dataset="shapes_m", train_size=2000, test_size=500))
@@ -96,14 +98,14 @@ def test_sampled_environments_do_not_make_a_reinitialised_head_attack_easier():
     r_prot, r_val = split_off(r_train, 0.2, 0)
     torch.manual_seed(0)
     normal = build_model(ModelSpec(), 3, 16)
-    pretrain(normal, o_train, o_val, PretrainSpec(epochs=8), 0)
+    pretrain(normal, o_train, o_val, PretrainSpec(epochs=8), 0, task=CLASSIFICATION)
     spec = ProtectSpec(loss="ice", iterations=150, inner_steps=20, base_lr=1e-3, alpha=1, beta=1, ntr_steps=3,
                        probe_every=50, environments=EnvironmentSpec(optimizers=("sgd", "momentum", "adam"),
                                                                     lr=(1e-3, 1e-2), head_reinit=0.5, head_only=0.25))
-    result = protect(normal, o_train, o_val, [r_prot], [r_val], spec, evaluate(normal, o_val).score)
+    result = protect(normal, o_train, o_val, [r_prot], [r_val], spec, evaluate(normal, o_val, task=CLASSIFICATION).score)
     attack = AttackConfig(strategy="initfc-all", optimizer="momentum", lr=1e-2, epochs=10, data_fraction=0.1)
     for seed in (0, 1):
         cfg = AttackConfig(**{**attack.as_params(), "seed": seed})
-        protected = finetune(result.model, r_train, r_test, cfg).final
-        unprotected = finetune(normal, r_train, r_test, cfg).final
+        protected = finetune(result.model, r_train, r_test, cfg, task=CLASSIFICATION).final
+        unprotected = finetune(normal, r_train, r_test, cfg, task=CLASSIFICATION).final
         assert protected <= unprotected + 10, (seed, protected, unprotected)

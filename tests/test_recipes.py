@@ -11,14 +11,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sophon_ray import attack, registries
-from sophon_ray.attack import AttackConfig, finetune, prepare, strategy_problem
-from sophon_ray.augment import AUGMENTS, make_augment
-from sophon_ray.lora import LoRAConv2d, LoRALinear, add_lora
-from sophon_ray.models import MODELS, build_model
+from sophon_ray.core import attack
+from sophon_ray.run.catalog import catalog, registries
+from sophon_ray.core.attack import finetune, prepare
+from sophon_ray.recipes import AttackConfig
+from sophon_ray.run.validate import strategy_problem
+from sophon_ray.recipes.augment import AUGMENTS, make_augment
+from sophon_ray.recipes.lora import LoRAConv2d, LoRALinear, add_lora
+from sophon_ray.modes import build_model
+from sophon_ray.modes.classification.models import MODELS
 from sophon_ray.spec import ModelSpec
-from sophon_ray.training import BN_MODES, SCHEDULES, evaluate, train_epoch
+from sophon_ray.core.training import evaluate, train_epoch
+from sophon_ray.recipes import BN_MODES, SCHEDULES
 from tests.tiny import tiny_data, tiny_net
+from sophon_ray.modes.classification.task import CLASSIFICATION
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -129,7 +135,7 @@ def test_lora_finetuning_lowers_the_loss_and_moves_the_adapters(monkeypatch):
     seen = capture_prepared(monkeypatch)
     model, data = tiny_net(bn=True), tiny_data(60)
     cfg = AttackConfig(strategy="lora", optimizer="adam", lr=0.02, batch_size=16, epochs=4, lora_rank=2)
-    result = finetune(model, data, data, cfg)
+    result = finetune(model, data, data, cfg, task=CLASSIFICATION)
     assert result.restricted_loss[-1] < result.restricted_loss[0] - 0.1
     [(tuned, prepared)] = seen
     assert tuned.body[0].lora_B.weight.abs().sum() > 0 and tuned.classifier[0].lora_B.abs().sum() > 0
@@ -268,7 +274,7 @@ def test_frozen_bn_keeps_running_statistics_bit_identical(bn_mode, monkeypatch):
     seen = capture_prepared(monkeypatch)
     model, data = tiny_net(bn=True), tiny_data(60)
     finetune(model, data, data, AttackConfig(strategy="direct-all", lr=0.05, batch_size=16, epochs=2,
-                                             bn_mode=bn_mode))
+                                             bn_mode=bn_mode), task=CLASSIFICATION)
     [(tuned, prepared)] = seen
     stats = ("body.1.running_mean", "body.1.running_var", "body.1.num_batches_tracked")
     same = [torch.equal(tuned.state_dict()[k], prepared[k]) for k in stats]
@@ -282,14 +288,14 @@ def test_train_epoch_uses_label_smoothing():
     with torch.no_grad():
         plain, smooth = F.cross_entropy(model(x), y), F.cross_entropy(model(x), y, label_smoothing=0.3)
     frozen = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss = train_epoch(model, data, frozen, 30, gen(), label_smoothing=0.3)
+    loss = train_epoch(model, data, frozen, 30, gen(), label_smoothing=0.3, task=CLASSIFICATION)
     assert loss == pytest.approx(smooth.item(), rel=1e-5) and loss != pytest.approx(plain.item(), rel=1e-3)
 
 
 def test_finetune_recipe_fields_change_the_run_and_stay_reproducible():
     model, data = tiny_net(bn=True), tiny_data(60)
     base = AttackConfig(strategy="initfc-all", lr=0.05, batch_size=16, epochs=2)
-    run = lambda **kw: finetune(model, data, data, replace(base, **kw)).restricted_loss  # noqa: E731
+    run = lambda **kw: finetune(model, data, data, replace(base, **kw), task=CLASSIFICATION).restricted_loss  # noqa: E731
     reference = run()
     for kw in ({"augment": "all"}, {"label_smoothing": 0.2}, {"bn_mode": "frozen"}, {"schedule": "one-cycle"}):
         assert run(**kw) == run(**kw) and run(**kw) != reference, kw
@@ -301,14 +307,14 @@ def test_finetune_reports_validation_accuracy_every_epoch():
     other = TensorDataset(x, (y + 1) % 3)  # wrong labels: the better the model, the lower its accuracy here
     cfg = AttackConfig(lr=0.05, batch_size=16, epochs=2)
     metrics = []
-    same = finetune(model, data, data, cfg, val=data)
-    result = finetune(model, data, data, cfg, val=other, on_epoch=lambda e, m: metrics.append((e, m)))
+    same = finetune(model, data, data, cfg, val=data, task=CLASSIFICATION)
+    result = finetune(model, data, data, cfg, val=other, on_epoch=lambda e, m: metrics.append((e, m)), task=CLASSIFICATION)
     assert same.val == same.restricted and len(result.val) == 3
-    assert result.val[0] == evaluate(model, other).score
+    assert result.val[0] == evaluate(model, other, task=CLASSIFICATION).score
     assert result.val[-1] < result.restricted[-1] - 20
     assert [m["val_acc"] for _, m in metrics] == result.val and [e for e, _ in metrics] == [0, 1, 2]
     plain = []
-    assert finetune(model, data, data, cfg, on_epoch=lambda e, m: plain.append(m)).val == []
+    assert finetune(model, data, data, cfg, on_epoch=lambda e, m: plain.append(m), task=CLASSIFICATION).val == []
     assert all("val_acc" not in m for m in plain)
 
 
@@ -337,8 +343,12 @@ def test_warmup_cosine_warms_up_linearly_then_decays_to_zero():
 
 
 def test_new_registries_are_listed_for_validation():
-    assert registries.AUGMENTS.names() == ["none", "flip", "shift", "colour", "all"]
-    assert registries.BN_MODES.names() == ["train", "frozen"]
-    assert {"warmup-cosine", "one-cycle"} <= set(registries.SCHEDULES.names())
-    assert {"lora", "last-k", "reinit-last-k"} <= set(registries.STRATEGIES.names())
-    assert registries.ALL["augmentations"] is AUGMENTS and registries.ALL["BN modes"] is BN_MODES
+    listed = registries()
+    assert listed["augmentations"].names() == ["none", "flip", "shift", "colour", "all"]
+    assert listed["BN modes"].names() == ["train", "frozen"]
+    assert {"warmup-cosine", "one-cycle"} <= set(listed["schedules"].names())
+    assert {"lora", "last-k", "reinit-last-k"} <= set(listed["strategies"].names())
+    assert listed["augmentations"] is AUGMENTS and listed["BN modes"] is BN_MODES
+    shown = catalog()
+    assert set(shown["augmentations"]) == set(AUGMENTS.names()) and "blocks" in shown["recipe settings"]
+    assert "[classification, generation; its settings: blocks]" in shown["strategies"]["last-k"]

@@ -5,12 +5,12 @@ import optuna
 import pytest
 
 from sophon_ray import names
-from sophon_ray.pipeline import RunOptions, dry_run_text, protected_models, search_history
-from sophon_ray.search import DefineByRun, best_found, dimensions, searcher, warm_study
+from sophon_ray.run.pipeline import RunOptions, dry_run_text, protected_models, search_history
+from sophon_ray.run.search_space import DefineByRun, best_found, dimensions, searcher, warm_study
 from sophon_ray.spec import Range, SearchSpace, SearchSpec
-from sophon_ray.trials import plan_trials, search_budget, search_templates
-from sophon_ray.tune_driver import EpochReporter, SearchNumbering
-from sophon_ray.validation import parse_spec
+from sophon_ray.run.plan import plan_trials, search_budget, search_templates
+from sophon_ray.run.tune_driver import EpochReporter, SearchNumbering
+from sophon_ray.run.validate import parse_spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -119,7 +119,7 @@ def test_the_running_objective_is_the_best_validation_so_far_and_its_test_accura
 
 @pytest.fixture()
 def tracker(tmp_path):
-    from sophon_ray.tracking import Tracker
+    from sophon_ray.run.tracking import Tracker
 
     return Tracker(f"sqlite:///{tmp_path / 'm.db'}", "e")
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from sophon_ray import names
-from sophon_ray.search import best_found
+from sophon_ray.run.search_space import best_found
 from tests.procenv import process_env
 from tests.test_faults import kill_sessions, seed_models
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sophon_ray.losses import ice, klu
-from sophon_ray.simulation import INNER_OPTIMIZERS, Environment, _adversary, sample_environment, simulate
+from sophon_ray.modes.classification.losses import ice, klu
+from sophon_ray.core.simulation import INNER_OPTIMIZERS, Environment, _adversary, sample_environment, simulate
 from sophon_ray.spec import EnvironmentSpec
-from sophon_ray.tasks import CLASSIFICATION
+from sophon_ray.modes.classification.task import CLASSIFICATION
 from tests.tiny import tiny_data, tiny_net
 
 ICE, KLU = CLASSIFICATION.suppression("ice"), CLASSIFICATION.suppression("klu")
@@ -52,7 +52,7 @@ def test_outer_gradient_equals_hand_computed_mean_of_query_gradients(optimizer, 
     batches = _batches(5)
     env = Environment(optimizer=optimizer, lr=0.05, head_reinit=False, head_only=head_only)
     sim = simulate(model, iter(batches), env, ICE, inner_steps=5, query_fraction=0.3,
-                   generator=torch.Generator().manual_seed(0))
+                   generator=torch.Generator().manual_seed(0), fit=CLASSIFICATION.fit_loss)
     expected = hand_outer_gradient(model, batches, optimizer, 0.05, ice, 0.3, head_only)
     for name, grad in expected.items():
         assert torch.allclose(sim.grads[name], grad, atol=1e-6), name
@@ -68,7 +68,7 @@ def test_simulation_leaves_parameters_and_batchnorm_statistics_bit_identical():
     before = _tensors(model)
     assert {"body.1.running_mean", "body.1.running_var", "body.1.num_batches_tracked"} <= set(before)
     env = Environment(optimizer="adam", lr=0.1, head_reinit=True, head_only=False)
-    simulate(model, iter(_batches(4)), env, KLU, 4, 0.2, torch.Generator().manual_seed(0))
+    simulate(model, iter(_batches(4)), env, KLU, 4, 0.2, torch.Generator().manual_seed(0), fit=CLASSIFICATION.fit_loss)
     after = _tensors(model)  # the real model, read after the call
     assert after.keys() == before.keys()
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
@@ -85,7 +85,7 @@ def test_simulation_leaves_parameters_and_batchnorm_statistics_bit_identical():
 def test_head_reinit_gives_the_real_head_no_gradient():
     model = tiny_net()
     env = Environment(optimizer="sgd", lr=0.05, head_reinit=True, head_only=False)
-    sim = simulate(model, iter(_batches(3)), env, ICE, 3, 0.3, torch.Generator().manual_seed(0))
+    sim = simulate(model, iter(_batches(3)), env, ICE, 3, 0.3, torch.Generator().manual_seed(0), fit=CLASSIFICATION.fit_loss)
     for name in model.head_param_names():
         assert not sim.grads[name].any()
     assert sim.grads["body.0.weight"].abs().sum() > 0
@@ -115,13 +115,13 @@ def test_official_single_environment_is_expressible():
 def test_the_persistent_adversary_starts_every_simulation_from_the_model_and_a_fresh_state(optimizer):
     model = tiny_net(bn=True)
     env = Environment(optimizer=optimizer, lr=0.05, head_reinit=False, head_only=False)
-    first = simulate(model, iter(_batches(4)), env, ICE, 4, 0.3, torch.Generator().manual_seed(0))
-    second = simulate(model, iter(_batches(4)), env, ICE, 4, 0.3, torch.Generator().manual_seed(0))
+    first = simulate(model, iter(_batches(4)), env, ICE, 4, 0.3, torch.Generator().manual_seed(0), fit=CLASSIFICATION.fit_loss)
+    second = simulate(model, iter(_batches(4)), env, ICE, 4, 0.3, torch.Generator().manual_seed(0), fit=CLASSIFICATION.fit_loss)
     assert all(torch.equal(first.grads[n], second.grads[n]) for n in first.grads)
     with torch.no_grad():  # the model moves on (as protect's outer step does): the adversary follows it
         for p in model.parameters():
             p.mul_(0.5)
-    moved = simulate(model, iter(_batches(4)), env, ICE, 4, 0.3, torch.Generator().manual_seed(0))
+    moved = simulate(model, iter(_batches(4)), env, ICE, 4, 0.3, torch.Generator().manual_seed(0), fit=CLASSIFICATION.fit_loss)
     expected = hand_outer_gradient(model, _batches(4), optimizer, 0.05, ice, 0.3, head_only=False)
     assert all(torch.allclose(moved.grads[n], expected[n], atol=1e-6) for n in expected)
 
@@ -130,6 +130,6 @@ def test_a_batch_of_another_size_mid_simulation_keeps_the_optimizer_state():
     model = tiny_net()
     batches = _batches(3) + [_batches(1, n=7)[0]]
     env = Environment(optimizer="momentum", lr=0.05, head_reinit=False, head_only=False)
-    sim = simulate(model, iter(batches), env, ICE, 4, 0.3, torch.Generator().manual_seed(0))
+    sim = simulate(model, iter(batches), env, ICE, 4, 0.3, torch.Generator().manual_seed(0), fit=CLASSIFICATION.fit_loss)
     expected = hand_outer_gradient(model, batches, "momentum", 0.05, ice, 0.3, head_only=False)
     assert all(torch.allclose(sim.grads[n], expected[n], atol=1e-6) for n in expected)

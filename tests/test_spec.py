@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sophon_ray.attack import grid_configs
+from sophon_ray.recipes import grid_configs
 from sophon_ray.cli import main
 from sophon_ray.spec import GridSpec, ProtectSpec, SpecError, SweepSpec, apply_overrides, spec_hash
-from sophon_ray.validation import advisories, load_spec, parse_spec
+from sophon_ray.run.validate import advisories, load_spec, parse_spec
 
 SWEEPS = sorted(Path(__file__).parents[1].joinpath("sweeps").glob("*.yaml"))
 

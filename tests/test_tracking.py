@@ -7,7 +7,7 @@ from mlflow import MlflowClient
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from sophon_ray.names import CUSTOM_MODEL_DEVELOPMENT, EXPERIMENT_KIND  # noqa: E402
-from sophon_ray.tracking import Tracker, artifact_root, sqlite_path  # noqa: E402
+from sophon_ray.run.tracking import Tracker, artifact_root, sqlite_path  # noqa: E402
 
 
 def test_a_new_experiment_is_tagged_custom_model_development_and_keeps_its_artifact_root(tmp_path):

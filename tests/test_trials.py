@@ -3,9 +3,9 @@
 from collections import Counter
 
 from sophon_ray import names
-from sophon_ray.pipeline import RunOptions, protect_key, protected_models
-from sophon_ray.trials import Subject, domain_names, plan_trials
-from sophon_ray.validation import parse_spec
+from sophon_ray.run.pipeline import RunOptions, protect_key, protected_models
+from sophon_ray.run.plan import Subject, domain_names, plan_trials
+from sophon_ray.run.validate import parse_spec
 
 SPEC = {
     "restricted": [{"dataset": "shapes_m"}, {"dataset": "shapes_m", "seed": 1}, {"dataset": "digits"}],
@@ -51,7 +51,7 @@ def test_an_audited_checkpoint_is_one_protected_subject_without_a_seed():
 
 
 def test_parallel_protections_are_balanced_by_cost():
-    from sophon_ray.train_driver import balance
+    from sophon_ray.run.train_driver import balance
 
     costs = {"a0": 1, "a1": 1, "a2": 1, "b0": 2.5, "b1": 2.5, "b2": 2.5}
     jobs = [{"label": k} for k in costs]

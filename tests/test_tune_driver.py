@@ -7,9 +7,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from sophon_ray import names
-from sophon_ray.attack import AttackConfig
-from sophon_ray.trials import Subject, Trial
-from sophon_ray.tune_driver import AttackData, EpochReporter, share, unshare
+from sophon_ray.recipes import AttackConfig
+from sophon_ray.run.plan import Subject, Trial
+from sophon_ray.run.tune_driver import AttackData, EpochReporter, share, unshare
 
 
 def test_share_turns_every_tensor_into_numpy_and_unshare_restores_equal_tensors():

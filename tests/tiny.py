@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sophon_ray.models import Net
+from sophon_ray.modes.classification.models import Net
 
 
 def tiny_net(bn: bool = False, classes: int = 3, seed: int = 0) -> Net:

@@ -1,0 +1,76 @@
+"""Attack recipes: the one table of recipe settings, strategies, optimizers and schedules
+(:mod:`.table`, the built-ins in :mod:`.builtin`), and what derives from it: :class:`AttackConfig`,
+:class:`GridSpec`, :class:`SearchSpace`, :func:`grid_configs`, MLflow params and casts.
+
+Plugins: ``SOPHON_RAY_PLUGINS`` (comma-separated module names) are imported before the table is frozen, in every
+process that imports sophon-ray (the driver and every Ray worker, which inherit the variable), so a strategy
+registered there (``@TABLE.strategy(...)``, its own settings included) is one a spec can name. Torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from sophon_ray.recipes.builtin import TABLE
+from sophon_ray.recipes.table import EVERY_MODE, HASHED, UNLESS_DEFAULT, ModelFacts, Range, Setting, Strategy
+
+PLUGINS_ENV = "SOPHON_RAY_PLUGINS"
+
+
+def _load_plugins() -> None:
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ImportError(f"{PLUGINS_ENV}: cannot import plugin module '{name}' ({err}); fix the module name "
+                              f"or unset {PLUGINS_ENV}") from err
+
+
+_load_plugins()
+AttackConfig, GridSpec, SearchSpace = TABLE.freeze()
+STRATEGIES, OPTIMIZERS, SCHEDULES, BN_MODES = TABLE.strategies, TABLE.optimizers, TABLE.schedules, TABLE.bn_modes
+SETTINGS = TABLE.settings
+# scratch trains every parameter of a fresh init, whatever the cell's strategy
+SCRATCH_STRATEGY = "direct-all"
+
+
+def strategies_for(mode: str) -> list[str]:
+    """The strategies that apply in ``mode``."""
+    return TABLE.strategies_for(mode)
+
+
+def normalise(config: Any) -> Any:
+    """``config`` with every strategy-specific setting its strategy does not use at its default (so two cells
+    that train the same way are one cell)."""
+    unused = {n: s.default for n, s in SETTINGS.items() if not TABLE.applies(n, config.strategy)}
+    return dataclasses.replace(config, **unused) if unused else config
+
+
+def grid_configs(grids: Sequence[Any]) -> list[Any]:
+    """Every cell of a union of grids (each the cross product of its axes, in :meth:`RecipeTable.grid_order`),
+    in a fixed order, each cell once."""
+    order = TABLE.grid_order()
+    configs = [normalise(AttackConfig(**dict(zip(order, values))))
+               for g in grids for values in itertools.product(*(getattr(g, n) for n in order))]
+    return list(dict.fromkeys(configs))
+
+
+def param_casts() -> dict[str, Any]:
+    """Attack-run MLflow param name -> the type its string is read back as."""
+    return TABLE.casts()
+
+
+def legacy_defaults() -> dict[str, Any]:
+    """What a run that did not log a recipe setting meant."""
+    return TABLE.legacy_defaults()
+
+
+__all__ = ["AttackConfig", "BN_MODES", "EVERY_MODE", "GridSpec", "HASHED", "ModelFacts", "OPTIMIZERS",
+           "PLUGINS_ENV", "Range", "SCHEDULES", "SCRATCH_STRATEGY", "SETTINGS", "STRATEGIES", "SearchSpace", "Setting",
+           "Strategy", "TABLE", "UNLESS_DEFAULT", "grid_configs", "legacy_defaults", "normalise", "param_casts",
+           "strategies_for"]

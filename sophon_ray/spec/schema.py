@@ -1,0 +1,255 @@
+"""The sweep spec's schema: frozen, typed dataclasses, one per section. The attack grids' axes
+(``GridSpec``) and the search space (``SearchSpace``) are derived from the recipe table
+(:mod:`sophon_ray.recipes`). Building from YAML is :mod:`sophon_ray.spec.loader`; the checks against the recipe
+table and the modes are :mod:`sophon_ray.run.validate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# HASHED: field-metadata key, False for a field that does not change results (no hash depends on it);
+# UNLESS_DEFAULT: hashed only when it differs from its default (a field added later)
+from sophon_ray.recipes import HASHED, UNLESS_DEFAULT, GridSpec, Range, SearchSpace
+
+SUBJECTS = ("protected", "normal", "scratch")
+DATA_POOLS = ("disjoint", "shared")
+RESTRICTED_VAL_FRACTION = 0.2  # of each restricted training split: the protector's validation data
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str = "convnet"
+    num_classes: int = 10
+    # NHWC ("channels last") weights and activations: same function, other rounding. Measured faster for the
+    # convnet (1.4x) and ResNet-18 (1.14x) training steps on CPU and for ResNet-18 on an H200 (1.3-1.5x);
+    # BENCHMARKS.md. false keeps PyTorch's default (contiguous) layout.
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """One data domain. Procedural sets use ``train_size``/``test_size``/``seed`` to generate; file-backed
+    sets use ``root``/``download`` and treat the sizes as caps (a seeded subset)."""
+
+    dataset: str = "shapes"
+    image_size: int = 16
+    channels: int = 3
+    root: str | None = None
+    download: bool = False
+    train_size: int | None = None
+    test_size: int | None = None
+    seed: int = 0
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """Supervised training of the normal model, or ``weights``: a sophon-ray checkpoint directory, or
+    ``torchvision`` for the architecture's published ImageNet weights (downloads; body only)."""
+
+    epochs: int = 5
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    batch_size: int = 128
+    weights: str | None = None
+    val_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class EnvironmentSpec:
+    """The fine-tuning environments FTS samples from, one per simulation.
+
+    ``lr`` is a log-uniform range [low, high]; ``head_reinit`` and ``head_only`` are probabilities.
+    The official code's single environment is ``{optimizers: [sgd], lr: [1e-4, 1e-4]}``.
+    """
+
+    optimizers: tuple[str, ...] = ("sgd",)
+    lr: tuple[float, float] = (1e-4, 1e-4)
+    head_reinit: float = 0.0
+    head_only: float = 0.0
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One probe attack: a short fine-tuning on the protector's restricted share, scored on restricted
+    *validation* data, that rates a state of the protection for checkpoint selection. Probes belong to the
+    development side of the protocol: ``validate`` warns when one is also an evaluation cell."""
+
+    strategy: str = "initfc-all"
+    optimizer: str = "momentum"
+    lr: float = 3e-3
+    batch_size: int = 64
+    data_fraction: float = 0.2
+
+
+DEFAULT_PROBES = (ProbeSpec("initfc-all", "momentum", 3e-3), ProbeSpec("direct-all", "adam", 3e-4))
+
+
+@dataclass(frozen=True)
+class ProtectSpec:
+    """One SOPHON variant, protected once per seed in ``seeds`` (one Ray Train job and checkpoint each).
+
+    ``max_drop`` (points below the normal model's original validation accuracy) is the rollback floor, a
+    guard against collapse (the official code's floor is 80% absolute); ``select_drop`` is the stricter
+    intactness bound a probed checkpoint must meet to be selected; ``probes`` rate the probed states.
+    ``checkpoint_every``: iterations between state checkpoints that a restarted worker group or ``--resume``
+    continue from (0: none); it does not change the result, so no key or sweep id depends on it.
+    """
+
+    name: str | None = None
+    loss: str = "ice"
+    iterations: int = 200
+    inner_steps: int = 50
+    base_lr: float = 1e-4
+    alpha: float = 3.0
+    beta: float = 5.0
+    ntr_steps: int = 1
+    batch_size: int = 100
+    query_fraction: float = 0.1
+    clip_norm: float = 0.5
+    max_drop: float = 20.0
+    select_drop: float = 2.0
+    max_rollbacks: int = 10
+    eval_every: int = 10
+    probe_every: int = 50
+    probe_epochs: int = 3
+    probes: tuple[ProbeSpec, ...] = DEFAULT_PROBES
+    seeds: tuple[int, ...] = (0,)
+    environments: EnvironmentSpec = field(default_factory=EnvironmentSpec)
+    checkpoint_every: int = field(default=50, metadata={HASHED: False})
+
+    @property
+    def label(self) -> str:
+        return self.name or self.loss
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """An adaptive attacker: a Ray Tune search (``algorithm`` tpe: Optuna's TPE sampler, or random) of
+    ``num_samples`` fine-tuning recipes per attacked model and restricted domain, ``max_concurrent`` at a
+    time, bad trials stopped on their per-epoch validation curve by ``scheduler`` asha (or none: fifo).
+
+    The attacker's objective is its own validation accuracy: ``val_fraction`` of its data pool is held out,
+    the rest is what it fine-tunes on (``data_fraction`` of it), and each trial keeps its best-validation
+    epoch. The restricted test split only scores the recipes found. Every attacked model (protected,
+    normal, scratch) gets the same search with the same budget."""
+
+    name: str = "search"
+    algorithm: str = "tpe"
+    num_samples: int = 32
+    max_concurrent: int = 2
+    random_start: int = 8         # tpe: trials drawn at random before the model of good recipes is used
+    scheduler: str = "asha"
+    grace_period: int = 2         # asha: epochs every trial runs before it may be stopped
+    reduction_factor: float = 3.0
+    val_fraction: float = 0.2
+    seed: int = 0
+    space: SearchSpace = field(default_factory=SearchSpace)
+
+
+DISTRIBUTIONS = ("loguniform", "uniform", "choice")
+SEARCH_ALGORITHMS = ("tpe", "random")
+SCHEDULERS = ("asha", "none")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """The attacks, on two grids (each a list of grids whose cells are united):
+
+    - ``evaluation``: the reported grid. Attackers fine-tune on their own pool of the restricted training
+      split and are scored on the restricted *test* split.
+    - ``development``: the only grid that protection settings, probes and checkpoint choice may be tuned
+      on. Attackers fine-tune on the protector's restricted share and are scored on restricted
+      *validation* data.
+
+    - ``budget``: how far an attacker gets with more epochs and data (the evaluation grid's data; one trial
+      per recipe and data fraction, its per-epoch curve read at every epoch).
+    - ``benign``: fine-tuning on the unrelated ``benign`` domains (their training split -> their test split),
+      where the protected model should do as well as the normal one.
+    - ``search``: adaptive attackers (:class:`SearchSpec`).
+
+    ``data_pool``: ``disjoint`` (default) gives the attacker ``pool_fraction`` of the restricted training
+    split that the protector never sees; ``shared`` lets the attacker draw from the whole split, the
+    protector's share included.
+    """
+
+    subjects: tuple[str, ...] = SUBJECTS
+    evaluation: tuple[GridSpec, ...] = (GridSpec(),)
+    development: tuple[GridSpec, ...] = ()
+    budget: tuple[GridSpec, ...] = ()
+    benign: tuple[GridSpec, ...] = ()
+    search: tuple[SearchSpec, ...] = ()
+    data_pool: str = "disjoint"
+    pool_fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    """Ray resources. ``protect_workers``: data-parallel workers of one protection (Ray Train);
+    ``protect_parallel``: protections (variants x seeds) run at once, each its own Ray Train run.
+    ``storage_path``: where Ray Train/Tune keep their state (default ``<output_dir>/ray``); on a multi-node
+    cluster a shared path (NFS, s3://...)."""
+
+    protect_workers: int = 1
+    protect_parallel: int = 1
+    use_gpu: bool = False
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_failures: int = 2
+    storage_path: str | None = None
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    uri: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Generation mode's DDPM settings (``mode: generation``; ignored in classification mode).
+
+    ``suppression_t`` is the timestep policy of the suppression losses (DoS, negative MSE): ``uniform`` draws
+    t ~ U{0..T-1} per image, as the paper's text and every DDPM fine-tuning attacker do; ``one`` is the official
+    code's fixed t = 1. ``eval_t`` are the fixed timesteps of the denoising-error metric (common random noise,
+    seeded by ``eval_seed``). ``samples`` images are drawn (``sample_steps`` respaced ancestral steps; null: all T)
+    for the sample grids before and after an attack (0: none) and, with ``sample_quality``, scored by KID and
+    recognisability in an offline-trained restricted-domain classifier's features; FID too when ``fid_weights``
+    (or torchvision's cache) holds Inception-v3 weights."""
+
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    suppression_t: str = "uniform"
+    eval_t: tuple[int, ...] = (1, 10, 100, 250, 500)
+    eval_seed: int = 0
+    samples: int = 16
+    sample_steps: int | None = 100
+    sample_quality: bool = True
+    fid_weights: str | None = field(default=None, metadata={HASHED: False})  # torchvision inception_v3 state dict
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str = "sweep"
+    seed: int = 0
+    mode: str = "classification"
+    output_dir: str | None = None
+    model: ModelSpec = field(default_factory=ModelSpec)
+    original: DomainSpec = field(default_factory=DomainSpec)
+    restricted: tuple[DomainSpec, ...] = (DomainSpec(dataset="digits"),)
+    benign: tuple[DomainSpec, ...] = ()   # unrelated domains for attack.benign (never protected against)
+    pretrain: PretrainSpec = field(default_factory=PretrainSpec)
+    protect: tuple[ProtectSpec, ...] = (ProtectSpec(),)
+    attack: AttackSpec = field(default_factory=AttackSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    generation: GenerationSpec = field(default_factory=GenerationSpec, metadata={HASHED: UNLESS_DEFAULT})
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+
+__all__ = ["SUBJECTS", "DATA_POOLS", "RESTRICTED_VAL_FRACTION", "HASHED", "UNLESS_DEFAULT", "ModelSpec", "DomainSpec", "PretrainSpec", "EnvironmentSpec", "ProbeSpec", "DEFAULT_PROBES", "ProtectSpec", "GridSpec", "Range", "DISTRIBUTIONS", "SearchSpace", "SearchSpec", "SEARCH_ALGORITHMS", "SCHEDULERS", "AttackSpec", "ResourcesSpec", "TrackingSpec", "GenerationSpec", "SweepSpec"]
