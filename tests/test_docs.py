@@ -105,12 +105,12 @@ def command_lines(block: Block) -> list[str]:
 
 
 def simple_commands(line: str) -> list[list[str]]:
-    """A command line as its simple commands: `&&`, `;` and `||` split it; a trailing `&` and `VAR=value`
+    """A command line as its simple commands: `&&`, `;`, `||` and `|` split it; a trailing `&` and `VAR=value`
     prefixes are dropped; `.venv/bin/x` is `x`, python3 is python."""
     tokens = shlex.split(line, comments=True)
     commands, current = [], []
     for token in [*tokens, "&&"]:
-        if token in ("&&", ";", "||", "&"):
+        if token in ("&&", ";", "||", "&", "|"):
             if current:
                 commands.append(current)
             current = []
