@@ -1,4 +1,4 @@
-"""The MLflow screenshots in the README, taken in headless Chromium from a running ``sophon-ray ui``.
+"""The MLflow screenshots in docs/ui.md, taken in headless Chromium from a running ``sophon-ray ui``.
 
     sophon-ray ui sweeps/quickstart.yaml --port 5000 &          # after `sophon-ray run sweeps/quickstart.yaml`
     python -m docs.screenshots --ui http://127.0.0.1:5000 --experiment quickstart --out docs/
