@@ -10,10 +10,10 @@ import warnings
 
 import pytest
 
-from sophon_ray.console.terminal import terminal as console
-from sophon_ray.console.terminal.terminal import Console, Line, LogCapture, eta_seconds, format_duration, link_ray_logs, plain, plain_gap
+from sophon_ray.console import terminal as console
+from sophon_ray.console.terminal import Console, Line, LogCapture, eta_seconds, format_duration, link_ray_logs, plain, plain_gap
 from sophon_ray.run.pipeline import Outcome, closing_text, failure_hint, mlflow_hint
-from sophon_ray.console.terminal.progress import AttackProgress, ProgressSender, TrainJob, TrainProgress, job_line
+from sophon_ray.console.progress import AttackProgress, ProgressSender, TrainJob, TrainProgress, job_line
 
 
 class FakeTerminal(io.StringIO):

@@ -242,7 +242,7 @@ def test_resume_delivers_the_journal_first_and_reruns_no_trial_whose_result_is_i
     delivered, counted as finished earlier, and no trial is run (the stage returns before Ray is started)."""
     import io
 
-    from sophon_ray.console.terminal.terminal import Console
+    from sophon_ray.console.terminal import Console
     from sophon_ray.run.pipeline import Outcome, RunOptions, View, _attack_stage
     from sophon_ray.run.plan import plan_trials
     from sophon_ray.run.validate import parse_spec
