@@ -16,16 +16,16 @@ _API = {
     "SweepSpec": "sophon_ray.spec",
     "SpecError": "sophon_ray.spec",
     "load_domain": "sophon_ray.core.data",
-    "build_model": "sophon_ray.modes.classification.models",
+    "build_model": "sophon_ray.modes",
     "pretrain": "sophon_ray.core.training",
     "protect": "sophon_ray.core.protection",
     "finetune": "sophon_ray.core.attack",
-    "AttackConfig": "sophon_ray.core.attack",
+    "AttackConfig": "sophon_ray.recipes",
     "scratch_model": "sophon_ray.core.attack",
     "save_checkpoint": "sophon_ray.run.checkpoint",
     "load_checkpoint": "sophon_ray.run.checkpoint",
     "make_card": "sophon_ray.run.checkpoint",
-    "task_for": "sophon_ray.modes.classification.task",
+    "task_for": "sophon_ray.modes",
 }
 __all__ = list(_API)
 

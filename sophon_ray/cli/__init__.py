@@ -191,5 +191,3 @@ def main(argv: list[str] | None = None) -> int:
     return cli_exit(lambda: args.func(args))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
