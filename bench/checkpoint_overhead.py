@@ -3,7 +3,8 @@ one state checkpoint (``protection.save_state``, what every Ray Train worker wri
 on disk, against the seconds of the iterations between two checkpoints. The model is the quickstart's convnet at
 its seeded init (a checkpoint's size and write time do not depend on the values; its accuracy is the floor's base).
 
-Usage: .venv/bin/python bench/checkpoint_overhead.py [--iterations 110] [--every 50]
+Usage: .venv/bin/python bench/checkpoint_overhead.py [--iterations 110] [--every 50]; ``--smoke`` (4 iterations, a
+checkpoint every 2, ~10 s) checks the script, its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=110)
     parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--smoke", action="store_true", help="4 iterations, a checkpoint every 2: checks the script")
     args = parser.parse_args()
+    if args.smoke:
+        args.iterations, args.every = 4, 2
     torch.set_num_threads(1)  # as a Ray Train worker with cpus_per_trial 1
     spec = load_spec(REPO / "sweeps" / "quickstart.yaml", [f"protect.0.iterations={args.iterations}",
                                                           f"protect.0.checkpoint_every={args.every}"])
