@@ -3,7 +3,8 @@ one state checkpoint (``protection.save_state``, what every Ray Train worker wri
 on disk, against the seconds of the iterations between two checkpoints. The model is the quickstart's convnet at
 its seeded init (a checkpoint's size and write time do not depend on the values; its accuracy is the floor's base).
 
-Usage: .venv/bin/python bench/checkpoint_overhead.py [--iterations 110] [--every 50]
+Usage: .venv/bin/python bench/checkpoint_overhead.py [--iterations 110] [--every 50]; ``--smoke`` (4 iterations, a
+checkpoint every 2, ~10 s) checks the script, its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=110)
     parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--smoke", action="store_true", help="4 iterations, a checkpoint every 2: checks the script")
     args = parser.parse_args()
+    if args.smoke:
+        args.iterations, args.every = 4, 2
     torch.set_num_threads(1)  # as a Ray Train worker with cpus_per_trial 1
     spec = load_spec(REPO / "sweeps" / "quickstart.yaml", [f"protect.0.iterations={args.iterations}",
                                                           f"protect.0.checkpoint_every={args.every}"])
@@ -49,7 +53,8 @@ def main() -> None:
 
         start = time.perf_counter()
         protect(model, splits.original_train, splits.original_val, splits.restricted_train, splits.restricted_val,
-                spec.protect[0], evaluate(model, splits.original_val, task=CLASSIFICATION).score, on_checkpoint=checkpoint)
+                spec.protect[0], evaluate(model, splits.original_val, task=CLASSIFICATION).score, on_checkpoint=checkpoint,
+                task=CLASSIFICATION)
         wall = time.perf_counter() - start
     saving = sum(r[1] for r in rows)
     per_iteration = (wall - saving) / args.iterations

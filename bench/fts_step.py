@@ -30,6 +30,8 @@ from typing import Any
 
 import harness
 
+from sophon_ray.modes.classification.task import CLASSIFICATION
+
 NAME = "fts_step"
 INNER_GOAL = 1.15
 QUERY_FRACTION = 0.1
@@ -157,7 +159,6 @@ def time_simulate(model: Any, pool: list, steps: int, optimizer: str, device: st
     import torch  # noqa: PLC0415
 
     from sophon_ray.core.simulation import Environment, simulate  # noqa: PLC0415
-    from sophon_ray.modes.classification.task import CLASSIFICATION  # noqa: PLC0415
 
     env = Environment(optimizer=optimizer, lr=1e-3, head_reinit=False, head_only=False)
     gen = torch.Generator().manual_seed(0)
@@ -256,7 +257,7 @@ def measure_inner(model: Any, pool: list, preset: Preset, args: Any, bf16: bool)
 
 def measure_outer(model: Any, pool: list, preset: Preset, args: Any, bf16: bool
                   ) -> tuple[list[float], list[float], list[float], list[str]]:
-    """Interleaved protect(N, task=CLASSIFICATION) and (K + ntr) plain steps: per-iteration seconds, per-plain-step seconds,
+    """Interleaved protect(N) and (K + ntr) plain steps: per-iteration seconds, per-plain-step seconds,
     protect's remaining per-call cost, and any error protect raised after the measured iterations."""
     n = preset.outer_iterations
     data = {"o_train": make_dataset(8 * preset.batch_size, preset, args.device, 1),
@@ -270,7 +271,7 @@ def measure_outer(model: Any, pool: list, preset: Preset, args: Any, bf16: bool
         "protect": lambda: time_protect(model, data, preset, args.inner_optimizer, args.device, bf16),
         "plain": lambda: time_plain(plain_model, plain_opt, pool, budget, args.device, bf16) / budget,
     }, rounds=preset.outer_rounds, on_round=lambda r, row: harness.say(
-        f"  outer round {r}: protect({n}, task=CLASSIFICATION) {row['protect'].wall:.2f} s, "
+        f"  outer round {r}: protect({n}) {row['protect'].wall:.2f} s, "
         f"{harness.ms(row['protect'].per_iteration())} ms/iteration"))
     per_iter = [t.per_iteration() for t in samples["protect"]]
     fixed = [t.wall - n * it for t, it in zip(samples["protect"], per_iter)]
@@ -314,13 +315,13 @@ OUTER_LIMIT = ("per iteration on top of the steps: one deep copy of the model fo
 
 
 NOTES = [
-    "inner step = simulate(K, fit=CLASSIFICATION.fit_loss) / K: support step on 90% of the batch (in-place inner optimizer update of the "
+    "inner step = simulate(K) / K: support step on 90% of the batch (in-place inner optimizer update of the "
     "adversary's copy) + suppression-loss gradient on the 10% query at the adapted weights; the plain step "
     "processes the whole batch once. So the inner step does ~1.1x the forward/backward work of a plain step by "
     "design.",
     "outer iteration = one FTS (K inner steps), gradient clipping, the FTS Adam step, ntr_steps NTR steps "
     "(Adam), the NaN check: the mean interval between protect's consecutive per-iteration on_metrics calls "
-    "over iterations 2..N-1 of one protect(N, task=CLASSIFICATION) call (eval_every/probe_every > N). The set-up before iteration 1 "
+    "over iterations 2..N-1 of one protect(N) call (eval_every/probe_every > N). The set-up before iteration 1 "
     "and the evaluation + probe protect always runs in iteration N are outside the measured intervals; they "
     "are in 'protect wall - N x iteration' (with the first iteration's warm-up; noise can make it slightly "
     "negative for cheap models). The callback runs after the iteration's one host sync (and a device "

@@ -12,7 +12,7 @@
 #   --check  only verify that a CUDA device is visible (exit 0) or not (exit 2)
 # Environment: PYTHON (default .venv/bin/python, else python3: a machine's own PyTorch works, the repo goes on
 # PYTHONPATH). With no package index there: if `import ray` fails and WHEELS (default REPO/.whl, made by
-# bench/offline_wheels.py) holds wheels, they are installed into a temporary --target folder first; without
+# tools/offline_wheels.py) holds wheels, they are installed into a temporary --target folder first; without
 # MLflow the tune+mlflow contender is skipped.
 set -uo pipefail
 
@@ -52,7 +52,7 @@ echo "gpu.sh: CUDA device: $GPU" >&2
 mkdir -p "$OUT_DIR"
 if ! "$PY" -c 'import ray.tune, ray.train' 2>/dev/null; then
   ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "gpu.sh: ray is not importable by $PY and $WHEELS has no wheels" \
-    "(make them with bench/offline_wheels.py, or pip install the project)" >&2; exit 2; }
+    "(make them with tools/offline_wheels.py, or pip install the project)" >&2; exit 2; }
   SITE="$(mktemp -d /tmp/sophon-site.XXXX)"
   echo "gpu.sh: installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SITE" >&2
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl \

@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -148,6 +149,8 @@ def main() -> None:
         harness.say(f"{args.trials} trials, a SIGKILL every {args.kill_every:g} s, in {work}")
         result = sweep_run.run_sweep(path, work, ["--max-trials", str(args.trials)], on_tick=killer)
         harness.say(f"exit {result.rc} after {result.wall_s:.0f} s, {len(killer.kills)} kills")
+        if result.rc:
+            print(result.stdout[-3000:], file=sys.stderr)
         book = sweep_run.ledger(uri, "soak", EPOCHS)
         harness.say(f"ledger: {book.runs} runs, {book.keys} keys, {book.status}, {book.duplicate_keys} duplicated, "
                     f"{len(book.bad_histories)} bad histories")

@@ -6,7 +6,7 @@ tends to lack, and writes a *slim* Ray wheel without ``ray/jars``, RLlib, Serve,
 web client (none used by sophon-ray), with a RECORD that matches. ``bench/gpu.sh`` installs a folder made
 here with ``pip install --no-index --no-deps --target`` when ``import ray`` fails.
 
-Usage: ``python bench/offline_wheels.py --python-version 3.12 --out .whl`` (needs pip's index once, here).
+Usage: ``python tools/offline_wheels.py --python-version 3.12 --out .whl`` (needs pip's index once, here).
 """
 
 from __future__ import annotations
