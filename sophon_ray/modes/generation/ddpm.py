@@ -25,7 +25,7 @@ noising classes.)
 ``"one"`` is scored where it was trained); 10..500 spread over the range where the image still matters:
 abar = 0.998, 0.895, 0.521, 0.078 (signal-to-noise 450 down to 0.085). Beyond ~600 x_t is nearly pure
 noise (abar(750) = 0.0033), eps_hat ~ x_t scores ~0 for any model and says nothing about the domain.
-On shapes -> digits (bench/gen_pair.py) t = 1 and 10 are the hardest steps (errors ~0.3-1.1: noise of
+On shapes -> digits (experiments/gen_pair.py) t = 1 and 10 are the hardest steps (errors ~0.3-1.1: noise of
 std 0.015 / 0.047 is hard to tell from the images' own fine structure) and separate pretrained from
 scratch models least (normal/scratch 0.85-1.0 at t = 1), 100..500 most (0.19-0.82); the unweighted mean
 (:func:`mean_error`) is dominated by the small steps.
