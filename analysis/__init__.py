@@ -3,7 +3,9 @@
 Reads MLflow with pandas and plots with matplotlib; imports neither torch nor ray, so it runs anywhere
 the tracking store is reachable. Modules (each also a CLI, ``python -m analysis.<name> --help``):
 
-- ``analysis.runs``      MLflow runs -> typed tables (attack trials, cells, curves, protect, pretrain)
+- ``analysis.runs``      MLflow runs -> typed tables (attack trials, curves, protect, pretrain)
+- ``analysis.tables``    attack trials -> cells (seed means per recipe), varying settings, sections, base slices
+- ``analysis.cli``       the command-line arguments every part shares (where the sweep is, where output goes)
 - ``analysis.heatmaps``  optimizer x lr (and batch size x lr) grids of final restricted accuracy
 - ``analysis.curves``    restricted accuracy vs epoch, protected vs normal vs scratch
 - ``analysis.summary``   intactness, robustness summary and a per-cell table, as markdown

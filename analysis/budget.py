@@ -25,8 +25,10 @@ from matplotlib.figure import Figure
 
 from analysis.curves import colours, mean_curve, plot_band, subject_label
 from analysis.heatmaps import DPI, save
-from analysis.runs import CELL_KEYS, Sweep, cells, load_attack_runs, load_curves, part_main, varying
+from analysis.cli import part_main
+from analysis.runs import CELL_KEYS, Sweep, load_attack_runs, load_curves
 from analysis.summary import cell_name, markdown_table, number
+from analysis.tables import cells, varying
 from sophon_ray import names
 from sophon_ray.core.metrics import chance, epochs_to_target
 

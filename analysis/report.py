@@ -18,10 +18,12 @@ from analysis.curves import make_curves
 from analysis.heatmaps import make_all_heatmaps
 from analysis.html import EXTRA_FIGURES, write_html_report
 from analysis.results import merge_results, results_document
-from analysis.runs import (cells, find_sweep, load_curves, load_num_classes, load_pretrain_run, load_protect_runs,
-                           load_runs, load_spec_dict, parse_source_args, source_parser)
+from analysis.cli import parse_source_args, source_parser
+from analysis.runs import (find_sweep, load_curves, load_num_classes, load_pretrain_run, load_protect_runs, load_runs,
+                           load_spec_dict)
 from analysis.search import load_searches, make_search_figures, search_overview, search_section
 from analysis.summary import make_summary, overview, write_summary
+from analysis.tables import cells
 from sophon_ray import names
 from sophon_ray.core.metrics import chance
 from sophon_ray.errors import cli_exit

@@ -22,7 +22,8 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.runs import CELL_KEYS, Sweep, cells, sections, varying
+from analysis.runs import CELL_KEYS, Sweep
+from analysis.tables import cells, sections, varying
 from analysis.summary import (ROBUSTNESS_HEADER, best_attacks_section, cell_name, cell_section, complete_cells,
                               definitions, leaks_section, markdown_table, number, robustness_cells, robustness_rows)
 from sophon_ray import names

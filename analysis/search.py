@@ -31,9 +31,11 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis.curves import colours, plot_band, subject_label
 from analysis.heatmaps import ACCURACY_CMAP, ACCURACY_NORM, DPI, _text_colour, save
-from analysis.runs import (CELL_KEYS, STRATEGY_ORDER, Sweep, in_order, load_attack_runs, load_curves, param_casts,
-                           part_main, stage_runs, typed_params)
+from analysis.cli import part_main
+from analysis.runs import (CELL_KEYS, STRATEGY_ORDER, Sweep, load_attack_runs, load_curves, param_casts, stage_runs,
+                           typed_params)
 from analysis.summary import markdown_table, number, setting
+from analysis.tables import in_order
 from sophon_ray import names
 from sophon_ray.core.metrics import Cell, chance
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.curves import mean_curve
-from analysis.runs import (CELL_KEYS, OPTIMIZER_ORDER, STRATEGY_ORDER, PretrainRun, cells, find_sweep, in_order,
-                           load_curves, load_num_classes, load_pretrain_run, load_protect_runs, load_runs,
-                           parse_source_args, sections, source_parser, varying)
+from analysis.cli import parse_source_args, source_parser
+from analysis.runs import (CELL_KEYS, OPTIMIZER_ORDER, STRATEGY_ORDER, PretrainRun, find_sweep, load_curves,
+                           load_num_classes, load_pretrain_run, load_protect_runs, load_runs)
+from analysis.tables import cells, in_order, sections, varying
 from sophon_ray import names
 from sophon_ray.recipes import legacy_defaults
 from sophon_ray.errors import cli_exit

@@ -22,8 +22,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from analysis import summary  # noqa: E402
 from analysis.report import run_report  # noqa: E402
 from analysis.results import HAND_WRITTEN, merge_results  # noqa: E402
-from analysis.runs import (ATTACK_PARAMS, PretrainRun, RunsNotFoundError, cells, find_sweep,  # noqa: E402
-                           load_curves, load_num_classes, load_runs)
+from analysis.runs import (ATTACK_PARAMS, PretrainRun, RunsNotFoundError, find_sweep, load_curves,  # noqa: E402
+                           load_num_classes, load_runs)
+from analysis.tables import cells  # noqa: E402
 from sophon_ray.recipes import legacy_defaults  # noqa: E402
 
 RECIPE_DEFAULTS = legacy_defaults()

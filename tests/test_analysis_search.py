@@ -22,7 +22,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from analysis.budget import READ_EPOCH, at_epoch, break_even, break_even_text, verdict  # noqa: E402
 from analysis.report import run_report  # noqa: E402
-from analysis.runs import ATTACK_PARAMS, cells  # noqa: E402
+from analysis.runs import ATTACK_PARAMS  # noqa: E402
+from analysis.tables import cells  # noqa: E402
 from analysis.search import explored, lr_decade, picks, searched_fields, worst_case_gap  # noqa: E402
 from sophon_ray import names  # noqa: E402
 from sophon_ray.recipes import legacy_defaults  # noqa: E402
