@@ -79,8 +79,8 @@ def protocol_section(spec: Mapping[str, Any], runs: pd.DataFrame) -> str:
 
 
 def intactness_table(protect: pd.DataFrame, normal_test: float, metric: names.Metric = names.ACCURACY) -> str:
-    rows = [[r[names.VARIANT], str(r[names.PROTECT_SEED]), number(r["original_val_acc"]),
-             number(r["original_test_acc"]), number(normal_test - r["original_test_acc"], "+.1f"),
+    rows = [[r[names.VARIANT], str(r[names.PROTECT_SEED]), number(r["original_val"]),
+             number(r["original_test"]), number(normal_test - r["original_test"], "+.1f"),
              number(r["selected_iteration"], ".0f"), number(r["rollbacks"], ".0f")]
             for _, r in protect.iterrows()]
     return markdown_table(["variant", "protection seed", f"val {metric.short}", f"test {metric.short}",

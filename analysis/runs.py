@@ -59,12 +59,14 @@ def param_casts(params: Iterable[str]) -> dict[str, Callable[[str], object]]:
 
 
 ATTACK_PARAMS = param_casts([*names.TRIAL_PARAMS, *SETTINGS])
-PROTECT_METRICS = names.PROTECT_METRICS   # the protect table's columns (each mode's metric is read into them)
+# the protect table's score columns, mode-neutral: each mode's metrics (``Metric.protect_metrics``) are read
+# into them in this order (original-domain validation / test score, drop, probe score, selection)
+PROTECT_COLUMNS = ("original_val", "original_test", "intactness_drop", "probe", "selected_iteration", "rollbacks")
 
 
 def attack_metrics(metric: names.Metric = names.ACCURACY) -> dict[str, str]:
     """The attack table's metric columns -> the MLflow names of the sweep's metric (accuracy or denoising skill)."""
-    return {"final": metric.final, "best": metric.best, "original_acc": metric.original}
+    return {"final": metric.final, "best": metric.best, "original": metric.original}
 
 
 ATTACK_METRICS = attack_metrics()
@@ -100,8 +102,8 @@ class PretrainRun:
     """The normal (unprotected) model's original-domain accuracies, percent."""
 
     run_id: str
-    original_val_acc: float
-    original_test_acc: float
+    original_val: float
+    original_test: float
 
 
 def _client(tracking_uri: str) -> MlflowClient:
@@ -183,7 +185,7 @@ def typed_params(run: Run, casts: dict[str, Callable[[str], object]],
 
 def attack_table(runs: Iterable[Run], extra_params: dict[str, Callable[[str], object]] | None = None,
                  extra_metrics: dict[str, str] | None = None, metric: names.Metric = names.ACCURACY) -> pd.DataFrame:
-    """One typed row per attack run: run_id, the ATTACK_PARAMS, final, best, original_acc (the sweep's ``metric``:
+    """One typed row per attack run: run_id, the ATTACK_PARAMS, final, best, original (the sweep's ``metric``:
     accuracy or denoising skill; then ``extra_params`` and ``extra_metrics``: column -> metric name, NaN when not
     logged). Recipe fields a run logged before they existed get ``legacy_defaults()``.
 
@@ -299,7 +301,7 @@ def load_curves(tracking_uri: str, run_ids: Iterable[str], metric: str = "restri
 
 
 def load_protect_runs(tracking_uri: str, experiment: str, sweep_id: str | None = None) -> pd.DataFrame:
-    """One row per protect run: run_id, variant, loss, protect_seed, and PROTECT_METRICS (NaN when not logged).
+    """One row per protect run: run_id, variant, loss, protect_seed, and PROTECT_COLUMNS (NaN when not logged).
 
     Empty (with those columns) when the sweep protected nothing.
     """
@@ -311,9 +313,9 @@ def load_protect_runs(tracking_uri: str, experiment: str, sweep_id: str | None =
                "loss": params.get("loss", "?"),
                names.PROTECT_SEED: _int(params.get(names.PROTECT_SEED, str(names.NO_PROTECT_SEED)))}
         row.update({column: run.data.metrics.get(name, math.nan)
-                    for column, name in zip(PROTECT_METRICS, sweep.metric.protect_metrics)})
+                    for column, name in zip(PROTECT_COLUMNS, sweep.metric.protect_metrics)})
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["run_id", names.VARIANT, "loss", names.PROTECT_SEED, *PROTECT_METRICS])
+    table = pd.DataFrame(rows, columns=["run_id", names.VARIANT, "loss", names.PROTECT_SEED, *PROTECT_COLUMNS])
     return table.sort_values([names.VARIANT, names.PROTECT_SEED], ignore_index=True)
 
 

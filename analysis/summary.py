@@ -49,17 +49,31 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_co
     return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines)
 
 
+INTACTNESS_COLUMNS = ["variant", "loss", "seeds", "normal_test", "protected_test_mean", "protected_test_min",
+                      "protected_test_max", "drop_mean", "drop_worst_seed"]
+
+
+def intactness_rows(protect: pd.DataFrame, pretrain: PretrainRun) -> pd.DataFrame:
+    """Per protected variant: its loss(es), protection seeds, the normal model's and the protected models'
+    original-domain test score (mean, min, max over protection seeds) and the drop in points (``intactness_drop``
+    of the mean and of the worst seed); INTACTNESS_COLUMNS."""
+    rows = []
+    for variant, group in protect.groupby(names.VARIANT, sort=True):
+        score = group["original_test"]
+        rows.append([variant, ", ".join(sorted(set(group["loss"]))), len(group), pretrain.original_test,
+                     score.mean(), score.min(), score.max(), intactness_drop(pretrain.original_test, score.mean()),
+                     intactness_drop(pretrain.original_test, score.min())])
+    return pd.DataFrame(rows, columns=INTACTNESS_COLUMNS)
+
+
 def intactness_section(protect: pd.DataFrame, pretrain: PretrainRun, metric: names.Metric = names.ACCURACY) -> str:
     """Original-domain test score, normal vs each protected variant (mean and range over protection seeds)."""
     if protect.empty:
         return "No protect runs in this sweep."
-    rows = []
-    for variant, group in protect.groupby(names.VARIANT, sort=True):
-        acc = group["original_test_acc"]
-        rows.append([variant, ", ".join(sorted(set(group["loss"]))), str(len(group)),
-                     number(pretrain.original_test_acc), f"{number(acc.mean())} ({number(acc.min())}-{number(acc.max())})",
-                     number(intactness_drop(pretrain.original_test_acc, acc.mean()), "+.1f"),
-                     number(intactness_drop(pretrain.original_test_acc, acc.min()), "+.1f")])
+    rows = [[r.variant, r.loss, str(r.seeds), number(r.normal_test),
+             f"{number(r.protected_test_mean)} ({number(r.protected_test_min)}-{number(r.protected_test_max)})",
+             number(r.drop_mean, "+.1f"), number(r.drop_worst_seed, "+.1f")]
+            for r in intactness_rows(protect, pretrain).itertuples()]
     return markdown_table(["variant", "loss", "seeds", f"normal test {metric.short}",
                            f"protected test {metric.short} (range)",
                            "drop (points, mean)", "worst seed's drop"], rows, text_columns=2)
@@ -98,6 +112,14 @@ def robustness_rows(section: pd.DataFrame, chance_level: float) -> list[tuple[st
 ROBUSTNESS_HEADER = ["cells", f"held (≤ scratch+{HOLD_MARGIN:g})", "normal held", "meaningful cells",
                      "held on meaningful", "median normal − protected (meaningful)", "min normal − protected",
                      "best attack: protected", "best attack: scratch", "best protected − best scratch", "leaks"]
+
+
+def robustness_table(cells_df: pd.DataFrame, chance_level: float) -> pd.DataFrame:
+    """One row per (grid, domain, protected variant) in ``sections`` order: ``summarise`` of its complete cells
+    (the numbers of the robustness tables: cells, share_held, normal_share_held, meaningful, ...)."""
+    rows = [{names.GRID: grid, names.DOMAIN: domain, "variant": variant, **s}
+            for grid, domain, section in sections(cells_df) for variant, s, _ in robustness_rows(section, chance_level)]
+    return pd.DataFrame(rows)
 
 
 def robustness_cells(s: Mapping[str, float]) -> list[str]:
@@ -261,7 +283,7 @@ def overview(cells_df: pd.DataFrame, protect_df: pd.DataFrame, pretrain: Pretrai
     held, the median normal - protected gap on meaningful cells and the best attack on the protected model vs
     the best from scratch; then a short legend. Plain ASCII text (no markdown), about 110 columns wide."""
     chance_level = chance(num_classes) if num_classes else 0.0
-    drops = {variant: intactness_drop(pretrain.original_test_acc, group["original_test_acc"].mean())
+    drops = {variant: intactness_drop(pretrain.original_test, group["original_test"].mean())
              for variant, group in protect_df.groupby(names.VARIANT, sort=True)} if not protect_df.empty else {}
     rows = []
     for grid, domain, section in sections(cells_df):

@@ -171,10 +171,10 @@ def test_cells_average_seeds_and_join_scratch_across_strategies(runs):
 
 
 def test_report_writes_valid_pngs(report):
-    names = sorted(p.name for p in report["heatmaps"] + report["curves"])
+    names = sorted(p.name for p in report.heatmaps + report.curves)
     assert names == ["curves-direct-all.png", "curves-initfc-fc.png", "heatmap-direct-all.png",
                      "heatmap-initfc-fc.png"]  # one grid and domain: no prefix; no secondary setting varies
-    for path in report["heatmaps"] + report["curves"]:
+    for path in report.heatmaps + report.curves:
         assert path.stat().st_size > 20_000, path
         image = matplotlib.image.imread(path)
         assert image.ndim == 3 and min(image.shape[:2]) > 300, (path, image.shape)
@@ -182,7 +182,7 @@ def test_report_writes_valid_pngs(report):
 
 
 def test_summary_has_hand_computed_numbers(report):
-    text = report["summary"].read_text()
+    text = report.summary.read_text()
     # Intactness: 95.0 normal vs 93.5 protected.
     assert f"| {VARIANT} | ice | 1 | 95.0 | 93.5 (93.5-93.5) | +1.5 | +1.5 |" in text
     # Cell (initfc-fc, adam, 0.01): scratch seed-mean curve [13.5, 33.5, 48.5, 58.5, 63.5], tau = 57.15 is
@@ -199,21 +199,23 @@ def test_summary_has_hand_computed_numbers(report):
 
 
 def test_report_is_logged_to_parent_run(store, report):
-    logged = {f.path for f in store["client"].list_artifacts(store["parent"], "report")}
-    assert logged == {f"report/{p.name}" for p in report["heatmaps"] + report["curves"] + [report["summary"],
-                                                                                         report["html"]]}
-    assert sorted(report["artifacts"]) == sorted(logged)
+    client = store["client"]
+    logged = {f.path for f in client.list_artifacts(store["parent"], "report") if not f.is_dir}
+    assert logged == {f"report/{p.name}" for p in report.heatmaps + report.curves + [report.summary, report.html]}
+    tables = {f.path for f in client.list_artifacts(store["parent"], "report/tables")}
+    assert tables == {f"report/tables/{name}.csv" for name in report.tables} and "report/tables/cells.csv" in tables
+    assert sorted(report.artifacts) == sorted(logged | tables)
 
 
 def test_html_report_embeds_every_figure_and_table_and_loads_nothing(report):
     from tests.test_html import Page, external_references
 
-    path = report["html"]
-    assert path == report["summary"].parent / "report.html"
+    path = report.html
+    assert path == report.summary.parent / "report.html"
     text = path.read_text(encoding="utf-8")
     page = Page(text)
     sources = [attrs["src"] for attrs in page.all("img")]
-    assert len(sources) == len(report["heatmaps"]) + len(report["curves"]) == 4
+    assert len(sources) == len(report.heatmaps) + len(report.curves) == 4
     assert all(src.startswith("data:image/png;base64,") and len(src) > 20_000 for src in sources)
     assert not external_references(page) and not page.all("link") and not page.all("script")
     assert "http://" not in text and "https://" not in text
@@ -291,8 +293,8 @@ def _runs_frame(rows):
             **RECIPE_DEFAULTS}
     frame = pd.DataFrame([{**base, **row} for row in rows])
     frame["run_id"] = [f"r{i}" for i in range(len(frame))]
-    frame["best"], frame["original_acc"] = frame["final"], 90.0
-    return frame[["run_id", *ATTACK_PARAMS, "final", "best", "original_acc"]]
+    frame["best"], frame["original"] = frame["final"], 90.0
+    return frame[["run_id", *ATTACK_PARAMS, "final", "best", "original"]]
 
 
 def test_cells_never_average_across_restricted_domains_or_grids():
@@ -320,7 +322,7 @@ def test_sophon_ray_report_on_a_missing_experiment_exits_2_without_a_traceback(t
 
 
 def test_report_returns_the_short_console_table(report):
-    lines = report["overview"].splitlines()
+    lines = report.overview.splitlines()
     assert lines[0].split()[:4] == ["variant", "grid/domain", "drop", "held"]
     row = next(line for line in lines if line.startswith(VARIANT))
     assert "evaluation/" in row and "8/8 (100%)" in row
@@ -333,8 +335,7 @@ def test_overview_is_one_plain_row_per_variant_and_section():
         rows.append({"grid": "evaluation", "domain": "shapes_m", "variant": "ice", "strategy": strategy,
                      "protected": protected, "normal": normal, "scratch": scratch})
     table = pd.DataFrame(rows)
-    protect = pd.DataFrame([{"variant": "ice", "original_test_acc": 90.0}, {"variant": "ice",
-                                                                             "original_test_acc": 92.0}])
+    protect = pd.DataFrame([{"variant": "ice", "original_test": 90.0}, {"variant": "ice", "original_test": 92.0}])
     text = summary.overview(table, protect, PretrainRun("r", 95.0, 94.0), num_classes=10)
     header, rule, row, *legend = text.splitlines()
     legend = " ".join(legend)

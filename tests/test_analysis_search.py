@@ -219,22 +219,22 @@ def report(store, tmp_path_factory):
 
 
 def test_report_writes_search_and_budget_figures_and_logs_them(store, report):
-    names_ = sorted(p.name for p in report["search"] + report["budget"])
+    names_ = sorted(p.name for p in report.search + report.budget)
     assert names_ == sorted([f"search-found-tpe-{DOMAIN}.png", f"search-explored-tpe-{DOMAIN}.png",
                              f"budget-epochs-{DOMAIN}.png", f"budget-fraction-{DOMAIN}.png"])
-    for path in report["search"] + report["budget"]:
+    for path in report.search + report.budget:
         image = matplotlib.image.imread(path)
         assert min(image.shape[:2]) > 300 and image.std() > 0.05, path
     logged = {f.path for f in store["client"].list_artifacts(store["parent"], names.REPORT_ARTIFACTS)}
     assert {f"{names.REPORT_ARTIFACTS}/{n}" for n in names_} <= logged
     # the cell analysis saw only the evaluation cell: one heatmap, one curve figure
-    assert [p.name for p in report["heatmaps"]] == ["heatmap-direct-all.png"]
-    html = report["html"].read_text()
+    assert [p.name for p in report.heatmaps] == ["heatmap-direct-all.png"]
+    html = report.html.read_text()
     assert html.count("<img ") == 2 + 4 and ">Adaptive attacker: figures</h2>" in html
 
 
 def test_summary_has_the_search_budget_and_benign_sections_with_their_numbers(report):
-    text = report["summary"].read_text()
+    text = report.summary.read_text()
     assert "## Adaptive attacker" in text and "## Budget: delay or wall" in text and "## Benign fine-tuning" in text
     assert "objective is its own validation split" in text
     # worst-case gap: protected 26.5 (mean of 18 and 35), worst seed 35, normal 88, scratch 38
@@ -257,7 +257,7 @@ def test_summary_has_the_search_budget_and_benign_sections_with_their_numbers(re
 
 
 def test_results_document_has_every_protection_seed(report):
-    text = report["results"].read_text()
+    text = report.results.read_text()
     assert "## Adaptive attacker" in text and "restricted *test* split only scores the picks" in text
     assert "| protected (v) seed 0 | initfc-all | flip | 0.01 | 4 | 1 | 20.0 | 18.0 |" in text
     assert "| protected (v) seed 1 | direct-all | flip | 0.02 | 3 | 0 | 30.0 | 35.0 |" in text
