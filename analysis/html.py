@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
-from analysis.contents import FIGURES
+from analysis import contents
 from sophon_ray.errors import SophonError, cli_exit
 
 log = logging.getLogger(__name__)
@@ -186,14 +186,15 @@ def report_html(summary_markdown: str, figures: Mapping[str, Sequence[Path]] = M
     title = lines[0][2:].strip() if lines and lines[0].startswith("# ") else "sophon-ray report"
     rest = "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines)
     body = markdown_to_html(rest)
-    unknown = set(figures) - {figure.name for figure in FIGURES}
+    unknown = set(figures) - {figure.name for figure in contents.FIGURES}
     if unknown:
-        raise ValueError(f"no report figure named {sorted(unknown)}; FIGURES has {[f.name for f in FIGURES]}")
-    sections = [(figure.section, figures[figure.name]) for figure in FIGURES if figures.get(figure.name)]
-    contents = "".join(f'<li><a href="#{slug(name)}">{html.escape(name)}</a></li>' for name, _ in sections) + "".join(
+        known = [f.name for f in contents.FIGURES]
+        raise ValueError(f"no report figure named {sorted(unknown)}; analysis.contents.FIGURES has {known}")
+    sections = [(figure.section, figures[figure.name]) for figure in contents.FIGURES if figures.get(figure.name)]
+    nav = "".join(f'<li><a href="#{slug(name)}">{html.escape(name)}</a></li>' for name, _ in sections) + "".join(
         f'<li><a href="#{anchor}">{heading}</a></li>'
         for anchor, heading in re.findall(r'<h2 id="([^"]*)">(.*?)</h2>', body))
-    parts = [f"<h1>{html.escape(title)}</h1>", f"<nav><ul>{contents}</ul></nav>"]
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<nav><ul>{nav}</ul></nav>"]
     parts += [figures_html(name, paths) for name, paths in sections]
     parts += [body, "<footer>Written by sophon-ray (analysis/html.py) from the sweep's MLflow runs; self-contained: "
                     "every image is embedded, nothing is loaded from the network.</footer>"]
@@ -224,7 +225,7 @@ def html_from_folder(folder: str | Path) -> Path:
         raise ReportFilesError(f"no summary.md in {root}. Fix: pass a report folder (`sophon-ray report SPEC` "
                                "writes one to <output_dir>/report)")
     return write_html_report(summary.read_text(encoding="utf-8"), root,
-                             {figure.name: figure.find(root) for figure in FIGURES})
+                             {figure.name: figure.find(root) for figure in contents.FIGURES})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

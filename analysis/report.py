@@ -1,7 +1,7 @@
-"""The whole report of a sweep: its figures and tables (``analysis.contents.FIGURES`` and ``TABLES``: heatmaps, curves,
-the adaptive attacker's and the budget study's figures when the sweep ran them; every table as CSV), summary.md and
-report.html, written to a folder and logged as artifacts (under ``report/``) of the sweep's parent run; optionally the
-results document (RESULTS.md).
+"""The whole report of a sweep: its figures and tables (``analysis.contents.FIGURES`` and ``TABLES``: heatmaps,
+curves, the adaptive attacker's and the budget study's figures when the sweep ran them; every table as CSV under
+``tables/``), summary.md and report.html, written to a folder and logged as artifacts (under ``report/``) of the
+sweep's parent run; optionally the results document (RESULTS.md).
 
     python -m analysis.report --tracking-uri sqlite:///mlflow.db --experiment quickstart --out report/
 """
@@ -15,9 +15,10 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from analysis import contents
 from analysis.budget import benign_section, budget_section
 from analysis.cli import parse_source_args, source_parser
-from analysis.contents import FIGURES, TABLES_DIR, SweepData, load_sweep_data, make_figures, write_tables
+from analysis.contents import TABLES_DIR, SweepData, load_sweep_data, make_figures, write_tables
 from analysis.html import write_html_report
 from analysis.results import merge_results, results_document
 from analysis.runs import load_spec_dict
@@ -61,7 +62,7 @@ class ReportResult:
     def paths(self) -> list[Path]:
         """Every file written, figures first (in FIGURES order), then summary.md, report.html, the results
         document and the tables."""
-        return [*(p for f in FIGURES for p in self.figures.get(f.name, [])), self.summary, self.html,
+        return [*(p for f in contents.FIGURES for p in self.figures.get(f.name, [])), self.summary, self.html,
                 *([self.results] if self.results else []), *self.tables.values()]
 
 
