@@ -72,6 +72,16 @@ def attack_metrics(metric: names.Metric = names.ACCURACY) -> dict[str, str]:
 ATTACK_METRICS = attack_metrics()
 
 
+# The mode of a sweep logged before the sophon.mode tag existed (then the only mode).
+UNTAGGED_MODE = "classification"
+
+
+def has_classes(metric: names.Metric) -> bool:
+    """Whether ``metric`` has a chance level of 100 / classes, from the mode table (``Mode.has_classes`` of the mode
+    that scores with it): accuracy has; denoising skill's do-nothing level is 0."""
+    return any(MODES.get(mode).has_classes for mode in MODES.names() if MODES.get(mode).metric == metric)
+
+
 class RunsLayoutError(SophonError, ValueError):
     """Runs that are there but not in the layout analysis/ reads (a missing or malformed param, no protected run)."""
 
@@ -89,7 +99,7 @@ class Sweep:
     experiment_id: str
     sweep_id: str
     parent_run_id: str
-    mode: str = "classification"
+    mode: str = UNTAGGED_MODE
 
     @property
     def metric(self) -> names.Metric:
@@ -155,7 +165,7 @@ def find_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None) 
     parent = parents[0]
     return Sweep(tracking_uri, experiment, found.experiment_id,
                  parent.data.tags.get(names.SWEEP, sweep_id or ""), parent.info.run_id,
-                 parent.data.tags.get(names.MODE, "classification"))
+                 parent.data.tags.get(names.MODE, UNTAGGED_MODE))
 
 
 def stage_runs(sweep: Sweep, role: str) -> list[Run]:

@@ -19,8 +19,8 @@ import pandas as pd
 
 from analysis.curves import mean_curve
 from analysis.cli import parse_source_args, source_parser
-from analysis.runs import (CELL_KEYS, OPTIMIZER_ORDER, STRATEGY_ORDER, PretrainRun, find_sweep, load_curves,
-                           load_num_classes, load_pretrain_run, load_protect_runs, load_runs)
+from analysis.runs import (CELL_KEYS, OPTIMIZER_ORDER, STRATEGY_ORDER, PretrainRun, find_sweep, has_classes,
+                           load_curves, load_num_classes, load_pretrain_run, load_protect_runs, load_runs)
 from analysis.tables import cells, in_order, sections, varying
 from sophon_ray import names
 from sophon_ray.recipes import legacy_defaults
@@ -207,7 +207,7 @@ def cell_section(section: pd.DataFrame, curves: Mapping[str, Sequence[float]], c
 
 
 def definitions(chance_level: float, metric: names.Metric = names.ACCURACY) -> str:
-    if metric == names.SKILL:
+    if not has_classes(metric):
         floor = ("Denoising skill = 100 × (1 − MSE) of the predicted noise at the fixed evaluation timesteps: 100 is "
                  "perfect, 0 is predicting zero noise (the refusal the DoS loss teaches). Skill is floored at 0 in "
                  f"every comparison; cells where a protected model ends more than {BELOW_CHANCE_MARGIN:g} points "
@@ -244,8 +244,8 @@ def make_summary(cells_df: pd.DataFrame, curves: Mapping[str, Sequence[float]], 
     ``protect_df`` from ``load_protect_runs``; ``num_classes=None`` leaves accuracies unfloored.
     """
     chance_level = chance(num_classes) if num_classes else 0.0
-    leaks = ("Worse than refusing (protected below zero skill)" if metric == names.SKILL
-             else "Label-information leaks (protected below chance)")
+    leaks = ("Label-information leaks (protected below chance)" if has_classes(metric)
+             else "Worse than refusing (protected below zero skill)")
     parts = [f"# {title}", "## Intactness (original domain)", intactness_section(protect_df, pretrain, metric),
              definitions(chance_level, metric)]
     for grid, domain, section in sections(cells_df):
@@ -300,7 +300,7 @@ def overview(cells_df: pd.DataFrame, protect_df: pd.DataFrame, pretrain: Pretrai
               f"normal held: the unprotected model's own share; meaningful: normal > scratch + {MEANINGFUL_GAP:g}; "
               f"gap: normal - protected;",
               f"{metric.noun} in %, seed means, " + (
-                  "floored at 0 (predicting zero noise)." if metric == names.SKILL else
+                  "floored at 0 (predicting zero noise)." if not has_classes(metric) else
                   f"floored at chance ({chance_level:.0f}%)." if chance_level else
                   "not floored at chance (class count unknown).")]
     return "\n".join([text_table(OVERVIEW_HEADER, rows, text_columns=2), *legend])

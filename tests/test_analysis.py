@@ -445,6 +445,7 @@ def test_analysis_has_no_mode_branch_and_no_accuracy_names_for_both_scores(runs)
         assert not re.search(r"""[!=]=\s*["'](generation|classification)["']""", source), path
         assert not re.search(r"""["'](generation|classification)["']\s*[!=]=""", source), path
         assert not re.search(r"""\bin\s*\(\s*["'](generation|classification)["']""", source), path
+        assert not re.search(r"[!=]= *names\.(SKILL|ACCURACY)\b", source), path  # ask the mode table (has_classes)
     assert "original" in runs.columns and not any(c.endswith("_acc") for c in runs.columns)
     assert set(attack_metrics(names.SKILL)) == set(attack_metrics(names.ACCURACY)) == {"final", "best", "original"}
     assert not any(c.endswith("_acc") for c in PROTECT_COLUMNS)

@@ -276,8 +276,9 @@ def test_search_budget_and_benign_tables_are_csv_with_the_summary_numbers(store,
     assert list(budget["data_fraction"]) == [0.1, 0.5, 1.0] and list(budget["verdict"]) == ["delay", "none", "wall"]
     assert "protected_curve" not in budget.columns  # curves (lists) are left out of the CSV
     for _, b in budget.iterrows():
-        assert (f"| {b['normal@10']:.1f} | {b['protected@10']:.1f} | {b['scratch@10']:.1f} | {b['protected@last']:.1f} | "
-                f"{b['scratch@last']:.1f} | {b.break_even_protected} | {b.break_even_scratch} | {b.verdict} |") in text
+        assert (f"| {b['normal@10']:.1f} | {b['protected@10']:.1f} | {b['scratch@10']:.1f} | "
+                f"{b['protected@last']:.1f} | {b['scratch@last']:.1f} | {b.break_even_protected} | "
+                f"{b.break_even_scratch} | {b.verdict} |") in text
     benign = pd.read_csv(report.tables["benign"])
     for c in benign.itertuples():
         assert (f"| {c.domain} | {c.variant} | {c.protected:.1f} | {c.normal:.1f} | {c.scratch:.1f} | "
