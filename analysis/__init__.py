@@ -13,5 +13,7 @@ the tracking store is reachable. Modules (each also a CLI, ``python -m analysis.
                          what the search explored
 - ``analysis.budget``    budget study (delay or wall: break-even epochs per data fraction) and benign fine-tuning
 - ``analysis.html``      all of it as one self-contained page (report.html: images embedded, inline CSS)
-- ``analysis.report``    all of these, written to a folder and logged to the sweep's parent run
+- ``analysis.contents``  what a report holds: the sweep read once, FIGURES (every figure) and TABLES (every table,
+                         written as tables/<name>.csv)
+- ``analysis.report``    all of these, written to a folder and logged to the sweep's parent run (a ReportResult)
 """
