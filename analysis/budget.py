@@ -25,8 +25,10 @@ from matplotlib.figure import Figure
 
 from analysis.curves import colours, mean_curve, plot_band, subject_label
 from analysis.heatmaps import DPI, save
-from analysis.runs import CELL_KEYS, Sweep, cells, load_attack_runs, load_curves, part_main, varying
+from analysis.cli import part_main
+from analysis.runs import CELL_KEYS, Sweep, has_classes, load_attack_runs, load_curves
 from analysis.summary import cell_name, markdown_table, number
+from analysis.tables import cells, varying
 from sophon_ray import names
 from sophon_ray.core.metrics import chance, epochs_to_target
 
@@ -296,7 +298,7 @@ def benign_section(data: GridRuns, per_seed: bool = False, level: int = 2,
     header = ["benign domain", "variant", *(["cell"] if keys else []), "protected (seed mean)",
               *(["protected per seed"] if per_seed else []), "normal", "scratch", "protected − normal"]
     h = "#" * level
-    floor = "0" if metric == names.SKILL else "chance"
+    floor = "chance" if has_classes(metric) else "0"
     return "\n\n".join([f"{h} Benign fine-tuning",
                         "Fine-tuning on unrelated domains (their training split, scored on their test split; "
                         f"final {metric.noun} %, not floored at {floor}). Protection should leave these as good as "

@@ -21,8 +21,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from analysis.heatmaps import DPI, describe, section_prefix, save
-from analysis.runs import (OPTIMIZER_ORDER, SECONDARY, STRATEGY_ORDER, WHERE, base_slice, find_sweep, in_order,
-                           load_curves, load_runs, parse_source_args, source_parser)
+from analysis.cli import parse_source_args, source_parser
+from analysis.runs import OPTIMIZER_ORDER, STRATEGY_ORDER, WHERE, find_sweep, load_curves, load_runs
+from analysis.tables import SECONDARY, base_slice, in_order
 from sophon_ray import names
 from sophon_ray.errors import cli_exit
 

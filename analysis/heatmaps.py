@@ -24,9 +24,9 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-from analysis.runs import (CELL_KEYS, OPTIMIZER_ORDER, SECONDARY, STRATEGY_ORDER, WHERE, axis_slice, base_slice,
-                           cells, find_sweep, in_order, load_runs, parse_source_args, sections, source_parser,
-                           varying)
+from analysis.cli import parse_source_args, source_parser
+from analysis.runs import CELL_KEYS, OPTIMIZER_ORDER, STRATEGY_ORDER, WHERE, find_sweep, load_runs
+from analysis.tables import SECONDARY, axis_slice, base_slice, cells, in_order, sections, varying
 from sophon_ray import names
 from sophon_ray.errors import cli_exit
 

@@ -1,7 +1,7 @@
-"""One self-contained HTML page of a sweep's report: the heatmaps and curves embedded as base64 ``data:`` URIs,
-then summary.md's sections (intactness, robustness per variant, best attacks, leaks, cells) rendered from its
-markdown, with inline CSS only. Nothing is fetched from anywhere (no external CSS, JS, fonts or images), so the
-file reads the same offline, attached to an e-mail or downloaded from MLflow.
+"""One self-contained HTML page of a sweep's report: its figures (``analysis.contents.FIGURES``) embedded as
+base64 ``data:`` URIs, then summary.md's sections (intactness, robustness per variant, best attacks, leaks, cells)
+rendered from its markdown, with inline CSS only. Nothing is fetched from anywhere (no external CSS, JS, fonts or
+images), so the file reads the same offline, attached to an e-mail or downloaded from MLflow.
 
 The markdown converter covers what ``analysis.summary`` writes (headings, paragraphs, GitHub pipe tables with
 their alignment row, ``- `` lists, inline code, bold and italic); it is not a general markdown implementation.
@@ -17,9 +17,11 @@ import html
 import logging
 import mimetypes
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 
+from analysis import contents
 from sophon_ray.errors import SophonError, cli_exit
 
 log = logging.getLogger(__name__)
@@ -176,27 +178,24 @@ def figures_html(title: str, paths: Sequence[Path]) -> str:
     return f'<h2 id="{slug(title)}">{html.escape(title)}</h2>\n' + "\n".join(figures)
 
 
-# figure sections after the heatmaps and curves: title -> the file-name patterns of their PNGs in a report folder
-EXTRA_FIGURES = (("Adaptive attacker: figures", ("search-found-*.png", "search-explored-*.png")),
-                 ("Budget: figures", ("budget-*.png",)))
-
-
-def report_html(summary_markdown: str, heatmaps: Sequence[Path], curves: Sequence[Path],
-                extra_figures: Sequence[tuple[str, Sequence[Path]]] = ()) -> str:
-    """The whole page: the summary's title, a contents list, the heatmaps, the curves, ``extra_figures``
-    ((section title, PNGs), empty ones left out), then the summary's sections. Every image is embedded; the
-    only style is the inline ``<style>``."""
+def report_html(summary_markdown: str, figures: Mapping[str, Sequence[Path]] = MappingProxyType({})) -> str:
+    """The whole page: the summary's title, a contents list, one section per ``analysis.contents.FIGURES`` entry
+    (in that order, titled by its ``section``; ``figures``: entry name -> its PNGs, empty ones left out), then the
+    summary's sections. Every image is embedded; the only style is the inline ``<style>``."""
     lines = summary_markdown.splitlines()
     title = lines[0][2:].strip() if lines and lines[0].startswith("# ") else "sophon-ray report"
     rest = "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines)
     body = markdown_to_html(rest)
-    figures = [(name, paths) for name, paths in (("Heatmaps", heatmaps), ("Fine-tuning curves", curves),
-                                                 *extra_figures) if paths]
-    contents = "".join(f'<li><a href="#{slug(name)}">{html.escape(name)}</a></li>' for name, _ in figures) + "".join(
+    unknown = set(figures) - {figure.name for figure in contents.FIGURES}
+    if unknown:
+        known = [f.name for f in contents.FIGURES]
+        raise ValueError(f"no report figure named {sorted(unknown)}; analysis.contents.FIGURES has {known}")
+    sections = [(figure.section, figures[figure.name]) for figure in contents.FIGURES if figures.get(figure.name)]
+    nav = "".join(f'<li><a href="#{slug(name)}">{html.escape(name)}</a></li>' for name, _ in sections) + "".join(
         f'<li><a href="#{anchor}">{heading}</a></li>'
         for anchor, heading in re.findall(r'<h2 id="([^"]*)">(.*?)</h2>', body))
-    parts = [f"<h1>{html.escape(title)}</h1>", f"<nav><ul>{contents}</ul></nav>"]
-    parts += [figures_html(name, paths) for name, paths in figures]
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<nav><ul>{nav}</ul></nav>"]
+    parts += [figures_html(name, paths) for name, paths in sections]
     parts += [body, "<footer>Written by sophon-ray (analysis/html.py) from the sweep's MLflow runs; self-contained: "
                     "every image is embedded, nothing is loaded from the network.</footer>"]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -205,19 +204,19 @@ def report_html(summary_markdown: str, heatmaps: Sequence[Path], curves: Sequenc
             + "\n".join(parts) + "\n</body>\n</html>\n")
 
 
-def write_html_report(summary_markdown: str, heatmaps: Sequence[Path], curves: Sequence[Path],
-                      out_dir: str | Path, extra_figures: Sequence[tuple[str, Sequence[Path]]] = ()) -> Path:
-    """Write ``report.html`` into ``out_dir`` (created if missing) and return its path."""
+def write_html_report(summary_markdown: str, out_dir: str | Path,
+                      figures: Mapping[str, Sequence[Path]] = MappingProxyType({})) -> Path:
+    """Write ``report.html`` (``report_html``) into ``out_dir`` (created if missing) and return its path."""
     path = Path(out_dir) / REPORT_HTML
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report_html(summary_markdown, heatmaps, curves, extra_figures), encoding="utf-8")
+    path.write_text(report_html(summary_markdown, figures), encoding="utf-8")
     log.info("wrote %s", path)
     return path
 
 
 def html_from_folder(folder: str | Path) -> Path:
-    """Rewrite ``report.html`` of a report folder from its summary.md, ``*heatmap-*.png``, ``*curves-*.png`` and
-    the EXTRA_FIGURES there (``search-*.png``, ``budget-*.png``).
+    """Rewrite ``report.html`` of a report folder from its summary.md and the PNGs there of every
+    ``analysis.contents.FIGURES`` entry (found by its file patterns).
 
     Raises ReportFilesError when the folder has no summary.md."""
     root = Path(folder)
@@ -225,10 +224,8 @@ def html_from_folder(folder: str | Path) -> Path:
     if not summary.is_file():
         raise ReportFilesError(f"no summary.md in {root}. Fix: pass a report folder (`sophon-ray report SPEC` "
                                "writes one to <output_dir>/report)")
-    extra = [(title, [path for pattern in patterns for path in sorted(root.glob(pattern))])
-             for title, patterns in EXTRA_FIGURES]
-    return write_html_report(summary.read_text(encoding="utf-8"), sorted(root.glob("*heatmap-*.png")),
-                             sorted(root.glob("*curves-*.png")), root, extra)
+    return write_html_report(summary.read_text(encoding="utf-8"), root,
+                             {figure.name: figure.find(root) for figure in contents.FIGURES})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

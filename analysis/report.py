@@ -1,6 +1,7 @@
-"""The whole report of a sweep: heatmaps, curves, the adaptive attacker's and the budget study's figures (when the
-sweep ran them), summary.md and report.html, written to a folder and logged as artifacts (under ``report/``) of
-the sweep's parent run; optionally the results document (RESULTS.md).
+"""The whole report of a sweep: its figures and tables (``analysis.contents.FIGURES`` and ``TABLES``: heatmaps,
+curves, the adaptive attacker's and the budget study's figures when the sweep ran them; every table as CSV under
+``tables/``), summary.md and report.html, written to a folder and logged as artifacts (under ``report/``) of the
+sweep's parent run; optionally the results document (RESULTS.md).
 
     python -m analysis.report --tracking-uri sqlite:///mlflow.db --experiment quickstart --out report/
 """
@@ -9,92 +10,130 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from mlflow import MlflowClient
 
-from analysis.budget import benign_section, budget_section, load_grid, make_budget_figures
-from analysis.curves import make_curves
-from analysis.heatmaps import make_all_heatmaps
-from analysis.html import EXTRA_FIGURES, write_html_report
+from analysis import contents
+from analysis.budget import benign_section, budget_section
+from analysis.cli import parse_source_args, source_parser
+from analysis.contents import TABLES_DIR, SweepData, load_sweep_data, make_figures, write_tables
+from analysis.html import write_html_report
 from analysis.results import merge_results, results_document
-from analysis.runs import (cells, find_sweep, load_curves, load_num_classes, load_pretrain_run, load_protect_runs,
-                           load_runs, load_spec_dict, parse_source_args, source_parser)
-from analysis.search import load_searches, make_search_figures, search_overview, search_section
+from analysis.runs import load_spec_dict
+from analysis.search import search_overview, search_section
 from analysis.summary import make_summary, overview, write_summary
 from sophon_ray import names
-from sophon_ray.core.metrics import chance
 from sophon_ray.errors import cli_exit
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ReportResult:
+    """What ``run_report`` wrote: the sweep it read, the figures (``heatmaps``, ``curves``, ``search``, ``budget``:
+    PNG paths, [] when the sweep has none; ``figures``: every ``analysis.contents.FIGURES`` entry's by name),
+    ``summary`` (summary.md), ``html`` (report.html), ``results`` (the results document, None when not asked for),
+    ``tables`` (``analysis.contents.TABLES`` name -> its CSV), ``artifacts`` (the artifact paths logged to the parent
+    run, [] when not logged) and ``overview`` (the console's short plain-text table)."""
+
+    sweep_id: str
+    parent_run_id: str
+    heatmaps: list[Path]
+    curves: list[Path]
+    search: list[Path]
+    budget: list[Path]
+    summary: Path
+    html: Path
+    results: Path | None
+    artifacts: list[str]
+    overview: str
+    tables: dict[str, Path] = field(default_factory=dict)
+    figures: dict[str, list[Path]] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> object:
+        """Transitional: ``result["html"]`` as ``result.html``, for callers not yet switched to attributes."""
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every file written, figures first (in FIGURES order), then summary.md, report.html, the results
+        document and the tables."""
+        return [*(p for f in contents.FIGURES for p in self.figures.get(f.name, [])), self.summary, self.html,
+                *([self.results] if self.results else []), *self.tables.values()]
+
+
+def write_results(data: SweepData, results: Path, command: str | None) -> None:
+    """Write (or update in place) the results document of the sweep at ``results``."""
+    spec = load_spec_dict(data.sweep) or {}
+    if data.num_classes:  # the chance level summary.md used, so both documents floor at the same value
+        spec = {**spec, "model": {**spec.get("model", {}), "num_classes": data.num_classes}}
+    parent = MlflowClient(tracking_uri=data.sweep.tracking_uri).get_run(data.sweep.parent_run_id).data.metrics
+    seconds = sum(v for k, v in parent.items() if k.startswith("seconds_")) or None
+    metric, chance_level = data.metric, data.chance_level
+    extra = [search_section(data.searches, chance_level, per_seed=True, metric=metric),
+             budget_section(data.budget, per_seed=True, metric=metric),
+             benign_section(data.benign, per_seed=True, metric=metric)]
+    document = results_document(data.sweep, data.runs, data.curves, data.protect, data.pretrain.original_test, spec,
+                                command or f"sophon-ray report SPEC --results {results}", seconds,
+                                [part for part in extra if part])
+    existing = results.read_text(encoding="utf-8") if results.is_file() else ""
+    results.write_text(merge_results(existing, data.sweep.experiment, document), encoding="utf-8")
+    log.info("wrote %s", results)
+
+
+def upload(data: SweepData, out_dir: Path, paths: list[Path]) -> list[str]:
+    """Log ``paths`` to the sweep's parent run under ``report/`` (files under ``out_dir/tables`` under
+    ``report/tables/``); returns the artifact paths."""
+    client = MlflowClient(tracking_uri=data.sweep.tracking_uri)
+    artifacts = []
+    for path in paths:
+        folder = names.REPORT_ARTIFACTS
+        if Path(path).parent == out_dir / TABLES_DIR:
+            folder = f"{names.REPORT_ARTIFACTS}/{TABLES_DIR}"
+        client.log_artifact(data.sweep.parent_run_id, str(path), artifact_path=folder)
+        artifacts.append(f"{folder}/{Path(path).name}")
+    log.info("logged %d report files to parent run %s", len(artifacts), data.sweep.parent_run_id)
+    return artifacts
+
+
 def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id: str | None = None,
                log_to_parent: bool = True, num_classes: int | None = None, results: Path | None = None,
-               command: str | None = None) -> dict:
-    """Write heatmaps, curves, summary.md and report.html (all of it in one self-contained page) for one sweep
-    (default: the newest) into ``out_dir``, and with ``results`` the results document there (its hand-written
-    part kept; ``command`` is quoted in it).
+               command: str | None = None) -> ReportResult:
+    """Write every ``analysis.contents.FIGURES`` entry, summary.md, report.html (all of it in one self-contained
+    page) and every ``analysis.contents.TABLES`` entry as ``tables/<name>.csv`` for one sweep (default: the newest)
+    into ``out_dir``, and with ``results`` the results document there (its hand-written part kept; ``command`` is
+    quoted in it).
 
-    With ``log_to_parent`` the files are also logged to the sweep's parent run under ``report/``.
-    ``num_classes=None`` reads model.num_classes from the sweep's logged spec (``load_num_classes``;
-    accuracies are not floored at chance when it is not there). Returns {"sweep_id", "parent_run_id",
-    "heatmaps", "curves", "search", "budget", "summary", "html", "results", "artifacts", "overview"} (paths; search
-    and budget: the figures of ``analysis.search`` / ``analysis.budget``, [] when the sweep has no such runs;
-    artifacts = the artifact
-    paths logged; overview = the short plain-text table of ``analysis.summary.overview``).
+    With ``log_to_parent`` the files are also logged to the sweep's parent run under ``report/`` (the CSVs under
+    ``report/tables/``). ``num_classes=None`` reads model.num_classes from the sweep's logged spec
+    (``load_num_classes``; accuracies are not floored at chance when it is not there). Returns a ReportResult.
     Raises RunsNotFoundError when the experiment, sweep or its runs are missing.
     """
-    # Resolve the sweep once, so every table below reads the same sweep even if a new one starts meanwhile.
-    sweep = find_sweep(tracking_uri, experiment, sweep_id)
-    runs = load_runs(tracking_uri, experiment, sweep.sweep_id)
-    cell_table = cells(runs)
-    curves = load_curves(tracking_uri, runs["run_id"], sweep.metric.restricted)
-    title = f"{experiment} (sweep {sweep.sweep_id})"
-    metric = sweep.metric
-    heatmaps = make_all_heatmaps(cell_table, out_dir, title, metric)
-    curve_paths = make_curves(runs, curves, out_dir, title, metric)
-    protect = load_protect_runs(tracking_uri, experiment, sweep.sweep_id)
-    pretrain = load_pretrain_run(tracking_uri, experiment, sweep.sweep_id)
-    classes = num_classes or load_num_classes(sweep)
-    chance_level = chance(classes) if classes else 0.0
-    searches, budget, benign = load_searches(sweep), load_grid(sweep, names.BUDGET), load_grid(sweep, names.BENIGN)
-    search_paths = make_search_figures(searches, out_dir, title, chance_level, metric)
-    budget_paths = make_budget_figures(budget, out_dir, title, chance_level, metric)
-    extra = [search_section(searches, chance_level, metric=metric), budget_section(budget, metric=metric),
-             benign_section(benign, metric=metric)]
-    text = make_summary(cell_table, curves, protect, pretrain, classes, title, [part for part in extra if part], metric)
-    summary = write_summary(text, out_dir)
-    figures = list(zip((title for title, _ in EXTRA_FIGURES), (search_paths, budget_paths)))
-    page = write_html_report(text, heatmaps, curve_paths, out_dir, figures)
+    # Read the sweep once, so every part below shows the same sweep even if a new one starts meanwhile.
+    data = load_sweep_data(tracking_uri, experiment, sweep_id, num_classes)
+    out = Path(out_dir)
+    metric, chance_level = data.metric, data.chance_level
+    figures = make_figures(data, out)
+    extra = [search_section(data.searches, chance_level, metric=metric), budget_section(data.budget, metric=metric),
+             benign_section(data.benign, metric=metric)]
+    text = make_summary(data.cells, data.curves, data.protect, data.pretrain, data.num_classes, data.title,
+                        [part for part in extra if part], metric)
+    summary = write_summary(text, out)
+    page = write_html_report(text, out, figures)
+    tables = write_tables(data, out)
     if results is not None:
-        spec = load_spec_dict(sweep) or {}
-        if classes:  # the chance level summary.md used, so both documents floor at the same value
-            spec = {**spec, "model": {**spec.get("model", {}), "num_classes": classes}}
-        parent = MlflowClient(tracking_uri=tracking_uri).get_run(sweep.parent_run_id).data.metrics
-        seconds = sum(v for k, v in parent.items() if k.startswith("seconds_")) or None
-        extra = [search_section(searches, chance_level, per_seed=True, metric=metric),
-                 budget_section(budget, per_seed=True, metric=metric),
-                 benign_section(benign, per_seed=True, metric=metric)]
-        document = results_document(sweep, runs, curves, protect, pretrain.original_test_acc, spec,
-                                    command or f"sophon-ray report SPEC --results {results}", seconds,
-                                    [part for part in extra if part])
-        existing = results.read_text(encoding="utf-8") if results.is_file() else ""
-        results.write_text(merge_results(existing, experiment, document), encoding="utf-8")
-        log.info("wrote %s", results)
-    artifacts = []
+        write_results(data, results, command)
+    brief = "\n".join(part for part in (overview(data.cells, data.protect, data.pretrain, data.num_classes, metric),
+                                        search_overview(data.searches, chance_level, metric)) if part)
+    result = ReportResult(data.sweep.sweep_id, data.sweep.parent_run_id, figures["heatmaps"], figures["curves"],
+                          figures["search"], figures["budget"], summary, page, results, [], brief, tables, figures)
     if log_to_parent:
-        client = MlflowClient(tracking_uri=tracking_uri)
-        for path in [*heatmaps, *curve_paths, *search_paths, *budget_paths, summary, page,
-                     *([results] if results else [])]:
-            client.log_artifact(sweep.parent_run_id, str(path), artifact_path=names.REPORT_ARTIFACTS)
-            artifacts.append(f"{names.REPORT_ARTIFACTS}/{Path(path).name}")
-        log.info("logged %d report files to parent run %s", len(artifacts), sweep.parent_run_id)
-    return {"sweep_id": sweep.sweep_id, "parent_run_id": sweep.parent_run_id, "heatmaps": heatmaps,
-            "curves": curve_paths, "search": search_paths, "budget": budget_paths, "summary": summary, "html": page,
-            "results": results, "artifacts": artifacts,
-            "overview": "\n".join(part for part in (overview(cell_table, protect, pretrain, classes, metric),
-                                                     search_overview(searches, chance_level, metric)) if part)}
+        result = replace(result, artifacts=upload(data, out, result.paths))
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,8 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_report(args.tracking_uri, args.experiment, args.out, args.sweep_id,
                             log_to_parent=not args.no_log, num_classes=args.num_classes,
                             results=Path(args.results) if args.results else None)
-        for path in [*result["heatmaps"], *result["curves"], *result["search"], *result["budget"], result["summary"],
-                     result["html"]]:
+        for path in result.paths:
             print(path)
         return 0
 

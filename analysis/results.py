@@ -22,7 +22,8 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.runs import CELL_KEYS, Sweep, cells, sections, varying
+from analysis.runs import CELL_KEYS, Sweep, has_classes
+from analysis.tables import cells, sections, varying
 from analysis.summary import (ROBUSTNESS_HEADER, best_attacks_section, cell_name, cell_section, complete_cells,
                               definitions, leaks_section, markdown_table, number, robustness_cells, robustness_rows)
 from sophon_ray import names
@@ -78,8 +79,8 @@ def protocol_section(spec: Mapping[str, Any], runs: pd.DataFrame) -> str:
 
 
 def intactness_table(protect: pd.DataFrame, normal_test: float, metric: names.Metric = names.ACCURACY) -> str:
-    rows = [[r[names.VARIANT], str(r[names.PROTECT_SEED]), number(r["original_val_acc"]),
-             number(r["original_test_acc"]), number(normal_test - r["original_test_acc"], "+.1f"),
+    rows = [[r[names.VARIANT], str(r[names.PROTECT_SEED]), number(r["original_val"]),
+             number(r["original_test"]), number(normal_test - r["original_test"], "+.1f"),
              number(r["selected_iteration"], ".0f"), number(r["rollbacks"], ".0f")]
             for _, r in protect.iterrows()]
     return markdown_table(["variant", "protection seed", f"val {metric.short}", f"test {metric.short}",
@@ -122,8 +123,8 @@ def results_document(sweep: Sweep, runs: pd.DataFrame, curves: Mapping[str, Sequ
     metric = sweep.metric
     num_classes = (spec.get("model") or {}).get("num_classes") if MODES.get(sweep.mode).has_classes else None
     chance_level = chance(num_classes) if num_classes else 0.0
-    leaks = ("Worse than refusing (protected below zero skill)" if metric == names.SKILL
-             else "Label-information leaks (protected below chance)")
+    leaks = ("Label-information leaks (protected below chance)" if has_classes(metric)
+             else "Worse than refusing (protected below zero skill)")
     cell_table = cells(runs)
     took = f" in {seconds / 60:.1f} min" if seconds and not math.isnan(seconds) else ""
     parts = [f"# Results: `{sweep.experiment}` (sweep {sweep.sweep_id})",

@@ -1,4 +1,5 @@
-"""Read one sweep's MLflow runs into typed pandas tables: attack trials, cells, curves, protect, pretrain.
+"""Read one sweep's MLflow runs into typed pandas tables: attack trials, curves, protect, pretrain (shaping them into
+cells and sections is ``analysis.tables``'; the shared CLI arguments are ``analysis.cli``'s).
 
 The layout read here is the one the orchestrator writes (its names come from ``sophon_ray.names``, the
 one place both sides take them from): a parent run per sweep (tags ``sophon.role=sweep``,
@@ -8,10 +9,8 @@ strings; every table returned here has them converted to int/float.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from sophon_ray import names
 from sophon_ray.modes import MODES, metric_for
 from sophon_ray.recipes import OPTIMIZERS, SETTINGS, STRATEGIES, legacy_defaults
 from sophon_ray.recipes import param_casts as recipe_casts
-from sophon_ray.errors import SophonError, cli_exit
+from sophon_ray.errors import SophonError
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +59,27 @@ def param_casts(params: Iterable[str]) -> dict[str, Callable[[str], object]]:
 
 
 ATTACK_PARAMS = param_casts([*names.TRIAL_PARAMS, *SETTINGS])
-PROTECT_METRICS = names.PROTECT_METRICS   # the protect table's columns (each mode's metric is read into them)
+# the protect table's score columns, mode-neutral: each mode's metrics (``Metric.protect_metrics``) are read
+# into them in this order (original-domain validation / test score, drop, probe score, selection)
+PROTECT_COLUMNS = ("original_val", "original_test", "intactness_drop", "probe", "selected_iteration", "rollbacks")
 
 
 def attack_metrics(metric: names.Metric = names.ACCURACY) -> dict[str, str]:
     """The attack table's metric columns -> the MLflow names of the sweep's metric (accuracy or denoising skill)."""
-    return {"final": metric.final, "best": metric.best, "original_acc": metric.original}
+    return {"final": metric.final, "best": metric.best, "original": metric.original}
 
 
 ATTACK_METRICS = attack_metrics()
+
+
+# The mode of a sweep logged before the sophon.mode tag existed (then the only mode).
+UNTAGGED_MODE = "classification"
+
+
+def has_classes(metric: names.Metric) -> bool:
+    """Whether ``metric`` has a chance level of 100 / classes, from the mode table (``Mode.has_classes`` of the mode
+    that scores with it): accuracy has; denoising skill's do-nothing level is 0."""
+    return any(MODES.get(mode).has_classes for mode in MODES.names() if MODES.get(mode).metric == metric)
 
 
 class RunsLayoutError(SophonError, ValueError):
@@ -88,7 +99,7 @@ class Sweep:
     experiment_id: str
     sweep_id: str
     parent_run_id: str
-    mode: str = "classification"
+    mode: str = UNTAGGED_MODE
 
     @property
     def metric(self) -> names.Metric:
@@ -101,14 +112,8 @@ class PretrainRun:
     """The normal (unprotected) model's original-domain accuracies, percent."""
 
     run_id: str
-    original_val_acc: float
-    original_test_acc: float
-
-
-def in_order(values: Iterable, order: Sequence = ()) -> list:
-    """Distinct values, those named in ``order`` first (in that order), the rest sorted after."""
-    distinct = set(values)
-    return [v for v in order if v in distinct] + sorted(v for v in distinct if v not in order)
+    original_val: float
+    original_test: float
 
 
 def _client(tracking_uri: str) -> MlflowClient:
@@ -160,7 +165,7 @@ def find_sweep(tracking_uri: str, experiment: str, sweep_id: str | None = None) 
     parent = parents[0]
     return Sweep(tracking_uri, experiment, found.experiment_id,
                  parent.data.tags.get(names.SWEEP, sweep_id or ""), parent.info.run_id,
-                 parent.data.tags.get(names.MODE, "classification"))
+                 parent.data.tags.get(names.MODE, UNTAGGED_MODE))
 
 
 def stage_runs(sweep: Sweep, role: str) -> list[Run]:
@@ -190,7 +195,7 @@ def typed_params(run: Run, casts: dict[str, Callable[[str], object]],
 
 def attack_table(runs: Iterable[Run], extra_params: dict[str, Callable[[str], object]] | None = None,
                  extra_metrics: dict[str, str] | None = None, metric: names.Metric = names.ACCURACY) -> pd.DataFrame:
-    """One typed row per attack run: run_id, the ATTACK_PARAMS, final, best, original_acc (the sweep's ``metric``:
+    """One typed row per attack run: run_id, the ATTACK_PARAMS, final, best, original (the sweep's ``metric``:
     accuracy or denoising skill; then ``extra_params`` and ``extra_metrics``: column -> metric name, NaN when not
     logged). Recipe fields a run logged before they existed get ``legacy_defaults()``.
 
@@ -306,7 +311,7 @@ def load_curves(tracking_uri: str, run_ids: Iterable[str], metric: str = "restri
 
 
 def load_protect_runs(tracking_uri: str, experiment: str, sweep_id: str | None = None) -> pd.DataFrame:
-    """One row per protect run: run_id, variant, loss, protect_seed, and PROTECT_METRICS (NaN when not logged).
+    """One row per protect run: run_id, variant, loss, protect_seed, and PROTECT_COLUMNS (NaN when not logged).
 
     Empty (with those columns) when the sweep protected nothing.
     """
@@ -318,9 +323,9 @@ def load_protect_runs(tracking_uri: str, experiment: str, sweep_id: str | None =
                "loss": params.get("loss", "?"),
                names.PROTECT_SEED: _int(params.get(names.PROTECT_SEED, str(names.NO_PROTECT_SEED)))}
         row.update({column: run.data.metrics.get(name, math.nan)
-                    for column, name in zip(PROTECT_METRICS, sweep.metric.protect_metrics)})
+                    for column, name in zip(PROTECT_COLUMNS, sweep.metric.protect_metrics)})
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["run_id", names.VARIANT, "loss", names.PROTECT_SEED, *PROTECT_METRICS])
+    table = pd.DataFrame(rows, columns=["run_id", names.VARIANT, "loss", names.PROTECT_SEED, *PROTECT_COLUMNS])
     return table.sort_values([names.VARIANT, names.PROTECT_SEED], ignore_index=True)
 
 
@@ -367,124 +372,3 @@ def load_num_classes(sweep: Sweep) -> int | None:
     spec = load_spec_dict(sweep) or {}
     value = (spec.get("model") or {}).get("num_classes")
     return int(value) if value is not None else None
-
-
-def _seed_mean(runs: pd.DataFrame, keys: list[str], subject: str) -> pd.DataFrame:
-    """Seed-mean final/best accuracy per key, with the run ids averaged (columns prefixed by subject)."""
-    grouped = runs.groupby(keys, sort=False).agg(
-        final=("final", "mean"), best=("best", "mean"), runs=("run_id", lambda ids: tuple(ids)),
-        seeds=("run_id", "size"))
-    grouped.columns = [subject, f"{subject}_best", f"{subject}_runs", f"{subject}_seeds"]
-    return grouped.reset_index()
-
-
-def cells(runs: pd.DataFrame, grids: Sequence[str] = names.CELL_GRIDS) -> pd.DataFrame:
-    """One row per (grid, domain, variant, cell): seed-mean final accuracy of protected, normal and scratch.
-
-    A cell is CELL_KEYS on one of ``grids`` (default: development / evaluation; runs of other grids are left
-    out) and one restricted (or benign) domain; seeds (attack and
-    protection) are averaged. Normal joins on the cell, scratch on SCRATCH_KEYS (it ran once, logged as
-    direct-all, for every strategy). Columns: grid, domain, variant, CELL_KEYS, then per subject
-    ``<subject>``, ``<subject>_best``, ``<subject>_runs`` (run ids), ``<subject>_seeds``, and
-    ``protected_minus_scratch``. Subjects a cell lacks are NaN (runs: ()).
-
-    Raises RunsLayoutError when there are no protected runs to compare.
-    """
-    runs = on_grids(runs, grids)
-    protected = runs[runs["subject"] == "protected"]
-    if protected.empty:
-        raise RunsLayoutError("no attack runs with subject=protected, so there is nothing to compare; "
-                         "Fix: include 'protected' in the spec's attack.subjects.")
-    cell, scratch_cell = [*WHERE, *CELL_KEYS], [*WHERE, *SCRATCH_KEYS]
-    table = _seed_mean(protected, [*WHERE, "variant", *CELL_KEYS], "protected")
-    table = table.merge(_seed_mean(runs[runs["subject"] == "normal"], cell, "normal"), on=cell, how="left")
-    table = table.merge(_seed_mean(runs[runs["subject"] == "scratch"], scratch_cell, "scratch"), on=scratch_cell,
-                        how="left")
-    for subject in SUBJECTS:
-        table[f"{subject}_runs"] = [ids if isinstance(ids, tuple) else () for ids in table[f"{subject}_runs"]]
-        table[f"{subject}_seeds"] = table[f"{subject}_seeds"].fillna(0).astype(int)
-    table["protected_minus_scratch"] = table["protected"] - table["scratch"]
-    return table.sort_values([*WHERE, "variant", *CELL_KEYS], ignore_index=True)
-
-
-def varying(table: pd.DataFrame, keys: Sequence[str]) -> tuple[list[str], dict[str, object]]:
-    """Split ``keys`` into those with several values in ``table`` and those fixed (with their one value)."""
-    several = [key for key in keys if table[key].nunique() > 1]
-    fixed = {key: table[key].iloc[0] for key in keys if key not in several and not table.empty}
-    return several, fixed
-
-
-def source_parser(description: str) -> argparse.ArgumentParser:
-    """The CLI arguments every analysis script shares: where the sweep is and where output goes."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                        help="MLflow store, e.g. sqlite:///mlflow.db or http://127.0.0.1:5000 "
-                             "(default: $MLFLOW_TRACKING_URI)")
-    parser.add_argument("--experiment", required=True, help="MLflow experiment = the sweep spec's name")
-    parser.add_argument("--sweep-id", default=None, help="12-hex sweep id (default: the newest sweep)")
-    parser.add_argument("--out", required=True, help="folder to write into (created if missing)")
-    return parser
-
-
-def parse_source_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse argv, exiting with status 2 and the fix when no tracking URI is given or set."""
-    args = parser.parse_args(argv)
-    if not args.tracking_uri:
-        parser.error("no tracking URI: pass --tracking-uri (e.g. sqlite:///mlflow.db) or set MLFLOW_TRACKING_URI")
-    return args
-
-
-def part_main(description: str, argv: Sequence[str] | None,
-              write: Callable[[Sweep, Path, int | None], list[Path]]) -> int:
-    """The CLI of one report part: the shared arguments, the sweep, then ``write(sweep, out folder, class count or
-    None)``; prints the paths it returns and returns the exit status (2 with the fix on a known error)."""
-    args = parse_source_args(source_parser(description), argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    def command() -> int:
-        sweep = find_sweep(args.tracking_uri, args.experiment, args.sweep_id)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for path in write(sweep, out, load_num_classes(sweep)):
-            print(path)
-        return 0
-
-    return cli_exit(command)
-
-
-def sections(cell_table: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
-    """The cell table split by (grid, domain), evaluation first: a report never averages across either."""
-    order = {names.EVALUATION: 0, names.DEVELOPMENT: 1}
-    keys = sorted(cell_table.groupby(list(WHERE)).groups, key=lambda k: (order.get(k[0], 2), k[1]))
-    return [(grid, domain, cell_table[(cell_table[names.GRID] == grid) & (cell_table[names.DOMAIN] == domain)])
-            for grid, domain in keys]
-
-
-# Settings beside (strategy, optimizer, lr): an evaluation grid is often a union of sub-grids that vary one of
-# these around a base recipe, so figures show the base recipe and one figure per varied setting.
-SECONDARY = ("batch_size", "data_fraction", "schedule", "epochs", "weight_decay")
-
-
-def base_setting(table: pd.DataFrame) -> dict[str, object]:
-    """The most common value of every secondary setting (ties: the smallest): the grid's base recipe."""
-    return {key: sorted(table[key].value_counts().loc[lambda c: c == c.max()].index)[0] for key in SECONDARY}
-
-
-def base_slice(table: pd.DataFrame, free: str | None = None) -> pd.DataFrame:
-    """Rows whose secondary settings (all but ``free``) are the base recipe's."""
-    base = base_setting(table)
-    keep = pd.Series(True, index=table.index)
-    for key, value in base.items():
-        if key != free:
-            keep &= table[key] == value
-    return table[keep]
-
-
-def axis_slice(table: pd.DataFrame, axis: str) -> pd.DataFrame:
-    """Rows that vary ``axis`` around the base recipe: the base slice with ``axis`` free, restricted to the
-    (strategy, optimizer) pairs that were run with more than one value of it (so every value of the axis
-    averages over the same recipes)."""
-    rows = base_slice(table, free=axis)
-    pairs = rows.groupby(["strategy", "optimizer"])[axis].nunique()
-    several = set(pairs[pairs > 1].index)
-    return rows[[pair in several for pair in zip(rows["strategy"], rows["optimizer"])]]

@@ -31,9 +31,11 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis.curves import colours, plot_band, subject_label
 from analysis.heatmaps import ACCURACY_CMAP, ACCURACY_NORM, DPI, _text_colour, save
-from analysis.runs import (CELL_KEYS, STRATEGY_ORDER, Sweep, in_order, load_attack_runs, load_curves, param_casts,
-                           part_main, stage_runs, typed_params)
+from analysis.cli import part_main
+from analysis.runs import (CELL_KEYS, STRATEGY_ORDER, Sweep, has_classes, load_attack_runs, load_curves, param_casts,
+                           stage_runs, typed_params)
 from analysis.summary import markdown_table, number, setting
+from analysis.tables import in_order
 from sophon_ray import names
 from sophon_ray.core.metrics import Cell, chance
 
@@ -127,7 +129,7 @@ def search_overview(data: Searches, chance_level: float = 0.0, metric: names.Met
     other than accuracy is named ("best denoising skill found")."""
     if data.runs.empty:
         return ""
-    what = "" if metric == names.ACCURACY else f" {metric.noun}"
+    what = "" if has_classes(metric) else f" {metric.noun}"  # accuracy goes unnamed
     lines = []
     for _, g in worst_case_gap(final_found(data.runs), chance_level).iterrows():
         verdict = "held" if g["held"] and g["worst_held"] else "NOT held"
@@ -296,8 +298,8 @@ def search_section(data: Searches, chance_level: float = 0.0, per_seed: bool = F
     if data.empty:
         return ""
     h = "#" * level
-    floor = (" floored at 0 (predicting zero noise)" if metric == names.SKILL else
-             f" floored at chance ({chance_level:.0f}%)" if chance_level else "")
+    floor = ((f" floored at chance ({chance_level:.0f}%)" if chance_level else "") if has_classes(metric) else
+             " floored at 0 (predicting zero noise)")
     parts = [f"{h} Adaptive attacker", protocol(data, metric)]
     found = final_found(data.runs)
     chosen = picks(data.trials) if not data.trials.empty else data.trials

@@ -18,9 +18,10 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.curves import mean_curve
-from analysis.runs import (CELL_KEYS, OPTIMIZER_ORDER, STRATEGY_ORDER, PretrainRun, cells, find_sweep, in_order,
-                           load_curves, load_num_classes, load_pretrain_run, load_protect_runs, load_runs,
-                           parse_source_args, sections, source_parser, varying)
+from analysis.cli import parse_source_args, source_parser
+from analysis.runs import (CELL_KEYS, OPTIMIZER_ORDER, STRATEGY_ORDER, PretrainRun, find_sweep, has_classes,
+                           load_curves, load_num_classes, load_pretrain_run, load_protect_runs, load_runs)
+from analysis.tables import cells, in_order, sections, varying
 from sophon_ray import names
 from sophon_ray.recipes import legacy_defaults
 from sophon_ray.errors import cli_exit
@@ -48,17 +49,31 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_co
     return "\n".join("| " + " | ".join(str(c) for c in line) + " |" for line in lines)
 
 
+INTACTNESS_COLUMNS = ["variant", "loss", "seeds", "normal_test", "protected_test_mean", "protected_test_min",
+                      "protected_test_max", "drop_mean", "drop_worst_seed"]
+
+
+def intactness_rows(protect: pd.DataFrame, pretrain: PretrainRun) -> pd.DataFrame:
+    """Per protected variant: its loss(es), protection seeds, the normal model's and the protected models'
+    original-domain test score (mean, min, max over protection seeds) and the drop in points (``intactness_drop``
+    of the mean and of the worst seed); INTACTNESS_COLUMNS."""
+    rows = []
+    for variant, group in protect.groupby(names.VARIANT, sort=True):
+        score = group["original_test"]
+        rows.append([variant, ", ".join(sorted(set(group["loss"]))), len(group), pretrain.original_test,
+                     score.mean(), score.min(), score.max(), intactness_drop(pretrain.original_test, score.mean()),
+                     intactness_drop(pretrain.original_test, score.min())])
+    return pd.DataFrame(rows, columns=INTACTNESS_COLUMNS)
+
+
 def intactness_section(protect: pd.DataFrame, pretrain: PretrainRun, metric: names.Metric = names.ACCURACY) -> str:
     """Original-domain test score, normal vs each protected variant (mean and range over protection seeds)."""
     if protect.empty:
         return "No protect runs in this sweep."
-    rows = []
-    for variant, group in protect.groupby(names.VARIANT, sort=True):
-        acc = group["original_test_acc"]
-        rows.append([variant, ", ".join(sorted(set(group["loss"]))), str(len(group)),
-                     number(pretrain.original_test_acc), f"{number(acc.mean())} ({number(acc.min())}-{number(acc.max())})",
-                     number(intactness_drop(pretrain.original_test_acc, acc.mean()), "+.1f"),
-                     number(intactness_drop(pretrain.original_test_acc, acc.min()), "+.1f")])
+    rows = [[r.variant, r.loss, str(r.seeds), number(r.normal_test),
+             f"{number(r.protected_test_mean)} ({number(r.protected_test_min)}-{number(r.protected_test_max)})",
+             number(r.drop_mean, "+.1f"), number(r.drop_worst_seed, "+.1f")]
+            for r in intactness_rows(protect, pretrain).itertuples()]
     return markdown_table(["variant", "loss", "seeds", f"normal test {metric.short}",
                            f"protected test {metric.short} (range)",
                            "drop (points, mean)", "worst seed's drop"], rows, text_columns=2)
@@ -97,6 +112,14 @@ def robustness_rows(section: pd.DataFrame, chance_level: float) -> list[tuple[st
 ROBUSTNESS_HEADER = ["cells", f"held (≤ scratch+{HOLD_MARGIN:g})", "normal held", "meaningful cells",
                      "held on meaningful", "median normal − protected (meaningful)", "min normal − protected",
                      "best attack: protected", "best attack: scratch", "best protected − best scratch", "leaks"]
+
+
+def robustness_table(cells_df: pd.DataFrame, chance_level: float) -> pd.DataFrame:
+    """One row per (grid, domain, protected variant) in ``sections`` order: ``summarise`` of its complete cells
+    (the numbers of the robustness tables: cells, share_held, normal_share_held, meaningful, ...)."""
+    rows = [{names.GRID: grid, names.DOMAIN: domain, "variant": variant, **s}
+            for grid, domain, section in sections(cells_df) for variant, s, _ in robustness_rows(section, chance_level)]
+    return pd.DataFrame(rows)
 
 
 def robustness_cells(s: Mapping[str, float]) -> list[str]:
@@ -184,7 +207,7 @@ def cell_section(section: pd.DataFrame, curves: Mapping[str, Sequence[float]], c
 
 
 def definitions(chance_level: float, metric: names.Metric = names.ACCURACY) -> str:
-    if metric == names.SKILL:
+    if not has_classes(metric):
         floor = ("Denoising skill = 100 × (1 − MSE) of the predicted noise at the fixed evaluation timesteps: 100 is "
                  "perfect, 0 is predicting zero noise (the refusal the DoS loss teaches). Skill is floored at 0 in "
                  f"every comparison; cells where a protected model ends more than {BELOW_CHANCE_MARGIN:g} points "
@@ -221,8 +244,8 @@ def make_summary(cells_df: pd.DataFrame, curves: Mapping[str, Sequence[float]], 
     ``protect_df`` from ``load_protect_runs``; ``num_classes=None`` leaves accuracies unfloored.
     """
     chance_level = chance(num_classes) if num_classes else 0.0
-    leaks = ("Worse than refusing (protected below zero skill)" if metric == names.SKILL
-             else "Label-information leaks (protected below chance)")
+    leaks = ("Label-information leaks (protected below chance)" if has_classes(metric)
+             else "Worse than refusing (protected below zero skill)")
     parts = [f"# {title}", "## Intactness (original domain)", intactness_section(protect_df, pretrain, metric),
              definitions(chance_level, metric)]
     for grid, domain, section in sections(cells_df):
@@ -260,7 +283,7 @@ def overview(cells_df: pd.DataFrame, protect_df: pd.DataFrame, pretrain: Pretrai
     held, the median normal - protected gap on meaningful cells and the best attack on the protected model vs
     the best from scratch; then a short legend. Plain ASCII text (no markdown), about 110 columns wide."""
     chance_level = chance(num_classes) if num_classes else 0.0
-    drops = {variant: intactness_drop(pretrain.original_test_acc, group["original_test_acc"].mean())
+    drops = {variant: intactness_drop(pretrain.original_test, group["original_test"].mean())
              for variant, group in protect_df.groupby(names.VARIANT, sort=True)} if not protect_df.empty else {}
     rows = []
     for grid, domain, section in sections(cells_df):
@@ -277,7 +300,7 @@ def overview(cells_df: pd.DataFrame, protect_df: pd.DataFrame, pretrain: Pretrai
               f"normal held: the unprotected model's own share; meaningful: normal > scratch + {MEANINGFUL_GAP:g}; "
               f"gap: normal - protected;",
               f"{metric.noun} in %, seed means, " + (
-                  "floored at 0 (predicting zero noise)." if metric == names.SKILL else
+                  "floored at 0 (predicting zero noise)." if not has_classes(metric) else
                   f"floored at chance ({chance_level:.0f}%)." if chance_level else
                   "not floored at chance (class count unknown).")]
     return "\n".join([text_table(OVERVIEW_HEADER, rows, text_columns=2), *legend])

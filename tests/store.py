@@ -22,7 +22,7 @@ BASE = {"protected": [10.0, 11.0, 12.0, 12.0, 13.0], "normal": [10.0, 60.0, 75.0
 def small_sweep(root: Path, experiment: str = "ui-test") -> dict:
     """Log the sweep into ``sqlite:///<root>/mlflow.db`` and its report into ``<root>/report``.
 
-    Returns {"uri", "experiment", "experiment_id", "parent", "attacks" (run ids), "report" (run_report's dict),
+    Returns {"uri", "experiment", "experiment_id", "parent", "attacks" (run ids), "report" (run_report's ReportResult),
     "root", "spec" (``<root>/sweep.yaml``: the experiment's name and this store, for ``sophon-ray ui SPEC``)}."""
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root}/mlflow.db"

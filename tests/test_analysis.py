@@ -22,8 +22,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from analysis import summary  # noqa: E402
 from analysis.report import run_report  # noqa: E402
 from analysis.results import HAND_WRITTEN, merge_results  # noqa: E402
-from analysis.runs import (ATTACK_PARAMS, PretrainRun, RunsNotFoundError, cells, find_sweep,  # noqa: E402
-                           load_curves, load_num_classes, load_runs)
+from analysis.runs import (ATTACK_PARAMS, PretrainRun, RunsNotFoundError, find_sweep, load_curves,  # noqa: E402
+                           load_num_classes, load_runs)
+from analysis.tables import cells  # noqa: E402
 from sophon_ray.recipes import legacy_defaults  # noqa: E402
 
 RECIPE_DEFAULTS = legacy_defaults()
@@ -170,10 +171,10 @@ def test_cells_average_seeds_and_join_scratch_across_strategies(runs):
 
 
 def test_report_writes_valid_pngs(report):
-    names = sorted(p.name for p in report["heatmaps"] + report["curves"])
+    names = sorted(p.name for p in report.heatmaps + report.curves)
     assert names == ["curves-direct-all.png", "curves-initfc-fc.png", "heatmap-direct-all.png",
                      "heatmap-initfc-fc.png"]  # one grid and domain: no prefix; no secondary setting varies
-    for path in report["heatmaps"] + report["curves"]:
+    for path in report.heatmaps + report.curves:
         assert path.stat().st_size > 20_000, path
         image = matplotlib.image.imread(path)
         assert image.ndim == 3 and min(image.shape[:2]) > 300, (path, image.shape)
@@ -181,7 +182,7 @@ def test_report_writes_valid_pngs(report):
 
 
 def test_summary_has_hand_computed_numbers(report):
-    text = report["summary"].read_text()
+    text = report.summary.read_text()
     # Intactness: 95.0 normal vs 93.5 protected.
     assert f"| {VARIANT} | ice | 1 | 95.0 | 93.5 (93.5-93.5) | +1.5 | +1.5 |" in text
     # Cell (initfc-fc, adam, 0.01): scratch seed-mean curve [13.5, 33.5, 48.5, 58.5, 63.5], tau = 57.15 is
@@ -198,21 +199,23 @@ def test_summary_has_hand_computed_numbers(report):
 
 
 def test_report_is_logged_to_parent_run(store, report):
-    logged = {f.path for f in store["client"].list_artifacts(store["parent"], "report")}
-    assert logged == {f"report/{p.name}" for p in report["heatmaps"] + report["curves"] + [report["summary"],
-                                                                                         report["html"]]}
-    assert sorted(report["artifacts"]) == sorted(logged)
+    client = store["client"]
+    logged = {f.path for f in client.list_artifacts(store["parent"], "report") if not f.is_dir}
+    assert logged == {f"report/{p.name}" for p in report.heatmaps + report.curves + [report.summary, report.html]}
+    tables = {f.path for f in client.list_artifacts(store["parent"], "report/tables")}
+    assert tables == {f"report/tables/{name}.csv" for name in report.tables} and "report/tables/cells.csv" in tables
+    assert sorted(report.artifacts) == sorted(logged | tables)
 
 
 def test_html_report_embeds_every_figure_and_table_and_loads_nothing(report):
     from tests.test_html import Page, external_references
 
-    path = report["html"]
-    assert path == report["summary"].parent / "report.html"
+    path = report.html
+    assert path == report.summary.parent / "report.html"
     text = path.read_text(encoding="utf-8")
     page = Page(text)
     sources = [attrs["src"] for attrs in page.all("img")]
-    assert len(sources) == len(report["heatmaps"]) + len(report["curves"]) == 4
+    assert len(sources) == len(report.heatmaps) + len(report.curves) == 4
     assert all(src.startswith("data:image/png;base64,") and len(src) > 20_000 for src in sources)
     assert not external_references(page) and not page.all("link") and not page.all("script")
     assert "http://" not in text and "https://" not in text
@@ -290,8 +293,8 @@ def _runs_frame(rows):
             **RECIPE_DEFAULTS}
     frame = pd.DataFrame([{**base, **row} for row in rows])
     frame["run_id"] = [f"r{i}" for i in range(len(frame))]
-    frame["best"], frame["original_acc"] = frame["final"], 90.0
-    return frame[["run_id", *ATTACK_PARAMS, "final", "best", "original_acc"]]
+    frame["best"], frame["original"] = frame["final"], 90.0
+    return frame[["run_id", *ATTACK_PARAMS, "final", "best", "original"]]
 
 
 def test_cells_never_average_across_restricted_domains_or_grids():
@@ -319,7 +322,7 @@ def test_sophon_ray_report_on_a_missing_experiment_exits_2_without_a_traceback(t
 
 
 def test_report_returns_the_short_console_table(report):
-    lines = report["overview"].splitlines()
+    lines = report.overview.splitlines()
     assert lines[0].split()[:4] == ["variant", "grid/domain", "drop", "held"]
     row = next(line for line in lines if line.startswith(VARIANT))
     assert "evaluation/" in row and "8/8 (100%)" in row
@@ -332,8 +335,7 @@ def test_overview_is_one_plain_row_per_variant_and_section():
         rows.append({"grid": "evaluation", "domain": "shapes_m", "variant": "ice", "strategy": strategy,
                      "protected": protected, "normal": normal, "scratch": scratch})
     table = pd.DataFrame(rows)
-    protect = pd.DataFrame([{"variant": "ice", "original_test_acc": 90.0}, {"variant": "ice",
-                                                                             "original_test_acc": 92.0}])
+    protect = pd.DataFrame([{"variant": "ice", "original_test": 90.0}, {"variant": "ice", "original_test": 92.0}])
     text = summary.overview(table, protect, PretrainRun("r", 95.0, 94.0), num_classes=10)
     header, rule, row, *legend = text.splitlines()
     legend = " ".join(legend)
@@ -347,3 +349,103 @@ def test_overview_is_one_plain_row_per_variant_and_section():
 
 def test_text_table_aligns_text_left_and_numbers_right():
     assert summary.text_table(["name", "n"], [["a", "1"], ["bbb", "22"]]) == "name   n\n----  --\na      1\nbbb   22"
+
+
+def test_report_tables_are_csv_beside_the_summary_with_its_numbers(report):
+    text = report.summary.read_text()
+    folder = report.summary.parent / "tables"
+    assert set(report.tables) == {"intactness", "protect", "robustness", "cells"}  # no search, budget or benign
+    assert all(path.parent == folder and path.is_file() for path in report.tables.values())
+    intact = pd.read_csv(report.tables["intactness"])
+    assert list(intact.columns) == summary.INTACTNESS_COLUMNS and len(intact) == 1
+    r = intact.iloc[0]
+    assert (f"| {r.variant} | {r.loss} | {r.seeds} | {r.normal_test:.1f} | {r.protected_test_mean:.1f} "
+            f"({r.protected_test_min:.1f}-{r.protected_test_max:.1f}) | {r.drop_mean:+.1f} | {r.drop_worst_seed:+.1f} |"
+            in text)
+    protect = pd.read_csv(report.tables["protect"])
+    assert {"variant", "protect_seed", "original_val", "original_test"} <= set(protect.columns)
+    assert protect["original_test"].mean() == r.protected_test_mean
+    robustness = pd.read_csv(report.tables["robustness"])
+    assert list(robustness[["grid", "domain", "variant"]].itertuples(index=False, name=None)) == [
+        ("evaluation", "shapes_m", VARIANT)]
+    s = robustness.iloc[0]
+    assert (f"| {VARIANT} | {s.cells} | {s.share_held * s.cells:.0f}/{s.cells} ({s.share_held:.0%}) | "
+            f"{s.normal_share_held * s.cells:.0f}/{s.cells} ({s.normal_share_held:.0%}) | {s.meaningful} |") in text
+    assert f"| {s.worst_case:.1f} | {s.best_scratch:.1f} | {s.best_vs_scratch:+.1f} | {s.leaks} |" in text
+    table = pd.read_csv(report.tables["cells"])
+    cell_rows = text.split("### Cells")[1].split("Overhead =")[0].count("\n|") - 2  # minus header and alignment
+    assert len(table) == cell_rows == 8
+    for c in table.itertuples():
+        assert (f"| {c.protected:.1f} | {c.normal:.1f} | {c.scratch:.1f} | {c.protected_minus_scratch:+.1f} |"
+                in text)
+        assert len(c.protected_runs.split(";")) == c.protected_seeds  # run ids, ';'-joined
+
+
+def test_report_result_is_a_frozen_dataclass(report):
+    import dataclasses
+
+    from analysis.report import ReportResult
+
+    assert isinstance(report, ReportResult) and dataclasses.is_dataclass(report)
+    assert {"sweep_id", "parent_run_id", "heatmaps", "curves", "search", "budget", "summary", "html", "results",
+            "artifacts", "overview", "tables"} <= {f.name for f in dataclasses.fields(report)}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.html = None
+    assert report.sweep_id == SWEEP_ID and report.results is None and report.search == report.budget == []
+    assert report.paths[:len(report.heatmaps)] == report.heatmaps and report.paths[-len(report.tables):] == list(
+        report.tables.values())
+    assert report["html"] == report.html  # transitional item access, for callers not yet on attributes
+
+
+def test_a_new_report_figure_is_one_entry_in_figures(store, report, tmp_path, monkeypatch):
+    from analysis import contents
+    from analysis.html import html_from_folder
+
+    # the page made from the folder (FIGURES' file patterns) is the page run_report wrote (what FIGURES made)
+    for figure in contents.FIGURES:
+        assert set(figure.find(report.summary.parent)) == set(report.figures[figure.name]), figure.name
+    written = report.html.read_text()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in [report.summary, *report.heatmaps, *report.curves]:
+        (copy / path.name).write_bytes(path.read_bytes())
+    assert html_from_folder(copy).read_text() == written
+
+    def draw(data, out):
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots()
+        ax.plot(range(len(data.cells)), data.cells["protected"])
+        path = out / "extra-protected.png"
+        fig.savefig(path)
+        plt.close(fig)
+        return [path]
+
+    extra = contents.Figure("extra", "Extra: protected per cell", ("extra-*.png",), draw)
+    monkeypatch.setattr(contents, "FIGURES", (*contents.FIGURES, extra))
+    result = run_report(store["uri"], EXPERIMENT, tmp_path / "r", log_to_parent=False)
+    assert result.figures["extra"] == [tmp_path / "r" / "extra-protected.png"]
+    assert result.paths.index(tmp_path / "r" / "extra-protected.png") == len(result.heatmaps + result.curves)
+    page = result.html.read_text()
+    assert '<h2 id="extra-protected-per-cell">Extra: protected per cell</h2>' in page
+    assert page.index("Fine-tuning curves</h2>") < page.index("Extra: protected per cell</h2>")
+    assert html_from_folder(tmp_path / "r").read_text() == page
+
+
+def test_analysis_has_no_mode_branch_and_no_accuracy_names_for_both_scores(runs):
+    import re
+    from pathlib import Path
+
+    import analysis
+    from analysis.runs import PROTECT_COLUMNS, attack_metrics
+    from sophon_ray import names
+
+    for path in Path(analysis.__file__).parent.glob("*.py"):
+        source = path.read_text()
+        assert not re.search(r"""[!=]=\s*["'](generation|classification)["']""", source), path
+        assert not re.search(r"""["'](generation|classification)["']\s*[!=]=""", source), path
+        assert not re.search(r"""\bin\s*\(\s*["'](generation|classification)["']""", source), path
+        assert not re.search(r"[!=]= *names\.(SKILL|ACCURACY)\b", source), path  # ask the mode table (has_classes)
+    assert "original" in runs.columns and not any(c.endswith("_acc") for c in runs.columns)
+    assert set(attack_metrics(names.SKILL)) == set(attack_metrics(names.ACCURACY)) == {"final", "best", "original"}
+    assert not any(c.endswith("_acc") for c in PROTECT_COLUMNS)

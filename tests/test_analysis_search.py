@@ -22,8 +22,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from analysis.budget import READ_EPOCH, at_epoch, break_even, break_even_text, verdict  # noqa: E402
 from analysis.report import run_report  # noqa: E402
-from analysis.runs import ATTACK_PARAMS, cells  # noqa: E402
+from analysis.runs import ATTACK_PARAMS  # noqa: E402
 from analysis.search import explored, lr_decade, picks, searched_fields, worst_case_gap  # noqa: E402
+from analysis.tables import cells  # noqa: E402
 from sophon_ray import names  # noqa: E402
 from sophon_ray.recipes import legacy_defaults  # noqa: E402
 from tests.test_analysis import log_run  # noqa: E402
@@ -218,22 +219,22 @@ def report(store, tmp_path_factory):
 
 
 def test_report_writes_search_and_budget_figures_and_logs_them(store, report):
-    names_ = sorted(p.name for p in report["search"] + report["budget"])
+    names_ = sorted(p.name for p in report.search + report.budget)
     assert names_ == sorted([f"search-found-tpe-{DOMAIN}.png", f"search-explored-tpe-{DOMAIN}.png",
                              f"budget-epochs-{DOMAIN}.png", f"budget-fraction-{DOMAIN}.png"])
-    for path in report["search"] + report["budget"]:
+    for path in report.search + report.budget:
         image = matplotlib.image.imread(path)
         assert min(image.shape[:2]) > 300 and image.std() > 0.05, path
     logged = {f.path for f in store["client"].list_artifacts(store["parent"], names.REPORT_ARTIFACTS)}
     assert {f"{names.REPORT_ARTIFACTS}/{n}" for n in names_} <= logged
     # the cell analysis saw only the evaluation cell: one heatmap, one curve figure
-    assert [p.name for p in report["heatmaps"]] == ["heatmap-direct-all.png"]
-    html = report["html"].read_text()
+    assert [p.name for p in report.heatmaps] == ["heatmap-direct-all.png"]
+    html = report.html.read_text()
     assert html.count("<img ") == 2 + 4 and ">Adaptive attacker: figures</h2>" in html
 
 
 def test_summary_has_the_search_budget_and_benign_sections_with_their_numbers(report):
-    text = report["summary"].read_text()
+    text = report.summary.read_text()
     assert "## Adaptive attacker" in text and "## Budget: delay or wall" in text and "## Benign fine-tuning" in text
     assert "objective is its own validation split" in text
     # worst-case gap: protected 26.5 (mean of 18 and 35), worst seed 35, normal 88, scratch 38
@@ -255,8 +256,36 @@ def test_summary_has_the_search_budget_and_benign_sections_with_their_numbers(re
     assert "| v | 1 | 1/1 (100%) |" in text
 
 
+def test_search_budget_and_benign_tables_are_csv_with_the_summary_numbers(store, report):
+    text = report.summary.read_text()
+    assert set(report.tables) == {"intactness", "protect", "robustness", "cells", "search", "search_picks", "budget",
+                                  "benign"}
+    logged = {f.path for f in store["client"].list_artifacts(store["parent"], f"{names.REPORT_ARTIFACTS}/tables")}
+    assert logged == {f"{names.REPORT_ARTIFACTS}/tables/{name}.csv" for name in report.tables}
+    gap = pd.read_csv(report.tables["search"])
+    g = gap.iloc[0]
+    assert len(gap) == 1 and (g.search, g.domain, g.variant, g.seeds) == ("tpe", DOMAIN, "v", 2)
+    assert (f"| v | 2 | {g.protected_mean:.1f} | {g.protected_max:.1f} | {g.normal:.1f} | {g.scratch:.1f} | "
+            f"{g.mean_minus_scratch:+.1f} | {g.max_minus_scratch:+.1f} | {g.mean_minus_normal:+.1f} | "
+            f"{g.max_minus_normal:+.1f} | held |") in text
+    chosen = pd.read_csv(report.tables["search_picks"])
+    assert sorted(chosen["subject"]) == ["normal", "protected", "protected", "scratch"]
+    protected = chosen[chosen["subject"] == "protected"]
+    assert f"| {protected['val_best'].mean():.1f} | {protected['at_val_best'].mean():.1f} |" in text
+    budget = pd.read_csv(report.tables["budget"])
+    assert list(budget["data_fraction"]) == [0.1, 0.5, 1.0] and list(budget["verdict"]) == ["delay", "none", "wall"]
+    assert "protected_curve" not in budget.columns  # curves (lists) are left out of the CSV
+    for _, b in budget.iterrows():
+        assert (f"| {b['normal@10']:.1f} | {b['protected@10']:.1f} | {b['scratch@10']:.1f} | "
+                f"{b['protected@last']:.1f} | {b['scratch@last']:.1f} | {b.break_even_protected} | "
+                f"{b.break_even_scratch} | {b.verdict} |") in text
+    benign = pd.read_csv(report.tables["benign"])
+    for c in benign.itertuples():
+        assert (f"| {c.domain} | {c.variant} | {c.protected:.1f} | {c.normal:.1f} | {c.scratch:.1f} | "
+                f"{c.protected_minus_normal:+.1f} |") in text
+
 def test_results_document_has_every_protection_seed(report):
-    text = report["results"].read_text()
+    text = report.results.read_text()
     assert "## Adaptive attacker" in text and "restricted *test* split only scores the picks" in text
     assert "| protected (v) seed 0 | initfc-all | flip | 0.01 | 4 | 1 | 20.0 | 18.0 |" in text
     assert "| protected (v) seed 1 | direct-all | flip | 0.02 | 3 | 0 | 30.0 | 35.0 |" in text

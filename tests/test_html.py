@@ -76,7 +76,7 @@ def test_report_page_is_self_contained(tmp_path):
     png = tmp_path / "heatmap-direct-all.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n")
     text = "# sweep x\n\n## Intactness (original domain)\n\n| a | b |\n|:---|---:|\n| 1 | 2 |\n"
-    page = Page(report_html(text, [png], []))
+    page = Page(report_html(text, {"heatmaps": [png]}))
     assert [a["src"][:22] for a in page.all("img")] == ["data:image/png;base64,"]
     assert not external_references(page) and not page.all("link") and not page.all("script")
     assert [a["href"] for a in page.all("a")] == ["#heatmaps", "#intactness-original-domain"]

@@ -108,7 +108,7 @@ def _report(args: argparse.Namespace) -> int:
     summary = out / "summary.md"
     if summary.is_file():
         print(summary.read_text())
-    print(f"report written to {out} (one page: {result['html']})"
+    print(f"report written to {out} (one page: {result.html})"
           + (f"; results written to {args.results}" if args.results else ""))
     return 0
 
