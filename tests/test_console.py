@@ -12,7 +12,8 @@ import pytest
 
 from sophon_ray.console import terminal as console
 from sophon_ray.console.terminal import Console, Line, LogCapture, eta_seconds, format_duration, link_ray_logs, plain, plain_gap
-from sophon_ray.run.pipeline import Outcome, closing_text, failure_hint, mlflow_hint
+from sophon_ray.run.context import Outcome
+from sophon_ray.run.texts import closing_text, failure_hint, mlflow_hint
 from sophon_ray.console.progress import AttackProgress, ProgressSender, TrainJob, TrainProgress, job_line
 
 
