@@ -69,12 +69,17 @@ def _fit_at_once(groups: list[list[TrainingJob]], *args: Any, fit: Callable[...,
     remote = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(fit or _fit)
     spec, rest = args[0], args[1:]
     refs = [remote.remote(spec, group, *rest) for group in groups]
+    results: dict[Any, list[dict[str, Any]]] = {}
     try:
-        return [r for results in ray.get(refs) for r in results]
+        pending = list(refs)
+        while pending:  # the first error stops the wait (ray.get of the whole list would wait for every run)
+            done, pending = ray.wait(pending, num_returns=1)
+            results[done[0]] = ray.get(done[0])
     except BaseException:
-        for ref in refs:
-            ray.cancel(ref)
+        for ref in refs:  # force: the task's worker process ends, and with it the Train controller it owns
+            ray.cancel(ref, force=True)
         raise
+    return [r for ref in refs for r in results[ref]]
 
 
 def protection_cost(spec: SweepSpec, job: TrainingJob) -> float:
