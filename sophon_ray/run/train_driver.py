@@ -169,7 +169,6 @@ def jobs_dir(stage: str, label: str, key: str) -> str:
     return f"{stage}-{label}-{key}"
 
 
-def protect_job(spec: SweepSpec, index: int, seed: int, key: str) -> dict[str, Any]:
+def protect_job(spec: SweepSpec, index: int, seed: int, key: str) -> TrainingJob:
     """One protection: variant ``index`` with protection seed ``seed``."""
-    label = protected_label(spec.protect[index].label, seed)
-    return {"stage": "protect", "variant_index": index, "seed": seed, "label": label, "key": key}
+    return TrainingJob("protect", protected_label(spec.protect[index].label, seed), key, index, seed)
