@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from sophon_ray.core.data import DATASETS, DatasetNotFound, Split, normalise
