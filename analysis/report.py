@@ -52,12 +52,6 @@ class ReportResult:
     tables: dict[str, Path] = field(default_factory=dict)
     figures: dict[str, list[Path]] = field(default_factory=dict)
 
-    def __getitem__(self, key: str) -> object:
-        """Transitional: ``result["html"]`` as ``result.html``, for callers not yet switched to attributes."""
-        if key not in {f.name for f in fields(self)}:
-            raise KeyError(key)
-        return getattr(self, key)
-
     @property
     def paths(self) -> list[Path]:
         """Every file written, figures first (in FIGURES order), then summary.md, report.html, the results

@@ -299,7 +299,11 @@ def load_curves(tracking_uri: str, run_ids: Iterable[str], metric: str = "restri
     curves: dict[str, list[float]] = {}
     for i in range(0, len(ids), BULK_RUNS):
         chunk = ids[i:i + BULK_RUNS]
-        points = bulk(chunk, metric) if bulk is not None else None
+        try:
+            points = bulk(chunk, metric) if bulk is not None else None
+        except Exception as err:  # noqa: BLE001 - the bulk read is MLflow's internal (UI) API: fall back to the public one
+            log.info("bulk metric-history read failed (%r); reading run by run", err)
+            bulk, points = None, None
         if points is None or len(points) >= BULK_POINTS:
             curves |= {run_id: _history(client.get_metric_history(run_id, metric)) for run_id in chunk}
             continue

@@ -112,7 +112,7 @@ class Run:
 
 def run_layout(spec: Any, layout: Layout, normal_dir: Path, tmp: Path) -> Run:
     """One protect job through run_training with ``layout``'s workers and threads."""
-    from sophon_ray.run.pipeline import protect_key  # noqa: PLC0415
+    from sophon_ray.run.keys import protect_key  # noqa: PLC0415
     from sophon_ray.run.train_driver import protect_job, run_training  # noqa: PLC0415
 
     spec = replace(spec, resources=replace(spec.resources, protect_workers=layout.workers,

@@ -135,7 +135,7 @@ def run_sequential(trials: list[Any], models: dict, splits: Any, threads: int, d
     """The plain loop: every trial's finetune in this process, one after another."""
     import torch  # noqa: PLC0415
 
-    from sophon_ray.run.tune_driver import attack_data  # noqa: PLC0415
+    from sophon_ray.run.trials_worker import attack_data  # noqa: PLC0415
 
     torch.set_num_threads(threads)
     data = attack_data(splits)
@@ -166,7 +166,7 @@ def run_pool(trials: list[Any], models: dict, splits: Any, slots: int, device: s
     import multiprocessing  # noqa: PLC0415
     from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415
 
-    from sophon_ray.run.tune_driver import attack_data  # noqa: PLC0415
+    from sophon_ray.run.trials_worker import attack_data  # noqa: PLC0415
 
     start = time.perf_counter()
     with ProcessPoolExecutor(slots, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init,
@@ -177,7 +177,8 @@ def run_pool(trials: list[Any], models: dict, splits: Any, slots: int, device: s
 
 def run_tune(spec: Any, trials: list[Any], models: dict, splits: Any, storage: Path, callbacks: list) -> Run:
     """``run_attacks`` as the pipeline calls it; raises when any trial errored."""
-    from sophon_ray.run.tune_driver import attack_data, run_attacks  # noqa: PLC0415
+    from sophon_ray.run.trials_worker import attack_data  # noqa: PLC0415
+    from sophon_ray.run.tune_driver import run_attacks  # noqa: PLC0415
 
     clock = trial_clock()
     with memory.RssSampler("ImplicitFunc") as sampler:
@@ -223,7 +224,7 @@ def data_access(splits: Any, make_splits_s: float) -> dict[str, float]:
     as pickled torch tensors (copied out on every get); against regenerating the splits (make_splits)."""
     import ray  # noqa: PLC0415
 
-    from sophon_ray.run.tune_driver import attack_data, share  # noqa: PLC0415
+    from sophon_ray.run.trials_worker import attack_data, share  # noqa: PLC0415
 
     @ray.remote(num_cpus=1)
     def fetch_seconds(refs: list) -> float:
@@ -246,7 +247,7 @@ def data_access(splits: Any, make_splits_s: float) -> dict[str, float]:
 NOTES = [
     "data materialised once per node: `make_splits` runs once in the driver; `run_attacks` passes the trials' "
     "share of it (attacker's restricted data, restricted and original test sets) through `tune.with_parameters` "
-    "as numpy arrays (`tune_driver.share`), which `ray.put`s it once per Tune run: the object store holds one copy "
+    "as numpy arrays (`trials_worker.share`), which `ray.put`s it once per Tune run: the object store holds one copy "
     "per node and every trial's `ray.get` maps it read-only without copying (`unshare` wraps it in tensors). The "
     "context table gives that get's cost against the same data as pickled torch tensors (copied out per get) "
     "and against regenerating it (make_splits).",

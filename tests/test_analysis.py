@@ -157,6 +157,22 @@ def test_curves_are_read_in_bulk_chunks_and_match_one_history_call_per_run(store
     assert load_curves(store["uri"], ids) == one_by_one and len(calls) == len(ids)
 
 
+def test_curves_fall_back_to_one_public_history_call_per_run_when_the_bulk_read_fails(store, runs, monkeypatch):
+    """The bulk read is MLflow's internal (UI) API: when it fails, the public per-run read gives the same curves."""
+    import analysis.runs as runs_module
+
+    ids = list(runs["run_id"])
+    expected = load_curves(store["uri"], ids)
+
+    def broken(client):
+        def read(ids, key):
+            raise RuntimeError("no such endpoint")
+        return read
+
+    monkeypatch.setattr(runs_module, "_bulk_reader", broken)
+    assert load_curves(store["uri"], ids) == expected
+
+
 def test_cells_average_seeds_and_join_scratch_across_strategies(runs):
     table = cells(runs)
     assert len(table) == 2 * 2 * 2  # one variant x strategies x optimizers x lrs

@@ -12,7 +12,8 @@ import pytest
 
 from sophon_ray.console import terminal as console
 from sophon_ray.console.terminal import Console, Line, LogCapture, eta_seconds, format_duration, link_ray_logs, plain, plain_gap
-from sophon_ray.run.pipeline import Outcome, closing_text, failure_hint, mlflow_hint
+from sophon_ray.run.context import Outcome
+from sophon_ray.run.texts import closing_text, failure_hint, mlflow_hint
 from sophon_ray.console.progress import AttackProgress, ProgressSender, TrainJob, TrainProgress, job_line
 
 
@@ -261,8 +262,11 @@ def test_ray_logs_are_linked_into_the_log_folder(tmp_path):
 
 
 def test_closing_text_names_the_report_the_mlflow_ui_and_the_logs():
-    outcome = Outcome("abc", 10, 10, report={"overview": "TABLE", "summary": "/o/report/summary.md",
-                                             "html": "/o/report/report.html", "heatmaps": ["/o/report/h.png"]},
+    from types import SimpleNamespace  # the attributes of analysis.report's ReportResult that the text reads
+
+    report = SimpleNamespace(overview="TABLE", summary="/o/report/summary.md", html="/o/report/report.html",
+                             heatmaps=["/o/report/h.png"])
+    outcome = Outcome("abc", 10, 10, report=report,
                       stage_seconds={"pretrain+protect": 10.0, "attack": 20.0},
                       tracking_uri="sqlite:////tmp/m.db", output_dir="/o", log_dir="/o/logs")
     text = closing_text(outcome, 31.2, "sweeps/q.yaml")
@@ -276,7 +280,7 @@ def test_closing_text_names_the_report_the_mlflow_ui_and_the_logs():
 
 
 def test_closing_text_of_a_sweep_with_results_only_in_the_journal_says_incomplete_and_how_to_deliver():
-    outcome = Outcome("abc", 10, 10, report={"overview": "TABLE"}, stage_seconds={"attack": 20.0},
+    outcome = Outcome("abc", 10, 10, stage_seconds={"attack": 20.0},
                       tracking_uri="http://127.0.0.1:5000", log_dir="/o/logs", pending=4,
                       journal="/o/tracking-journal.jsonl")
     text = closing_text(outcome, 31.2, "sweeps/q.yaml")

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR100, CelebA
 
-from sophon_ray.core.data import CELEBA_CROP, DatasetNotFound, labels_of, load_domain
+from sophon_ray.core.data import DatasetNotFound, labels_of, load_domain
+from sophon_ray.core.datasets import CELEBA_CROP
 from sophon_ray.spec import DomainSpec
 
 RGB = dict(image_size=32, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

@@ -54,8 +54,9 @@ def seed_models(spec_path: Path) -> Path:
     from sophon_ray.run.checkpoint import initial_model, save_checkpoint
     from sophon_ray.core.data import make_splits
     from sophon_ray.modes import metric_for
-    from sophon_ray.run.pipeline import pretrain_key, protect_key
-    from sophon_ray.run.train_driver import HISTORY, jobs_dir, pretrain_normal, protect_job, protect_variant
+    from sophon_ray.run.keys import pretrain_key, protect_key
+    from sophon_ray.run.train_driver import jobs_dir, protect_job
+    from sophon_ray.run.train_worker import HISTORY, pretrain_normal, protect_variant
     from sophon_ray.run.validate import load_spec
 
     spec = load_spec(str(spec_path))
@@ -78,7 +79,7 @@ def seed_models(spec_path: Path) -> Path:
             job, history = protect_job(spec, i, seed, protect_key(spec, i, seed)), []
             model, _, card = protect_variant(spec, normal, splits, job, normal_acc,
                                              on_metrics=lambda step, row, h=history: h.append({"step": step, **row}))
-            save(model, card, history, "protect", job["label"], job["key"])
+            save(model, card, history, "protect", job.label, job.key)
     return store
 
 

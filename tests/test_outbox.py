@@ -219,13 +219,21 @@ def test_the_tune_callback_opens_the_run_of_a_trial_tune_errors_before_starting_
     tracker, parent = tracker_and_parent(tmp_path)
     planned = plan_trials(parse_spec({"attack": {"subjects": ["normal"], "evaluation": {"optimizer": ["sgd", "adam"]}}}),
                           [])[:2]
-    never, ran = (TuneTrial("attack_trial", config={"trial": t}, stub=True) for t in planned)
+    never, ran = (TuneTrial("attack_trial", config={"key": t.key}, stub=True) for t in planned)
     outbox = Outbox(tracker, None, delays=FAST).start()
     callback = make_callback(tracker, parent, "sweep1", outbox)
+
+    class Mail:  # the trial mail's reader: the trial's rows and files arrive beside Tune's (scalar) result
+        boxes = {ran.trial_id: ([{"epoch": 0, names.RESTRICTED_ACC: 10.0}, {"epoch": 1, names.RESTRICTED_ACC: 20.0}],
+                                {})}
+
+        def take(self, trial_id):
+            return self.boxes.pop(trial_id, ([], {}))
+
+    callback.attach(Mail(), {t.key: t for t in planned})
     callback.on_trial_error(0, [], never)                       # no on_trial_start before it
     callback.on_trial_start(0, [], ran)
-    callback.on_trial_result(0, [], ran, {"curve": [{"epoch": 0, names.RESTRICTED_ACC: 10.0},
-                                                    {"epoch": 1, names.RESTRICTED_ACC: 20.0}], LAST_REPORT: True,
+    callback.on_trial_result(0, [], ran, {LAST_REPORT: True,
                                           names.FINAL: 20.0, names.BEST: 20.0, names.ORIGINAL_ACC: 90.0,
                                           "node_id": "n1"})
     callback.on_trial_complete(0, [], ran)
@@ -243,7 +251,8 @@ def test_resume_delivers_the_journal_first_and_reruns_no_trial_whose_result_is_i
     import io
 
     from sophon_ray.console.terminal import Console
-    from sophon_ray.run.pipeline import Outcome, RunOptions, View, _attack_stage
+    from sophon_ray.run.context import Outcome, RunContext, RunOptions, View
+    from sophon_ray.run.stages import attack_stage
     from sophon_ray.run.plan import plan_trials
     from sophon_ray.run.validate import parse_spec
 
@@ -255,8 +264,8 @@ def test_resume_delivers_the_journal_first_and_reruns_no_trial_whose_result_is_i
         trial_ops(recorder, parent, t.key)
     shown = io.StringIO()
     outcome = Outcome("sweep1", len(trials))
-    _attack_stage(spec, RunOptions(resume=True), View(Console(shown)), tracker, parent, "sweep1", tmp_path,
-                  trials, {}, outcome)
+    attack_stage(RunContext(spec, "sweep1", tracker, parent, tmp_path, RunOptions(resume=True), View(Console(shown)),
+                            outcome), trials, {})
     assert f"{len(trials)} trial(s) with results not yet in MLflow, delivered now" in shown.getvalue()
     assert f"{len(trials)} finished earlier, 0 to run" in shown.getvalue()
     assert outcome.pending == 0 and outcome.trials_run == 0

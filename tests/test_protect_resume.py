@@ -13,7 +13,7 @@ from sophon_ray.run.checkpoint import CheckpointError, load_tree, save_tree
 from sophon_ray.core.data import infinite_batches
 from sophon_ray.core.protection import ProtectState, load_state, protect, save_state
 from sophon_ray.spec import EnvironmentSpec, ProtectSpec, spec_hash
-from sophon_ray.run.train_driver import state_digest
+from sophon_ray.run.train_worker import state_digest
 from sophon_ray.core.training import evaluate
 from sophon_ray.run.validate import parse_spec
 from tests.tiny import tiny_data, tiny_net

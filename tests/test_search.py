@@ -5,11 +5,15 @@ import optuna
 import pytest
 
 from sophon_ray import names
-from sophon_ray.run.pipeline import RunOptions, dry_run_text, protected_models, search_history
+from sophon_ray.run.context import RunOptions
+from sophon_ray.run.keys import protected_models
+from sophon_ray.run.search_stage import search_history
+from sophon_ray.run.texts import dry_run_text
 from sophon_ray.run.search_space import DefineByRun, best_found, dimensions, searcher, warm_study
 from sophon_ray.spec import Range, SearchSpace, SearchSpec
 from sophon_ray.run.plan import plan_trials, search_budget, search_templates
-from sophon_ray.run.tune_driver import EpochReporter, SearchNumbering
+from sophon_ray.run.trials_worker import EpochReporter
+from sophon_ray.run.tune_driver import SearchNumbering
 from sophon_ray.run.validate import parse_spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

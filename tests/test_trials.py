@@ -3,7 +3,8 @@
 from collections import Counter
 
 from sophon_ray import names
-from sophon_ray.run.pipeline import RunOptions, protect_key, protected_models
+from sophon_ray.run.context import RunOptions
+from sophon_ray.run.keys import protect_key, protected_models
 from sophon_ray.run.plan import Subject, domain_names, plan_trials
 from sophon_ray.run.validate import parse_spec
 

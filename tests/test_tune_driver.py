@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 from sophon_ray import names
 from sophon_ray.recipes import AttackConfig
 from sophon_ray.run.plan import Subject, Trial
-from sophon_ray.run.tune_driver import AttackData, EpochReporter, share, unshare
+from sophon_ray.run.trials_worker import AttackData, EpochReporter, share, unshare
 
 
 def test_share_turns_every_tensor_into_numpy_and_unshare_restores_equal_tensors():
@@ -42,25 +42,27 @@ def test_unshare_views_read_only_arrays_without_copying():
 
 
 def test_reporter_buffers_epochs_and_sends_them_with_the_final_metrics():
-    sent = []
-    reporter = EpochReporter(sent.append, final_epoch=3, every_s=3600)
+    sent, mailed = [], []
+    reporter = EpochReporter(sent.append, final_epoch=3, every_s=3600, send=lambda rows, files: mailed.append(rows))
     for epoch in range(4):
         reporter(epoch, {"restricted_acc": 10.0 * epoch, "restricted_loss": 1.0 / (epoch + 1)})
-    assert sent == []  # nothing reported before the end when reports are rate-limited
+    assert sent == [] and mailed == []  # nothing reported before the end when reports are rate-limited
     reporter.flush(epoch=3, restricted_acc=30.0, done=True)
-    assert len(sent) == 1
-    assert [row["epoch"] for row in sent[0]["curve"]] == [0, 1, 2, 3]
+    assert len(sent) == 1 and len(mailed) == 1
+    assert [row["epoch"] for row in mailed[0]] == [0, 1, 2, 3]   # the curve goes to the trial mail ...
     assert sent[0]["done"] and sent[0]["epoch"] == 3
+    # ... and Tune gets scalars only (its results stay small; nothing for its loggers to stringify)
+    assert all(isinstance(v, (int, float, str, bool)) for v in sent[0].values())
 
 
 def test_reporter_reports_every_epoch_when_the_interval_is_zero_but_never_the_last_one_early():
-    sent = []
-    reporter = EpochReporter(sent.append, final_epoch=2, every_s=0.0)
+    sent, mailed = [], []
+    reporter = EpochReporter(sent.append, final_epoch=2, every_s=0.0, send=lambda rows, files: mailed.append(rows))
     for epoch in range(3):
         reporter(epoch, {"restricted_acc": 1.0, "restricted_loss": 2.0})
-    assert [[row["epoch"] for row in r["curve"]] for r in sent] == [[0], [1]]
-    reporter.flush(epoch=2, done=True)
-    assert [row["epoch"] for row in sent[-1]["curve"]] == [2]
+    assert [[row["epoch"] for row in rows] for rows in mailed] == [[0], [1]] and len(sent) == 2
+    reporter.flush({"a.png": b"png"}, epoch=2, done=True)
+    assert [row["epoch"] for row in mailed[-1]] == [2] and "a.png" not in sent[-1]
 
 
 def test_each_grid_fine_tunes_and_scores_on_its_own_data():

@@ -53,7 +53,9 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - SweepSpec, imported lazil
 
 
 def _run(args: argparse.Namespace, **overrides: object) -> int:
-    from sophon_ray.run.pipeline import RunOptions, closing_text, run  # noqa: PLC0415
+    from sophon_ray.run.context import RunOptions  # noqa: PLC0415
+    from sophon_ray.run.pipeline import run  # noqa: PLC0415
+    from sophon_ray.run.texts import closing_text  # noqa: PLC0415
 
     spec = _load(args)
     options = RunOptions(address=args.address, resume=args.resume, dry_run=args.dry_run, max_trials=args.max_trials,
@@ -71,7 +73,7 @@ def _spec_words(args: argparse.Namespace) -> str:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from sophon_ray.run.pipeline import sync  # noqa: PLC0415
+    from sophon_ray.run.sync import sync  # noqa: PLC0415
 
     result = sync(_load(args))
     if not result.trials:
@@ -97,7 +99,7 @@ def _attack(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from analysis.report import run_report  # noqa: PLC0415
-    from sophon_ray.run.pipeline import sweep_id  # noqa: PLC0415
+    from sophon_ray.run.keys import sweep_id  # noqa: PLC0415
     from sophon_ray.run.tracking import resolve_uri  # noqa: PLC0415
 
     spec = _load(args)

@@ -26,7 +26,10 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sophon_ray.run.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +166,7 @@ class Outbox:
     while deliveries progress, and gives up after ``$SOPHON_TRACKING_WAIT_S`` seconds without one), then
     :meth:`close`. ``journal=None`` keeps operations in memory only."""
 
-    def __init__(self, tracker: Any, journal: Path | None = None, role: str = "attack",
+    def __init__(self, tracker: Tracker, journal: Path | None = None, role: str = "attack",
                  delays: tuple[float, float] = (BACKOFF_START_S, BACKOFF_CAP_S)) -> None:
         self.tracker, self.role, self.delays = tracker, role, delays
         self.journal = Journal(journal) if journal is not None else None

@@ -2,7 +2,8 @@
 
 With ``resources.protect_parallel = 1`` every job runs in one TorchTrainer run (its start, ~10-25 s, is paid
 once per sweep); with P > 1 pretraining runs first, then the protection jobs in P TorchTrainer runs at
-once (each job on its own ``protect_workers`` workers). Every worker regenerates or reads the domains
+once, each launched from its own Ray task on the driver's node (so Ctrl-C cancels them; each job on its own
+``protect_workers`` workers). The workers' side is :mod:`sophon_ray.run.train_worker`. Every worker regenerates or reads the domains
 locally, trains on its own shard, and averages gradients and BatchNorm statistics with
 ``torch.distributed`` (gloo on CPU, nccl on GPU), so all ranks hold identical weights; rank 0 reports each
 finished model as a Ray Train checkpoint (weights, card and metric history), which the driver copies into
@@ -20,274 +21,21 @@ storage path); a run without ``--resume`` deletes that run's folder first and st
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sophon_ray.modes import metric_for
-from sophon_ray.console.progress import ProgressSender
 from sophon_ray.spec import SweepSpec, spec_hash
+from sophon_ray.run.train_worker import (HISTORY, KEEP, RESUME, STATE_STAGE, TrainingJob,  # noqa: F401
+                                         job_total, protected_label, train_loop)
 
 log = logging.getLogger(__name__)
-HISTORY = "history.json"
-RESUME, MANIFEST, NORMAL = "resume", "manifest.json", "normal"  # a reported checkpoint's folder to continue from
-KEEP = "keep"  # reported metric: 1 for a finished job (always kept), 0 for a protection state (only the latest)
-STATE_STAGE = "protect-state"
 
 
-@dataclass
-class ResumePoint:
-    """What a (re)started worker group finds in Ray Train's latest checkpoint."""
-
-    done: list[str]                                  # keys of the jobs whose results are reported
-    normal_val_acc: float | None = None
-    normal_state: dict[str, torch.Tensor] | None = None  # when this run pretrained the normal model
-    job: str | None = None                           # the protection a state checkpoint belongs to
-    history: list[dict[str, Any]] = field(default_factory=list)  # its metric rows up to the state's iteration
-    state: Any = None                                # its ProtectState (this rank's)
-
-
-def write_resume(directory: Path, done: list[str], normal: torch.nn.Module | None, normal_val_acc: float | None,
-                 job: str | None = None, history: list[dict[str, Any]] | None = None) -> None:
-    """Rank 0's part of ``directory/resume``: the manifest, and the normal model when this run trained it."""
-    from sophon_ray.run.checkpoint import save_tree  # noqa: PLC0415
-
-    folder = directory / RESUME
-    folder.mkdir(parents=True, exist_ok=True)
-    if normal is not None:
-        save_tree(normal.state_dict(), folder, NORMAL)
-    (folder / MANIFEST).write_text(json.dumps({"done": done, "normal_val_acc": normal_val_acc, "job": job,
-                                               "history": history or []}))
-
-
-def read_resume(directory: Path, rank: int) -> ResumePoint:
-    """The :class:`ResumePoint` in a checkpoint ``directory`` (the protection state of ``rank``)."""
-    from sophon_ray.run.checkpoint import CheckpointError, load_tree  # noqa: PLC0415
-    from sophon_ray.core.protection import load_state  # noqa: PLC0415
-
-    folder = directory / RESUME
-    if not (folder / MANIFEST).is_file():
-        raise CheckpointError(f"{directory}: Ray Train's latest checkpoint has no {RESUME}/{MANIFEST}, so this run "
-                              "cannot continue from it; delete the Ray Train run folder it is in to start over")
-    manifest = json.loads((folder / MANIFEST).read_text())
-    normal = load_tree(folder, NORMAL) if (folder / f"{NORMAL}.json").is_file() else None
-    state = load_state(folder, rank) if manifest["job"] else None
-    return ResumePoint(manifest["done"], manifest["normal_val_acc"], normal, manifest["job"], manifest["history"],
-                       state)
-
-
-class AllReduce:
-    """:class:`sophon_ray.core.protection.Sync` over ``torch.distributed``: flat buffers, one all-reduce each."""
-
-    def __init__(self, world_size: int) -> None:
-        self.world_size = world_size
-
-    def _mean(self, tensors: list[torch.Tensor]) -> None:
-        import torch.distributed as dist  # noqa: PLC0415
-
-        if self.world_size == 1 or not tensors:
-            return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-    grads = _mean
-    buffers = _mean
-
-
-def state_digest(model: torch.nn.Module) -> str:
-    """sha256 over every tensor of the state dict (to prove ranks agree)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _shard(dataset: Any, rank: int, world: int) -> Any:
-    from sophon_ray.core.data import take  # noqa: PLC0415
-
-    return dataset if world == 1 else take(dataset, torch.arange(rank, len(dataset), world))
-
-
-def train_loop(config: dict[str, Any]) -> None:
-    """The per-worker function: run the jobs (pretrain, then each protect variant) in order."""
-    import ray.train  # noqa: PLC0415
-    import torch.distributed as dist  # noqa: PLC0415
-    from ray.train import Checkpoint  # noqa: PLC0415
-
-    from sophon_ray.run.checkpoint import initial_model, save_checkpoint  # noqa: PLC0415
-    from sophon_ray.core.data import make_splits  # noqa: PLC0415
-    from sophon_ray.core.protection import ProtectState, save_state  # noqa: PLC0415
-    from sophon_ray.modes import task_for  # noqa: PLC0415
-
-    spec: SweepSpec = config["spec"]
-    task = task_for(spec)
-    m = task.metric
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(config["threads"])))
-    device = ray.train.torch.get_device() if spec.resources.use_gpu else torch.device("cpu")
-    sync = AllReduce(world)
-    splits = make_splits(spec)
-    normal, needs_training = initial_model(spec)
-    normal = normal.to(device)
-    normal_acc = None
-    trained_here = config.get("normal_state") is None  # then the resume folder carries the normal model
-    if not trained_here:
-        normal.load_state_dict(config["normal_state"])
-        normal_acc = config["normal_val_acc"]
-    point = ResumePoint([])
-    latest = ray.train.get_checkpoint()
-    if latest is not None:  # a restarted worker group, or a restored run (--resume)
-        with latest.as_directory() as d:
-            point = read_resume(Path(d), rank)
-        if point.normal_state is not None:
-            normal.load_state_dict(point.normal_state)
-        normal_acc = point.normal_val_acc if point.normal_val_acc is not None else normal_acc
-        log.info("rank %d | continuing from Ray Train's latest checkpoint: %d job(s) finished%s", rank,
-                 len(point.done), f", protection {point.job} at iteration {point.state.iteration}" if point.job else "")
-    done = list(point.done)
-
-    def resume_folder(out: Path, job: str | None = None, history: list[dict] | None = None) -> None:
-        if rank == 0:
-            write_resume(out, done, normal if trained_here and normal_acc is not None else None, normal_acc, job,
-                         history)
-
-    def finish(job: dict[str, Any], model: torch.nn.Module, card: dict[str, Any], history: list[dict],
-               metrics: dict[str, Any]) -> None:
-        digests: list[Any] = [state_digest(model)]
-        if world > 1:
-            digests = [None] * world
-            dist.all_gather_object(digests, state_digest(model))
-        metrics = {**metrics, "stage": job["stage"], "key": job["key"], "label": job["label"],
-                   "rank_digests": digests, "ranks_identical": len(set(digests)) == 1, KEEP: 1.0}
-        done.append(job["key"])
-        if rank != 0:
-            ray.train.report(metrics, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "ckpt"
-            save_checkpoint(model, card, out)
-            (out / HISTORY).write_text(json.dumps(history))
-            resume_folder(out)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(out)))
-
-    def report_state(job: dict[str, Any], history: list[dict], state: ProtectState) -> None:
-        """Every rank: its part of the protection state (rank 0: the shared part, the manifest, the history)."""
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            save_state(state, out / RESUME, rank)
-            resume_folder(out, job["key"], history)
-            ray.train.report({"stage": STATE_STAGE, "key": job["key"], "label": job["label"],
-                              "iteration": state.iteration, KEEP: 0.0}, checkpoint=Checkpoint.from_directory(tmp))
-        log.info("protect %s | state checkpoint of iteration %d reported in %.2f s", job["label"], state.iteration,
-                 time.perf_counter() - t0)
-
-    for job in config["jobs"]:
-        if job["key"] in done:
-            continue
-        resumed = point.job == job["key"]
-        history: list[dict[str, Any]] = list(point.history) if resumed else []
-        progress = ProgressSender(config.get("progress") if rank == 0 else None, job["label"], job["stage"],
-                                  job_total(spec, job))
-
-        def record(step: int, row: dict[str, float], history: list = history, progress: Any = progress) -> None:
-            history.append({"step": step, **row})
-            progress(step, row)
-
-        if job["stage"] == "pretrain":
-            metrics, card = pretrain_normal(spec, normal, splits, job["key"], needs_training, device, record, sync,
-                                            rank, world)
-            normal_acc = metrics[m.key("original_val")]
-            progress.finish(**{m.val: normal_acc})
-            finish(job, normal, card, history, metrics)
-            continue
-        model, metrics, card = protect_variant(
-            spec, normal, splits, job, normal_acc, device, record, sync, rank, world,
-            on_checkpoint=lambda state, job=job, history=history: report_state(job, history, state),
-            resume=point.state if resumed else None)
-        progress.finish(**{m.original: metrics[m.key("original_val")], m.key("probe"): metrics[m.key("probe")]})
-        finish(job, model, card, history, metrics)
-
-
-def pretrain_normal(spec: SweepSpec, normal: torch.nn.Module, splits: Any, key: str, needs_training: bool = True,
-                    device: Any = "cpu", on_epoch: Any = None, sync: Any = None, rank: int = 0,
-                    world: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Pretrain ``normal`` in place on this rank's shard of the original domain (when it ``needs_training``) and
-    score it on the original validation and test splits; returns (metrics, card) of the normal model."""
-    from sophon_ray.run.checkpoint import make_card  # noqa: PLC0415
-    from sophon_ray.modes import task_for  # noqa: PLC0415
-    from sophon_ray.core.training import evaluate, pretrain  # noqa: PLC0415
-
-    task = task_for(spec)
-    seconds = 0.0
-    if needs_training:
-        seconds = pretrain(normal, _shard(splits.original_train, rank, world), splits.original_val, spec.pretrain,
-                           spec.seed, device, on_epoch=on_epoch, sync=sync, rank=rank, task=task).seconds
-    metrics = {task.metric.key("original_val"): evaluate(normal, splits.original_val, device, task=task).score,
-               task.metric.key("original_test"): evaluate(normal, splits.original_test, device, task=task).score,
-               "seconds": seconds}
-    return metrics, make_card(spec.model, spec.original, spec.restricted, key, "normal", metrics)
-
-
-def protect_variant(spec: SweepSpec, normal: torch.nn.Module, splits: Any, job: dict[str, Any], normal_acc: float,
-                    device: Any = "cpu", on_metrics: Any = None, sync: Any = None, rank: int = 0, world: int = 1,
-                    on_checkpoint: Any = None,
-                    resume: Any = None) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
-    """Run one protection (``job``: :func:`protect_job`) of ``normal`` on this rank's shards, from ``resume`` (a
-    ProtectState) when given, and score it on the original test split; returns (protected model, metrics, card)."""
-    from sophon_ray.run.checkpoint import make_card  # noqa: PLC0415
-    from sophon_ray.core.protection import protect  # noqa: PLC0415
-    from sophon_ray.spec import to_dict  # noqa: PLC0415
-    from sophon_ray.modes import task_for  # noqa: PLC0415
-    from sophon_ray.core.training import evaluate  # noqa: PLC0415
-
-    task = task_for(spec)
-    m = task.metric
-    variant = spec.protect[job["variant_index"]]
-    result = protect(normal, _shard(splits.original_train, rank, world), splits.original_val,
-                     [_shard(d, rank, world) for d in splits.restricted_train], splits.restricted_val, variant,
-                     normal_acc, device, on_metrics=on_metrics, sync=sync, rank=rank,
-                     probe_train=splits.restricted_train, seed=job["seed"], on_checkpoint=on_checkpoint,
-                     resume=resume, task=task)
-    test_acc = evaluate(result.model, splits.original_test, device, task=task).score
-    normal_test = evaluate(normal, splits.original_test, device, task=task).score
-    metrics = {m.key("original_val"): result.original_acc, m.key("original_test"): test_acc,
-               "intactness_drop": normal_test - test_acc, m.key("probe"): result.probe_acc,
-               "selected_iteration": result.selected_iteration, "rollbacks": len(result.rollbacks),
-               "iterations_run": result.iterations_run, "resumed_from_iteration": result.resumed_from,
-               "seconds": result.seconds}
-    card = make_card(spec.model, spec.original, spec.restricted, job["key"], "protected", metrics,
-                     extra={"variant": variant.label, "protect_seed": job["seed"], "protect": to_dict(variant),
-                            "rollback_events": result.rollbacks, "stopped": result.stopped})
-    return result.model, metrics, card
-
-
-def job_total(spec: SweepSpec, job: dict[str, Any]) -> int:
-    """A job's step count as its progress shows it: pretraining epochs (0 when the normal model is given),
-    protection iterations."""
-    if job["stage"] == "pretrain":
-        weights = spec.pretrain.weights
-        return 0 if weights and weights != "torchvision" else spec.pretrain.epochs
-    return spec.protect[job["variant_index"]].iterations
-
-
-def run_training(spec: SweepSpec, jobs: list[dict[str, Any]], store: Path, storage_path: str,
+def run_training(spec: SweepSpec, jobs: list[TrainingJob], store: Path, storage_path: str,
                  normal_dir: Path | None = None, progress: Any = None, resume: bool = False) -> list[dict[str, Any]]:
     """Run ``jobs`` (pretrain first, if there) on Ray Train, ``resources.protect_parallel`` protection runs at
     once; copy each reported checkpoint to ``store/<dir>``; return their metrics (with ``dir``).
@@ -296,30 +44,51 @@ def run_training(spec: SweepSpec, jobs: list[dict[str, Any]], store: Path, stora
     :class:`~sophon_ray.console.progress.ProgressBoard` actor that rank 0 of every job sends its progress to.
     ``resume``: continue the Ray Train runs of these jobs from their checkpoints (else start them over).
     """
-    protect_jobs = [j for j in jobs if j["stage"] == "protect"]
+    protect_jobs = [j for j in jobs if j.stage == "protect"]
     parallel = min(spec.resources.protect_parallel, len(protect_jobs))
     if parallel <= 1:
         return _fit(spec, jobs, store, storage_path, normal_dir, progress, resume)
     out = []
     if len(protect_jobs) < len(jobs):  # the protections start from the pretrained model
-        out = _fit(spec, [j for j in jobs if j["stage"] != "protect"], store, storage_path, normal_dir, progress,
+        out = _fit(spec, [j for j in jobs if j.stage != "protect"], store, storage_path, normal_dir, progress,
                    resume)
         normal_dir = Path(next(r["dir"] for r in out if r["stage"] == "pretrain"))
     groups = balance(protect_jobs, parallel, lambda job: protection_cost(spec, job))
-    with ThreadPoolExecutor(parallel, thread_name_prefix="protect") as pool:
-        for results in pool.map(lambda group: _fit(spec, group, store, storage_path, normal_dir, progress, resume),
-                                groups):
-            out += results
-    return out
+    return out + _fit_at_once(groups, spec, store, storage_path, normal_dir, progress, resume)
 
 
-def protection_cost(spec: SweepSpec, job: dict[str, Any]) -> float:
+def _fit_at_once(groups: list[list[TrainingJob]], *args: Any, fit: Callable[..., list[dict[str, Any]]] | None = None
+                 ) -> list[dict[str, Any]]:
+    """``fit(spec, group, *args)`` (default :func:`_fit`) of every group at once, each in a Ray task on this
+    node (its checkpoint store is local); the results in group order. Ctrl-C (or any error) cancels the tasks,
+    which ends their TorchTrainer runs."""
+    import ray  # noqa: PLC0415
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: PLC0415
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    remote = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(fit or _fit)
+    spec, rest = args[0], args[1:]
+    refs = [remote.remote(spec, group, *rest) for group in groups]
+    results: dict[Any, list[dict[str, Any]]] = {}
+    try:
+        pending = list(refs)
+        while pending:  # the first error stops the wait (ray.get of the whole list would wait for every run)
+            done, pending = ray.wait(pending, num_returns=1)
+            results[done[0]] = ray.get(done[0])
+    except BaseException:
+        for ref in refs:  # force: the task's worker process ends, and with it the Train controller it owns
+            ray.cancel(ref, force=True)
+        raise
+    return [r for ref in refs for r in results[ref]]
+
+
+def protection_cost(spec: SweepSpec, job: TrainingJob) -> float:
     """Relative cost of a protection job: samples through the model per run (simulation and NTR)."""
-    v = spec.protect[job["variant_index"]]
+    v = spec.protect[job.variant_index]
     return v.iterations * v.batch_size * (2 * v.inner_steps + v.ntr_steps)
 
 
-def balance(jobs: list[dict[str, Any]], groups: int, cost: Any) -> list[list[dict[str, Any]]]:
+def balance(jobs: list[Any], groups: int, cost: Callable[[Any], float]) -> list[list[Any]]:
     """Split ``jobs`` into ``groups`` lists of similar total cost: the costliest first, each to the lightest group
     (longest-processing-time first); within a group the original order is kept."""
     loads, out = [0.0] * groups, [[] for _ in range(groups)]
@@ -330,9 +99,9 @@ def balance(jobs: list[dict[str, Any]], groups: int, cost: Any) -> list[list[dic
     return [[jobs[i] for i in sorted(group)] for group in out if group]
 
 
-def run_name(jobs: list[dict[str, Any]]) -> str:
+def run_name(jobs: list[TrainingJob]) -> str:
     """The Ray Train run of ``jobs``: the same jobs, the same run (what ``--resume`` restores)."""
-    return f"train-{spec_hash([j['key'] for j in jobs])}"
+    return f"train-{spec_hash([j.key for j in jobs])}"
 
 
 def forget_run(storage_path: str, name: str) -> bool:
@@ -351,7 +120,7 @@ def forget_run(storage_path: str, name: str) -> bool:
     return True
 
 
-def _fit(spec: SweepSpec, jobs: list[dict[str, Any]], store: Path, storage_path: str,
+def _fit(spec: SweepSpec, jobs: list[TrainingJob], store: Path, storage_path: str,
          normal_dir: Path | None, progress: Any = None, resume: bool = False) -> list[dict[str, Any]]:
     """Run ``jobs`` in order in one TorchTrainer run; copy each finished job's checkpoint (without its resume
     folder) to ``store/<dir>``. Ray Train keeps every finished job's checkpoint and the latest state checkpoint."""
@@ -400,12 +169,6 @@ def jobs_dir(stage: str, label: str, key: str) -> str:
     return f"{stage}-{label}-{key}"
 
 
-def protect_job(spec: SweepSpec, index: int, seed: int, key: str) -> dict[str, Any]:
+def protect_job(spec: SweepSpec, index: int, seed: int, key: str) -> TrainingJob:
     """One protection: variant ``index`` with protection seed ``seed``."""
-    label = protected_label(spec.protect[index].label, seed)
-    return {"stage": "protect", "variant_index": index, "seed": seed, "label": label, "key": key}
-
-
-def protected_label(variant: str, seed: int) -> str:
-    return f"{variant}-s{seed}"
-
+    return TrainingJob("protect", protected_label(spec.protect[index].label, seed), key, index, seed)

@@ -1,0 +1,105 @@
+"""The pipeline's [3/4] search stage: every adaptive search (``attack.search``) against every attacked model and
+restricted domain, one Tune experiment each under its own MLflow search run, continued from the trials that run
+has (its params decoded back from MLflow's strings)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sophon_ray import names
+from sophon_ray.modes import metric_for
+from sophon_ray.run.context import RunContext
+from sophon_ray.run.keys import protected_models, search_key
+
+if TYPE_CHECKING:
+    from sophon_ray.run.tracking import Tracker
+
+CASTS = {"batch_size": int, "epochs": int, "blocks": int, "lora_rank": int}  # searched params that are integers
+
+
+def search_history(tracker: Tracker, search_run: str, scratch: bool, metric: names.Metric = names.ACCURACY
+                   ) -> tuple[list[tuple[int, dict, float, float]], int]:
+    """The finished trials of a search run as (search_trial, searched params, objective, test score at the
+    best-validation epoch), in search order, and the next free trial number. Trials an interrupted run left
+    unfinished are marked KILLED (their number is not reused)."""
+    from sophon_ray.spec import SearchSpace  # noqa: PLC0415
+
+    searched = [f.name for f in fields(SearchSpace) if not (scratch and f.name == "strategy")]
+    done, numbers = [], [-1]
+    for run in tracker.child_runs(search_run):
+        numbers.append(int(run.data.params.get(names.SEARCH_TRIAL, -1)))
+        metrics, params = run.data.metrics, run.data.params
+        if run.info.status != "FINISHED" or metric.val_best not in metrics:
+            if run.info.status == "RUNNING":
+                tracker.finish(run.info.run_id, "KILLED")
+            continue
+        values = {k: decode_param(params[k], CASTS.get(k)) for k in searched if k in params}
+        done.append((int(params[names.SEARCH_TRIAL]), values, metrics[metric.val_best],
+                     metrics.get(metric.at_val_best, metrics[metric.final])))
+    return sorted(done, key=lambda row: row[0]), max(numbers) + 1
+
+
+def decode_param(text: str, cast: Any) -> Any:
+    """An MLflow param (a string) back to the value the searcher gave: int, float, or the string itself."""
+    if cast is not None:
+        return cast(float(text))
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def search_stage(ctx: RunContext, models: dict[str, Path]) -> None:
+    """Every search (attack.search) against every attacked model and restricted domain, one Tune experiment
+    each, under its own MLflow search run; a resumed search continues with the trials it has (warm start)."""
+    from sophon_ray.console.progress import AttackProgress  # noqa: PLC0415
+    from sophon_ray.core.data import make_splits  # noqa: PLC0415
+    from sophon_ray.run.plan import search_templates  # noqa: PLC0415
+    from sophon_ray.run.search_space import best_found  # noqa: PLC0415
+    from sophon_ray.run.stages import load_models  # noqa: PLC0415
+    from sophon_ray.run.trials_worker import search_data  # noqa: PLC0415
+    from sophon_ray.run.tune_driver import (SearchNumbering, make_callback, make_progress_callback,  # noqa: PLC0415
+                                            run_search)
+
+    spec, tracker, sid = ctx.spec, ctx.tracker, ctx.sweep_id
+    searches, m = {s.name: s for s in spec.attack.search}, metric_for(spec.mode)
+    templates = search_templates(spec, protected_models(spec, ctx.options))
+    plan = []
+    for template in templates:
+        search = searches[template.search]
+        run_id = tracker.child_run(ctx.parent, sid, "search", search_key(sid, template),
+                                   f"search/{search.name}/{template.domain_name}/{template.subject.label}",
+                                   {**{k: v for k, v in template.params().items() if k in
+                                       (names.SUBJECT, names.VARIANT, names.PROTECT_SEED, names.DOMAIN, names.SEARCH)},
+                                    "algorithm": search.algorithm, "scheduler": search.scheduler,
+                                    "num_samples": search.num_samples, "val_fraction": search.val_fraction})
+        history, first = search_history(tracker, run_id, template.subject.kind == "scratch", m)
+        plan.append((template, search, run_id, history, first))
+    todo = sum(max(0, s.num_samples - len(h)) for _, s, _, h, _ in plan)
+    ctx.say(f"[3/4] search: {len(plan)} searches (search x attacked model x domain), {todo} trials to run")
+    splits = make_splits(spec) if todo else None
+    loaded = load_models(models) if todo else {}
+    counts = AttackProgress(todo)
+    with ctx.view.console.progress(counts, prefix="[3/4]"):
+        for template, search, run_id, history, first in plan:
+            remaining = search.num_samples - len(history)
+            if remaining > 0:
+                ctx.view.start_ray(ctx.options.address)
+                data = search_data(splits, template.domain, search.val_fraction, search.seed)
+                name = f"search-{search_key(sid, template)}-{int(time.time())}"
+                run_search(spec, search, template, remaining, [(p, v) for _, p, v, _ in history], loaded, data,
+                           ctx.storage, name, [make_callback(tracker, run_id, sid,
+                                                             trial_of=SearchNumbering(template, first), metric=m),
+                                               make_progress_callback(counts)],
+                           spec.resources.max_failures, verbose=1 if ctx.options.verbose else 0)
+                history, _ = search_history(tracker, run_id, template.subject.kind == "scratch", m)
+                ctx.outcome.trials_run += remaining
+            logged = tracker.logged_steps(run_id, m.found_val)
+            tracker.log_rows(run_id, [(f.n, {m.found_val: f.val, m.found_test: f.test})
+                                      for f in best_found([(n, v, t) for n, _, v, t in history]) if f.n not in logged])
+            complete = len(history) >= search.num_samples
+            tracker.finish(run_id, "FINISHED" if complete else "FAILED")
+    ctx.say(f"[3/4] search done | {todo} trials run now")

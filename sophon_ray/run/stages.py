@@ -1,0 +1,199 @@
+"""The pipeline's model and grid stages: [1/4] pretrain and protect (Ray Train, reusing stored models), their
+MLflow runs, and [2/4] the attack grid (Ray Tune, through the MLflow outbox, reusing finished trials)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sophon_ray import names
+from sophon_ray.console.terminal import environment
+from sophon_ray.modes import metric_for
+from sophon_ray.run.context import RunContext
+from sophon_ray.run.keys import pretrain_key, protect_key
+from sophon_ray.run.texts import pending_text
+from sophon_ray.spec import to_dict
+
+if TYPE_CHECKING:
+    from sophon_ray.run.plan import Trial
+
+log = logging.getLogger(__name__)
+# Trials Tune gave up on get one more Tune run. Tune's own retries (resources.max_failures) can be cut short:
+# when a node dies, Ray 2.60 may report one dead actor twice, and the second report errors a trial that the
+# first had already queued for retry (measured in the two-node fault test).
+RETRY_PASSES = 1
+
+
+def train_stage(ctx: RunContext) -> dict[str, Path]:
+    """Reuse or train the normal model and every protected model; return model key (``normal``,
+    ``protected/<variant>/s<seed>``) -> checkpoint dir."""
+    from sophon_ray.console.progress import TrainJob, TrainProgress, board_poll, start_board, stop_board  # noqa: PLC0415
+    from sophon_ray.run.checkpoint import CARD  # noqa: PLC0415
+    from sophon_ray.run.plan import Subject  # noqa: PLC0415
+    from sophon_ray.run.train_driver import job_total, jobs_dir, protect_job, run_training  # noqa: PLC0415
+    from sophon_ray.run.train_worker import TrainingJob  # noqa: PLC0415
+
+    spec, options = ctx.spec, ctx.options
+    store = ctx.out / "checkpoints"
+    store.mkdir(exist_ok=True)
+    pkey = pretrain_key(spec)
+    normal_dir = store / jobs_dir("pretrain", "normal", pkey)
+    jobs: list[TrainingJob] = []
+    if not (normal_dir / CARD).is_file():
+        jobs.append(TrainingJob("pretrain", "normal", pkey))
+    wanted = {}
+    if options.audit is None:
+        for i, variant in enumerate(spec.protect):
+            for seed in variant.seeds:
+                job = protect_job(spec, i, seed, protect_key(spec, i, seed))
+                path = wanted[Subject("protected", variant.label, seed).model] = store / jobs_dir(
+                    "protect", job.label, job.key)
+                if not (path / CARD).is_file():
+                    jobs.append(job)
+    else:
+        wanted[Subject("protected", "audited", names.NO_PROTECT_SEED).model] = Path(options.audit).resolve()
+    reused = [d for d in [normal_dir, *wanted.values()] if (d / CARD).is_file()]
+    for d in reused:
+        ctx.say(f"[1/4] reuse {d.name} (finished earlier)")
+    if jobs:
+        ctx.say(f"[1/4] Ray Train: {', '.join(j.label for j in jobs)} on {spec.resources.protect_workers} "
+                f"worker(s) each, {spec.resources.protect_parallel} protection(s) at once")
+        ctx.view.start_ray(options.address)
+        board = start_board()
+        shown = TrainProgress([TrainJob(j.label, j.stage, job_total(spec, j)) for j in jobs], board_poll(board))
+        try:
+            with ctx.view.console.progress(shown, prefix="[1/4]"):
+                results = run_training(spec, jobs, store, ctx.storage,
+                                       normal_dir if (normal_dir / CARD).is_file() else None, progress=board,
+                                       resume=options.resume)
+        finally:
+            stop_board(board)
+        m = metric_for(spec.mode)
+        for r in results:
+            ctx.say(f"[1/4] {r['stage']} {r['label']} | original val {r[m.key('original_val')]:.1f} | test "
+                    f"{r[m.key('original_test')]:.1f} | ranks identical: {r['ranks_identical']} | {r['dir']}")
+    log_models(ctx, normal_dir, wanted)
+    ctx.outcome.checkpoints = {"normal": str(normal_dir), **{k: str(v) for k, v in wanted.items()}}
+    return {"normal": normal_dir, **wanted}
+
+
+def log_models(ctx: RunContext, normal_dir: Path, protected: dict[str, Path]) -> None:
+    """Mirror the pretrain/protect results into MLflow child runs (once: finished runs are left alone)."""
+    from sophon_ray.run.checkpoint import WEIGHTS, read_card  # noqa: PLC0415
+    from sophon_ray.run.train_worker import HISTORY  # noqa: PLC0415
+
+    spec, tracker, sid = ctx.spec, ctx.tracker, ctx.sweep_id
+    done = tracker.finished_keys(sid, "pretrain") | tracker.finished_keys(sid, "protect")
+    entries = [("pretrain", "pretrain", normal_dir, to_dict(spec.pretrain))]
+    for key, d in protected.items():
+        _, label, seed_text = key.split("/")
+        seed = int(seed_text[1:])
+        variant = next((v for v in spec.protect if v.label == label), None)
+        params = {names.VARIANT: label, names.PROTECT_SEED: seed,
+                  **({k: v for k, v in to_dict(variant, hashed_only=True).items()
+                      if k not in ("environments", "seeds", "probes")}
+                     if variant else {"checkpoint": str(d)})}
+        if variant:
+            params |= {f"env_{k}": v for k, v in to_dict(variant.environments).items()}
+            params["probes"] = ", ".join(f"{p.strategy}/{p.optimizer}/lr{p.lr:g}/bs{p.batch_size}/f{p.data_fraction:g}"
+                                         for p in variant.probes)
+        entries.append(("protect", f"protect/{label}/s{seed}", d, params))
+    for role, name, d, params in entries:
+        card = read_card(d)
+        key = f"{role}-{card['spec_hash']}"
+        if key in done:
+            continue
+        run_id = tracker.child_run(ctx.parent, sid, role, key, name, params)
+        history_file = d / HISTORY
+        if history_file.is_file():
+            rows = json.loads(history_file.read_text())
+            tracker.log_rows(run_id, [(int(r["step"]), {k: v for k, v in r.items() if k != "step"}) for r in rows])
+        tracker.log_metrics(run_id, {k: v for k, v in card["metrics"].items() if isinstance(v, (int, float))})
+        if role == "protect":
+            for f in (WEIGHTS, "model.json"):
+                tracker.log_artifact(run_id, d / f, "checkpoint")
+        tracker.finish(run_id)
+
+
+def attack_stage(ctx: RunContext, trials: list[Trial], models: dict[str, Path]) -> None:
+    """Attack trials whose MLflow writes go through an outbox (journal in the output folder); when the store
+    stops answering for good, ``outcome.pending`` / ``outcome.journal`` say what waits for ``sophon-ray sync``."""
+    from sophon_ray.run.outbox import JOURNAL, Outbox, http_env, wait_seconds  # noqa: PLC0415
+
+    wait = wait_seconds()
+    outbox = ctx.outbox = Outbox(ctx.tracker, ctx.out / JOURNAL)
+    with environment(http_env()):
+        try:
+            _attack_trials(ctx, trials, models, wait)
+        finally:
+            delivered = outbox.drain(wait)
+            outbox.close()
+    stats = outbox.stats
+    log.info("MLflow outbox: %d operation(s) delivered, %d failed write(s) retried, %.1f s busy, peak queue %d%s",
+             stats.delivered, stats.failures, stats.busy_s, stats.peak_queue,
+             f", last error {stats.last_error}" if stats.last_error else "")
+    if not delivered:
+        ctx.outcome.pending, ctx.outcome.journal = len(outbox.pending_keys()), str(outbox.journal.path)
+        ctx.say(f"[3/4] warning: {pending_text(ctx.outcome.pending, ctx.outcome.journal)}")
+
+
+def _attack_trials(ctx: RunContext, trials: list[Trial], models: dict[str, Path], wait: float) -> None:
+    """The attack stage's trials through ``ctx.outbox`` (started here): the journal's undelivered results of an
+    earlier run first (a trial finished there is never rerun), then every trial not finished."""
+    from sophon_ray.console.progress import AttackProgress  # noqa: PLC0415
+    from sophon_ray.core.data import load_domain, make_splits  # noqa: PLC0415
+    from sophon_ray.run.trials_worker import attack_data  # noqa: PLC0415
+    from sophon_ray.run.tune_driver import make_callback, make_progress_callback, run_attacks  # noqa: PLC0415
+
+    spec, outbox, outcome = ctx.spec, ctx.outbox, ctx.outcome
+    assert outbox is not None
+    journaled = outbox.load_journal()
+    outbox.start()
+    if journaled:
+        delivered = outbox.drain(wait)
+        ctx.say(f"[2/4] journal: {journaled} trial(s) with results not yet in MLflow, "
+                + ("delivered now" if delivered else f"{len(outbox.pending_keys())} still undelivered"))
+    finished = ctx.tracker.finished_keys(ctx.sweep_id, "attack") | outbox.completed
+    todo = [t for t in trials if t.key not in finished]
+    ctx.say(f"[2/4] attack grid: {len(trials)} trials, {len(trials) - len(todo)} finished earlier, {len(todo)} to run")
+    if not todo:
+        return
+    ctx.view.start_ray(ctx.options.address)
+    loaded = load_models(models)
+    data = attack_data(make_splits(spec), [load_domain(d) for d in spec.benign])
+    errors: list = []
+    for attempt in range(1 + RETRY_PASSES):
+        counts = AttackProgress(len(todo))
+        with ctx.view.console.progress(counts, prefix="[2/4]" if attempt == 0 else "[2/4] retry pass:"):
+            grid = run_attacks(spec, todo, loaded, data, ctx.storage,
+                               f"attack-{ctx.sweep_id}-{int(time.time())}-{attempt}",
+                               [make_callback(ctx.tracker, ctx.parent, ctx.sweep_id, outbox, metric=metric_for(spec.mode)),
+                                make_progress_callback(counts)],
+                               spec.resources.max_failures, verbose=1 if ctx.options.verbose else 0)
+        errors = [r for r in grid if r.error]
+        todo = [t for t in todo if t.key not in outbox.completed]  # MLflow's view once the outbox delivers
+        if not todo or attempt == RETRY_PASSES:
+            break
+        why = f": {errors[0].error!r:.200}" if errors else ""
+        ctx.say(f"      {len(todo)} trial(s) not finished after Tune's retries (e.g. {todo[0].name}{why}); "
+                "one more pass for them")
+    outcome.trials_run = len(trials) - len(finished) - len(todo)
+    missing = [t.name for t in todo]
+    ctx.say(f"[3/4] attack grid done | {outcome.trials_run} run now, {len(errors)} errored in the last pass, "
+            f"{len(trials) - len(missing)}/{len(trials)} finished")
+    if missing:
+        raise RuntimeError(f"{len(missing)} trials did not finish (e.g. {missing[:3]}); rerun with --resume")
+
+
+def load_models(models: dict[str, Path]) -> dict[str, tuple[dict, dict]]:
+    """Every checkpoint the attacks start from, as (state dict, card) by model key."""
+    from sophon_ray.run.checkpoint import load_checkpoint  # noqa: PLC0415
+
+    loaded = {}
+    for key, d in models.items():
+        model, card = load_checkpoint(d)
+        loaded[key] = (model.state_dict(), card)
+    return loaded

@@ -1,0 +1,99 @@
+"""What a run says: the dry run's budget, the closing lines, the hints where the logs, the runs and the journal are."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sophon_ray import names
+from sophon_ray.run.keys import sweep_id
+from sophon_ray.spec import SweepSpec
+
+if TYPE_CHECKING:
+    from sophon_ray.run.context import Outcome
+    from sophon_ray.run.plan import Trial
+
+
+def pending_text(pending: int, journal: str, spec_path: str | None = None) -> str:
+    """What a sweep whose results are partly only in the journal says: not complete, where they are, the fix."""
+    spec = spec_path or "SPEC"
+    return (f"INCOMPLETE: the MLflow store did not answer, so {pending} trial(s)' results are not in MLflow yet; "
+            f"they are kept in {journal}. Deliver them once the store is back: sophon-ray sync {spec} (or "
+            f"sophon-ray run {spec} --resume, which also finishes the sweep and writes its report)")
+
+
+def search_budget_lines(spec: SweepSpec, searched: int) -> list[str]:
+    """One line per search: algorithm, scheduler, trials per attacked model and domain, the total, the most
+    fine-tuning epochs it can spend."""
+    lines = []
+    for s in spec.attack.search:
+        attacked = searched // max(1, sum(x.num_samples for x in spec.attack.search))
+        total = s.num_samples * attacked
+        lines.append(f"  search {s.name}: {s.algorithm} ({s.random_start} random first) + "
+                     f"{'ASHA' if s.scheduler == 'asha' else 'no early stopping'}, {s.num_samples} trials x "
+                     f"{attacked} (attacked models x restricted domains) = {total} trials, {s.max_concurrent} at once, "
+                     f"at most {total * max(s.space.epochs)} fine-tuning epochs; objective: validation accuracy on "
+                     f"{s.val_fraction:g} of the attacker's pool")
+    return lines
+
+
+def dry_run_text(spec: SweepSpec, trials: list[Trial], searched: int = 0) -> str:
+    """The attack budget per grid and subject and per search, then every grid trial's name."""
+    lines = [f"sweep {spec.name} ({sweep_id(spec)}): {len(trials)} grid trials + {searched} search trials, "
+             f"{sum(t.config.epochs for t in trials)} grid fine-tuning epochs; attacker data pool: "
+             f"{spec.attack.data_pool}",
+             f"  protected models: {[f'{v.label} seed {s}' for v in spec.protect for s in v.seeds]}"]
+    lines += search_budget_lines(spec, searched)
+    for grid in names.GRIDS:
+        chosen = [t for t in trials if t.grid == grid]
+        if chosen:
+            counts = Counter(t.subject.kind for t in chosen)
+            cells = len({(t.domain, replace(t.config, seed=0)) for t in chosen if t.subject.kind != "scratch"})
+            lines.append(f"  {grid} grid: {len(chosen)} trials ({', '.join(f'{k} {v}' for k, v in counts.items())}) "
+                         f"over {cells} cells (recipes x restricted domains) x {len({t.config.seed for t in chosen})} attack seeds")
+    lines += ["trials:", *(f"  {t.name}" for t in trials)]
+    return "\n".join(lines)
+
+
+def failure_hint(log_file: Path, ray_logs: Path) -> str:
+    """What a quiet run says when it stops on an error: where Ray's, Tune's and MLflow's own messages went."""
+    return (f"the run stopped on an error (below). What Ray, Tune and MLflow said is in {log_file} and Ray's worker "
+            f"logs in {ray_logs}; rerun with --verbose to see it all here, and with --resume to continue the sweep")
+
+
+def mlflow_hint(uri: str, spec_path: str | None = None) -> str:
+    """How to look at the runs: ``mlflow ui`` on the store (or the server's address) and ``sophon-ray ui``."""
+    if uri.startswith(("http://", "https://")):
+        plain = f"open {uri}"
+    else:
+        plain = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    if spec_path:  # sophon-ray ui's links open MLflow's 'Model training' view (a plain link opens its GenAI view)
+        return f"MLflow UI: sophon-ray ui {spec_path}  (or: {plain}, then 'Model training')"
+    return f"MLflow UI: {plain} (then 'Model training')"
+
+
+def closing_text(outcome: Outcome, seconds: float, spec_path: str | None = None) -> str:
+    """The lines a run ends with: time per stage, the short summary table, where the report, heatmaps, runs
+    and logs are."""
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.stage_seconds.items())
+    if outcome.pending:
+        return "\n".join([f"stopped after {seconds:.0f} s ({stages}); {outcome.trials} trials, {outcome.trials_run} "
+                          "run now", "", pending_text(outcome.pending, outcome.journal, spec_path), "",
+                          f"logs: {outcome.log_dir}"])
+    lines = [f"done in {seconds:.0f} s ({stages}); {outcome.trials} trials, {outcome.trials_run} run now"]
+    report = outcome.report  # analysis.report.ReportResult, None when no report was made
+    if report is not None and report.overview:
+        lines += ["", report.overview, ""]
+    if report is not None and report.html:
+        lines.append(f"report (one page, open it in a browser): {report.html}")
+    if report is not None and report.summary:
+        lines.append(f"full report: {report.summary}")
+    if report is not None and report.heatmaps:
+        lines.append("heatmaps: " + ", ".join(str(p) for p in report.heatmaps))
+    if outcome.tracking_uri:
+        lines.append(mlflow_hint(outcome.tracking_uri, spec_path))
+    if outcome.log_dir:
+        lines.append(f"logs: {outcome.log_dir}")
+    return "\n".join(lines)
