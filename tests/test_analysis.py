@@ -410,7 +410,6 @@ def test_report_result_is_a_frozen_dataclass(report):
     assert report.sweep_id == SWEEP_ID and report.results is None and report.search == report.budget == []
     assert report.paths[:len(report.heatmaps)] == report.heatmaps and report.paths[-len(report.tables):] == list(
         report.tables.values())
-    assert report["html"] == report.html  # transitional item access, for callers not yet on attributes
 
 
 def test_a_new_report_figure_is_one_entry_in_figures(store, report, tmp_path, monkeypatch):

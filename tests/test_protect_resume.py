@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from sophon_ray.run.checkpoint import CheckpointError, load_tree, save_tree
+from sophon_ray.core.state import CheckpointError, load_tree, save_tree
 from sophon_ray.core.data import infinite_batches
 from sophon_ray.core.protection import ProtectState, load_state, protect, save_state
 from sophon_ray.spec import EnvironmentSpec, ProtectSpec, spec_hash

@@ -2,7 +2,6 @@
 schedules, validation curves and strategy_problem."""
 
 import copy
-import math
 from dataclasses import replace
 
 import pytest
@@ -15,7 +14,7 @@ from sophon_ray.core import attack
 from sophon_ray.run.catalog import catalog, registries
 from sophon_ray.core.attack import finetune, prepare
 from sophon_ray.recipes import AttackConfig
-from sophon_ray.run.validate import strategy_problem
+from sophon_ray.run.checks import strategy_problem
 from sophon_ray.recipes.augment import AUGMENTS, make_augment
 from sophon_ray.recipes.lora import LoRAConv2d, LoRALinear, add_lora
 from sophon_ray.modes import build_model

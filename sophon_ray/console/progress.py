@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sophon_ray import names
 from sophon_ray.modes import MODES
 from sophon_ray.console.terminal import Line, eta_seconds, format_duration
 

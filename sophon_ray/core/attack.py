@@ -4,11 +4,9 @@ copy of a model, and the from-scratch baseline (``scratch_model``)."""
 from __future__ import annotations
 
 import copy
-import functools
-import itertools
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn

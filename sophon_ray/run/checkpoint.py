@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sophon_ray.core.state import CheckpointError, load_tree, save_tree  # noqa: F401 - re-exported
+from sophon_ray.core.state import CheckpointError
 from sophon_ray.modes import build_model
 from sophon_ray.spec import DomainSpec, ModelSpec, SweepSpec, to_dict
 

@@ -59,7 +59,7 @@ class ResumePoint:
 def write_resume(directory: Path, done: list[str], normal: torch.nn.Module | None, normal_val_acc: float | None,
                  job: str | None = None, history: list[dict[str, Any]] | None = None) -> None:
     """Rank 0's part of ``directory/resume``: the manifest, and the normal model when this run trained it."""
-    from sophon_ray.run.checkpoint import save_tree  # noqa: PLC0415
+    from sophon_ray.core.state import save_tree  # noqa: PLC0415
 
     folder = directory / RESUME
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def write_resume(directory: Path, done: list[str], normal: torch.nn.Module | Non
 
 def read_resume(directory: Path, rank: int) -> ResumePoint:
     """The :class:`ResumePoint` in a checkpoint ``directory`` (the protection state of ``rank``)."""
-    from sophon_ray.run.checkpoint import CheckpointError, load_tree  # noqa: PLC0415
+    from sophon_ray.core.state import CheckpointError, load_tree  # noqa: PLC0415
     from sophon_ray.core.protection import load_state  # noqa: PLC0415
 
     folder = directory / RESUME

@@ -16,7 +16,7 @@ from sophon_ray.modes import MODES, all_archs, mode_of_arch
 from sophon_ray.recipes import OPTIMIZERS
 from sophon_ray.registry import did_you_mean
 from sophon_ray.run import checks
-from sophon_ray.run.checks import Checker, strategy_problem  # noqa: F401 - strategy_problem: public here
+from sophon_ray.run.checks import Checker
 from sophon_ray.spec import (DATA_POOLS, RESTRICTED_VAL_FRACTION, SCHEDULERS, SEARCH_ALGORITHMS, SUBJECTS,
                              DomainSpec, GridSpec, Problem, SearchSpec, SpecError, SweepSpec, build_spec,
                              read_spec_data)
