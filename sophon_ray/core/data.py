@@ -10,27 +10,17 @@ packages and held as tensors; torchvision sets and ``imagefolder`` read from ``r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from sophon_ray.registry import Registry
-from sophon_ray.errors import SophonError
+from sophon_ray.core.datasets import DATASETS, DatasetNotFound, Split  # noqa: F401 - DatasetNotFound: public here
 from sophon_ray.spec import RESTRICTED_VAL_FRACTION, DomainSpec, SweepSpec
-
-Split = tuple[Dataset, Dataset]
-DATASETS: Registry[Callable[[DomainSpec], Split]] = Registry("dataset")
-
-
-class DatasetNotFound(SophonError, FileNotFoundError):
-    """A file-backed dataset is missing under its root; the message says where and how to get it."""
-
 
 def load_domain(spec: DomainSpec) -> Split:
     """Return the ``(train, test)`` datasets of a domain spec; raise :class:`DatasetNotFound` for missing files."""
@@ -79,18 +69,6 @@ def make_splits(spec: SweepSpec) -> Splits:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def normalise(x: Tensor, spec: DomainSpec) -> Tensor:
-    """[N, c, h, w] in [0, 1] -> resized to image_size, channels matched, normalised by mean/std."""
-    if x.shape[-1] != spec.image_size or x.shape[-2] != spec.image_size:
-        x = F.interpolate(x, size=(spec.image_size, spec.image_size), mode="bilinear", align_corners=False,
-                          antialias=True).clamp(0, 1)
-    if x.shape[1] != spec.channels:
-        x = x.mean(dim=1, keepdim=True) if spec.channels == 1 else x.expand(-1, spec.channels, -1, -1)
-    mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype).view(1, -1, 1, 1)
-    return ((x - mean) / std).contiguous()
-
-
 def _cap(dataset: Dataset, size: int | None, seed: int) -> Dataset:
     if size is None or size >= len(dataset):
         return dataset
@@ -214,6 +192,3 @@ class BatchStream(Iterator[tuple[Tensor, Tensor]]):
 def infinite_batches(dataset: Dataset, batch_size: int, generator: torch.Generator) -> BatchStream:
     """Endless fresh batches, reshuffled every pass (batches never cross a pass boundary); resumable."""
     return BatchStream(dataset, batch_size, generator)
-
-
-from sophon_ray.core import datasets as _datasets  # noqa: E402, F401 - registers the builders in DATASETS

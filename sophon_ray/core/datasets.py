@@ -12,10 +12,32 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from sophon_ray.core.data import DATASETS, DatasetNotFound, Split, normalise
+from sophon_ray.errors import SophonError
+from sophon_ray.registry import Registry
 from sophon_ray.spec import DomainSpec
+
+Split = tuple[Dataset, Dataset]
+DATASETS: Registry[Callable[[DomainSpec], Split]] = Registry("dataset")
+
+
+class DatasetNotFound(SophonError, FileNotFoundError):
+    """A file-backed dataset is missing under its root; the message says where and how to get it."""
+
+
+def normalise(x: Tensor, spec: DomainSpec) -> Tensor:
+    """[N, c, h, w] in [0, 1] -> resized to image_size, channels matched, normalised by mean/std."""
+    if x.shape[-1] != spec.image_size or x.shape[-2] != spec.image_size:
+        x = F.interpolate(x, size=(spec.image_size, spec.image_size), mode="bilinear", align_corners=False,
+                          antialias=True).clamp(0, 1)
+    if x.shape[1] != spec.channels:
+        x = x.mean(dim=1, keepdim=True) if spec.channels == 1 else x.expand(-1, spec.channels, -1, -1)
+    mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype).view(1, -1, 1, 1)
+    return ((x - mean) / std).contiguous()
+
 
 
 # ------------------------------------------------------------------------------------- procedural sets

@@ -32,6 +32,7 @@ class Mode:
     metric: names.Metric
     has_classes: bool
     package: str
+    model_noun: str        # what its models are, in words (error messages): classifier | denoiser
 
     @property
     def plugin(self) -> ModuleType:
@@ -52,9 +53,9 @@ class Mode:
 MODES: Registry[Mode] = Registry("mode")
 for _mode in (
     Mode("classification", "classifiers: cross-entropy, ICE/KLU suppression, accuracy", names.ACCURACY,
-         has_classes=True, package="sophon_ray.modes.classification"),
+         has_classes=True, package="sophon_ray.modes.classification", model_noun="classifier"),
     Mode("generation", "DDPM denoisers: denoising MSE training, DoS / negative-MSE suppression, denoising skill "
-         "100 x (1 - MSE)", names.SKILL, has_classes=False, package="sophon_ray.modes.generation"),
+         "100 x (1 - MSE)", names.SKILL, has_classes=False, package="sophon_ray.modes.generation", model_noun="denoiser"),
 ):
     MODES.register(_mode.name, _mode.doc)(_mode)
 

@@ -194,7 +194,7 @@ def _model(c: Checker, spec: SweepSpec) -> None:
         c.add("model.arch", f"unknown model '{arch}'{did_you_mean(arch, all_archs())}; allowed in {mode.name} mode: "
               f"{', '.join(mode.models().names())}")
     elif owner is not mode:
-        c.add("model.arch", f"'{arch}' is a {owner.name} model; {mode.name} mode needs one of "
+        c.add("model.arch", f"'{arch}' is a {owner.model_noun}; {mode.name} mode needs a {mode.model_noun}: "
               f"{', '.join(mode.models().names())} (or set mode: {owner.name})")
 
 
