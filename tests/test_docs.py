@@ -286,3 +286,13 @@ def test_the_readme_links_every_docs_page_and_the_images_are_shown():
     shown = "".join(p.read_text() for p in DOCS)
     hidden = [p.name for p in sorted((ROOT / "docs").glob("*.png")) if p.name not in shown]
     assert not hidden, f"images in docs/ no page shows: {hidden}"
+
+
+def test_the_recipe_settings_table_in_the_docs_is_the_recipe_table():
+    from sophon_ray.recipes import OPTIMIZERS, SCHEDULES, STRATEGIES, settings_markdown
+
+    text = (ROOT / "docs" / "attacks.md").read_text()
+    assert settings_markdown() in text, ("docs/attacks.md's recipe settings table differs from the recipe table: "
+                                         "paste the output of settings_markdown() into it")
+    missing = [n for n in [*STRATEGIES.names(), *OPTIMIZERS.names(), *SCHEDULES.names()] if f"`{n}`" not in text]
+    assert not missing, f"docs/attacks.md does not describe {missing}"

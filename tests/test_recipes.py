@@ -350,4 +350,4 @@ def test_new_registries_are_listed_for_validation():
     assert listed["augmentations"] is AUGMENTS and listed["BN modes"] is BN_MODES
     shown = catalog()
     assert set(shown["augmentations"]) == set(AUGMENTS.names()) and "blocks" in shown["recipe settings"]
-    assert "[classification, generation; its settings: blocks]" in shown["strategies"]["last-k"]
+    assert "[every mode; its settings: blocks]" in shown["strategies"]["last-k"]

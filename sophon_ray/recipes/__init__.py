@@ -74,3 +74,22 @@ __all__ = ["AttackConfig", "BN_MODES", "EVERY_MODE", "GridSpec", "HASHED", "Mode
            "PLUGINS_ENV", "Range", "SCHEDULES", "SCRATCH_STRATEGY", "SETTINGS", "STRATEGIES", "SearchSpace", "Setting",
            "Strategy", "TABLE", "UNLESS_DEFAULT", "grid_configs", "legacy_defaults", "normalise", "param_casts",
            "strategies_for"]
+
+
+def _values(value: Any) -> str:
+    if isinstance(value, Range):
+        return (f"{value.distribution} {value.low:g}..{value.high:g}" if value.distribution != "choice"
+                else "choice of " + ", ".join(f"{v:g}" for v in value.values))
+    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+
+
+def settings_markdown() -> str:
+    """The recipe settings as the markdown table ``docs/attacks.md`` shows (a test keeps the two equal):
+    name, type, default, default grid axis, default search dimension, the strategies it belongs to."""
+    rows = ["| setting | type | default | grid default | search default | used by | what |", "|---|---|---|---|---|---|---|"]
+    space = SearchSpace()
+    for name, s in SETTINGS.items():
+        search = _values(getattr(space, name)) if hasattr(space, name) else "-"
+        rows.append(f"| `{name}` | {s.type.__name__} | {s.default!r} | {_values(s.grid_default)} | {search} | "
+                    f"{', '.join(s.strategies) or 'every strategy'} | {s.doc} |")
+    return "\n".join(rows)

@@ -20,7 +20,7 @@ from sophon_ray.registry import Registry
 
 HASHED = "hashed"                  # the spec's field-metadata key (spec.schema re-exports these two)
 UNLESS_DEFAULT = "unless-default"  # hashed (and logged) only when it differs from its default
-EVERY_MODE = ("classification", "generation")
+EVERY_MODE: tuple[str, ...] = ()   # a strategy or setting for every mode (the mode table sits above this one)
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Setting:
     bound numbers (``low_open``: low itself excluded). ``grid`` is the spec grid's default axis and ``search``
     the default search dimension (a tuple of choices, or a :class:`Range`); None means the default alone.
     ``strategies``: the strategies that use it (empty: every strategy); elsewhere a grid collapses it to its
-    default and a search does not draw it. ``modes``: the modes it applies in.
+    default and a search does not draw it. ``modes``: the modes it applies in (empty: every mode).
 
     ``since`` keeps trial keys and sweep ids stable as settings are added: 0, a setting of the first attack
     grids (always logged, always in a grid's hash); 1, added before the table (always logged; older runs lack it
@@ -179,7 +179,8 @@ class RecipeTable:
     # ------------------------------------------------------------------------------------------- questions
     def strategies_for(self, mode: str) -> list[str]:
         """The strategies that apply in ``mode``, in registration order."""
-        return [n for n in self.strategies.names() if mode in self.strategies.get(n).modes]
+        return [n for n in self.strategies.names()
+                if not self.strategies.get(n).modes or mode in self.strategies.get(n).modes]
 
     def applies(self, name: str, strategy: str) -> bool:
         """Whether setting ``name`` means something for ``strategy`` (a strategy's own settings do only there)."""

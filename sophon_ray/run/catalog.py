@@ -17,7 +17,7 @@ def _strategies_with_modes() -> dict[str, str]:
     for name in STRATEGIES.names():
         s = STRATEGIES.get(name)
         own = f"; its settings: {', '.join(s.settings)}" if s.settings else ""
-        out[name] = f"{s.doc} [{', '.join(s.modes)}{own}]"
+        out[name] = f"{s.doc} [{', '.join(s.modes) or 'every mode'}{own}]"
     return out
 
 

@@ -65,7 +65,7 @@ def strategy_problem(arch: str, config: Any, channels: int = 3, image_size: int 
     if mode is None:
         return f"unknown model '{arch}'; allowed: {', '.join(all_archs())}"
     strategy = STRATEGIES.get(config.strategy)
-    if mode.name not in strategy.modes:
+    if config.strategy not in strategies_for(mode.name):
         return (f"strategy: {config.strategy} does not apply to {arch} ({mode.name} mode); use one of "
                 f"{', '.join(strategies_for(mode.name))}")
     return strategy.check(model_facts(arch, channels, image_size), config) if strategy.check else None
