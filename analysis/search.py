@@ -77,7 +77,7 @@ def load_searches(sweep: Sweep) -> Searches:
 
 def searched_fields(trials: pd.DataFrame) -> list[str]:
     """The recipe fields that took several values in these trials (what the search chose), in RECIPE order."""
-    return [key for key in CELL_KEYS if trials[key].nunique() > 1]
+    return [key for key in CELL_KEYS if key in trials and trials[key].nunique() > 1]
 
 
 def picks(trials: pd.DataFrame) -> pd.DataFrame:

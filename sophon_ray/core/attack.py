@@ -14,10 +14,14 @@ from torch.utils.data import Dataset
 
 from sophon_ray.recipes import BN_MODES, SCHEDULES, STRATEGIES, AttackConfig
 from sophon_ray.recipes.augment import make_augment
+from sophon_ray.recipes.surgery import reparameterise
 from sophon_ray.core.data import stratified_subset
 from sophon_ray.seam import Model as Net
 from sophon_ray.seam import Task
 from sophon_ray.core.training import evaluate, make_optimizer, train_epoch
+
+
+REPARAMETERISE_SEED = 20_000  # offset of the reparameterisation's noise seed from the attack's seed
 
 
 def prepare(model: Net, config: AttackConfig, generator: torch.Generator) -> list[nn.Parameter]:
@@ -69,6 +73,8 @@ def finetune(model: Net, train: Dataset, test: Dataset, config: AttackConfig,
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(config.seed)
     model = copy.deepcopy(model).to(device)
+    # its own generator: a recipe without reparameterisation draws exactly what it drew before
+    reparameterise(model, config, torch.Generator().manual_seed(REPARAMETERISE_SEED + config.seed))
     params = prepare(model, config, gen)
     data = stratified_subset(train, config.data_fraction, config.seed)
     optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay)

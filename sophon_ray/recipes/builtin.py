@@ -37,6 +37,16 @@ S(Setting("bn_mode", str, "train", "BatchNorm during fine-tuning (BN_MODES)", se
           choices=lambda: TABLE.bn_modes.names(), since=1))
 S(Setting("data_fraction", float, 1.0, "stratified fraction of the attacker's data pool it fine-tunes on",
           grid=(0.1,), search=(0.1,), low=0, low_open=True, high=1, since=0))
+# reparameterisation before fine-tuning (an informed attacker's move against defences that control how fast a
+# model converges); every one a no-op at its default, so recipes without it keep their keys
+S(Setting("shrink", float, 1.0, "every parameter times this before fine-tuning (weight shrinking; with perturb: "
+          "shrink-and-perturb)", low=0, low_open=True, high=10))
+S(Setting("perturb", float, 0.0, "std of the Gaussian noise added to every parameter after shrink", low=0, high=1))
+S(Setting("rescale", float, 1.0, "every conv feeding a BatchNorm times this, the BatchNorm absorbing it: the same "
+          "function, effective SGD step 1/rescale^2 on those convs (no-op without conv->BatchNorm pairs)",
+          low=0, low_open=True, high=100, modes=("classification",)))
+S(Setting("temperature", float, 1.0, "the classifier's logits divided by this (its head scaled by 1/temperature)",
+          low=0, low_open=True, high=100, modes=("classification",)))
 S(Setting("seed", int, 0, "the attack's seed: head init, data order, subset", grid=(0,), since=0))
 
 
@@ -191,10 +201,12 @@ TABLE.bn_modes.register("frozen", "BatchNorm in eval mode: running statistics ke
 # ------------------------------------------------------------------------------------------------- orders
 # MLflow params, report columns, the grid product (seed last: a recipe's seeds are neighbours)
 TABLE.order("strategy", "optimizer", "lr", "batch_size", "data_fraction", "schedule", "epochs", "weight_decay",
-            "label_smoothing", "augment", "bn_mode", "blocks", "lora_rank", "lora_alpha", "seed")
+            "label_smoothing", "augment", "bn_mode", "blocks", "lora_rank", "lora_alpha", "shrink", "perturb",
+            "rescale", "temperature", "seed")
 # the order a search suggests its dimensions in (a seeded TPE's draws depend on it)
 TABLE.search_order = ("strategy", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "schedule",
-                      "label_smoothing", "augment", "bn_mode", "blocks", "lora_rank", "lora_alpha", "data_fraction")
+                      "label_smoothing", "augment", "bn_mode", "blocks", "lora_rank", "lora_alpha", "data_fraction",
+                      "shrink", "perturb", "rescale", "temperature")
 
 # ------------------------------------------------------------------------------------------------- schedules
 @TABLE.schedules.register("constant")

@@ -53,3 +53,56 @@ def reset_modules(modules: list[nn.Module], generator: torch.Generator) -> None:
                 fresh = copy.deepcopy(module).cpu()
                 fresh.reset_parameters()
                 module.load_state_dict(fresh.state_dict())
+
+
+def conv_norm_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.modules.batchnorm._BatchNorm]]:
+    """(convolution, the BatchNorm right after it) pairs, in registration order: a BatchNorm that is the next module
+    with parameters after a Conv2d and normalises its outputs (convnet's Sequential blocks, ResNet's conv1/bn1,
+    conv2/bn2 and downsample pairs). Pre-activation nets (GroupNorm before the conv) have none."""
+    pairs, previous = [], None
+    for module in model.modules():
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if (isinstance(previous, nn.Conv2d) and isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and module.num_features == previous.out_channels):
+            pairs.append((previous, module))
+        previous = module
+    return pairs
+
+
+@torch.no_grad()
+def rescale_convs(model: nn.Module, factor: float) -> int:
+    """Multiply every convolution that feeds a BatchNorm by ``factor`` (weight and bias) and let the BatchNorm absorb
+    it (running mean x factor, running variance x factor^2): the function is unchanged (up to the BatchNorm's eps),
+    but the convolution's weights are ``factor`` times larger, so a gradient step of the same size changes them
+    ``1 / factor`` times less relative to themselves (with SGD, an effective learning rate 1 / factor^2 times the
+    nominal one). Returns how many pairs were rescaled."""
+    pairs = conv_norm_pairs(model)
+    for conv, norm in pairs:
+        conv.weight.mul_(factor)
+        if conv.bias is not None:
+            conv.bias.mul_(factor)
+        if norm.running_mean is not None:
+            norm.running_mean.mul_(factor)
+            norm.running_var.mul_(factor * factor)
+    return len(pairs)
+
+
+@torch.no_grad()
+def reparameterise(model: nn.Module, config: object, generator: torch.Generator) -> None:
+    """An informed attacker's reparameterisation before fine-tuning, as ``config`` says (each a no-op at its
+    default): ``rescale`` (function-preserving conv -> BatchNorm rescaling), ``temperature`` (the classifier's
+    logits divided by it: the head's weight and bias scaled by 1 / temperature), then ``shrink`` (every parameter
+    times it) and ``perturb`` (plus N(0, perturb^2) noise drawn from ``generator``): shrink-and-perturb."""
+    if config.rescale != 1.0:
+        rescale_convs(model, config.rescale)
+    if config.temperature != 1.0:
+        model.head.weight.div_(config.temperature)
+        if model.head.bias is not None:
+            model.head.bias.div_(config.temperature)
+    if config.shrink != 1.0 or config.perturb:
+        for param in model.parameters():
+            param.mul_(config.shrink)
+            if config.perturb:
+                noise = torch.randn(param.shape, generator=generator) * config.perturb
+                param.add_(noise.to(device=param.device, dtype=param.dtype))

@@ -226,7 +226,9 @@ class RecipeTable:
                                     "to their default where the strategy does not use them)."})
         space = dataclasses.make_dataclass(
             "SearchSpace", [(n, Range if isinstance(s.search_default, Range) else tuple[s.type, ...],
-                             field(default=s.search_default)) for n, s in ((n, self.settings[n]) for n in self._search_names())],
+                             field(default=s.search_default,
+                                   metadata={HASHED: UNLESS_DEFAULT} if s.since >= 2 else {}))
+                            for n, s in ((n, self.settings[n]) for n in self._search_names())],
             frozen=True, namespace={"__doc__": "What the adaptive attacker may choose: every list is a categorical "
                                     "choice (one value: fixed, not searched), every Range a numeric dimension. A "
                                     "strategy's own settings are searched only when that strategy is drawn; a "

@@ -83,9 +83,13 @@ def _value(c: Checker, path: str, name: str, value: Any, mode: str) -> None:
     if name == "strategy":
         strategy_in_mode(c, path, value, mode)
     else:
-        problem = SETTINGS[name].problem(value)
+        setting = SETTINGS[name]
+        problem = setting.problem(value)
         if problem:
             c.add(path, problem)
+        elif mode and setting.modes and mode not in setting.modes and value != setting.default:
+            c.add(path, f"{name} {value!r} does not apply in {mode} mode (it is for {', '.join(setting.modes)}); "
+                  f"use its default {setting.default!r} or remove it")
 
 
 def _model_checks(c: Checker, path: str, spec: SweepSpec, values: dict[str, tuple]) -> None:
