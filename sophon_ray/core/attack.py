@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from sophon_ray.recipes import BN_MODES, SCHEDULES, STRATEGIES, AttackConfig
 from sophon_ray.recipes.augment import make_augment
 from sophon_ray.recipes.surgery import reparameterise
+from sophon_ray.core.adapt import adapt, inputs_of
 from sophon_ray.core.data import stratified_subset
 from sophon_ray.seam import Model as Net
 from sophon_ray.seam import Task
@@ -75,8 +76,13 @@ def finetune(model: Net, train: Dataset, test: Dataset, config: AttackConfig,
     model = copy.deepcopy(model).to(device)
     # its own generator: a recipe without reparameterisation draws exactly what it drew before
     reparameterise(model, config, torch.Generator().manual_seed(REPARAMETERISE_SEED + config.seed))
-    params = prepare(model, config, gen)
     data = stratified_subset(train, config.data_fraction, config.seed)
+    if config.adapt != "none":  # label-free first, on the attacker's inputs only, with its own generator
+        adapt(model, inputs_of(data), config.adapt, config.adapt_epochs,
+              make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay),
+              config.batch_size, torch.Generator().manual_seed(REPARAMETERISE_SEED + 1 + config.seed),
+              config.adapt_threshold, device)
+    params = prepare(model, config, gen)
     optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay)
     steps = config.epochs * -(-len(data) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES.get(config.schedule)(steps))

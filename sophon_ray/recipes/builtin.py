@@ -47,6 +47,13 @@ S(Setting("rescale", float, 1.0, "every conv feeding a BatchNorm times this, the
           low=0, low_open=True, high=100, modes=("classification",)))
 S(Setting("temperature", float, 1.0, "the classifier's logits divided by this (its head scaled by 1/temperature)",
           low=0, low_open=True, high=100, modes=("classification",)))
+# label-free adaptation on the restricted inputs before the labelled fine-tuning (core/adapt.py)
+S(Setting("adapt", str, "none", "label-free adaptation first: none | pseudo-label | entropy (on the attacker's "
+          "inputs only; every parameter, the recipe's optimizer)", choices=lambda: ("none", "pseudo-label", "entropy"),
+          modes=("classification",)))
+S(Setting("adapt_epochs", int, 1, "epochs of label-free adaptation (with adapt)", low=1))
+S(Setting("adapt_threshold", float, 0.9, "pseudo-label: the confidence a prediction needs to be a target",
+          low=0, low_open=True, high=1))
 S(Setting("seed", int, 0, "the attack's seed: head init, data order, subset", grid=(0,), since=0))
 
 
@@ -202,11 +209,11 @@ TABLE.bn_modes.register("frozen", "BatchNorm in eval mode: running statistics ke
 # MLflow params, report columns, the grid product (seed last: a recipe's seeds are neighbours)
 TABLE.order("strategy", "optimizer", "lr", "batch_size", "data_fraction", "schedule", "epochs", "weight_decay",
             "label_smoothing", "augment", "bn_mode", "blocks", "lora_rank", "lora_alpha", "shrink", "perturb",
-            "rescale", "temperature", "seed")
+            "rescale", "temperature", "adapt", "adapt_epochs", "adapt_threshold", "seed")
 # the order a search suggests its dimensions in (a seeded TPE's draws depend on it)
 TABLE.search_order = ("strategy", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "schedule",
                       "label_smoothing", "augment", "bn_mode", "blocks", "lora_rank", "lora_alpha", "data_fraction",
-                      "shrink", "perturb", "rescale", "temperature")
+                      "shrink", "perturb", "rescale", "temperature", "adapt", "adapt_epochs", "adapt_threshold")
 
 # ------------------------------------------------------------------------------------------------- schedules
 @TABLE.schedules.register("constant")
