@@ -68,6 +68,8 @@ SPEC = {
                  "probe_epochs": 1}],
     "attack": {"evaluation": {"strategy": ["noisy-head"], "optimizer": ["sgd"], "lr": [1e-2], "epochs": [1],
                               "head_noise": [0.0, 0.5]},
+               "development": {"strategy": ["direct-all"], "optimizer": ["sgd"], "lr": [1e-2], "epochs": [1],
+                               "warm_start": ["original"], "shrink": [0.5], "adapt": ["entropy"]},
                "search": [{"name": "s", "num_samples": 2, "random_start": 2, "scheduler": "none",
                            "space": {"strategy": ["noisy-head"], "head_noise": [0.1, 0.5], "epochs": [1],
                                      "batch_size": [32], "optimizer": ["sgd"], "schedule": ["constant"],
@@ -113,5 +115,10 @@ def test_a_plugin_strategy_runs_through_validation_grid_search_mlflow_and_the_re
                 and r.data.params["subject"] == "normal"]
     assert len(searched) == 2 and {r.data.params["strategy"] for r in searched} == {"noisy-head"}
     assert {r.data.params["head_noise"] for r in searched} <= {"0.1", "0.5"}
+    # issue 21's families through Tune and MLflow: a warm-started, shrunk, label-free-adapted development cell
+    informed = [r for r in runs if r.data.params.get(names.GRID) == names.DEVELOPMENT]
+    assert informed and all(r.info.status == "FINISHED" for r in informed)
+    assert {(r.data.params["warm_start"], r.data.params["shrink"], r.data.params["adapt"]) for r in informed} == {
+        ("original", "0.5", "entropy")}
     report = tmp_path / "out" / "report"
     assert (report / "heatmap-noisy-head.png").is_file() and "noisy-head" in (report / "summary.md").read_text()

@@ -59,7 +59,8 @@ class FinetuneResult:
 def finetune(model: Net, train: Dataset, test: Dataset, config: AttackConfig,
              original_test: Dataset | None = None, device: torch.device | str = "cpu",
              on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-             val: Dataset | None = None, *, task: Task, keep_model: bool = False) -> FinetuneResult:
+             val: Dataset | None = None, *, task: Task, keep_model: bool = False,
+             warm: Dataset | None = None) -> FinetuneResult:
     """Fine-tune a copy of ``model`` on a stratified ``data_fraction`` of ``train`` as ``config`` says.
 
     ``config.bn_mode`` 'train' runs the model in train mode, so BatchNorm running statistics adapt even
@@ -69,13 +70,23 @@ def finetune(model: Net, train: Dataset, test: Dataset, config: AttackConfig,
     accuracy, generation denoising skill and MSE) after every epoch (and before the first), the score on ``val``
     at the same points when given (what an adaptive attacker selects by: never the test curve), and the
     original-domain score at the end when ``original_test`` is given. ``on_epoch`` gets them under the task's
-    MLflow names. ``keep_model`` keeps the fine-tuned copy in the result.
+    MLflow names. ``keep_model`` keeps the fine-tuned copy in the result. ``warm``: the allowed data a
+    ``warm_start`` recipe trains on first (after any reparameterisation, before label-free adaptation and the
+    strategy).
     """
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(config.seed)
     model = copy.deepcopy(model).to(device)
     # its own generator: a recipe without reparameterisation draws exactly what it drew before
     reparameterise(model, config, torch.Generator().manual_seed(REPARAMETERISE_SEED + config.seed))
+    if config.warm_start != "none":  # continued training on allowed data, every parameter, its own generator
+        if warm is None:
+            raise ValueError(f"warm_start: {config.warm_start} needs its allowed data (finetune(..., warm=...)); "
+                             "set warm_start: none or pass the data")
+        warm_up = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
+        warm_gen = torch.Generator().manual_seed(REPARAMETERISE_SEED + 2 + config.seed)
+        for _ in range(config.warm_epochs):
+            train_epoch(model, warm, warm_up, config.batch_size, warm_gen, device=device, task=task)
     data = stratified_subset(train, config.data_fraction, config.seed)
     if config.adapt != "none":  # label-free first, on the attacker's inputs only, with its own generator
         adapt(model, inputs_of(data), config.adapt, config.adapt_epochs,

@@ -54,6 +54,10 @@ S(Setting("adapt", str, "none", "label-free adaptation first: none | pseudo-labe
 S(Setting("adapt_epochs", int, 1, "epochs of label-free adaptation (with adapt)", low=1))
 S(Setting("adapt_threshold", float, 0.9, "pseudo-label: the confidence a prediction needs to be a target",
           low=0, low_open=True, high=1))
+# continued training on permitted data first (the original domain's training split, or the first benign domain's)
+S(Setting("warm_start", str, "none", "fine-tune on allowed data first: none | original | benign (every parameter, "
+          "the recipe's optimizer, warm_epochs epochs)", choices=lambda: ("none", "original", "benign")))
+S(Setting("warm_epochs", int, 1, "epochs of the allowed-domain warm start (with warm_start)", low=1))
 S(Setting("seed", int, 0, "the attack's seed: head init, data order, subset", grid=(0,), since=0))
 
 
@@ -209,11 +213,13 @@ TABLE.bn_modes.register("frozen", "BatchNorm in eval mode: running statistics ke
 # MLflow params, report columns, the grid product (seed last: a recipe's seeds are neighbours)
 TABLE.order("strategy", "optimizer", "lr", "batch_size", "data_fraction", "schedule", "epochs", "weight_decay",
             "label_smoothing", "augment", "bn_mode", "blocks", "lora_rank", "lora_alpha", "shrink", "perturb",
-            "rescale", "temperature", "adapt", "adapt_epochs", "adapt_threshold", "seed")
+            "rescale", "temperature", "adapt", "adapt_epochs", "adapt_threshold", "warm_start",
+            "warm_epochs", "seed")
 # the order a search suggests its dimensions in (a seeded TPE's draws depend on it)
 TABLE.search_order = ("strategy", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "schedule",
                       "label_smoothing", "augment", "bn_mode", "blocks", "lora_rank", "lora_alpha", "data_fraction",
-                      "shrink", "perturb", "rescale", "temperature", "adapt", "adapt_epochs", "adapt_threshold")
+                      "shrink", "perturb", "rescale", "temperature", "adapt", "adapt_epochs", "adapt_threshold",
+                      "warm_start", "warm_epochs")
 
 # ------------------------------------------------------------------------------------------------- schedules
 @TABLE.schedules.register("constant")

@@ -118,6 +118,7 @@ def grid(c: Checker, path: str, g: Any, spec: SweepSpec) -> None:
         for j, value in enumerate(values):
             _value(c, f"{path}.{f.name}.{j}", f.name, value, spec.mode)
     _model_checks(c, path, spec, {f.name: getattr(g, f.name) for f in fields(g)})
+    _benign_warm_start(c, path, g.warm_start, spec)
 
 
 def numeric_range(c: Checker, path: str, r: Range, name: str) -> None:
@@ -164,3 +165,10 @@ def space(c: Checker, path: str, search: SearchSpec, spec: SweepSpec) -> None:
         for j, v in enumerate(value):
             _value(c, f"{p}.{j}", f.name, v, spec.mode)
     _model_checks(c, path, spec, values)
+    _benign_warm_start(c, path, search.space.warm_start, spec)
+
+
+def _benign_warm_start(c: Checker, path: str, kinds: tuple[str, ...], spec: SweepSpec) -> None:
+    if "benign" in kinds and not spec.benign:
+        c.add(f"{path}.warm_start", "warm_start benign fine-tunes on the first benign domain first and this spec has "
+              "none: add `benign: [{dataset: ..., ...}]` or use warm_start: original")

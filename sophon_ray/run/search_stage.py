@@ -11,13 +11,28 @@ from typing import TYPE_CHECKING, Any
 
 from sophon_ray import names
 from sophon_ray.modes import metric_for
+from sophon_ray.recipes import SETTINGS
 from sophon_ray.run.context import RunContext
 from sophon_ray.run.keys import protected_models, search_key
 
 if TYPE_CHECKING:
-    from sophon_ray.run.tracking import Tracker
+    from torch.utils.data import Dataset
 
-CASTS = {"batch_size": int, "epochs": int, "blocks": int, "lora_rank": int}  # searched params that are integers
+    from sophon_ray.core.data import Splits
+    from sophon_ray.run.tracking import Tracker
+    from sophon_ray.spec import SweepSpec
+
+CASTS = {name: s.type for name, s in SETTINGS.items() if s.type is int}  # searched params that are integers
+
+
+def warm_sets(spec: SweepSpec, splits: Splits, kinds: set[str]) -> dict[str, Dataset | None]:
+    """The allowed data a search's warm_start choices need (the original training split, the first benign
+    domain's training split), loaded only when the space can draw them."""
+    from sophon_ray.core.data import load_domain  # noqa: PLC0415
+    from sophon_ray.run.trials_worker import warm_data  # noqa: PLC0415
+
+    benign = [load_domain(spec.benign[0])] if "benign" in kinds and spec.benign else []
+    return {k: warm_data(k, splits.original_train, benign) for k in kinds - {"none"}}
 
 
 def search_history(tracker: Tracker, search_run: str, scratch: bool, metric: names.Metric = names.ACCURACY
@@ -88,7 +103,9 @@ def search_stage(ctx: RunContext, models: dict[str, Path]) -> None:
             remaining = search.num_samples - len(history)
             if remaining > 0:
                 ctx.view.start_ray(ctx.options.address)
-                data = search_data(splits, template.domain, search.val_fraction, search.seed)
+                kinds = set(search.space.warm_start) | {template.config.warm_start}
+                data = search_data(splits, template.domain, search.val_fraction, search.seed,
+                                   warm_sets(spec, splits, kinds))
                 name = f"search-{search_key(sid, template)}-{int(time.time())}"
                 run_search(spec, search, template, remaining, [(p, v) for _, p, v, _ in history], loaded, data,
                            ctx.storage, name, [make_callback(tracker, run_id, sid,

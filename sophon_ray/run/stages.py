@@ -163,7 +163,8 @@ def _attack_trials(ctx: RunContext, trials: list[Trial], models: dict[str, Path]
         return
     ctx.view.start_ray(ctx.options.address)
     loaded = load_models(models)
-    data = attack_data(make_splits(spec), [load_domain(d) for d in spec.benign])
+    data = attack_data(make_splits(spec), [load_domain(d) for d in spec.benign],
+                       warm_original=any(t.config.warm_start == "original" for t in todo))
     errors: list = []
     for attempt in range(1 + RETRY_PASSES):
         counts = AttackProgress(len(todo))

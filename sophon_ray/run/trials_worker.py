@@ -154,6 +154,7 @@ class AttackData:
     restricted_test: list[Dataset]
     original_test: Dataset
     benign: list[tuple[Dataset, Dataset]] = dataclasses.field(default_factory=list)  # (train, test) per domain
+    original_train: Dataset | None = None   # allowed data of a warm_start: original recipe
 
     def for_trial(self, trial: Trial) -> tuple[Dataset, Dataset]:
         """(fine-tuning data, scoring data) of a trial's grid and domain."""
@@ -164,12 +165,28 @@ class AttackData:
             return self.benign[d]
         return self.restricted_attacker[d], self.restricted_test[d]  # evaluation, budget
 
+    def warm(self, kind: str) -> Dataset | None:
+        """The allowed data of a ``warm_start`` recipe: the original domain's training split, or the first benign
+        domain's; None for ``none``."""
+        return warm_data(kind, self.original_train, self.benign)
 
-def attack_data(splits: Splits, benign: list[tuple[Dataset, Dataset]] | None = None) -> AttackData:
-    """The trials' share of the sweep's splits (no original training or validation data), and the benign
-    domains' (train, test) splits."""
+
+def warm_data(kind: str, original_train: Dataset | None, benign: list[tuple[Dataset, Dataset]]) -> Dataset | None:
+    """``original``: the original domain's training split; ``benign``: the first benign domain's; else None."""
+    if kind == "original":
+        return original_train
+    if kind == "benign":
+        return benign[0][0] if benign else None
+    return None
+
+
+def attack_data(splits: Splits, benign: list[tuple[Dataset, Dataset]] | None = None,
+                warm_original: bool = False) -> AttackData:
+    """The trials' share of the sweep's splits, and the benign domains' (train, test) splits; the original
+    training split only when a recipe warm-starts on it (``warm_original``)."""
     return AttackData(splits.restricted_train, splits.restricted_val, splits.restricted_attacker,
-                      splits.restricted_test, splits.original_test, list(benign or []))
+                      splits.restricted_test, splits.original_test, list(benign or []),
+                      splits.original_train if warm_original else None)
 
 
 # --------------------------------------------------------------------------------------------- the trial
@@ -274,7 +291,7 @@ def attack_trial(config: dict[str, Any], trials: dict[str, Trial], models: dict[
     data = unshare(data)
     train, score = data.for_trial(trial)
     result = finetune(model, train, score, trial.config, original_test=data.original_test, device=device,
-                      on_epoch=reporter, task=task, keep_model=True)
+                      on_epoch=reporter, task=task, keep_model=True, warm=data.warm(trial.config.warm_start))
     _finish(reporter, result, trial.config.epochs, task.after_attack(model, result.model, train, score, device))
 
 
@@ -288,15 +305,17 @@ class SearchData:
     val: Dataset
     test: Dataset
     original_test: Dataset
+    warm: dict[str, Dataset] = dataclasses.field(default_factory=dict)   # warm_start kind -> its allowed data
 
 
-def search_data(splits: Splits, domain: int, val_fraction: float, seed: int) -> SearchData:
+def search_data(splits: Splits, domain: int, val_fraction: float, seed: int,
+                warm: dict[str, Dataset] | None = None) -> SearchData:
     """A search's data for ``domain``: ``val_fraction`` of the attacker's pool held out (stratified, seeded by
     the search, the same for every attacked model)."""
     from sophon_ray.core.data import split_off  # noqa: PLC0415
 
     train, val = split_off(splits.restricted_attacker[domain], val_fraction, seed)
-    return SearchData(train, val, splits.restricted_test[domain], splits.original_test)
+    return SearchData(train, val, splits.restricted_test[domain], splits.original_test, dict(warm or {}))
 
 
 def search_config(template: Trial, sampled: dict[str, Any]) -> Trial:
@@ -321,6 +340,7 @@ def search_trial(config: dict[str, Any], template: Trial, models: dict[str, tupl
                              send=mail_sender(mail) if mail is not None else None)
     data = unshare(data)
     result = finetune(model, data.train, data.test, trial.config, original_test=data.original_test, device=device,
-                      on_epoch=reporter, val=data.val, task=task, keep_model=True)
+                      on_epoch=reporter, val=data.val, task=task, keep_model=True,
+                      warm=data.warm.get(trial.config.warm_start))
     _finish(reporter, result, trial.config.epochs,
             task.after_attack(model, result.model, data.train, data.test, device))
