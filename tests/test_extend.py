@@ -121,4 +121,5 @@ def test_a_plugin_strategy_runs_through_validation_grid_search_mlflow_and_the_re
     assert {(r.data.params["warm_start"], r.data.params["shrink"], r.data.params["adapt"]) for r in informed} == {
         ("original", "0.5", "entropy")}
     report = tmp_path / "out" / "report"
-    assert (report / "heatmap-noisy-head.png").is_file() and "noisy-head" in (report / "summary.md").read_text()
+    assert (report / "evaluation-shapes_m-heatmap-noisy-head.png").is_file()  # a section per grid and domain
+    assert "noisy-head" in (report / "summary.md").read_text()
