@@ -108,3 +108,20 @@ def test_validation_refuses_classifier_only_settings_in_generation_mode():
     data["attack"]["evaluation"]["shrink"] = [0.0]
     with pytest.raises(Exception, match=r"shrink.*must be > 0"):
         parse_spec(data)
+
+
+@pytest.mark.parametrize("setting,value", [("shrink", 0.4), ("perturb", 0.01), ("rescale", 3.0), ("temperature", 2.0),
+                                           ("adapt", "entropy"), ("adapt_epochs", 3), ("adapt_threshold", 0.8),
+                                           ("warm_start", "original"), ("warm_epochs", 2)])
+def test_each_informed_attack_setting_round_trips_through_mlflow_params_and_the_trial_key(setting, value):
+    from sophon_ray import names
+    from sophon_ray.recipes import param_casts
+    from sophon_ray.run.plan import Subject, Trial
+
+    config = replace(AttackConfig(), **{setting: value})
+    params = TABLE.params(config)
+    assert params[setting] == value
+    assert param_casts()[setting](str(value)) == value     # what analysis reads back from MLflow's string
+    trial = Trial(Subject("normal"), names.EVALUATION, 0, "d", "disjoint", config)
+    plain = replace(trial, config=AttackConfig())
+    assert trial.key != plain.key and trial.params()[setting] == value and setting not in plain.params()
