@@ -199,8 +199,16 @@ def _fit(tuner: Any, callbacks: list[Any], mail: Any, trials: dict[str, Trial] |
         for callback in callbacks:
             if hasattr(callback, "attach"):
                 callback.attach(MailReader(mail), trials)
-        with environment(NO_AUTO_LOGGERS):
-            return tuner.fit()
+        # Tune's result grid looks for the result.json / progress.csv files those loggers would have written and warns
+        # once per trial that they are missing: expected here, so that warning is silenced for the fit
+        analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+        level = analysis_log.level
+        analysis_log.setLevel(logging.ERROR)
+        try:
+            with environment(NO_AUTO_LOGGERS):
+                return tuner.fit()
+        finally:
+            analysis_log.setLevel(level)
     finally:
         close_mail(mail)
 
