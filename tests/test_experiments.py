@@ -19,7 +19,7 @@ def run(cmd: list[str], tmp: Path, timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=tmp, env=process_env(), text=True, capture_output=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("script", ["experiments/gen_calibrate.py", "experiments/gen_pair.py",
+@pytest.mark.parametrize("script", ["experiments/gen_calibrate.py", "experiments/gen_pair.py", "experiments/informed_probe.py",
                                     "tools/offline_wheels.py"])
 def test_script_imports_and_answers_help(script, tmp_path):
     proc = run([sys.executable, str(REPO / script), "--help"], tmp_path, 120)
