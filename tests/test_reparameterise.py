@@ -125,3 +125,16 @@ def test_each_informed_attack_setting_round_trips_through_mlflow_params_and_the_
     trial = Trial(Subject("normal"), names.EVALUATION, 0, "d", "disjoint", config)
     plain = replace(trial, config=AttackConfig())
     assert trial.key != plain.key and trial.params()[setting] == value and setting not in plain.params()
+
+
+def test_validation_refuses_a_rescale_that_would_do_nothing():
+    from pathlib import Path
+
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).parents[1] / "sweeps" / "quickstart.yaml").read_text())
+    data["attack"]["evaluation"] = {**data["attack"]["evaluation"], "rescale": [1.0, 4.0]}
+    assert parse_spec(data).attack.evaluation[0].rescale == (1.0, 4.0)   # convnet: 3 conv -> BatchNorm pairs
+    data["model"]["arch"] = "convnet_nobn"
+    with pytest.raises(Exception, match="rescale 4 does nothing on convnet_nobn"):
+        parse_spec(data)

@@ -110,6 +110,7 @@ class ModelFacts:
     blocks: int          # len(model.blocks())
     lora_targets: int    # convs / hidden Linears LoRA can wrap
     grouped_convs: int   # grouped convolutions (LoRA cannot wrap them)
+    norm_pairs: int = 0  # convolutions feeding a BatchNorm (what rescale rescales)
 
 
 class RecipeTable:

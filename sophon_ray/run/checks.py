@@ -53,7 +53,10 @@ def model_facts(arch: str, channels: int, image_size: int) -> ModelFacts:
     with torch.device("meta"):
         model = build_model(ModelSpec(arch, num_classes=2, channels_last=False), channels, image_size)
     grouped = sum(isinstance(m, nn.Conv2d) and m.groups != 1 for m in model.modules())
-    return ModelFacts(arch, mode_of_arch(arch).name, len(model.blocks()), lora_targets(model), grouped)
+    from sophon_ray.recipes.surgery import conv_norm_pairs  # noqa: PLC0415
+
+    return ModelFacts(arch, mode_of_arch(arch).name, len(model.blocks()), lora_targets(model), grouped,
+                      len(conv_norm_pairs(model)))
 
 
 def strategy_problem(arch: str, config: Any, channels: int = 3, image_size: int = 16) -> str | None:
@@ -93,9 +96,16 @@ def _value(c: Checker, path: str, name: str, value: Any, mode: str) -> None:
 
 
 def _model_checks(c: Checker, path: str, spec: SweepSpec, values: dict[str, tuple]) -> None:
-    """Every strategy the axes may pick, with every value of its own settings, against the model."""
+    """Every strategy the axes may pick, with every value of its own settings, against the model; a rescale on a
+    model with nothing to rescale."""
     if mode_of_arch(spec.model.arch) is None or MODES.get(spec.mode) is not mode_of_arch(spec.model.arch):
         return
+    rescales = [v for v in values.get("rescale", ()) if v != 1.0]
+    if rescales and spec.mode in SETTINGS["rescale"].modes:
+        facts = model_facts(spec.model.arch, spec.original.channels, spec.original.image_size)
+        if not facts.norm_pairs:
+            c.add(f"{path}.rescale", f"rescale {rescales[0]:g} does nothing on {spec.model.arch}: it has no convolution "
+                  "feeding a BatchNorm; use rescale 1 or a BatchNorm model (convnet, resnet18)")
     for j, strategy in enumerate(values.get("strategy", ())):
         if strategy not in strategies_for(spec.mode) or STRATEGIES.get(strategy).check is None:
             continue
