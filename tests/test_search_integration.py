@@ -128,7 +128,9 @@ def test_every_attacked_model_gets_a_complete_search_logged_once(sweep):
 @pytest.mark.integration
 def test_budget_and_benign_grids_fine_tune_where_they_should(sweep):
     tmp, _, _ = sweep
-    attack = [r for r in runs(tmp) if r.data.tags.get(names.ROLE) == "attack"]
+    # finished runs only: a search trial the kill interrupted is left KILLED (its run was opened, its params were not
+    # logged yet) and rerun under another key
+    attack = [r for r in runs(tmp) if r.data.tags.get(names.ROLE) == "attack" and r.info.status == "FINISHED"]
     budget = [r for r in attack if r.data.params[names.GRID] == names.BUDGET]
     benign = [r for r in attack if r.data.params[names.GRID] == names.BENIGN]
     assert len(budget) == 2 * 3 and len(benign) == 3
