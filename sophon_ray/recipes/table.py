@@ -226,7 +226,7 @@ class RecipeTable:
                                     "setting; the grid is their cross product (a strategy's own settings collapse "
                                     "to their default where the strategy does not use them)."})
         space = dataclasses.make_dataclass(
-            "SearchSpace", [(n, Range if isinstance(s.search_default, Range) else tuple[s.type, ...],
+            "SearchSpace", [(n, _dimension_type(s),
                              field(default=s.search_default,
                                    metadata={HASHED: UNLESS_DEFAULT} if s.since >= 2 else {}))
                             for n, s in ((n, self.settings[n]) for n in self._search_names())],
@@ -237,3 +237,9 @@ class RecipeTable:
         for cls in (config, grid, space):
             cls.__module__ = "sophon_ray.recipes"
         return config, grid, space
+
+
+def _dimension_type(setting: Setting) -> Any:
+    """A search dimension's type: a list of values, or for a number also a Range (a mapping in the spec)."""
+    values = tuple[setting.type, ...]
+    return values | Range if setting.type in (int, float) else values

@@ -7,7 +7,7 @@ import itertools
 from dataclasses import dataclass, fields, replace
 
 from sophon_ray import names
-from sophon_ray.recipes import SCRATCH_STRATEGY, AttackConfig, grid_configs
+from sophon_ray.recipes import SCRATCH_STRATEGY, TABLE, AttackConfig, grid_configs
 from sophon_ray.spec import Range, SearchSpec, SweepSpec, spec_hash
 
 
@@ -65,9 +65,20 @@ class Trial:
                          if getattr(c, k) != plain)
         how = {"lora": f"lora-r{c.lora_rank}a{c.lora_alpha:g}", "last-k": f"last-{c.blocks}",
                "reinit-last-k": f"reinit-last-{c.blocks}"}.get(what, what)
+        extra += "".join(f"/{n}={_short(getattr(c, n))}" for n, s in TABLE.settings.items()
+                         if n not in _NAMED and getattr(c, n) != s.default)
         where = f"{self.grid[:3]}/{self.search}#{self.search_trial}" if self.search else self.grid[:3]
         return (f"{where}/{self.domain_name}/{self.subject.label}/{how}/{c.optimizer}/lr{c.lr:.3g}/"
                 f"bs{c.batch_size}/f{c.data_fraction:g}/e{c.epochs}/{c.schedule}{wd}{extra}/s{c.seed}")
+
+
+# the settings a trial's name spells in its own way; every other one shows as /name=value when off its default
+_NAMED = frozenset({"strategy", "optimizer", "lr", "batch_size", "data_fraction", "epochs", "schedule", "weight_decay",
+                    "label_smoothing", "augment", "bn_mode", "blocks", "lora_rank", "lora_alpha", "seed"})
+
+
+def _short(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _unique_names(datasets: list[str]) -> list[str]:

@@ -43,16 +43,19 @@ def _join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
+def _strip_optional(tp: Any, value: Any) -> tuple[Any, bool]:
+    """``tp`` without its None (and whether it had one); of a union of a dataclass and another type, the dataclass
+    for a mapping and the other type for anything else (a search dimension: a Range or a list of values)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], len(args) < len(typing.get_args(tp))
+        fits = [a for a in args if dataclasses.is_dataclass(a) == isinstance(value, dict)]
+        return (fits or args)[0], len(args) < len(typing.get_args(tp))
     return tp, False
 
 
 def _build(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
     """Convert a YAML value to ``tp``; append a Problem (and return None) where it does not fit."""
-    tp, optional = _strip_optional(tp)
+    tp, optional = _strip_optional(tp, value)
     if value is None:
         if optional:
             return None
