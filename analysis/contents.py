@@ -18,6 +18,7 @@ import pandas as pd
 
 from analysis.budget import GridRuns, benign_rows, budget_rows, load_grid, make_budget_figures
 from analysis.curves import make_curves
+from analysis.families import family_rows
 from analysis.heatmaps import make_all_heatmaps
 from analysis.runs import (PretrainRun, Sweep, find_sweep, load_curves, load_num_classes, load_pretrain_run,
                            load_protect_runs, load_runs)
@@ -158,6 +159,8 @@ TABLES: tuple[Table, ...] = (
           lambda d: robustness_table(d.cells, d.chance_level)),
     Table("cells", "per (grid, domain, variant, recipe): seed-mean final score of protected, normal and scratch",
           lambda d: d.cells),
+    Table("families", "per (grid, domain, variant, protection seed, defence-aware family): best attack on each "
+          "subject, share of the scratch-to-normal gap recovered, held", lambda d: family_rows(d.runs, d.chance_level)),
     Table("search", "per (search, domain, variant): the best found after all trials and the worst-case gaps",
           _search_found),
     Table("search_picks", "per search run: the attacker's final pick (its trial, validation and test score)",

@@ -20,6 +20,7 @@ from analysis.budget import benign_section, budget_section
 from analysis.cli import parse_source_args, source_parser
 from analysis.contents import TABLES_DIR, SweepData, load_sweep_data, make_figures, write_tables
 from analysis.html import write_html_report
+from analysis.families import family_rows
 from analysis.results import merge_results, results_document
 from analysis.runs import load_spec_dict
 from analysis.search import search_overview, search_section
@@ -115,7 +116,7 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     extra = [search_section(data.searches, chance_level, metric=metric), budget_section(data.budget, metric=metric),
              benign_section(data.benign, metric=metric)]
     text = make_summary(data.cells, data.curves, data.protect, data.pretrain, data.num_classes, data.title,
-                        [part for part in extra if part], metric)
+                        [part for part in extra if part], metric, family_rows(data.runs, chance_level))
     summary = write_summary(text, out)
     page = write_html_report(text, out, figures)
     tables = write_tables(data, out)

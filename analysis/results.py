@@ -22,10 +22,12 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.families import family_rows
 from analysis.runs import CELL_KEYS, Sweep, has_classes
 from analysis.tables import cells, sections, varying
 from analysis.summary import (ROBUSTNESS_HEADER, best_attacks_section, cell_name, cell_section, complete_cells,
-                              definitions, leaks_section, markdown_table, number, robustness_cells, robustness_rows)
+                              definitions, family_part, leaks_section, markdown_table, number, robustness_cells,
+                              robustness_rows)
 from sophon_ray import names
 from sophon_ray.modes import MODES
 from sophon_ray.core.metrics import MEANINGFUL_GAP, Cell, chance
@@ -126,6 +128,7 @@ def results_document(sweep: Sweep, runs: pd.DataFrame, curves: Mapping[str, Sequ
     leaks = ("Label-information leaks (protected below chance)" if has_classes(metric)
              else "Worse than refusing (protected below zero skill)")
     cell_table = cells(runs)
+    families = family_rows(runs, chance_level)
     took = f" in {seconds / 60:.1f} min" if seconds and not math.isnan(seconds) else ""
     parts = [f"# Results: `{sweep.experiment}` (sweep {sweep.sweep_id})",
              f"Written by `{command}` from the MLflow runs of `sophon-ray run` ({time.strftime('%Y-%m-%d')}); the "
@@ -145,6 +148,7 @@ def results_document(sweep: Sweep, runs: pd.DataFrame, curves: Mapping[str, Sequ
                   "### Robustness", markdown_table(["variant", *ROBUSTNESS_HEADER], summary_rows),
                   "### Precondition: does pretraining help the attacker?", precondition_section(section, chance_level),
                   "### Best attack found on each subject", best_attacks_section(section, chance_level, metric),
+                  *family_part(families, grid, domain),
                   f"### {leaks}", leaks_section(section, chance_level, metric),
                   "### Every cell", cell_section(section, curves, chance_level, metric)]
     for grid, domain, section in sections(cell_table):

@@ -18,12 +18,13 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.curves import mean_curve
+from analysis.families import FAMILY, family_order, family_rows
 from analysis.cli import parse_source_args, source_parser
 from analysis.runs import (CELL_KEYS, OPTIMIZER_ORDER, STRATEGY_ORDER, PretrainRun, find_sweep, has_classes,
                            load_curves, load_num_classes, load_pretrain_run, load_protect_runs, load_runs)
 from analysis.tables import cells, in_order, sections, varying
 from sophon_ray import names
-from sophon_ray.recipes import legacy_defaults
+from sophon_ray.recipes import PLAIN, legacy_defaults
 from sophon_ray.errors import cli_exit
 from sophon_ray.core.metrics import (BELOW_CHANCE_MARGIN, HOLD_MARGIN, MEANINGFUL_GAP, TARGET_SHARE, Cell, chance,
                                 intactness_drop, overhead, summarise)
@@ -225,6 +226,56 @@ def definitions(chance_level: float, metric: names.Metric = names.ACCURACY) -> s
             f"{floor}")
 
 
+def family_part(families: pd.DataFrame | None, grid: str, domain: str) -> list[str]:
+    """The defence-aware families' heading and section of one (grid, domain), or nothing when it ran none."""
+    if families is None or families.empty:
+        return []
+    rows = families[(families[names.GRID] == grid) & (families[names.DOMAIN] == domain)]
+    return ["### Defence-aware attack families", families_section(rows)] if not rows.empty else []
+
+
+def families_section(rows: pd.DataFrame) -> str:
+    """Markdown for one (grid, domain) section of :func:`family_rows`: per variant and family the best attack on
+    each subject (protected: per protection seed, then their mean), the share of the scratch-to-normal gap it
+    recovers, and on how many protection seeds the protection held; then, per variant, the families that break
+    it (on most of its seeds)."""
+    if rows.empty:
+        return "No defence-aware attack ran on this grid."
+    table, verdicts = [], []
+    for variant in in_order(rows["variant"]):
+        mine = rows[rows["variant"] == variant]
+        breaking = []
+        for family in family_order(mine[FAMILY]):
+            fam = mine[mine[FAMILY] == family].sort_values(names.PROTECT_SEED)
+            seeds, held = len(fam), int(fam["held"].sum())
+            share = fam["recovered"].mean()
+            table.append([variant, family, str(int(fam["cells"].iloc[0])), number(fam["normal"].iloc[0]),
+                          number(fam["scratch"].iloc[0]),
+                          " / ".join(number(v) for v in fam["protected"]) + f" ({number(fam['protected'].mean())})",
+                          " / ".join(_percent(v) for v in fam["recovered"]) + f" ({_percent(share)})",
+                          f"{held}/{seeds}"])
+            if family != PLAIN and held * 2 < seeds:
+                breaking.append(f"{family} ({_percent(share)})")
+        plain_held = mine[mine[FAMILY] == PLAIN]["held"]
+        before = "held" if len(plain_held) and plain_held.sum() * 2 >= len(plain_held) else "broken"
+        verdicts.append(f"- **{variant}**: {before} by plain fine-tuning of these recipes; broken by "
+                        f"{', '.join(breaking) if breaking else 'no family'} (on most protection seeds)."
+                        + (" A protection that holds against the ordinary recipes and not against these is broken."
+                           if breaking and before == "held" else ""))
+    header = ["variant", "family", "cells", "normal", "scratch", "protected per seed (mean)",
+              "recovered per seed (mean)", "held"]
+    note = ("Best recipe of each family on each subject (attack-seed means, floored at chance). *recovered* = "
+            "(protected − scratch) / (normal − scratch): 0% as hard as scratch, 100% as easy as the unprotected "
+            "model, n/a where normal is not above scratch + 1. *held*: protection seeds on which protected ≤ "
+            "scratch + 1. Each family is compared with its own cells on normal and scratch; *plain* is ordinary "
+            "fine-tuning of the same base recipes.")
+    return "\n\n".join([markdown_table(header, table, text_columns=2), note, "\n".join(verdicts)])
+
+
+def _percent(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.0f}%"
+
+
 def grid_note(grid: str) -> str:
     if grid == names.EVALUATION:
         return ("Evaluation grid: attackers fine-tune on their own data pool and are scored on the restricted "
@@ -235,13 +286,14 @@ def grid_note(grid: str) -> str:
 
 def make_summary(cells_df: pd.DataFrame, curves: Mapping[str, Sequence[float]], protect_df: pd.DataFrame,
                  pretrain: PretrainRun, num_classes: int | None, title: str, extra_sections: Sequence[str] = (),
-                 metric: names.Metric = names.ACCURACY) -> str:
+                 metric: names.Metric = names.ACCURACY, families: pd.DataFrame | None = None) -> str:
     """The markdown report: intactness, then per (grid, domain): robustness, best attacks, leaks, cells; then
     ``extra_sections`` (markdown: the adaptive attacker, budget and benign sections of ``analysis.search`` and
     ``analysis.budget``).
 
     ``cells_df`` from ``cells``, ``curves`` run_id -> restricted accuracy per epoch (for overheads),
-    ``protect_df`` from ``load_protect_runs``; ``num_classes=None`` leaves accuracies unfloored.
+    ``protect_df`` from ``load_protect_runs``; ``num_classes=None`` leaves accuracies unfloored; ``families`` from
+    ``analysis.families.family_rows`` adds the defence-aware families of every section that ran them.
     """
     chance_level = chance(num_classes) if num_classes else 0.0
     leaks = ("Label-information leaks (protected below chance)" if has_classes(metric)
@@ -252,6 +304,7 @@ def make_summary(cells_df: pd.DataFrame, curves: Mapping[str, Sequence[float]], 
         parts += [f"## {grid.capitalize()} grid, restricted domain `{domain}`", grid_note(grid),
                   "### Robustness per protected variant (seed means)", robustness_section(section, chance_level),
                   "### Best attack found on each subject", best_attacks_section(section, chance_level, metric),
+                  *family_part(families, grid, domain),
                   f"### {leaks}", leaks_section(section, chance_level, metric),
                   "### Cells", cell_section(section, curves, chance_level, metric)]
     parts.append(f"Overhead = epochs to reach tau = {TARGET_SHARE:g} × scratch's final {metric.noun}, relative to "
@@ -330,8 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         protect = load_protect_runs(args.tracking_uri, args.experiment, sweep.sweep_id)
         pretrain = load_pretrain_run(args.tracking_uri, args.experiment, sweep.sweep_id)
         curves = load_curves(args.tracking_uri, runs["run_id"], sweep.metric.restricted)
-        text = make_summary(cells(runs), curves, protect, pretrain, args.num_classes or load_num_classes(sweep),
-                            f"{args.experiment}: sweep {sweep.sweep_id}", metric=sweep.metric)
+        num_classes = args.num_classes or load_num_classes(sweep)
+        text = make_summary(cells(runs), curves, protect, pretrain, num_classes,
+                            f"{args.experiment}: sweep {sweep.sweep_id}", metric=sweep.metric,
+                            families=family_rows(runs, chance(num_classes) if num_classes else 0.0))
         print(write_summary(text, args.out))
         return 0
 

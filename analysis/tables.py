@@ -81,12 +81,15 @@ SECONDARY = ("batch_size", "data_fraction", "schedule", "epochs", "weight_decay"
 
 
 def base_setting(table: pd.DataFrame) -> dict[str, object]:
-    """The most common value of every secondary setting (ties: the smallest): the grid's base recipe."""
-    return {key: sorted(table[key].value_counts().loc[lambda c: c == c.max()].index)[0] for key in SECONDARY}
+    """The most common value (ties: the smallest) of every setting beside (strategy, optimizer, lr): the grid's
+    base recipe (so a sub-grid that moves another setting, a defence-aware family say, stays out of the base
+    figures)."""
+    keys = [key for key in CELL_KEYS if key not in ("strategy", "optimizer", "lr") and key in table]
+    return {key: sorted(table[key].value_counts().loc[lambda c: c == c.max()].index)[0] for key in keys}
 
 
 def base_slice(table: pd.DataFrame, free: str | None = None) -> pd.DataFrame:
-    """Rows whose secondary settings (all but ``free``) are the base recipe's."""
+    """Rows whose settings beside (strategy, optimizer, lr), all but ``free``, are the base recipe's."""
     base = base_setting(table)
     keep = pd.Series(True, index=table.index)
     for key, value in base.items():

@@ -152,3 +152,21 @@ def test_search_history_reads_finished_trials_back_and_kills_unfinished_ones(tra
     assert params["lora_rank"] == 8 and isinstance(params["lora_rank"], int) and params["strategy"] == "lora"
     assert params["lr"] == pytest.approx(0.01) and params["epochs"] == 8
     assert {r.info.status for r in tracker.child_runs(parent)} == {"FINISHED", "KILLED"}
+
+
+def test_every_number_setting_takes_a_range_or_a_list_in_a_search_space():
+    """A defence-aware setting has no default search dimension; a spec widens the space with a range or a list,
+    and validation holds the range to the setting's bounds (naming the field)."""
+    widened = {"shrink": {"distribution": "uniform", "low": 0.2, "high": 1.0}, "perturb": [0.0, 0.01],
+               "adapt": ["none", "entropy"], "warm_epochs": [1, 2]}
+    spec = {**SPEC, "attack": {**SPEC["attack"], "search": [{**SPEC["attack"]["search"][0],
+                                                            "space": {**SPEC["attack"]["search"][0]["space"],
+                                                                      **widened}}]}}
+    space = parse_spec(spec).attack.search[0].space
+    assert space.shrink == Range("uniform", 0.2, 1.0) and space.perturb == (0.0, 0.01)
+    dims = dimensions(space, "direct-all")
+    assert not dims["shrink"].log and {"perturb", "adapt", "warm_epochs"} <= set(dims)
+    bad = {**widened, "shrink": {"distribution": "uniform", "low": 0.0, "high": 1.0}}
+    spec["attack"]["search"][0]["space"].update(bad)
+    with pytest.raises(Exception, match=r"attack\.search\.0\.space\.shrink\.low: must be > 0"):
+        parse_spec(spec)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sophon_ray.recipes.builtin import TABLE
-from sophon_ray.recipes.table import EVERY_MODE, HASHED, UNLESS_DEFAULT, ModelFacts, Range, Setting, Strategy
+from sophon_ray.recipes.table import EVERY_MODE, HASHED, PLAIN, UNLESS_DEFAULT, ModelFacts, Range, Setting, Strategy
 
 PLUGINS_ENV = "SOPHON_RAY_PLUGINS"
 
@@ -71,7 +71,7 @@ def legacy_defaults() -> dict[str, Any]:
 
 
 __all__ = ["AttackConfig", "BN_MODES", "EVERY_MODE", "GridSpec", "HASHED", "ModelFacts", "OPTIMIZERS",
-           "PLUGINS_ENV", "Range", "SCHEDULES", "SCRATCH_STRATEGY", "SETTINGS", "STRATEGIES", "SearchSpace", "Setting",
+           "PLAIN", "PLUGINS_ENV", "Range", "SCHEDULES", "SCRATCH_STRATEGY", "SETTINGS", "STRATEGIES", "SearchSpace", "Setting",
            "Strategy", "TABLE", "UNLESS_DEFAULT", "grid_configs", "legacy_defaults", "normalise", "param_casts",
            "strategies_for"]
 

@@ -40,24 +40,27 @@ S(Setting("data_fraction", float, 1.0, "stratified fraction of the attacker's da
 # reparameterisation before fine-tuning (an informed attacker's move against defences that control how fast a
 # model converges); every one a no-op at its default, so recipes without it keep their keys
 S(Setting("shrink", float, 1.0, "every parameter times this before fine-tuning (weight shrinking; with perturb: "
-          "shrink-and-perturb)", low=0, low_open=True, high=10))
-S(Setting("perturb", float, 0.0, "std of the Gaussian noise added to every parameter after shrink", low=0, high=1))
+          "shrink-and-perturb)", low=0, low_open=True, high=10, family="shrink"))
+S(Setting("perturb", float, 0.0, "std of the Gaussian noise added to every parameter after shrink", low=0, high=1,
+          family="perturb"))
 S(Setting("rescale", float, 1.0, "every conv feeding a BatchNorm times this, the BatchNorm absorbing it: the same "
           "function, effective SGD step 1/rescale^2 on those convs (no-op without conv->BatchNorm pairs)",
-          low=0, low_open=True, high=100, modes=("classification",)))
+          low=0, low_open=True, high=100, modes=("classification",), family="rescale"))
 S(Setting("temperature", float, 1.0, "the classifier's logits divided by this (its head scaled by 1/temperature)",
-          low=0, low_open=True, high=100, modes=("classification",)))
+          low=0, low_open=True, high=100, modes=("classification",), family="temperature"))
 # label-free adaptation on the restricted inputs before the labelled fine-tuning (core/adapt.py)
 S(Setting("adapt", str, "none", "label-free adaptation first: none | pseudo-label | entropy (on the attacker's "
           "inputs only; every parameter, the recipe's optimizer)", choices=lambda: ("none", "pseudo-label", "entropy"),
-          modes=("classification",)))
-S(Setting("adapt_epochs", int, 1, "epochs of label-free adaptation (with adapt)", low=1))
+          modes=("classification",), family="adapt"))
+S(Setting("adapt_epochs", int, 1, "epochs of label-free adaptation (with adapt)", low=1, family="adapt"))
 S(Setting("adapt_threshold", float, 0.9, "pseudo-label: the confidence a prediction needs to be a target",
-          low=0, low_open=True, high=1))
+          low=0, low_open=True, high=1, family="adapt"))
 # continued training on permitted data first (the original domain's training split, or the first benign domain's)
 S(Setting("warm_start", str, "none", "fine-tune on allowed data first: none | original | benign (every parameter, "
-          "the recipe's optimizer, warm_epochs epochs)", choices=lambda: ("none", "original", "benign")))
-S(Setting("warm_epochs", int, 1, "epochs of the allowed-domain warm start (with warm_start)", low=1))
+          "the recipe's optimizer, warm_epochs epochs)", choices=lambda: ("none", "original", "benign"),
+          family="warm start"))
+S(Setting("warm_epochs", int, 1, "epochs of the allowed-domain warm start (with warm_start)", low=1,
+          family="warm start"))
 S(Setting("seed", int, 0, "the attack's seed: head init, data order, subset", grid=(0,), since=0))
 
 

@@ -12,7 +12,7 @@ its own settings. The table is torch-free; implementations import torch when the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from sophon_ray.registry import Registry
 
 HASHED = "hashed"                  # the spec's field-metadata key (spec.schema re-exports these two)
 UNLESS_DEFAULT = "unless-default"  # hashed (and logged) only when it differs from its default
+PLAIN = "plain"                    # the family of a recipe that moves no family setting
 EVERY_MODE: tuple[str, ...] = ()   # a strategy or setting for every mode (the mode table sits above this one)
 
 
@@ -46,7 +47,12 @@ class Setting:
     ``since`` keeps trial keys and sweep ids stable as settings are added: 0, a setting of the first attack
     grids (always logged, always in a grid's hash); 1, added before the table (always logged; older runs lack it
     and mean its default; in a grid's hash only when not at its default); 2, added since (logged, keyed and
-    hashed only when not at its default)."""
+    hashed only when not at its default).
+
+    ``family``: the defence-aware attack family the setting belongs to (``shrink``, ``adapt``, ...; empty: an
+    ordinary fine-tuning setting). The first setting of a family leads it: a recipe's family
+    (:meth:`RecipeTable.family`) names every lead it moves off its default (the others, such as ``adapt_epochs``,
+    only tune their lead), so the report can say how much each family recovers."""
 
     name: str
     type: type
@@ -61,6 +67,7 @@ class Setting:
     strategies: tuple[str, ...] = ()
     modes: tuple[str, ...] = EVERY_MODE
     since: int = 2
+    family: str = ""
 
     @property
     def grid_default(self) -> tuple:
@@ -193,6 +200,15 @@ class RecipeTable:
         different seeds are neighbours)."""
         names = [n for n in self.settings if n != "seed"]
         return names + (["seed"] if "seed" in self.settings else [])
+
+    def family(self, values: Any) -> str:
+        """The attack family of a recipe (an AttackConfig, or a mapping such as a report row): its family settings
+        off their defaults, joined with `` + `` (a text setting with its value: ``adapt entropy``); ``plain`` when
+        none is."""
+        get = values.get if isinstance(values, Mapping) else (lambda n, d=None: getattr(values, n, d))
+        leads = {s.family: s for s in reversed(self.settings.values()) if s.family}.values()
+        moved = [s for s in self.settings.values() if s in leads and get(s.name, s.default) != s.default]
+        return " + ".join(f"{s.family} {get(s.name)}" if s.type is str else s.family for s in moved) or PLAIN
 
     def params(self, config: Any) -> dict[str, Any]:
         """An attack's MLflow params: every setting, except one added since the table (``since`` 2) at its default

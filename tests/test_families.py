@@ -1,0 +1,98 @@
+"""Defence-aware attack families in the report: the family of a recipe, the share of the scratch-to-normal gap each
+family recovers per protection seed (hand-computed), and the verdict that names the families breaking a
+protection the ordinary recipes did not break."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from analysis.families import family_rows, recovered
+from analysis.heatmaps import make_heatmaps
+from analysis.runs import ATTACK_PARAMS
+from analysis.summary import families_section
+from analysis.tables import base_slice, cells
+from sophon_ray.recipes import TABLE, AttackConfig, legacy_defaults
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    base = {"subject": "normal", "variant": "-", "protect_seed": -1, "grid": "evaluation", "domain": "a",
+            "data_pool": "disjoint", **legacy_defaults(), "strategy": "direct-all", "optimizer": "sgd", "lr": 0.01,
+            "batch_size": 32, "data_fraction": 0.1, "schedule": "constant", "epochs": 10, "weight_decay": 0.0,
+            "seed": 0}
+    out = pd.DataFrame([{**base, **row} for row in rows])
+    out["run_id"] = [f"r{i}" for i in range(len(out))]
+    out["best"], out["original"] = out["final"], 90.0
+    return out[["run_id", *ATTACK_PARAMS, "final", "best", "original"]]
+
+
+def protected(protect_seed: int, final: float, **recipe) -> dict:
+    return {"subject": "protected", "variant": "v", "protect_seed": protect_seed, "final": final, **recipe}
+
+
+SHRINK = {"shrink": 0.5}
+ROWS = [
+    # plain fine-tuning of the base recipe: normal 60, scratch 20, protected 20.5 / 21 (held on both seeds)
+    {"final": 60.0}, {"subject": "scratch", "final": 20.0}, protected(0, 20.5), protected(1, 21.0),
+    # a plain recipe no family ran on: must not count in the plain row (protected 90 would break it)
+    {"optimizer": "adam", "final": 95.0}, {"optimizer": "adam", "subject": "scratch", "final": 20.0},
+    protected(0, 90.0, optimizer="adam"), protected(1, 90.0, optimizer="adam"),
+    # shrink 0.5: normal 70, scratch 30; protected seed 0 averages two attack seeds (50, 70) to 60, seed 1 is 40
+    {"final": 70.0, **SHRINK}, {"subject": "scratch", "final": 30.0, **SHRINK},
+    protected(0, 50.0, **SHRINK), protected(0, 70.0, seed=1, **SHRINK), protected(1, 40.0, **SHRINK),
+    # entropy adaptation: protected under chance (floored at 10), normal 50, scratch 20
+    {"final": 50.0, "adapt": "entropy"}, {"subject": "scratch", "final": 20.0, "adapt": "entropy"},
+    protected(0, 4.0, adapt="entropy"), protected(1, 4.0, adapt="entropy"),
+]
+
+
+def test_a_recipe_family_names_every_family_setting_it_moves():
+    assert TABLE.family(AttackConfig()) == "plain"
+    assert TABLE.family(AttackConfig(shrink=0.5, perturb=0.01)) == "shrink + perturb"
+    assert TABLE.family(AttackConfig(adapt="entropy", adapt_epochs=3)) == "adapt entropy"
+    assert TABLE.family(AttackConfig(adapt_epochs=3)) == "plain"  # only tunes adapt, which is off
+    assert TABLE.family({"warm_start": "original", "rescale": 4.0}) == "rescale + warm start original"
+
+
+def test_recovered_is_the_share_of_the_scratch_to_normal_gap():
+    assert recovered(40.0, 60.0, 20.0) == 50.0
+    assert recovered(20.0, 60.0, 20.0) == 0.0 and recovered(60.0, 60.0, 20.0) == 100.0
+    assert math.isnan(recovered(30.0, 20.5, 20.0))  # no gap to recover
+
+
+def test_family_rows_are_hand_computed_per_protection_seed():
+    rows = family_rows(frame(ROWS), chance_level=10.0).set_index(["family", "protect_seed"])
+    assert sorted(rows.index.get_level_values(0).unique()) == ["adapt entropy", "plain", "shrink"]
+    plain = rows.loc["plain"]
+    assert plain["normal"].tolist() == [60.0, 60.0] and plain["scratch"].tolist() == [20.0, 20.0]
+    assert plain["protected"].tolist() == [20.5, 21.0]          # the adam recipe (90) is not a family base
+    assert plain["recovered"].tolist() == pytest.approx([1.25, 2.5]) and plain["held"].all()
+    shrink = rows.loc["shrink"]
+    assert shrink["protected"].tolist() == [60.0, 40.0]           # seed 0: mean of attack seeds 50 and 70
+    assert shrink["recovered"].tolist() == pytest.approx([75.0, 25.0]) and not shrink["held"].any()
+    entropy = rows.loc["adapt entropy"]
+    assert entropy["protected"].tolist() == [10.0, 10.0]          # floored at chance
+    assert entropy["recovered"].tolist() == pytest.approx([-100 / 3, -100 / 3]) and entropy["held"].all()
+
+
+def test_the_section_names_the_families_that_break_a_protection_the_plain_recipes_did_not():
+    text = families_section(family_rows(frame(ROWS), chance_level=10.0))
+    assert "| v | shrink | 1 | 70.0 | 30.0 | 60.0 / 40.0 (50.0) | 75% / 25% (50%) | 0/2 |" in text
+    assert "| v | plain | 1 | 60.0 | 20.0 | 20.5 / 21.0 (20.8) | 1% / 2% (2%) | 2/2 |" in text
+    assert "broken by shrink (50%)" in text and "adapt entropy (" not in text.split("broken by")[1]
+    assert "A protection that holds against the ordinary recipes and not against these is broken." in text
+
+
+def test_a_grid_without_families_has_no_family_rows():
+    plain_only = [row for row in ROWS if "shrink" not in row and "adapt" not in row]
+    assert family_rows(frame(plain_only), chance_level=10.0).empty
+
+
+def test_family_cells_stay_out_of_the_base_recipe_figures(tmp_path):
+    table = cells(frame(ROWS))
+    base = base_slice(table)
+    assert set(base["shrink"]) == {1.0} and set(base["adapt"]) == {"none"}
+    assert len(base) == 2  # the sgd and adam base recipes
+    assert make_heatmaps(table, tmp_path, "t")                     # draws without mixing families in
