@@ -122,4 +122,11 @@ def test_a_plugin_strategy_runs_through_validation_grid_search_mlflow_and_the_re
         ("original", "0.5", "entropy")}
     report = tmp_path / "out" / "report"
     assert (report / "evaluation-shapes_m-heatmap-noisy-head.png").is_file()  # a section per grid and domain
-    assert "noisy-head" in (report / "summary.md").read_text()
+    summary = (report / "summary.md").read_text()
+    assert "noisy-head" in summary
+    assert "shrink + adapt entropy + warm start original" in summary   # the family section of the development grid
+    # --resume finds every trial again by its key, the informed cell's included: nothing reruns
+    again = subprocess.run([*cli, "run", str(spec), "--resume"], capture_output=True, text=True, env=plugin_env(),
+                           cwd=tmp_path, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "0 to run" in again.stdout, again.stdout[-3000:]
