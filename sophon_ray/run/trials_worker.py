@@ -263,7 +263,8 @@ def _finish(reporter: EpochReporter, result: Any, epochs: int, extra: tuple[dict
                       m.restricted_loss: result.restricted_loss[-1], m.final: result.final,
                       m.best: result.best, m.original: result.original,
                       "train_size": result.train_size, "compute_seconds": result.seconds,
-                      "node_id": ray.get_runtime_context().get_node_id(), LAST_REPORT: True})
+                      "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
+                      LAST_REPORT: True})
 
 
 def _device(threads: int) -> str:
@@ -271,7 +272,7 @@ def _device(threads: int) -> str:
     import ray  # noqa: PLC0415
 
     torch.set_num_threads(max(1, threads))
-    return "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+    return "cuda" if torch.cuda.is_available() and ray.is_initialized() and ray.get_gpu_ids() else "cpu"
 
 
 def attack_trial(config: dict[str, Any], trials: dict[str, Trial], models: dict[str, tuple[dict, dict]],

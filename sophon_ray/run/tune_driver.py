@@ -239,17 +239,27 @@ def run_search(spec: SweepSpec, search: SearchSpec, template: Trial, num_samples
     params and objective of trials an earlier run finished), the scheduler stops laggards."""
     from ray import tune  # noqa: PLC0415
 
-    from sophon_ray.run import search_space as searching  # noqa: PLC0415
-
-    scratch, mail = template.subject.kind == "scratch", open_mail()
+    mail = open_mail()
     tuner = tune.Tuner(
         _trainable(spec, search_trial, {"mail": mail}, template=template,
                    models={template.subject.model: models[template.subject.model]}, data=data),
-        tune_config=tune.TuneConfig(
-            metric=metric_for(spec.mode).val_best, mode="max", num_samples=num_samples, reuse_actors=True,
-            search_alg=searching.searcher(search, template.config.strategy, scratch, history, f"{name}",
-                                          metric_for(spec.mode).val_best),
-            scheduler=searching.scheduler(search), trial_dirname_creator=lambda t: f"t-{t.trial_id}"),
+        tune_config=search_tune_config(spec, search, template, num_samples, history, name),
         run_config=_run_config(name, storage_path, callbacks, max_failures, verbose),
     )
     return _fit(tuner, callbacks, mail)
+
+
+def search_tune_config(spec: SweepSpec, search: SearchSpec, template: Trial, num_samples: int,
+                       history: list[tuple[dict, float]], name: str) -> Any:
+    """The TuneConfig of one search: the searcher, the scheduler and Tune itself maximise the trial's best
+    *validation* score (the attacker's own held-out split; the test split only scores the recipes found)."""
+    from ray import tune  # noqa: PLC0415
+
+    from sophon_ray.run import search_space as searching  # noqa: PLC0415
+
+    objective = metric_for(spec.mode).val_best
+    return tune.TuneConfig(
+        metric=objective, mode="max", num_samples=num_samples, reuse_actors=True,
+        search_alg=searching.searcher(search, template.config.strategy, template.subject.kind == "scratch", history,
+                                      name, objective),
+        scheduler=searching.scheduler(search), trial_dirname_creator=lambda t: f"t-{t.trial_id}")
