@@ -112,6 +112,12 @@ def _run_stages(spec: SweepSpec, options: RunOptions, view: View, trials: list[T
     ctx = _open_sweep(spec, options, view, out, len(trials) + searched)
     outcome, tracker = ctx.outcome, ctx.tracker
     try:
+        if any(v.defend for v in spec.protect) and options.audit is None:
+            from sophon_ray.run.defend import defend_stage  # noqa: PLC0415
+
+            t0 = time.perf_counter()
+            ctx = defend_stage(ctx)
+            outcome.stage_seconds["defend"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         models = train_stage(ctx)
         outcome.stage_seconds["pretrain+protect"] = time.perf_counter() - t0

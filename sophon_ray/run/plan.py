@@ -124,6 +124,14 @@ def plan_trials(spec: SweepSpec, protected: list[tuple[str, int]]) -> list[Trial
     return trials
 
 
+def development_configs(spec: SweepSpec, scratch: bool = False) -> list[AttackConfig]:
+    """The development grid's recipes (``scratch``: once per recipe without strategy, as scratch runs them)."""
+    configs = grid_configs(spec.attack.development)
+    if scratch:
+        configs = list(dict.fromkeys(replace(c, strategy=SCRATCH_STRATEGY) for c in configs))
+    return configs
+
+
 def search_budget(spec: SweepSpec, protected: list[tuple[str, int]]) -> int:
     """How many search trials the sweep's searches run in all (each search: every attacked model, every
     restricted domain, ``num_samples`` trials)."""

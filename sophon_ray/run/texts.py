@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +46,7 @@ def dry_run_text(spec: SweepSpec, trials: list[Trial], searched: int = 0) -> str
              f"{spec.attack.data_pool}",
              f"  protected models: {[f'{v.label} seed {s}' for v in spec.protect for s in v.seeds]}"]
     lines += search_budget_lines(spec, searched)
+    lines += defend_budget_lines(spec)
     for grid in names.GRIDS:
         chosen = [t for t in trials if t.grid == grid]
         if chosen:
@@ -55,6 +56,29 @@ def dry_run_text(spec: SweepSpec, trials: list[Trial], searched: int = 0) -> str
                          f"over {cells} cells (recipes x restricted domains) x {len({t.config.seed for t in chosen})} attack seeds")
     lines += ["trials:", *(f"  {t.name}" for t in trials)]
     return "\n".join(lines)
+
+
+def defend_budget_lines(spec: SweepSpec) -> list[str]:
+    """Per defended variant: its candidates (each one protection and the development grid), the space, the guard."""
+    from sophon_ray.recipes import grid_configs  # noqa: PLC0415
+
+    dev = len(grid_configs(spec.attack.development)) * len(spec.restricted)
+    out = []
+    for v in spec.protect:
+        d = v.defend
+        if d is None:
+            continue
+        given = {f.name: getattr(d.space, f.name) for f in fields(d.space) if getattr(d.space, f.name) is not None}
+        searched = ", ".join(k for k, v in given.items() if not isinstance(v, tuple) or len(v) > 1)
+        fixed = ", ".join(k for k, v in given.items() if isinstance(v, tuple) and len(v) == 1)
+        out.append(f"  defend {v.label}: {d.algorithm} ({d.random_start} random first)"
+                   f"{' + ASHA over probe checkpoints' if d.scheduler == 'asha' else ''}, {d.num_samples} candidates "
+                   f"x (1 protection of at most {max(d.space.iterations or (v.iterations,))} iterations + {dev} "
+                   f"development attacks), {d.max_concurrent} at once; searches {searched or 'nothing'}"
+                   f"{f'; sets {fixed}' if fixed else ''}; objective: "
+                   f"{d.objective} worst case minus scratch, guard {d.guard:g} points; then {len(v.seeds)} protection(s) "
+                   "of the chosen setting")
+    return out
 
 
 def failure_hint(log_file: Path, ray_logs: Path) -> str:

@@ -161,6 +161,7 @@ def train_loop(config: dict[str, Any]) -> None:
         log.info("rank %d | continuing from Ray Train's latest checkpoint: %d job(s) finished%s", rank,
                  len(point.done), f", protection {point.job} at iteration {point.state.iteration}" if point.job else "")
     done = list(point.done)
+    probes = config.get("report_probes")  # a defender trial's protection: each probe estimate goes to Tune
 
     def resume_folder(out: Path, job: str | None = None, history: list[dict] | None = None) -> None:
         if rank == 0:
@@ -175,6 +176,11 @@ def train_loop(config: dict[str, Any]) -> None:
             dist.all_gather_object(digests, state_digest(model))
         metrics = {**metrics, "stage": job.stage, "key": job.key, "label": job.label,
                    "rank_digests": digests, "ranks_identical": len(set(digests)) == 1, KEEP: 1.0}
+        if probes is not None and job.stage == "protect":  # Tune needs the objective in every report
+            from sophon_ray.run.defend import probe_report  # noqa: PLC0415
+
+            metrics |= probe_report({m.key("probe"): metrics[m.key("probe")], m.original: metrics[m.key("original_val")]},
+                                    normal_acc, probes["scratch_best"], probes["guard"], m.key("probe"), m.original) or {}
         done.append(job.key)
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
@@ -198,6 +204,18 @@ def train_loop(config: dict[str, Any]) -> None:
         log.info("protect %s | state checkpoint of iteration %d reported in %.2f s", job.label, state.iteration,
                  time.perf_counter() - t0)
 
+    latest: dict[str, float] = {}
+
+    def report_probe(step: int, row: dict[str, float]) -> None:
+        """Every rank (a report is collective): the probe's estimate of the defender's objective."""
+        from sophon_ray.run.defend import probe_report  # noqa: PLC0415
+
+        latest.update({k: v for k, v in row.items() if k == m.original})
+        estimate = probe_report({**latest, **row}, normal_acc, probes["scratch_best"], probes["guard"],
+                                m.key("probe"), m.original)
+        if estimate is not None:
+            ray.train.report({**estimate, "iteration": step, "stage": "probe"}, checkpoint=None)
+
     for job in config["jobs"]:
         if job.key in done:
             continue
@@ -209,6 +227,8 @@ def train_loop(config: dict[str, Any]) -> None:
         def record(step: int, row: dict[str, float], history: list = history, progress: Any = progress) -> None:
             history.append({"step": step, **row})
             progress(step, row)
+            if probes is not None and job.stage == "protect":
+                report_probe(step, row)
 
         if job.stage == "pretrain":
             metrics, card = pretrain_normal(spec, normal, splits, job.key, needs_training, device, record, sync,

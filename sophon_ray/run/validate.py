@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,9 @@ from sophon_ray.recipes import OPTIMIZERS
 from sophon_ray.registry import did_you_mean
 from sophon_ray.run import checks
 from sophon_ray.run.checks import Checker
-from sophon_ray.spec import (DATA_POOLS, RESTRICTED_VAL_FRACTION, SCHEDULERS, SEARCH_ALGORITHMS, SUBJECTS,
-                             DomainSpec, GridSpec, Problem, SearchSpec, SpecError, SweepSpec, build_spec,
-                             read_spec_data)
+from sophon_ray.spec import (DATA_POOLS, DEFEND_OBJECTIVES, RESTRICTED_VAL_FRACTION, SCHEDULERS, SEARCH_ALGORITHMS,
+                             SUBJECTS, DomainSpec, GridSpec, Problem, ProtectSpec, Range, SearchSpec, SpecError,
+                             SweepSpec, build_spec, read_spec_data)
 
 
 def _domains(c: Checker, spec: SweepSpec) -> None:
@@ -69,43 +70,104 @@ def _protect(c: Checker, spec: SweepSpec) -> None:
     labels = [v.label for v in spec.protect]
     for i, v in enumerate(spec.protect):
         path = f"protect.{i}"
-        _loss(c, f"{path}.loss", v.loss, spec.mode)
-        for key in ("iterations", "inner_steps", "base_lr", "alpha", "beta", "batch_size", "clip_norm",
-                    "eval_every", "probe_every", "probe_epochs"):
-            c.positive(f"{path}.{key}", getattr(v, key))
-        for key in ("ntr_steps", "max_rollbacks", "max_drop", "select_drop"):
-            c.at_least_zero(f"{path}.{key}", getattr(v, key))
-        if v.checkpoint_every < 0:
-            c.add(f"{path}.checkpoint_every", f"must be >= 0 (iterations between protection state checkpoints; 0 "
-                  f"turns them off), got {v.checkpoint_every}")
-        if not 0 < v.query_fraction < 1:
-            c.add(f"{path}.query_fraction", f"must be in (0, 1), got {v.query_fraction}")
-        elif v.batch_size < 4:
-            c.add(f"{path}.batch_size", f"support and query need >= 2 samples each (BatchNorm): raise batch_size "
-                  f"({v.batch_size}) to 4 or more")
+        _variant(c, path, v, spec)
         if labels.count(v.label) > 1:
             c.add(f"{path}.name", f"variant name '{v.label}' is used twice: give each protect entry a unique name")
         if not v.seeds:
             c.add(f"{path}.seeds", "needs at least one protection seed, e.g. [0, 1, 2]")
         if len(set(v.seeds)) < len(v.seeds):
             c.add(f"{path}.seeds", f"lists a seed twice: {list(v.seeds)}")
-        if not v.probes:
-            c.add(f"{path}.probes", "needs at least one probe attack (they choose the returned checkpoint)")
-        for j, probe in enumerate(v.probes):
-            checks.strategy_in_mode(c, f"{path}.probes.{j}.strategy", probe.strategy, spec.mode)
-            c.name_in(f"{path}.probes.{j}.optimizer", probe.optimizer, OPTIMIZERS)
-            c.positive(f"{path}.probes.{j}.lr", probe.lr)
-            c.positive(f"{path}.probes.{j}.batch_size", probe.batch_size)
-            c.fraction(f"{path}.probes.{j}.data_fraction", probe.data_fraction)
-        env = v.environments
-        if not env.optimizers:
-            c.add(f"{path}.environments.optimizers", "needs at least one optimizer")
-        for j, opt in enumerate(env.optimizers):
-            c.name_in(f"{path}.environments.optimizers.{j}", opt, INNER_OPTIMIZERS)
-        if env.lr[0] <= 0 or env.lr[0] > env.lr[1]:
-            c.add(f"{path}.environments.lr", f"needs 0 < low <= high, got {list(env.lr)}")
-        c.fraction(f"{path}.environments.head_reinit", env.head_reinit, low_open=False)
-        c.fraction(f"{path}.environments.head_only", env.head_only, low_open=False)
+        if v.defend is not None:
+            _defend(c, f"{path}.defend", v, spec)
+
+
+def _defend(c: Checker, path: str, v: ProtectSpec, spec: SweepSpec) -> None:
+    """A defender search: its settings, its objective (development data only), and every value its space may
+    give a protection setting, checked as the variant would be with that value (the field named in the space)."""
+    from sophon_ray.run.defend import candidate  # noqa: PLC0415
+
+    d = v.defend
+    assert d is not None
+    if d.objective not in DEFEND_OBJECTIVES:
+        c.add(f"{path}.objective", f"objective '{d.objective}' would choose the protection on "
+              f"{'evaluation data (the evaluation grids, the attacker pool or the test split)' if d.objective != '' else 'nothing'}"
+              f"; the defender may only read development data: use {', '.join(DEFEND_OBJECTIVES)}")
+    if d.algorithm not in SEARCH_ALGORITHMS:
+        c.add(f"{path}.algorithm", f"unknown search algorithm '{d.algorithm}'"
+              f"{did_you_mean(d.algorithm, list(SEARCH_ALGORITHMS))}; allowed: {', '.join(SEARCH_ALGORITHMS)}")
+    if d.scheduler not in SCHEDULERS:
+        c.add(f"{path}.scheduler", f"unknown scheduler '{d.scheduler}'"
+              f"{did_you_mean(d.scheduler, list(SCHEDULERS))}; allowed: {', '.join(SCHEDULERS)}")
+    for key in ("num_samples", "max_concurrent", "grace_period"):
+        c.positive(f"{path}.{key}", getattr(d, key))
+    c.at_least_zero(f"{path}.random_start", d.random_start)
+    c.at_least_zero(f"{path}.guard", d.guard)
+    if d.reduction_factor <= 1:
+        c.add(f"{path}.reduction_factor", f"must be > 1, got {d.reduction_factor}")
+    if not spec.attack.development:
+        c.add(f"{path}", "a defender search scores candidates on the development grid: add attack.development")
+    base = Checker()
+    _variant(base, "", v, spec)
+    known = {(p.path, p.message) for p in base.problems}
+    for f in fields(d.space):
+        value, where = getattr(d.space, f.name), f"{path}.space.{f.name}"
+        if value is None:
+            continue
+        if isinstance(value, Range):
+            if value.distribution not in ("uniform", "loguniform") or value.low is None or value.high is None:
+                c.add(where, "a range needs distribution uniform or loguniform with low and high, or give a list")
+                continue
+            if value.low >= value.high:
+                c.add(where, f"needs low < high, got {value.low:g} .. {value.high:g}")
+            if value.distribution == "loguniform" and value.low <= 0:
+                c.add(f"{where}.low", f"must be > 0 for loguniform, got {value.low:g}")
+            items = [(f"{where}.low", value.low), (f"{where}.high", value.high)]
+        else:
+            if not value:
+                c.add(where, "is empty: give at least one value, or leave the field out")
+            items = [(f"{where}.{j}", x) for j, x in enumerate(value)]
+        for item_path, item in items:
+            one = Checker()
+            _variant(one, "", candidate(v, {f.name: item}, d.seed), spec)
+            for problem in one.problems:
+                if (problem.path, problem.message) not in known:
+                    c.add(item_path, f"{item!r} is not a valid value of protect.{problem.path.lstrip('.')}: "
+                          f"{problem.message}")
+
+
+def _variant(c: Checker, path: str, v: ProtectSpec, spec: SweepSpec) -> None:
+    """One protection's own settings (no name or seed checks)."""
+    _loss(c, f"{path}.loss", v.loss, spec.mode)
+    for key in ("iterations", "inner_steps", "base_lr", "alpha", "beta", "batch_size", "clip_norm",
+                "eval_every", "probe_every", "probe_epochs"):
+        c.positive(f"{path}.{key}", getattr(v, key))
+    for key in ("ntr_steps", "max_rollbacks", "max_drop", "select_drop"):
+        c.at_least_zero(f"{path}.{key}", getattr(v, key))
+    if v.checkpoint_every < 0:
+        c.add(f"{path}.checkpoint_every", f"must be >= 0 (iterations between protection state checkpoints; 0 "
+              f"turns them off), got {v.checkpoint_every}")
+    if not 0 < v.query_fraction < 1:
+        c.add(f"{path}.query_fraction", f"must be in (0, 1), got {v.query_fraction}")
+    elif v.batch_size < 4:
+        c.add(f"{path}.batch_size", f"support and query need >= 2 samples each (BatchNorm): raise batch_size "
+              f"({v.batch_size}) to 4 or more")
+    if not v.probes:
+        c.add(f"{path}.probes", "needs at least one probe attack (they choose the returned checkpoint)")
+    for j, probe in enumerate(v.probes):
+        checks.strategy_in_mode(c, f"{path}.probes.{j}.strategy", probe.strategy, spec.mode)
+        c.name_in(f"{path}.probes.{j}.optimizer", probe.optimizer, OPTIMIZERS)
+        c.positive(f"{path}.probes.{j}.lr", probe.lr)
+        c.positive(f"{path}.probes.{j}.batch_size", probe.batch_size)
+        c.fraction(f"{path}.probes.{j}.data_fraction", probe.data_fraction)
+    env = v.environments
+    if not env.optimizers:
+        c.add(f"{path}.environments.optimizers", "needs at least one optimizer")
+    for j, opt in enumerate(env.optimizers):
+        c.name_in(f"{path}.environments.optimizers.{j}", opt, INNER_OPTIMIZERS)
+    if env.lr[0] <= 0 or env.lr[0] > env.lr[1]:
+        c.add(f"{path}.environments.lr", f"needs 0 < low <= high, got {list(env.lr)}")
+    c.fraction(f"{path}.environments.head_reinit", env.head_reinit, low_open=False)
+    c.fraction(f"{path}.environments.head_only", env.head_only, low_open=False)
 
 
 def _search(c: Checker, path: str, search: SearchSpec, spec: SweepSpec) -> None:

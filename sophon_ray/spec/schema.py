@@ -87,6 +87,59 @@ class ProbeSpec:
 DEFAULT_PROBES = (ProbeSpec("initfc-all", "momentum", 3e-3), ProbeSpec("direct-all", "adam", 3e-4))
 
 
+NUMBER_DIMENSION = tuple[float, ...] | Range | None   # a list of values or a range; None: not searched
+
+
+@dataclass(frozen=True)
+class DefendSpace:
+    """What a defender search may choose for a protect variant: any protection setting (a list of values, or for
+    a number a range; unset: the variant's own value) and the simulated attacker's distribution (``env_*``:
+    the environments' optimizer sets, lr range ends, head re-init and head-only probabilities)."""
+
+    loss: tuple[str, ...] | None = None
+    iterations: tuple[int, ...] | None = None
+    inner_steps: tuple[int, ...] | None = None
+    ntr_steps: tuple[int, ...] | None = None
+    batch_size: tuple[int, ...] | None = None
+    base_lr: NUMBER_DIMENSION = None
+    alpha: NUMBER_DIMENSION = None
+    beta: NUMBER_DIMENSION = None
+    query_fraction: NUMBER_DIMENSION = None
+    clip_norm: NUMBER_DIMENSION = None
+    env_optimizers: tuple[tuple[str, ...], ...] | None = None
+    env_lr_low: NUMBER_DIMENSION = None
+    env_lr_high: NUMBER_DIMENSION = None
+    env_head_reinit: NUMBER_DIMENSION = None
+    env_head_only: NUMBER_DIMENSION = None
+
+
+@dataclass(frozen=True)
+class DefendSpec:
+    """A defender search (Ray Tune) over a protect variant's settings, run before the variant is protected: each
+    candidate is one protection (a Ray Train job inside the Tune trial, protection seed ``seed``) and its
+    development attacks (the development grid on the protector's share, scored on restricted *validation*
+    data). ``objective`` development: the best development attack on the candidate minus the best on scratch
+    (lower is better); a candidate whose original-domain validation drop exceeds ``guard`` points is infeasible.
+    ``algorithm`` tpe (``random_start`` random first) or random; ``scheduler`` asha stops candidates on their probe
+    estimate at every probe checkpoint (``grace_period`` probes first). The best feasible candidate becomes the
+    variant's setting for every seed."""
+
+    space: DefendSpace = field(default_factory=DefendSpace)
+    objective: str = "development"
+    algorithm: str = "tpe"
+    num_samples: int = 8
+    max_concurrent: int = 1
+    random_start: int = 4
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    guard: float = 2.0
+    seed: int = 0
+
+
+DEFEND_OBJECTIVES = ("development",)
+
+
 @dataclass(frozen=True)
 class ProtectSpec:
     """One SOPHON variant, protected once per seed in ``seeds`` (one Ray Train job and checkpoint each).
@@ -119,6 +172,7 @@ class ProtectSpec:
     seeds: tuple[int, ...] = (0,)
     environments: EnvironmentSpec = field(default_factory=EnvironmentSpec)
     checkpoint_every: int = field(default=50, metadata={HASHED: False})
+    defend: DefendSpec | None = field(default=None, metadata={HASHED: UNLESS_DEFAULT})
 
     @property
     def label(self) -> str:
@@ -252,4 +306,4 @@ class SweepSpec:
         return Path(self.output_dir or f"runs/{self.name}")
 
 
-__all__ = ["SUBJECTS", "DATA_POOLS", "RESTRICTED_VAL_FRACTION", "HASHED", "UNLESS_DEFAULT", "ModelSpec", "DomainSpec", "PretrainSpec", "EnvironmentSpec", "ProbeSpec", "DEFAULT_PROBES", "ProtectSpec", "GridSpec", "Range", "DISTRIBUTIONS", "SearchSpace", "SearchSpec", "SEARCH_ALGORITHMS", "SCHEDULERS", "AttackSpec", "ResourcesSpec", "TrackingSpec", "GenerationSpec", "SweepSpec"]
+__all__ = ["SUBJECTS", "DATA_POOLS", "RESTRICTED_VAL_FRACTION", "HASHED", "UNLESS_DEFAULT", "ModelSpec", "DomainSpec", "PretrainSpec", "EnvironmentSpec", "ProbeSpec", "DEFAULT_PROBES", "DefendSpace", "DefendSpec", "DEFEND_OBJECTIVES", "ProtectSpec", "GridSpec", "Range", "DISTRIBUTIONS", "SearchSpace", "SearchSpec", "SEARCH_ALGORITHMS", "SCHEDULERS", "AttackSpec", "ResourcesSpec", "TrackingSpec", "GenerationSpec", "SweepSpec"]

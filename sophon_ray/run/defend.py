@@ -1,0 +1,430 @@
+"""The defender search (``protect[i].defend``): Ray Tune over Ray Train protections, judged by a development
+attacker, so that a protect variant's setting is chosen by the tool on development data.
+
+One Tune trial is one candidate: its protection runs as a Ray Train job launched inside the trial (its probe
+checkpoints reach Tune through Ray Train's ``TuneReportCallback``, so ASHA stops hopeless candidates early), then
+the trial fine-tunes the protected candidate with every recipe of the sweep's development grid on the protector's
+restricted share and scores it on restricted *validation* data. The objective (lower is better) is the best
+development attack on the candidate minus the best on scratch, the same grid; a candidate whose original-domain
+validation drop exceeds ``defend.guard`` is infeasible and skips its attacks. Never the evaluation grids, never the
+attacker's pool, never the test split: the trial is handed the protector's data only (:class:`DevelopmentData`).
+
+The pure parts (the space as Optuna distributions, a candidate from sampled values, the objective) are here with
+the trial and the driver; the pipeline's stage is :func:`defend_stage`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from sophon_ray.spec import DefendSpace, DefendSpec, ProtectSpec, Range, SweepSpec, spec_hash, to_dict
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from sophon_ray.run.context import RunContext
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE = "defend_objective"        # what the defender search minimises
+WORST_CASE = "dev_worst_case"         # the best development attack on the candidate (floored at chance)
+DROP = "intactness_drop_val"          # normal minus candidate original-domain validation score
+FEASIBLE = "feasible"
+INFEASIBLE = 100.0                    # an infeasible candidate's objective: this plus its drop (worse than any other)
+ENV_FIELDS = {"env_optimizers": "optimizers", "env_head_reinit": "head_reinit", "env_head_only": "head_only"}
+JOIN = "+"                            # an optimizer set as one categorical choice: "sgd+momentum"
+LAST = "last"                         # marks a candidate's final report (after its development attacks)
+LOGGED = (OBJECTIVE, WORST_CASE, DROP, FEASIBLE, LAST, "selected_iteration")
+
+
+# ------------------------------------------------------------------------------------------------ the space
+def dimensions(space: DefendSpace) -> dict[str, Any]:
+    """The searched dimensions (name -> Optuna distribution), in the space's order; a field with one value is
+    fixed, an unset one is the variant's own value."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution  # noqa: PLC0415
+
+    out = {}
+    for f in fields(space):
+        value = getattr(space, f.name)
+        if value is None:
+            continue
+        if isinstance(value, Range):
+            out[f.name] = (CategoricalDistribution(list(value.values)) if value.distribution == "choice"
+                           else FloatDistribution(value.low, value.high, log=value.distribution == "loguniform"))
+        elif len(value) > 1:
+            out[f.name] = CategoricalDistribution([JOIN.join(v) if isinstance(v, tuple) else v for v in value])
+    return out
+
+
+def fixed(space: DefendSpace) -> dict[str, Any]:
+    """The space's one-value fields (set, not searched)."""
+    return {f.name: getattr(space, f.name)[0] for f in fields(space)
+            if isinstance(getattr(space, f.name), tuple) and len(getattr(space, f.name)) == 1}
+
+
+class DefineByRun:
+    """Optuna define-by-run space of a defender search (a class: Tune pickles the searcher)."""
+
+    def __init__(self, space: DefendSpace) -> None:
+        self.space = space
+
+    def __call__(self, trial: Any) -> None:
+        from optuna.distributions import CategoricalDistribution  # noqa: PLC0415
+
+        for name, dist in dimensions(self.space).items():
+            if isinstance(dist, CategoricalDistribution):
+                trial.suggest_categorical(name, dist.choices)
+            else:
+                trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+
+
+def candidate(base: ProtectSpec, values: Mapping[str, Any], seed: int) -> ProtectSpec:
+    """``base`` with the sampled ``values`` (protection fields, ``env_*`` for its environments; the lr range's
+    ends sorted), protected once with ``seed``, without its defend block."""
+    direct = {k: v for k, v in values.items() if not k.startswith("env_")}
+    env = base.environments
+    changes: dict[str, Any] = {}
+    for key, name in ENV_FIELDS.items():
+        if key in values:
+            value = values[key]
+            changes[name] = tuple(value.split(JOIN)) if key == "env_optimizers" and isinstance(value, str) \
+                else tuple(value) if key == "env_optimizers" else float(value)
+    low, high = float(values.get("env_lr_low", env.lr[0])), float(values.get("env_lr_high", env.lr[1]))
+    changes["lr"] = (min(low, high), max(low, high))
+    return replace(base, **direct, environments=replace(env, **changes), seeds=(seed,), defend=None)
+
+
+def candidate_key(variant: ProtectSpec) -> str:
+    """A candidate's key (its MLflow run is found again by it): its settings and seed."""
+    return spec_hash(to_dict(variant, hashed_only=True))
+
+
+def objective(worst_case: float, scratch_best: float, drop: float, guard: float) -> tuple[float, bool]:
+    """(objective, feasible): the development worst case minus scratch's best when the candidate's
+    original-domain drop is within ``guard``; else INFEASIBLE plus the drop."""
+    if drop > guard or not math.isfinite(drop):
+        return INFEASIBLE + (drop if math.isfinite(drop) else INFEASIBLE), False
+    return worst_case - scratch_best, True
+
+
+# ------------------------------------------------------------------------------------------- development
+@dataclass(frozen=True)
+class DevelopmentData:
+    """What a defender trial may read: the original domain (protection) and the protector's restricted share and
+    validation split; the attacker's pool and the test splits are not in it."""
+
+    original_train: Dataset
+    original_val: Dataset
+    restricted_train: list[Dataset]
+    restricted_val: list[Dataset]
+
+
+def development_data(splits: Any) -> DevelopmentData:
+    """The defender's share of a sweep's splits (:class:`sophon_ray.core.data.Splits`)."""
+    return DevelopmentData(splits.original_train, splits.original_val, splits.restricted_train, splits.restricted_val)
+
+
+def development_best(model: Any, configs: Sequence[Any], data: DevelopmentData, task: Any, chance: float,
+                     device: str = "cpu", scratch: bool = False) -> float:
+    """The best final development score over ``configs`` on every restricted domain (fine-tuning on the
+    protector's share, scored on validation), floored at ``chance``; ``scratch``: a fresh init per recipe."""
+    from sophon_ray.core.attack import finetune, scratch_model  # noqa: PLC0415
+    from sophon_ray.recipes import SCRATCH_STRATEGY  # noqa: PLC0415
+
+    best = chance
+    for config in (list(dict.fromkeys(replace(c, strategy=SCRATCH_STRATEGY) for c in configs)) if scratch
+                   else configs):
+        for train, val in zip(data.restricted_train, data.restricted_val, strict=True):
+            start = scratch_model(model, config.seed) if scratch else model
+            best = max(best, finetune(start, train, val, config, device=device, task=task).final)
+    return best
+
+
+# --------------------------------------------------------------------------------------------- the trial
+def defend_trial(config: dict[str, Any], spec: SweepSpec, variant_index: int, normal: tuple[dict, dict],
+                 normal_val: float, scratch_best: float, data: DevelopmentData, storage_path: str, threads: int,
+                 task: Any, channels_last: bool = True) -> None:
+    """The Tune function trainable of one candidate: protect (Ray Train, probes reported to Tune), then the
+    development grid on the protected candidate; reports the objective."""
+    import torch  # noqa: PLC0415
+    from ray import tune  # noqa: PLC0415
+    from ray.train import RunConfig, ScalingConfig  # noqa: PLC0415
+    from ray.train.torch import TorchTrainer  # noqa: PLC0415
+    from ray.tune.integration.ray_train import TuneReportCallback  # noqa: PLC0415
+
+    from sophon_ray.core.metrics import chance as chance_of  # noqa: PLC0415
+    from sophon_ray.modes import MODES  # noqa: PLC0415
+    from sophon_ray.run.checkpoint import load_checkpoint  # noqa: PLC0415
+    from sophon_ray.run.plan import development_configs  # noqa: PLC0415
+    from sophon_ray.run.train_driver import protect_job  # noqa: PLC0415
+    from sophon_ray.run.train_worker import KEEP, STATE_STAGE, train_loop  # noqa: PLC0415
+    from sophon_ray.run.trials_worker import unshare  # noqa: PLC0415
+
+    torch.set_num_threads(max(1, threads))
+    data = unshare(data)
+    defend = spec.protect[variant_index].defend
+    assert defend is not None
+    chosen = candidate(spec.protect[variant_index], {**fixed(defend.space), **config}, defend.seed)
+    key = candidate_key(chosen)
+    # no state checkpoints: every report of the Train job reaches Tune, and a candidate reruns whole
+    cand_spec = replace(spec, protect=(replace(chosen, checkpoint_every=0),),
+                        resources=replace(spec.resources, protect_parallel=1))
+    job = protect_job(cand_spec, 0, defend.seed, key)
+    r = spec.resources
+    state, card = normal
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": cand_spec, "jobs": [job], "threads": r.cpus_per_trial, "progress": None,
+                           "normal_state": unshare(state), "normal_val_acc": normal_val,
+                           "report_probes": {"scratch_best": scratch_best, "guard": defend.guard}},
+        scaling_config=ScalingConfig(num_workers=r.protect_workers, use_gpu=r.use_gpu,
+                                     resources_per_worker={"CPU": r.cpus_per_trial, **({"GPU": 1} if r.use_gpu else {})}),
+        run_config=RunConfig(name=f"defend-{key}", storage_path=storage_path, callbacks=[TuneReportCallback()]),
+    )
+    result = trainer.fit()
+    finished = [(ckpt, m) for ckpt, m in result.best_checkpoints or [] if m.get("stage") != STATE_STAGE and m.get(KEEP)]
+    checkpoint, metrics = finished[-1]
+    with checkpoint.as_directory() as folder:
+        model, _ = load_checkpoint(Path(folder))
+    m = task.metric
+    drop = normal_val - metrics[m.key("original_val")]
+    chance = chance_of(card["num_classes"]) if MODES.get(spec.mode).has_classes else 0.0
+    worst = math.nan
+    if drop <= defend.guard:
+        worst = development_best(model, development_configs(spec), data, task, chance)
+    value, feasible = objective(worst, scratch_best, drop, defend.guard)
+    tune.report({OBJECTIVE: value, WORST_CASE: worst, DROP: drop, FEASIBLE: float(feasible),
+                 "iteration": final_step(spec.protect[variant_index]), "candidate_key": key, m.key("probe"): metrics[m.key("probe")],
+                 "selected_iteration": metrics["selected_iteration"], LAST: 1.0})
+
+
+def probe_report(row: Mapping[str, float], normal_val: float, scratch_best: float, guard: float,
+                 probe_key: str, original_key: str) -> dict[str, float] | None:
+    """What a protection reports to its defender trial at a probe checkpoint (None for other rows): the probe's
+    development estimate of the objective (the probe score minus scratch's best development score), or the
+    infeasible value when the original-domain drop already exceeds the guard."""
+    if probe_key not in row:
+        return None
+    drop = normal_val - row.get(original_key, normal_val)
+    value, feasible = objective(row[probe_key], scratch_best, drop, guard)
+    return {OBJECTIVE: value, FEASIBLE: float(feasible), probe_key: row[probe_key]}
+
+
+# -------------------------------------------------------------------------------------------- the driver
+def searcher(defend: DefendSpec, history: Sequence[tuple[dict, float]], name: str) -> Any:
+    """OptunaSearch over the defend space (TPE or random, seeded), warm-started with ``history``, minimising the
+    objective, at most ``max_concurrent`` candidates at once."""
+    import optuna  # noqa: PLC0415
+    from ray.tune.search import ConcurrencyLimiter  # noqa: PLC0415
+    from ray.tune.search.optuna import OptunaSearch  # noqa: PLC0415
+
+    sampler = (optuna.samplers.RandomSampler(seed=defend.seed) if defend.algorithm == "random"
+               else optuna.samplers.TPESampler(seed=defend.seed, n_startup_trials=defend.random_start))
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler)
+    dims = dimensions(defend.space)
+    for params, value in history:
+        try:
+            study.add_trial(optuna.trial.create_trial(params={k: params[k] for k in dims if k in params},
+                                                      distributions=dims, value=value))
+        except ValueError as err:
+            log.warning("defend %s: an earlier candidate does not fit the current space (%s); not used", name, err)
+    search = OptunaSearch(space=DefineByRun(defend.space), metric=OBJECTIVE, mode="min", sampler=sampler,
+                          study_name=name, storage=storage)
+    return ConcurrencyLimiter(search, max_concurrent=defend.max_concurrent)
+
+
+def scheduler(defend: DefendSpec, variant: ProtectSpec) -> Any:
+    """ASHA over protection iterations (rungs at probe checkpoints), or FIFO."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: PLC0415
+
+    if defend.scheduler == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="iteration", max_t=final_step(variant),
+                         grace_period=defend.grace_period * variant.probe_every,
+                         reduction_factor=defend.reduction_factor)
+
+
+def final_step(variant: ProtectSpec) -> int:
+    """The ``iteration`` of a candidate's final report: one past its longest protection (the development attacks
+    come after the last probe, and ASHA stops a trial at this step, never before its attacks)."""
+    defend = variant.defend
+    return max((defend.space.iterations if defend and defend.space.iterations else ()) or (variant.iterations,)) + 1
+
+
+class DefendLogger:
+    """Tune callback: every candidate is one MLflow child run of the variant's defend run (found again by its key,
+    so exactly once), its probe reports as steps and its final objective; finished when Tune says so."""
+
+    def __init__(self, tracker: Any, parent: str, sweep_id: str, variant: ProtectSpec) -> None:
+        from ray.tune import Callback  # noqa: PLC0415
+
+        self.tracker, self.parent, self.sweep_id, self.variant = tracker, parent, sweep_id, variant
+        self.runs: dict[str, str] = {}
+        self.callback = type("DefendCallback", (Callback,), {
+            "on_trial_result": lambda _, iteration, trials, trial, result, **kw: self.result(trial, result),
+            "on_trial_complete": lambda _, iteration, trials, trial, **kw: self.done(trial, "FINISHED"),
+            "on_trial_error": lambda _, iteration, trials, trial, **kw: self.done(trial, "FAILED")})()
+
+    def _run(self, trial: Any) -> str:
+        if trial.trial_id not in self.runs:
+            defend = self.variant.defend
+            chosen = candidate(self.variant, {**fixed(defend.space), **trial.config}, defend.seed)
+            key = candidate_key(chosen)
+            params = {"candidate": key, **{k: (JOIN.join(v) if isinstance(v, tuple) else v)
+                                           for k, v in {**fixed(defend.space), **trial.config}.items()}}
+            self.runs[trial.trial_id] = self.tracker.child_run(self.parent, self.sweep_id, "defend-candidate", key,
+                                                               f"defend/{self.variant.label}/{key[:8]}", params)
+        return self.runs[trial.trial_id]
+
+    def result(self, trial: Any, result: Mapping[str, Any]) -> None:
+        if "iteration" not in result:  # the protection's end (its probes and the trial's end have the step)
+            return
+        row = {k: v for k, v in result.items() if k in LOGGED or "probe" in k}
+        self.tracker.log_metrics(self._run(trial), {k: v for k, v in row.items()
+                                                    if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                                 step=int(result.get("iteration", 0)))
+
+    def done(self, trial: Any, status: str) -> None:
+        self.tracker.finish(self._run(trial), status)
+
+
+def history(tracker: Any, parent: str, space: DefendSpace) -> list[tuple[dict, float, str, dict]]:
+    """The finished candidates of a defend run: (searched params, objective, key, metrics)."""
+    names = [f.name for f in fields(space)]
+    out = []
+    for run in tracker.child_runs(parent):
+        metrics, params = run.data.metrics, run.data.params
+        if run.info.status != "FINISHED" or OBJECTIVE not in metrics or LAST not in metrics:
+            if run.info.status == "RUNNING":
+                tracker.finish(run.info.run_id, "KILLED")
+            continue
+        values = {k: _decode(params[k]) for k in names if k in params}
+        out.append((values, metrics[OBJECTIVE], params.get("candidate", ""), metrics))
+    return out
+
+
+def _decode(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def choose(done: Sequence[tuple[dict, float, str, dict]]) -> tuple[dict, float, str, dict] | None:
+    """The best feasible candidate (lowest objective; ties: the smaller original-domain drop, then the earlier);
+    None when none is feasible."""
+    feasible = [d for d in done if d[3].get(FEASIBLE, 0.0) == 1.0]
+    return min(feasible, key=lambda d: (d[1], d[3].get(DROP, 0.0))) if feasible else None
+
+
+def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
+    """The defender search of protect variant ``index``: baselines, the Tune experiment (continued from the
+    candidates MLflow holds), the choice; returns the chosen setting (a plain variant) and writes it out as a spec
+    fragment (``defend/<variant>.yaml``) and on the defend run."""
+    from ray import tune  # noqa: PLC0415
+
+    from sophon_ray.core.data import make_splits  # noqa: PLC0415
+    from sophon_ray.core.metrics import chance as chance_of  # noqa: PLC0415
+    from sophon_ray.modes import MODES, task_for  # noqa: PLC0415
+    from sophon_ray.run.checkpoint import load_checkpoint  # noqa: PLC0415
+    from sophon_ray.run.plan import development_configs  # noqa: PLC0415
+    from sophon_ray.run.trials_worker import share  # noqa: PLC0415
+
+    spec, tracker = ctx.spec, ctx.tracker
+    variant = spec.protect[index]
+    defend = variant.defend
+    assert defend is not None
+    run = tracker.child_run(ctx.parent, ctx.sweep_id, "defend", spec_hash((ctx.sweep_id, "defend", variant.label)),
+                            f"defend/{variant.label}", {"variant": variant.label, "objective": defend.objective,
+                                                        "guard": defend.guard, "num_samples": defend.num_samples,
+                                                        "algorithm": defend.algorithm, "scheduler": defend.scheduler})
+    done = history(tracker, run, defend.space)
+    task = task_for(spec)
+    model, card = load_checkpoint(normal_dir)
+    data = development_data(make_splits(spec))
+    chance = chance_of(card["num_classes"]) if MODES.get(spec.mode).has_classes else 0.0
+    configs = development_configs(spec)
+    t0 = time.perf_counter()
+    scratch_best = development_best(model, configs, data, task, chance, scratch=True)
+    normal_best = development_best(model, configs, data, task, chance)
+    normal_val = card["metrics"][task.metric.key("original_val")]
+    tracker.log_metrics(run, {"dev_best_scratch": scratch_best, "dev_best_normal": normal_best})
+    ctx.say(f"[defend] {variant.label}: development best scratch {scratch_best:.1f}, normal {normal_best:.1f} "
+            f"({time.perf_counter() - t0:.0f} s); {len(done)} of {defend.num_samples} candidates finished earlier")
+    todo = defend.num_samples - len(done)
+    if todo > 0:
+        logger = DefendLogger(tracker, run, ctx.sweep_id, variant)
+        r = spec.resources
+        trainable = tune.with_resources(
+            tune.with_parameters(defend_trial, spec=spec, variant_index=index,
+                                 normal=share((model.state_dict(), card)), normal_val=normal_val,
+                                 scratch_best=scratch_best, data=share(data), storage_path=ctx.storage,
+                                 threads=int(max(1, r.cpus_per_trial)), task=task,
+                                 channels_last=spec.model.channels_last),
+            {"cpu": r.cpus_per_trial})
+        tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+            metric=OBJECTIVE, mode="min", num_samples=todo,
+            search_alg=searcher(defend, [(p, v) for p, v, _, _ in done], f"defend-{variant.label}"),
+            scheduler=scheduler(defend, variant)),
+            run_config=tune.RunConfig(name=f"defend-{variant.label}-{len(done)}", storage_path=ctx.storage,
+                                      callbacks=[logger.callback], verbose=0))
+        tuner.fit()
+        done = history(tracker, run, defend.space)
+    best = choose(done)
+    if best is None:
+        tracker.finish(run, "FAILED")
+        raise DefendError(f"protect.{index}.defend: no candidate of {variant.label} kept its original-domain drop "
+                          f"within guard {defend.guard:g} points ({len(done)} finished); widen the space toward "
+                          "gentler settings (lower alpha or more NTR steps) or raise the guard")
+    chosen = replace(candidate(variant, {**fixed(defend.space), **best[0]}, defend.seed), seeds=variant.seeds)
+    fragment = ctx.out / "defend" / f"{variant.label}.yaml"
+    fragment.parent.mkdir(parents=True, exist_ok=True)
+    fragment.write_text(yaml.safe_dump({"protect": [to_dict(chosen)]}, sort_keys=False))
+    tracker.log_metrics(run, {"chosen_objective": best[1], "candidates": float(len(done)),
+                              "feasible_candidates": float(sum(d[3].get(FEASIBLE, 0) == 1.0 for d in done))})
+    tracker.set_tag(run, "chosen_candidate", best[2])
+    tracker.log_artifact(run, fragment)
+    tracker.finish(run)
+    ctx.say(f"[defend] {variant.label}: chose candidate {best[2][:8]} (development worst case minus scratch "
+            f"{best[1]:+.1f}) of {len(done)}; setting in {fragment}")
+    return chosen
+
+
+class DefendError(Exception):
+    """No feasible candidate: the message names the field and the fix."""
+
+
+def defend_stage(ctx: RunContext) -> RunContext:
+    """Run every variant's defender search (pretraining first, when needed) and return the context whose spec
+    has each defended variant replaced by its chosen setting (every other variant as it was)."""
+    from sophon_ray.run.stages import train_stage  # noqa: PLC0415
+
+    spec = ctx.spec
+    if not any(v.defend for v in spec.protect):
+        return ctx
+    normal_dir = train_stage(replace(ctx, spec=replace(spec, protect=())))["normal"]
+    ctx.view.start_ray(ctx.options.address)
+    chosen = [run_defend(ctx, i, normal_dir) if v.defend else v for i, v in enumerate(spec.protect)]
+    return replace(ctx, spec=replace(spec, protect=tuple(chosen)))
+
+
+def space_values(space: DefendSpace) -> dict[str, Any]:
+    """The space's set fields (for texts): name -> its list or range."""
+    return {f.name: getattr(space, f.name) for f in fields(space) if getattr(space, f.name) is not None}
+
+
+__all__ = ["DROP", "DefendError", "DefendLogger", "DefineByRun", "DevelopmentData", "FEASIBLE", "INFEASIBLE",
+           "OBJECTIVE", "WORST_CASE", "candidate", "candidate_key", "choose", "defend_stage", "defend_trial",
+           "development_best", "development_data", "dimensions", "fixed", "history", "objective", "probe_report", "run_defend",
+           "scheduler", "searcher", "space_values"]

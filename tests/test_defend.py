@@ -1,0 +1,154 @@
+"""The defender search's pure parts: a candidate from sampled values, the space as Optuna dimensions, the objective
+under the capability guard, the probe estimate, the choice, validation (field and fix), the dry-run line, and the
+walls: a defender trial gets development data and the development grid only (each shown failing with the leak put
+in: the attacker's pool or the test split in its data, the evaluation grid as its recipes)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import optuna
+import pytest
+
+from sophon_ray.core.data import make_splits
+from sophon_ray.run.defend import (DROP, FEASIBLE, INFEASIBLE, OBJECTIVE, DefineByRun, candidate, candidate_key,
+                                   choose, development_data, dimensions, final_step, fixed, objective, probe_report)
+from sophon_ray.run.plan import development_configs, plan_trials
+from sophon_ray.run.texts import dry_run_text
+from sophon_ray.run.validate import parse_spec
+from sophon_ray.spec import ProtectSpec, SpecError
+
+DEFEND = {"num_samples": 4, "guard": 2.0,
+          "space": {"alpha": {"distribution": "loguniform", "low": 1.0, "high": 10.0}, "inner_steps": [10, 30],
+                    "ntr_steps": [2], "env_optimizers": [["sgd"], ["sgd", "momentum", "adam"]],
+                    "env_lr_low": [1e-3], "env_lr_high": [3e-2, 1e-4]}}
+SPEC = {
+    "model": {"arch": "convnet", "num_classes": 10},
+    "original": {"dataset": "shapes", "image_size": 8, "train_size": 200, "test_size": 50},
+    "restricted": [{"dataset": "shapes_m", "image_size": 8, "train_size": 400, "test_size": 100}],
+    "protect": [{"name": "d", "iterations": 40, "probe_every": 10, "seeds": [0, 1, 2], "defend": DEFEND}],
+    "attack": {"development": [{"strategy": ["direct-all"], "optimizer": ["sgd"], "lr": [3e-3]}],
+               "evaluation": [{"strategy": ["initfc-all"], "optimizer": ["adam"], "lr": [1e-3]}]},
+}
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return parse_spec(SPEC)
+
+
+def test_a_candidate_is_the_variant_with_the_sampled_values_one_seed_and_no_defend_block(spec):
+    base = spec.protect[0]
+    values = {**fixed(base.defend.space), "alpha": 4.0, "inner_steps": 30, "env_optimizers": "sgd+momentum+adam",
+              "env_lr_high": 1e-4}
+    c = candidate(base, values, seed=7)
+    assert (c.alpha, c.inner_steps, c.ntr_steps, c.seeds, c.defend) == (4.0, 30, 2, (7,), None)
+    assert c.environments.optimizers == ("sgd", "momentum", "adam")
+    assert c.environments.lr == (1e-4, 1e-3)                     # the ends sorted
+    assert (c.iterations, c.beta, c.name) == (base.iterations, base.beta, base.name)
+    assert candidate_key(c) == candidate_key(candidate(base, values, seed=7))
+    assert candidate_key(c) != candidate_key(candidate(base, {**values, "alpha": 4.5}, seed=7))
+    assert candidate_key(c) != candidate_key(candidate(base, values, seed=8))
+
+
+def test_the_space_searches_what_has_several_values_and_fixes_the_rest(spec):
+    space = spec.protect[0].defend.space
+    dims = dimensions(space)
+    assert set(dims) == {"alpha", "inner_steps", "env_optimizers", "env_lr_high"} and dims["alpha"].log
+    assert dims["env_optimizers"].choices == ("sgd", "sgd+momentum+adam")
+    assert fixed(space) == {"ntr_steps": 2, "env_lr_low": 1e-3}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        DefineByRun(space)(trial)
+        assert 1.0 <= trial.params["alpha"] <= 10.0 and trial.params["inner_steps"] in (10, 30)
+        study.tell(trial, 0.0)
+
+
+def test_the_objective_is_the_development_worst_case_minus_scratch_under_the_guard():
+    assert objective(40.0, 35.0, drop=1.5, guard=2.0) == (5.0, True)
+    assert objective(40.0, 35.0, drop=-0.5, guard=2.0) == (5.0, True)      # better than normal: fine
+    value, feasible = objective(12.0, 35.0, drop=3.0, guard=2.0)         # wrecked the original task
+    assert not feasible and value == INFEASIBLE + 3.0 and value > objective(100.0, 10.0, 0.0, 2.0)[0]
+    assert not objective(12.0, 35.0, drop=math.nan, guard=2.0)[1]
+
+
+def test_a_probe_reports_its_estimate_and_only_at_probe_rows():
+    assert probe_report({"fts_loss": 1.0}, 90.0, 30.0, 2.0, "probe_acc", "original_acc") is None
+    est = probe_report({"probe_acc": 33.0, "original_acc": 89.0}, 90.0, 30.0, 2.0, "probe_acc", "original_acc")
+    assert est == {OBJECTIVE: 3.0, FEASIBLE: 1.0, "probe_acc": 33.0}
+    bad = probe_report({"probe_acc": 10.0, "original_acc": 80.0}, 90.0, 30.0, 2.0, "probe_acc", "original_acc")
+    assert bad[FEASIBLE] == 0.0 and bad[OBJECTIVE] == INFEASIBLE + 10.0
+
+
+def test_the_choice_is_the_best_feasible_candidate_ties_to_the_gentler_one():
+    done = [({"alpha": 1}, 3.0, "a", {FEASIBLE: 1.0, DROP: 1.5}), ({"alpha": 2}, -9.0, "b", {FEASIBLE: 0.0}),
+            ({"alpha": 3}, 3.0, "c", {FEASIBLE: 1.0, DROP: 0.5}), ({"alpha": 4}, 5.0, "d", {FEASIBLE: 1.0, DROP: 0})]
+    assert choose(done)[2] == "c"
+    assert choose([d for d in done if d[2] == "b"]) is None
+
+
+def test_asha_ends_a_candidate_one_step_after_its_longest_protection(spec):
+    assert final_step(spec.protect[0]) == 41
+    longer = parse_spec({**SPEC, "protect": [{**SPEC["protect"][0], "defend": {
+        **DEFEND, "space": {**DEFEND["space"], "iterations": [40, 80]}}}]})
+    assert final_step(longer.protect[0]) == 81
+
+
+def test_validation_names_the_field_and_the_fix():
+    def problems(defend: dict) -> str:
+        with pytest.raises(SpecError) as err:
+            parse_spec({**SPEC, "protect": [{**SPEC["protect"][0], "defend": defend}]})
+        return str(err.value)
+
+    assert "protect.0.defend.space.learning_rate: unknown key" in problems({"space": {"learning_rate": [1e-3]}})
+    text = problems({"space": {"alpha": {"distribution": "uniform", "low": 0.0, "high": 3.0}, "inner_steps": [0]}})
+    assert "protect.0.defend.space.alpha.low: 0.0 is not a valid value of protect.alpha: must be > 0" in text
+    assert "protect.0.defend.space.inner_steps.0: 0 is not a valid value of protect.inner_steps" in text
+    assert "protect.0.defend.space.env_optimizers.0: ('lion',) is not a valid value" in problems(
+        {"space": {"env_optimizers": [["lion"]]}})
+    assert "protect.0.defend.objective: objective 'evaluation' would choose the protection on evaluation data" in \
+        problems({"objective": "evaluation"})
+    assert "protect.0.defend: a defender search scores candidates on the development grid" in str(
+        pytest.raises(SpecError, parse_spec, {**SPEC, "attack": {"evaluation": SPEC["attack"]["evaluation"]}}).value)
+
+
+def test_dry_run_states_the_defender_budget(spec):
+    text = dry_run_text(spec, plan_trials(spec, [("d", s) for s in (0, 1, 2)]))
+    assert ("defend d: tpe (4 random first) + ASHA over probe checkpoints, 4 candidates x (1 protection of at most "
+            "40 iterations + 1 development attacks), 1 at once; searches inner_steps, alpha, env_optimizers, "
+            "env_lr_high; sets ntr_steps, env_lr_low; objective: development worst case minus scratch, guard 2 "
+            "points; then 3 protection(s) of the chosen setting") in text
+
+
+def test_a_defend_block_leaves_the_sweep_id_of_a_spec_without_one_alone():
+    from sophon_ray.run.keys import sweep_id
+
+    assert ProtectSpec().defend is None
+    plain = {"restricted": [{"dataset": "shapes_m"}], "protect": [{"name": "d"}]}
+    assert sweep_id(parse_spec(plain)) == "68382dc0093f"  # the id this spec had before the defend field existed
+    dev = {"attack": {"development": [{"strategy": ["direct-all"]}]}}
+    assert sweep_id(parse_spec({**plain, **dev, "protect": [{"name": "d", "defend": {}}]})) != sweep_id(
+        parse_spec({**plain, **dev}))
+
+
+# ------------------------------------------------------------------------------------------------ the walls
+def _prints(dataset) -> set[str]:
+    return {hashlib.sha1(dataset[i][0].numpy().tobytes()).hexdigest() for i in range(len(dataset))}
+
+
+def test_a_defender_trial_gets_the_protectors_data_only(spec):
+    splits = make_splits(spec)
+    data = development_data(splits)
+    seen = set().union(*(_prints(d) for d in (*data.restricted_train, *data.restricted_val)))
+    assert seen and not seen & (_prints(splits.restricted_attacker[0]) | _prints(splits.restricted_test[0]))
+    assert not _prints(data.original_val) & _prints(splits.original_test)
+
+
+def test_a_defender_trial_attacks_with_the_development_grid_only(spec):
+    configs = development_configs(spec)
+    assert [(c.strategy, c.optimizer, c.lr) for c in configs] == [("direct-all", "sgd", 3e-3)]
+    evaluation = {(t.config.strategy, t.config.optimizer) for t in plan_trials(spec, [("d", 0)])
+                  if t.grid == "evaluation"}
+    assert not {(c.strategy, c.optimizer) for c in configs} & evaluation
