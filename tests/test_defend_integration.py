@@ -1,0 +1,75 @@
+"""The defender search end to end through ``sophon-ray run`` (real Ray Tune over real Ray Train, real MLflow in a
+temp dir): candidates exactly once under ``defend/<variant>``, the chosen setting written out and protected, and
+``--resume`` reusing every finished candidate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.procenv import process_env
+
+SPEC = {
+    "name": "defend-it",
+    "model": {"arch": "convnet", "num_classes": 10},
+    "original": {"dataset": "shapes", "image_size": 12, "train_size": 300, "test_size": 100},
+    "restricted": [{"dataset": "shapes_m", "image_size": 12, "train_size": 300, "test_size": 100}],
+    "pretrain": {"epochs": 2},
+    "protect": [{"name": "defended", "iterations": 10, "inner_steps": 2, "batch_size": 32, "eval_every": 5,
+                 "probe_every": 5, "probe_epochs": 1, "seeds": [0],
+                 "defend": {"num_samples": 2, "random_start": 2, "guard": 60.0,
+                            "space": {"alpha": {"distribution": "loguniform", "low": 1.0, "high": 10.0},
+                                      "env_optimizers": [["sgd"], ["sgd", "adam"]]}}}],
+    "attack": {"development": [{"strategy": ["direct-all"], "optimizer": ["momentum"], "lr": [1e-2],
+                                "data_fraction": [0.5], "epochs": [1]}],
+               "evaluation": [{"strategy": ["direct-all"], "optimizer": ["momentum"], "lr": [1e-2],
+                               "data_fraction": [0.5], "epochs": [1]}]},
+    "resources": {"protect_workers": 1, "cpus_per_trial": 1},
+}
+
+
+@pytest.mark.integration
+def test_a_defend_sweep_chooses_protects_and_resumes(tmp_path):
+    from mlflow import MlflowClient
+
+    from sophon_ray.names import ROLE
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**SPEC, "output_dir": str(tmp_path / "out"), "tracking": {"uri": uri}}))
+    cli = [sys.executable, "-m", "sophon_ray.cli", "run", str(spec)]
+    run = subprocess.run(cli, capture_output=True, text=True, env=process_env(), cwd=tmp_path, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "[defend] defended: chose candidate" in run.stdout
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("defend-it").experiment_id], max_results=500)
+    by_role = {role: [r for r in runs if r.data.tags.get(ROLE) == role] for role in ("defend", "defend-candidate",
+                                                                                     "protect")}
+    (defend,) = by_role["defend"]
+    candidates = by_role["defend-candidate"]
+    assert defend.info.status == "FINISHED" and len(candidates) == 2
+    scratch = defend.data.metrics["dev_best_scratch"]
+    for c in candidates:
+        m = c.data.metrics
+        assert c.info.status == "FINISHED" and m["last"] == 1.0 and {"alpha", "env_optimizers"} <= set(c.data.params)
+        if m["feasible"] == 1.0:  # the objective is the development worst case minus scratch's best
+            assert m["defend_objective"] == pytest.approx(m["dev_worst_case"] - scratch)
+        steps = {h.step for h in client.get_metric_history(c.info.run_id, "defend_objective")}
+        assert {5, 10, 11} <= steps   # the probes (through Ray Train's TuneReportCallback) and the final report
+    chosen_key = defend.data.tags["chosen_candidate"]
+    chosen = next(c for c in candidates if c.data.params["candidate"] == chosen_key)
+    fragment = yaml.safe_load((tmp_path / "out" / "defend" / "defended.yaml").read_text())["protect"][0]
+    assert fragment["alpha"] == pytest.approx(float(chosen.data.params["alpha"]))
+    (protect,) = by_role["protect"]   # the chosen setting, protected on the variant's seed, then attacked
+    assert float(protect.data.params["alpha"]) == pytest.approx(fragment["alpha"])
+
+    again = subprocess.run([*cli, "--resume"], capture_output=True, text=True, env=process_env(), cwd=tmp_path,
+                           timeout=1200)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "2 of 2 candidates finished earlier" in again.stdout and "0 to run" in again.stdout
+    runs = client.search_runs([client.get_experiment_by_name("defend-it").experiment_id], max_results=500)
+    assert sum(r.data.tags.get(ROLE) == "defend-candidate" for r in runs) == 2   # exactly once
