@@ -18,6 +18,7 @@ import pandas as pd
 
 from analysis.budget import GridRuns, benign_rows, budget_rows, load_grid, make_budget_figures
 from analysis.curves import make_curves
+from analysis.defend import Defends, defend_table, load_defends, make_defend_figures
 from analysis.families import family_rows
 from analysis.heatmaps import make_all_heatmaps
 from analysis.runs import (PretrainRun, Sweep, find_sweep, load_curves, load_num_classes, load_pretrain_run,
@@ -49,6 +50,7 @@ class SweepData:
     searches: Searches
     budget: GridRuns
     benign: GridRuns
+    defends: Defends
 
     @property
     def metric(self) -> names.Metric:
@@ -74,7 +76,7 @@ def load_sweep_data(tracking_uri: str, experiment: str, sweep_id: str | None = N
                      load_protect_runs(tracking_uri, experiment, sweep.sweep_id),
                      load_pretrain_run(tracking_uri, experiment, sweep.sweep_id),
                      num_classes or load_num_classes(sweep), load_searches(sweep), load_grid(sweep, names.BUDGET),
-                     load_grid(sweep, names.BENIGN))
+                     load_grid(sweep, names.BENIGN), load_defends(sweep))
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ FIGURES: tuple[Figure, ...] = (
            lambda d, out: make_search_figures(d.searches, out, d.title, d.chance_level, d.metric)),
     Figure("budget", "Budget: figures", ("budget-*.png",),
            lambda d, out: make_budget_figures(d.budget, out, d.title, d.chance_level, d.metric)),
+    Figure("defend", "Defender search: figures", ("defend-pareto-*.png", "defend-found-*.png"),
+           lambda d, out: make_defend_figures(d.defends, out, d.title)),
 )
 
 
@@ -168,7 +172,16 @@ TABLES: tuple[Table, ...] = (
     Table("budget", "per (domain, variant, budget cell): scores at epoch 10 and last, break-even epochs, verdict",
           _budget),
     Table("benign", "per (benign domain, variant, cell): protected, normal and scratch final score", _benign),
+    Table("defend", "per defender candidate: its searched settings, development worst case, drop, objective, "
+          "feasible, chosen", lambda d: _defend(d.defends)),
 )
+
+
+def _defend(defends: Defends) -> pd.DataFrame:
+    if defends.empty or defends.candidates.empty:
+        return pd.DataFrame()
+    return pd.concat([defend_table(v, defends.candidates).assign(variant=v["variant"])
+                      for _, v in defends.variants.iterrows()], ignore_index=True)
 
 
 def write_tables(data: SweepData, out_dir: str | Path) -> dict[str, Path]:

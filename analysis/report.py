@@ -20,6 +20,7 @@ from analysis.budget import benign_section, budget_section
 from analysis.cli import parse_source_args, source_parser
 from analysis.contents import TABLES_DIR, SweepData, load_sweep_data, make_figures, write_tables
 from analysis.html import write_html_report
+from analysis.defend import defend_section
 from analysis.families import family_rows
 from analysis.results import merge_results, results_document
 from analysis.runs import load_spec_dict
@@ -69,7 +70,7 @@ def write_results(data: SweepData, results: Path, command: str | None) -> None:
     parent = MlflowClient(tracking_uri=data.sweep.tracking_uri).get_run(data.sweep.parent_run_id).data.metrics
     seconds = sum(v for k, v in parent.items() if k.startswith("seconds_")) or None
     metric, chance_level = data.metric, data.chance_level
-    extra = [search_section(data.searches, chance_level, per_seed=True, metric=metric),
+    extra = [defend_section(data.defends), search_section(data.searches, chance_level, per_seed=True, metric=metric),
              budget_section(data.budget, per_seed=True, metric=metric),
              benign_section(data.benign, per_seed=True, metric=metric)]
     document = results_document(data.sweep, data.runs, data.curves, data.protect, data.pretrain.original_test, spec,
@@ -113,8 +114,8 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     out = Path(out_dir)
     metric, chance_level = data.metric, data.chance_level
     figures = make_figures(data, out)
-    extra = [search_section(data.searches, chance_level, metric=metric), budget_section(data.budget, metric=metric),
-             benign_section(data.benign, metric=metric)]
+    extra = [defend_section(data.defends), search_section(data.searches, chance_level, metric=metric),
+             budget_section(data.budget, metric=metric), benign_section(data.benign, metric=metric)]
     text = make_summary(data.cells, data.curves, data.protect, data.pretrain, data.num_classes, data.title,
                         [part for part in extra if part], metric, family_rows(data.runs, chance_level))
     summary = write_summary(text, out)

@@ -117,3 +117,11 @@ CELL_GRIDS = (DEVELOPMENT, EVALUATION)   # the grids the held/gap cell analysis 
 PROTECT_METRICS = ACCURACY.protect_metrics
 SPEC_ARTIFACT = "spec.yaml"      # the resolved spec, at the root of the parent run
 REPORT_ARTIFACTS = "report"      # the report files, under this folder of the parent run
+
+# the defender search (protect[i].defend): a defend run per defended variant, a defend-candidate run per candidate
+DEFEND_ROLE, CANDIDATE_ROLE = "defend", "defend-candidate"
+DEFEND_OBJECTIVE = "defend_objective"   # development worst case minus scratch's best; lower is better
+DEV_WORST_CASE = "dev_worst_case"       # the best development attack on the candidate (floored at chance)
+DEFEND_DROP = "intactness_drop_val"     # normal minus candidate original-domain validation score
+FEASIBLE = "feasible"                   # 1 when the drop is within the guard (else the candidate is not attacked)
+CHOSEN_TAG = "chosen_candidate"         # on the defend run: the chosen candidate's key

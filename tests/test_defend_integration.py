@@ -66,6 +66,10 @@ def test_a_defend_sweep_chooses_protects_and_resumes(tmp_path):
     assert fragment["alpha"] == pytest.approx(float(chosen.data.params["alpha"]))
     (protect,) = by_role["protect"]   # the chosen setting, protected on the variant's seed, then attacked
     assert float(protect.data.params["alpha"]) == pytest.approx(fragment["alpha"])
+    report = tmp_path / "out" / "report"
+    summary = (report / "summary.md").read_text()
+    assert "## Defender search" in summary and summary.count("**chosen**") == 1
+    assert (report / "defend-pareto-defended.png").is_file() and (report / "tables" / "defend.csv").is_file()
 
     again = subprocess.run([*cli, "--resume"], capture_output=True, text=True, env=process_env(), cwd=tmp_path,
                            timeout=1200)

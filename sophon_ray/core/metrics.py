@@ -5,6 +5,7 @@ All accuracies are percentages; gaps are in points. Torch-free: ``analysis/`` im
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,3 +141,14 @@ def summarise(cells: Sequence[Cell]) -> dict[str, float]:
         "min_gap": min(c.gap for c in cells),
         "leaks": sum(c.leak for c in cells),
     }
+
+
+INFEASIBLE = 100.0   # a defender candidate over its guard: this plus its drop (worse than any feasible one)
+
+
+def defend_objective(worst_case: float, scratch_best: float, drop: float, guard: float) -> tuple[float, bool]:
+    """(objective, feasible): the development worst case minus scratch's best when the candidate's
+    original-domain drop is within ``guard``; else INFEASIBLE plus the drop."""
+    if drop > guard or not math.isfinite(drop):
+        return INFEASIBLE + (drop if math.isfinite(drop) else INFEASIBLE), False
+    return worst_case - scratch_best, True

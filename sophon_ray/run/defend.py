@@ -25,6 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from sophon_ray import names
+from sophon_ray.core.metrics import INFEASIBLE, defend_objective as objective
+from sophon_ray.run.train_worker import probe_report
 from sophon_ray.spec import DefendSpace, DefendSpec, ProtectSpec, Range, SweepSpec, spec_hash, to_dict
 
 if TYPE_CHECKING:
@@ -34,11 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE = "defend_objective"        # what the defender search minimises
-WORST_CASE = "dev_worst_case"         # the best development attack on the candidate (floored at chance)
-DROP = "intactness_drop_val"          # normal minus candidate original-domain validation score
-FEASIBLE = "feasible"
-INFEASIBLE = 100.0                    # an infeasible candidate's objective: this plus its drop (worse than any other)
+OBJECTIVE, WORST_CASE, DROP, FEASIBLE = names.DEFEND_OBJECTIVE, names.DEV_WORST_CASE, names.DEFEND_DROP, names.FEASIBLE
 ENV_FIELDS = {"env_optimizers": "optimizers", "env_head_reinit": "head_reinit", "env_head_only": "head_only"}
 JOIN = "+"                            # an optimizer set as one categorical choice: "sgd+momentum"
 LAST = "last"                         # marks a candidate's final report (after its development attacks)
@@ -105,14 +104,6 @@ def candidate(base: ProtectSpec, values: Mapping[str, Any], seed: int) -> Protec
 def candidate_key(variant: ProtectSpec) -> str:
     """A candidate's key (its MLflow run is found again by it): its settings and seed."""
     return spec_hash(to_dict(variant, hashed_only=True))
-
-
-def objective(worst_case: float, scratch_best: float, drop: float, guard: float) -> tuple[float, bool]:
-    """(objective, feasible): the development worst case minus scratch's best when the candidate's
-    original-domain drop is within ``guard``; else INFEASIBLE plus the drop."""
-    if drop > guard or not math.isfinite(drop):
-        return INFEASIBLE + (drop if math.isfinite(drop) else INFEASIBLE), False
-    return worst_case - scratch_best, True
 
 
 # ------------------------------------------------------------------------------------------- development
@@ -206,18 +197,6 @@ def defend_trial(config: dict[str, Any], spec: SweepSpec, variant_index: int, no
                  "selected_iteration": metrics["selected_iteration"], LAST: 1.0})
 
 
-def probe_report(row: Mapping[str, float], normal_val: float, scratch_best: float, guard: float,
-                 probe_key: str, original_key: str) -> dict[str, float] | None:
-    """What a protection reports to its defender trial at a probe checkpoint (None for other rows): the probe's
-    development estimate of the objective (the probe score minus scratch's best development score), or the
-    infeasible value when the original-domain drop already exceeds the guard."""
-    if probe_key not in row:
-        return None
-    drop = normal_val - row.get(original_key, normal_val)
-    value, feasible = objective(row[probe_key], scratch_best, drop, guard)
-    return {OBJECTIVE: value, FEASIBLE: float(feasible), probe_key: row[probe_key]}
-
-
 # -------------------------------------------------------------------------------------------- the driver
 def searcher(defend: DefendSpec, history: Sequence[tuple[dict, float]], name: str) -> Any:
     """OptunaSearch over the defend space (TPE or random, seeded), warm-started with ``history``, minimising the
@@ -281,7 +260,7 @@ class DefendLogger:
             key = candidate_key(chosen)
             params = {"candidate": key, **{k: (JOIN.join(v) if isinstance(v, tuple) else v)
                                            for k, v in {**fixed(defend.space), **trial.config}.items()}}
-            self.runs[trial.trial_id] = self.tracker.child_run(self.parent, self.sweep_id, "defend-candidate", key,
+            self.runs[trial.trial_id] = self.tracker.child_run(self.parent, self.sweep_id, names.CANDIDATE_ROLE, key,
                                                                f"defend/{self.variant.label}/{key[:8]}", params)
         return self.runs[trial.trial_id]
 
@@ -345,7 +324,7 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
     variant = spec.protect[index]
     defend = variant.defend
     assert defend is not None
-    run = tracker.child_run(ctx.parent, ctx.sweep_id, "defend", spec_hash((ctx.sweep_id, "defend", variant.label)),
+    run = tracker.child_run(ctx.parent, ctx.sweep_id, names.DEFEND_ROLE, spec_hash((ctx.sweep_id, "defend", variant.label)),
                             f"defend/{variant.label}", {"variant": variant.label, "objective": defend.objective,
                                                         "guard": defend.guard, "num_samples": defend.num_samples,
                                                         "algorithm": defend.algorithm, "scheduler": defend.scheduler})
@@ -393,7 +372,7 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
     fragment.write_text(yaml.safe_dump({"protect": [to_dict(chosen)]}, sort_keys=False))
     tracker.log_metrics(run, {"chosen_objective": best[1], "candidates": float(len(done)),
                               "feasible_candidates": float(sum(d[3].get(FEASIBLE, 0) == 1.0 for d in done))})
-    tracker.set_tag(run, "chosen_candidate", best[2])
+    tracker.set_tag(run, names.CHOSEN_TAG, best[2])
     tracker.log_artifact(run, fragment)
     tracker.finish(run)
     ctx.say(f"[defend] {variant.label}: chose candidate {best[2][:8]} (development worst case minus scratch "
@@ -419,12 +398,6 @@ def defend_stage(ctx: RunContext) -> RunContext:
     return replace(ctx, spec=replace(spec, protect=tuple(chosen)))
 
 
-def space_values(space: DefendSpace) -> dict[str, Any]:
-    """The space's set fields (for texts): name -> its list or range."""
-    return {f.name: getattr(space, f.name) for f in fields(space) if getattr(space, f.name) is not None}
-
-
-__all__ = ["DROP", "DefendError", "DefendLogger", "DefineByRun", "DevelopmentData", "FEASIBLE", "INFEASIBLE",
-           "OBJECTIVE", "WORST_CASE", "candidate", "candidate_key", "choose", "defend_stage", "defend_trial",
-           "development_best", "development_data", "dimensions", "fixed", "history", "objective", "probe_report", "run_defend",
-           "scheduler", "searcher", "space_values"]
+__all__ = ["DROP", "DefendError", "DefendLogger", "DefineByRun", "DevelopmentData", "FEASIBLE", "OBJECTIVE",
+           "WORST_CASE", "candidate", "candidate_key", "choose", "defend_stage", "defend_trial", "development_best",
+           "development_data", "dimensions", "final_step", "fixed", "history", "run_defend", "scheduler", "searcher"]

@@ -9,14 +9,16 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sophon_ray import names
 from sophon_ray.console.progress import ProgressSender
+from sophon_ray.core.metrics import defend_objective
 from sophon_ray.spec import SweepSpec
 
 if TYPE_CHECKING:
@@ -177,8 +179,6 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics = {**metrics, "stage": job.stage, "key": job.key, "label": job.label,
                    "rank_digests": digests, "ranks_identical": len(set(digests)) == 1, KEEP: 1.0}
         if probes is not None and job.stage == "protect":  # Tune needs the objective in every report
-            from sophon_ray.run.defend import probe_report  # noqa: PLC0415
-
             metrics |= probe_report({m.key("probe"): metrics[m.key("probe")], m.original: metrics[m.key("original_val")]},
                                     normal_acc, probes["scratch_best"], probes["guard"], m.key("probe"), m.original) or {}
         done.append(job.key)
@@ -208,8 +208,6 @@ def train_loop(config: dict[str, Any]) -> None:
 
     def report_probe(step: int, row: dict[str, float]) -> None:
         """Every rank (a report is collective): the probe's estimate of the defender's objective."""
-        from sophon_ray.run.defend import probe_report  # noqa: PLC0415
-
         latest.update({k: v for k, v in row.items() if k == m.original})
         estimate = probe_report({**latest, **row}, normal_acc, probes["scratch_best"], probes["guard"],
                                 m.key("probe"), m.original)
@@ -296,6 +294,18 @@ def protect_variant(spec: SweepSpec, normal: torch.nn.Module, splits: Splits, jo
                      extra={"variant": variant.label, "protect_seed": job.seed, "protect": to_dict(variant),
                             "rollback_events": result.rollbacks, "stopped": result.stopped})
     return result.model, metrics, card
+
+
+def probe_report(row: Mapping[str, float], normal_val: float, scratch_best: float, guard: float,
+                 probe_key: str, original_key: str) -> dict[str, float] | None:
+    """What a protection reports to its defender trial at a probe checkpoint (None for other rows): the probe's
+    development estimate of the objective (the probe score minus scratch's best development score), or the
+    infeasible value when the original-domain drop already exceeds the guard."""
+    if probe_key not in row:
+        return None
+    drop = normal_val - row.get(original_key, normal_val)
+    value, feasible = defend_objective(row[probe_key], scratch_best, drop, guard)
+    return {names.DEFEND_OBJECTIVE: value, names.FEASIBLE: float(feasible), probe_key: row[probe_key]}
 
 
 def job_total(spec: SweepSpec, job: TrainingJob) -> int:

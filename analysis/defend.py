@@ -1,0 +1,164 @@
+"""The defender search in the report: per defended variant, every candidate (its searched settings, development
+worst case, original-domain drop, objective, feasible), the chosen one, the best found after n candidates, and the
+Pareto figure (intactness drop vs development worst case minus scratch) over all candidates.
+
+Reads the ``defend`` and ``defend-candidate`` runs ``sophon_ray.run.defend`` logs; pandas and matplotlib only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.runs import Sweep, stage_runs  # noqa: E402
+from analysis.summary import markdown_table, number  # noqa: E402
+from sophon_ray import names  # noqa: E402
+
+OBJECTIVE, WORST_CASE, DROP, FEASIBLE = names.DEFEND_OBJECTIVE, names.DEV_WORST_CASE, names.DEFEND_DROP, names.FEASIBLE
+NOT_SETTINGS = {"candidate"}
+
+
+@dataclass(frozen=True)
+class Defends:
+    """The sweep's defend runs (one per defended variant) and their candidates (in the order they started)."""
+
+    variants: pd.DataFrame
+    candidates: pd.DataFrame
+
+    @property
+    def empty(self) -> bool:
+        return self.variants.empty
+
+
+def load_defends(sweep: Sweep) -> Defends:
+    """Every defend run and candidate of a sweep (both empty when it defended nothing)."""
+    variants = pd.DataFrame([{"run_id": r.info.run_id, "variant": r.data.params.get("variant", ""),
+                              "guard": float(r.data.params.get("guard", "nan")),
+                              "chosen": r.data.tags.get(names.CHOSEN_TAG, ""), **r.data.metrics}
+                             for r in stage_runs(sweep, names.DEFEND_ROLE)],
+                            columns=["run_id", "variant", "guard", "chosen", "dev_best_scratch", "dev_best_normal"])
+    rows = []
+    for r in stage_runs(sweep, names.CANDIDATE_ROLE):
+        if r.info.status != "FINISHED" or "last" not in r.data.metrics:
+            continue
+        rows.append({"parent": r.data.tags.get(names.PARENT, ""), "start": r.info.start_time,
+                     **{f"param:{k}": v for k, v in r.data.params.items()}, **r.data.metrics})
+    candidates = pd.DataFrame(rows)
+    if not candidates.empty:
+        candidates = candidates.sort_values(["parent", "start"], ignore_index=True)
+        candidates["n"] = candidates.groupby("parent").cumcount() + 1
+    return Defends(variants, candidates)
+
+
+def best_found(candidates: pd.DataFrame) -> list[float]:
+    """The best feasible objective after each candidate (NaN until one is feasible)."""
+    best, out = math.inf, []
+    for objective, feasible in zip(candidates[OBJECTIVE], candidates[FEASIBLE]):
+        if feasible == 1.0:
+            best = min(best, objective)
+        out.append(best if math.isfinite(best) else math.nan)
+    return out
+
+
+def defend_table(variant: pd.Series, candidates: pd.DataFrame) -> pd.DataFrame:
+    """One row per candidate of ``variant``: n, its searched settings, worst case, drop, objective, feasible,
+    chosen."""
+    mine = candidates[candidates["parent"] == variant["run_id"]]
+    settings = [c for c in mine.columns if c.startswith("param:") and c[6:] not in NOT_SETTINGS]
+    table = mine[["n", *settings, WORST_CASE, DROP, OBJECTIVE, FEASIBLE]].rename(
+        columns={c: c[6:] for c in settings})
+    return table.assign(chosen=(mine["param:candidate"] == variant["chosen"]).to_numpy(),
+                        best_found=best_found(mine))
+
+
+def defend_section(data: Defends, level: int = 2) -> str:
+    """The "Defender search" markdown ('' when the sweep defended nothing)."""
+    if data.empty or data.candidates.empty:
+        return ""
+    h = "#" * level
+    parts = [f"{h} Defender search",
+             "Each candidate is one protection (its settings drawn by the defender's Tune search) attacked by the "
+             "development grid on the protector's restricted share, scored on restricted validation data; "
+             "*objective* = its best development attack minus scratch's best (lower is better); a candidate whose "
+             "original-domain validation drop exceeds the guard is infeasible (not attacked). The chosen candidate "
+             "(the best feasible one) is the variant's setting for every protection seed; nothing here reads "
+             "evaluation data."]
+    for _, variant in data.variants.iterrows():
+        table = defend_table(variant, data.candidates)
+        settings = [c for c in table.columns if c not in ("n", WORST_CASE, DROP, OBJECTIVE, FEASIBLE, "chosen",
+                                                           "best_found")]
+        rows = [[str(r["n"]), *(_setting(r[s]) for s in settings), number(r[WORST_CASE]), number(r[DROP], "+.1f"),
+                 number(r[OBJECTIVE], "+.1f") if r[FEASIBLE] == 1.0 else "infeasible", number(r["best_found"], "+.1f"),
+                 "**chosen**" if r["chosen"] else ""] for _, r in table.iterrows()]
+        parts += [f"{h}# `{variant['variant']}`",
+                  f"Development best on scratch {number(variant['dev_best_scratch'])}, on normal "
+                  f"{number(variant['dev_best_normal'])}; guard {variant['guard']:g} points; "
+                  f"{int((table[FEASIBLE] == 1.0).sum())} of {len(table)} candidates feasible.",
+                  markdown_table(["#", *settings, "dev worst case", "drop (val)", "objective", "best after n", ""],
+                                 rows, text_columns=1 + len(settings))]
+    return "\n\n".join(parts)
+
+
+def _setting(value: object) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def make_defend_figures(data: Defends, out_dir: str | Path, title: str) -> list[Path]:
+    """``defend-pareto-<variant>.png`` (drop vs objective, every candidate) and ``defend-found-<variant>.png``
+    (best feasible objective after n candidates) per defended variant; [] when the sweep defended nothing."""
+    if data.empty or data.candidates.empty:
+        return []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for _, variant in data.variants.iterrows():
+        table = defend_table(variant, data.candidates)
+        if table.empty:
+            continue
+        scratch = variant["dev_best_scratch"]
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        feasible = table[table[FEASIBLE] == 1.0]
+        other = table[table[FEASIBLE] != 1.0]
+        ax.scatter(feasible[DROP], feasible[WORST_CASE] - scratch, label="feasible candidates", color="tab:blue")
+        if not other.empty:
+            ax.scatter(other[DROP], [0.0] * len(other), marker="x", color="grey",
+                       label="infeasible (not attacked; drawn at 0)")
+        chosen = table[table["chosen"]]
+        ax.scatter(chosen[DROP], chosen[WORST_CASE] - scratch, s=160, facecolors="none", edgecolors="tab:red",
+                   label="chosen")
+        ax.axvline(variant["guard"], color="tab:red", linestyle=":", label=f"guard ({variant['guard']:g} points)")
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xlabel("original-domain validation drop vs normal (points)")
+        ax.set_ylabel("development worst case − scratch (points)")
+        ax.set_title(f"{title} — defend {variant['variant']}: every candidate", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(_save(fig, out / f"defend-pareto-{variant['variant']}.png"))
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        ax.plot(table["n"], table["best_found"], marker="o")
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xlabel("candidates run")
+        ax.set_ylabel("best feasible objective so far")
+        ax.set_title(f"{title} — defend {variant['variant']}: best found after n candidates", fontsize=9)
+        fig.tight_layout()
+        paths.append(_save(fig, out / f"defend-found-{variant['variant']}.png"))
+    return paths
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["Defends", "best_found", "defend_section", "defend_table", "load_defends", "make_defend_figures"]
