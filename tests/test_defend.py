@@ -15,8 +15,8 @@ from sophon_ray.core.data import make_splits
 from sophon_ray.core.metrics import INFEASIBLE
 from sophon_ray.core.metrics import defend_objective as objective
 from sophon_ray.run.defend import (DROP, FEASIBLE, OBJECTIVE, DefineByRun, candidate, candidate_key, choose,
-                                   development_data, dimensions, final_step, fixed)
-from sophon_ray.run.train_worker import probe_report
+                                   dimensions, final_step, fixed)
+from sophon_ray.run.development import development_data, probe_report
 from sophon_ray.run.plan import development_configs, plan_trials
 from sophon_ray.run.texts import dry_run_text
 from sophon_ray.run.validate import parse_spec

@@ -2,15 +2,16 @@
 attacker, so that a protect variant's setting is chosen by the tool on development data.
 
 One Tune trial is one candidate: its protection runs as a Ray Train job launched inside the trial (its probe
-checkpoints reach Tune through Ray Train's ``TuneReportCallback``, so ASHA stops hopeless candidates early), then
-the trial fine-tunes the protected candidate with every recipe of the sweep's development grid on the protector's
-restricted share and scores it on restricted *validation* data. The objective (lower is better) is the best
-development attack on the candidate minus the best on scratch, the same grid; a candidate whose original-domain
-validation drop exceeds ``defend.guard`` is infeasible and skips its attacks. Never the evaluation grids, never the
-attacker's pool, never the test split: the trial is handed the protector's data only (:class:`DevelopmentData`).
+estimates reach Tune through Ray Train's ``TuneReportCallback``, so ASHA stops hopeless candidates early) and the
+same job then fine-tunes the protected candidate with every recipe of the sweep's development grid on the
+protector's restricted share, scored on restricted *validation* data (:mod:`sophon_ray.run.development`). The
+objective (lower is better) is the best development attack on the candidate minus the best on scratch, the same
+grid; a candidate whose original-domain validation drop exceeds ``defend.guard`` is infeasible and skips its
+attacks. Never the evaluation grids, never the attacker's pool, never the test split: the development attacks
+get the protector's data only (``DevelopmentData``).
 
-The pure parts (the space as Optuna distributions, a candidate from sampled values, the objective) are here with
-the trial and the driver; the pipeline's stage is :func:`defend_stage`.
+The pure parts (the space as Optuna distributions, a candidate from sampled values, the choice) are here with the
+trial and the driver; the pipeline's stage is :func:`defend_stage`.
 """
 
 from __future__ import annotations
@@ -19,20 +20,17 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from sophon_ray import names
-from sophon_ray.core.metrics import INFEASIBLE, defend_objective as objective
-from sophon_ray.run.train_worker import probe_report
+from sophon_ray.run.development import development_best, development_data
 from sophon_ray.spec import DefendSpace, DefendSpec, ProtectSpec, Range, SweepSpec, spec_hash, to_dict
 
 if TYPE_CHECKING:
-    from torch.utils.data import Dataset
-
     from sophon_ray.run.context import RunContext
 
 log = logging.getLogger(__name__)
@@ -40,6 +38,7 @@ log = logging.getLogger(__name__)
 OBJECTIVE, WORST_CASE, DROP, FEASIBLE = names.DEFEND_OBJECTIVE, names.DEV_WORST_CASE, names.DEFEND_DROP, names.FEASIBLE
 ENV_FIELDS = {"env_optimizers": "optimizers", "env_head_reinit": "head_reinit", "env_head_only": "head_only"}
 JOIN = "+"                            # an optimizer set as one categorical choice: "sgd+momentum"
+TRIAL_CPU = 0.01   # a candidate's trial only waits for its Ray Train job, whose workers hold the CPUs (Tune needs > 0)
 LAST = "last"                         # marks a candidate's final report (after its development attacks)
 LOGGED = (OBJECTIVE, WORST_CASE, DROP, FEASIBLE, LAST, "selected_iteration")
 
@@ -106,95 +105,50 @@ def candidate_key(variant: ProtectSpec) -> str:
     return spec_hash(to_dict(variant, hashed_only=True))
 
 
-# ------------------------------------------------------------------------------------------- development
-@dataclass(frozen=True)
-class DevelopmentData:
-    """What a defender trial may read: the original domain (protection) and the protector's restricted share and
-    validation split; the attacker's pool and the test splits are not in it."""
-
-    original_train: Dataset
-    original_val: Dataset
-    restricted_train: list[Dataset]
-    restricted_val: list[Dataset]
-
-
-def development_data(splits: Any) -> DevelopmentData:
-    """The defender's share of a sweep's splits (:class:`sophon_ray.core.data.Splits`)."""
-    return DevelopmentData(splits.original_train, splits.original_val, splits.restricted_train, splits.restricted_val)
-
-
-def development_best(model: Any, configs: Sequence[Any], data: DevelopmentData, task: Any, chance: float,
-                     device: str = "cpu", scratch: bool = False) -> float:
-    """The best final development score over ``configs`` on every restricted domain (fine-tuning on the
-    protector's share, scored on validation), floored at ``chance``; ``scratch``: a fresh init per recipe."""
-    from sophon_ray.core.attack import finetune, scratch_model  # noqa: PLC0415
-    from sophon_ray.recipes import SCRATCH_STRATEGY  # noqa: PLC0415
-
-    best = chance
-    for config in (list(dict.fromkeys(replace(c, strategy=SCRATCH_STRATEGY) for c in configs)) if scratch
-                   else configs):
-        for train, val in zip(data.restricted_train, data.restricted_val, strict=True):
-            start = scratch_model(model, config.seed) if scratch else model
-            best = max(best, finetune(start, train, val, config, device=device, task=task).final)
-    return best
-
-
 # --------------------------------------------------------------------------------------------- the trial
 def defend_trial(config: dict[str, Any], spec: SweepSpec, variant_index: int, normal: tuple[dict, dict],
-                 normal_val: float, scratch_best: float, data: DevelopmentData, storage_path: str, threads: int,
-                 task: Any, channels_last: bool = True) -> None:
-    """The Tune function trainable of one candidate: protect (Ray Train, probes reported to Tune), then the
-    development grid on the protected candidate; reports the objective."""
-    import torch  # noqa: PLC0415
+                 normal_val: float, scratch_best: float, chance: float, storage_path: str) -> None:
+    """The Tune function trainable of one candidate: its protection and development attacks as one Ray Train job
+    (probe estimates reported to Tune on the way), then the candidate's objective reported. The trial itself
+    reserves nothing: the Train job's workers hold the resources (so any ``max_concurrent`` queues, never
+    deadlocks)."""
     from ray import tune  # noqa: PLC0415
     from ray.train import RunConfig, ScalingConfig  # noqa: PLC0415
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
     from ray.tune.integration.ray_train import TuneReportCallback  # noqa: PLC0415
 
-    from sophon_ray.core.metrics import chance as chance_of  # noqa: PLC0415
-    from sophon_ray.modes import MODES  # noqa: PLC0415
-    from sophon_ray.run.checkpoint import load_checkpoint  # noqa: PLC0415
     from sophon_ray.run.plan import development_configs  # noqa: PLC0415
     from sophon_ray.run.train_driver import protect_job  # noqa: PLC0415
     from sophon_ray.run.train_worker import KEEP, STATE_STAGE, train_loop  # noqa: PLC0415
     from sophon_ray.run.trials_worker import unshare  # noqa: PLC0415
 
-    torch.set_num_threads(max(1, threads))
-    data = unshare(data)
-    defend = spec.protect[variant_index].defend
+    variant = spec.protect[variant_index]
+    defend = variant.defend
     assert defend is not None
-    chosen = candidate(spec.protect[variant_index], {**fixed(defend.space), **config}, defend.seed)
+    chosen = candidate(variant, {**fixed(defend.space), **config}, defend.seed)
     key = candidate_key(chosen)
     # no state checkpoints: every report of the Train job reaches Tune, and a candidate reruns whole
     cand_spec = replace(spec, protect=(replace(chosen, checkpoint_every=0),),
                         resources=replace(spec.resources, protect_parallel=1))
-    job = protect_job(cand_spec, 0, defend.seed, key)
     r = spec.resources
-    state, card = normal
+    state, _ = normal
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": cand_spec, "jobs": [job], "threads": r.cpus_per_trial, "progress": None,
-                           "normal_state": unshare(state), "normal_val_acc": normal_val,
-                           "report_probes": {"scratch_best": scratch_best, "guard": defend.guard}},
+        train_loop_config={"spec": cand_spec, "jobs": [protect_job(cand_spec, 0, defend.seed, key)],
+                           "threads": r.cpus_per_trial, "progress": None, "normal_state": unshare(state),
+                           "normal_val_acc": normal_val,
+                           "defend": {"scratch_best": scratch_best, "guard": defend.guard, "chance": chance,
+                                      "configs": development_configs(spec)}},
         scaling_config=ScalingConfig(num_workers=r.protect_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_trial, **({"GPU": 1} if r.use_gpu else {})}),
         run_config=RunConfig(name=f"defend-{key}", storage_path=storage_path, callbacks=[TuneReportCallback()]),
     )
     result = trainer.fit()
-    finished = [(ckpt, m) for ckpt, m in result.best_checkpoints or [] if m.get("stage") != STATE_STAGE and m.get(KEEP)]
-    checkpoint, metrics = finished[-1]
-    with checkpoint.as_directory() as folder:
-        model, _ = load_checkpoint(Path(folder))
-    m = task.metric
-    drop = normal_val - metrics[m.key("original_val")]
-    chance = chance_of(card["num_classes"]) if MODES.get(spec.mode).has_classes else 0.0
-    worst = math.nan
-    if drop <= defend.guard:
-        worst = development_best(model, development_configs(spec), data, task, chance)
-    value, feasible = objective(worst, scratch_best, drop, defend.guard)
-    tune.report({OBJECTIVE: value, WORST_CASE: worst, DROP: drop, FEASIBLE: float(feasible),
-                 "iteration": final_step(spec.protect[variant_index]), "candidate_key": key, m.key("probe"): metrics[m.key("probe")],
-                 "selected_iteration": metrics["selected_iteration"], LAST: 1.0})
+    metrics = next(m for _, m in reversed(result.best_checkpoints or []) if m.get("stage") != STATE_STAGE and m.get(KEEP))
+    probe = next(k for k in metrics if k.endswith("probe_acc") or k.endswith("_probe"))
+    tune.report({OBJECTIVE: metrics[OBJECTIVE], WORST_CASE: metrics.get(WORST_CASE, math.nan), DROP: metrics[DROP],
+                 FEASIBLE: metrics[FEASIBLE], "iteration": final_step(variant), "candidate_key": key,
+                 probe: metrics[probe], "selected_iteration": metrics["selected_iteration"], LAST: 1.0})
 
 
 # -------------------------------------------------------------------------------------------- the driver
@@ -333,6 +287,7 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
     model, card = load_checkpoint(normal_dir)
     data = development_data(make_splits(spec))
     chance = chance_of(card["num_classes"]) if MODES.get(spec.mode).has_classes else 0.0
+    state = share(model.state_dict())
     configs = development_configs(spec)
     t0 = time.perf_counter()
     scratch_best = development_best(model, configs, data, task, chance, scratch=True)
@@ -344,14 +299,11 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
     todo = defend.num_samples - len(done)
     if todo > 0:
         logger = DefendLogger(tracker, run, ctx.sweep_id, variant)
-        r = spec.resources
         trainable = tune.with_resources(
-            tune.with_parameters(defend_trial, spec=spec, variant_index=index,
-                                 normal=share((model.state_dict(), card)), normal_val=normal_val,
-                                 scratch_best=scratch_best, data=share(data), storage_path=ctx.storage,
-                                 threads=int(max(1, r.cpus_per_trial)), task=task,
-                                 channels_last=spec.model.channels_last),
-            {"cpu": r.cpus_per_trial})
+            tune.with_parameters(defend_trial, spec=spec, variant_index=index, normal=(state, card),
+                                 normal_val=normal_val, scratch_best=scratch_best, chance=chance,
+                                 storage_path=ctx.storage),
+            {"cpu": TRIAL_CPU})
         tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
             metric=OBJECTIVE, mode="min", num_samples=todo,
             search_alg=searcher(defend, [(p, v) for p, v, _, _ in done], f"defend-{variant.label}"),
@@ -398,6 +350,6 @@ def defend_stage(ctx: RunContext) -> RunContext:
     return replace(ctx, spec=replace(spec, protect=tuple(chosen)))
 
 
-__all__ = ["DROP", "DefendError", "DefendLogger", "DefineByRun", "DevelopmentData", "FEASIBLE", "OBJECTIVE",
-           "WORST_CASE", "candidate", "candidate_key", "choose", "defend_stage", "defend_trial", "development_best",
-           "development_data", "dimensions", "final_step", "fixed", "history", "run_defend", "scheduler", "searcher"]
+__all__ = ["DROP", "DefendError", "DefendLogger", "DefineByRun", "FEASIBLE", "OBJECTIVE", "WORST_CASE", "candidate",
+           "candidate_key", "choose", "defend_stage", "defend_trial", "dimensions", "final_step", "fixed", "history",
+           "run_defend", "scheduler", "searcher"]

@@ -9,7 +9,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ import torch
 from sophon_ray import names
 from sophon_ray.console.progress import ProgressSender
 from sophon_ray.core.metrics import defend_objective
+from sophon_ray.run.development import development_best, development_data, probe_report
 from sophon_ray.spec import SweepSpec
 
 if TYPE_CHECKING:
@@ -163,7 +164,7 @@ def train_loop(config: dict[str, Any]) -> None:
         log.info("rank %d | continuing from Ray Train's latest checkpoint: %d job(s) finished%s", rank,
                  len(point.done), f", protection {point.job} at iteration {point.state.iteration}" if point.job else "")
     done = list(point.done)
-    probes = config.get("report_probes")  # a defender trial's protection: each probe estimate goes to Tune
+    defend = config.get("defend")  # a defender candidate: probe estimates to Tune, then its development attacks
 
     def resume_folder(out: Path, job: str | None = None, history: list[dict] | None = None) -> None:
         if rank == 0:
@@ -178,9 +179,8 @@ def train_loop(config: dict[str, Any]) -> None:
             dist.all_gather_object(digests, state_digest(model))
         metrics = {**metrics, "stage": job.stage, "key": job.key, "label": job.label,
                    "rank_digests": digests, "ranks_identical": len(set(digests)) == 1, KEEP: 1.0}
-        if probes is not None and job.stage == "protect":  # Tune needs the objective in every report
-            metrics |= probe_report({m.key("probe"): metrics[m.key("probe")], m.original: metrics[m.key("original_val")]},
-                                    normal_acc, probes["scratch_best"], probes["guard"], m.key("probe"), m.original) or {}
+        if defend is not None and job.stage == "protect":  # a defender candidate: attacked right here
+            metrics |= candidate_metrics(model, metrics)
         done.append(job.key)
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
@@ -209,10 +209,23 @@ def train_loop(config: dict[str, Any]) -> None:
     def report_probe(step: int, row: dict[str, float]) -> None:
         """Every rank (a report is collective): the probe's estimate of the defender's objective."""
         latest.update({k: v for k, v in row.items() if k == m.original})
-        estimate = probe_report({**latest, **row}, normal_acc, probes["scratch_best"], probes["guard"],
+        estimate = probe_report({**latest, **row}, normal_acc, defend["scratch_best"], defend["guard"],
                                 m.key("probe"), m.original)
         if estimate is not None:
             ray.train.report({**estimate, "iteration": step, "stage": "probe"}, checkpoint=None)
+
+    def candidate_metrics(model: torch.nn.Module, metrics: dict[str, Any]) -> dict[str, float]:
+        """A defender candidate's objective: rank 0 attacks it with the development grid when its drop is within
+        the guard (the other ranks report the probe estimate; Tune reads rank 0's)."""
+        drop = normal_acc - metrics[m.key("original_val")]
+        estimate = probe_report({m.key("probe"): metrics[m.key("probe")], m.original: metrics[m.key("original_val")]},
+                                normal_acc, defend["scratch_best"], defend["guard"], m.key("probe"), m.original) or {}
+        if rank != 0 or not estimate.get(names.FEASIBLE):
+            return {**estimate, names.DEFEND_DROP: drop}
+        worst = development_best(model, defend["configs"], development_data(splits), task, defend["chance"], device)
+        value, feasible = defend_objective(worst, defend["scratch_best"], drop, defend["guard"])
+        return {names.DEFEND_OBJECTIVE: value, names.FEASIBLE: float(feasible), names.DEV_WORST_CASE: worst,
+                names.DEFEND_DROP: drop}
 
     for job in config["jobs"]:
         if job.key in done:
@@ -225,7 +238,7 @@ def train_loop(config: dict[str, Any]) -> None:
         def record(step: int, row: dict[str, float], history: list = history, progress: Any = progress) -> None:
             history.append({"step": step, **row})
             progress(step, row)
-            if probes is not None and job.stage == "protect":
+            if defend is not None and job.stage == "protect":
                 report_probe(step, row)
 
         if job.stage == "pretrain":
@@ -294,18 +307,6 @@ def protect_variant(spec: SweepSpec, normal: torch.nn.Module, splits: Splits, jo
                      extra={"variant": variant.label, "protect_seed": job.seed, "protect": to_dict(variant),
                             "rollback_events": result.rollbacks, "stopped": result.stopped})
     return result.model, metrics, card
-
-
-def probe_report(row: Mapping[str, float], normal_val: float, scratch_best: float, guard: float,
-                 probe_key: str, original_key: str) -> dict[str, float] | None:
-    """What a protection reports to its defender trial at a probe checkpoint (None for other rows): the probe's
-    development estimate of the objective (the probe score minus scratch's best development score), or the
-    infeasible value when the original-domain drop already exceeds the guard."""
-    if probe_key not in row:
-        return None
-    drop = normal_val - row.get(original_key, normal_val)
-    value, feasible = defend_objective(row[probe_key], scratch_best, drop, guard)
-    return {names.DEFEND_OBJECTIVE: value, names.FEASIBLE: float(feasible), probe_key: row[probe_key]}
 
 
 def job_total(spec: SweepSpec, job: TrainingJob) -> int:
