@@ -46,10 +46,10 @@ def load_defends(sweep: Sweep) -> Defends:
                             columns=["run_id", "variant", "guard", "chosen", "dev_best_scratch", "dev_best_normal"])
     rows = []
     for r in stage_runs(sweep, names.CANDIDATE_ROLE):
-        if r.info.status != "FINISHED" or "last" not in r.data.metrics:
+        if r.info.status != "FINISHED" or OBJECTIVE not in r.data.metrics:
             continue
-        rows.append({"parent": r.data.tags.get(names.PARENT, ""), "start": r.info.start_time,
-                     **{f"param:{k}": v for k, v in r.data.params.items()}, **r.data.metrics})
+        rows.append({"parent": r.data.tags.get(names.PARENT, ""), "start": r.info.start_time, "end": r.info.end_time,
+                     **{f"param:{k}": v for k, v in r.data.params.items()}, names.STOPPED: 0.0, **r.data.metrics})
     candidates = pd.DataFrame(rows)
     if not candidates.empty:
         candidates = candidates.sort_values(["parent", "start"], ignore_index=True)
@@ -58,10 +58,11 @@ def load_defends(sweep: Sweep) -> Defends:
 
 
 def best_found(candidates: pd.DataFrame) -> list[float]:
-    """The best feasible objective after each candidate (NaN until one is feasible)."""
+    """The best objective of a feasible candidate that ran its development attacks, after each candidate (NaN
+    until there is one)."""
     best, out = math.inf, []
-    for objective, feasible in zip(candidates[OBJECTIVE], candidates[FEASIBLE]):
-        if feasible == 1.0:
+    for objective, feasible, stopped in zip(candidates[OBJECTIVE], candidates[FEASIBLE], candidates[names.STOPPED]):
+        if feasible == 1.0 and stopped != 1.0:
             best = min(best, objective)
         out.append(best if math.isfinite(best) else math.nan)
     return out
@@ -72,7 +73,10 @@ def defend_table(variant: pd.Series, candidates: pd.DataFrame) -> pd.DataFrame:
     chosen."""
     mine = candidates[candidates["parent"] == variant["run_id"]]
     settings = [c for c in mine.columns if c.startswith("param:") and c[6:] not in NOT_SETTINGS]
-    table = mine[["n", *settings, WORST_CASE, DROP, OBJECTIVE, FEASIBLE]].rename(
+    for column in (WORST_CASE, DROP, "iteration"):
+        if column not in mine:
+            mine = mine.assign(**{column: math.nan})
+    table = mine[["n", *settings, WORST_CASE, DROP, OBJECTIVE, FEASIBLE, names.STOPPED, "iteration"]].rename(
         columns={c: c[6:] for c in settings})
     return table.assign(chosen=(mine["param:candidate"] == variant["chosen"]).to_numpy(),
                         best_found=best_found(mine))
@@ -93,17 +97,26 @@ def defend_section(data: Defends, level: int = 2) -> str:
     for _, variant in data.variants.iterrows():
         table = defend_table(variant, data.candidates)
         settings = [c for c in table.columns if c not in ("n", WORST_CASE, DROP, OBJECTIVE, FEASIBLE, "chosen",
-                                                           "best_found")]
+                                                           "best_found", names.STOPPED, "iteration")]
         rows = [[str(r["n"]), *(_setting(r[s]) for s in settings), number(r[WORST_CASE]), number(r[DROP], "+.1f"),
-                 number(r[OBJECTIVE], "+.1f") if r[FEASIBLE] == 1.0 else "infeasible", number(r["best_found"], "+.1f"),
-                 "**chosen**" if r["chosen"] else ""] for _, r in table.iterrows()]
+                 _objective(r), number(r["best_found"], "+.1f"), "**chosen**" if r["chosen"] else ""]
+                for _, r in table.iterrows()]
         parts += [f"{h}# `{variant['variant']}`",
                   f"Development best on scratch {number(variant['dev_best_scratch'])}, on normal "
                   f"{number(variant['dev_best_normal'])}; guard {variant['guard']:g} points; "
-                  f"{int((table[FEASIBLE] == 1.0).sum())} of {len(table)} candidates feasible.",
+                  f"{int((table[FEASIBLE] == 1.0).sum())} of {len(table)} candidates feasible, "
+                  f"{int((table[names.STOPPED] == 1.0).sum())} stopped early by ASHA (their probe estimate shown).",
                   markdown_table(["#", *settings, "dev worst case", "drop (val)", "objective", "best after n", ""],
                                  rows, text_columns=1 + len(settings))]
     return "\n\n".join(parts)
+
+
+def _objective(row: pd.Series) -> str:
+    if row[FEASIBLE] != 1.0:
+        return "infeasible"
+    if row[names.STOPPED] == 1.0:
+        return f"stopped at {number(row['iteration'], '.0f')} (est. {number(row[OBJECTIVE], '+.1f')})"
+    return number(row[OBJECTIVE], "+.1f")
 
 
 def _setting(value: object) -> str:
@@ -127,9 +140,13 @@ def make_defend_figures(data: Defends, out_dir: str | Path, title: str) -> list[
             continue
         scratch = variant["dev_best_scratch"]
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        feasible = table[table[FEASIBLE] == 1.0]
+        feasible = table[(table[FEASIBLE] == 1.0) & (table[names.STOPPED] != 1.0)]
+        stopped = table[(table[FEASIBLE] == 1.0) & (table[names.STOPPED] == 1.0)]
         other = table[table[FEASIBLE] != 1.0]
         ax.scatter(feasible[DROP], feasible[WORST_CASE] - scratch, label="feasible candidates", color="tab:blue")
+        if not stopped.empty:
+            ax.scatter(stopped[DROP], stopped[OBJECTIVE], facecolors="none", edgecolors="tab:blue",
+                       label="stopped by ASHA (probe estimate)")
         if not other.empty:
             ax.scatter(other[DROP], [0.0] * len(other), marker="x", color="grey",
                        label="infeasible (not attacked; drawn at 0)")

@@ -14,7 +14,7 @@ import pytest
 from sophon_ray.core.data import make_splits
 from sophon_ray.core.metrics import INFEASIBLE
 from sophon_ray.core.metrics import defend_objective as objective
-from sophon_ray.run.defend import (DROP, FEASIBLE, OBJECTIVE, DefineByRun, candidate, candidate_key, choose,
+from sophon_ray.run.defend import (DROP, FEASIBLE, LAST, OBJECTIVE, DefineByRun, candidate, candidate_key, choose,
                                    dimensions, final_step, fixed)
 from sophon_ray.run.development import development_data, probe_report
 from sophon_ray.run.plan import development_configs, plan_trials
@@ -86,10 +86,13 @@ def test_a_probe_reports_its_estimate_and_only_at_probe_rows():
 
 
 def test_the_choice_is_the_best_feasible_candidate_ties_to_the_gentler_one():
-    done = [({"alpha": 1}, 3.0, "a", {FEASIBLE: 1.0, DROP: 1.5}), ({"alpha": 2}, -9.0, "b", {FEASIBLE: 0.0}),
-            ({"alpha": 3}, 3.0, "c", {FEASIBLE: 1.0, DROP: 0.5}), ({"alpha": 4}, 5.0, "d", {FEASIBLE: 1.0, DROP: 0})]
+    done = [({"alpha": 1}, 3.0, "a", {FEASIBLE: 1.0, DROP: 1.5, LAST: 1.0}),
+            ({"alpha": 2}, -9.0, "b", {FEASIBLE: 0.0, LAST: 1.0}),
+            ({"alpha": 3}, 3.0, "c", {FEASIBLE: 1.0, DROP: 0.5, LAST: 1.0}),
+            ({"alpha": 4}, 5.0, "d", {FEASIBLE: 1.0, DROP: 0, LAST: 1.0}),
+            ({"alpha": 5}, -5.0, "e", {FEASIBLE: 1.0, DROP: 0})]          # stopped by ASHA: a probe estimate only
     assert choose(done)[2] == "c"
-    assert choose([d for d in done if d[2] == "b"]) is None
+    assert choose([d for d in done if d[2] in ("b", "e")]) is None
 
 
 def test_asha_ends_a_candidate_one_step_after_its_longest_protection(spec):

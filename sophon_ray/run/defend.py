@@ -40,7 +40,8 @@ ENV_FIELDS = {"env_optimizers": "optimizers", "env_head_reinit": "head_reinit", 
 JOIN = "+"                            # an optimizer set as one categorical choice: "sgd+momentum"
 TRIAL_CPU = 0.01   # a candidate's trial only waits for its Ray Train job, whose workers hold the CPUs (Tune needs > 0)
 LAST = "last"                         # marks a candidate's final report (after its development attacks)
-LOGGED = (OBJECTIVE, WORST_CASE, DROP, FEASIBLE, LAST, "selected_iteration")
+STOPPED = names.STOPPED                # a candidate ASHA stopped at a probe checkpoint (not attacked, not chosen)
+LOGGED = (OBJECTIVE, WORST_CASE, DROP, FEASIBLE, LAST, "selected_iteration", "iteration", "time_total_s")
 
 
 # ------------------------------------------------------------------------------------------------ the space
@@ -202,6 +203,7 @@ class DefendLogger:
 
         self.tracker, self.parent, self.sweep_id, self.variant = tracker, parent, sweep_id, variant
         self.runs: dict[str, str] = {}
+        self.last: dict[str, dict[str, Any]] = {}
         self.callback = type("DefendCallback", (Callback,), {
             "on_trial_result": lambda _, iteration, trials, trial, result, **kw: self.result(trial, result),
             "on_trial_complete": lambda _, iteration, trials, trial, **kw: self.done(trial, "FINISHED"),
@@ -222,21 +224,26 @@ class DefendLogger:
         if "iteration" not in result:  # the protection's end (its probes and the trial's end have the step)
             return
         row = {k: v for k, v in result.items() if k in LOGGED or "probe" in k}
+        self.last[trial.trial_id] = dict(result)
         self.tracker.log_metrics(self._run(trial), {k: v for k, v in row.items()
                                                     if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                                 step=int(result.get("iteration", 0)))
+                                 step=int(result["iteration"]))
 
     def done(self, trial: Any, status: str) -> None:
-        self.tracker.finish(self._run(trial), status)
+        run = self._run(trial)
+        if status == "FINISHED" and LAST not in self.last.get(trial.trial_id, {}):  # ASHA stopped it at a probe
+            self.tracker.log_metrics(run, {STOPPED: 1.0})
+        self.tracker.finish(run, status)
 
 
 def history(tracker: Any, parent: str, space: DefendSpace) -> list[tuple[dict, float, str, dict]]:
-    """The finished candidates of a defend run: (searched params, objective, key, metrics)."""
+    """The finished candidates of a defend run, those ASHA stopped early included (their objective: the last
+    probe estimate): (searched params, objective, key, metrics)."""
     names = [f.name for f in fields(space)]
     out = []
     for run in tracker.child_runs(parent):
         metrics, params = run.data.metrics, run.data.params
-        if run.info.status != "FINISHED" or OBJECTIVE not in metrics or LAST not in metrics:
+        if run.info.status != "FINISHED" or OBJECTIVE not in metrics:
             if run.info.status == "RUNNING":
                 tracker.finish(run.info.run_id, "KILLED")
             continue
@@ -255,9 +262,9 @@ def _decode(text: str) -> Any:
 
 
 def choose(done: Sequence[tuple[dict, float, str, dict]]) -> tuple[dict, float, str, dict] | None:
-    """The best feasible candidate (lowest objective; ties: the smaller original-domain drop, then the earlier);
-    None when none is feasible."""
-    feasible = [d for d in done if d[3].get(FEASIBLE, 0.0) == 1.0]
+    """The best feasible candidate that ran its development attacks (lowest objective; ties: the smaller
+    original-domain drop, then the earlier); None when there is none."""
+    feasible = [d for d in done if d[3].get(FEASIBLE, 0.0) == 1.0 and LAST in d[3]]
     return min(feasible, key=lambda d: (d[1], d[3].get(DROP, 0.0))) if feasible else None
 
 
@@ -350,6 +357,6 @@ def defend_stage(ctx: RunContext) -> RunContext:
     return replace(ctx, spec=replace(spec, protect=tuple(chosen)))
 
 
-__all__ = ["DROP", "DefendError", "DefendLogger", "DefineByRun", "FEASIBLE", "OBJECTIVE", "WORST_CASE", "candidate",
+__all__ = ["DROP", "DefendError", "DefendLogger", "DefineByRun", "FEASIBLE", "LAST", "OBJECTIVE", "STOPPED", "WORST_CASE", "candidate",
            "candidate_key", "choose", "defend_stage", "defend_trial", "dimensions", "final_step", "fixed", "history",
            "run_defend", "scheduler", "searcher"]
