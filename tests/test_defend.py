@@ -158,3 +158,28 @@ def test_a_defender_trial_attacks_with_the_development_grid_only(spec):
     evaluation = {(t.config.strategy, t.config.optimizer) for t in plan_trials(spec, [("d", 0)])
                   if t.grid == "evaluation"}
     assert not {(c.strategy, c.optimizer) for c in configs} & evaluation
+
+
+def test_the_report_table_marks_stopped_and_infeasible_candidates_and_the_best_after_n():
+    import pandas as pd
+
+    from analysis.defend import defend_section, Defends
+    from sophon_ray import names
+
+    variants = pd.DataFrame([{"run_id": "p", "variant": "d", "guard": 2.0, "chosen": "k3",
+                              "dev_best_scratch": 30.0, "dev_best_normal": 60.0}])
+    candidates = pd.DataFrame([
+        {"parent": "p", "n": 1, "param:candidate": "k1", "param:alpha": "2.0", OBJECTIVE: 6.0, FEASIBLE: 1.0,
+         names.STOPPED: 0.0, names.DEV_WORST_CASE: 36.0, DROP: 0.5, "iteration": 41},
+        {"parent": "p", "n": 2, "param:candidate": "k2", "param:alpha": "9.0", OBJECTIVE: 103.0, FEASIBLE: 0.0,
+         names.STOPPED: 0.0, names.DEV_WORST_CASE: float("nan"), DROP: 3.0, "iteration": 41},
+        {"parent": "p", "n": 3, "param:candidate": "k3", "param:alpha": "4.0", OBJECTIVE: 1.0, FEASIBLE: 1.0,
+         names.STOPPED: 0.0, names.DEV_WORST_CASE: 31.0, DROP: 1.0, "iteration": 41},
+        {"parent": "p", "n": 4, "param:candidate": "k4", "param:alpha": "5.0", OBJECTIVE: -4.0, FEASIBLE: 1.0,
+         names.STOPPED: 1.0, DROP: 0.2, "iteration": 10}])
+    text = defend_section(Defends(variants, candidates))
+    assert "| 1 | 2 | 36.0 | +0.5 | +6.0 | +6.0 |  |" in text
+    assert "| 2 | 9 | n/a | +3.0 | infeasible | +6.0 |  |" in text
+    assert "| 3 | 4 | 31.0 | +1.0 | +1.0 | +1.0 | **chosen** |" in text
+    assert "| 4 | 5 | n/a | +0.2 | stopped at 10 (est. -4.0) | +1.0 |  |" in text   # never the best found
+    assert "3 of 4 candidates feasible, 1 stopped early by ASHA" in text
