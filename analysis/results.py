@@ -29,14 +29,21 @@ from analysis.summary import (ROBUSTNESS_HEADER, best_attacks_section, cell_name
                               robustness_rows)
 from sophon_ray import names
 from sophon_ray.modes import MODES
+from sophon_ray.recipes import SETTINGS
 from sophon_ray.core.metrics import MEANINGFUL_GAP, Cell, chance
 
 HAND_WRITTEN = "<!-- hand-written below: kept when the results are regenerated -->"
 
 
 def _grid_line(grid: Mapping[str, Any]) -> str:
+    """A grid's axes, those of the first grids always, a setting added since only when it moves off its default."""
     return "; ".join(f"{key} {', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in values)}"
-                     for key, values in grid.items() if key != "seed")
+                     for key, values in grid.items() if key != "seed" and not _at_later_default(key, values))
+
+
+def _at_later_default(key: str, values: Any) -> bool:
+    setting = SETTINGS.get(key)
+    return setting is not None and setting.since >= 1 and list(values) == [setting.default]
 
 
 def protocol_section(spec: Mapping[str, Any], runs: pd.DataFrame) -> str:
