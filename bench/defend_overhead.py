@@ -23,7 +23,7 @@ from sophon_ray.core.data import make_splits
 from sophon_ray.core.metrics import chance
 from sophon_ray.modes import task_for
 from sophon_ray.run.checkpoint import load_checkpoint
-from sophon_ray.run.defend import candidate, fixed
+from sophon_ray.run.defend import candidate, decode, fixed
 from sophon_ray.run.development import development_best, development_data
 from sophon_ray.run.keys import pretrain_key, sweep_id
 from sophon_ray.run.plan import development_configs
@@ -49,7 +49,7 @@ def main() -> None:
     params = {k[6:]: row[k] for k in runs.columns if k.startswith("param:") and k[6:] != "candidate"
               and isinstance(row[k], str)}
     space = variant.defend.space
-    values = {**fixed(space), **{k: _cast(v) for k, v in params.items()}}
+    values = {**fixed(space), **{k: decode(v) for k, v in params.items()}}
     chosen = candidate(variant, values, variant.defend.seed)
     threads = int(max(1, spec.resources.cpus_per_trial))
     torch.set_num_threads(threads)
@@ -74,15 +74,6 @@ def main() -> None:
            "candidate_trial_s": [round(float(v), 1) for v in runs.get("time_total_s", [])],
            "search_span_s": round(runs["end"].max() / 1000.0 - started, 1)}
     print(json.dumps(out))
-
-
-def _cast(text: str) -> object:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 if __name__ == "__main__":

@@ -247,12 +247,13 @@ def history(tracker: Any, parent: str, space: DefendSpace) -> list[tuple[dict, f
             if run.info.status == "RUNNING":
                 tracker.finish(run.info.run_id, "KILLED")
             continue
-        values = {k: _decode(params[k]) for k in names if k in params}
+        values = {k: decode(params[k]) for k in names if k in params}
         out.append((values, metrics[OBJECTIVE], params.get("candidate", ""), metrics))
     return out
 
 
-def _decode(text: str) -> Any:
+def decode(text: str) -> Any:
+    """An MLflow param back to its value: an int, else a float, else the text."""
     for cast in (int, float):
         try:
             return cast(text)
@@ -358,5 +359,5 @@ def defend_stage(ctx: RunContext) -> RunContext:
 
 
 __all__ = ["DROP", "DefendError", "DefendLogger", "DefineByRun", "FEASIBLE", "LAST", "OBJECTIVE", "STOPPED", "WORST_CASE", "candidate",
-           "candidate_key", "choose", "defend_stage", "defend_trial", "dimensions", "final_step", "fixed", "history",
+           "candidate_key", "choose", "decode", "defend_stage", "defend_trial", "dimensions", "final_step", "fixed", "history",
            "run_defend", "scheduler", "searcher"]

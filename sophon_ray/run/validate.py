@@ -19,7 +19,7 @@ from sophon_ray.registry import did_you_mean
 from sophon_ray.run import checks
 from sophon_ray.run.checks import Checker
 from sophon_ray.spec import (DATA_POOLS, DEFEND_OBJECTIVES, RESTRICTED_VAL_FRACTION, SCHEDULERS, SEARCH_ALGORITHMS,
-                             SUBJECTS, DomainSpec, GridSpec, Problem, ProtectSpec, Range, SearchSpec, SpecError,
+                             SUBJECTS, DefendSpec, DomainSpec, GridSpec, Problem, ProtectSpec, Range, SearchSpec, SpecError,
                              SweepSpec, build_spec, read_spec_data)
 
 
@@ -92,18 +92,8 @@ def _defend(c: Checker, path: str, v: ProtectSpec, spec: SweepSpec) -> None:
         c.add(f"{path}.objective", f"objective '{d.objective}' would choose the protection on "
               f"{'evaluation data (the evaluation grids, the attacker pool or the test split)' if d.objective != '' else 'nothing'}"
               f"; the defender may only read development data: use {', '.join(DEFEND_OBJECTIVES)}")
-    if d.algorithm not in SEARCH_ALGORITHMS:
-        c.add(f"{path}.algorithm", f"unknown search algorithm '{d.algorithm}'"
-              f"{did_you_mean(d.algorithm, list(SEARCH_ALGORITHMS))}; allowed: {', '.join(SEARCH_ALGORITHMS)}")
-    if d.scheduler not in SCHEDULERS:
-        c.add(f"{path}.scheduler", f"unknown scheduler '{d.scheduler}'"
-              f"{did_you_mean(d.scheduler, list(SCHEDULERS))}; allowed: {', '.join(SCHEDULERS)}")
-    for key in ("num_samples", "max_concurrent", "grace_period"):
-        c.positive(f"{path}.{key}", getattr(d, key))
-    c.at_least_zero(f"{path}.random_start", d.random_start)
+    _tune_settings(c, path, d)
     c.at_least_zero(f"{path}.guard", d.guard)
-    if d.reduction_factor <= 1:
-        c.add(f"{path}.reduction_factor", f"must be > 1, got {d.reduction_factor}")
     if not spec.attack.development:
         c.add(f"{path}", "a defender search scores candidates on the development grid: add attack.development")
     base = Checker()
@@ -170,22 +160,27 @@ def _variant(c: Checker, path: str, v: ProtectSpec, spec: SweepSpec) -> None:
     c.fraction(f"{path}.environments.head_only", env.head_only, low_open=False)
 
 
+def _tune_settings(c: Checker, path: str, s: SearchSpec | DefendSpec) -> None:
+    """What a Ray Tune search needs, for an attacker's search and a defender's alike: a known algorithm and
+    scheduler, positive budgets, ASHA's reduction factor."""
+    if s.algorithm not in SEARCH_ALGORITHMS:
+        c.add(f"{path}.algorithm", f"unknown search algorithm '{s.algorithm}'"
+              f"{did_you_mean(s.algorithm, list(SEARCH_ALGORITHMS))}; allowed: {', '.join(SEARCH_ALGORITHMS)}")
+    if s.scheduler not in SCHEDULERS:
+        c.add(f"{path}.scheduler", f"unknown scheduler '{s.scheduler}'"
+              f"{did_you_mean(s.scheduler, list(SCHEDULERS))}; allowed: {', '.join(SCHEDULERS)}")
+    for key in ("num_samples", "max_concurrent", "grace_period"):
+        c.positive(f"{path}.{key}", getattr(s, key))
+    c.at_least_zero(f"{path}.random_start", s.random_start)
+    if s.reduction_factor <= 1:
+        c.add(f"{path}.reduction_factor", f"must be > 1 (ASHA keeps 1/reduction_factor of the trials at each "
+              f"rung), got {s.reduction_factor}")
+
+
 def _search(c: Checker, path: str, search: SearchSpec, spec: SweepSpec) -> None:
     """An adaptive attacker's settings and space: names against the registries, ranges, budgets, and every
     strategy the space may pick against the model (e.g. more blocks than the architecture has)."""
-
-    if search.algorithm not in SEARCH_ALGORITHMS:
-        c.add(f"{path}.algorithm", f"unknown search algorithm '{search.algorithm}'"
-              f"{did_you_mean(search.algorithm, list(SEARCH_ALGORITHMS))}; allowed: {', '.join(SEARCH_ALGORITHMS)}")
-    if search.scheduler not in SCHEDULERS:
-        c.add(f"{path}.scheduler", f"unknown scheduler '{search.scheduler}'"
-              f"{did_you_mean(search.scheduler, list(SCHEDULERS))}; allowed: {', '.join(SCHEDULERS)}")
-    for key in ("num_samples", "max_concurrent", "grace_period"):
-        c.positive(f"{path}.{key}", getattr(search, key))
-    c.at_least_zero(f"{path}.random_start", search.random_start)
-    if search.reduction_factor <= 1:
-        c.add(f"{path}.reduction_factor", f"must be > 1 (ASHA keeps 1/reduction_factor of the trials at each "
-              f"rung), got {search.reduction_factor}")
+    _tune_settings(c, path, search)
     if not 0 < search.val_fraction < 1:
         c.add(f"{path}.val_fraction", f"must be in (0, 1) (the attacker's own validation share of its pool), "
               f"got {search.val_fraction}")
