@@ -111,6 +111,24 @@ def defend_section(data: Defends, level: int = 2) -> str:
     return "\n\n".join(parts)
 
 
+def defend_overview(data: Defends) -> str:
+    """The console's lines for the defender searches: per defended variant the chosen candidate and what it was
+    chosen from ('' when the sweep defended nothing)."""
+    if data.empty or data.candidates.empty:
+        return ""
+    lines = []
+    for _, variant in data.variants.iterrows():
+        table = defend_table(variant, data.candidates)
+        chosen = table[table["chosen"]]
+        what = (f"chose #{int(chosen['n'].iloc[0])} (development worst case {number(chosen[WORST_CASE].iloc[0])} "
+                f"vs scratch {number(variant['dev_best_scratch'])}: {number(chosen[OBJECTIVE].iloc[0], '+.1f')})"
+                if not chosen.empty else "chose nothing")
+        lines.append(f"defend {variant['variant']}: {what} of {len(table)} candidates "
+                     f"({int((table[FEASIBLE] == 1.0).sum())} feasible, {int((table[names.STOPPED] == 1.0).sum())} "
+                     f"stopped by ASHA); development data only")
+    return "\n".join(lines)
+
+
 def _objective(row: pd.Series) -> str:
     if row[FEASIBLE] != 1.0:
         return "infeasible"
@@ -178,4 +196,4 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-__all__ = ["Defends", "best_found", "defend_section", "defend_table", "load_defends", "make_defend_figures"]
+__all__ = ["Defends", "best_found", "defend_overview", "defend_section", "defend_table", "load_defends", "make_defend_figures"]

@@ -20,7 +20,7 @@ from analysis.budget import benign_section, budget_section
 from analysis.cli import parse_source_args, source_parser
 from analysis.contents import TABLES_DIR, SweepData, load_sweep_data, make_figures, write_tables
 from analysis.html import write_html_report
-from analysis.defend import defend_section
+from analysis.defend import defend_overview, defend_section
 from analysis.families import family_rows
 from analysis.results import merge_results, results_document
 from analysis.runs import load_spec_dict
@@ -124,6 +124,7 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     if results is not None:
         write_results(data, results, command)
     brief = "\n".join(part for part in (overview(data.cells, data.protect, data.pretrain, data.num_classes, metric),
+                                        defend_overview(data.defends),
                                         search_overview(data.searches, chance_level, metric)) if part)
     result = ReportResult(data.sweep.sweep_id, data.sweep.parent_run_id, figures["heatmaps"], figures["curves"],
                           figures["search"], figures["budget"], summary, page, results, [], brief, tables, figures)

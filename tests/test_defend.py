@@ -163,7 +163,7 @@ def test_a_defender_trial_attacks_with_the_development_grid_only(spec):
 def test_the_report_table_marks_stopped_and_infeasible_candidates_and_the_best_after_n():
     import pandas as pd
 
-    from analysis.defend import defend_section, Defends
+    from analysis.defend import Defends, defend_overview, defend_section
     from sophon_ray import names
 
     variants = pd.DataFrame([{"run_id": "p", "variant": "d", "guard": 2.0, "chosen": "k3",
@@ -183,3 +183,6 @@ def test_the_report_table_marks_stopped_and_infeasible_candidates_and_the_best_a
     assert "| 3 | 4 | 31.0 | +1.0 | +1.0 | +1.0 | **chosen** |" in text
     assert "| 4 | 5 | n/a | +0.2 | stopped at 10 (est. -4.0) | +1.0 |  |" in text   # never the best found
     assert "3 of 4 candidates feasible, 1 stopped early by ASHA" in text
+    assert defend_overview(Defends(variants, candidates)) == (
+        "defend d: chose #3 (development worst case 31.0 vs scratch 30.0: +1.0) of 4 candidates (3 feasible, "
+        "1 stopped by ASHA); development data only")
