@@ -20,7 +20,7 @@ SPEC = {
     "pretrain": {"epochs": 2},
     "protect": [{"name": "defended", "iterations": 10, "inner_steps": 2, "batch_size": 32, "eval_every": 5,
                  "probe_every": 5, "probe_epochs": 1, "seeds": [0],
-                 "defend": {"num_samples": 2, "random_start": 2, "guard": 60.0,
+                 "defend": {"num_samples": 2, "random_start": 2, "max_concurrent": 2, "guard": 60.0,
                             "space": {"alpha": {"distribution": "loguniform", "low": 1.0, "high": 10.0},
                                       "env_optimizers": [["sgd"], ["sgd", "adam"]]}}}],
     "attack": {"development": [{"strategy": ["direct-all"], "optimizer": ["momentum"], "lr": [1e-2],
