@@ -118,6 +118,7 @@ def defend_trial(config: dict[str, Any], spec: SweepSpec, variant_index: int, no
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
     from ray.tune.integration.ray_train import TuneReportCallback  # noqa: PLC0415
 
+    from sophon_ray.modes import metric_for  # noqa: PLC0415
     from sophon_ray.run.plan import development_configs  # noqa: PLC0415
     from sophon_ray.run.train_driver import protect_job  # noqa: PLC0415
     from sophon_ray.run.train_worker import KEEP, STATE_STAGE, train_loop  # noqa: PLC0415
@@ -146,7 +147,7 @@ def defend_trial(config: dict[str, Any], spec: SweepSpec, variant_index: int, no
     )
     result = trainer.fit()
     metrics = next(m for _, m in reversed(result.best_checkpoints or []) if m.get("stage") != STATE_STAGE and m.get(KEEP))
-    probe = next(k for k in metrics if k.endswith("probe_acc") or k.endswith("_probe"))
+    probe = metric_for(spec.mode).key("probe")
     tune.report({OBJECTIVE: metrics[OBJECTIVE], WORST_CASE: metrics.get(WORST_CASE, math.nan), DROP: metrics[DROP],
                  FEASIBLE: metrics[FEASIBLE], "iteration": final_step(variant), "candidate_key": key,
                  probe: metrics[probe], "selected_iteration": metrics["selected_iteration"], LAST: 1.0})
