@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -199,10 +199,12 @@ class DefendLogger:
     """Tune callback: every candidate is one MLflow child run of the variant's defend run (found again by its key,
     so exactly once), its probe reports as steps and its final objective; finished when Tune says so."""
 
-    def __init__(self, tracker: Any, parent: str, sweep_id: str, variant: ProtectSpec) -> None:
+    def __init__(self, tracker: Any, parent: str, sweep_id: str, variant: ProtectSpec,
+                 say: Callable[[str], None] = log.info, done_before: int = 0) -> None:
         from ray.tune import Callback  # noqa: PLC0415
 
         self.tracker, self.parent, self.sweep_id, self.variant = tracker, parent, sweep_id, variant
+        self.say, self.finished = say, done_before
         self.runs: dict[str, str] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.callback = type("DefendCallback", (Callback,), {
@@ -232,9 +234,18 @@ class DefendLogger:
 
     def done(self, trial: Any, status: str) -> None:
         run = self._run(trial)
-        if status == "FINISHED" and LAST not in self.last.get(trial.trial_id, {}):  # ASHA stopped it at a probe
+        last = self.last.get(trial.trial_id, {})
+        stopped = status == "FINISHED" and LAST not in last   # ASHA stopped it at a probe checkpoint
+        if stopped:
             self.tracker.log_metrics(run, {STOPPED: 1.0})
         self.tracker.finish(run, status)
+        self.finished += 1
+        what = ("failed (see the logs)" if status != "FINISHED" else
+                f"stopped by ASHA at iteration {last.get('iteration', '?')} (estimate {last.get(OBJECTIVE, math.nan):+.1f})"
+                if stopped else "infeasible (original-domain drop over the guard)" if not last.get(FEASIBLE)
+                else f"development worst case {last.get(WORST_CASE, math.nan):.1f}, objective "
+                     f"{last.get(OBJECTIVE, math.nan):+.1f}, drop {last.get(DROP, math.nan):+.1f}")
+        self.say(f"[defend] {self.variant.label}: candidate {self.finished}/{self.variant.defend.num_samples} {what}")
 
 
 def history(tracker: Any, parent: str, space: DefendSpace) -> list[tuple[dict, float, str, dict]]:
@@ -307,7 +318,7 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
             f"({time.perf_counter() - t0:.0f} s); {len(done)} of {defend.num_samples} candidates finished earlier")
     todo = defend.num_samples - len(done)
     if todo > 0:
-        logger = DefendLogger(tracker, run, ctx.sweep_id, variant)
+        logger = DefendLogger(tracker, run, ctx.sweep_id, variant, ctx.say, len(done))
         trainable = tune.with_resources(
             tune.with_parameters(defend_trial, spec=spec, variant_index=index, normal=(state, card),
                                  normal_val=normal_val, scratch_best=scratch_best, chance=chance,
