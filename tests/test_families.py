@@ -98,3 +98,34 @@ def test_family_cells_stay_out_of_the_base_recipe_figures(tmp_path):
     assert set(base["shrink"]) == {1.0} and set(base["adapt"]) == {"none"}
     assert len(base) == 2  # the sgd and adam base recipes
     assert make_heatmaps(table, tmp_path, "t")                     # draws without mixing families in
+
+
+def test_every_family_setting_round_trips_through_mlflow_and_the_trial_key(tmp_path):
+    """A trial that moves every defence-aware setting is logged (its params), read back by the report's loader
+    as the same recipe, and planned again with the same key (what --resume finds it by)."""
+    from dataclasses import replace
+
+    from analysis.runs import load_runs
+    from sophon_ray import names
+    from sophon_ray.run.plan import Subject, Trial
+    from sophon_ray.run.tracking import Tracker
+
+    config = AttackConfig(shrink=0.4, perturb=0.01, rescale=4.0, temperature=0.25, adapt="pseudo-label",
+                          adapt_epochs=2, adapt_threshold=0.8, warm_start="benign", warm_epochs=3)
+    trials = [Trial(Subject(kind, "v" if kind == "protected" else names.NO_VARIANT,
+                            0 if kind == "protected" else names.NO_PROTECT_SEED), names.EVALUATION, 0, "d",
+                    "disjoint", config) for kind in ("protected", "normal", "scratch")]
+    uri = f"sqlite:///{tmp_path}/m.db"
+    tracker = Tracker(uri, "e")
+    parent = tracker.sweep_run("sid", "sweep")
+    for trial in trials:
+        run = tracker.child_run(parent, "sid", "attack", trial.key, trial.name, trial.params())
+        tracker.log_rows(run, [(10, {names.FINAL: 50.0, names.BEST: 55.0, names.ORIGINAL_ACC: 90.0})])
+        tracker.finish(run)
+    row = load_runs(uri, "e", "sid").iloc[0]
+    back = AttackConfig(**{k: s.type(row[k]) for k, s in TABLE.settings.items()})
+    assert back == config and TABLE.family(back) == "shrink + perturb + rescale + temperature + adapt " \
+        "pseudo-label + warm start benign"
+    again = replace(trials[0], config=back)
+    assert again.key == trials[0].key
+    assert trials[0].key != replace(trials[0], config=replace(config, shrink=0.5)).key
