@@ -4,8 +4,9 @@ protection and the same development attacks run directly in one process with the
 same normal model. Also the search's candidates per hour and how many candidates ASHA stopped early.
 
 Run the search first (``sophon-ray run sweeps/defend_quickstart.yaml``), then, in the same working directory:
-``.venv/bin/python bench/defend_overhead.py sweeps/defend_quickstart.yaml [--candidate N]`` (N: the candidate's
-place in the search, default the first one that ran to the end).
+``.venv/bin/python bench/defend_overhead.py sweeps/defend_quickstart.yaml [--candidate N] [--set K=V ...]`` (N: the
+candidate's place in the search, default the first feasible one that ran to the end; ``--set``: the overrides the
+run was given).
 """
 
 from __future__ import annotations
@@ -37,14 +38,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec")
     parser.add_argument("--candidate", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="the run's own overrides")
     args = parser.parse_args()
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, args.set)
     index = next(i for i, v in enumerate(spec.protect) if v.defend)
     variant = spec.protect[index]
     sweep = find_sweep(resolve_uri(spec.tracking.uri), spec.name, sweep_id(spec))
     defends = load_defends(sweep)
     runs = defends.candidates
-    full = runs[runs[names.STOPPED] != 1.0]
+    full = runs[(runs[names.STOPPED] != 1.0) & (runs[names.FEASIBLE] == 1.0)]   # a candidate that ran its attacks
     row = runs.iloc[args.candidate - 1] if args.candidate else full.iloc[0]
     params = {k[6:]: row[k] for k in runs.columns if k.startswith("param:") and k[6:] != "candidate"
               and isinstance(row[k], str)}
@@ -62,7 +64,9 @@ def main() -> None:
     model, metrics, _ = protect_variant(one, normal, splits, protect_job(one, 0, chosen.seeds[0], "bench"), normal_val)
     protect_s = time.perf_counter() - t0
     floor = chance(card["num_classes"])
-    worst = development_best(model, development_configs(spec), development_data(splits), task, floor)
+    drop = normal_val - metrics[task.metric.key("original_val")]
+    worst = (development_best(model, development_configs(spec), development_data(splits), task, floor)
+             if drop <= variant.defend.guard else float("nan"))   # as the trial: an infeasible candidate is not attacked
     direct_s = time.perf_counter() - t0
     trial_s = float(row.get("time_total_s", float("nan")))
     started = runs["start"].min() / 1000.0

@@ -212,6 +212,11 @@ class DefendLogger:
             "on_trial_complete": lambda _, iteration, trials, trial, **kw: self.done(trial, "FINISHED"),
             "on_trial_error": lambda _, iteration, trials, trial, **kw: self.done(trial, "FAILED")})()
 
+    # Tune pickles its callbacks (and so this) into its experiment state; sophon-ray never restores Tune
+    # experiments (MLflow is the ledger), so the console's writer is left out of what is pickled.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "say": log.info}
+
     def _run(self, trial: Any) -> str:
         if trial.trial_id not in self.runs:
             defend = self.variant.defend
