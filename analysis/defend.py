@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 from analysis.runs import Sweep, stage_runs  # noqa: E402
 from analysis.summary import markdown_table, number  # noqa: E402
 from sophon_ray import names  # noqa: E402
+from sophon_ray.core.metrics import HOLD_MARGIN  # noqa: E402
 
 OBJECTIVE, WORST_CASE, DROP, FEASIBLE = names.DEFEND_OBJECTIVE, names.DEV_WORST_CASE, names.DEFEND_DROP, names.FEASIBLE
 NOT_SETTINGS = {"candidate"}
@@ -103,11 +104,19 @@ def defend_section(data: Defends, level: int = 2) -> str:
                 for _, r in table.iterrows()]
         parts += [f"{h}# `{variant['variant']}`",
                   f"Development best on scratch {number(variant['dev_best_scratch'])}, on normal "
-                  f"{number(variant['dev_best_normal'])}; guard {variant['guard']:g} points; "
+                  f"{number(variant['dev_best_normal'])} (the unprotected model's objective "
+                  f"{number(variant['dev_best_normal'] - variant['dev_best_scratch'], '+.1f')}); guard "
+                  f"{variant['guard']:g} points; "
                   f"{int((table[FEASIBLE] == 1.0).sum())} of {len(table)} candidates feasible, "
                   f"{int((table[names.STOPPED] == 1.0).sum())} stopped early by ASHA (their probe estimate shown).",
                   markdown_table(["#", *settings, "dev worst case", "drop (val)", "objective", "best after n", ""],
                                  rows, text_columns=1 + len(settings))]
+        chosen = table[table["chosen"]]
+        unprotected = variant["dev_best_normal"] - variant["dev_best_scratch"]
+        if not chosen.empty and chosen[OBJECTIVE].iloc[0] >= unprotected - HOLD_MARGIN:
+            parts.append(f"**The chosen candidate is no better than the unprotected model on the development grid** "
+                         f"({number(chosen[OBJECTIVE].iloc[0], '+.1f')} vs {number(unprotected, '+.1f')}): this search "
+                         "found no protection.")
     return "\n\n".join(parts)
 
 

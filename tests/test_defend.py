@@ -15,7 +15,7 @@ from sophon_ray.core.data import make_splits
 from sophon_ray.core.metrics import INFEASIBLE
 from sophon_ray.core.metrics import defend_objective as objective
 from sophon_ray.run.defend import (DROP, FEASIBLE, LAST, OBJECTIVE, DefineByRun, candidate, candidate_key, choose,
-                                   dimensions, final_step, fixed)
+                                   dimensions, final_step, fixed, protects)
 from sophon_ray.run.development import development_data, probe_report
 from sophon_ray.run.plan import development_configs, plan_trials
 from sophon_ray.run.texts import dry_run_text
@@ -93,6 +93,9 @@ def test_the_choice_is_the_best_feasible_candidate_ties_to_the_gentler_one():
             ({"alpha": 5}, -5.0, "e", {FEASIBLE: 1.0, DROP: 0})]          # stopped by ASHA: a probe estimate only
     assert choose(done)[2] == "c"
     assert choose([d for d in done if d[2] in ("b", "e")]) is None
+    # a feasible candidate can still be no protection: one that rolled back to its start is the normal model
+    assert protects(1.0, unprotected=29.0) and not protects(29.1, unprotected=29.0)
+    assert not protects(28.5, unprotected=29.0)   # within the 1-point hold margin of the unprotected model
 
 
 def test_asha_ends_a_candidate_one_step_after_its_longest_protection(spec):
@@ -186,3 +189,7 @@ def test_the_report_table_marks_stopped_and_infeasible_candidates_and_the_best_a
     assert defend_overview(Defends(variants, candidates)) == (
         "defend d: chose #3 (development worst case 31.0 vs scratch 30.0: +1.0) of 4 candidates (3 feasible, "
         "1 stopped by ASHA); development data only")
+    unprotected = Defends(variants.assign(dev_best_normal=31.5), candidates)   # normal's objective +1.5
+    assert "**The chosen candidate is no better than the unprotected model on the development grid** (+1.0 vs " \
+        "+1.5): this search found no protection." in defend_section(unprotected)
+    assert "no better than the unprotected model" not in text

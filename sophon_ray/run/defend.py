@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from sophon_ray import names
+from sophon_ray.core.metrics import HOLD_MARGIN
 from sophon_ray.run.development import development_best, development_data
 from sophon_ray.spec import DefendSpace, DefendSpec, ProtectSpec, Range, SweepSpec, spec_hash, to_dict
 
@@ -354,7 +355,19 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
     tracker.finish(run)
     ctx.say(f"[defend] {variant.label}: chose candidate {best[2][:8]} (development worst case minus scratch "
             f"{best[1]:+.1f}) of {len(done)}; setting in {fragment}")
+    if not protects(best[1], normal_best - scratch_best):
+        ctx.say(f"[defend] warning: {variant.label}'s chosen candidate is no better than the unprotected model on the "
+                f"development grid ({best[1]:+.1f} vs the normal model's {normal_best - scratch_best:+.1f}): the search "
+                f"found no protection; protect.{index}.defend: widen the space toward gentler settings or raise "
+                "num_samples")
     return chosen
+
+
+def protects(objective: float, unprotected: float) -> bool:
+    """Whether a candidate's objective beats the unprotected model's own (normal's best development attack minus
+    scratch's) by more than the hold margin: a feasible candidate can still be no protection at all (a protection
+    that rolled back to its start is the normal model)."""
+    return objective < unprotected - HOLD_MARGIN
 
 
 class DefendError(Exception):
@@ -376,5 +389,5 @@ def defend_stage(ctx: RunContext) -> RunContext:
 
 
 __all__ = ["DROP", "DefendError", "DefendLogger", "DefineByRun", "FEASIBLE", "LAST", "OBJECTIVE", "STOPPED", "WORST_CASE", "candidate",
-           "candidate_key", "choose", "decode", "defend_stage", "defend_trial", "dimensions", "final_step", "fixed", "history",
+           "candidate_key", "choose", "decode", "defend_stage", "protects", "defend_trial", "dimensions", "final_step", "fixed", "history",
            "run_defend", "scheduler", "searcher"]
