@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 from analysis.runs import Sweep, stage_runs  # noqa: E402
 from analysis.summary import markdown_table, number  # noqa: E402
 from sophon_ray import names  # noqa: E402
-from sophon_ray.core.metrics import HOLD_MARGIN  # noqa: E402
+from sophon_ray.core.metrics import defend_protects  # noqa: E402
 
 OBJECTIVE, WORST_CASE, DROP, FEASIBLE = names.DEFEND_OBJECTIVE, names.DEV_WORST_CASE, names.DEFEND_DROP, names.FEASIBLE
 NOT_SETTINGS = {"candidate"}
@@ -113,7 +113,7 @@ def defend_section(data: Defends, level: int = 2) -> str:
                                  rows, text_columns=1 + len(settings))]
         chosen = table[table["chosen"]]
         unprotected = variant["dev_best_normal"] - variant["dev_best_scratch"]
-        if not chosen.empty and chosen[OBJECTIVE].iloc[0] >= unprotected - HOLD_MARGIN:
+        if not chosen.empty and not defend_protects(chosen[OBJECTIVE].iloc[0], unprotected):
             parts.append(f"**The chosen candidate is no better than the unprotected model on the development grid** "
                          f"({number(chosen[OBJECTIVE].iloc[0], '+.1f')} vs {number(unprotected, '+.1f')}): this search "
                          "found no protection.")

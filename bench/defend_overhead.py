@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 
@@ -24,7 +25,7 @@ from sophon_ray.core.data import make_splits
 from sophon_ray.core.metrics import chance
 from sophon_ray.modes import task_for
 from sophon_ray.run.checkpoint import load_checkpoint
-from sophon_ray.run.defend import candidate, decode, fixed
+from sophon_ray.run.defend import candidate, decode
 from sophon_ray.run.development import development_best, development_data
 from sophon_ray.run.keys import pretrain_key, sweep_id
 from sophon_ray.run.plan import development_configs
@@ -51,14 +52,14 @@ def main() -> None:
     params = {k[6:]: row[k] for k in runs.columns if k.startswith("param:") and k[6:] != "candidate"
               and isinstance(row[k], str)}
     space = variant.defend.space
-    values = {**fixed(space), **{k: decode(v) for k, v in params.items()}}
+    values = {**space.fixed(), **{k: decode(v) for k, v in params.items()}}
     chosen = candidate(variant, values, variant.defend.seed)
     threads = int(max(1, spec.resources.cpus_per_trial))
     torch.set_num_threads(threads)
     task = task_for(spec)
     normal, card = load_checkpoint(spec.out / "checkpoints" / jobs_dir("pretrain", "normal", pretrain_key(spec)))
     splits = make_splits(spec)
-    one = spec.__class__(**{**spec.__dict__, "protect": (chosen,)})
+    one = replace(spec, protect=(chosen,))
     normal_val = card["metrics"][task.metric.key("original_val")]
     t0 = time.perf_counter()
     model, metrics, _ = protect_variant(one, normal, splits, protect_job(one, 0, chosen.seeds[0], "bench"), normal_val)

@@ -14,8 +14,9 @@ import pytest
 from sophon_ray.core.data import make_splits
 from sophon_ray.core.metrics import INFEASIBLE
 from sophon_ray.core.metrics import defend_objective as objective
+from sophon_ray.core.metrics import defend_protects as protects
 from sophon_ray.run.defend import (DROP, FEASIBLE, LAST, OBJECTIVE, DefineByRun, candidate, candidate_key, choose,
-                                   dimensions, final_step, fixed, protects)
+                                   dimensions, final_step)
 from sophon_ray.run.development import development_data, probe_report
 from sophon_ray.run.plan import development_configs, plan_trials
 from sophon_ray.run.texts import dry_run_text
@@ -43,7 +44,7 @@ def spec():
 
 def test_a_candidate_is_the_variant_with_the_sampled_values_one_seed_and_no_defend_block(spec):
     base = spec.protect[0]
-    values = {**fixed(base.defend.space), "alpha": 4.0, "inner_steps": 30, "env_optimizers": "sgd+momentum+adam",
+    values = {**base.defend.space.fixed(), "alpha": 4.0, "inner_steps": 30, "env_optimizers": "sgd+momentum+adam",
               "env_lr_high": 1e-4}
     c = candidate(base, values, seed=7)
     assert (c.alpha, c.inner_steps, c.ntr_steps, c.seeds, c.defend) == (4.0, 30, 2, (7,), None)
@@ -60,7 +61,7 @@ def test_the_space_searches_what_has_several_values_and_fixes_the_rest(spec):
     dims = dimensions(space)
     assert set(dims) == {"alpha", "inner_steps", "env_optimizers", "env_lr_high"} and dims["alpha"].log
     assert dims["env_optimizers"].choices == ("sgd", "sgd+momentum+adam")
-    assert fixed(space) == {"ntr_steps": 2, "env_lr_low": 1e-3}
+    assert space.fixed() == {"ntr_steps": 2, "env_lr_low": 1e-3}
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
         trial = study.ask()

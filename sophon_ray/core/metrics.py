@@ -152,3 +152,10 @@ def defend_objective(worst_case: float, scratch_best: float, drop: float, guard:
     if drop > guard or not math.isfinite(drop):
         return INFEASIBLE + (drop if math.isfinite(drop) else INFEASIBLE), False
     return worst_case - scratch_best, True
+
+
+def defend_protects(objective: float, unprotected: float) -> bool:
+    """Whether a defender candidate's objective beats the unprotected model's own (normal's best development attack
+    minus scratch's) by more than the hold margin: a feasible candidate can still be no protection at all (one that
+    rolled back to its start is the normal model)."""
+    return objective < unprotected - HOLD_MARGIN

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from sophon_ray import names
-from sophon_ray.core.metrics import HOLD_MARGIN
+from sophon_ray.core.metrics import defend_protects as protects
 from sophon_ray.run.development import development_best, development_data
-from sophon_ray.spec import DefendSpace, DefendSpec, ProtectSpec, Range, SweepSpec, spec_hash, to_dict
+from sophon_ray.spec import DefendSpace, DefendSpec, ProtectSpec, SweepSpec, spec_hash, to_dict
 
 if TYPE_CHECKING:
     from sophon_ray.run.context import RunContext
@@ -48,26 +48,18 @@ LOGGED = (OBJECTIVE, WORST_CASE, DROP, FEASIBLE, LAST, "selected_iteration", "it
 # ------------------------------------------------------------------------------------------------ the space
 def dimensions(space: DefendSpace) -> dict[str, Any]:
     """The searched dimensions (name -> Optuna distribution), in the space's order; a field with one value is
-    fixed, an unset one is the variant's own value."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution  # noqa: PLC0415
+    fixed, an unset one is the variant's own value. An optimizer set is one categorical choice (``sgd+adam``)."""
+    from sophon_ray.run.search_space import distribution  # noqa: PLC0415
 
     out = {}
     for f in fields(space):
         value = getattr(space, f.name)
-        if value is None:
-            continue
-        if isinstance(value, Range):
-            out[f.name] = (CategoricalDistribution(list(value.values)) if value.distribution == "choice"
-                           else FloatDistribution(value.low, value.high, log=value.distribution == "loguniform"))
-        elif len(value) > 1:
-            out[f.name] = CategoricalDistribution([JOIN.join(v) if isinstance(v, tuple) else v for v in value])
+        if isinstance(value, tuple):
+            value = tuple(JOIN.join(v) if isinstance(v, tuple) else v for v in value)
+        dist = distribution(value) if value is not None else None
+        if dist is not None:
+            out[f.name] = dist
     return out
-
-
-def fixed(space: DefendSpace) -> dict[str, Any]:
-    """The space's one-value fields (set, not searched)."""
-    return {f.name: getattr(space, f.name)[0] for f in fields(space)
-            if isinstance(getattr(space, f.name), tuple) and len(getattr(space, f.name)) == 1}
 
 
 class DefineByRun:
@@ -93,10 +85,13 @@ def candidate(base: ProtectSpec, values: Mapping[str, Any], seed: int) -> Protec
     env = base.environments
     changes: dict[str, Any] = {}
     for key, name in ENV_FIELDS.items():
-        if key in values:
-            value = values[key]
-            changes[name] = tuple(value.split(JOIN)) if key == "env_optimizers" and isinstance(value, str) \
-                else tuple(value) if key == "env_optimizers" else float(value)
+        if key not in values:
+            continue
+        value = values[key]
+        if key == "env_optimizers":   # a sampled choice is its joined text, a fixed one the list itself
+            changes[name] = tuple(value.split(JOIN)) if isinstance(value, str) else tuple(value)
+        else:
+            changes[name] = float(value)
     low, high = float(values.get("env_lr_low", env.lr[0])), float(values.get("env_lr_high", env.lr[1]))
     changes["lr"] = (min(low, high), max(low, high))
     return replace(base, **direct, environments=replace(env, **changes), seeds=(seed,), defend=None)
@@ -128,7 +123,7 @@ def defend_trial(config: dict[str, Any], spec: SweepSpec, variant_index: int, no
     variant = spec.protect[variant_index]
     defend = variant.defend
     assert defend is not None
-    chosen = candidate(variant, {**fixed(defend.space), **config}, defend.seed)
+    chosen = candidate(variant, {**defend.space.fixed(), **config}, defend.seed)
     key = candidate_key(chosen)
     # no state checkpoints: every report of the Train job reaches Tune, and a candidate reruns whole
     cand_spec = replace(spec, protect=(replace(chosen, checkpoint_every=0),),
@@ -162,8 +157,9 @@ def searcher(defend: DefendSpec, history: Sequence[tuple[dict, float]], name: st
     from ray.tune.search import ConcurrencyLimiter  # noqa: PLC0415
     from ray.tune.search.optuna import OptunaSearch  # noqa: PLC0415
 
-    sampler = (optuna.samplers.RandomSampler(seed=defend.seed) if defend.algorithm == "random"
-               else optuna.samplers.TPESampler(seed=defend.seed, n_startup_trials=defend.random_start))
+    from sophon_ray.run.search_space import sampler as seeded_sampler  # noqa: PLC0415
+
+    sampler = seeded_sampler(defend)
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler)
     dims = dimensions(defend.space)
@@ -221,10 +217,10 @@ class DefendLogger:
     def _run(self, trial: Any) -> str:
         if trial.trial_id not in self.runs:
             defend = self.variant.defend
-            chosen = candidate(self.variant, {**fixed(defend.space), **trial.config}, defend.seed)
+            chosen = candidate(self.variant, {**defend.space.fixed(), **trial.config}, defend.seed)
             key = candidate_key(chosen)
             params = {"candidate": key, **{k: (JOIN.join(v) if isinstance(v, tuple) else v)
-                                           for k, v in {**fixed(defend.space), **trial.config}.items()}}
+                                           for k, v in {**defend.space.fixed(), **trial.config}.items()}}
             self.runs[trial.trial_id] = self.tracker.child_run(self.parent, self.sweep_id, names.CANDIDATE_ROLE, key,
                                                                f"defend/{self.variant.label}/{key[:8]}", params)
         return self.runs[trial.trial_id]
@@ -257,7 +253,7 @@ class DefendLogger:
 def history(tracker: Any, parent: str, space: DefendSpace) -> list[tuple[dict, float, str, dict]]:
     """The finished candidates of a defend run, those ASHA stopped early included (their objective: the last
     probe estimate): (searched params, objective, key, metrics)."""
-    names = [f.name for f in fields(space)]
+    searchable = [f.name for f in fields(space)]
     out = []
     for run in tracker.child_runs(parent):
         metrics, params = run.data.metrics, run.data.params
@@ -265,7 +261,7 @@ def history(tracker: Any, parent: str, space: DefendSpace) -> list[tuple[dict, f
             if run.info.status == "RUNNING":
                 tracker.finish(run.info.run_id, "KILLED")
             continue
-        values = {k: decode(params[k]) for k in names if k in params}
+        values = {k: decode(params[k]) for k in searchable if k in params}
         out.append((values, metrics[OBJECTIVE], params.get("candidate", ""), metrics))
     return out
 
@@ -311,22 +307,24 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
     done = history(tracker, run, defend.space)
     task = task_for(spec)
     model, card = load_checkpoint(normal_dir)
-    data = development_data(make_splits(spec))
     chance = chance_of(card["num_classes"]) if MODES.get(spec.mode).has_classes else 0.0
-    state = share(model.state_dict())
-    configs = development_configs(spec)
     t0 = time.perf_counter()
-    scratch_best = development_best(model, configs, data, task, chance, scratch=True)
-    normal_best = development_best(model, configs, data, task, chance)
+    logged = tracker.client.get_run(run).data.metrics
+    if {"dev_best_scratch", "dev_best_normal"} <= set(logged):  # a rerun or --resume of this sweep: computed once
+        scratch_best, normal_best = logged["dev_best_scratch"], logged["dev_best_normal"]
+    else:
+        configs, data = development_configs(spec), development_data(make_splits(spec))
+        scratch_best = development_best(model, configs, data, task, chance, scratch=True)
+        normal_best = development_best(model, configs, data, task, chance)
+        tracker.log_metrics(run, {"dev_best_scratch": scratch_best, "dev_best_normal": normal_best})
     normal_val = card["metrics"][task.metric.key("original_val")]
-    tracker.log_metrics(run, {"dev_best_scratch": scratch_best, "dev_best_normal": normal_best})
     ctx.say(f"[defend] {variant.label}: development best scratch {scratch_best:.1f}, normal {normal_best:.1f} "
             f"({time.perf_counter() - t0:.0f} s); {len(done)} of {defend.num_samples} candidates finished earlier")
     todo = defend.num_samples - len(done)
     if todo > 0:
         logger = DefendLogger(tracker, run, ctx.sweep_id, variant, ctx.say, len(done))
         trainable = tune.with_resources(
-            tune.with_parameters(defend_trial, spec=spec, variant_index=index, normal=(state, card),
+            tune.with_parameters(defend_trial, spec=spec, variant_index=index, normal=(share(model.state_dict()), card),
                                  normal_val=normal_val, scratch_best=scratch_best, chance=chance,
                                  storage_path=ctx.storage),
             {"cpu": TRIAL_CPU})
@@ -344,7 +342,7 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
         raise DefendError(f"protect.{index}.defend: no candidate of {variant.label} kept its original-domain drop "
                           f"within guard {defend.guard:g} points ({len(done)} finished); widen the space toward "
                           "gentler settings (lower alpha or more NTR steps) or raise the guard")
-    chosen = replace(candidate(variant, {**fixed(defend.space), **best[0]}, defend.seed), seeds=variant.seeds)
+    chosen = replace(candidate(variant, {**defend.space.fixed(), **best[0]}, defend.seed), seeds=variant.seeds)
     fragment = ctx.out / "defend" / f"{variant.label}.yaml"
     fragment.parent.mkdir(parents=True, exist_ok=True)
     fragment.write_text(yaml.safe_dump({"protect": [to_dict(chosen)]}, sort_keys=False))
@@ -361,13 +359,6 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
                 f"found no protection; protect.{index}.defend: widen the space toward gentler settings or raise "
                 "num_samples")
     return chosen
-
-
-def protects(objective: float, unprotected: float) -> bool:
-    """Whether a candidate's objective beats the unprotected model's own (normal's best development attack minus
-    scratch's) by more than the hold margin: a feasible candidate can still be no protection at all (a protection
-    that rolled back to its start is the normal model)."""
-    return objective < unprotected - HOLD_MARGIN
 
 
 class DefendError(Exception):
@@ -389,5 +380,5 @@ def defend_stage(ctx: RunContext) -> RunContext:
 
 
 __all__ = ["DROP", "DefendError", "DefendLogger", "DefineByRun", "FEASIBLE", "LAST", "OBJECTIVE", "STOPPED", "WORST_CASE", "candidate",
-           "candidate_key", "choose", "decode", "defend_stage", "protects", "defend_trial", "dimensions", "final_step", "fixed", "history",
+           "candidate_key", "choose", "decode", "defend_stage", "defend_trial", "dimensions", "final_step", "history",
            "run_defend", "scheduler", "searcher"]

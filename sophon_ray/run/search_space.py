@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from sophon_ray import names
-from sophon_ray.spec import Range, SearchSpace, SearchSpec
+from sophon_ray.spec import DefendSpec, Range, SearchSpace, SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,9 @@ LAST_K = ("last-k", "reinit-last-k")
 CONDITIONAL = {"blocks": LAST_K, "lora_rank": ("lora",), "lora_alpha": ("lora",)}
 
 
-def _distribution(value: tuple | Range) -> Any | None:
-    """The Optuna distribution of one space field; None when it has one value (fixed, not searched)."""
+def distribution(value: tuple | Range) -> Any | None:
+    """The Optuna distribution of one space field (an attacker's or a defender's); None when it has one value
+    (fixed, not searched)."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution  # noqa: PLC0415
 
     if isinstance(value, Range):
@@ -42,7 +43,7 @@ def dimensions(space: SearchSpace, strategy: str | None, scratch: bool = False) 
     for f in fields(space):
         if (f.name == "strategy" and scratch) or (f.name in CONDITIONAL and strategy not in CONDITIONAL[f.name]):
             continue
-        dist = _distribution(getattr(space, f.name))
+        dist = distribution(getattr(space, f.name))
         if dist is not None:
             out[f.name] = dist
     return out
@@ -72,8 +73,9 @@ class DefineByRun:
                 _suggest(trial, name, dist)
 
 
-def sampler(search: SearchSpec) -> Any:
-    """Optuna's TPE sampler (``random_start`` random trials first) or a random sampler, seeded by the search."""
+def sampler(search: SearchSpec | DefendSpec) -> Any:
+    """Optuna's TPE sampler (``random_start`` random trials first) or a random sampler, seeded by the search (an
+    attacker's or a defender's)."""
     import optuna  # noqa: PLC0415
 
     if search.algorithm == "random":

@@ -68,9 +68,10 @@ def defend_budget_lines(spec: SweepSpec) -> list[str]:
         d = v.defend
         if d is None:
             continue
-        given = {f.name: getattr(d.space, f.name) for f in fields(d.space) if getattr(d.space, f.name) is not None}
-        searched = ", ".join(k for k, v in given.items() if not isinstance(v, tuple) or len(v) > 1)
-        fixed = ", ".join(k for k, v in given.items() if isinstance(v, tuple) and len(v) == 1)
+        given = [f.name for f in fields(d.space) if getattr(d.space, f.name) is not None]
+        set_only = d.space.fixed()
+        searched = ", ".join(k for k in given if k not in set_only)
+        fixed = ", ".join(set_only)
         out.append(f"  defend {v.label}: {d.algorithm} ({d.random_start} random first)"
                    f"{' + ASHA over probe checkpoints' if d.scheduler == 'asha' else ''}, {d.num_samples} candidates "
                    f"x (1 protection of at most {max(d.space.iterations or (v.iterations,))} iterations + {dev} "

@@ -5,7 +5,8 @@ table and the modes are :mod:`sophon_ray.run.validate`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 from pathlib import Path
 
 # HASHED: field-metadata key, False for a field that does not change results (no hash depends on it);
@@ -111,6 +112,11 @@ class DefendSpace:
     env_lr_high: NUMBER_DIMENSION = None
     env_head_reinit: NUMBER_DIMENSION = None
     env_head_only: NUMBER_DIMENSION = None
+
+    def fixed(self) -> dict[str, Any]:
+        """The one-value fields (set, not searched): name -> that value."""
+        return {f.name: getattr(self, f.name)[0] for f in fields(self)
+                if isinstance(getattr(self, f.name), tuple) and len(getattr(self, f.name)) == 1}
 
 
 @dataclass(frozen=True)
