@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from sophon_ray import names
+from sophon_ray.errors import SophonError
 from sophon_ray.core.metrics import defend_protects as protects
 from sophon_ray.run.development import development_best, development_data
 from sophon_ray.spec import DefendSpace, DefendSpec, ProtectSpec, SweepSpec, spec_hash, to_dict
@@ -361,8 +362,8 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
     return chosen
 
 
-class DefendError(Exception):
-    """No feasible candidate: the message names the field and the fix."""
+class DefendError(SophonError):
+    """No feasible candidate: the message names the field and the fix (``sophon-ray`` prints it, exit 2)."""
 
 
 def defend_stage(ctx: RunContext) -> RunContext:
