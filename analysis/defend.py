@@ -42,9 +42,13 @@ def load_defends(sweep: Sweep) -> Defends:
     """Every defend run and candidate of a sweep (both empty when it defended nothing)."""
     variants = pd.DataFrame([{"run_id": r.info.run_id, "variant": r.data.params.get("variant", ""),
                               "guard": float(r.data.params.get("guard", "nan")),
-                              "chosen": r.data.tags.get(names.CHOSEN_TAG, ""), **r.data.metrics}
+                              "chosen": r.data.tags.get(names.CHOSEN_TAG, ""),
+                              "round_chosen": {int(k[5:-7]): v for k, v in r.data.tags.items()
+                                               if k.startswith("round") and k.endswith("_chosen")},
+                              **r.data.metrics}
                              for r in stage_runs(sweep, names.DEFEND_ROLE)],
-                            columns=["run_id", "variant", "guard", "chosen", "dev_best_scratch", "dev_best_normal"])
+                            columns=["run_id", "variant", "guard", "chosen", "round_chosen", "dev_best_scratch",
+                                     "dev_best_normal"])
     rows = []
     for r in stage_runs(sweep, names.CANDIDATE_ROLE):
         if r.info.status != "FINISHED" or OBJECTIVE not in r.data.metrics:
@@ -79,8 +83,30 @@ def defend_table(variant: pd.Series, candidates: pd.DataFrame) -> pd.DataFrame:
             mine = mine.assign(**{column: math.nan})
     table = mine[["n", *settings, WORST_CASE, DROP, OBJECTIVE, FEASIBLE, names.STOPPED, "iteration"]].rename(
         columns={c: c[6:] for c in settings})
-    return table.assign(chosen=(mine["param:candidate"] == variant["chosen"]).to_numpy(),
-                        best_found=best_found(mine))
+    rounds = (mine["param:round"].astype(int) if "param:round" in mine else pd.Series(1, index=mine.index))
+    found = pd.concat([pd.Series(best_found(group), index=group.index) for _, group in mine.groupby(rounds)]) \
+        if not mine.empty else pd.Series(dtype=float)
+    return table.assign(key=mine["param:candidate"].to_numpy(),
+                        chosen=(mine["param:candidate"] == variant["chosen"]).to_numpy(),
+                        best_found=found.reindex(mine.index).to_numpy(), round=rounds.to_numpy(),
+                        red_team=(mine[names.RED_TEAM_BEST] if names.RED_TEAM_BEST in mine
+                                  else pd.Series(math.nan, index=mine.index)).to_numpy())
+
+
+def round_lines(variant: pd.Series, table: pd.DataFrame) -> list[str]:
+    """Per round of a defender search with rounds: its candidates and its choice (objective, red team's best)."""
+    chosen = variant.get("round_chosen")
+    chosen = chosen if isinstance(chosen, dict) else {}
+    if len(chosen) < 2:
+        return []
+    out = []
+    for r in sorted(chosen):
+        mine = table[table["round"] == r]
+        pick = mine[mine["key"] == chosen[r]]
+        what = (f"chose #{int(pick['n'].iloc[0])}, objective {number(pick[OBJECTIVE].iloc[0], '+.1f')}, its red "
+                f"team's best {number(pick['red_team'].iloc[0])}" if not pick.empty else "chose nothing")
+        out.append(f"round {r}: {len(mine)} candidates, {what}")
+    return out
 
 
 def defend_section(data: Defends, level: int = 2) -> str:
@@ -98,7 +124,10 @@ def defend_section(data: Defends, level: int = 2) -> str:
     for _, variant in data.variants.iterrows():
         table = defend_table(variant, data.candidates)
         settings = [c for c in table.columns if c not in ("n", WORST_CASE, DROP, OBJECTIVE, FEASIBLE, "chosen",
-                                                           "best_found", names.STOPPED, "iteration")]
+                                                           "best_found", names.STOPPED, "iteration", "red_team",
+                                                           "key")]
+        if table["round"].nunique() <= 1:   # one round: no round column
+            settings = [c for c in settings if c != "round"]
         rows = [[str(r["n"]), *(_setting(r[s]) for s in settings), number(r[WORST_CASE]), number(r[DROP], "+.1f"),
                  _objective(r), number(r["best_found"], "+.1f"), "**chosen**" if r["chosen"] else ""]
                 for _, r in table.iterrows()]
@@ -111,6 +140,12 @@ def defend_section(data: Defends, level: int = 2) -> str:
                   f"{int((table[names.STOPPED] == 1.0).sum())} stopped early by ASHA (their probe estimate shown).",
                   markdown_table(["#", *settings, "dev worst case", "drop (val)", "objective", "best after n", ""],
                                  rows, text_columns=1 + len(settings))]
+        rounds = round_lines(variant, table)
+        if rounds:
+            parts.append("Red team, then blue team: each round's choice met a development attacker search whose best "
+                         "recipes joined the next round's simulated attacker and development grid (best after n "
+                         "restarts each round: the objectives of two rounds are on different grids).\n\n"
+                         + "\n".join(f"- {line}" for line in rounds))
         chosen = table[table["chosen"]]
         unprotected = variant["dev_best_normal"] - variant["dev_best_scratch"]
         if not chosen.empty and not defend_protects(chosen[OBJECTIVE].iloc[0], unprotected):
@@ -165,12 +200,11 @@ def make_defend_figures(data: Defends, out_dir: str | Path, title: str) -> list[
         table = defend_table(variant, data.candidates)
         if table.empty:
             continue
-        scratch = variant["dev_best_scratch"]
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         feasible = table[(table[FEASIBLE] == 1.0) & (table[names.STOPPED] != 1.0)]
         stopped = table[(table[FEASIBLE] == 1.0) & (table[names.STOPPED] == 1.0)]
         other = table[table[FEASIBLE] != 1.0]
-        ax.scatter(feasible[DROP], feasible[WORST_CASE] - scratch, label="feasible candidates", color="tab:blue")
+        ax.scatter(feasible[DROP], feasible[OBJECTIVE], label="feasible candidates", color="tab:blue")
         if not stopped.empty:
             ax.scatter(stopped[DROP], stopped[OBJECTIVE], facecolors="none", edgecolors="tab:blue",
                        label="stopped by ASHA (probe estimate)")
@@ -178,7 +212,7 @@ def make_defend_figures(data: Defends, out_dir: str | Path, title: str) -> list[
             ax.scatter(other[DROP], [0.0] * len(other), marker="x", color="grey",
                        label="infeasible (not attacked; drawn at 0)")
         chosen = table[table["chosen"]]
-        ax.scatter(chosen[DROP], chosen[WORST_CASE] - scratch, s=160, facecolors="none", edgecolors="tab:red",
+        ax.scatter(chosen[DROP], chosen[OBJECTIVE], s=160, facecolors="none", edgecolors="tab:red",
                    label="chosen")
         ax.axvline(variant["guard"], color="tab:red", linestyle=":", label=f"guard ({variant['guard']:g} points)")
         ax.axhline(0.0, color="black", linewidth=0.8)

@@ -125,3 +125,6 @@ DEV_WORST_CASE = "dev_worst_case"       # the best development attack on the can
 DEFEND_DROP = "intactness_drop_val"     # normal minus candidate original-domain validation score
 FEASIBLE = "feasible"                   # 1 when the drop is within the guard (else the candidate is not attacked)
 CHOSEN_TAG = "chosen_candidate"         # on the defend run: the chosen candidate's key
+RED_TEAM_BEST = "red_team_best"         # the development attacker search's best on a candidate (validation)
+RED_TEAM_FOUND = "red_team_found"       # a candidate run's tag: its red team's best recipes (JSON)
+ROUND = "round"                         # a candidate's defender round (1-based; a param)

@@ -61,9 +61,11 @@ class Task(Protocol):
     def fit_loss(self, model: nn.Module, x: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
         """The loss an ordinary training step minimises (pretraining, NTR, the attacker)."""
 
-    def suppression(self, name: str) -> ModelLoss:
+    def suppression(self, name: str, timesteps: str | None = None) -> ModelLoss:
         """The suppression loss ``name`` as a (model, x, y) -> scalar function; the same object for the same name
-        (the simulation caches its inner step by it)."""
+        and ``timesteps`` (the simulation caches its inner step by it). ``timesteps``: a protect variant's timestep
+        policy (``protect[i].suppression_t``) in place of the mode's own (generation: ``generation.suppression_t``);
+        None keeps the mode's. A mode whose losses take no timestep (classification) refuses one."""
 
     def evaluate(self, model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu") -> Evaluation:
         """The model's score on ``dataset`` in eval mode (the model's train/eval mode is restored)."""

@@ -194,3 +194,23 @@ def test_the_report_table_marks_stopped_and_infeasible_candidates_and_the_best_a
     assert "**The chosen candidate is no better than the unprotected model on the development grid** (+1.0 vs " \
         "+1.5): this search found no protection." in defend_section(unprotected)
     assert "no better than the unprotected model" not in text
+
+
+def test_the_report_states_each_round_and_restarts_the_best_after_n():
+    import pandas as pd
+
+    from analysis.defend import Defends, defend_section
+    from sophon_ray import names
+
+    variants = pd.DataFrame([{"run_id": "p", "variant": "d", "guard": 2.0, "chosen": "k4",
+                              "round_chosen": {1: "k1", 2: "k4"}, "dev_best_scratch": 30.0, "dev_best_normal": 60.0}])
+    row = {"parent": "p", FEASIBLE: 1.0, names.STOPPED: 0.0, DROP: 0.5, "iteration": 41}
+    candidates = pd.DataFrame([
+        {**row, "n": 1, "param:candidate": "k1", "param:round": "1", OBJECTIVE: 2.0, names.RED_TEAM_BEST: 50.0},
+        {**row, "n": 2, "param:candidate": "k2", "param:round": "1", OBJECTIVE: 5.0, names.RED_TEAM_BEST: 55.0},
+        {**row, "n": 3, "param:candidate": "k3", "param:round": "2", OBJECTIVE: 9.0, names.RED_TEAM_BEST: 58.0},
+        {**row, "n": 4, "param:candidate": "k4", "param:round": "2", OBJECTIVE: 7.0, names.RED_TEAM_BEST: 41.0}])
+    text = defend_section(Defends(variants, candidates))
+    assert "- round 1: 2 candidates, chose #1, objective +2.0, its red team's best 50.0" in text
+    assert "- round 2: 2 candidates, chose #4, objective +7.0, its red team's best 41.0" in text
+    assert "| 3 | 2 | n/a | +0.5 | +9.0 | +9.0 |  |" in text       # round 2's best after n starts again

@@ -77,3 +77,64 @@ def test_a_defend_sweep_chooses_protects_and_resumes(tmp_path):
     assert "2 of 2 candidates finished earlier" in again.stdout and "0 to run" in again.stdout
     runs = client.search_runs([client.get_experiment_by_name("defend-it").experiment_id], max_results=500)
     assert sum(r.data.tags.get(ROLE) == "defend-candidate" for r in runs) == 2   # exactly once
+
+
+HARDENED = {**SPEC, "name": "defend-rounds",
+            "protect": [{**SPEC["protect"][0],
+                         "environments": {"recipes": {"strategy": ["direct-all", "initfc-all", "direct-fc"],
+                                                      "optimizer": ["sgd", "adam", "rmsprop"],
+                                                      "schedule": ["constant", "cosine"], "augment": ["none", "flip"],
+                                                      "bn_mode": ["train", "frozen"]}},
+                         "defend": {**SPEC["protect"][0]["defend"], "rounds": 2,
+                                    "space": {"alpha": {"distribution": "loguniform", "low": 1.0, "high": 10.0}},
+                                    "red_team": {"num_samples": 2, "random_start": 2, "join": 1, "share": 0.5,
+                                                 "space": {"strategy": ["direct-all", "initfc-all"],
+                                                           "optimizer": ["sgd", "adam"], "epochs": [1],
+                                                           "batch_size": [32], "data_fraction": [0.5]}}}}]}
+
+
+@pytest.mark.integration
+def test_rounds_carry_the_red_teams_finds_into_the_next_rounds_simulated_attacker(tmp_path):
+    """Two rounds of a defender whose simulated attacker is drawn from the recipe space: every candidate meets the
+    red team; round 2's candidates simulate round 1's choice's best find; exactly once on --resume."""
+    from mlflow import MlflowClient
+
+    from sophon_ray.names import RED_TEAM_BEST, RED_TEAM_FOUND, ROLE
+    from sophon_ray.run.development import found_recipes
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**HARDENED, "output_dir": str(tmp_path / "out"), "tracking": {"uri": uri}}))
+    cli = [sys.executable, "-m", "sophon_ray.cli", "run", str(spec)]
+    run = subprocess.run(cli, capture_output=True, text=True, env=process_env(), cwd=tmp_path, timeout=1500)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "round 1/2: chose candidate" in run.stdout and "round 2/2: chose candidate" in run.stdout
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("defend-rounds").experiment_id
+    runs = client.search_runs([exp], max_results=500)
+    (defend,) = [r for r in runs if r.data.tags.get(ROLE) == "defend"]
+    candidates = [r for r in runs if r.data.tags.get(ROLE) == "defend-candidate"]
+    by_round = {k: [c for c in candidates if c.data.params["round"] == str(k)] for k in (1, 2)}
+    assert len(by_round[1]) == 2 and len(by_round[2]) == 2
+    for c in candidates:
+        m = c.data.metrics
+        if m["feasible"] == 1.0:   # the red team ran, and its best counts in the worst case
+            assert RED_TEAM_FOUND in c.data.tags and m["dev_worst_case"] >= m[RED_TEAM_BEST]
+    first = next(c for c in by_round[1] if c.data.params["candidate"] == defend.data.tags["round1_chosen"])
+    carried = found_recipes(first.data.tags[RED_TEAM_FOUND])
+    assert len(carried) == 1
+    fragment = yaml.safe_load((tmp_path / "out" / "defend" / "defended.yaml").read_text())["protect"][0]
+    assert fragment["environments"]["known_share"] == 0.5
+    assert found_recipes(__import__("json").dumps([{k: v for k, v in r.items()} for r in
+                                                   fragment["environments"]["known"]])) == carried
+    history = {m.step: m.value for m in client.get_metric_history(defend.info.run_id, "dev_best_scratch")}
+    assert set(history) == {0, 1}          # each round's baseline over its own development grid
+    summary = (tmp_path / "out" / "report" / "summary.md").read_text()
+    assert "- round 1: 2 candidates, chose #" in summary and "- round 2: 2 candidates, chose #" in summary
+
+    again = subprocess.run([*cli, "--resume"], capture_output=True, text=True, env=process_env(), cwd=tmp_path,
+                           timeout=1500)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("2 of 2 candidates finished earlier") == 2
+    assert sum(r.data.tags.get(ROLE) == "defend-candidate" for r in client.search_runs([exp], max_results=500)) == 4

@@ -171,8 +171,9 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     ``seed`` (default: the variant's first seed) seeds environments, batches and probes.
 
     ``task`` (default: classification) supplies the fitting loss (adversary and NTR), the suppression loss named
-    ``spec.loss`` and the score (accuracy, or generation's denoising skill) that floors, probes and selection
-    read, all in its percent scale where higher is better; metrics are emitted under its names.
+    ``spec.loss`` (at the variant's timestep policy ``spec.suppression_t`` when set: generation) and the score
+    (accuracy, or generation's denoising skill) that floors, probes and selection read, all in its percent scale
+    where higher is better; metrics are emitted under its names.
 
     Fault tolerance: every ``spec.checkpoint_every`` iterations (0: never) ``on_checkpoint`` gets the whole
     :class:`ProtectState`; ``resume`` (such a state, from the same inputs and rank) continues from its iteration and
@@ -186,7 +187,10 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     probe_train = probe_train or restricted_train
     model = copy.deepcopy(model).to(device)
     model.train()
-    suppression, metric = task.suppression(spec.loss), task.metric
+    # the variant's own timestep policy only when it has one (a task without timesteps is called as before)
+    suppression = (task.suppression(spec.loss) if spec.suppression_t is None
+                   else task.suppression(spec.loss, timesteps=spec.suppression_t))
+    metric = task.metric
     floor = normal_acc - spec.max_drop
     restricted_batches = [infinite_batches(d, spec.batch_size, gen) for d in restricted_train]
     original_batches = infinite_batches(original_train, spec.batch_size, gen)

@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import random
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from sophon_ray.core.inner_optimizers import INNER_OPTIMIZERS, InnerOptimizer
+from sophon_ray.core.training import set_bn_eval
+from sophon_ray.recipes import BN_MODES, SCHEDULES, STRATEGIES, AttackConfig, draw
+from sophon_ray.recipes.augment import make_augment
+from sophon_ray.recipes.surgery import reparameterise
 from sophon_ray.seam import Model as Net
-from sophon_ray.registry import Registry
 from sophon_ray.spec import EnvironmentSpec
 
 Batch = tuple[Tensor, Tensor]
@@ -35,83 +39,36 @@ CUDA_GRAPHS = os.environ.get("SOPHON_CUDA_GRAPHS", "1") != "0"
 WARMUP_STEPS = 3  # eager steps on a side stream before a capture (cuDNN/cuBLAS handles, autograd streams)
 
 
-class InnerOptimizer(Protocol):
-    """An inner optimizer: explicit state, updates the parameters in place (under no_grad).
-
-    ``lr`` (the parameters' dtype) and ``t`` (float64, the 1-based step count, already incremented) are 0-dim
-    tensors on the parameters' device, so a step never syncs with the host and can be captured in a CUDA
-    graph. A tensor scalar handed to a ``_foreach`` op must have the list's dtype (CUDA's fast path does
-    not convert it)."""
-
-    def init(self, params: list[Tensor]) -> dict[str, list[Tensor]]: ...
-
-    def step_(self, params: list[Tensor], grads: list[Tensor], state: dict[str, list[Tensor]], lr: Tensor,
-              t: Tensor) -> None: ...
-
-
-INNER_OPTIMIZERS: Registry[InnerOptimizer] = Registry("inner optimizer")
-
-
-class Sgd:
-    """Plain SGD (the official code's only simulated attacker)."""
-
-    def init(self, params: list[Tensor]) -> dict[str, list[Tensor]]:
-        return {}
-
-    def step_(self, params: list[Tensor], grads: list[Tensor], state: dict[str, list[Tensor]], lr: Tensor,
-              t: Tensor) -> None:
-        torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
-
-
-class Momentum:
-    """SGD with heavy-ball momentum 0.9 (PyTorch's convention: buf = 0.9 buf + g)."""
-
-    def init(self, params: list[Tensor]) -> dict[str, list[Tensor]]:
-        return {"buf": [torch.zeros_like(p) for p in params]}
-
-    def step_(self, params: list[Tensor], grads: list[Tensor], state: dict[str, list[Tensor]], lr: Tensor,
-              t: Tensor) -> None:
-        torch._foreach_mul_(state["buf"], 0.9)
-        torch._foreach_add_(state["buf"], grads)
-        torch._foreach_sub_(params, torch._foreach_mul(state["buf"], lr))
-
-
-class Adam:
-    """Adam (0.9, 0.999, eps 1e-8) with bias correction computed on the device from ``t``."""
-
-    def init(self, params: list[Tensor]) -> dict[str, list[Tensor]]:
-        return {"m": [torch.zeros_like(p) for p in params], "v": [torch.zeros_like(p) for p in params]}
-
-    def step_(self, params: list[Tensor], grads: list[Tensor], state: dict[str, list[Tensor]], lr: Tensor,
-              t: Tensor) -> None:
-        torch._foreach_lerp_(state["m"], grads, 0.1)
-        torch._foreach_mul_(state["v"], 0.999)
-        torch._foreach_addcmul_(state["v"], grads, grads, value=0.001)
-        denom = torch._foreach_sqrt(state["v"])
-        torch._foreach_mul_(denom, torch.rsqrt(1 - torch.pow(0.999, t)).to(lr.dtype))
-        torch._foreach_add_(denom, 1e-8)
-        update = torch._foreach_div(state["m"], denom)
-        torch._foreach_mul_(update, (-lr / (1 - torch.pow(0.9, t))).to(lr.dtype))
-        torch._foreach_add_(params, update)
-
-
-INNER_OPTIMIZERS.register("sgd")(Sgd())
-INNER_OPTIMIZERS.register("momentum")(Momentum())
-INNER_OPTIMIZERS.register("adam")(Adam())
+__all__ = ["Batch", "CUDA_GRAPHS", "Environment", "INNER_OPTIMIZERS", "InnerOptimizer", "ModelLoss", "Simulation",
+           "WARMUP_STEPS", "recipe_environment", "sample_environment", "simulate"]
 
 
 @dataclass(frozen=True)
 class Environment:
-    """One sampled fine-tuning environment."""
+    """One sampled fine-tuning environment: an optimizer, an lr and the head/scope coins, or a whole attack
+    ``recipe`` (its strategy, optimizer, lr, weight decay, schedule over the inner steps, label smoothing,
+    augmentation of the support batches, BatchNorm mode and reparameterisation)."""
 
     optimizer: str
     lr: float
     head_reinit: bool
     head_only: bool
+    recipe: AttackConfig | None = None
+
+
+def recipe_environment(recipe: AttackConfig) -> Environment:
+    """The environment of one attack recipe."""
+    return Environment(recipe.optimizer, recipe.lr, head_reinit=False, head_only=False, recipe=recipe)
 
 
 def sample_environment(spec: EnvironmentSpec, rng: random.Random) -> Environment:
-    """Draw an optimizer uniformly, an lr log-uniformly in ``spec.lr``, and the head/scope coins."""
+    """One of ``spec.known`` with probability ``spec.known_share`` (when there are any), else a recipe drawn from
+    ``spec.recipes`` (when set), else: an optimizer uniformly, an lr log-uniformly in ``spec.lr``, and the
+    head/scope coins (the draws a spec without known recipes or a recipe space always made)."""
+    if spec.known and rng.random() < spec.known_share:
+        return recipe_environment(rng.choice(spec.known))
+    if spec.recipes is not None:
+        return recipe_environment(draw(spec.recipes, rng))
     low, high = spec.lr
     return Environment(
         optimizer=rng.choice(spec.optimizers),
@@ -145,8 +102,21 @@ def simulate(model: Net, batches: Iterator[Batch], env: Environment, suppression
     if inner_steps < 1:
         raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
     adversary = _adversary(model)
-    step = adversary.step_for(_Key(env.optimizer, env.head_only, suppression, fit,
-                                   _autocast_state(adversary.device)))
+    recipe = env.recipe
+    if recipe is None:
+        trainable = frozenset(adversary.head) if env.head_only else None
+        key = _Key(env.optimizer, trainable, suppression, fit, _autocast_state(adversary.device))
+        reinit = list(model.head_param_names()) if env.head_reinit else []
+    else:
+        trainable, reinit = adversary.strategy(recipe)
+        key = _Key(recipe.optimizer, trainable, suppression, _smoothed(fit, recipe.label_smoothing),
+                   _autocast_state(adversary.device), recipe.weight_decay, BN_MODES.get(recipe.bn_mode))
+    adversary.net.train()
+    if key.freeze_bn:
+        set_bn_eval(adversary.net)
+    step = adversary.step_for(key)
+    lrs = _schedule(recipe, inner_steps)
+    augment = make_augment(recipe.augment) if recipe is not None else None
     for k in range(inner_steps):
         x, y = next(batches)
         x, y = x.to(adversary.device, non_blocking=True), y.to(adversary.device, non_blocking=True)
@@ -155,27 +125,53 @@ def simulate(model: Net, batches: Iterator[Batch], env: Environment, suppression
         if k == 0:
             step.prepare(x, y, n_query)  # a first capture runs steps: everything they wrote is reset next
             adversary.load(model)
-            if env.head_reinit:
+            if recipe is not None:   # the real attacker's order: reparameterise, then its strategy
+                reparameterise(adversary.net, recipe, generator)
+                STRATEGIES.get(recipe.strategy).apply(adversary.net, generator, recipe)
+            elif env.head_reinit:
                 _reinit_head(adversary.net, generator)
-            step.reset(env.lr)
+            step.reset(env.lr * (lrs(0) if lrs is not None else 1.0))
+        elif lrs is not None:
+            step.lr.fill_(env.lr * lrs(k))
+        if augment is not None:   # the attacker's augmentation on its training (support) part only
+            x = torch.cat([x[:n_query], augment(x[n_query:], generator)])
         step.run(x, y, n_query)
     grads = dict(zip(adversary.names, torch._foreach_div(step.total, float(inner_steps))))
-    if env.head_reinit:
-        for n in model.head_param_names():
-            grads[n].zero_()
+    for n in reinit:   # a re-initialised parameter of the copy no longer descends from the real one
+        grads[n].zero_()
     fts_loss, adversary_loss = (step.losses / inner_steps).tolist()
     return Simulation(grads, fts_loss, adversary_loss)
 
 
 @dataclass(frozen=True)
 class _Key:
-    """What a captured inner step depends on besides the values of its tensors."""
+    """What a captured inner step depends on besides the values of its tensors: ``trainable`` the parameter
+    names the inner optimizer updates (None: all)."""
 
     optimizer: str
-    head_only: bool
+    trainable: frozenset[str] | None
     suppression: ModelLoss
     fit: ModelLoss
     autocast: tuple
+    weight_decay: float = 0.0
+    freeze_bn: bool = False
+
+
+_SMOOTHED: dict[tuple[ModelLoss, float], ModelLoss] = {}
+
+
+def _smoothed(fit: ModelLoss, label_smoothing: float) -> ModelLoss:
+    """``fit`` with label smoothing, one object per (fit, smoothing) (a key of captured steps)."""
+    if not label_smoothing:
+        return fit
+    return _SMOOTHED.setdefault((fit, label_smoothing), functools.partial(fit, label_smoothing=label_smoothing))
+
+
+def _schedule(recipe: AttackConfig | None, inner_steps: int) -> Callable[[int], float] | None:
+    """A recipe's lr multiplier at each inner step (its schedule over the simulation's steps); None: constant."""
+    if recipe is None or recipe.schedule == "constant":
+        return None
+    return SCHEDULES.get(recipe.schedule)(inner_steps)
 
 
 @dataclass
@@ -219,7 +215,8 @@ class _Step:
         grads = torch.autograd.grad(loss, self.inner)
         with torch.no_grad():
             self.t.add_(1)
-            INNER_OPTIMIZERS.get(self.key.optimizer).step_(self.inner, list(grads), self.state, self.lr, self.t)
+            INNER_OPTIMIZERS.get(self.key.optimizer).step_(self.inner, list(grads), self.state, self.lr, self.t,
+                                                           weight_decay=self.key.weight_decay)
         _requires_grad(self.frozen, True)
         q_loss = self.key.suppression(model, x[:n_query], y[:n_query])
         q_grads = torch.autograd.grad(q_loss, self.adversary.params)
@@ -268,6 +265,21 @@ class _Adversary:
     head: set[str]
     device: torch.device
     steps: dict[_Key, _Step] = field(default_factory=dict)
+    strategies: dict[tuple[str, int], tuple[frozenset[str] | None, list[str]]] = field(default_factory=dict)
+
+    def strategy(self, recipe: AttackConfig) -> tuple[frozenset[str] | None, list[str]]:
+        """(the names ``recipe``'s strategy trains (None: all), the names it re-initialises), found once per
+        strategy by applying it to this copy with a throwaway generator (the copy is reloaded before use)."""
+        which = (recipe.strategy, recipe.blocks)
+        if which not in self.strategies:
+            before = [p.detach().clone() for p in self.params]
+            names = set(STRATEGIES.get(recipe.strategy).apply(self.net, torch.Generator().manual_seed(0), recipe))
+            if [n for n, _ in self.net.named_parameters()] != self.names:
+                raise ValueError(f"strategy: the simulated attacker cannot run {recipe.strategy} (it changes the "
+                                 "model's modules); leave it out of environments.recipes")
+            reinit = [n for n, p, b in zip(self.names, self.params, before) if not torch.equal(p, b)]
+            self.strategies[which] = (None if names >= set(self.names) else frozenset(names), reinit)
+        return self.strategies[which]
 
     @classmethod
     def of(cls, model: Net) -> _Adversary:
@@ -295,8 +307,8 @@ class _Adversary:
 
     def step_for(self, key: _Key) -> _Step:
         if key not in self.steps:
-            inner = [p for n, p in zip(self.names, self.params) if n in self.head or not key.head_only]
-            frozen = [p for n, p in zip(self.names, self.params) if not (n in self.head or not key.head_only)]
+            inner = [p for n, p in zip(self.names, self.params) if key.trainable is None or n in key.trainable]
+            frozen = [p for n, p in zip(self.names, self.params) if not (key.trainable is None or n in key.trainable)]
             self.steps[key] = _Step(
                 key, self, inner, frozen, INNER_OPTIMIZERS.get(key.optimizer).init(inner),
                 lr=torch.zeros((), dtype=self.params[0].dtype, device=self.device),

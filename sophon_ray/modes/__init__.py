@@ -5,7 +5,8 @@ mode's name.
 Importing this module is cheap (no torch): a mode's package, with its task, models and losses, is imported the
 first time something asks for them. Each mode package exposes ``task(spec)``, ``MODELS`` (its architectures),
 ``LOSSES`` (its suppression losses), ``build(model_spec, channels, image_size, weights)`` and
-``problems(spec)`` (the checks only it knows, as ``(field path, message)`` pairs).
+``problems(spec)`` (the checks only it knows, as ``(field path, message)`` pairs); a mode whose suppression losses
+draw timesteps also exposes ``TIMESTEPS`` (its timestep policies: what ``protect[i].suppression_t`` may name).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class Mode:
 
     def losses(self) -> Registry:
         return self.plugin.LOSSES
+
+    def timesteps(self) -> Registry | None:
+        """The timestep policies its suppression losses take (generation); None: they take none (classification)."""
+        return getattr(self.plugin, "TIMESTEPS", None)
 
 
 MODES: Registry[Mode] = Registry("mode")

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import itertools
+import math
 import os
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,6 +62,26 @@ def grid_configs(grids: Sequence[Any]) -> list[Any]:
     return list(dict.fromkeys(configs))
 
 
+def draw(space: Any, rng: random.Random, seed: int = 0) -> Any:
+    """One recipe drawn from a search space (``attack.search[].space`` syntax) with ``rng``: a list or a ``choice``
+    uniformly, a ``loguniform`` / ``uniform`` range by its distribution (an integer setting rounded); every setting
+    its strategy does not use at its default. What a simulated attacker (``protect[].environments.recipes``)
+    fine-tunes with; the dimensions are drawn in the space's field order."""
+    values = {f.name: _draw_one(getattr(space, f.name), rng) for f in dataclasses.fields(space)}
+    values = {n: round(v) if SETTINGS[n].type is int else SETTINGS[n].type(v) for n, v in values.items()}
+    return normalise(AttackConfig(**values, seed=seed))
+
+
+def _draw_one(value: Any, rng: random.Random) -> Any:
+    if not isinstance(value, Range):
+        return value[0] if len(value) == 1 else rng.choice(value)
+    if value.distribution == "choice":
+        return value.values[0] if len(value.values) == 1 else rng.choice(value.values)
+    if value.distribution == "loguniform":
+        return math.exp(rng.uniform(math.log(value.low), math.log(value.high)))
+    return rng.uniform(value.low, value.high)
+
+
 def param_casts() -> dict[str, Any]:
     """Attack-run MLflow param name -> the type its string is read back as."""
     return TABLE.casts()
@@ -72,7 +94,7 @@ def legacy_defaults() -> dict[str, Any]:
 
 __all__ = ["AttackConfig", "BN_MODES", "EVERY_MODE", "GridSpec", "HASHED", "ModelFacts", "OPTIMIZERS",
            "PLAIN", "PLUGINS_ENV", "Range", "SCHEDULES", "SCRATCH_STRATEGY", "SETTINGS", "STRATEGIES", "SearchSpace", "Setting",
-           "Strategy", "TABLE", "UNLESS_DEFAULT", "grid_configs", "legacy_defaults", "normalise", "param_casts",
+           "Strategy", "TABLE", "UNLESS_DEFAULT", "draw", "grid_configs", "legacy_defaults", "normalise", "param_casts",
            "strategies_for"]
 
 

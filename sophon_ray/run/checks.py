@@ -12,7 +12,7 @@ from typing import Any
 from sophon_ray.modes import MODES, all_archs, build_model, mode_of_arch
 from sophon_ray.recipes import SETTINGS, STRATEGIES, AttackConfig, ModelFacts, Range, strategies_for
 from sophon_ray.registry import Registry, did_you_mean
-from sophon_ray.spec import DISTRIBUTIONS, ModelSpec, Problem, SearchSpec, SweepSpec
+from sophon_ray.spec import DISTRIBUTIONS, ModelSpec, Problem, SweepSpec
 
 
 class Checker:
@@ -160,12 +160,13 @@ def numeric_range(c: Checker, path: str, r: Range, name: str) -> None:
             c.add(f"{path}.{end}", problem)
 
 
-def space(c: Checker, path: str, search: SearchSpec, spec: SweepSpec) -> None:
-    """A search space: every dimension derived from its setting (choices non-empty and valid, ranges inside the
-    setting's bounds), every strategy it may draw against the mode and the model."""
+def space(c: Checker, path: str, searched: Any, spec: SweepSpec) -> None:
+    """A search space (an attacker's, a red team's or a simulated attacker's): every dimension derived from its
+    setting (choices non-empty and valid, ranges inside the setting's bounds), every strategy it may draw against
+    the mode and the model."""
     values: dict[str, tuple] = {}
-    for f in fields(search.space):
-        value, p = getattr(search.space, f.name), f"{path}.{f.name}"
+    for f in fields(searched):
+        value, p = getattr(searched, f.name), f"{path}.{f.name}"
         if isinstance(value, Range):
             numeric_range(c, p, value, f.name)
             continue
@@ -175,7 +176,24 @@ def space(c: Checker, path: str, search: SearchSpec, spec: SweepSpec) -> None:
         for j, v in enumerate(value):
             _value(c, f"{p}.{j}", f.name, v, spec.mode)
     _model_checks(c, path, spec, values)
-    _benign_warm_start(c, path, search.space.warm_start, spec)
+    _benign_warm_start(c, path, searched.warm_start, spec)
+
+
+UNSIMULATED = {"adapt": "none", "warm_start": "none"}   # settings the simulated attacker cannot run, at their no-op
+
+
+def simulable(c: Checker, path: str, values: dict[str, Any]) -> None:
+    """What a simulated attacker (``environments.recipes`` / ``environments.known``) can run: a strategy that
+    keeps the model's modules (not lora), no label-free adaptation, no warm start."""
+    for j, strategy in enumerate(values.get("strategy", ())):
+        if strategy == "lora":
+            c.add(f"{path}.strategy.{j}", "the simulated attacker cannot run lora (it wraps the model's modules); "
+                  "list the other strategies")
+    for name, default in UNSIMULATED.items():
+        for j, value in enumerate(values.get(name, ())):
+            if value != default:
+                c.add(f"{path}.{name}.{j}", f"the simulated attacker cannot run {name} {value} (inner steps are "
+                      f"fine-tuning steps on protection batches); use {default} or leave it out")
 
 
 def _benign_warm_start(c: Checker, path: str, kinds: tuple[str, ...], spec: SweepSpec) -> None:

@@ -43,7 +43,8 @@ JOIN = "+"                            # an optimizer set as one categorical choi
 TRIAL_CPU = 0.01   # a candidate's trial only waits for its Ray Train job, whose workers hold the CPUs (Tune needs > 0)
 LAST = "last"                         # marks a candidate's final report (after its development attacks)
 STOPPED = names.STOPPED                # a candidate ASHA stopped at a probe checkpoint (not attacked, not chosen)
-LOGGED = (OBJECTIVE, WORST_CASE, DROP, FEASIBLE, LAST, "selected_iteration", "iteration", "time_total_s")
+LOGGED = (OBJECTIVE, WORST_CASE, DROP, FEASIBLE, LAST, names.RED_TEAM_BEST, "selected_iteration", "iteration",
+          "time_total_s")
 
 
 # ------------------------------------------------------------------------------------------------ the space
@@ -104,27 +105,27 @@ def candidate_key(variant: ProtectSpec) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the trial
-def defend_trial(config: dict[str, Any], spec: SweepSpec, variant_index: int, normal: tuple[dict, dict],
-                 normal_val: float, scratch_best: float, chance: float, storage_path: str) -> None:
+def defend_trial(config: dict[str, Any], spec: SweepSpec, base: ProtectSpec, configs: list[Any],
+                 normal: tuple[dict, dict], normal_val: float, scratch_best: float, chance: float,
+                 storage_path: str) -> None:
     """The Tune function trainable of one candidate: its protection and development attacks as one Ray Train job
     (probe estimates reported to Tune on the way), then the candidate's objective reported. The trial itself
     reserves nothing: the Train job's workers hold the resources (so any ``max_concurrent`` queues, never
-    deadlocks)."""
+    deadlocks). ``base``: the variant as this round starts it (the red team's finds so far in its simulated
+    attacker); ``configs``: the round's development grid."""
     from ray import tune  # noqa: PLC0415
     from ray.train import RunConfig, ScalingConfig  # noqa: PLC0415
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
     from ray.tune.integration.ray_train import TuneReportCallback  # noqa: PLC0415
 
     from sophon_ray.modes import metric_for  # noqa: PLC0415
-    from sophon_ray.run.plan import development_configs  # noqa: PLC0415
     from sophon_ray.run.train_driver import protect_job  # noqa: PLC0415
     from sophon_ray.run.train_worker import KEEP, STATE_STAGE, train_loop  # noqa: PLC0415
     from sophon_ray.run.trials_worker import unshare  # noqa: PLC0415
 
-    variant = spec.protect[variant_index]
-    defend = variant.defend
+    defend = base.defend
     assert defend is not None
-    chosen = candidate(variant, {**defend.space.fixed(), **config}, defend.seed)
+    chosen = candidate(base, {**defend.space.fixed(), **config}, defend.seed)
     key = candidate_key(chosen)
     # no state checkpoints: every report of the Train job reaches Tune, and a candidate reruns whole
     cand_spec = replace(spec, protect=(replace(chosen, checkpoint_every=0),),
@@ -137,7 +138,7 @@ def defend_trial(config: dict[str, Any], spec: SweepSpec, variant_index: int, no
                            "threads": r.cpus_per_trial, "progress": None, "normal_state": unshare(state),
                            "normal_val_acc": normal_val,
                            "defend": {"scratch_best": scratch_best, "guard": defend.guard, "chance": chance,
-                                      "configs": development_configs(spec)}},
+                                      "configs": configs, "red_team": defend.red_team}},
         scaling_config=ScalingConfig(num_workers=r.protect_workers, use_gpu=r.use_gpu,
                                      resources_per_worker={"CPU": r.cpus_per_trial, **({"GPU": 1} if r.use_gpu else {})}),
         run_config=RunConfig(name=f"defend-{key}", storage_path=storage_path, callbacks=[TuneReportCallback()]),
@@ -145,22 +146,24 @@ def defend_trial(config: dict[str, Any], spec: SweepSpec, variant_index: int, no
     result = trainer.fit()
     metrics = next(m for _, m in reversed(result.best_checkpoints or []) if m.get("stage") != STATE_STAGE and m.get(KEEP))
     probe = metric_for(spec.mode).key("probe")
+    red = {k: metrics[k] for k in (names.RED_TEAM_BEST, names.RED_TEAM_FOUND) if k in metrics}
     tune.report({OBJECTIVE: metrics[OBJECTIVE], WORST_CASE: metrics.get(WORST_CASE, math.nan), DROP: metrics[DROP],
-                 FEASIBLE: metrics[FEASIBLE], "iteration": final_step(variant), "candidate_key": key,
-                 probe: metrics[probe], "selected_iteration": metrics["selected_iteration"], LAST: 1.0})
+                 FEASIBLE: metrics[FEASIBLE], "iteration": final_step(base), "candidate_key": key,
+                 probe: metrics[probe], "selected_iteration": metrics["selected_iteration"], LAST: 1.0, **red})
 
 
 # -------------------------------------------------------------------------------------------- the driver
-def searcher(defend: DefendSpec, history: Sequence[tuple[dict, float]], name: str) -> Any:
-    """OptunaSearch over the defend space (TPE or random, seeded), warm-started with ``history``, minimising the
-    objective, at most ``max_concurrent`` candidates at once."""
+def searcher(defend: DefendSpec, history: Sequence[tuple[dict, float]], name: str, round_: int = 1) -> Any:
+    """OptunaSearch over the defend space (TPE or random, seeded by the search's seed and the round), warm-started
+    with ``history`` (this round's candidates), minimising the objective, at most ``max_concurrent`` candidates at
+    once."""
     import optuna  # noqa: PLC0415
     from ray.tune.search import ConcurrencyLimiter  # noqa: PLC0415
     from ray.tune.search.optuna import OptunaSearch  # noqa: PLC0415
 
     from sophon_ray.run.search_space import sampler as seeded_sampler  # noqa: PLC0415
 
-    sampler = seeded_sampler(defend)
+    sampler = seeded_sampler(replace(defend, seed=defend.seed + round_ - 1))
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize", sampler=sampler)
     dims = dimensions(defend.space)
@@ -198,11 +201,11 @@ class DefendLogger:
     so exactly once), its probe reports as steps and its final objective; finished when Tune says so."""
 
     def __init__(self, tracker: Any, parent: str, sweep_id: str, variant: ProtectSpec,
-                 say: Callable[[str], None] = log.info, done_before: int = 0) -> None:
+                 say: Callable[[str], None] = log.info, done_before: int = 0, round_: int = 1) -> None:
         from ray.tune import Callback  # noqa: PLC0415
 
         self.tracker, self.parent, self.sweep_id, self.variant = tracker, parent, sweep_id, variant
-        self.say, self.finished = say, done_before
+        self.say, self.finished, self.round = say, done_before, round_
         self.runs: dict[str, str] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.callback = type("DefendCallback", (Callback,), {
@@ -220,8 +223,9 @@ class DefendLogger:
             defend = self.variant.defend
             chosen = candidate(self.variant, {**defend.space.fixed(), **trial.config}, defend.seed)
             key = candidate_key(chosen)
-            params = {"candidate": key, **{k: (JOIN.join(v) if isinstance(v, tuple) else v)
-                                           for k, v in {**defend.space.fixed(), **trial.config}.items()}}
+            params = {"candidate": key, names.ROUND: self.round,
+                      **{k: (JOIN.join(v) if isinstance(v, tuple) else v)
+                         for k, v in {**defend.space.fixed(), **trial.config}.items()}}
             self.runs[trial.trial_id] = self.tracker.child_run(self.parent, self.sweep_id, names.CANDIDATE_ROLE, key,
                                                                f"defend/{self.variant.label}/{key[:8]}", params)
         return self.runs[trial.trial_id]
@@ -234,6 +238,8 @@ class DefendLogger:
         self.tracker.log_metrics(self._run(trial), {k: v for k, v in row.items()
                                                     if isinstance(v, (int, float)) and not isinstance(v, bool)},
                                  step=int(result["iteration"]))
+        if names.RED_TEAM_FOUND in result:
+            self.tracker.set_tag(self._run(trial), names.RED_TEAM_FOUND, result[names.RED_TEAM_FOUND])
 
     def done(self, trial: Any, status: str) -> None:
         run = self._run(trial)
@@ -248,16 +254,22 @@ class DefendLogger:
                 if stopped else "infeasible (original-domain drop over the guard)" if not last.get(FEASIBLE)
                 else f"development worst case {last.get(WORST_CASE, math.nan):.1f}, objective "
                      f"{last.get(OBJECTIVE, math.nan):+.1f}, drop {last.get(DROP, math.nan):+.1f}")
-        self.say(f"[defend] {self.variant.label}: candidate {self.finished}/{self.variant.defend.num_samples} {what}")
+        rounds = self.variant.defend.rounds
+        where = f"round {self.round}/{rounds}, " if rounds > 1 else ""
+        self.say(f"[defend] {self.variant.label}: {where}candidate {self.finished}/{self.variant.defend.num_samples} "
+                 f"{what}")
 
 
-def history(tracker: Any, parent: str, space: DefendSpace) -> list[tuple[dict, float, str, dict]]:
-    """The finished candidates of a defend run, those ASHA stopped early included (their objective: the last
-    probe estimate): (searched params, objective, key, metrics)."""
+def history(tracker: Any, parent: str, space: DefendSpace, round_: int = 1) -> list[tuple[dict, float, str, dict]]:
+    """The finished candidates of one round of a defend run, those ASHA stopped early included (their objective:
+    the last probe estimate): (searched params, objective, key, metrics and the red team's finds)."""
     searchable = [f.name for f in fields(space)]
     out = []
     for run in tracker.child_runs(parent):
-        metrics, params = run.data.metrics, run.data.params
+        metrics, params = dict(run.data.metrics), run.data.params
+        if int(params.get(names.ROUND, 1)) != round_:
+            continue
+        metrics[names.RED_TEAM_FOUND] = run.data.tags.get(names.RED_TEAM_FOUND, "")
         if run.info.status != "FINISHED" or OBJECTIVE not in metrics:
             if run.info.status == "RUNNING":
                 tracker.finish(run.info.run_id, "KILLED")
@@ -285,17 +297,16 @@ def choose(done: Sequence[tuple[dict, float, str, dict]]) -> tuple[dict, float, 
 
 
 def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
-    """The defender search of protect variant ``index``: baselines, the Tune experiment (continued from the
-    candidates MLflow holds), the choice; returns the chosen setting (a plain variant) and writes it out as a spec
-    fragment (``defend/<variant>.yaml``) and on the defend run."""
-    from ray import tune  # noqa: PLC0415
-
+    """The defender search of protect variant ``index``: per round, its baselines, the Tune experiment (continued
+    from the candidates MLflow holds) and its choice, whose red team's best recipes join the next round; returns
+    the last round's choice (a plain variant) and writes it out as a spec fragment (``defend/<variant>.yaml``) and
+    on the defend run."""
     from sophon_ray.core.data import make_splits  # noqa: PLC0415
     from sophon_ray.core.metrics import chance as chance_of  # noqa: PLC0415
     from sophon_ray.modes import MODES, task_for  # noqa: PLC0415
     from sophon_ray.run.checkpoint import load_checkpoint  # noqa: PLC0415
+    from sophon_ray.run.development import found_recipes  # noqa: PLC0415
     from sophon_ray.run.plan import development_configs  # noqa: PLC0415
-    from sophon_ray.run.trials_worker import share  # noqa: PLC0415
 
     spec, tracker = ctx.spec, ctx.tracker
     variant = spec.protect[index]
@@ -304,46 +315,44 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
     run = tracker.child_run(ctx.parent, ctx.sweep_id, names.DEFEND_ROLE, spec_hash((ctx.sweep_id, "defend", variant.label)),
                             f"defend/{variant.label}", {"variant": variant.label, "objective": defend.objective,
                                                         "guard": defend.guard, "num_samples": defend.num_samples,
-                                                        "algorithm": defend.algorithm, "scheduler": defend.scheduler})
-    done = history(tracker, run, defend.space)
-    task = task_for(spec)
+                                                        "algorithm": defend.algorithm, "scheduler": defend.scheduler,
+                                                        **({"rounds": defend.rounds} if defend.rounds > 1 else {})})
     model, card = load_checkpoint(normal_dir)
+    task = task_for(spec)
     chance = chance_of(card["num_classes"]) if MODES.get(spec.mode).has_classes else 0.0
-    t0 = time.perf_counter()
-    logged = tracker.client.get_run(run).data.metrics
-    if {"dev_best_scratch", "dev_best_normal"} <= set(logged):  # a rerun or --resume of this sweep: computed once
-        scratch_best, normal_best = logged["dev_best_scratch"], logged["dev_best_normal"]
-    else:
-        configs, data = development_configs(spec), development_data(make_splits(spec))
-        scratch_best = development_best(model, configs, data, task, chance, scratch=True)
-        normal_best = development_best(model, configs, data, task, chance)
-        tracker.log_metrics(run, {"dev_best_scratch": scratch_best, "dev_best_normal": normal_best})
     normal_val = card["metrics"][task.metric.key("original_val")]
-    ctx.say(f"[defend] {variant.label}: development best scratch {scratch_best:.1f}, normal {normal_best:.1f} "
-            f"({time.perf_counter() - t0:.0f} s); {len(done)} of {defend.num_samples} candidates finished earlier")
-    todo = defend.num_samples - len(done)
-    if todo > 0:
-        logger = DefendLogger(tracker, run, ctx.sweep_id, variant, ctx.say, len(done))
-        trainable = tune.with_resources(
-            tune.with_parameters(defend_trial, spec=spec, variant_index=index, normal=(share(model.state_dict()), card),
-                                 normal_val=normal_val, scratch_best=scratch_best, chance=chance,
-                                 storage_path=ctx.storage),
-            {"cpu": TRIAL_CPU})
-        tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
-            metric=OBJECTIVE, mode="min", num_samples=todo,
-            search_alg=searcher(defend, [(p, v) for p, v, _, _ in done], f"defend-{variant.label}"),
-            scheduler=scheduler(defend, variant)),
-            run_config=tune.RunConfig(name=f"defend-{variant.label}-{len(done)}", storage_path=ctx.storage,
-                                      callbacks=[logger.callback], verbose=0))
-        tuner.fit()
-        done = history(tracker, run, defend.space)
-    best = choose(done)
-    if best is None:
-        tracker.finish(run, "FAILED")
-        raise DefendError(f"protect.{index}.defend: no candidate of {variant.label} kept its original-domain drop "
-                          f"within guard {defend.guard:g} points ({len(done)} finished); widen the space toward "
-                          "gentler settings (lower alpha or more NTR steps) or raise the guard")
-    chosen = replace(candidate(variant, {**defend.space.fixed(), **best[0]}, defend.seed), seeds=variant.seeds)
+    data = Lazy(lambda: development_data(make_splits(spec)))
+    known: tuple[Any, ...] = ()          # the red team's finds so far (each round's choice's best recipes)
+    for round_ in range(1, defend.rounds + 1):
+        base = with_known(variant, known)
+        configs = list(dict.fromkeys([*development_configs(spec), *known]))
+        scratch_best, normal_best = baselines(ctx, run, round_, model, configs, data, task, chance)
+        done = history(tracker, run, defend.space, round_)
+        label = f"{variant.label} round {round_}/{defend.rounds}" if defend.rounds > 1 else variant.label
+        ctx.say(f"[defend] {label}: development best scratch {scratch_best:.1f}, normal {normal_best:.1f}; "
+                f"{len(done)} of {defend.num_samples} candidates finished earlier")
+        if defend.num_samples > len(done):
+            search_round(ctx, run, base, round_, configs, (model, card), normal_val, scratch_best, chance, len(done))
+            done = history(tracker, run, defend.space, round_)
+        best = choose(done)
+        if best is None:
+            tracker.finish(run, "FAILED")
+            raise DefendError(f"protect.{index}.defend: no candidate of {label} kept its original-domain drop "
+                              f"within guard {defend.guard:g} points ({len(done)} finished); widen the space toward "
+                              "gentler settings (lower alpha or more NTR steps) or raise the guard")
+        found = best[3].get(names.RED_TEAM_FOUND, "")
+        tracker.log_metrics(run, {"round_chosen_objective": best[1], "round_candidates": float(len(done)),
+                                  **({"round_red_team_best": best[3][names.RED_TEAM_BEST]}
+                                     if names.RED_TEAM_BEST in best[3] else {})}, step=round_ - 1)
+        tracker.set_tag(run, f"round{round_}_chosen", best[2])
+        ctx.say(f"[defend] {label}: chose candidate {best[2][:8]} (development worst case minus scratch "
+                f"{best[1]:+.1f}) of {len(done)}" + (f"; its red team found {found}" if found else ""))
+        if round_ < defend.rounds:
+            if not found:
+                raise DefendError(f"protect.{index}.defend.rounds: round {round_}'s chosen candidate has no red "
+                                  "team finds to carry on; set defend.red_team (num_samples >= 1)")
+            known = tuple(dict.fromkeys([*known, *found_recipes(found)]))
+    chosen = replace(candidate(base, {**defend.space.fixed(), **best[0]}, defend.seed), seeds=variant.seeds)
     fragment = ctx.out / "defend" / f"{variant.label}.yaml"
     fragment.parent.mkdir(parents=True, exist_ok=True)
     fragment.write_text(yaml.safe_dump({"protect": [to_dict(chosen)]}, sort_keys=False))
@@ -352,14 +361,77 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
     tracker.set_tag(run, names.CHOSEN_TAG, best[2])
     tracker.log_artifact(run, fragment)
     tracker.finish(run)
-    ctx.say(f"[defend] {variant.label}: chose candidate {best[2][:8]} (development worst case minus scratch "
-            f"{best[1]:+.1f}) of {len(done)}; setting in {fragment}")
+    ctx.say(f"[defend] {variant.label}: setting in {fragment}")
     if not protects(best[1], normal_best - scratch_best):
         ctx.say(f"[defend] warning: {variant.label}'s chosen candidate is no better than the unprotected model on the "
                 f"development grid ({best[1]:+.1f} vs the normal model's {normal_best - scratch_best:+.1f}): the search "
                 f"found no protection; protect.{index}.defend: widen the space toward gentler settings or raise "
                 "num_samples")
     return chosen
+
+
+class Lazy:
+    """A value computed on first use (the development data: a rerun whose baselines are logged never builds it)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make, self.value = make, None
+
+    def __call__(self) -> Any:
+        if self.value is None:
+            self.value = self.make()
+        return self.value
+
+
+def with_known(variant: ProtectSpec, known: Sequence[Any]) -> ProtectSpec:
+    """``variant`` whose simulated attacker also draws the red team's finds ``known`` (with the red team's share)."""
+    if not known:
+        return variant
+    share = variant.defend.red_team.share
+    return replace(variant, environments=replace(variant.environments, known=tuple(known), known_share=share))
+
+
+def baselines(ctx: RunContext, run: str, round_: int, model: Any, configs: Sequence[Any], data: Lazy, task: Any,
+              chance: float) -> tuple[float, float]:
+    """(scratch's, the normal model's) best development attack over a round's grid, computed once: logged on the
+    defend run (step: the round - 1) and read back by a rerun or ``--resume``."""
+    tracker = ctx.tracker
+    logged = {k: {m.step: m.value for m in tracker.client.get_metric_history(run, k)}
+              for k in ("dev_best_scratch", "dev_best_normal")}
+    step = round_ - 1
+    if all(step in v for v in logged.values()):
+        return logged["dev_best_scratch"][step], logged["dev_best_normal"][step]
+    t0 = time.perf_counter()
+    scratch_best = development_best(model, configs, data(), task, chance, scratch=True)
+    normal_best = development_best(model, configs, data(), task, chance)
+    tracker.log_metrics(run, {"dev_best_scratch": scratch_best, "dev_best_normal": normal_best}, step=step)
+    ctx.say(f"[defend] development baselines of round {round_} in {time.perf_counter() - t0:.0f} s")
+    return scratch_best, normal_best
+
+
+def search_round(ctx: RunContext, run: str, base: ProtectSpec, round_: int, configs: list[Any],
+                 normal: tuple[Any, dict], normal_val: float, scratch_best: float, chance: float, done: int) -> None:
+    """One round's Tune experiment: the candidates this round still needs, each a :func:`defend_trial`."""
+    from ray import tune  # noqa: PLC0415
+
+    from sophon_ray.run.trials_worker import share  # noqa: PLC0415
+
+    defend = base.defend
+    model, card = normal
+    logger = DefendLogger(ctx.tracker, run, ctx.sweep_id, base, ctx.say, done, round_)
+    history_ = [(p, v) for p, v, _, _ in history(ctx.tracker, run, defend.space, round_)]
+    trainable = tune.with_resources(
+        tune.with_parameters(defend_trial, spec=ctx.spec, base=base, configs=configs,
+                             normal=(share(model.state_dict()), card), normal_val=normal_val,
+                             scratch_best=scratch_best, chance=chance, storage_path=ctx.storage),
+        {"cpu": TRIAL_CPU})
+    suffix = f"-r{round_}" if round_ > 1 else ""
+    tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+        metric=OBJECTIVE, mode="min", num_samples=defend.num_samples - done,
+        search_alg=searcher(defend, history_, f"defend-{base.label}{suffix}", round_),
+        scheduler=scheduler(defend, base)),
+        run_config=tune.RunConfig(name=f"defend-{base.label}{suffix}-{done}", storage_path=ctx.storage,
+                                  callbacks=[logger.callback], verbose=0))
+    tuner.fit()
 
 
 class DefendError(SophonError):
@@ -380,6 +452,6 @@ def defend_stage(ctx: RunContext) -> RunContext:
     return replace(ctx, spec=replace(spec, protect=tuple(chosen)))
 
 
-__all__ = ["DROP", "DefendError", "DefendLogger", "DefineByRun", "FEASIBLE", "LAST", "OBJECTIVE", "STOPPED", "WORST_CASE", "candidate",
-           "candidate_key", "choose", "decode", "defend_stage", "defend_trial", "dimensions", "final_step", "history",
-           "run_defend", "scheduler", "searcher"]
+__all__ = ["DROP", "DefendError", "DefendLogger", "DefineByRun", "FEASIBLE", "LAST", "Lazy", "OBJECTIVE", "STOPPED",
+           "WORST_CASE", "baselines", "candidate", "candidate_key", "choose", "decode", "defend_stage", "defend_trial",
+           "dimensions", "final_step", "history", "run_defend", "scheduler", "search_round", "searcher", "with_known"]

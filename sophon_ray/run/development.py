@@ -5,6 +5,7 @@ attacks a defender candidate right after protecting it) and by the defender's dr
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -44,8 +45,57 @@ def development_best(model: Any, configs: Sequence[Any], data: DevelopmentData, 
                    else configs):
         for train, val in zip(data.restricted_train, data.restricted_val, strict=True):
             start = scratch_model(model, config.seed) if scratch else model
-            best = max(best, finetune(start, train, val, config, device=device, task=task).final)
+            warm = data.original_train if config.warm_start == "original" else None
+            best = max(best, finetune(start, train, val, config, device=device, task=task, warm=warm).final)
     return best
+
+
+def red_team_search(model: Any, red: Any, data: DevelopmentData, task: Any, chance: float,
+                    device: str = "cpu") -> list[tuple[Any, float]]:
+    """The development attacker search on one model (``red``: :class:`~sophon_ray.spec.RedTeamSpec`): Optuna draws
+    ``red.num_samples`` recipes from ``red.space`` (conditional dimensions as the attacker's search has them), each
+    fine-tunes the model on the protector's share of every restricted domain and scores its best validation
+    epoch there (the best over domains, floored at ``chance``: the attacker keeps its best-validation epoch). Returns
+    (recipe, score) per trial in trial order. Never the attacker's pool, never test data."""
+    import optuna  # noqa: PLC0415
+
+    from sophon_ray.core.attack import finetune  # noqa: PLC0415
+    from sophon_ray.recipes import AttackConfig, normalise  # noqa: PLC0415
+    from sophon_ray.run.plan import fixed_values  # noqa: PLC0415
+    from sophon_ray.run.search_space import DefineByRun, sampler  # noqa: PLC0415
+
+    fixed = {**fixed_values(red), "seed": red.seed}
+    space = DefineByRun(red.space, fixed.get("strategy", AttackConfig().strategy), scratch=False)
+    study = optuna.create_study(direction="maximize", sampler=sampler(red))
+    out: list[tuple[Any, float]] = []
+    for _ in range(red.num_samples):
+        trial = study.ask()
+        space(trial)
+        config = normalise(AttackConfig(**{**fixed, **trial.params}))
+        score = chance
+        warm = data.original_train if config.warm_start == "original" else None
+        for train, val in zip(data.restricted_train, data.restricted_val, strict=True):
+            score = max(score, finetune(model, train, val, config, device=device, task=task, warm=warm).best)
+        study.tell(trial, score)
+        out.append((config, score))
+    return out
+
+
+def found_text(found: Sequence[tuple[Any, float]], join: int) -> str:
+    """The ``join`` best recipes of a red team as JSON (each its settings off their defaults), best first."""
+    from sophon_ray.recipes import AttackConfig  # noqa: PLC0415
+    from sophon_ray.spec import to_dict  # noqa: PLC0415
+
+    default = to_dict(AttackConfig())
+    best = sorted(found, key=lambda f: -f[1])[:join]
+    return json.dumps([{k: v for k, v in to_dict(c).items() if v != default[k]} for c, _ in best])
+
+
+def found_recipes(text: str) -> tuple[Any, ...]:
+    """:func:`found_text` read back: the recipes."""
+    from sophon_ray.recipes import AttackConfig  # noqa: PLC0415
+
+    return tuple(AttackConfig(**d) for d in json.loads(text or "[]"))
 
 
 def probe_report(row: Mapping[str, float], normal_val: float, scratch_best: float, guard: float,
@@ -60,4 +110,4 @@ def probe_report(row: Mapping[str, float], normal_val: float, scratch_best: floa
     return {names.DEFEND_OBJECTIVE: value, names.FEASIBLE: float(feasible), probe_key: row[probe_key]}
 
 
-__all__ = ["DevelopmentData", "development_best", "development_data", "probe_report"]
+__all__ = ["DevelopmentData", "development_best", "development_data", "found_recipes", "found_text", "probe_report", "red_team_search"]

@@ -72,11 +72,15 @@ def defend_budget_lines(spec: SweepSpec) -> list[str]:
         set_only = d.space.fixed()
         searched = ", ".join(k for k in given if k not in set_only)
         fixed = ", ".join(set_only)
+        red = f" + a red team of {d.red_team.num_samples} searched attacks" if d.red_team else ""
+        rounds = (f"; {d.rounds} rounds, each round's simulated attacker and development grid joined by the red "
+                  f"team's {d.red_team.join} best recipes against the previous round's choice" if d.rounds > 1 else "")
+        per_round = " a round" if d.rounds > 1 else ""
         out.append(f"  defend {v.label}: {d.algorithm} ({d.random_start} random first)"
-                   f"{' + ASHA over probe checkpoints' if d.scheduler == 'asha' else ''}, {d.num_samples} candidates "
-                   f"x (1 protection of at most {max(d.space.iterations or (v.iterations,))} iterations + {dev} "
-                   f"development attacks), {d.max_concurrent} at once; searches {searched or 'nothing'}"
-                   f"{f'; sets {fixed}' if fixed else ''}; objective: "
+                   f"{' + ASHA over probe checkpoints' if d.scheduler == 'asha' else ''}, {d.num_samples} candidates"
+                   f"{per_round} x (1 protection of at most {max(d.space.iterations or (v.iterations,))} iterations + "
+                   f"{dev} development attacks{red}), {d.max_concurrent} at once; searches {searched or 'nothing'}"
+                   f"{f'; sets {fixed}' if fixed else ''}{rounds}; objective: "
                    f"{d.objective} worst case minus scratch, guard {d.guard:g} points; then {len(v.seeds)} protection(s) "
                    "of the chosen setting")
     return out

@@ -19,7 +19,7 @@ import torch
 from sophon_ray import names
 from sophon_ray.console.progress import ProgressSender
 from sophon_ray.core.metrics import defend_objective
-from sophon_ray.run.development import development_best, development_data, probe_report
+from sophon_ray.run.development import development_best, development_data, found_text, probe_report, red_team_search
 from sophon_ray.spec import SweepSpec
 
 if TYPE_CHECKING:
@@ -222,10 +222,17 @@ def train_loop(config: dict[str, Any]) -> None:
                                 normal_acc, defend["scratch_best"], defend["guard"], m.key("probe"), m.original) or {}
         if rank != 0 or not estimate.get(names.FEASIBLE):
             return {**estimate, names.DEFEND_DROP: drop}
-        worst = development_best(model, defend["configs"], development_data(splits), task, defend["chance"], device)
+        data = development_data(splits)
+        worst = development_best(model, defend["configs"], data, task, defend["chance"], device)
+        red: dict[str, Any] = {}
+        if defend.get("red_team") is not None:  # the development attacker search: its best counts too
+            found = red_team_search(model, defend["red_team"], data, task, defend["chance"], device)
+            red = {names.RED_TEAM_BEST: max(score for _, score in found),
+                   names.RED_TEAM_FOUND: found_text(found, defend["red_team"].join)}
+            worst = max(worst, red[names.RED_TEAM_BEST])
         value, feasible = defend_objective(worst, defend["scratch_best"], drop, defend["guard"])
         return {names.DEFEND_OBJECTIVE: value, names.FEASIBLE: float(feasible), names.DEV_WORST_CASE: worst,
-                names.DEFEND_DROP: drop}
+                names.DEFEND_DROP: drop, **red}
 
     for job in config["jobs"]:
         if job.key in done:

@@ -9,6 +9,7 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from sophon_ray.core.data import DATASETS
@@ -94,6 +95,23 @@ def _defend(c: Checker, path: str, v: ProtectSpec, spec: SweepSpec) -> None:
               f"; the defender may only read development data: use {', '.join(DEFEND_OBJECTIVES)}")
     _tune_settings(c, path, d)
     c.at_least_zero(f"{path}.guard", d.guard)
+    c.positive(f"{path}.rounds", d.rounds)
+    if d.rounds > 1 and d.red_team is None:
+        c.add(f"{path}.rounds", f"{d.rounds} rounds carry the red team's finds from round to round: add "
+              "red_team: {num_samples: 8} or set rounds: 1")
+    if d.red_team is not None:
+        red, where = d.red_team, f"{path}.red_team"
+        if red.algorithm not in SEARCH_ALGORITHMS:
+            c.add(f"{where}.algorithm", f"unknown search algorithm '{red.algorithm}'"
+                  f"{did_you_mean(red.algorithm, list(SEARCH_ALGORITHMS))}; allowed: {', '.join(SEARCH_ALGORITHMS)}")
+        for key in ("num_samples", "join"):
+            c.positive(f"{where}.{key}", getattr(red, key))
+        c.at_least_zero(f"{where}.random_start", red.random_start)
+        c.fraction(f"{where}.share", red.share, low_open=False)
+        checks.space(c, f"{where}.space", red.space, spec)
+        if d.rounds > 1:   # its finds join the simulated attacker
+            checks.simulable(c, f"{where}.space", {f.name: getattr(red.space, f.name) for f in fields(red.space)
+                                                   if isinstance(getattr(red.space, f.name), tuple)})
     if not spec.attack.development:
         c.add(f"{path}", "a defender search scores candidates on the development grid: add attack.development")
     base = Checker()
@@ -102,6 +120,10 @@ def _defend(c: Checker, path: str, v: ProtectSpec, spec: SweepSpec) -> None:
     for f in fields(d.space):
         value, where = getattr(d.space, f.name), f"{path}.space.{f.name}"
         if value is None:
+            continue
+        if f.name == "suppression_t" and MODES.get(spec.mode).timesteps() is None:   # once, not per value
+            c.add(where, f"the suppression losses' timestep policies are generation mode only ({spec.mode} mode's "
+                  "suppression losses take no timestep); remove it")
             continue
         if isinstance(value, Range):
             if value.distribution not in ("uniform", "loguniform") or value.low is None or value.high is None:
@@ -128,6 +150,7 @@ def _defend(c: Checker, path: str, v: ProtectSpec, spec: SweepSpec) -> None:
 def _variant(c: Checker, path: str, v: ProtectSpec, spec: SweepSpec) -> None:
     """One protection's own settings (no name or seed checks)."""
     _loss(c, f"{path}.loss", v.loss, spec.mode)
+    _timesteps(c, f"{path}.suppression_t", v.suppression_t, spec.mode)
     for key in ("iterations", "inner_steps", "base_lr", "alpha", "beta", "batch_size", "clip_norm",
                 "eval_every", "probe_every", "probe_epochs"):
         c.positive(f"{path}.{key}", getattr(v, key))
@@ -158,6 +181,16 @@ def _variant(c: Checker, path: str, v: ProtectSpec, spec: SweepSpec) -> None:
         c.add(f"{path}.environments.lr", f"needs 0 < low <= high, got {list(env.lr)}")
     c.fraction(f"{path}.environments.head_reinit", env.head_reinit, low_open=False)
     c.fraction(f"{path}.environments.head_only", env.head_only, low_open=False)
+    if env.recipes is not None:
+        checks.space(c, f"{path}.environments.recipes", env.recipes, spec)
+        checks.simulable(c, f"{path}.environments.recipes",
+                         {f.name: getattr(env.recipes, f.name) for f in fields(env.recipes)
+                          if isinstance(getattr(env.recipes, f.name), tuple)})
+    for j, recipe in enumerate(env.known):
+        one = {f.name: (getattr(recipe, f.name),) for f in fields(recipe)}
+        checks.grid(c, f"{path}.environments.known.{j}", SimpleNamespace(**one), spec)
+        checks.simulable(c, f"{path}.environments.known.{j}", one)
+    c.fraction(f"{path}.environments.known_share", env.known_share, low_open=False)
 
 
 def _tune_settings(c: Checker, path: str, s: SearchSpec | DefendSpec) -> None:
@@ -184,7 +217,7 @@ def _search(c: Checker, path: str, search: SearchSpec, spec: SweepSpec) -> None:
     if not 0 < search.val_fraction < 1:
         c.add(f"{path}.val_fraction", f"must be in (0, 1) (the attacker's own validation share of its pool), "
               f"got {search.val_fraction}")
-    checks.space(c, f"{path}.space", search, spec)
+    checks.space(c, f"{path}.space", search.space, spec)
     epochs = search.space.epochs
     if search.scheduler == "asha" and epochs and search.grace_period > max(epochs):
         c.add(f"{path}.grace_period", f"{search.grace_period} epochs is more than the longest trial "
@@ -264,6 +297,20 @@ def _loss(c: Checker, path: str, loss: str, mode: str) -> None:
         c.add(path, f"'{loss}' is a {other} loss and this is {mode} mode; allowed: {', '.join(own.names())}")
     else:
         c.name_in(path, loss, own)
+
+
+def _timesteps(c: Checker, path: str, policy: str | None, mode: str) -> None:
+    """A variant's own timestep policy of the suppression losses: one of the mode's (generation: ``uniform``,
+    ``one``); a mode whose losses take no timestep (classification) has none to choose. A defender space's values
+    reach here through :func:`_defend` (each checked as the variant with that value)."""
+    if policy is None:
+        return
+    policies = MODES.get(mode).timesteps()
+    if policies is None:
+        c.add(path, f"the suppression losses' timestep policy is generation mode only ({mode} mode's suppression "
+              "losses take no timestep); remove it")
+    else:
+        c.name_in(path, policy, policies)
 
 
 def _cells(grids: Iterable[GridSpec]) -> set[tuple[Any, ...]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 # HASHED: field-metadata key, False for a field that does not change results (no hash depends on it);
 # UNLESS_DEFAULT: hashed only when it differs from its default (a field added later)
-from sophon_ray.recipes import HASHED, UNLESS_DEFAULT, GridSpec, Range, SearchSpace
+from sophon_ray.recipes import HASHED, UNLESS_DEFAULT, AttackConfig, GridSpec, Range, SearchSpace
 
 SUBJECTS = ("protected", "normal", "scratch")
 DATA_POOLS = ("disjoint", "shared")
@@ -64,12 +64,21 @@ class EnvironmentSpec:
 
     ``lr`` is a log-uniform range [low, high]; ``head_reinit`` and ``head_only`` are probabilities.
     The official code's single environment is ``{optimizers: [sgd], lr: [1e-4, 1e-4]}``.
+
+    ``recipes`` (a search space, ``attack.search[].space`` syntax): each simulation draws its attacker from the
+    recipe space instead (strategy, optimizer, lr, weight decay, schedule, label smoothing, augmentation, BatchNorm
+    mode, reparameterisation; the inner loop's ``inner_steps`` on protection batches stand for epochs, batch size
+    and data fraction), so the protection trains against what the tool can attack with. ``known``: explicit
+    recipes (a defender's red team's finds), one of them drawn with probability ``known_share``.
     """
 
     optimizers: tuple[str, ...] = ("sgd",)
     lr: tuple[float, float] = (1e-4, 1e-4)
     head_reinit: float = 0.0
     head_only: float = 0.0
+    recipes: SearchSpace | None = field(default=None, metadata={HASHED: UNLESS_DEFAULT})
+    known: tuple[AttackConfig, ...] = field(default=(), metadata={HASHED: UNLESS_DEFAULT})
+    known_share: float = field(default=0.5, metadata={HASHED: UNLESS_DEFAULT})
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,8 @@ class DefendSpace:
     beta: NUMBER_DIMENSION = None
     query_fraction: NUMBER_DIMENSION = None
     clip_norm: NUMBER_DIMENSION = None
+    # generation mode: the suppression losses' timestep policies (hashed only when set: old sweep ids stay)
+    suppression_t: tuple[str, ...] | None = field(default=None, metadata={HASHED: UNLESS_DEFAULT})
     env_optimizers: tuple[tuple[str, ...], ...] | None = None
     env_lr_low: NUMBER_DIMENSION = None
     env_lr_high: NUMBER_DIMENSION = None
@@ -120,6 +131,24 @@ class DefendSpace:
 
 
 @dataclass(frozen=True)
+class RedTeamSpec:
+    """The development attacker search every feasible defender candidate meets after its development grid (in its
+    trial, on the protector's share, scored on restricted validation data): ``num_samples`` recipes drawn from
+    ``space`` (``attack.search[].space`` syntax) by Optuna (``algorithm`` tpe, ``random_start`` random first, or
+    random; seeded by ``seed``). Its best counts in the candidate's development worst case. With ``defend.rounds``
+    > 1 the ``join`` best recipes of each round's chosen candidate join the next round: its simulated attacker
+    (``environments.known``, drawn with probability ``share``) and its development grid."""
+
+    num_samples: int = 8
+    algorithm: str = "tpe"
+    random_start: int = 4
+    seed: int = 0
+    join: int = 2
+    share: float = 0.5
+    space: SearchSpace = field(default_factory=SearchSpace)
+
+
+@dataclass(frozen=True)
 class DefendSpec:
     """A defender search (Ray Tune) over a protect variant's settings, run before the variant is protected: each
     candidate is one protection (a Ray Train job inside the Tune trial, protection seed ``seed``) and its
@@ -127,8 +156,11 @@ class DefendSpec:
     data). ``objective`` development: the best development attack on the candidate minus the best on scratch
     (lower is better); a candidate whose original-domain validation drop exceeds ``guard`` points is infeasible.
     ``algorithm`` tpe (``random_start`` random first) or random; ``scheduler`` asha stops candidates on their probe
-    estimate at every probe checkpoint (``grace_period`` probes first). The best feasible candidate becomes the
-    variant's setting for every seed."""
+    estimate at every probe checkpoint (``grace_period`` probes first). ``red_team``: a development attacker
+    search per feasible candidate (:class:`RedTeamSpec`); ``rounds`` (> 1 needs a red team): the search runs again,
+    ``num_samples`` candidates a round, each round's simulated attacker and development grid joined by the red
+    team's best recipes against the previous round's choice (red team, then blue team, again). The best feasible
+    candidate (of the last round) becomes the variant's setting for every seed."""
 
     space: DefendSpace = field(default_factory=DefendSpace)
     objective: str = "development"
@@ -141,6 +173,8 @@ class DefendSpec:
     reduction_factor: float = 2.0
     guard: float = 2.0
     seed: int = 0
+    rounds: int = field(default=1, metadata={HASHED: UNLESS_DEFAULT})
+    red_team: RedTeamSpec | None = field(default=None, metadata={HASHED: UNLESS_DEFAULT})
 
 
 DEFEND_OBJECTIVES = ("development",)
@@ -155,6 +189,9 @@ class ProtectSpec:
     intactness bound a probed checkpoint must meet to be selected; ``probes`` rate the probed states.
     ``checkpoint_every``: iterations between state checkpoints that a restarted worker group or ``--resume``
     continue from (0: none); it does not change the result, so no key or sweep id depends on it.
+    ``suppression_t`` (generation mode only): the timestep policy of this variant's suppression losses (a
+    ``TIMESTEP_POLICIES`` name: ``uniform`` or ``one``); None: the sweep's ``generation.suppression_t``. Hashed only
+    when set, so the keys of variants without it are what they were before the field existed.
     """
 
     name: str | None = None
@@ -179,6 +216,7 @@ class ProtectSpec:
     environments: EnvironmentSpec = field(default_factory=EnvironmentSpec)
     checkpoint_every: int = field(default=50, metadata={HASHED: False})
     defend: DefendSpec | None = field(default=None, metadata={HASHED: UNLESS_DEFAULT})
+    suppression_t: str | None = field(default=None, metadata={HASHED: UNLESS_DEFAULT})
 
     @property
     def label(self) -> str:
@@ -312,4 +350,4 @@ class SweepSpec:
         return Path(self.output_dir or f"runs/{self.name}")
 
 
-__all__ = ["SUBJECTS", "DATA_POOLS", "RESTRICTED_VAL_FRACTION", "HASHED", "UNLESS_DEFAULT", "ModelSpec", "DomainSpec", "PretrainSpec", "EnvironmentSpec", "ProbeSpec", "DEFAULT_PROBES", "DefendSpace", "DefendSpec", "DEFEND_OBJECTIVES", "ProtectSpec", "GridSpec", "Range", "DISTRIBUTIONS", "SearchSpace", "SearchSpec", "SEARCH_ALGORITHMS", "SCHEDULERS", "AttackSpec", "ResourcesSpec", "TrackingSpec", "GenerationSpec", "SweepSpec"]
+__all__ = ["SUBJECTS", "DATA_POOLS", "RESTRICTED_VAL_FRACTION", "HASHED", "UNLESS_DEFAULT", "ModelSpec", "DomainSpec", "PretrainSpec", "EnvironmentSpec", "ProbeSpec", "DEFAULT_PROBES", "DefendSpace", "DefendSpec", "RedTeamSpec", "DEFEND_OBJECTIVES", "ProtectSpec", "GridSpec", "Range", "DISTRIBUTIONS", "SearchSpace", "SearchSpec", "SEARCH_ALGORITHMS", "SCHEDULERS", "AttackSpec", "ResourcesSpec", "TrackingSpec", "GenerationSpec", "SweepSpec"]

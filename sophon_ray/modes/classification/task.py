@@ -40,7 +40,10 @@ class Classification:
     def fit_loss(self, model: nn.Module, x: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
         return F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
 
-    def suppression(self, name: str) -> ModelLoss:
+    def suppression(self, name: str, timesteps: str | None = None) -> ModelLoss:
+        if timesteps is not None:
+            raise ValueError(f"classification's suppression losses take no timestep policy, got {timesteps!r}: "
+                             "protect[i].suppression_t is generation mode only; remove it")
         return _Logits(LOSSES.get(name))
 
     @torch.no_grad()

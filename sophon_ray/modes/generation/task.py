@@ -19,8 +19,8 @@ from torch.utils.data import Dataset, TensorDataset
 
 from sophon_ray import names
 from sophon_ray.core.data import labels_of
-from sophon_ray.modes.generation.ddpm import (Schedule, denoising_error, denoising_loss, dos_loss, mean_error, neg_mse_loss, sample,
-                                  save_grid)
+from sophon_ray.modes.generation.ddpm import (TIMESTEP_POLICIES, Schedule, denoising_error, denoising_loss, dos_loss,
+                                              mean_error, neg_mse_loss, sample, save_grid)
 from sophon_ray.modes.generation.quality import FeatureNet, dataset_images, fid, sample_quality, train_feature_net
 from sophon_ray.registry import Registry
 from sophon_ray.spec import GenerationSpec
@@ -54,7 +54,8 @@ class _Suppression:
 @dataclass(frozen=True, eq=False)
 class Generation:
     """DDPM denoisers: the attacker, NTR and pretraining minimise the DDPM loss at uniform t; suppression losses
-    use ``settings.suppression_t``; the score is denoising skill at ``settings.eval_t``."""
+    use ``settings.suppression_t`` (or a protect variant's own policy); the score is denoising skill at
+    ``settings.eval_t``."""
 
     settings: GenerationSpec
     schedule: Schedule
@@ -75,8 +76,13 @@ class Generation:
     def fit_loss(self, model: nn.Module, x: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
         return denoising_loss(model, x, self.schedule, "uniform")
 
-    def suppression(self, name: str) -> _Suppression:
-        return _Suppression(GENERATION_LOSSES.get(name), self.schedule, self.settings.suppression_t)
+    def suppression(self, name: str, timesteps: str | None = None) -> _Suppression:
+        """The suppression loss ``name`` at the timestep policy ``timesteps`` (a protect variant's
+        ``suppression_t``; None: the sweep's ``generation.suppression_t``)."""
+        if timesteps is not None:
+            TIMESTEP_POLICIES.get(timesteps)   # a KeyError naming the policies now, not at the first step
+        policy = self.settings.suppression_t if timesteps is None else timesteps
+        return _Suppression(GENERATION_LOSSES.get(name), self.schedule, policy)
 
     def evaluate(self, model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu") -> Evaluation:
         errors = denoising_error(model, dataset, self.schedule, self.settings.eval_t,
