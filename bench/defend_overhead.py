@@ -26,7 +26,7 @@ from sophon_ray.core.metrics import chance
 from sophon_ray.modes import task_for
 from sophon_ray.run.checkpoint import load_checkpoint
 from sophon_ray.run.defend import candidate, decode
-from sophon_ray.run.development import development_best, development_data
+from sophon_ray.run.development import development_best, development_data, red_team_search
 from sophon_ray.run.keys import pretrain_key, sweep_id
 from sophon_ray.run.plan import development_configs
 from sophon_ray.run.tracking import resolve_uri
@@ -39,17 +39,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec")
     parser.add_argument("--candidate", type=int, default=None)
+    parser.add_argument("--variant", default=None, help="the defended variant (default: the first)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="the run's own overrides")
     args = parser.parse_args()
     spec = load_spec(args.spec, args.set)
-    index = next(i for i, v in enumerate(spec.protect) if v.defend)
+    index = next(i for i, v in enumerate(spec.protect) if v.defend and args.variant in (None, v.label))
     variant = spec.protect[index]
     sweep = find_sweep(resolve_uri(spec.tracking.uri), spec.name, sweep_id(spec))
     defends = load_defends(sweep)
-    runs = defends.candidates
+    parent = defends.variants.loc[defends.variants["variant"] == variant.label, "run_id"].iloc[0]
+    runs = defends.candidates[defends.candidates["parent"] == parent]
+    round_ = runs["param:round"].astype(int) if "param:round" in runs else 1
+    runs = runs[round_ == 1]   # a later round's candidate simulates the red team's finds of the rounds before it
     full = runs[(runs[names.STOPPED] != 1.0) & (runs[names.FEASIBLE] == 1.0)]   # a candidate that ran its attacks
     row = runs.iloc[args.candidate - 1] if args.candidate else full.iloc[0]
-    params = {k[6:]: row[k] for k in runs.columns if k.startswith("param:") and k[6:] != "candidate"
+    params = {k[6:]: row[k] for k in runs.columns if k.startswith("param:") and k[6:] not in ("candidate", "round")
               and isinstance(row[k], str)}
     space = variant.defend.space
     values = {**space.fixed(), **{k: decode(v) for k, v in params.items()}}
@@ -66,12 +70,16 @@ def main() -> None:
     protect_s = time.perf_counter() - t0
     floor = chance(card["num_classes"])
     drop = normal_val - metrics[task.metric.key("original_val")]
-    worst = (development_best(model, development_configs(spec), development_data(splits), task, floor)
-             if drop <= variant.defend.guard else float("nan"))   # as the trial: an infeasible candidate is not attacked
+    worst, red = float("nan"), variant.defend.red_team
+    if drop <= variant.defend.guard:   # as the trial: an infeasible candidate is not attacked
+        data = development_data(splits)
+        worst = development_best(model, development_configs(spec), data, task, floor)
+        if red is not None:   # and its red team, whose best counts too
+            worst = max(worst, max(score for _, score in red_team_search(model, red, data, task, floor)))
     direct_s = time.perf_counter() - t0
     trial_s = float(row.get("time_total_s", float("nan")))
     started = runs["start"].min() / 1000.0
-    out = {"candidate": int(row["n"]), "iterations": chosen.iterations, "direct_protect_s": round(protect_s, 1),
+    out = {"variant": variant.label, "candidate": int(row["n"]), "iterations": chosen.iterations, "direct_protect_s": round(protect_s, 1),
            "direct_protect_and_attacks_s": round(direct_s, 1), "defender_trial_s": round(trial_s, 1),
            "ratio": round(trial_s / direct_s, 3), "direct_worst_case": round(worst, 2),
            "trial_worst_case": round(float(row[names.DEV_WORST_CASE]), 2),
