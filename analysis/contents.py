@@ -26,6 +26,7 @@ from analysis.runs import (PretrainRun, Sweep, find_sweep, load_curves, load_num
 from analysis.search import Searches, final_found, load_searches, make_search_figures, picks, worst_case_gap
 from analysis.summary import intactness_rows, robustness_table
 from analysis.tables import cells
+from analysis.timesteps import timestep_rows
 from sophon_ray import names
 from sophon_ray.core.metrics import chance
 
@@ -174,6 +175,8 @@ TABLES: tuple[Table, ...] = (
     Table("benign", "per (benign domain, variant, cell): protected, normal and scratch final score", _benign),
     Table("defend", "per defender candidate: its searched settings, development worst case, drop, objective, "
           "feasible, chosen", lambda d: _defend(d.defends)),
+    Table("timesteps", "generation: per (grid, domain, subject): the final restricted score at each evaluation "
+          "timestep, mean over recipes and best recipe", lambda d: timestep_rows(d.runs, d.metric)),
 )
 
 

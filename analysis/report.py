@@ -26,6 +26,7 @@ from analysis.results import merge_results, results_document
 from analysis.runs import load_spec_dict
 from analysis.search import search_overview, search_section
 from analysis.summary import make_summary, overview, write_summary
+from analysis.timesteps import timestep_rows, timestep_section
 from sophon_ray import names
 from sophon_ray.errors import cli_exit
 
@@ -72,7 +73,8 @@ def write_results(data: SweepData, results: Path, command: str | None) -> None:
     metric, chance_level = data.metric, data.chance_level
     extra = [defend_section(data.defends), search_section(data.searches, chance_level, per_seed=True, metric=metric),
              budget_section(data.budget, per_seed=True, metric=metric),
-             benign_section(data.benign, per_seed=True, metric=metric)]
+             benign_section(data.benign, per_seed=True, metric=metric),
+             timestep_section(timestep_rows(data.runs, metric), metric)]
     document = results_document(data.sweep, data.runs, data.curves, data.protect, data.pretrain.original_test, spec,
                                 command or f"sophon-ray report SPEC --results {results}", seconds,
                                 [part for part in extra if part])
@@ -115,7 +117,8 @@ def run_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep_id
     metric, chance_level = data.metric, data.chance_level
     figures = make_figures(data, out)
     extra = [defend_section(data.defends), search_section(data.searches, chance_level, metric=metric),
-             budget_section(data.budget, metric=metric), benign_section(data.benign, metric=metric)]
+             budget_section(data.budget, metric=metric), benign_section(data.benign, metric=metric),
+             timestep_section(timestep_rows(data.runs, metric), metric)]
     text = make_summary(data.cells, data.curves, data.protect, data.pretrain, data.num_classes, data.title,
                         [part for part in extra if part], metric, family_rows(data.runs, chance_level))
     summary = write_summary(text, out)

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.families import family_rows
-from analysis.runs import CELL_KEYS, Sweep, has_classes
+from analysis.runs import CELL_KEYS, UNLOGGED_REASON, Sweep, has_classes
 from analysis.tables import cells, sections, varying
 from analysis.summary import (ROBUSTNESS_HEADER, best_attacks_section, cell_name, cell_section, complete_cells,
                               definitions, family_part, leaks_section, markdown_table, number, robustness_cells,
@@ -82,18 +82,31 @@ def protocol_section(spec: Mapping[str, Any], runs: pd.DataFrame) -> str:
                      f"{', '.join(env.get('optimizers', []))} at lr {env.get('lr', [0, 0])[0]:g}-"
                      f"{env.get('lr', [0, 0])[1]:g}, head re-init p {env.get('head_reinit', 0):g}, head-only p "
                      f"{env.get('head_only', 0):g}; seeds {variant.get('seeds')}; probes (checkpoint choice, "
-                     f"{variant.get('probe_epochs')} epochs, validation data): {probes}.")
+                     f"{variant.get('probe_epochs')} epochs, validation data): {probes}; {_selection_rule(variant)}.")
     return "\n".join(lines)
 
 
+def _selection_rule(variant: Mapping[str, Any]) -> str:
+    """How a variant chose among its probed states (a spec from before the settings existed: the old rule, now
+    their defaults)."""
+    prefer, tolerance = variant.get("select_prefer", "original"), variant.get("select_tolerance", 5.0)
+    if prefer == "protection":
+        return "selection: the lowest probe (select_prefer protection)"
+    return (f"selection: probes within {tolerance:g} points of the lowest count as equal, then the best original "
+            f"score (select_prefer original, select_tolerance {tolerance:g})")
+
+
 def intactness_table(protect: pd.DataFrame, normal_test: float, metric: names.Metric = names.ACCURACY) -> str:
+    """Per protected model: original-domain scores, the selected iteration and rollbacks, and why that iteration
+    (the protection's ``selected_reason``: the selection rule, the lowest probe, the tie band, the cost)."""
     rows = [[r[names.VARIANT], str(r[names.PROTECT_SEED]), number(r["original_val"]),
              number(r["original_test"]), number(normal_test - r["original_test"], "+.1f"),
-             number(r["selected_iteration"], ".0f"), number(r["rollbacks"], ".0f")]
+             number(r["selected_iteration"], ".0f"), number(r["rollbacks"], ".0f"),
+             str(r.get(names.SELECTED_REASON, UNLOGGED_REASON)).replace("|", "/")]
             for _, r in protect.iterrows()]
     return markdown_table(["variant", "protection seed", f"val {metric.short}", f"test {metric.short}",
                            "drop vs normal (test)",
-                           "selected iteration", "rollbacks"], rows, text_columns=2)
+                           "selected iteration", "rollbacks", "why this iteration"], rows, text_columns=2)
 
 
 def per_seed_rows(runs: pd.DataFrame, grid: str, domain: str, chance_level: float) -> list[list[str]]:

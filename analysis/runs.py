@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ ATTACK_PARAMS = param_casts([*names.TRIAL_PARAMS, *SETTINGS])
 # the protect table's score columns, mode-neutral: each mode's metrics (``Metric.protect_metrics``) are read
 # into them in this order (original-domain validation / test score, drop, probe score, selection)
 PROTECT_COLUMNS = ("original_val", "original_test", "intactness_drop", "probe", "selected_iteration", "rollbacks")
+# the selected_reason of a protect run logged before protections logged one: they all chose by the rule that is now
+# the default of protect[i].select_tolerance / select_prefer
+UNLOGGED_REASON = ("not logged (an older run; its rule: the best original score among probes within 5 points of the "
+                   "lowest, i.e. select_tolerance 5, select_prefer original)")
 
 
 def attack_metrics(metric: names.Metric = names.ACCURACY) -> dict[str, str]:
@@ -197,7 +202,9 @@ def attack_table(runs: Iterable[Run], extra_params: dict[str, Callable[[str], ob
                  extra_metrics: dict[str, str] | None = None, metric: names.Metric = names.ACCURACY) -> pd.DataFrame:
     """One typed row per attack run: run_id, the ATTACK_PARAMS, final, best, original (the sweep's ``metric``:
     accuracy or denoising skill; then ``extra_params`` and ``extra_metrics``: column -> metric name, NaN when not
-    logged). Recipe fields a run logged before they existed get ``legacy_defaults()``.
+    logged), then the per-timestep final scores any run logged (:func:`timestep_columns`: generation's
+    ``restricted_skill_t<t>``, by timestep). Recipe fields a run logged before they existed get
+    ``legacy_defaults()``.
 
     Runs without ``restricted_acc_final`` (``restricted_skill_final``; failed or still running trials) are left out
     with a warning.
@@ -205,7 +212,7 @@ def attack_table(runs: Iterable[Run], extra_params: dict[str, Callable[[str], ob
     casts = {**ATTACK_PARAMS, **(extra_params or {})}
     final = metric.final
     metric_names = {**attack_metrics(metric), **(extra_metrics or {})}
-    rows, unfinished = [], 0
+    rows, unfinished, logged = [], 0, set()
     for run in runs:
         metrics = run.data.metrics
         if final not in metrics:
@@ -213,11 +220,22 @@ def attack_table(runs: Iterable[Run], extra_params: dict[str, Callable[[str], ob
             continue
         row = {"run_id": run.info.run_id, **typed_params(run, casts, legacy_defaults())}
         row.update({column: metrics.get(name, math.nan) for column, name in metric_names.items()})
-        rows.append(row)
+        rows.append((row, metrics))
+        logged.update(metrics)
     if unfinished:
         log.warning("left out %d attack run(s) without %s (failed or unfinished)", unfinished, final)
-    table = pd.DataFrame(rows, columns=["run_id", *casts, *metric_names])
+    per_t = timestep_columns(logged, metric)   # a run's latest value: its last epoch's
+    rows = [{**row, **{c: metrics.get(c, math.nan) for c in per_t}} for row, metrics in rows]
+    table = pd.DataFrame(rows, columns=["run_id", *casts, *metric_names, *per_t])
     return table.sort_values([*WHERE, "subject", "variant", *CELL_KEYS, "seed", names.PROTECT_SEED], ignore_index=True)
+
+
+def timestep_columns(metric_names: Iterable[str], metric: names.Metric = names.ACCURACY) -> list[str]:
+    """The per-timestep restricted scores among ``metric_names`` (generation: ``restricted_skill_t<t>``, logged
+    before and after every attack), ordered by timestep; [] for a mode that logs none."""
+    pattern = re.compile(rf"^{re.escape(metric.restricted)}_t(\d+)$")
+    found = {m.group(0): int(m.group(1)) for m in map(pattern.match, metric_names) if m}
+    return sorted(found, key=found.__getitem__)
 
 
 def on_grids(runs: pd.DataFrame, grids: Sequence[str] = names.CELL_GRIDS) -> pd.DataFrame:
@@ -315,7 +333,8 @@ def load_curves(tracking_uri: str, run_ids: Iterable[str], metric: str = "restri
 
 
 def load_protect_runs(tracking_uri: str, experiment: str, sweep_id: str | None = None) -> pd.DataFrame:
-    """One row per protect run: run_id, variant, loss, protect_seed, and PROTECT_COLUMNS (NaN when not logged).
+    """One row per protect run: run_id, variant, loss, protect_seed, PROTECT_COLUMNS (NaN when not logged) and
+    ``selected_reason`` (why the protection returned that state; :data:`UNLOGGED_REASON` for an older run).
 
     Empty (with those columns) when the sweep protected nothing.
     """
@@ -328,8 +347,10 @@ def load_protect_runs(tracking_uri: str, experiment: str, sweep_id: str | None =
                names.PROTECT_SEED: _int(params.get(names.PROTECT_SEED, str(names.NO_PROTECT_SEED)))}
         row.update({column: run.data.metrics.get(name, math.nan)
                     for column, name in zip(PROTECT_COLUMNS, sweep.metric.protect_metrics)})
+        row[names.SELECTED_REASON] = run.data.tags.get(names.SELECTED_REASON, UNLOGGED_REASON)
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["run_id", names.VARIANT, "loss", names.PROTECT_SEED, *PROTECT_COLUMNS])
+    table = pd.DataFrame(rows, columns=["run_id", names.VARIANT, "loss", names.PROTECT_SEED, *PROTECT_COLUMNS,
+                                        names.SELECTED_REASON])
     return table.sort_values([names.VARIANT, names.PROTECT_SEED], ignore_index=True)
 
 

@@ -115,6 +115,11 @@ CELL_GRIDS = (DEVELOPMENT, EVALUATION)   # the grids the held/gap cell analysis 
 
 # protect-run params and metrics
 PROTECT_METRICS = ACCURACY.protect_metrics
+# checkpoint selection (protect[i].select_*): why the protection returned its state. A tag (the one-line reason:
+# rule, best probe, tie band, cost) and two metrics: the most protected eligible state's iteration, and how many
+# probe points less protected the selected state is (0: the selected state is the most protected)
+SELECTED_REASON = "selected_reason"
+SELECT_BEST_ITERATION, SELECT_PROBE_COST = "select_best_iteration", "select_probe_cost"
 SPEC_ARTIFACT = "spec.yaml"      # the resolved spec, at the root of the parent run
 REPORT_ARTIFACTS = "report"      # the report files, under this folder of the parent run
 

@@ -22,16 +22,25 @@ if TYPE_CHECKING:
     from sophon_ray import names
 
 ModelLoss = Callable[["nn.Module", "Tensor", "Tensor"], "Tensor"]   # (model, x, y) -> scalar
+# the stages with a fitting loss of their own (Task.fitting): pretraining and NTR, the simulated attacker inside the
+# protection, the real attacker (and the protection's probes, which are attacks)
+FIT_STAGES = ("fit", "simulate", "attack")
 
 
 @dataclass(frozen=True)
 class Evaluation:
     """A model's score on a dataset (the task's metric, %, higher = better at the task), its mean loss, and any
-    finer numbers the task reports (generation: the MSE per evaluation timestep)."""
+    finer numbers the task reports (generation: the MSE and the skill per evaluation timestep, ``mse_t<t>`` and
+    ``skill_t<t>``)."""
 
     score: float
     loss: float
     detail: dict[str, float] = field(default_factory=dict)
+
+    def logged(self, part: str) -> dict[str, float]:
+        """``detail`` under the MLflow names of the data it was measured on: ``<part>_<name>`` (``part``:
+        ``original``, ``restricted``; generation: ``restricted_skill_t1``, ...). Empty when the task has none."""
+        return {f"{part}_{name}": value for name, value in self.detail.items()}
 
 
 @runtime_checkable
@@ -59,9 +68,15 @@ class Task(Protocol):
     losses: tuple[str, ...]        # the suppression losses this mode accepts
 
     def fit_loss(self, model: nn.Module, x: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
-        """The loss an ordinary training step minimises (pretraining, NTR, the attacker)."""
+        """The loss an ordinary training step minimises: the ``fit`` stage's (pretraining, NTR)."""
 
-    def suppression(self, name: str, timesteps: str | None = None) -> ModelLoss:
+    def fitting(self, stage: str) -> Callable[..., Tensor]:
+        """The fitting loss of ``stage`` (one of :data:`FIT_STAGES`), called ``(model, x, y, label_smoothing=0.0)``;
+        the same object (or an equal one) for the same stage, since the simulation keys its captured inner step by
+        it. Generation: the DDPM loss at the stage's timestep policy (``generation.fit_t``, ``simulate_t``,
+        ``attack_t``); classification: cross-entropy for every stage."""
+
+    def suppression(self, name: str, timesteps: str | int | tuple[int, int] | None = None) -> ModelLoss:
         """The suppression loss ``name`` as a (model, x, y) -> scalar function; the same object for the same name
         and ``timesteps`` (the simulation caches its inner step by it). ``timesteps``: a protect variant's timestep
         policy (``protect[i].suppression_t``) in place of the mode's own (generation: ``generation.suppression_t``);

@@ -38,6 +38,7 @@ LRS = (0.001, 0.01)
 SEEDS = (0, 1)
 BASE = {"protected": [10, 11, 12, 12, 13], "normal": [10, 60, 75, 82, 85], "scratch": [10, 30, 45, 55, 60]}
 VARIANT = "ice-sampled"
+SELECTED_REASON = "lowest probe 11.0 of 2 probed state(s) at or above the floor 94.0 (select_prefer protection)"
 PRETRAIN_TEST_ACC, PROTECTED_TEST_ACC = 95.0, 93.5
 
 
@@ -91,12 +92,13 @@ def store(tmp_path_factory):
     client.log_artifact(parent, str(root / "spec.yaml"))
     log_run(client, experiment_id, parent, SWEEP_ID, "pretrain", "pretrain",
             metrics={"original_val_acc": 96.0, "original_test_acc": PRETRAIN_TEST_ACC})
-    log_run(client, experiment_id, parent, SWEEP_ID, "protect", f"protect-{VARIANT}",
-            params=[("variant", VARIANT), ("loss", "ice"), ("protect_seed", 0)],
-            metrics={"original_val_acc": 94.0, "original_test_acc": PROTECTED_TEST_ACC,
-                     "intactness_drop": PRETRAIN_TEST_ACC - PROTECTED_TEST_ACC, "probe_acc": 11.0,
-                     "selected_iteration": 40, "rollbacks": 0},
-            histories={"fts_loss": [2.3, 2.2], "ntr_loss": [0.5, 0.4], "original_acc": [95.0, 93.5]})
+    protect = log_run(client, experiment_id, parent, SWEEP_ID, "protect", f"protect-{VARIANT}",
+                      params=[("variant", VARIANT), ("loss", "ice"), ("protect_seed", 0)],
+                      metrics={"original_val_acc": 94.0, "original_test_acc": PROTECTED_TEST_ACC,
+                               "intactness_drop": PRETRAIN_TEST_ACC - PROTECTED_TEST_ACC, "probe_acc": 11.0,
+                               "selected_iteration": 40, "rollbacks": 0},
+                      histories={"fts_loss": [2.3, 2.2], "ntr_loss": [0.5, 0.4], "original_acc": [95.0, 93.5]})
+    client.set_tag(protect, "selected_reason", SELECTED_REASON)   # as the orchestrator tags a protect run
     for strategy in STRATEGIES:
         for optimizer in OPTIMIZERS:
             for lr in LRS:
@@ -281,7 +283,8 @@ def test_results_document_states_the_protocol_and_keeps_the_hand_written_part(st
     first = path.read_text()
     assert "Written by `sophon-ray x`" in first and "## Protocol" in first and first.rstrip().endswith(HAND_WRITTEN)
     assert "**Evaluation grid**" in first and "attack seeds [0, 1]; 8 cells; 40 fine-tuning runs." in first
-    assert f"| {VARIANT} | 0 | 94.0 | 93.5 | +1.5 | 40 | 0 |" in first                        # intactness per seed
+    assert f"| {VARIANT} | 0 | 94.0 | 93.5 | +1.5 | 40 | 0 | {SELECTED_REASON} |" in first   # intactness per seed
+    assert "| selected iteration | rollbacks | why this iteration |" in first                 # ... and why that one
     assert f"| **{VARIANT}** (seed means) | 8 | 8/8 (100%) |" in first
     assert f"| {VARIANT} seed 0 | 8 | 8/8 (100%) |" in first                                  # per protection seed
     assert "Meaningful cells (normal > scratch + 5): **8 of 8** (100%)" in first

@@ -63,7 +63,8 @@ def test_skill_is_100_times_one_minus_the_denoising_error():
     ev = t.evaluate(model, data)
     errors = denoising_error(model, data, t.schedule, (1, 10, 50))
     assert ev.loss == pytest.approx(mean_error(errors)) and ev.score == pytest.approx(skill(ev.loss))
-    assert ev.detail == {f"mse_t{k}": v for k, v in errors.items()}
+    assert ev.detail == ({f"mse_t{k}": v for k, v in errors.items()}
+                         | {f"skill_t{k}": skill(v) for k, v in errors.items()})
     assert skill(1.0) == 0.0 and skill(0.0) == 100.0 and skill(1.5) == -50.0
 
 
@@ -85,7 +86,9 @@ def test_finetune_scores_a_denoiser_with_the_generation_task():
     rows = []
     result = finetune(model, data, data, AttackConfig("direct-all", "adam", 3e-3, 16, epochs=2), original_test=data,
                       task=t, on_epoch=lambda e, m: rows.append(m), keep_model=True)
-    assert set(rows[0]) == {"restricted_skill", "restricted_mse"} and len(result.restricted) == 3
+    assert set(rows[1]) == {"restricted_skill", "restricted_mse"} and len(result.restricted) == 3
+    per_t = {f"restricted_{k}_t{s}" for k in ("mse", "skill") for s in (1, 10, 50)}   # before and after only
+    assert set(rows[0]) == set(rows[2]) == {"restricted_skill", "restricted_mse"} | per_t
     assert result.restricted[-1] > result.restricted[0] + 5  # denoising is learned: skill rises
     assert result.restricted_loss[-1] == pytest.approx(1 - result.restricted[-1] / 100)
     assert result.model is not None and result.original is not None

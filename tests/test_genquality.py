@@ -1,5 +1,6 @@
 """Sample-quality scores: KID against a direct O(n^2) reference, the Frechet distance on closed-form
-Gaussians, a real feature net trained on scikit-learn's digits, and FID's missing-weights path."""
+Gaussians, a real feature net trained on scikit-learn's digits, and the torchvision ImageNet Frechet distance's
+missing-weights path (the standard FID network: tests/test_fid_inception.py)."""
 
 import math
 
@@ -8,9 +9,9 @@ import pytest
 import torch
 
 from sophon_ray.core.data import load_domain
-from sophon_ray.modes.generation.quality import (dataset_images, feature_stats, fid, fid_unavailable_message,
-                                   find_inception_weights, frechet_distance, kid, recognisability, sample_quality,
-                                   train_feature_net)
+from sophon_ray.modes.generation.quality import (dataset_images, feature_stats, find_inception_weights,
+                                                 frechet_distance, frechet_imagenet, imagenet_unavailable_message, kid,
+                                                 recognisability, sample_quality, train_feature_net)
 from sophon_ray.spec import DomainSpec
 
 
@@ -97,13 +98,14 @@ def test_frechet_distance_agrees_with_scipy_sqrtm_and_survives_singular_covarian
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
 
 
-def test_fid_without_inception_weights_returns_none_and_says_where(tmp_path):
+def test_frechet_imagenet_without_inception_weights_returns_none_and_says_where(tmp_path):
     missing = tmp_path / "nowhere" / "inception.pth"
     images = torch.zeros(2, 3, 8, 8)
     assert find_inception_weights(missing) is None
-    assert fid(images, images, missing) is None
-    message = fid_unavailable_message(missing)
-    assert message.startswith("FID unavailable: no Inception weights at ") and str(missing) in message
+    assert frechet_imagenet(images, images, missing) is None
+    message = imagenet_unavailable_message(missing)
+    assert message.startswith("sample_frechet_imagenet unavailable: no torchvision ImageNet Inception-v3 weights at ")
+    assert str(missing) in message and "generation.imagenet_inception" in message
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +172,7 @@ def test_recognisability_in_closed_form(digits, feature_net):
 
 
 @pytest.mark.slow
-def test_fid_plumbing_with_random_inception_weights(tmp_path):
+def test_frechet_imagenet_plumbing_with_random_inception_weights(tmp_path):
     """The real Inception-v3, with random weights whose BatchNorm statistics are calibrated on a few random
     images (so activations keep a sane scale) and saved as a local file: 1- and 3-channel tiny images are
     replicated, resized and pooled to 2048-d features; a set against itself scores ~0, against others more."""
@@ -192,5 +194,5 @@ def test_fid_plumbing_with_random_inception_weights(tmp_path):
     other = torch.rand(3, 3, 16, 16, generator=gen) * 2 - 1
     feats = _pool_features(inception_features(path), real, "cpu", batch_size=2)
     assert feats.shape == (3, 2048) and feats.std(dim=0).max() > 0
-    apart = fid(real, other, path)
-    assert apart > 0 and abs(fid(real, real, path)) < 1e-6 * apart
+    apart = frechet_imagenet(real, other, path)
+    assert apart > 0 and abs(frechet_imagenet(real, real, path)) < 1e-6 * apart

@@ -70,7 +70,9 @@ def finetune(model: Net, train: Dataset, test: Dataset, config: AttackConfig,
     accuracy, generation denoising skill and MSE) after every epoch (and before the first), the score on ``val``
     at the same points when given (what an adaptive attacker selects by: never the test curve), and the
     original-domain score at the end when ``original_test`` is given. ``on_epoch`` gets them under the task's
-    MLflow names. ``keep_model`` keeps the fine-tuned copy in the result. ``warm``: the allowed data a
+    MLflow names, and before the first and after the last epoch the task's finer numbers too (generation:
+    ``restricted_skill_t<t>`` and ``restricted_mse_t<t>`` per evaluation timestep). Training minimises the task's
+    ``attack`` stage loss (generation: the DDPM loss at ``generation.attack_t``). ``keep_model`` keeps the fine-tuned copy in the result. ``warm``: the allowed data a
     ``warm_start`` recipe trains on first (after any reparameterisation, before label-free adaptation and the
     strategy).
     """
@@ -86,7 +88,7 @@ def finetune(model: Net, train: Dataset, test: Dataset, config: AttackConfig,
         warm_up = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
         warm_gen = torch.Generator().manual_seed(REPARAMETERISE_SEED + 2 + config.seed)
         for _ in range(config.warm_epochs):
-            train_epoch(model, warm, warm_up, config.batch_size, warm_gen, device=device, task=task)
+            train_epoch(model, warm, warm_up, config.batch_size, warm_gen, device=device, task=task, stage="attack")
     data = stratified_subset(train, config.data_fraction, config.seed)
     if config.adapt != "none":  # label-free first, on the attacker's inputs only, with its own generator
         adapt(model, inputs_of(data), config.adapt, config.adapt_epochs,
@@ -102,11 +104,14 @@ def finetune(model: Net, train: Dataset, test: Dataset, config: AttackConfig,
     for epoch in range(config.epochs + 1):
         if epoch:
             train_epoch(model, data, optimizer, config.batch_size, gen, scheduler, device,
-                        label_smoothing=config.label_smoothing, augment=augment, freeze_bn=freeze_bn, task=task)
+                        label_smoothing=config.label_smoothing, augment=augment, freeze_bn=freeze_bn, task=task,
+                        stage="attack")
         ev = evaluate(model, test, device, task=task)
         result.restricted.append(ev.score)
         result.restricted_loss.append(ev.loss)
         metrics = {metric.restricted: ev.score, metric.restricted_loss: ev.loss}
+        if epoch in (0, config.epochs):   # the task's finer numbers before and after (generation: per timestep)
+            metrics |= ev.logged("restricted")
         if val is not None:
             result.val.append(evaluate(model, val, device, task=task).score)
             metrics[metric.val] = result.val[-1]

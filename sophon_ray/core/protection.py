@@ -23,6 +23,7 @@ from sophon_ray.core.data import BatchStream, infinite_batches
 from sophon_ray.seam import Model as Net
 from sophon_ray.core.simulation import sample_environment, simulate
 from sophon_ray.spec import ProbeSpec, ProtectSpec
+from sophon_ray.spec.schema import SELECT_PREFER
 from sophon_ray.seam import Sync, Task
 from sophon_ray.core.training import evaluate
 
@@ -54,6 +55,7 @@ class ProtectResult:
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0        # the iteration of the state checkpoint it continued from (0: it started fresh)
+    selection: Selection | None = None   # why the selected state was chosen (:func:`selection`)
 
 
 @dataclass
@@ -136,19 +138,73 @@ def probe(model: Net, restricted_train: list[Dataset], restricted_val: list[Data
     return max(scores)
 
 
-def select(candidates: list[Candidate], floor: float, tolerance: float) -> Candidate:
-    """Among candidates at or above the accuracy floor, those whose probe accuracy is within ``tolerance``
-    points of the lowest pass; of those, the one with the best original validation accuracy."""
-    passing = [c for c in candidates if c.original_acc >= floor] or candidates
-    lowest = min(c.probe_acc for c in passing)
-    passing = [c for c in passing if c.probe_acc <= lowest + tolerance]
-    return max(passing, key=lambda c: (c.original_acc, -c.probe_acc, c.iteration))
+@dataclass(frozen=True)
+class Selection:
+    """Which probed state :func:`select` returns and why: ``chosen``; ``best``, the lowest probe score among the
+    eligible candidates (those at or above ``floor``, or all of them when none is: ``floor_met`` False); ``tied``,
+    the eligible candidates within ``tolerance`` of the best probe; the rule ``prefer`` (:data:`SELECT_PREFER`)."""
+
+    chosen: Candidate
+    best: Candidate
+    eligible: int
+    tied: int
+    floor: float
+    floor_met: bool
+    tolerance: float
+    prefer: str
+
+    @property
+    def probe_cost(self) -> float:
+        """How many probe points less protected the chosen state is than the most protected eligible one (0: it
+        is the most protected)."""
+        return self.chosen.probe_acc - self.best.probe_acc
+
+    @property
+    def reason(self) -> str:
+        """One line (no '|': it goes into markdown tables) saying why ``chosen`` was returned."""
+        c, b = self.chosen, self.best
+        where = (f"{self.eligible} probed state(s) at or above the floor {self.floor:.1f}" if self.floor_met else
+                 f"no probed state met the floor {self.floor:.1f}, so among all {self.eligible}")
+        if self.prefer == "protection":
+            return f"lowest probe {c.probe_acc:.1f} of {where} (select_prefer protection)"
+        rule = f"select_tolerance {self.tolerance:g}, select_prefer original"
+        if self.probe_cost <= 0:
+            return (f"lowest probe {c.probe_acc:.1f} of {where}; also the best original {c.original_acc:.1f} of the "
+                    f"{self.tied} within {self.tolerance:g} of it ({rule})")
+        return (f"best original {c.original_acc:.1f} of the {self.tied} within {self.tolerance:g} of the lowest probe "
+                f"{b.probe_acc:.1f} (iteration {b.iteration}, original {b.original_acc:.1f}) of {where}: "
+                f"{self.probe_cost:.1f} probe points less protected ({rule})")
+
+
+def selection(candidates: list[Candidate], floor: float, tolerance: float = 5.0,
+              prefer: str = "original") -> Selection:
+    """Checkpoint selection (``ProtectSpec.select_*``). Eligible: the candidates at or above ``floor`` (all, if none
+    is). ``prefer`` ``protection``: the lowest probe score (equal scores: the best original score, then the latest
+    iteration). ``original``: the probe scores within ``tolerance`` points of the lowest count as equal, and the
+    best original score among them wins (then the lower probe, then the later iteration): the rule before it was a
+    setting, which can return a less protected state than the lowest probe."""
+    if not candidates:
+        raise ValueError("select: no probed candidates to choose from")
+    if prefer not in SELECT_PREFER:
+        raise ValueError(f"select: unknown select_prefer {prefer!r}; allowed: {', '.join(SELECT_PREFER)}")
+    eligible = [c for c in candidates if c.original_acc >= floor]
+    floor_met = bool(eligible)
+    eligible = eligible or list(candidates)
+    best = min(eligible, key=lambda c: (c.probe_acc, -c.original_acc, -c.iteration))
+    tied = [c for c in eligible if c.probe_acc <= best.probe_acc + tolerance]
+    chosen = best if prefer == "protection" else max(tied, key=lambda c: (c.original_acc, -c.probe_acc, c.iteration))
+    return Selection(chosen, best, len(eligible), len(tied), floor, floor_met, tolerance, prefer)
+
+
+def select(candidates: list[Candidate], floor: float, tolerance: float = 5.0, prefer: str = "original") -> Candidate:
+    """The candidate :func:`selection` chooses."""
+    return selection(candidates, floor, tolerance, prefer).chosen
 
 
 def protect(model: Net, original_train: Dataset, original_val: Dataset, restricted_train: list[Dataset],
             restricted_val: list[Dataset], spec: ProtectSpec, normal_acc: float,
             device: torch.device | str = "cpu", on_metrics: MetricSink | None = None,
-            probe_tolerance: float = 5.0, sync: Sync | None = None, rank: int = 0,
+            sync: Sync | None = None, rank: int = 0,
             probe_train: list[Dataset] | None = None, seed: int | None = None,
             on_checkpoint: Callable[[ProtectState], None] | None = None,
             resume: ProtectState | None = None, *, task: Task) -> ProtectResult:
@@ -160,8 +216,8 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     Adam at ``beta * base_lr``). Every ``eval_every`` iterations the original validation accuracy is
     checked against ``normal_acc - max_drop``; a breach or a non-finite loss rolls back to the last good
     state (up to ``max_rollbacks`` times, then stops). Every ``probe_every`` iterations (and at the end)
-    a probe attack scores the state; the returned model is the state chosen by :func:`select` with the
-    floor ``normal_acc - select_drop``.
+    a probe attack scores the state; the returned model is the state chosen by :func:`selection` with the
+    floor ``normal_acc - select_drop`` and the variant's ``select_tolerance`` and ``select_prefer``.
 
     Data-parallel use (Ray Train): every worker passes its own shard as ``original_train`` /
     ``restricted_train``, its ``rank`` (which seeds its own environments and batches), the full
@@ -190,6 +246,9 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     # the variant's own timestep policy only when it has one (a task without timesteps is called as before)
     suppression = (task.suppression(spec.loss) if spec.suppression_t is None
                    else task.suppression(spec.loss, timesteps=spec.suppression_t))
+    # the fitting losses, once (the simulation keys its captured inner step by its fit): NTR's and the simulated
+    # attacker's stages (generation: generation.fit_t and simulate_t); the probes fine-tune at the attack stage
+    ntr_fit, simulate_fit = task.fitting("fit"), task.fitting("simulate")
     metric = task.metric
     floor = normal_acc - spec.max_drop
     restricted_batches = [infinite_batches(d, spec.batch_size, gen) for d in restricted_train]
@@ -236,7 +295,7 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
         iteration += 1
         env = sample_environment(spec.environments, rng)
         sim = simulate(model, restricted_batches[iteration % len(restricted_batches)], env, suppression,
-                       spec.inner_steps, spec.query_fraction, gen, fit=task.fit_loss)
+                       spec.inner_steps, spec.query_fraction, gen, fit=simulate_fit)
         for name, param in model.named_parameters():
             param.grad = sim.grads[name]
         if sync:
@@ -246,7 +305,7 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
         ntr_loss = torch.zeros((), device=grad_norm.device)
         for _ in range(spec.ntr_steps):
             x, y = next(original_batches)
-            loss = task.fit_loss(model, x.to(device), y.to(device))
+            loss = ntr_fit(model, x.to(device), y.to(device))
             ntr_opt.zero_grad(set_to_none=True)
             loss.backward()
             if sync:
@@ -265,8 +324,10 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
         if finite and iteration % spec.eval_every and not probe_now:
             emit(iteration, row)
             continue
-        original_acc = evaluate(model, original_val, device, task=task).score if finite else float("nan")
+        checked = evaluate(model, original_val, device, task=task) if finite else None
+        original_acc = checked.score if checked is not None else float("nan")
         row[metric.original] = original_acc
+        row |= checked.logged("original") if checked is not None else {}   # generation: original_skill_t<t>, ...
         history.append({"iteration": iteration, **row})
         emit(iteration, row)
         if not finite or original_acc < floor:
@@ -291,13 +352,20 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     if not candidates or candidates[-1].iteration != good.iteration:
         _restore(good, model, fts_opt, ntr_opt)
         add_candidate(good.iteration, evaluate(model, original_val, device, task=task).score)
-    chosen = select(candidates, normal_acc - spec.select_drop, probe_tolerance)
+    picked = selection(candidates, normal_acc - spec.select_drop, spec.select_tolerance, spec.select_prefer)
+    chosen = picked.chosen
+    log.info("protect %s | selected iteration %d: %s", spec.label, chosen.iteration, picked.reason)
+    if picked.probe_cost > 0:
+        log.warning("protect %s | the selected state (iteration %d) is %.1f probe points less protected than "
+                    "iteration %d: select_prefer original counts probes within select_tolerance %g as equal; "
+                    "select_prefer: protection returns the most protected state", spec.label, chosen.iteration,
+                    picked.probe_cost, picked.best.iteration, spec.select_tolerance)
     model.load_state_dict(chosen.state)
     return ProtectResult(
         model=model, selected_iteration=chosen.iteration, original_acc=chosen.original_acc,
         probe_acc=chosen.probe_acc, candidates=[(c.iteration, c.original_acc, c.probe_acc) for c in candidates],
         rollbacks=rollbacks, iterations_run=iteration, stopped=stopped, seconds=time.perf_counter() - start,
-        history=history, resumed_from=resumed_from,
+        history=history, resumed_from=resumed_from, selection=picked,
     )
 
 

@@ -45,9 +45,10 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
                 generator: torch.Generator, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                 device: torch.device | str = "cpu", sync_grads: Callable[[list[torch.Tensor]], None] | None = None,
                 *, label_smoothing: float = 0.0, augment: Augment | None = None, freeze_bn: bool = False,
-                task: Task) -> float:
-    """One epoch of training on ``task``'s fitting loss (classification: cross-entropy) in train mode (BatchNorm
-    statistics update); mean batch loss.
+                task: Task, stage: str = "fit") -> float:
+    """One epoch of training on ``task``'s fitting loss of ``stage`` (``fit``: pretraining; ``attack``: an
+    attacker's fine-tuning; classification: cross-entropy either way, generation: the DDPM loss at the stage's
+    timestep policy) in train mode (BatchNorm statistics update); mean batch loss.
 
     ``sync_grads`` (data-parallel workers) averages the gradients across workers before each step.
     ``label_smoothing`` smooths the cross-entropy targets; ``augment(x, generator)`` transforms each
@@ -58,11 +59,12 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
     if freeze_bn:
         set_bn_eval(model)
     total, steps = 0.0, 0
+    fit = task.fitting(stage)
     for x, y in batches(dataset, batch_size, generator):
         x, y = x.to(device), y.to(device)
         if augment is not None:
             x = augment(x, generator)
-        loss = task.fit_loss(model, x, y, label_smoothing)
+        loss = fit(model, x, y, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sync_grads:

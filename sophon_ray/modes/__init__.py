@@ -6,7 +6,8 @@ Importing this module is cheap (no torch): a mode's package, with its task, mode
 first time something asks for them. Each mode package exposes ``task(spec)``, ``MODELS`` (its architectures),
 ``LOSSES`` (its suppression losses), ``build(model_spec, channels, image_size, weights)`` and
 ``problems(spec)`` (the checks only it knows, as ``(field path, message)`` pairs); a mode whose suppression losses
-draw timesteps also exposes ``TIMESTEPS`` (its timestep policies: what ``protect[i].suppression_t`` may name).
+draw timesteps also exposes ``TIMESTEPS`` (its named timestep policies: what ``protect[i].suppression_t`` may name)
+and ``timestep_problem(policy, steps)`` (why a policy, named, a fixed t or a band, is not one; None when it is).
 """
 
 from __future__ import annotations

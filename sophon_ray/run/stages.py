@@ -115,6 +115,8 @@ def log_models(ctx: RunContext, normal_dir: Path, protected: dict[str, Path]) ->
         if role == "protect":
             for f in (WEIGHTS, "model.json"):
                 tracker.log_artifact(run_id, d / f, "checkpoint")
+            if card.get(names.SELECTED_REASON):   # a checkpoint from before the reason was logged has none
+                tracker.set_tag(run_id, names.SELECTED_REASON, card[names.SELECTED_REASON])
         tracker.finish(run_id)
 
 

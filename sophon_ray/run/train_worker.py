@@ -309,10 +309,14 @@ def protect_variant(spec: SweepSpec, normal: torch.nn.Module, splits: Splits, jo
                "intactness_drop": normal_test - test_acc, m.key("probe"): result.probe_acc,
                "selected_iteration": result.selected_iteration, "rollbacks": len(result.rollbacks),
                "iterations_run": result.iterations_run, "resumed_from_iteration": result.resumed_from,
-               "seconds": result.seconds}
+               "seconds": result.seconds,
+               # why that state: the most protected eligible one, and how much less protected the chosen one is
+               names.SELECT_BEST_ITERATION: result.selection.best.iteration,
+               names.SELECT_PROBE_COST: result.selection.probe_cost}
     card = make_card(spec.model, spec.original, spec.restricted, job.key, "protected", metrics,
                      extra={"variant": variant.label, "protect_seed": job.seed, "protect": to_dict(variant),
-                            "rollback_events": result.rollbacks, "stopped": result.stopped})
+                            "rollback_events": result.rollbacks, "stopped": result.stopped,
+                            names.SELECTED_REASON: result.selection.reason})
     return result.model, metrics, card
 
 

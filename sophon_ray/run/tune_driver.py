@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# generation's after-attack scores. sample_fid_standard: FID in the standard FID network; sample_frechet_imagenet:
+# the same formula in torchvision's ImageNet Inception-v3, not FID (runs logged before the rename call it sample_fid)
 SAMPLE_METRICS = ("sample_kid", "sample_kid_std", "sample_confidence", "sample_confident_share", "sample_class_entropy",
-                  "sample_kid_before", "sample_fid")   # generation's after-attack scores
+                  "sample_kid_before", "sample_fid_standard", "sample_frechet_imagenet")
 
 
 def summary_keys(m: names.Metric) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from sophon_ray.run.checks import Checker
 from sophon_ray.spec import (DATA_POOLS, DEFEND_OBJECTIVES, RESTRICTED_VAL_FRACTION, SCHEDULERS, SEARCH_ALGORITHMS,
                              SUBJECTS, DefendSpec, DomainSpec, GridSpec, Problem, ProtectSpec, Range, SearchSpec, SpecError,
                              SweepSpec, build_spec, read_spec_data)
+from sophon_ray.spec.schema import SELECT_PREFER
 
 
 def _domains(c: Checker, spec: SweepSpec) -> None:
@@ -150,12 +151,17 @@ def _defend(c: Checker, path: str, v: ProtectSpec, spec: SweepSpec) -> None:
 def _variant(c: Checker, path: str, v: ProtectSpec, spec: SweepSpec) -> None:
     """One protection's own settings (no name or seed checks)."""
     _loss(c, f"{path}.loss", v.loss, spec.mode)
-    _timesteps(c, f"{path}.suppression_t", v.suppression_t, spec.mode)
+    _timesteps(c, f"{path}.suppression_t", v.suppression_t, spec)
     for key in ("iterations", "inner_steps", "base_lr", "alpha", "beta", "batch_size", "clip_norm",
                 "eval_every", "probe_every", "probe_epochs"):
         c.positive(f"{path}.{key}", getattr(v, key))
-    for key in ("ntr_steps", "max_rollbacks", "max_drop", "select_drop"):
+    for key in ("ntr_steps", "max_rollbacks", "max_drop", "select_drop", "select_tolerance"):
         c.at_least_zero(f"{path}.{key}", getattr(v, key))
+    if v.select_prefer not in SELECT_PREFER:
+        c.add(f"{path}.select_prefer", f"unknown rule '{v.select_prefer}'"
+              f"{did_you_mean(v.select_prefer, list(SELECT_PREFER))}; allowed: {', '.join(SELECT_PREFER)} (which "
+              "probed state checkpoint selection returns: the best original score among probes within "
+              "select_tolerance of the lowest, or the lowest probe)")
     if v.checkpoint_every < 0:
         c.add(f"{path}.checkpoint_every", f"must be >= 0 (iterations between protection state checkpoints; 0 "
               f"turns them off), got {v.checkpoint_every}")
@@ -269,11 +275,24 @@ def check(spec: SweepSpec) -> list[Problem]:
         return c.problems
     _model(c, spec)
     c.positive("model.num_classes", spec.model.num_classes)
-    for part in (_domains, _pretrain, _protect, _attack, _resources):
+    for part in (_domains, _pretrain, _protect, _attack, _resources, _weights_files):
         part(c, spec)
     for path, message in MODES.get(spec.mode).plugin.problems(spec):
         c.add(path, message)
     return c.problems
+
+
+def _weights_files(c: Checker, spec: SweepSpec) -> None:
+    """generation.fid_inception, when set, is the standard FID network's weights file: checked here (keys and
+    shapes, the file memory-mapped) rather than after the first attack."""
+    path = spec.generation.fid_inception if spec.mode == "generation" else None
+    if path is None:
+        return
+    from sophon_ray.modes.generation.fid_inception import weights_problem  # noqa: PLC0415 - torch, generation only
+
+    problem = weights_problem(path)
+    if problem is not None:
+        c.add("generation.fid_inception", problem.removeprefix("fid_inception: "))
 
 
 def _model(c: Checker, spec: SweepSpec) -> None:
@@ -299,18 +318,24 @@ def _loss(c: Checker, path: str, loss: str, mode: str) -> None:
         c.name_in(path, loss, own)
 
 
-def _timesteps(c: Checker, path: str, policy: str | None, mode: str) -> None:
-    """A variant's own timestep policy of the suppression losses: one of the mode's (generation: ``uniform``,
-    ``one``); a mode whose losses take no timestep (classification) has none to choose. A defender space's values
-    reach here through :func:`_defend` (each checked as the variant with that value)."""
+def _timesteps(c: Checker, path: str, policy: Any, spec: SweepSpec) -> None:
+    """A variant's own timestep policy of the suppression losses: one of the mode's named ones (generation:
+    ``uniform``, ``one``), a fixed timestep or a band [t_min, t_max] inside the schedule; a mode whose losses take
+    no timestep (classification) has none to choose. A defender space's values reach here through :func:`_defend`
+    (each checked as the variant with that value)."""
     if policy is None:
         return
-    policies = MODES.get(mode).timesteps()
+    mode = MODES.get(spec.mode)
+    policies = mode.timesteps()
     if policies is None:
-        c.add(path, f"the suppression losses' timestep policy is generation mode only ({mode} mode's suppression "
-              "losses take no timestep); remove it")
-    else:
+        c.add(path, f"the suppression losses' timestep policy is generation mode only ({spec.mode} mode's "
+              "suppression losses take no timestep); remove it")
+    elif isinstance(policy, str):
         c.name_in(path, policy, policies)
+    else:
+        problem = mode.plugin.timestep_problem(policy, max(spec.generation.timesteps, 2))
+        if problem is not None:
+            c.add(path, f"{problem}; or leave it out for generation.suppression_t")
 
 
 def _cells(grids: Iterable[GridSpec]) -> set[tuple[Any, ...]]:
@@ -320,9 +345,19 @@ def _cells(grids: Iterable[GridSpec]) -> set[tuple[Any, ...]]:
 
 def advisories(spec: SweepSpec) -> list[Problem]:
     """Protocol warnings that do not stop a run: a probe attack (which chooses the returned checkpoint) that is
-    also an evaluation cell lets checkpoint selection look at what the report scores."""
+    also an evaluation cell lets checkpoint selection look at what the report scores; checkpoint selection by
+    ``select_prefer: original`` with a tolerance (the default, kept for the keys' sake) can return a less
+    protected state than the most protected one probed."""
     evaluation = _cells(spec.attack.evaluation)
     out = []
+    leaning = [i for i, v in enumerate(spec.protect) if v.select_prefer == "original" and v.select_tolerance > 0]
+    if leaning:   # one warning for all such variants
+        where = (f"protect.{leaning[0]}.select_prefer" if len(leaning) == 1
+                 else "protect (" + ", ".join(f"{i}: {spec.protect[i].label}" for i in leaning) + ")")
+        out.append(Problem(where, "checkpoint selection counts probe scores within select_tolerance (default 5) "
+                           "points of the lowest as equal and returns the best original-domain score among them, so "
+                           "it may return a less protected state (each protection logs why and at what cost). Fix: "
+                           "select_prefer: protection (the lowest probe; a new protection key)"))
     for i, variant in enumerate(spec.protect):
         for j, p in enumerate(variant.probes):
             if (p.strategy, p.optimizer, p.lr, p.batch_size) in evaluation:

@@ -45,12 +45,28 @@ def _join(path: str, key: str | int) -> str:
 
 def _strip_optional(tp: Any, value: Any) -> tuple[Any, bool]:
     """``tp`` without its None (and whether it had one); of a union of a dataclass and another type, the dataclass
-    for a mapping and the other type for anything else (a search dimension: a Range or a list of values)."""
+    for a mapping and the other type for anything else (a search dimension: a Range or a list of values); of a
+    union of several plain types (a timestep policy: a name, an integer or a list), the one the value is."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        fits = [a for a in args if dataclasses.is_dataclass(a) == isinstance(value, dict)]
-        return (fits or args)[0], len(args) < len(typing.get_args(tp))
+        fits = [a for a in args if dataclasses.is_dataclass(a) == isinstance(value, dict)] or args
+        optional = len(args) < len(typing.get_args(tp))
+        if len(fits) > 1:
+            exact = [a for a in fits if _is(a, value)]
+            if not exact:   # none fits: the problem names every type the field takes
+                return typing.Union[tuple(fits)], optional
+            fits = exact
+        return fits[0], optional
     return tp, False
+
+
+def _is(tp: Any, value: Any) -> bool:
+    """Whether a YAML value is already of the plain type ``tp`` (a list for a tuple type; a bool is no number)."""
+    if typing.get_origin(tp) is tuple:
+        return isinstance(value, list)
+    if tp in (int, float):
+        return isinstance(value, (int, float) if tp is float else int) and not isinstance(value, bool)
+    return isinstance(tp, type) and isinstance(value, tp)
 
 
 def _build(tp: Any, value: Any, path: str, problems: list[Problem]) -> Any:
@@ -101,6 +117,11 @@ def _build_scalar(tp: Any, value: Any, path: str, problems: list[Problem]) -> An
 def _type_name(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return "a mapping"
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        return "a list" if len(args) == 2 and args[1] is Ellipsis else f"a list of {len(args)} values"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 

@@ -5,7 +5,7 @@ table and the modes are :mod:`sophon_ray.run.validate`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from pathlib import Path
 
@@ -16,6 +16,9 @@ from sophon_ray.recipes import HASHED, UNLESS_DEFAULT, AttackConfig, GridSpec, R
 SUBJECTS = ("protected", "normal", "scratch")
 DATA_POOLS = ("disjoint", "shared")
 RESTRICTED_VAL_FRACTION = 0.2  # of each restricted training split: the protector's validation data
+# A generation timestep policy as a spec writes it: ``uniform`` (t ~ U{0..T-1}), ``one`` (t = 1), a fixed timestep t
+# (an integer, 0-based like the schedule) or a band [t_min, t_max] (t ~ U{t_min..t_max}, both ends included)
+TimestepPolicy = str | int | tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,8 @@ class DefendSpec:
 
 
 DEFEND_OBJECTIVES = ("development",)
+# protect[i].select_prefer: which probed state checkpoint selection returns among those it counts as equal
+SELECT_PREFER = ("original", "protection")
 
 
 @dataclass(frozen=True)
@@ -189,9 +194,18 @@ class ProtectSpec:
     intactness bound a probed checkpoint must meet to be selected; ``probes`` rate the probed states.
     ``checkpoint_every``: iterations between state checkpoints that a restarted worker group or ``--resume``
     continue from (0: none); it does not change the result, so no key or sweep id depends on it.
-    ``suppression_t`` (generation mode only): the timestep policy of this variant's suppression losses (a
-    ``TIMESTEP_POLICIES`` name: ``uniform`` or ``one``); None: the sweep's ``generation.suppression_t``. Hashed only
-    when set, so the keys of variants without it are what they were before the field existed.
+    ``suppression_t`` (generation mode only): the timestep policy of this variant's suppression losses
+    (:data:`TimestepPolicy`: ``uniform``, ``one``, a fixed t or a band [t_min, t_max]); None: the sweep's
+    ``generation.suppression_t``. Hashed only when set, so the keys of variants without it are what they were
+    before the field existed.
+
+    Checkpoint selection among the probed states that meet the ``select_drop`` floor (:data:`SELECT_PREFER`):
+    ``select_prefer: protection`` returns the lowest probe score (the most protected state; ``select_tolerance``
+    is then unused); ``original`` counts probe scores within ``select_tolerance`` points of the lowest as equal
+    and returns the best original-domain score among them, which can be a less protected state. The defaults
+    (5.0, ``original``) are the rule from before these were settings, kept so that every existing protection key
+    still names the model it was computed as; both are hashed only when changed, ``validate`` warns about the
+    default and every protection logs why it chose its state (``selected_reason``).
     """
 
     name: str | None = None
@@ -216,7 +230,10 @@ class ProtectSpec:
     environments: EnvironmentSpec = field(default_factory=EnvironmentSpec)
     checkpoint_every: int = field(default=50, metadata={HASHED: False})
     defend: DefendSpec | None = field(default=None, metadata={HASHED: UNLESS_DEFAULT})
-    suppression_t: str | None = field(default=None, metadata={HASHED: UNLESS_DEFAULT})
+    suppression_t: TimestepPolicy | None = field(default=None, metadata={HASHED: UNLESS_DEFAULT})
+    # checkpoint selection's tie rule (see the docstring's last paragraph); hashed only when changed
+    select_tolerance: float = field(default=5.0, metadata={HASHED: UNLESS_DEFAULT})
+    select_prefer: str = field(default="original", metadata={HASHED: UNLESS_DEFAULT})
 
     @property
     def label(self) -> str:
@@ -304,28 +321,89 @@ class TrackingSpec:
     uri: str | None = None
 
 
+# the stages of generation mode that take a timestep policy (GenerationSpec fields): the fit loss of pretraining and
+# NTR, of the simulated attacker inside the protection and of the real attacker (and the probes); the suppression
+# loss; the score (also the name ``eval_t``: the mean error at the fixed list ``generation.eval_t``)
+TIMESTEP_STAGES = ("fit_t", "simulate_t", "attack_t", "suppression_t", "score_t")
+SCORE_EVAL_T = "eval_t"
+# generation.protocol: what every stage that a spec leaves unset gets. ddpm (default): uniform fitting everywhere (how
+# anyone fine-tunes a diffusion model), uniform suppression, the score at eval_t (the behaviour before stages
+# existed). official: t = 1 everywhere, as the official SOPHON code runs (its DDPM trainer and tester draw
+# randint(1, 2)), the score included.
+PROTOCOLS: dict[str, dict[str, TimestepPolicy]] = {
+    "ddpm": {"fit_t": "uniform", "simulate_t": "uniform", "attack_t": "uniform", "suppression_t": "uniform",
+             "score_t": SCORE_EVAL_T},
+    "official": dict.fromkeys(TIMESTEP_STAGES, 1),
+}
+DEFAULT_PROTOCOL = "ddpm"
+
+
+def _policy(value: Any) -> Any:
+    """A band given as a list (Python callers) as the tuple a spec file gives."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 @dataclass(frozen=True)
 class GenerationSpec:
     """Generation mode's DDPM settings (``mode: generation``; ignored in classification mode).
 
-    ``suppression_t`` is the timestep policy of the suppression losses (DoS, negative MSE): ``uniform`` draws
-    t ~ U{0..T-1} per image, as the paper's text and every DDPM fine-tuning attacker do; ``one`` is the official
-    code's fixed t = 1. ``eval_t`` are the fixed timesteps of the denoising-error metric (common random noise,
-    seeded by ``eval_seed``). ``samples`` images are drawn (``sample_steps`` respaced ancestral steps; null: all T)
-    for the sample grids before and after an attack (0: none) and, with ``sample_quality``, scored by KID and
-    recognisability in an offline-trained restricted-domain classifier's features; FID too when ``fid_weights``
-    (or torchvision's cache) holds Inception-v3 weights."""
+    The timestep policy of each stage (:data:`TimestepPolicy`: ``uniform``, ``one``, a fixed t or a band
+    [t_min, t_max]): ``fit_t`` the DDPM loss of pretraining and NTR, ``simulate_t`` the simulated attacker's inside
+    the protection, ``attack_t`` the real attacker's fine-tuning (and the protection's probes, which are attacks),
+    ``suppression_t`` the suppression losses (DoS, negative MSE), ``score_t`` the score (``eval_t``: the mean
+    error at the fixed timesteps ``eval_t``; a policy: the error under it, exact for a fixed t). A stage left unset
+    (null) takes ``protocol``'s value (:data:`PROTOCOLS`: ``ddpm``, the default, is uniform fitting and
+    suppression and the score at ``eval_t``; ``official`` is t = 1 everywhere); :meth:`stage` reads a stage.
+    ``eval_t`` are the fixed timesteps of the denoising-error metric (common random noise, seeded by
+    ``eval_seed``), logged per timestep on every evaluation. ``samples`` images are drawn (``sample_steps``
+    respaced ancestral steps; null: all T) for the sample grids before and after an attack (0: none) and, with
+    ``sample_quality``, scored by KID and recognisability in an offline-trained restricted-domain classifier's
+    features; FID (``sample_fid_standard``, the standard FID network of pytorch-fid and torch-fidelity) when
+    ``fid_inception`` is the path of its weights file, and the Frechet distance in torchvision's ImageNet
+    Inception-v3 (``sample_frechet_imagenet``: not FID) when ``imagenet_inception`` (or torchvision's cache) holds
+    those weights. Neither path changes a result's key; nothing is downloaded."""
 
     timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    suppression_t: str = "uniform"
+    suppression_t: TimestepPolicy | None = None
     eval_t: tuple[int, ...] = (1, 10, 100, 250, 500)
     eval_seed: int = 0
     samples: int = 16
     sample_steps: int | None = 100
     sample_quality: bool = True
-    fid_weights: str | None = field(default=None, metadata={HASHED: False})  # torchvision inception_v3 state dict
+    # local weights files (paths change no result): torchvision's ImageNet inception_v3 state dict (it was called
+    # fid_weights, but its score is not FID), and the standard FID Inception network's (pt_inception-2015-12-05)
+    imagenet_inception: str | None = field(default=None, metadata={HASHED: False})
+    fid_inception: str | None = field(default=None, metadata={HASHED: False})
+    # added with the stages: hashed only when set, so nothing keyed before they existed changes
+    protocol: str = field(default=DEFAULT_PROTOCOL, metadata={HASHED: UNLESS_DEFAULT})
+    fit_t: TimestepPolicy | None = field(default=None, metadata={HASHED: UNLESS_DEFAULT})
+    simulate_t: TimestepPolicy | None = field(default=None, metadata={HASHED: UNLESS_DEFAULT})
+    attack_t: TimestepPolicy | None = field(default=None, metadata={HASHED: UNLESS_DEFAULT})
+    score_t: TimestepPolicy | None = field(default=None, metadata={HASHED: UNLESS_DEFAULT})
+
+    def stage(self, name: str) -> TimestepPolicy:
+        """The timestep policy of stage ``name`` (a :data:`TIMESTEP_STAGES` field): its own value when set, else
+        ``protocol``'s. KeyError (naming the allowed values) for an unknown stage or protocol."""
+        if name not in TIMESTEP_STAGES:
+            raise KeyError(f"unknown timestep stage {name!r}; allowed: {', '.join(TIMESTEP_STAGES)}")
+        value = getattr(self, name)
+        if value is not None:
+            return _policy(value)
+        if self.protocol not in PROTOCOLS:
+            raise KeyError(f"unknown generation.protocol {self.protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+        return PROTOCOLS[self.protocol][name]
+
+    def resolved(self) -> GenerationSpec:
+        """These settings with every stage filled in (:meth:`stage`)."""
+        return replace(self, **{name: self.stage(name) for name in TIMESTEP_STAGES})
+
+    def changed_stages(self, which: tuple[str, ...] = TIMESTEP_STAGES) -> dict[str, TimestepPolicy]:
+        """The stages among ``which`` whose policy differs from the default protocol's (what a result keyed
+        before the stages existed was made with): name -> policy."""
+        default = PROTOCOLS[DEFAULT_PROTOCOL]
+        return {name: self.stage(name) for name in which if self.stage(name) != default[name]}
 
 
 @dataclass(frozen=True)
@@ -350,4 +428,4 @@ class SweepSpec:
         return Path(self.output_dir or f"runs/{self.name}")
 
 
-__all__ = ["SUBJECTS", "DATA_POOLS", "RESTRICTED_VAL_FRACTION", "HASHED", "UNLESS_DEFAULT", "ModelSpec", "DomainSpec", "PretrainSpec", "EnvironmentSpec", "ProbeSpec", "DEFAULT_PROBES", "DefendSpace", "DefendSpec", "RedTeamSpec", "DEFEND_OBJECTIVES", "ProtectSpec", "GridSpec", "Range", "DISTRIBUTIONS", "SearchSpace", "SearchSpec", "SEARCH_ALGORITHMS", "SCHEDULERS", "AttackSpec", "ResourcesSpec", "TrackingSpec", "GenerationSpec", "SweepSpec"]
+__all__ = ["SUBJECTS", "DATA_POOLS", "RESTRICTED_VAL_FRACTION", "HASHED", "UNLESS_DEFAULT", "ModelSpec", "DomainSpec", "PretrainSpec", "EnvironmentSpec", "ProbeSpec", "DEFAULT_PROBES", "DefendSpace", "DefendSpec", "RedTeamSpec", "DEFEND_OBJECTIVES", "ProtectSpec", "GridSpec", "Range", "DISTRIBUTIONS", "SearchSpace", "SearchSpec", "SEARCH_ALGORITHMS", "SCHEDULERS", "AttackSpec", "ResourcesSpec", "TrackingSpec", "GenerationSpec", "SweepSpec", "TimestepPolicy", "TIMESTEP_STAGES", "SCORE_EVAL_T", "PROTOCOLS", "DEFAULT_PROTOCOL"]

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from sophon_ray import names
 from sophon_ray.core.data import batches
 from sophon_ray.modes.classification.losses import LOSSES
-from sophon_ray.seam import Evaluation, ModelLoss
+from sophon_ray.seam import FIT_STAGES, Evaluation, ModelLoss
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,12 @@ class Classification:
 
     def fit_loss(self, model: nn.Module, x: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
         return F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+
+    def fitting(self, stage: str) -> Callable[..., Tensor]:
+        """Cross-entropy whatever the stage (the stages' timestep policies are generation mode's)."""
+        if stage not in FIT_STAGES:
+            raise ValueError(f"unknown fitting stage {stage!r}; allowed: {', '.join(FIT_STAGES)}")
+        return self.fit_loss
 
     def suppression(self, name: str, timesteps: str | None = None) -> ModelLoss:
         if timesteps is not None:

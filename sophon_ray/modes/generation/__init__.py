@@ -6,13 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from sophon_ray.modes.generation.ddpm import TIMESTEP_POLICIES as TIMESTEPS
+from sophon_ray.modes.generation.ddpm import policy_problem as timestep_problem
 from sophon_ray.modes.generation.task import GENERATION_LOSSES as LOSSES
 from sophon_ray.modes.generation.task import Generation
 from sophon_ray.modes.generation.unet import DENOISERS as MODELS
 from sophon_ray.modes.generation.unet import Denoiser
 from sophon_ray.seam import Task
 
-__all__ = ["LOSSES", "MODELS", "TIMESTEPS", "build", "problems", "task"]
+__all__ = ["LOSSES", "MODELS", "TIMESTEPS", "build", "problems", "task", "timestep_problem"]
 
 
 def task(spec: Any = None) -> Task:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sophon_ray.modes.generation.ddpm import TIMESTEP_POLICIES
+from sophon_ray.modes.generation.ddpm import policy_problem
 from sophon_ray.modes.generation.unet import DENOISERS
+from sophon_ray.registry import did_you_mean
+from sophon_ray.spec import PROTOCOLS, SCORE_EVAL_T, TIMESTEP_STAGES
 
 
 def problems(spec: Any) -> list[tuple[str, str]]:
@@ -19,8 +21,18 @@ def problems(spec: Any) -> list[tuple[str, str]]:
     if not 0 < g.beta_start < g.beta_end < 1:
         out.append((f"{path}.beta_start", f"needs 0 < beta_start < beta_end < 1 (DDPM: 1e-4, 0.02), got "
                     f"{g.beta_start}, {g.beta_end}"))
-    if g.suppression_t not in TIMESTEP_POLICIES:
-        out.append((f"{path}.suppression_t", TIMESTEP_POLICIES.miss_message(g.suppression_t)))
+    if g.protocol not in PROTOCOLS:
+        out.append((f"{path}.protocol", f"unknown protocol '{g.protocol}'{did_you_mean(g.protocol, list(PROTOCOLS))}; "
+                    f"allowed: {', '.join(PROTOCOLS)} (it fills every timestep stage left unset)"))
+    for stage in TIMESTEP_STAGES:
+        policy = getattr(g, stage)
+        if policy is None or (stage == "score_t" and policy == SCORE_EVAL_T):
+            continue
+        problem = policy_problem(policy, max(g.timesteps, 2))
+        if problem is not None:
+            fix = (f"; or {SCORE_EVAL_T} (the mean at generation.eval_t)" if stage == "score_t" else "") + \
+                  ("; or leave it out for the protocol's" if g.protocol in PROTOCOLS else "")
+            out.append((f"{path}.{stage}", problem + fix))
     if not g.eval_t:
         out.append((f"{path}.eval_t", "needs at least one timestep, e.g. [1, 10, 100, 250, 500]"))
     for j, t in enumerate(g.eval_t):

@@ -6,8 +6,10 @@ SOPHON (IEEE S&P 2024) protects a DDPM (epsilon prediction, linear betas 1e-4..0
 restricted-domain images, teaching the model to refuse to denoise them (:func:`dos_loss`); the paper's
 ablation maximises the plain denoising error instead (:func:`neg_mse_loss`, unbounded).
 
-**Timesteps** are an explicit policy (:data:`TIMESTEP_POLICIES`). ``"uniform"`` draws t ~ U{0..T-1}, as
-DDPM training and the paper's text do. ``"one"`` is what the official code actually runs
+**Timesteps** are an explicit policy (:data:`TimestepPolicy`): a name (:data:`TIMESTEP_POLICIES`), a fixed
+timestep t (an int) or a band [t_min, t_max] (t ~ U{t_min..t_max}, both ends included). ``"uniform"`` draws
+t ~ U{0..T-1}, as DDPM training and the paper's text do. ``"one"`` (= the fixed t ``1``) is what the official code
+actually runs
 (github.com/Sophon-NonFinetunableLearning/Sophon, ``generation/diffusion_model/diffusion_methods/ddpm.py``):
 both ``DDPMTester.forward`` and ``DDPMTrainer.forward`` draw ``t = torch.randint(1, 2, ...)``, i.e. t = 1 for
 every sample (DDPMTrainer keeps ``torch.randint(0, self.t, ...)`` commented out above it), and ``t`` is a
@@ -50,6 +52,7 @@ from torch.utils.data import Dataset
 
 from sophon_ray.core.data import batches
 from sophon_ray.registry import Registry
+from sophon_ray.spec.schema import TimestepPolicy  # a name, a fixed t (an int) or a band (t_min, t_max)
 
 # ------------------------------------------------------------------------------------------- the schedule
 
@@ -109,17 +112,77 @@ def _uniform(n: int, schedule: Schedule, device: torch.device | str, generator: 
     return torch.randint(0, schedule.steps, (n,), generator=generator, device=where).to(device)
 
 
-def sample_timesteps(policy: str, n: int, schedule: Schedule, device: torch.device | str = "cpu",
+def _fixed_or_band(policy: object) -> int | tuple[int, int] | None:
+    """``policy`` as a fixed timestep (int) or a band (tuple of two ints); None when it is neither (a name or junk)."""
+    if isinstance(policy, int) and not isinstance(policy, bool):
+        return policy
+    if (isinstance(policy, (tuple, list)) and len(policy) == 2
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in policy)):
+        return int(policy[0]), int(policy[1])
+    return None
+
+
+def policy_problem(policy: object, steps: int) -> str | None:
+    """Why ``policy`` is not a timestep policy of a ``steps``-step schedule, with the fix; None when it is one."""
+    span = f"0..{steps - 1} (generation.timesteps is {steps})"
+    forms = f"a timestep t (an integer in 0..{steps - 1}) or a band [t_min, t_max]"
+    if isinstance(policy, str):
+        if policy not in TIMESTEP_POLICIES:
+            return f"{TIMESTEP_POLICIES.miss_message(policy)}, {forms}"
+        if policy == "one" and steps <= OFFICIAL_T:
+            return f"'one' is t = {OFFICIAL_T} and needs generation.timesteps > {OFFICIAL_T}, got {steps}"
+        return None
+    value = _fixed_or_band(policy)
+    if value is None:
+        return f"expected a timestep policy: {', '.join(TIMESTEP_POLICIES.names())}, {forms}; got {policy!r}"
+    if isinstance(value, int):
+        return None if 0 <= value < steps else f"timestep {value} is outside {span}; pick a t in that range"
+    low, high = value
+    if low > high:
+        return f"band [{low}, {high}] has t_min > t_max; write it as [{high}, {low}]"
+    if low < 0 or high >= steps:
+        return f"band [{low}, {high}] reaches outside {span}; keep both ends in that range"
+    return None
+
+
+def normalise_policy(policy: TimestepPolicy | list[int]) -> TimestepPolicy:
+    """``policy`` in a hashable, canonical form (a band as a tuple); names and fixed timesteps as they are."""
+    value = _fixed_or_band(policy)
+    return value if isinstance(value, tuple) else policy
+
+
+def fixed_timestep(policy: TimestepPolicy) -> int | None:
+    """The one timestep a policy always gives (``one``, a fixed t, a band of one step); None when it draws."""
+    if policy == "one":
+        return OFFICIAL_T
+    value = _fixed_or_band(policy)
+    if isinstance(value, tuple):
+        return value[0] if value[0] == value[1] else None
+    return value
+
+
+def sample_timesteps(policy: TimestepPolicy, n: int, schedule: Schedule, device: torch.device | str = "cpu",
                      generator: torch.Generator | None = None) -> Tensor:
-    """``n`` timesteps [n] (long, on ``device``) under ``policy`` (a :data:`TIMESTEP_POLICIES` name), drawn
-    from ``generator`` when given, else from torch's global RNG on ``device``."""
-    return TIMESTEP_POLICIES.get(policy)(n, schedule, device, generator)
+    """``n`` timesteps [n] (long, on ``device``) under ``policy``: a :data:`TIMESTEP_POLICIES` name, a fixed t
+    (every sample t; draws nothing, as ``one``) or a band [t_min, t_max] (t ~ U{t_min..t_max}). Draws come from
+    ``generator`` when given (on its device), else from torch's global RNG on ``device``."""
+    if isinstance(policy, str):
+        return TIMESTEP_POLICIES.get(policy)(n, schedule, device, generator)
+    problem = policy_problem(policy, schedule.steps)
+    if problem is not None:
+        raise ValueError(f"timestep policy: {problem}")
+    value = _fixed_or_band(policy)
+    if isinstance(value, int):
+        return torch.full((n,), value, dtype=torch.long, device=device)
+    low, high = value
+    where = _draw_device(device, generator)
+    return torch.randint(low, high + 1, (n,), generator=generator, device=where).to(device)
 
 
 # ------------------------------------------------------------------------------------------------ losses
 
 
-def _predict(model: nn.Module, x0: Tensor, schedule: Schedule, policy: str,
+def _predict(model: nn.Module, x0: Tensor, schedule: Schedule, policy: TimestepPolicy,
              generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """Noise ``x0`` at timesteps drawn under ``policy``; return ``(eps_hat, eps)``. Noise and timesteps come
     from ``generator`` (drawn on its device, moved to x0's) or else torch's global RNG on x0's device."""
@@ -129,7 +192,7 @@ def _predict(model: nn.Module, x0: Tensor, schedule: Schedule, policy: str,
     return model(schedule.add_noise(x0, noise, t), t), noise
 
 
-def denoising_loss(model: nn.Module, x0: Tensor, schedule: Schedule, policy: str = "uniform",
+def denoising_loss(model: nn.Module, x0: Tensor, schedule: Schedule, policy: TimestepPolicy = "uniform",
                    generator: torch.Generator | None = None) -> Tensor:
     """DDPM's simple loss: mean over pixels and batch of ``(eps_hat(x_t, t) - eps)^2`` (pretraining, normal
     training reinforcement, the attacker's fine-tuning)."""
@@ -137,7 +200,7 @@ def denoising_loss(model: nn.Module, x0: Tensor, schedule: Schedule, policy: str
     return F.mse_loss(eps_hat, noise)
 
 
-def dos_loss(model: nn.Module, x0: Tensor, schedule: Schedule, policy: str,
+def dos_loss(model: nn.Module, x0: Tensor, schedule: Schedule, policy: TimestepPolicy,
              generator: torch.Generator | None = None) -> Tensor:
     """SOPHON's denial-of-service loss: mean over pixels and batch of ``eps_hat(x_t, t)^2`` (x_t noised as in
     :func:`denoising_loss`); minimal (0) when the model predicts no noise at all. Bounded below, so it
@@ -146,7 +209,7 @@ def dos_loss(model: nn.Module, x0: Tensor, schedule: Schedule, policy: str,
     return eps_hat.pow(2).mean()
 
 
-def neg_mse_loss(model: nn.Module, x0: Tensor, schedule: Schedule, policy: str,
+def neg_mse_loss(model: nn.Module, x0: Tensor, schedule: Schedule, policy: TimestepPolicy,
                  generator: torch.Generator | None = None) -> Tensor:
     """Minus :func:`denoising_loss`: the paper's ablation (maximise the denoising error; unbounded below)."""
     return -denoising_loss(model, x0, schedule, policy, generator)
@@ -204,6 +267,32 @@ def mean_error(errors: dict[int, float]) -> float:
     if not errors:
         raise ValueError("mean_error: no timesteps in the result")
     return sum(errors.values()) / len(errors)
+
+
+@torch.no_grad()
+def policy_error(model: nn.Module, dataset: Dataset, schedule: Schedule, policy: TimestepPolicy, seed: int = 0,
+                 batch_size: int = 256) -> float:
+    """Mean per-pixel ``(eps_hat(x_t, t) - eps)^2`` over ``dataset`` with one timestep per image drawn under
+    ``policy`` (a band, ``uniform``): the expected DDPM loss under the policy, estimated with common random numbers
+    (noise, then timesteps, per batch from a CPU generator seeded with ``seed``), so two models (or two calls) see
+    the same x_t. A policy with one timestep is scored exactly by :func:`denoising_error` instead."""
+    if len(dataset) == 0:
+        raise ValueError("policy_error: the dataset is empty")
+    device, was_training = _model_device(model), model.training
+    generator = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    model.eval()
+    try:
+        for x0, _ in batches(dataset, batch_size, shuffle=False):
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            t = sample_timesteps(policy, x0.shape[0], schedule, "cpu", generator).to(device)
+            x0 = x0.to(device)
+            eps_hat = model(schedule.add_noise(x0, noise, t), t)
+            total += float((eps_hat.float() - noise).pow(2).sum())
+            count += noise.numel()
+    finally:
+        model.train(was_training)
+    return total / count
 
 
 # ---------------------------------------------------------------------------------------------- sampling

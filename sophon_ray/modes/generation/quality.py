@@ -8,10 +8,19 @@ Two offline scores need nothing but the restricted domain's own labelled data:
 * **Recognisability**: how confidently that classifier recognises the generated images, and whether they
   cover all its classes (:func:`recognisability`).
 
-:func:`sample_quality` makes both in one call. **FID** (Heusel et al. 2017) with torchvision's Inception-v3
-pool features is :func:`fid`; it needs the Inception weights as a local file and returns None when there are
-none (nothing is ever downloaded). Scores computed on different feature networks are not comparable: compare
-KID values only between runs that share one feature net (same domain, seed and epochs).
+:func:`sample_quality` makes both in one call. Two Frechet distances need Inception weights as local files
+(nothing is ever downloaded), :func:`inception_scores` makes whichever has its file:
+
+* **FID** (Heusel et al. 2017), :func:`fid`: in the standard FID network's pool features, the 2015 TensorFlow
+  Inception that pytorch-fid and torch-fidelity use (:mod:`.fid_inception`); the number papers report (at their
+  sample counts: tens of thousands, not a 16-image grid).
+* **Frechet distance in torchvision's ImageNet Inception-v3**, :func:`frechet_imagenet`: the same formula in
+  another network's features (torchvision's ``IMAGENET1K_V1`` weights, a different network and resize). It is
+  *not* FID and is not comparable to any FID; logged as ``sample_frechet_imagenet`` (runs logged before the rename
+  call it ``sample_fid``).
+
+Scores computed on different feature networks are not comparable: compare KID values only between runs that
+share one feature net (same domain, seed and epochs).
 
 Images everywhere are ``[N, C, H, W]`` float tensors normalised as the domain's datasets are (``[-1, 1]`` for
 ``mean = std = 0.5``, the DDPM convention).
@@ -19,6 +28,7 @@ Images everywhere are ``[N, C, H, W]`` float tensors normalised as the domain's 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,8 +230,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def inception_weight_candidates(weights: str | Path | None) -> list[Path]:
-    """Where :func:`fid` looks for Inception-v3 weights: the given file, else torchvision's download cache
-    (``torch.hub.get_dir()/checkpoints/inception_v3_google-0cc3c7bd.pth``, under TORCH_HOME when set)."""
+    """Where :func:`frechet_imagenet` looks for torchvision's ImageNet Inception-v3 weights: the given file, else
+    torchvision's download cache (``torch.hub.get_dir()/checkpoints/inception_v3_google-0cc3c7bd.pth``, under
+    TORCH_HOME when set)."""
     if weights is not None:
         return [Path(weights).expanduser()]
     return [Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE]
@@ -232,15 +243,16 @@ def find_inception_weights(weights: str | Path | None) -> Path | None:
     return next((p for p in inception_weight_candidates(weights) if p.is_file()), None)
 
 
-def fid_unavailable_message(weights: str | Path | None) -> str:
-    """What to log when :func:`fid` returns None."""
+def imagenet_unavailable_message(weights: str | Path | None) -> str:
+    """What to log when :func:`frechet_imagenet` returns None."""
     where = ", ".join(str(p) for p in inception_weight_candidates(weights))
-    return (f"FID unavailable: no Inception weights at {where}; fix: copy torchvision's {INCEPTION_FILE} "
-            "(download.pytorch.org/models) there, or pass its path")
+    return (f"sample_frechet_imagenet unavailable: no torchvision ImageNet Inception-v3 weights at {where}; fix: copy "
+            f"torchvision's {INCEPTION_FILE} (download.pytorch.org/models) there, or set "
+            "generation.imagenet_inception to its path")
 
 
 def inception_features(weights: Path, device: torch.device | str = "cpu") -> nn.Module:
-    """torchvision's Inception-v3 with the weights at ``weights`` (a torchvision state dict), returning the
+    """torchvision's ImageNet Inception-v3 with the weights at ``weights`` (a torchvision state dict), returning the
     2048-d pool features (the classifier replaced by identity), in eval mode. Inputs in [-1, 1] at 299 px:
     the scale the ported Google weights expect (what ``transform_input`` converts ImageNet-normalised input to)."""
     from torchvision.models import Inception3  # noqa: PLC0415
@@ -250,8 +262,9 @@ def inception_features(weights: Path, device: torch.device | str = "cpu") -> nn.
     try:
         net.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"fid: {weights} is not a torchvision inception_v3 state dict ({str(err)[:200]}); "
-                         f"use torchvision's {INCEPTION_FILE}") from err
+        raise ValueError(f"imagenet_inception: {weights} is not a torchvision inception_v3 state dict "
+                         f"({str(err)[:200]}); use torchvision's {INCEPTION_FILE} (the standard FID network's "
+                         "weights go to generation.fid_inception)") from err
     net.fc = nn.Identity()
     net.aux_logits, net.AuxLogits = False, None
     return net.eval().to(device)
@@ -269,20 +282,113 @@ def _pool_features(net: nn.Module, images: Tensor, device: torch.device | str, b
     return torch.cat(out)
 
 
-def fid(real: Tensor, fake: Tensor, weights: str | Path | None, device: torch.device | str = "cpu",
-        batch_size: int = 64) -> float | None:
-    """FID between real and generated images (``[N, 1 or 3, H, W]`` in [-1, 1]; 1 channel is replicated to
-    3, every image resized to 299 px) in torchvision's Inception-v3 pool features. ``weights``: a local
-    torchvision ``inception_v3`` state dict, or None for torchvision's cache. Returns None when no weights file
-    exists (log :func:`fid_unavailable_message`); never downloads. Needs many samples per set (thousands in
-    papers) to be meaningful; small sets bias it upwards."""
+def _check_images(images: Tensor, name: str, what: str) -> None:
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or len(images) < 2:
+        raise ValueError(f"{what}: {name} must be at least 2 images [N, 1 or 3, H, W], got {list(images.shape)}")
+
+
+def frechet_imagenet(real: Tensor, fake: Tensor, weights: str | Path | None, device: torch.device | str = "cpu",
+                     batch_size: int = 64) -> float | None:
+    """The Frechet distance between real and generated images (``[N, 1 or 3, H, W]`` in [-1, 1]; 1 channel is
+    replicated to 3, every image resized to 299 px) in torchvision's ImageNet Inception-v3 pool features: FID's
+    formula in another network, so not FID (:func:`fid` is). ``weights``: a local torchvision ``inception_v3``
+    state dict, or None for torchvision's cache. Returns None when no weights file exists (log
+    :func:`imagenet_unavailable_message`); never downloads. Small sets bias it upwards."""
     path = find_inception_weights(weights)
     if path is None:
         return None
     for name, images in (("real", real), ("fake", fake)):
-        if images.dim() != 4 or images.shape[1] not in (1, 3) or len(images) < 2:
-            raise ValueError(f"fid: {name} must be at least 2 images [N, 1 or 3, H, W], got {list(images.shape)}")
+        _check_images(images, name, "frechet_imagenet")
     net = inception_features(path, device)
-    real_stats = feature_stats(_pool_features(net, real, device, batch_size))
+    real_stats = _cached_stats(("imagenet", path), real, lambda: feature_stats(_pool_features(net, real, device,
+                                                                                               batch_size)))
     fake_stats = feature_stats(_pool_features(net, fake, device, batch_size))
     return frechet_distance(*real_stats, *fake_stats)
+
+
+# ------------------------------------------------------------------------------------------- standard FID
+_FID_NETS: dict[tuple[str, int, str], nn.Module] = {}
+_REAL_STATS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _file_key(path: Path) -> tuple[str, int]:
+    path = path.expanduser().resolve()
+    return str(path), path.stat().st_mtime_ns
+
+
+def _cached_stats(kind: tuple[str, Path], real: Tensor, compute) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """The real images' feature statistics, computed once per process for a network file and image set (every
+    attack trial of a sweep scores against the same test split)."""
+    key = (kind[0], *_file_key(kind[1]), hashlib.sha1(real.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
+    if key not in _REAL_STATS:
+        _REAL_STATS[key] = compute()
+    return _REAL_STATS[key]
+
+
+def fid_network(weights: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """The standard FID Inception network with the weights at ``weights`` (:func:`.fid_inception.load_fid_inception`:
+    InceptionWeightsError naming the file and the fix when it is missing or another network), loaded once per
+    process, file and device."""
+    from sophon_ray.modes.generation.fid_inception import load_fid_inception  # noqa: PLC0415
+
+    path = Path(weights).expanduser()
+    key = (*_file_key(path), str(device)) if path.is_file() else None
+    if key is None or key not in _FID_NETS:
+        net = load_fid_inception(path, device)   # raises for a missing file
+        _FID_NETS[(*_file_key(path), str(device))] = net
+        return net
+    return _FID_NETS[key]
+
+
+def to_unit_range(images: Tensor, mean: tuple[float, ...] = (0.5,), std: tuple[float, ...] = (0.5,)) -> Tensor:
+    """Images normalised as the domain's datasets are (``mean``/``std`` per channel or one for all) as what the
+    standard FID pipeline reads: RGB in [0, 1] on the 8-bit grid (pytorch-fid scores image files: ``x / 255``), one
+    channel replicated to three, values outside the range clipped."""
+    x = images.detach().float().cpu()
+    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    x = (x * s + m).clamp(0, 1)
+    x = torch.round(x * 255) / 255
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+@torch.no_grad()
+def fid_features(net: nn.Module, images: Tensor, device: torch.device | str = "cpu", batch_size: int = 64,
+                 mean: tuple[float, ...] = (0.5,), std: tuple[float, ...] = (0.5,)) -> Tensor:
+    """The standard FID network's 2048-d pool features ``[N, 2048]`` (float64) of ``images`` (see
+    :func:`to_unit_range`; the network resizes to 299 px and scales to [-1, 1] itself)."""
+    x = to_unit_range(images, mean, std)
+    return torch.cat([net(chunk.to(device)).double().cpu() for chunk in x.split(batch_size)])
+
+
+def fid(real: Tensor, fake: Tensor, weights: str | Path, device: torch.device | str = "cpu", batch_size: int = 64,
+        mean: tuple[float, ...] = (0.5,), std: tuple[float, ...] = (0.5,)) -> float:
+    """FID (Heusel et al. 2017) between real and generated images (``[N, 1 or 3, H, W]``, normalised by ``mean``/
+    ``std``: [-1, 1] for the DDPM convention's 0.5/0.5) in the standard FID Inception network's 2048-d pool features,
+    the network of pytorch-fid and torch-fidelity (``weights``: a local copy of its state dict, e.g.
+    ``pt_inception-2015-12-05-6726825d.pth``; InceptionWeightsError naming the file and the fix otherwise). Images
+    go in as image files would (8-bit RGB in [0, 1]). Meaningful at thousands of samples per set; small sets bias
+    it upwards, so compare only values computed at equal sample counts."""
+    for name, images in (("real", real), ("fake", fake)):
+        _check_images(images, name, "fid")
+    net = fid_network(weights, device)
+    path = Path(weights).expanduser()
+    real_stats = _cached_stats(("fid", path), real, lambda: feature_stats(fid_features(net, real, device, batch_size,
+                                                                                      mean, std)))
+    fake_stats = feature_stats(fid_features(net, fake, device, batch_size, mean, std))
+    return frechet_distance(*real_stats, *fake_stats)
+
+
+def inception_scores(real: Tensor, fake: Tensor, imagenet_weights: str | Path | None, fid_weights: str | Path | None,
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    """The Inception-based scores whose weights are here: ``fid_standard`` (:func:`fid`) when ``fid_weights`` is
+    set, ``frechet_imagenet`` (:func:`frechet_imagenet`) when torchvision's ImageNet weights are at
+    ``imagenet_weights`` or in torchvision's cache. A set ``fid_weights`` that is missing or not the FID network
+    raises (the spec asked for FID); absent ImageNet weights just leave their score out."""
+    out: dict[str, float] = {}
+    if fid_weights is not None:
+        out["fid_standard"] = fid(real, fake, fid_weights, device)
+    score = frechet_imagenet(real, fake, imagenet_weights, device)
+    if score is not None:
+        out["frechet_imagenet"] = score
+    return out
