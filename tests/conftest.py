@@ -29,3 +29,20 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Every (policy, timesteps) the DDPM losses (and a drawing score) draw while the test runs."""
+    from sophon_ray.modes.generation import ddpm
+
+    seen: list[tuple[object, torch.Tensor]] = []
+    real = ddpm.sample_timesteps
+
+    def spy(policy, n, schedule, device="cpu", generator=None):
+        t = real(policy, n, schedule, device, generator)
+        seen.append((policy, t.clone()))
+        return t
+
+    monkeypatch.setattr(ddpm, "sample_timesteps", spy)
+    return seen

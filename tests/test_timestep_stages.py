@@ -28,7 +28,6 @@ from sophon_ray.core.attack import finetune
 from sophon_ray.core.protection import protect
 from sophon_ray.core.training import pretrain
 from sophon_ray.modes.classification.task import CLASSIFICATION
-from sophon_ray.modes.generation import ddpm
 from sophon_ray.modes.generation.ddpm import (Schedule, denoising_error, mean_error, policy_error,
                                               sample_timesteps)
 from sophon_ray.modes.generation.task import Generation, skill
@@ -39,6 +38,7 @@ from sophon_ray.run.validate import load_spec, parse_spec
 from sophon_ray.spec import (PROTOCOLS, TIMESTEP_STAGES, EnvironmentSpec, GenerationSpec, PretrainSpec, ProbeSpec,
                              ProtectSpec, SpecError, SweepSpec, build_spec, spec_hash, to_dict)
 from tests.test_bad_input import GENERATION, GOOD
+from tests.tiny import blobs
 
 ROOT = Path(__file__).parents[1]
 SIZE = 8
@@ -137,27 +137,8 @@ def _task(**settings) -> Generation:
         timesteps=T, eval_t=(1, 10, 50), samples=0, **settings)))
 
 
-def _blobs(n: int = 32, seed: int = 0, shift: float = 0.0) -> torch.utils.data.TensorDataset:
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 2
-    x = torch.full((n, 1, SIZE, SIZE), -0.8) + 0.05 * torch.randn(n, 1, SIZE, SIZE, generator=gen)
-    x[:, :, 2:5, 2:5] = 0.8 - shift
-    return torch.utils.data.TensorDataset(x.clamp(-1, 1), y)
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    """Every (policy, timesteps) the DDPM losses (and a drawing score) draw while the test runs."""
-    seen: list[tuple[object, torch.Tensor]] = []
-    real = ddpm.sample_timesteps
-
-    def spy(policy, n, schedule, device="cpu", generator=None):
-        t = real(policy, n, schedule, device, generator)
-        seen.append((policy, t.clone()))
-        return t
-
-    monkeypatch.setattr(ddpm, "sample_timesteps", spy)
-    return seen
 
 
 def _timesteps(drawn) -> set[int]:
@@ -169,7 +150,7 @@ STAGED = dict(fit_t=11, simulate_t=22, attack_t=33, suppression_t=44, score_t=55
 
 def test_pretraining_fits_at_fit_t(drawn):
     torch.manual_seed(0)
-    pretrain(build_denoiser("unet-tiny", 1, SIZE), _blobs(), _blobs(16, 1), PretrainSpec(epochs=1, batch_size=16),
+    pretrain(build_denoiser("unet-tiny", 1, SIZE), blobs(), blobs(16, 1), PretrainSpec(epochs=1, batch_size=16),
              task=_task(**STAGED))
     assert drawn and _timesteps(drawn) == {11} and {p for p, _ in drawn} == {11}
 
@@ -179,20 +160,20 @@ def test_the_attacker_fits_at_attack_t(drawn):
     only (and scoring at eval_t draws nothing)."""
     torch.manual_seed(0)
     config = AttackConfig("direct-all", "adam", 1e-3, 16, epochs=2)
-    finetune(build_denoiser("unet-tiny", 1, SIZE), _blobs(), _blobs(16, 1), config, task=_task(attack_t=[1, 1]))
+    finetune(build_denoiser("unet-tiny", 1, SIZE), blobs(), blobs(16, 1), config, task=_task(attack_t=[1, 1]))
     assert drawn and {p for p, _ in drawn} == {(1, 1)} and _timesteps(drawn) == {1}
     drawn.clear()
-    finetune(build_denoiser("unet-tiny", 1, SIZE), _blobs(), _blobs(16, 1), config, task=_task(**STAGED))
+    finetune(build_denoiser("unet-tiny", 1, SIZE), blobs(), blobs(16, 1), config, task=_task(**STAGED))
     assert _timesteps(drawn) == {33}
     drawn.clear()   # warm-starting on allowed data is the attacker's training too
-    finetune(build_denoiser("unet-tiny", 1, SIZE), _blobs(), _blobs(16, 1),
+    finetune(build_denoiser("unet-tiny", 1, SIZE), blobs(), blobs(16, 1),
              dataclasses.replace(config, epochs=1, warm_start="original", warm_epochs=1), task=_task(**STAGED),
-             warm=_blobs(16, 2))
+             warm=blobs(16, 2))
     assert _timesteps(drawn) == {33}
 
 
 def _protect(task: Generation, model, on_metrics=None, **changes) -> None:
-    original, restricted = _blobs(32, 0), _blobs(32, 1, shift=1.4)
+    original, restricted = blobs(32, 0), blobs(32, 1, shift=1.4)
     spec = ProtectSpec(loss="dos", iterations=2, inner_steps=1, base_lr=1e-3, alpha=1, beta=1, ntr_steps=1,
                        batch_size=8, query_fraction=0.5, max_drop=1000, select_drop=1000, eval_every=1, probe_every=2,
                        probe_epochs=1, probes=(ProbeSpec("direct-all", "adam", 1e-3, 8, 0.25),),
@@ -234,7 +215,7 @@ def test_the_simulated_attacker_gets_one_fit_object_for_every_iteration(monkeypa
 
 
 def test_the_score_follows_score_t():
-    model, data = build_denoiser("unet-tiny", 1, SIZE), _blobs(24)
+    model, data = build_denoiser("unet-tiny", 1, SIZE), blobs(24)
     schedule = Schedule.linear(T)
     at_eval = denoising_error(model, data, schedule, (1, 10, 50))
     default = _task().evaluate(model, data)
@@ -268,7 +249,7 @@ def test_protection_checks_log_the_skill_per_timestep():
 def test_an_attack_logs_the_skill_per_timestep_before_and_after():
     rows = []
     torch.manual_seed(0)
-    finetune(build_denoiser("unet-tiny", 1, SIZE), _blobs(), _blobs(16, 1),
+    finetune(build_denoiser("unet-tiny", 1, SIZE), blobs(), blobs(16, 1),
              AttackConfig("direct-all", "adam", 1e-3, 16, epochs=3), task=_task(), on_epoch=lambda e, m: rows.append(m))
     per_t = {f"restricted_skill_t{t}" for t in (1, 10, 50)}
     assert [per_t <= set(r) for r in rows] == [True, False, False, True]
@@ -323,6 +304,9 @@ SHIPPED = {
         "0/0": "6df59983aa67", "0/1": "d2d85764c76b", "0/2": "516b3fbcd749", "1/0": "9337cb482610",
         "1/1": "e4edfda10e19", "1/2": "bba411a43ced", "2/0": "ddc7c5bbb390", "2/1": "f60847397d44",
         "2/2": "b4e727f50ce2"}),
+    "defend_generation.yaml": ("831afe083b19", "66c593c23486", {   # added with the stages; its dos keys are generation's
+        "0/0": "073f540bc426", "0/1": "9cdc22ebc10f", "0/2": "c39d686cac5f", "1/0": "e609e639131f",
+        "1/1": "9ba9cff82117", "1/2": "a50e6735070f"}),
     "defend_quickstart.yaml": ("c3b691794f2f", "c7f892d784f9", {"0/0": "be9140a71eeb", "1/0": "ad840060239b"}),
     "efficacy.yaml": ("9767085be567", "c7f892d784f9", {"0/0": "db7cac5274bb", "0/1": "17488bb22f2d",
                                                        "0/2": "9917c923f2d1", "1/0": "5eff8adc9643",

@@ -19,3 +19,13 @@ def tiny_data(n: int = 64, classes: int = 3, seed: int = 0) -> TensorDataset:
     y = torch.arange(n) % classes
     x = torch.randn(n, 1, 6, 6, generator=gen) + y.view(-1, 1, 1, 1).float()
     return TensorDataset(x, y)
+
+
+def blobs(n: int = 32, seed: int = 0, shift: float = 0.0, size: int = 8) -> TensorDataset:
+    """A tiny 1-channel image set in [-1, 1] (a bright square on a dark field; ``shift`` dims the square): what the
+    generation-mode tests fit denoisers on."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.full((n, 1, size, size), -0.8) + 0.05 * torch.randn(n, 1, size, size, generator=gen)
+    x[:, :, 2:5, 2:5] = 0.8 - shift
+    return TensorDataset(x.clamp(-1, 1), y)

@@ -46,6 +46,15 @@ def _l2(grads: list[Tensor], params: list[Tensor], weight_decay: float) -> list[
     return torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else grads
 
 
+def _scaled_descent(params: list[Tensor], grads: list[Tensor], squares: list[Tensor], eps: float, lr: Tensor) -> None:
+    """``p -= lr * g / (sqrt(squares) + eps)``: RMSprop's and Adagrad's step, in torch.optim's order of ops."""
+    denom = torch._foreach_sqrt(squares)
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(grads, denom)
+    torch._foreach_mul_(update, lr)
+    torch._foreach_sub_(params, update)
+
+
 class Sgd:
     """torch.optim.SGD (no momentum; the official code's only simulated attacker)."""
 
@@ -131,11 +140,7 @@ class RmsProp:
         grads = _l2(grads, params, weight_decay)
         torch._foreach_mul_(state["square_avg"], 0.99)
         torch._foreach_addcmul_(state["square_avg"], grads, grads, value=1 - 0.99)
-        avg = torch._foreach_sqrt(state["square_avg"])
-        torch._foreach_add_(avg, 1e-8)
-        update = torch._foreach_div(grads, avg)
-        torch._foreach_mul_(update, lr)
-        torch._foreach_sub_(params, update)
+        _scaled_descent(params, grads, state["square_avg"], 1e-8, lr)
 
 
 class Adagrad:
@@ -148,11 +153,7 @@ class Adagrad:
               t: Tensor, *, weight_decay: float = 0.0) -> None:
         grads = _l2(grads, params, weight_decay)
         torch._foreach_addcmul_(state["sum"], grads, grads, value=1)
-        std = torch._foreach_sqrt(state["sum"])
-        torch._foreach_add_(std, 1e-10)
-        update = torch._foreach_div(grads, std)
-        torch._foreach_mul_(update, lr)
-        torch._foreach_sub_(params, update)
+        _scaled_descent(params, grads, state["sum"], 1e-10, lr)
 
 
 class Adadelta:
