@@ -117,3 +117,23 @@ def test_new_settings_keep_every_existing_key():
     assert sweep_id(plain) == sweep_id(same) and protect_key(plain, 0, 0) == protect_key(same, 0, 0)
     recipes = parse_spec({**SPEC, "protect": [{"name": "d", "environments": {"recipes": {"strategy": ["direct-all"]}}}]})
     assert protect_key(recipes, 0, 0) != protect_key(plain, 0, 0)
+
+
+def test_a_later_round_starts_from_the_previous_rounds_choice():
+    from sophon_ray.run.defend import JOIN, searcher
+
+    spec = parse_spec({**SPEC, "protect": [{**SPEC["protect"][0], "defend": {
+        **SPEC["protect"][0]["defend"], "space": {"alpha": {"distribution": "loguniform", "low": 1.0, "high": 10.0},
+                                                  "env_optimizers": [["sgd"], ["sgd", "adam"]]}}}]})
+    defend = spec.protect[0].defend
+    start = {"alpha": 7.25, "env_optimizers": JOIN.join(("sgd", "adam"))}
+    search = searcher(defend, [], "s", round_=2, start=start)
+    search.set_search_properties("defend_objective", "min", {})
+    assert search.suggest("t1") == start                        # the winner so far first
+    assert search.suggest("t2") != start
+    fresh = searcher(defend, [], "s", round_=2)
+    fresh.set_search_properties("defend_objective", "min", {})
+    assert fresh.suggest("t1") != start
+    resumed = searcher(defend, [({"alpha": 2.0, "env_optimizers": "sgd"}, 5.0)], "s", round_=2, start=start)
+    resumed.set_search_properties("defend_objective", "min", {})
+    assert resumed.suggest("t1") != start                        # a resumed round already ran it first

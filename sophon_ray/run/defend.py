@@ -153,10 +153,12 @@ def defend_trial(config: dict[str, Any], spec: SweepSpec, base: ProtectSpec, con
 
 
 # -------------------------------------------------------------------------------------------- the driver
-def searcher(defend: DefendSpec, history: Sequence[tuple[dict, float]], name: str, round_: int = 1) -> Any:
+def searcher(defend: DefendSpec, history: Sequence[tuple[dict, float]], name: str, round_: int = 1,
+             start: Mapping[str, Any] | None = None) -> Any:
     """OptunaSearch over the defend space (TPE or random, seeded by the search's seed and the round), warm-started
     with ``history`` (this round's candidates), minimising the objective, at most ``max_concurrent`` candidates at
-    once."""
+    once. ``start`` (the previous round's choice): the round's first candidate, so that a round reconsiders the
+    winner so far under its larger threat model before it explores."""
     import optuna  # noqa: PLC0415
     from ray.tune.search import ConcurrencyLimiter  # noqa: PLC0415
     from ray.tune.search.optuna import OptunaSearch  # noqa: PLC0415
@@ -173,6 +175,8 @@ def searcher(defend: DefendSpec, history: Sequence[tuple[dict, float]], name: st
                                                       distributions=dims, value=value))
         except ValueError as err:
             log.warning("defend %s: an earlier candidate does not fit the current space (%s); not used", name, err)
+    if start and not history:
+        study.enqueue_trial({k: start[k] for k in dims if k in start})
     search = OptunaSearch(space=DefineByRun(defend.space), metric=OBJECTIVE, mode="min", sampler=sampler,
                           study_name=name, storage=storage)
     return ConcurrencyLimiter(search, max_concurrent=defend.max_concurrent)
@@ -323,6 +327,7 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
     normal_val = card["metrics"][task.metric.key("original_val")]
     data = Lazy(lambda: development_data(make_splits(spec)))
     known: tuple[Any, ...] = ()          # the red team's finds so far (each round's choice's best recipes)
+    best: tuple[dict, float, str, dict] | None = None   # the previous round's choice
     for round_ in range(1, defend.rounds + 1):
         base = with_known(variant, known)
         configs = list(dict.fromkeys([*development_configs(spec), *known]))
@@ -332,7 +337,8 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
         ctx.say(f"[defend] {label}: development best scratch {scratch_best:.1f}, normal {normal_best:.1f}; "
                 f"{len(done)} of {defend.num_samples} candidates finished earlier")
         if defend.num_samples > len(done):
-            search_round(ctx, run, base, round_, configs, (model, card), normal_val, scratch_best, chance, len(done))
+            search_round(ctx, run, base, round_, configs, (model, card), normal_val, scratch_best, chance, len(done),
+                         best[0] if best is not None else None)
             done = history(tracker, run, defend.space, round_)
         best = choose(done)
         if best is None:
@@ -409,8 +415,10 @@ def baselines(ctx: RunContext, run: str, round_: int, model: Any, configs: Seque
 
 
 def search_round(ctx: RunContext, run: str, base: ProtectSpec, round_: int, configs: list[Any],
-                 normal: tuple[Any, dict], normal_val: float, scratch_best: float, chance: float, done: int) -> None:
-    """One round's Tune experiment: the candidates this round still needs, each a :func:`defend_trial`."""
+                 normal: tuple[Any, dict], normal_val: float, scratch_best: float, chance: float, done: int,
+                 start: Mapping[str, Any] | None = None) -> None:
+    """One round's Tune experiment: the candidates this round still needs, each a :func:`defend_trial`, the first
+    of a later round the previous round's choice (``start``)."""
     from ray import tune  # noqa: PLC0415
 
     from sophon_ray.run.trials_worker import share  # noqa: PLC0415
@@ -427,7 +435,7 @@ def search_round(ctx: RunContext, run: str, base: ProtectSpec, round_: int, conf
     suffix = f"-r{round_}" if round_ > 1 else ""
     tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
         metric=OBJECTIVE, mode="min", num_samples=defend.num_samples - done,
-        search_alg=searcher(defend, history_, f"defend-{base.label}{suffix}", round_),
+        search_alg=searcher(defend, history_, f"defend-{base.label}{suffix}", round_, start),
         scheduler=scheduler(defend, base)),
         run_config=tune.RunConfig(name=f"defend-{base.label}{suffix}-{done}", storage_path=ctx.storage,
                                   callbacks=[logger.callback], verbose=0))
