@@ -31,54 +31,6 @@ SPEC = {
 }
 
 
-@pytest.mark.integration
-def test_a_defend_sweep_chooses_protects_and_resumes(tmp_path):
-    from mlflow import MlflowClient
-
-    from sophon_ray.names import ROLE
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({**SPEC, "output_dir": str(tmp_path / "out"), "tracking": {"uri": uri}}))
-    cli = [sys.executable, "-m", "sophon_ray.cli", "run", str(spec)]
-    run = subprocess.run(cli, capture_output=True, text=True, env=process_env(), cwd=tmp_path, timeout=1200)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "[defend] defended: chose candidate" in run.stdout
-
-    client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("defend-it").experiment_id], max_results=500)
-    by_role = {role: [r for r in runs if r.data.tags.get(ROLE) == role] for role in ("defend", "defend-candidate",
-                                                                                     "protect")}
-    (defend,) = by_role["defend"]
-    candidates = by_role["defend-candidate"]
-    assert defend.info.status == "FINISHED" and len(candidates) == 2
-    scratch = defend.data.metrics["dev_best_scratch"]
-    for c in candidates:
-        m = c.data.metrics
-        assert c.info.status == "FINISHED" and m["last"] == 1.0 and {"alpha", "env_optimizers"} <= set(c.data.params)
-        if m["feasible"] == 1.0:  # the objective is the development worst case minus scratch's best
-            assert m["defend_objective"] == pytest.approx(m["dev_worst_case"] - scratch)
-        steps = {h.step for h in client.get_metric_history(c.info.run_id, "defend_objective")}
-        assert {5, 10, 11} <= steps   # the probes (through Ray Train's TuneReportCallback) and the final report
-    chosen_key = defend.data.tags["chosen_candidate"]
-    chosen = next(c for c in candidates if c.data.params["candidate"] == chosen_key)
-    fragment = yaml.safe_load((tmp_path / "out" / "defend" / "defended.yaml").read_text())["protect"][0]
-    assert fragment["alpha"] == pytest.approx(float(chosen.data.params["alpha"]))
-    (protect,) = by_role["protect"]   # the chosen setting, protected on the variant's seed, then attacked
-    assert float(protect.data.params["alpha"]) == pytest.approx(fragment["alpha"])
-    report = tmp_path / "out" / "report"
-    summary = (report / "summary.md").read_text()
-    assert "## Defender search" in summary and summary.count("**chosen**") == 1
-    assert (report / "defend-pareto-defended.png").is_file() and (report / "tables" / "defend.csv").is_file()
-
-    again = subprocess.run([*cli, "--resume"], capture_output=True, text=True, env=process_env(), cwd=tmp_path,
-                           timeout=1200)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "2 of 2 candidates finished earlier" in again.stdout and "0 to run" in again.stdout
-    runs = client.search_runs([client.get_experiment_by_name("defend-it").experiment_id], max_results=500)
-    assert sum(r.data.tags.get(ROLE) == "defend-candidate" for r in runs) == 2   # exactly once
-
-
 HARDENED = {**SPEC, "name": "defend-rounds",
             "protect": [{**SPEC["protect"][0],
                          "environments": {"recipes": {"strategy": ["direct-all", "initfc-all", "direct-fc"],
@@ -94,12 +46,14 @@ HARDENED = {**SPEC, "name": "defend-rounds",
 
 
 @pytest.mark.integration
-def test_rounds_carry_the_red_teams_finds_into_the_next_rounds_simulated_attacker(tmp_path):
-    """Two rounds of a defender whose simulated attacker is drawn from the recipe space: every candidate meets the
-    red team; round 2's candidates simulate round 1's choice's best find; exactly once on --resume."""
+def test_a_defend_sweep_chooses_protects_and_resumes(tmp_path):
+    """Two rounds of a defender whose simulated attacker is drawn from the recipe space: candidates exactly once
+    under ``defend/<variant>`` with their probe estimates, every feasible one met by the red team; round 2's
+    candidates simulate round 1's choice's best find; the chosen setting written out, protected and reported;
+    ``--resume`` reuses every finished candidate."""
     from mlflow import MlflowClient
 
-    from sophon_ray.names import RED_TEAM_BEST, RED_TEAM_FOUND, ROLE
+    from sophon_ray.names import RED_TEAM_BEST, RED_TEAM_FOUND, ROLE, STOPPED
     from sophon_ray.run.development import found_recipes
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -121,20 +75,35 @@ def test_rounds_carry_the_red_teams_finds_into_the_next_rounds_simulated_attacke
         m = c.data.metrics
         if m["feasible"] == 1.0:   # the red team ran, and its best counts in the worst case
             assert RED_TEAM_FOUND in c.data.tags and m["dev_worst_case"] >= m[RED_TEAM_BEST]
+    scratch = {m.step: m.value for m in client.get_metric_history(defend.info.run_id, "dev_best_scratch")}
+    for c in candidates:
+        m = c.data.metrics
+        assert c.info.status == "FINISHED" and "alpha" in c.data.params
+        if m["feasible"] == 1.0 and m.get("last") == 1.0:   # the objective: development worst case minus scratch
+            assert m["defend_objective"] == pytest.approx(m["dev_worst_case"] - scratch[int(c.data.params["round"]) - 1])
+        steps = {h.step for h in client.get_metric_history(c.info.run_id, "defend_objective")}
+        assert {5} <= steps and (m.get(STOPPED) == 1.0 or {10, 11} <= steps)   # probes, then the final report
     first = next(c for c in by_round[1] if c.data.params["candidate"] == defend.data.tags["round1_chosen"])
     carried = found_recipes(first.data.tags[RED_TEAM_FOUND])
     assert len(carried) == 1
     fragment = yaml.safe_load((tmp_path / "out" / "defend" / "defended.yaml").read_text())["protect"][0]
+    chosen = next(c for c in by_round[2] if c.data.params["candidate"] == defend.data.tags["chosen_candidate"])
+    assert fragment["alpha"] == pytest.approx(float(chosen.data.params["alpha"]))
+    (protect,) = [r for r in runs if r.data.tags.get(ROLE) == "protect"]   # the chosen setting, protected, attacked
+    assert float(protect.data.params["alpha"]) == pytest.approx(fragment["alpha"])
     assert fragment["environments"]["known_share"] == 0.5
     assert found_recipes(__import__("json").dumps([{k: v for k, v in r.items()} for r in
                                                    fragment["environments"]["known"]])) == carried
     history = {m.step: m.value for m in client.get_metric_history(defend.info.run_id, "dev_best_scratch")}
     assert set(history) == {0, 1}          # each round's baseline over its own development grid
-    summary = (tmp_path / "out" / "report" / "summary.md").read_text()
+    report = tmp_path / "out" / "report"
+    summary = (report / "summary.md").read_text()
+    assert "## Defender search" in summary and summary.count("**chosen**") == 1
     assert "- round 1: 2 candidates, chose #" in summary and "- round 2: 2 candidates, chose #" in summary
+    assert (report / "defend-pareto-defended.png").is_file() and (report / "tables" / "defend.csv").is_file()
 
     again = subprocess.run([*cli, "--resume"], capture_output=True, text=True, env=process_env(), cwd=tmp_path,
                            timeout=1500)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert again.stdout.count("2 of 2 candidates finished earlier") == 2
+    assert again.stdout.count("2 of 2 candidates finished earlier") == 2 and "0 to run" in again.stdout
     assert sum(r.data.tags.get(ROLE) == "defend-candidate" for r in client.search_runs([exp], max_results=500)) == 4
