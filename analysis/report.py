@@ -23,7 +23,7 @@ from analysis.html import write_html_report
 from analysis.defend import defend_overview, defend_section
 from analysis.families import family_rows
 from analysis.results import merge_results, results_document
-from analysis.runs import load_spec_dict
+from analysis.runs import load_chosen_settings, load_spec_dict
 from analysis.search import search_overview, search_section
 from analysis.summary import make_summary, overview, write_summary
 from analysis.timesteps import timestep_rows, timestep_section
@@ -68,6 +68,9 @@ def write_results(data: SweepData, results: Path, command: str | None) -> None:
     spec = load_spec_dict(data.sweep) or {}
     if data.num_classes:  # the chance level summary.md used, so both documents floor at the same value
         spec = {**spec, "model": {**spec.get("model", {}), "num_classes": data.num_classes}}
+    chosen = load_chosen_settings(data.sweep)   # a defended variant is reported as the setting its search chose
+    spec = {**spec, "protect": [{**chosen[label], "defended": True} if (label := v.get("name") or v.get("loss")) in chosen
+                                else v for v in spec.get("protect", [])]}
     parent = MlflowClient(tracking_uri=data.sweep.tracking_uri).get_run(data.sweep.parent_run_id).data.metrics
     seconds = sum(v for k, v in parent.items() if k.startswith("seconds_")) or None
     metric, chance_level = data.metric, data.chance_level

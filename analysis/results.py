@@ -72,18 +72,43 @@ def protocol_section(spec: Mapping[str, Any], runs: pd.DataFrame) -> str:
         lines.append(f"- **Attacker data**: `{', '.join(pools)}` (`shared`: the attacker draws from the whole "
                      "restricted training split, the protector's share included).")
     for variant in spec.get("protect", []):
-        env = variant.get("environments", {})
         probes = ", ".join(f"{p['strategy']}/{p['optimizer']}/lr {p['lr']:g}/batch {p['batch_size']}"
                            for p in variant.get("probes", []))
-        lines.append(f"- **Protection `{variant.get('name') or variant.get('loss')}`**: loss `{variant.get('loss')}`, "
-                     f"{variant.get('iterations')} iterations, {variant.get('inner_steps')} inner steps, base lr "
-                     f"{variant.get('base_lr'):g}, alpha {variant.get('alpha'):g}, beta {variant.get('beta'):g}, "
-                     f"{variant.get('ntr_steps')} NTR steps, batch {variant.get('batch_size')}; environments: "
-                     f"{', '.join(env.get('optimizers', []))} at lr {env.get('lr', [0, 0])[0]:g}-"
-                     f"{env.get('lr', [0, 0])[1]:g}, head re-init p {env.get('head_reinit', 0):g}, head-only p "
-                     f"{env.get('head_only', 0):g}; seeds {variant.get('seeds')}; probes (checkpoint choice, "
-                     f"{variant.get('probe_epochs')} epochs, validation data): {probes}; {_selection_rule(variant)}.")
+        chosen = " (chosen by the defender search on development data: *Defender search* below)" \
+            if variant.get("defended") else ""
+        lines.append(f"- **Protection `{variant.get('name') or variant.get('loss')}`**{chosen}: loss "
+                     f"`{variant.get('loss')}`, {variant.get('iterations')} iterations, {variant.get('inner_steps')} "
+                     f"inner steps, base lr {variant.get('base_lr'):g}, alpha {variant.get('alpha'):.3g}, beta "
+                     f"{variant.get('beta'):.3g}, {variant.get('ntr_steps')} NTR steps, batch "
+                     f"{variant.get('batch_size')}; simulated attacker: {_environments(variant.get('environments', {}))}"
+                     f"; seeds {variant.get('seeds')}; probes (checkpoint choice, {variant.get('probe_epochs')} epochs, "
+                     f"validation data): {probes}; {_selection_rule(variant)}.")
     return "\n".join(lines)
+
+
+def _environments(env: Mapping[str, Any]) -> str:
+    """The simulated attacker in words: a recipe space (its searched dimensions) and known recipes, or the
+    optimizer / lr / head environments."""
+    known = env.get("known") or []
+    extra = (f", or one of {len(known)} known recipes (the red team's finds) with probability "
+             f"{env.get('known_share', 0.5):g}" if known else "")
+    space = env.get("recipes")
+    if space:
+        dims = "; ".join(f"{k} {_values(v)}" for k, v in space.items() if _several(v))
+        return f"a recipe drawn from a space ({dims}){extra}"
+    return (f"{', '.join(env.get('optimizers', []))} at lr {env.get('lr', [0, 0])[0]:g}-{env.get('lr', [0, 0])[1]:g}, "
+            f"head re-init p {env.get('head_reinit', 0):g}, head-only p {env.get('head_only', 0):g}{extra}")
+
+
+def _several(value: Any) -> bool:
+    return isinstance(value, dict) or (isinstance(value, list) and len(value) > 1)
+
+
+def _values(value: Any) -> str:
+    if isinstance(value, dict) and value.get("distribution") != "choice":
+        return f"{value.get('distribution')} {value.get('low'):g}..{value.get('high'):g}"
+    items = value.get("values", []) if isinstance(value, dict) else value
+    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in items)
 
 
 def _selection_rule(variant: Mapping[str, Any]) -> str:

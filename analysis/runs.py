@@ -382,6 +382,23 @@ def load_spec_dict(sweep: Sweep) -> dict | None:
     return spec if isinstance(spec, dict) else None
 
 
+def load_chosen_settings(sweep: Sweep) -> dict[str, dict]:
+    """Per defended variant (its label): the setting its defender search chose, as the spec fragment the defend run
+    logged (``<variant>.yaml``: ``protect: [<setting>]``) holds it; {} when the sweep defended nothing."""
+    client, out = _client(sweep.tracking_uri), {}
+    for run in stage_runs(sweep, names.DEFEND_ROLE):
+        label = run.data.params.get("variant", "")
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                path = client.download_artifacts(run.info.run_id, f"{label}.yaml", dst_path=folder)
+            except (MlflowException, OSError):
+                continue
+            fragment = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if fragment.get("protect"):
+            out[label] = fragment["protect"][0]
+    return out
+
+
 def load_num_classes(sweep: Sweep) -> int | None:
     """The model's class count (chance = 100 / C on the restricted domain): param ``model.num_classes`` or
     ``num_classes`` of the parent or pretrain run, else ``model.num_classes`` in the parent's ``spec.yaml``

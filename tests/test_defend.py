@@ -214,3 +214,31 @@ def test_the_report_states_each_round_and_restarts_the_best_after_n():
     assert "- round 1: 2 candidates, chose #1, objective +2.0, its red team's best 50.0" in text
     assert "- round 2: 2 candidates, chose #4, objective +7.0, its red team's best 41.0" in text
     assert "| 3 | 2 | n/a | +0.5 | +9.0 | +9.0 |  |" in text       # round 2's best after n starts again
+
+
+def test_the_results_protocol_names_a_defended_variants_chosen_setting_and_its_simulated_attacker():
+    import pandas as pd
+
+    from analysis.results import protocol_section
+    from sophon_ray import names
+
+    chosen = {"name": "d", "loss": "ice", "iterations": 300, "inner_steps": 30, "base_lr": 1e-3, "alpha": 1.4023,
+              "beta": 3.0, "ntr_steps": 3, "batch_size": 100, "seeds": [0, 1], "probe_epochs": 3, "probes": [],
+              "environments": {"optimizers": ["sgd"], "lr": [1e-4, 1e-4],
+                               "recipes": {"strategy": ["direct-all", "initfc-all"], "optimizer": ["sgd"],
+                                           "lr": {"distribution": "loguniform", "low": 1e-4, "high": 3e-2}},
+                               "known": [{"strategy": "initfc-all"}, {"optimizer": "rmsprop"}], "known_share": 0.5},
+              "defended": True}
+    plain = {**chosen, "name": "p", "alpha": 3.0, "beta": 1.0, "defended": False,
+             "environments": {"optimizers": ["sgd", "adam"], "lr": [1e-3, 3e-2], "head_reinit": 0.5}}
+    runs = pd.DataFrame([{names.GRID: "evaluation", "seed": 0, "subject": "normal", names.DATA_POOL: "disjoint",
+                          **{k: 0 for k in ("strategy", "optimizer", "lr")}}])
+    from analysis.runs import CELL_KEYS
+
+    runs = runs.assign(**{k: 0 for k in CELL_KEYS if k not in runs})
+    text = protocol_section({"attack": {"evaluation": []}, "protect": [chosen, plain]}, runs)
+    assert ("**Protection `d`** (chosen by the defender search on development data: *Defender search* below): loss "
+            "`ice`, 300 iterations, 30 inner steps, base lr 0.001, alpha 1.4, beta 3") in text
+    assert ("simulated attacker: a recipe drawn from a space (strategy direct-all, initfc-all; lr loguniform "
+            "0.0001..0.03), or one of 2 known recipes (the red team's finds) with probability 0.5") in text
+    assert "**Protection `p`**: loss `ice`" in text and "simulated attacker: sgd, adam at lr 0.001-0.03, head re-init p 0.5" in text
