@@ -93,8 +93,11 @@ def _environments(env: Mapping[str, Any]) -> str:
     extra = (f", or one of {len(known)} known recipes (the red team's finds) with probability "
              f"{env.get('known_share', 0.5):g}" if known else "")
     space = env.get("recipes")
-    if space:
-        dims = "; ".join(f"{k} {_values(v)}" for k, v in space.items() if _several(v))
+    if space:   # what a simulation draws (its inner steps stand for epochs, batch size and data fraction)
+        unused = {"batch_size", "epochs", "data_fraction", "lora_rank", "lora_alpha"}
+        if not {"last-k", "reinit-last-k"} & set(space.get("strategy", [])):
+            unused.add("blocks")
+        dims = "; ".join(f"{k} {_values(v)}" for k, v in space.items() if _several(v) and k not in unused)
         return f"a recipe drawn from a space ({dims}){extra}"
     return (f"{', '.join(env.get('optimizers', []))} at lr {env.get('lr', [0, 0])[0]:g}-{env.get('lr', [0, 0])[1]:g}, "
             f"head re-init p {env.get('head_reinit', 0):g}, head-only p {env.get('head_only', 0):g}{extra}")
