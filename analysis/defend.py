@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 from analysis.runs import Sweep, stage_runs  # noqa: E402
 from analysis.summary import markdown_table, number  # noqa: E402
 from sophon_ray import names  # noqa: E402
-from sophon_ray.core.metrics import defend_protects  # noqa: E402
+from sophon_ray.core.metrics import INFEASIBLE, defend_protects  # noqa: E402
 
 OBJECTIVE, WORST_CASE, DROP, FEASIBLE = names.DEFEND_OBJECTIVE, names.DEV_WORST_CASE, names.DEFEND_DROP, names.FEASIBLE
 NOT_SETTINGS = {"candidate"}
@@ -81,6 +81,9 @@ def defend_table(variant: pd.Series, candidates: pd.DataFrame) -> pd.DataFrame:
     for column in (WORST_CASE, DROP, "iteration"):
         if column not in mine:
             mine = mine.assign(**{column: math.nan})
+    # a candidate infeasible at a probe (stopped there by ASHA) logged no drop, only its estimate INFEASIBLE + drop
+    over = mine[OBJECTIVE].between(INFEASIBLE, 2 * INFEASIBLE, inclusive="left")
+    mine = mine.assign(**{DROP: mine[DROP].where(mine[DROP].notna() | ~over, mine[OBJECTIVE] - INFEASIBLE)})
     table = mine[["n", *settings, WORST_CASE, DROP, OBJECTIVE, FEASIBLE, names.STOPPED, "iteration"]].rename(
         columns={c: c[6:] for c in settings})
     rounds = (mine["param:round"].astype(int) if "param:round" in mine else pd.Series(1, index=mine.index))

@@ -180,16 +180,19 @@ def test_the_report_table_marks_stopped_and_infeasible_candidates_and_the_best_a
         {"parent": "p", "n": 3, "param:candidate": "k3", "param:alpha": "4.0", OBJECTIVE: 1.0, FEASIBLE: 1.0,
          names.STOPPED: 0.0, names.DEV_WORST_CASE: 31.0, DROP: 1.0, "iteration": 41},
         {"parent": "p", "n": 4, "param:candidate": "k4", "param:alpha": "5.0", OBJECTIVE: -4.0, FEASIBLE: 1.0,
-         names.STOPPED: 1.0, DROP: 0.2, "iteration": 10}])
+         names.STOPPED: 1.0, DROP: 0.2, "iteration": 10},
+        {"parent": "p", "n": 5, "param:candidate": "k5", "param:alpha": "8.0", OBJECTIVE: 103.5, FEASIBLE: 0.0,
+         names.STOPPED: 1.0, DROP: float("nan"), "iteration": 10}])   # over the guard at its probe: drop from it
     text = defend_section(Defends(variants, candidates))
+    assert "| 5 | 8 | n/a | +3.5 | infeasible | +1.0 |  |" in text
     assert "| 1 | 2 | 36.0 | +0.5 | +6.0 | +6.0 |  |" in text
     assert "| 2 | 9 | n/a | +3.0 | infeasible | +6.0 |  |" in text
     assert "| 3 | 4 | 31.0 | +1.0 | +1.0 | +1.0 | **chosen** |" in text
     assert "| 4 | 5 | n/a | +0.2 | stopped at 10 (est. -4.0) | +1.0 |  |" in text   # never the best found
-    assert "3 of 4 candidates feasible, 1 stopped early by ASHA" in text
+    assert "3 of 5 candidates feasible, 2 stopped early by ASHA" in text
     assert defend_overview(Defends(variants, candidates)) == (
-        "defend d: chose #3 (development worst case 31.0 vs scratch 30.0: +1.0) of 4 candidates (3 feasible, "
-        "1 stopped by ASHA); development data only")
+        "defend d: chose #3 (development worst case 31.0 vs scratch 30.0: +1.0) of 5 candidates (3 feasible, "
+        "2 stopped by ASHA); development data only")
     unprotected = Defends(variants.assign(dev_best_normal=31.5), candidates)   # normal's objective +1.5
     assert "**The chosen candidate is no better than the unprotected model on the development grid** (+1.0 vs " \
         "+1.5): this search found no protection." in defend_section(unprotected)
