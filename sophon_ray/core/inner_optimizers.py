@@ -68,7 +68,11 @@ class Sgd:
 
 
 class Momentum:
-    """torch.optim.SGD with momentum 0.9 (heavy ball, PyTorch's convention: buf = 0.9 buf + g)."""
+    """torch.optim.SGD with momentum 0.9 (heavy ball, PyTorch's convention: buf = 0.9 buf + g), or with
+    ``nesterov`` (nesterov=True: the step goes along g + 0.9 buf)."""
+
+    def __init__(self, nesterov: bool = False) -> None:
+        self.nesterov = nesterov
 
     def init(self, params: list[Tensor]) -> State:
         return {"buf": _zeros(params)}
@@ -78,20 +82,9 @@ class Momentum:
         grads = _l2(grads, params, weight_decay)
         torch._foreach_mul_(state["buf"], 0.9)
         torch._foreach_add_(state["buf"], grads)
-        torch._foreach_sub_(params, torch._foreach_mul(state["buf"], lr))
-
-
-class Nesterov:
-    """torch.optim.SGD with momentum 0.9, nesterov=True (buf = 0.9 buf + g; step along g + 0.9 buf)."""
-
-    def init(self, params: list[Tensor]) -> State:
-        return {"buf": _zeros(params)}
-
-    def step_(self, params: list[Tensor], grads: list[Tensor], state: State, lr: Tensor,
-              t: Tensor, *, weight_decay: float = 0.0) -> None:
-        grads = _l2(grads, params, weight_decay)
-        torch._foreach_mul_(state["buf"], 0.9)
-        torch._foreach_add_(state["buf"], grads)
+        if not self.nesterov:
+            torch._foreach_sub_(params, torch._foreach_mul(state["buf"], lr))
+            return
         update = torch._foreach_add(grads, state["buf"], alpha=0.9)
         torch._foreach_mul_(update, lr)
         torch._foreach_sub_(params, update)
@@ -183,12 +176,12 @@ _ADAM = Adam()
 
 INNER_OPTIMIZERS.register("sgd")(Sgd())
 INNER_OPTIMIZERS.register("momentum")(Momentum())
-INNER_OPTIMIZERS.register("nesterov")(Nesterov())
+INNER_OPTIMIZERS.register("nesterov")(Momentum(nesterov=True))
 INNER_OPTIMIZERS.register("adam")(_ADAM)
 INNER_OPTIMIZERS.register("adamw")(AdamW())
 INNER_OPTIMIZERS.register("rmsprop")(RmsProp())
 INNER_OPTIMIZERS.register("adagrad")(Adagrad())
 INNER_OPTIMIZERS.register("adadelta")(Adadelta())
 
-__all__ = ["INNER_OPTIMIZERS", "Adadelta", "Adagrad", "Adam", "AdamW", "InnerOptimizer", "Momentum", "Nesterov",
+__all__ = ["INNER_OPTIMIZERS", "Adadelta", "Adagrad", "Adam", "AdamW", "InnerOptimizer", "Momentum",
            "RmsProp", "Sgd", "State"]
