@@ -337,7 +337,7 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
         ctx.say(f"[defend] {label}: development best scratch {scratch_best:.1f}, normal {normal_best:.1f}; "
                 f"{len(done)} of {defend.num_samples} candidates finished earlier")
         if defend.num_samples > len(done):
-            search_round(ctx, run, base, round_, configs, (model, card), normal_val, scratch_best, chance, len(done),
+            search_round(ctx, run, base, round_, configs, (model, card), normal_val, scratch_best, chance, done,
                          best[0] if best is not None else None)
             done = history(tracker, run, defend.space, round_)
         best = choose(done)
@@ -415,18 +415,18 @@ def baselines(ctx: RunContext, run: str, round_: int, model: Any, configs: Seque
 
 
 def search_round(ctx: RunContext, run: str, base: ProtectSpec, round_: int, configs: list[Any],
-                 normal: tuple[Any, dict], normal_val: float, scratch_best: float, chance: float, done: int,
-                 start: Mapping[str, Any] | None = None) -> None:
-    """One round's Tune experiment: the candidates this round still needs, each a :func:`defend_trial`, the first
-    of a later round the previous round's choice (``start``)."""
+                 normal: tuple[Any, dict], normal_val: float, scratch_best: float, chance: float,
+                 done: Sequence[tuple[dict, float, str, dict]], start: Mapping[str, Any] | None = None) -> None:
+    """One round's Tune experiment: the candidates this round still needs (``done``: its finished ones, as
+    :func:`history` read them; they warm-start the study), each a :func:`defend_trial`, the first of a later round
+    the previous round's choice (``start``)."""
     from ray import tune  # noqa: PLC0415
 
     from sophon_ray.run.trials_worker import share  # noqa: PLC0415
 
     defend = base.defend
     model, card = normal
-    logger = DefendLogger(ctx.tracker, run, ctx.sweep_id, base, ctx.say, done, round_)
-    history_ = [(p, v) for p, v, _, _ in history(ctx.tracker, run, defend.space, round_)]
+    logger = DefendLogger(ctx.tracker, run, ctx.sweep_id, base, ctx.say, len(done), round_)
     trainable = tune.with_resources(
         tune.with_parameters(defend_trial, spec=ctx.spec, base=base, configs=configs,
                              normal=(share(model.state_dict()), card), normal_val=normal_val,
@@ -434,10 +434,10 @@ def search_round(ctx: RunContext, run: str, base: ProtectSpec, round_: int, conf
         {"cpu": TRIAL_CPU})
     suffix = f"-r{round_}" if round_ > 1 else ""
     tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
-        metric=OBJECTIVE, mode="min", num_samples=defend.num_samples - done,
-        search_alg=searcher(defend, history_, f"defend-{base.label}{suffix}", round_, start),
+        metric=OBJECTIVE, mode="min", num_samples=defend.num_samples - len(done),
+        search_alg=searcher(defend, [(p, v) for p, v, _, _ in done], f"defend-{base.label}{suffix}", round_, start),
         scheduler=scheduler(defend, base)),
-        run_config=tune.RunConfig(name=f"defend-{base.label}{suffix}-{done}", storage_path=ctx.storage,
+        run_config=tune.RunConfig(name=f"defend-{base.label}{suffix}-{len(done)}", storage_path=ctx.storage,
                                   callbacks=[logger.callback], verbose=0))
     tuner.fit()
 
