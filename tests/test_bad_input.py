@@ -63,6 +63,7 @@ CASES = {
     "attacker pool too large": (_with("attack.pool_fraction", 0.9), "attack.pool_fraction: must be in (0, 0.8)"),
     "no protection seed": (_with("protect.0.seeds", []), "protect.0.seeds: needs at least one protection seed"),
     "unknown probe strategy": (_with("protect.0.probes", [{"strategy": "initfc-al"}]), "did you mean 'initfc-all'"),
+    "negative alpha": (_with("protect.0.alpha", -1), "protect.0.alpha: must be >= 0"),  # 0: NTR-only control
     "negative weight decay": (_with("attack.evaluation.0.weight_decay", [-1e-4]), "weight_decay.0: must be >= 0"),
     "bad probability": (_with("protect.0.environments", {"head_reinit": 1.5}), "must be in [0, 1]"),
     "missing data root": (_with("restricted.0", {"dataset": "cifar10", "root": "/nonexistent/cifar", "image_size": 12}),

@@ -109,3 +109,23 @@ def test_sampled_environments_do_not_make_a_reinitialised_head_attack_easier():
         protected = finetune(result.model, r_train, r_test, cfg, task=CLASSIFICATION).final
         unprotected = finetune(normal, r_train, r_test, cfg, task=CLASSIFICATION).final
         assert protected <= unprotected + 10, (seed, protected, unprotected)
+
+
+def test_alpha_zero_is_the_ntr_only_control_with_the_same_draws():
+    """alpha 0 turns suppression off: with no NTR either the weights stay the input's; with NTR the control's
+    history draws what the suppressing run draws (same simulated losses at iteration 1, before the weights differ)."""
+    from dataclasses import replace
+
+    model = tiny_net(bn=True, seed=4)
+    off = replace(SPEC, alpha=0.0, ntr_steps=0, iterations=3, probe_every=3)
+    _, result = _run(off, model=model)
+    parameters = dict(model.named_parameters())
+    assert all(torch.equal(p, parameters[n]) for n, p in result.model.named_parameters())
+    rows = {}
+    for name, spec in (("control", replace(SPEC, alpha=0.0)), ("suppressing", SPEC)):
+        original, restricted = tiny_data(80, seed=1), tiny_data(80, seed=2)
+        seen = rows.setdefault(name, {})
+        protect(tiny_net(bn=True, seed=4), original, original, [restricted], [restricted], spec, 50.0,
+                on_metrics=lambda it, m, seen=seen: seen.setdefault(it, m.get("fts_loss")), task=CLASSIFICATION)
+    assert rows["control"][1] == rows["suppressing"][1]       # the same first draw
+    assert rows["control"][2] != rows["suppressing"][2]       # then the suppressed weights differ

@@ -213,7 +213,8 @@ def protect(model: Net, original_train: Dataset, original_val: Dataset, restrict
     Each iteration: one FTS step (sample an environment, simulate ``inner_steps`` of fine-tuning on a
     fresh restricted batch each, mean query gradient of the suppression loss, clip to ``clip_norm``,
     Adam at ``alpha * base_lr``), then ``ntr_steps`` cross-entropy steps on original batches (a second
-    Adam at ``beta * base_lr``). Every ``eval_every`` iterations the original validation accuracy is
+    Adam at ``beta * base_lr``). ``alpha`` 0 turns suppression off (the NTR-only control): the simulation still
+    runs, so the control draws every batch and environment that the same variant with suppression draws. Every ``eval_every`` iterations the original validation accuracy is
     checked against ``normal_acc - max_drop``; a breach or a non-finite loss rolls back to the last good
     state (up to ``max_rollbacks`` times, then stops). Every ``probe_every`` iterations (and at the end)
     a probe attack scores the state; the returned model is the state chosen by :func:`selection` with the

@@ -152,10 +152,10 @@ def _variant(c: Checker, path: str, v: ProtectSpec, spec: SweepSpec) -> None:
     """One protection's own settings (no name or seed checks)."""
     _loss(c, f"{path}.loss", v.loss, spec.mode)
     _timesteps(c, f"{path}.suppression_t", v.suppression_t, spec)
-    for key in ("iterations", "inner_steps", "base_lr", "alpha", "beta", "batch_size", "clip_norm",
+    for key in ("iterations", "inner_steps", "base_lr", "beta", "batch_size", "clip_norm",
                 "eval_every", "probe_every", "probe_epochs"):
         c.positive(f"{path}.{key}", getattr(v, key))
-    for key in ("ntr_steps", "max_rollbacks", "max_drop", "select_drop", "select_tolerance"):
+    for key in ("alpha", "ntr_steps", "max_rollbacks", "max_drop", "select_drop", "select_tolerance"):
         c.at_least_zero(f"{path}.{key}", getattr(v, key))
     if v.select_prefer not in SELECT_PREFER:
         c.add(f"{path}.select_prefer", f"unknown rule '{v.select_prefer}'"
