@@ -16,7 +16,7 @@ def _one_thread():
 # runs `-n 2 --dist loadfile`: each worker takes whole files in the order of the queue, so these go first and the short
 # files fill the gaps at the end, instead of one long file running alone after everything else (measured: 8 minutes
 # of one idle worker). xdist would otherwise queue the files with the most tests first (its "loadscope reorder").
-LONGEST_FIRST = ["test_integration.py", "test_search_integration.py", "test_faults_protect.py", "test_faults.py",
+LONGEST_FIRST = ["test_defend_integration.py", "test_integration.py", "test_search_integration.py", "test_faults_protect.py", "test_faults.py",
                  "test_faults_tracking.py", "test_generation_integration.py", "test_bad_input.py",
                  "test_ui.py"]
 

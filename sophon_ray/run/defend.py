@@ -30,6 +30,7 @@ from sophon_ray import names
 from sophon_ray.errors import SophonError
 from sophon_ray.core.metrics import defend_protects as protects
 from sophon_ray.run.development import development_best, development_data
+from sophon_ray.run.placement import GroupReaper, worker_bundles
 from sophon_ray.spec import DefendSpace, DefendSpec, ProtectSpec, SweepSpec, spec_hash, to_dict
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ def defend_trial(config: dict[str, Any], spec: SweepSpec, base: ProtectSpec, con
                            "defend": {"scratch_best": scratch_best, "guard": defend.guard, "chance": chance,
                                       "configs": configs, "red_team": defend.red_team}},
         scaling_config=ScalingConfig(num_workers=r.protect_workers, use_gpu=r.use_gpu,
-                                     resources_per_worker={"CPU": r.cpus_per_trial, **({"GPU": 1} if r.use_gpu else {})}),
+                                     resources_per_worker=worker_bundles(1, r.cpus_per_trial, r.use_gpu)[0]),
         run_config=RunConfig(name=f"defend-{key}", storage_path=storage_path, callbacks=[TuneReportCallback()]),
     )
     result = trainer.fit()
@@ -439,7 +440,9 @@ def search_round(ctx: RunContext, run: str, base: ProtectSpec, round_: int, conf
         scheduler=scheduler(defend, base)),
         run_config=tune.RunConfig(name=f"defend-{base.label}{suffix}-{len(done)}", storage_path=ctx.storage,
                                   callbacks=[logger.callback], verbose=0))
-    tuner.fit()
+    r = ctx.spec.resources
+    with GroupReaper(worker_bundles(r.protect_workers, r.cpus_per_trial, r.use_gpu), say=ctx.say):
+        tuner.fit()
 
 
 class DefendError(SophonError):
