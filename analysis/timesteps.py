@@ -1,16 +1,20 @@
 """Generation sweeps: the restricted score after the attack per evaluation timestep (``generation.eval_t``), for
 protected, normal and scratch, so a protection that holds only at some timesteps (or an attacker that recovers
 only some) shows where. Pure pandas on the attack table (:func:`analysis.runs.attack_table` adds the
-``restricted_skill_t<t>`` columns the attack runs logged); nothing here talks to MLflow.
+``restricted_skill_t<t>`` columns the attack runs logged); only :func:`main` (``python -m analysis.timesteps``, which
+writes ``timesteps.md``) reads MLflow. It needs no protected subject, so it also shows a baselines-only sweep's
+precondition per timestep (normal vs scratch), which the full report does not cover.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 
-from analysis.runs import CELL_KEYS, WHERE, timestep_columns
+from analysis.runs import CELL_KEYS, WHERE, Sweep, load_runs, timestep_columns
 from analysis.summary import markdown_table, number
 from analysis.tables import in_order
 from sophon_ray import names
@@ -67,3 +71,26 @@ def timestep_section(rows: pd.DataFrame, metric: names.Metric = names.SKILL) -> 
         parts += [f"### {grid.capitalize()} grid, restricted domain `{domain}`",
                   markdown_table(["subject", "cells", *(f"t = {t[1:]}" for t in steps)], table, text_columns=1)]
     return "\n\n".join(parts)
+
+
+def write_timesteps(sweep: Sweep, out: Path, num_classes: int | None = None) -> list[Path]:  # noqa: ARG001
+    """``out/timesteps.md``: :func:`timestep_section` of the sweep's attack runs (an explanatory line when they
+    logged no per-timestep scores)."""
+    runs = load_runs(sweep.tracking_uri, sweep.experiment, sweep.sweep_id)
+    text = timestep_section(timestep_rows(runs, sweep.metric), sweep.metric) or (
+        f"Sweep {sweep.sweep_id} logged no per-timestep scores (classification, or generation before they were "
+        "logged).")
+    path = out / "timesteps.md"
+    path.write_text(text + "\n", encoding="utf-8")
+    return [path]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: write the per-timestep table of one sweep into --out/timesteps.md; returns the exit status."""
+    from analysis.cli import part_main  # noqa: PLC0415 - the CLI imports analysis.runs, as this module does
+
+    return part_main(__doc__.splitlines()[0], argv, write_timesteps)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -317,6 +317,7 @@ SHIPPED = {
                                                          "0/2": "c39d686cac5f", "1/0": "bc76cfb96e4f"}),
     "imagenette_cifar10_resnet18.yaml": ("df682082167e", "2e32468e728b", {"0/0": "42fc0315fc37",
                                                                           "1/0": "9e03442ac44e"}),
+    "precondition_official.yaml": ("b72f118b8581", "6960a10c011d", {}),   # added 2026-12-06 (issue 23)
     "quickstart.yaml": ("e44bd8b68e61", "c7f892d784f9", {"0/0": "11cdd6e86005"}),
     "quickstart_generation.yaml": ("e6e68c62360f", "66c593c23486", {"0/0": "073f540bc426"}),
     "search_quickstart.yaml": ("459b4ec81bfb", "c7f892d784f9", {"0/0": "11cdd6e86005"}),
@@ -432,3 +433,16 @@ def test_classification_ignores_the_generation_stages():
     data = copy.deepcopy(GOOD)
     data["generation"] = {"protocol": "bogus", "fit_t": [9, 2], "score_t": "nope"}
     assert parse_spec(data).generation.fit_t == (9, 2)   # ignored, as the rest of generation is
+
+
+def test_the_timesteps_cli_writes_its_table_for_any_sweep(tmp_path):
+    """``python -m analysis.timesteps`` needs no protected subject; a sweep without per-timestep scores (this
+    classification store) gets the line that says so."""
+    from analysis.timesteps import main
+    from tests.store import small_sweep
+
+    store = small_sweep(tmp_path / "store")
+    out = tmp_path / "out"
+    assert main(["--tracking-uri", store["uri"], "--experiment", store["experiment"], "--out", str(out)]) == 0
+    assert "logged no per-timestep scores" in (out / "timesteps.md").read_text()
+    assert main(["--tracking-uri", store["uri"], "--experiment", "no-such", "--out", str(out)]) == 2
