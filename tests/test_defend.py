@@ -113,8 +113,8 @@ def test_validation_names_the_field_and_the_fix():
         return str(err.value)
 
     assert "protect.0.defend.space.learning_rate: unknown key" in problems({"space": {"learning_rate": [1e-3]}})
-    text = problems({"space": {"alpha": {"distribution": "uniform", "low": 0.0, "high": 3.0}, "inner_steps": [0]}})
-    assert "protect.0.defend.space.alpha.low: 0.0 is not a valid value of protect.alpha: must be > 0" in text
+    text = problems({"space": {"alpha": {"distribution": "uniform", "low": -1.0, "high": 3.0}, "inner_steps": [0]}})
+    assert "protect.0.defend.space.alpha.low: -1.0 is not a valid value of protect.alpha: must be >= 0" in text
     assert "protect.0.defend.space.inner_steps.0: 0 is not a valid value of protect.inner_steps" in text
     assert "protect.0.defend.space.env_optimizers.0: ('lion',) is not a valid value" in problems(
         {"space": {"env_optimizers": [["lion"]]}})
@@ -245,3 +245,12 @@ def test_the_results_protocol_names_a_defended_variants_chosen_setting_and_its_s
     assert ("simulated attacker: a recipe drawn from a space (strategy direct-all, initfc-all; lr loguniform "
             "0.0001..0.03), or one of 2 known recipes (the red team's finds) with probability 0.5") in text
     assert "**Protection `p`**: loss `ice`" in text and "simulated attacker: sgd, adam at lr 0.001-0.03, head re-init p 0.5" in text
+
+
+def test_a_round_with_fewer_candidates_than_asked_chooses_nothing():
+    """Ctrl-C stops Tune gracefully (tuner.fit() returns): a run once chose from the 2 of 8 candidates it had."""
+    from sophon_ray.run.defend import DefendError, incomplete
+
+    assert incomplete(8, 8, "protect.1.defend", "dos-defended") is None
+    err = incomplete(2, 8, "protect.1.defend", "dos-defended")
+    assert isinstance(err, DefendError) and "2 of 8 candidates" in str(err) and "--resume" in str(err)

@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 OBJECTIVE, WORST_CASE, DROP, FEASIBLE = names.DEFEND_OBJECTIVE, names.DEV_WORST_CASE, names.DEFEND_DROP, names.FEASIBLE
 ENV_FIELDS = {"env_optimizers": "optimizers", "env_head_reinit": "head_reinit", "env_head_only": "head_only"}
 JOIN = "+"                            # an optimizer set as one categorical choice: "sgd+momentum"
-TRIAL_CPU = 0.01   # a candidate's trial only waits for its Ray Train job, whose workers hold the CPUs (Tune needs > 0)
+# a candidate's trial only waits for its Ray Train job, whose workers hold the CPUs: its bundle holds no CPU (a
+# bundle must hold something: 1 MiB of Ray's logical memory), so max_concurrent jobs of 1 CPU fit on as many CPUs
+TRIAL_BUNDLE = {"CPU": 0, "memory": 1 << 20}
 LAST = "last"                         # marks a candidate's final report (after its development attacks)
 STOPPED = names.STOPPED                # a candidate ASHA stopped at a probe checkpoint (not attacked, not chosen)
 LOGGED = (OBJECTIVE, WORST_CASE, DROP, FEASIBLE, LAST, names.RED_TEAM_BEST, "selected_iteration", "iteration",
@@ -341,6 +343,9 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
             search_round(ctx, run, base, round_, configs, (model, card), normal_val, scratch_best, chance, done,
                          best[0] if best is not None else None)
             done = history(tracker, run, defend.space, round_)
+        if (unfinished := incomplete(len(done), defend.num_samples, f"protect.{index}.defend", label)) is not None:
+            tracker.finish(run, "FAILED")
+            raise unfinished
         best = choose(done)
         if best is None:
             tracker.finish(run, "FAILED")
@@ -375,6 +380,17 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
                 f"found no protection; protect.{index}.defend: widen the space toward gentler settings or raise "
                 "num_samples")
     return chosen
+
+
+def incomplete(finished: int, num_samples: int, where: str, label: str) -> DefendError | None:
+    """The error for a round whose Tune experiment ended with fewer candidates than ``num_samples`` (Ctrl-C stops
+    Tune gracefully, as does a candidate that failed), so that no setting is chosen from part of a round; None
+    when the round is whole."""
+    if finished >= num_samples:
+        return None
+    return DefendError(f"{where}: {finished} of {num_samples} candidates of {label} finished (the search was "
+                       "interrupted, or candidates failed: see the log); rerun with --resume to run the rest (the "
+                       "finished ones are kept)")
 
 
 class Lazy:
@@ -432,7 +448,7 @@ def search_round(ctx: RunContext, run: str, base: ProtectSpec, round_: int, conf
         tune.with_parameters(defend_trial, spec=ctx.spec, base=base, configs=configs,
                              normal=(share(model.state_dict()), card), normal_val=normal_val,
                              scratch_best=scratch_best, chance=chance, storage_path=ctx.storage),
-        {"cpu": TRIAL_CPU})
+        tune.PlacementGroupFactory([TRIAL_BUNDLE]))
     suffix = f"-r{round_}" if round_ > 1 else ""
     tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
         metric=OBJECTIVE, mode="min", num_samples=defend.num_samples - len(done),
