@@ -18,7 +18,7 @@ from sophon_ray.recipes.surgery import reparameterise
 from sophon_ray.core.adapt import adapt, inputs_of
 from sophon_ray.core.data import stratified_subset
 from sophon_ray.seam import Model as Net
-from sophon_ray.seam import Task
+from sophon_ray.seam import Evaluation, Task
 from sophon_ray.core.training import evaluate, make_optimizer, train_epoch
 
 
@@ -100,7 +100,7 @@ def finetune(model: Net, train: Dataset, test: Dataset, config: AttackConfig,
     steps = config.epochs * -(-len(data) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES.get(config.schedule)(steps))
     augment, freeze_bn = make_augment(config.augment), BN_MODES.get(config.bn_mode)
-    result, metric = FinetuneResult(train_size=len(data)), task.metric
+    result = FinetuneResult(train_size=len(data))
     for epoch in range(config.epochs + 1):
         if epoch:
             train_epoch(model, data, optimizer, config.batch_size, gen, scheduler, device,
@@ -109,12 +109,10 @@ def finetune(model: Net, train: Dataset, test: Dataset, config: AttackConfig,
         ev = evaluate(model, test, device, task=task)
         result.restricted.append(ev.score)
         result.restricted_loss.append(ev.loss)
-        metrics = {metric.restricted: ev.score, metric.restricted_loss: ev.loss}
-        if epoch in (0, config.epochs):   # the task's finer numbers before and after (generation: per timestep)
-            metrics |= ev.logged("restricted")
-        if val is not None:
-            result.val.append(evaluate(model, val, device, task=task).score)
-            metrics[metric.val] = result.val[-1]
+        val_ev = evaluate(model, val, device, task=task) if val is not None else None
+        if val_ev is not None:
+            result.val.append(val_ev.score)
+        metrics = epoch_metrics(task, epoch, config.epochs, ev, val_ev)
         if on_epoch:
             on_epoch(epoch, metrics)
     if original_test is not None:
@@ -122,6 +120,19 @@ def finetune(model: Net, train: Dataset, test: Dataset, config: AttackConfig,
     result.seconds = time.perf_counter() - start
     result.model = model if keep_model else None
     return result
+
+
+def epoch_metrics(task: Task, epoch: int, epochs: int, test: Evaluation, val: Evaluation | None) -> dict[str, float]:
+    """What a fine-tuning hands ``on_epoch`` after ``epoch``: the restricted score and loss under the task's MLflow
+    names, before the first and after the last epoch the task's finer numbers too (generation: per timestep), and
+    the score on the attacker's own ``val`` data when there is one."""
+    metric = task.metric
+    metrics = {metric.restricted: test.score, metric.restricted_loss: test.loss}
+    if epoch in (0, epochs):
+        metrics |= test.logged("restricted")
+    if val is not None:
+        metrics[metric.val] = val.score
+    return metrics
 
 
 def scratch_model(model: Net, seed: int) -> Net:

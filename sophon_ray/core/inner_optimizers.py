@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from sophon_ray.recipes.builtin import ADAMW_DECAY
 from sophon_ray.registry import Registry
 
 State = dict[str, list[Tensor]]
@@ -118,7 +119,7 @@ class AdamW:
 
     def step_(self, params: list[Tensor], grads: list[Tensor], state: State, lr: Tensor,
               t: Tensor, *, weight_decay: float = 0.0) -> None:
-        torch._foreach_mul_(params, 1 - lr * (weight_decay or 0.01))
+        torch._foreach_mul_(params, 1 - lr * (weight_decay or ADAMW_DECAY))
         _ADAM.step_(params, grads, state, lr, t)
 
 

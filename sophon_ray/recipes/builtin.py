@@ -193,14 +193,15 @@ def _torch_optim() -> Any:
     return torch.optim
 
 
+ADAMW_DECAY = 0.01   # adamw's decoupled weight decay when a recipe's weight_decay is 0 (torch's default)
 _optimizer("sgd", "SGD, no momentum", lambda p, lr, wd: _torch_optim().SGD(p, lr=lr, weight_decay=wd))
 _optimizer("momentum", "SGD, momentum 0.9",
            lambda p, lr, wd: _torch_optim().SGD(p, lr=lr, momentum=0.9, weight_decay=wd))
 _optimizer("nesterov", "SGD, Nesterov momentum 0.9",
            lambda p, lr, wd: _torch_optim().SGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd))
 _optimizer("adam", "Adam (0.9, 0.999)", lambda p, lr, wd: _torch_optim().Adam(p, lr=lr, weight_decay=wd))
-_optimizer("adamw", "AdamW, decoupled weight decay (attack.weight_decay, else 0.01)",
-           lambda p, lr, wd: _torch_optim().AdamW(p, lr=lr, weight_decay=wd or 0.01))
+_optimizer("adamw", f"AdamW, decoupled weight decay (attack.weight_decay, else {ADAMW_DECAY})",
+           lambda p, lr, wd: _torch_optim().AdamW(p, lr=lr, weight_decay=wd or ADAMW_DECAY))
 _optimizer("rmsprop", "RMSprop (alpha 0.99)", lambda p, lr, wd: _torch_optim().RMSprop(p, lr=lr, weight_decay=wd))
 _optimizer("adagrad", "Adagrad", lambda p, lr, wd: _torch_optim().Adagrad(p, lr=lr, weight_decay=wd))
 _optimizer("adadelta", "Adadelta (rho 0.9); lr scales the update, 1.0 is the classic setting",

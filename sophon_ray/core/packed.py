@@ -1,0 +1,553 @@
+"""Packed attack trials: many fine-tunings of one subject model trained together in one process.
+
+An attack trial is one :func:`~sophon_ray.core.attack.finetune` call; on a small model each of its steps is
+mostly per-operation overhead, paid again by every one of thousands of trials. :func:`finetune_pack` trains M
+*members* (one attack config each) as one batched model and returns what M ``finetune`` calls would have returned.
+
+Members. Member i is exactly what ``finetune(model, ..., configs[i])`` trains: a copy of the subject model,
+reparameterised and prepared by its strategy with its own seeded generators, its own stratified subset (its seed),
+its own data order and augmentation draws (its own generator, drawn in ``train_epoch``'s order: the epoch's order,
+then each batch's augmentation). Their parameters and buffers are then stacked along a leading member dimension
+(``torch.func.stack_module_state``, made contiguous) and trained together, each step on a stacked batch
+``[M, B, ...]`` of every member's own batch:
+
+- forward, one of two formulations (``formulation``): ``vmap`` is ``torch.vmap`` over
+  ``torch.func.functional_call`` and runs any model; ``grouped`` runs a ``body`` -> ``classifier`` model whose two
+  parts are ``nn.Sequential`` s of convolutions, BatchNorm2d, pooling, activations, one Flatten and Linears (the
+  convnets) as one wide model: a convolution becomes one convolution of M x groups groups over the members'
+  channels side by side (``[B, M*C, H, W]``), a BatchNorm one BatchNorm over M x C channels (per-member statistics
+  by construction), a Linear one batched matmul. ``auto`` (the default) takes ``grouped`` where the model allows it
+  (checked on a probe batch against ``vmap``), else ``vmap``. ``grouped`` avoids the layout copies vmap's batching
+  rules make around every layer. bench/packed.py measures both against sequential ``finetune`` calls: on this
+  project's CPU (1 thread, convnet, 8 px) grouped packs of 8-32 took half the time per member, vmap packs about
+  the same as sequential calls (at 16 px vmap was slower, and grouped gained only up to ~8 members); a pack of one
+  is slower than ``finetune``.
+- loss: the task's ``attack``-stage fitting loss, vmapped over the members' logits and labels; the gradient of the
+  sum of the members' losses is every member's own gradient (members share no parameter).
+- optimizer: the registered functional twin of the attacker's optimizer
+  (:data:`~sophon_ray.core.inner_optimizers.INNER_OPTIMIZERS`), run once over the stacked trainable tensors. Every
+  attacker optimizer's step is ``-lr * u`` with an update ``u`` its state computes without the lr, so the twin runs
+  with lr 1 on a zeroed scratch copy (giving ``-u``) and each member's own lr scales it: its config's lr times its
+  schedule's factor at the step (``LambdaLR``'s). Weight decay is per member too, applied as ``torch.optim`` applies
+  it for that optimizer: L2 on the gradient, or adamw's decoupled ``p *= 1 - lr * wd`` (wd 0 meaning 0.01). Frozen
+  parameters (the strategy's) are stacked but never updated.
+- BatchNorm: ``bn_mode`` train updates every member's own running statistics, frozen keeps BatchNorm in eval mode.
+- evaluation: one batched forward over the evaluation set gives every member's logits; the task's own
+  ``evaluate`` then scores each member on a view that hands it its logits batch by batch, so the scores and losses
+  are the task's (``restricted``, ``restricted_loss``, ``val``, ``original``), per epoch, as ``finetune`` logs them.
+
+What packs. :func:`pack_key` is what members of one pack share: every recipe setting except the per-member ones
+(:data:`PER_MEMBER`: lr, weight decay, schedule, augmentation, the reparameterisation settings and the seed), so the
+strategy and its own settings, the optimizer, batch size, epochs, data fraction (hence the steps per epoch), BatchNorm
+mode and label smoothing. Schedules and augmentations are per member because they change neither the batched graph
+nor the number of steps (a member's lr factor and its augmentation of its own batch are computed apart). A new
+recipe setting is shared until this module handles it per member, so it can never be silently ignored.
+:func:`why_not_packable` says why a config cannot pack at all:
+
+- ``adapt`` (label-free adaptation) and ``warm_start``: each is a training phase of its own before the attack (on
+  the member's inputs with pseudo-labels its own model picks, or on separate allowed data); packing batches the
+  labelled fine-tuning only. Run these recipes unpacked (``finetune``).
+- an optimizer without a functional twin in ``INNER_OPTIMIZERS`` (a plugin's ``torch.optim`` optimizer).
+- a strategy for another mode (``decoder``): packing is classification-only. Generation's attack loss draws its
+  timesteps and noise from torch's global RNG, whose draws a pack cannot split as sequential trials get them.
+
+The subject model itself cannot pack when it draws random numbers in its forward (``Dropout``: vgg13): the masks
+come from the global RNG too (:func:`why_model_not_packable`). LoRA packs (vmap formulation): its rank and alpha are
+strategy settings, so members of a pack wrap the same layers the same way.
+
+Same answers: a member's curves and weights are ``finetune``'s up to float32 rounding (other kernels: a grouped or
+batched convolution, the lr applied after the update), within 1e-4 on the curves in the tests. Where training is
+chaotic at that level (adaptive optimizers at a high lr divide by the root of a tiny second moment), the rounding
+grows, as it does between two ``finetune`` runs of one config on 1 and on 2 threads.
+
+Limits: members train in lockstep for all their epochs: one cannot stop early on its own (a scheduler's early stop
+would stop the pack). The members' state is held M times (stacked, plus one working copy per member while they are
+prepared, and the kept models with ``keep_model``). ``seconds`` of each result is the pack's wall time divided by
+its size. ``finetune``'s preparation (copy, reparameterise, subset, strategy) and its per-epoch metrics are mirrored
+here, not shared: a change to either must change both (the tests compare the two on every optimizer and packable
+strategy). CUDA: written for any device, tested on the CPU only.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state
+from torch.utils.data import Dataset
+
+from sophon_ray.core.attack import REPARAMETERISE_SEED, FinetuneResult, epoch_metrics, prepare
+from sophon_ray.core.data import batches, stratified_subset
+from sophon_ray.core.inner_optimizers import INNER_OPTIMIZERS, InnerOptimizer, State
+from sophon_ray.core.training import set_bn_eval
+from sophon_ray.recipes import BN_MODES, SCHEDULES, SETTINGS, STRATEGIES, AttackConfig, normalise
+from sophon_ray.recipes.builtin import ADAMW_DECAY
+from sophon_ray.recipes.augment import make_augment
+from sophon_ray.recipes.surgery import reparameterise
+from sophon_ray.seam import Evaluation, Task
+
+# the recipe settings members of one pack may differ in (everything else is in pack_key)
+PER_MEMBER = ("lr", "weight_decay", "schedule", "augment", "shrink", "perturb", "rescale", "temperature", "seed")
+# optimizer -> the decoupled weight decay it applies when weight_decay is 0 (as recipes/builtin.py builds adamw)
+DECOUPLED_DECAY = {"adamw": ADAMW_DECAY}
+MODE = "classification"
+FORMULATIONS = ("auto", "grouped", "vmap")
+PROBE_SIZE = 4          # samples of the probe batch ``auto`` checks the grouped formulation on
+PROBE_TOLERANCE = 1e-4  # |grouped - vmap| logits allowed on the probe
+
+PackKey = tuple[tuple[str, Any], ...]
+# (x, shared, training) -> logits [M, B, classes]; x is [M, B, ...] (each member's batch) or, shared, [B, ...]
+Forward = Callable[[Tensor, bool, bool], Tensor]
+
+
+# ------------------------------------------------------------------------------------------------ what packs
+def why_not_packable(config: AttackConfig) -> str | None:
+    """Why ``config`` cannot be a member of any pack (what to do instead), or None: for a dry run."""
+    if config.adapt != "none":
+        return (f"adapt: {config.adapt} is a label-free adaptation phase before the attack, on pseudo-labels each "
+                "member's own model picks; packing batches the labelled fine-tuning only. Run it unpacked (finetune) "
+                "or set adapt: none")
+    if config.warm_start != "none":
+        return (f"warm_start: {config.warm_start} is a training phase on separate allowed data before the attack; "
+                "packing batches the attack's fine-tuning only. Run it unpacked (finetune) or set warm_start: none")
+    if config.optimizer not in INNER_OPTIMIZERS:
+        return (f"optimizer: {config.optimizer} has no functional twin in core.inner_optimizers.INNER_OPTIMIZERS "
+                f"(packed: {', '.join(INNER_OPTIMIZERS.names())}); register one or run it unpacked")
+    if config.strategy not in STRATEGIES:
+        return f"strategy: {STRATEGIES.miss_message(config.strategy)}"
+    modes = STRATEGIES.get(config.strategy).modes
+    if modes and MODE not in modes:
+        return (f"strategy: {config.strategy} is a {'/'.join(modes)} strategy; packing is {MODE}-only (generation's "
+                "attack loss draws from the global RNG). Run it unpacked (finetune)")
+    return None
+
+
+def pack_key(config: AttackConfig) -> PackKey | None:
+    """What every member of a pack shares: ``(setting, value)`` for every recipe setting but :data:`PER_MEMBER`
+    (a strategy's own settings at their defaults where it does not use them); None when the config cannot pack
+    (:func:`why_not_packable`). Configs with equal keys can be one :func:`finetune_pack` call."""
+    if why_not_packable(config) is not None:
+        return None
+    config = normalise(config)
+    return tuple((name, getattr(config, name)) for name in SETTINGS if name not in PER_MEMBER)
+
+
+def why_model_not_packable(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be packed (its forward draws random numbers), or None."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return (f"{name or type(model).__name__}: {type(module).__name__}(p={module.p}) draws its masks from the "
+                    "global RNG, which a pack cannot split as sequential trials draw it; run it unpacked (finetune)")
+    return None
+
+
+def _pack_problem(configs: Sequence[AttackConfig], task: Task, model: nn.Module) -> str | None:
+    """Why ``configs`` cannot be one pack of ``model`` under ``task`` (naming the config and field), or None."""
+    if not configs:
+        return "configs: empty; a pack needs at least one member"
+    if task.mode != MODE:
+        return f"task: packing is {MODE}-only, got {task.mode}; run finetune per config"
+    for i, config in enumerate(configs):
+        if (reason := why_not_packable(config)) is not None:
+            return f"configs[{i}] cannot pack: {reason}"
+    first = dict(pack_key(configs[0]) or ())
+    for i, config in enumerate(configs[1:], 1):
+        for name, value in pack_key(config) or ():
+            if value != first[name]:
+                return (f"configs[{i}].{name} = {value!r} differs from configs[0].{name} = {first[name]!r}; members "
+                        f"of a pack differ only in {', '.join(PER_MEMBER)}: group configs by pack_key")
+    return why_model_not_packable(model)
+
+
+# ------------------------------------------------------------------------------------------------ members
+@dataclass
+class _Member:
+    """One member as ``finetune`` prepares it: its model copy (dropped once stacked, unless kept), its data and its
+    generator (after the strategy)."""
+
+    net: nn.Module | None
+    data: Dataset
+    generator: torch.Generator
+
+
+def _member(model: nn.Module, train: Dataset, config: AttackConfig, device: torch.device | str) -> _Member:
+    """``finetune``'s preparation of ``config`` (its generators and order: reparameterise, subset, strategy)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    net = copy.deepcopy(model).to(device)
+    reparameterise(net, config, torch.Generator().manual_seed(REPARAMETERISE_SEED + config.seed))
+    data = stratified_subset(train, config.data_fraction, config.seed)
+    prepare(net, config, generator)
+    return _Member(net, data, generator)
+
+
+def _structure(net: nn.Module) -> tuple:
+    """Module types, parameter (shape, dtype, trains) and buffer (shape, dtype) by name: what members must share."""
+    return (tuple((n, type(m).__name__) for n, m in net.named_modules()),
+            tuple((n, p.shape, p.dtype, p.requires_grad) for n, p in net.named_parameters()),
+            tuple((n, b.shape, b.dtype) for n, b in net.named_buffers()))
+
+
+def _check_members(members: Sequence[_Member], configs: Sequence[AttackConfig]) -> None:
+    first = _structure(members[0].net)
+    for i, member in enumerate(members[1:], 1):
+        if _structure(member.net) != first:
+            raise ValueError(f"configs[{i}]: strategy {configs[i].strategy} made a model unlike configs[0]'s "
+                             "(modules, parameter shapes or trainable set differ); run it unpacked (finetune)")
+    if len({len(m.data) for m in members}) != 1:
+        raise ValueError(f"the members' training subsets differ in size ({[len(m.data) for m in members]}); "
+                         "a pack needs the same steps per epoch: use one data_fraction and one training set")
+    if not any(p.requires_grad for p in members[0].net.parameters()):
+        raise ValueError(f"strategy: {configs[0].strategy} trains no parameter of this model; nothing to fine-tune")
+
+
+# ------------------------------------------------------------------------------------------------ forwards
+def _train_mode(net: nn.Module, training: bool, freeze_bn: bool) -> None:
+    """``train_epoch``'s modes: train (BatchNorm in eval when frozen), or eval."""
+    net.train(training)
+    if training and freeze_bn:
+        set_bn_eval(net)
+
+
+def vmap_forward(base: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], freeze_bn: bool) -> Forward:
+    """The members' forward as ``torch.vmap`` over ``functional_call(base, ...)`` (``base``: the members' module
+    tree, its own tensors unused, e.g. on the meta device); BatchNorm statistics update in the stacked buffers."""
+
+    def call(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(base, (p, b), (x,))
+
+    def forward(x: Tensor, shared: bool, training: bool) -> Tensor:
+        _train_mode(base, training, freeze_bn)
+        return torch.vmap(call, in_dims=(0, 0, None if shared else 0))(params, buffers, x)
+
+    return forward
+
+
+SPATIAL = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Identity)
+
+
+def _layer_problem(layer: nn.Module, flat: bool) -> str | None:
+    if isinstance(layer, ELEMENTWISE):
+        return None
+    if isinstance(layer, nn.Flatten):
+        ok = not flat and layer.start_dim == 1 and layer.end_dim == -1
+        return None if ok else "a Flatten other than one flatten(1) of the features"
+    if isinstance(layer, nn.Linear):
+        return None if flat else "a Linear before the Flatten"
+    if not isinstance(layer, SPATIAL):
+        return f"{type(layer).__name__} has no grouped form"
+    if flat:
+        return f"{type(layer).__name__} after the Flatten"
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+        return f"padding_mode {layer.padding_mode}"
+    if isinstance(layer, nn.BatchNorm2d) and not (layer.affine and layer.track_running_stats
+                                                  and layer.momentum is not None):
+        return "a BatchNorm2d without affine parameters, running statistics or a momentum"
+    return None
+
+
+def grouped_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | str:
+    """``model``'s layers as ``(parameter-name prefix, module)`` in forward order when the grouped formulation can
+    run it (``body`` then ``classifier``, both ``nn.Sequential`` s of supported layers, one Flatten between the
+    spatial and the flat part), else why not."""
+    body, classifier = getattr(model, "body", None), getattr(model, "classifier", None)
+    if not (isinstance(body, nn.Sequential) and isinstance(classifier, nn.Sequential)):
+        return f"{type(model).__name__} is not a body -> classifier pair of nn.Sequential"
+    layers = [(f"body.{n}.", m) for n, m in body.named_children()]
+    layers += [(f"classifier.{n}.", m) for n, m in classifier.named_children()]
+    flat = False
+    for prefix, layer in layers:
+        if (problem := _layer_problem(layer, flat)) is not None:
+            return f"{prefix.rstrip('.')}: {problem}"
+        flat = flat or isinstance(layer, nn.Flatten)
+    return layers if flat else "no Flatten between the features and the classifier"
+
+
+def grouped_forward(layers: list[tuple[str, nn.Module]], params: dict[str, Tensor], buffers: dict[str, Tensor],
+                    freeze_bn: bool, fmt: torch.memory_format = torch.contiguous_format) -> Forward:
+    """The members' forward as one wide model (see the module docstring); ``layers`` from :func:`grouped_layers`;
+    ``fmt`` the activations' memory format (the subject's: channels-last convolutions run faster on the CPU)."""
+    members = next(iter(params.values())).shape[0]
+    prefix, first = layers[0]
+    plain_first = isinstance(first, nn.Conv2d) and first.groups == 1
+
+    def forward(x: Tensor, shared: bool, training: bool) -> Tensor:
+        bn_training = training and not freeze_bn
+        if shared and plain_first:   # one batch for all: one plain convolution into the M x O channels
+            h = _conv(x.contiguous(memory_format=fmt), first, params, prefix, groups=1)
+            rest = layers[1:]
+        else:
+            h, rest = _side_by_side(x.expand(members, *x.shape) if shared else x, fmt), layers
+        for name, layer in rest:
+            h = _grouped_layer(h, name, layer, params, buffers, members, bn_training)
+        return h
+
+    return forward
+
+
+def _side_by_side(x: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """``[M, B, C, ...]`` -> ``[B, M*C, ...]``: the members' channels side by side."""
+    m, b = x.shape[:2]
+    return x.transpose(0, 1).reshape(b, m * x.shape[2], *x.shape[3:]).contiguous(memory_format=memory_format)
+
+
+def _conv(h: Tensor, conv: nn.Conv2d, params: dict[str, Tensor], prefix: str, groups: int) -> Tensor:
+    bias = params.get(prefix + "bias")
+    return F.conv2d(h, params[prefix + "weight"].flatten(0, 1), None if bias is None else bias.flatten(), conv.stride,
+                    conv.padding, conv.dilation, groups)
+
+
+def _grouped_layer(h: Tensor, prefix: str, layer: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor],
+                   members: int, bn_training: bool) -> Tensor:
+    """One layer of every member on ``h``: ``[B, M*C, H, W]`` before the Flatten, ``[M, B, features]`` after."""
+    if isinstance(layer, nn.Conv2d):
+        return _conv(h, layer, params, prefix, groups=members * layer.groups)
+    if isinstance(layer, nn.BatchNorm2d):   # as _BatchNorm.forward with running statistics and a momentum
+        if bn_training:
+            buffers[prefix + "num_batches_tracked"].add_(1)
+        return F.batch_norm(h, buffers[prefix + "running_mean"].view(-1), buffers[prefix + "running_var"].view(-1),
+                            params[prefix + "weight"].flatten(), params[prefix + "bias"].flatten(), bn_training,
+                            layer.momentum, layer.eps)
+    if isinstance(layer, nn.Flatten):
+        return h.reshape(h.shape[0], members, -1).transpose(0, 1)
+    if isinstance(layer, nn.Linear):
+        weight, bias = params[prefix + "weight"].transpose(1, 2), params.get(prefix + "bias")
+        return torch.bmm(h, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight)
+    return layer(h)   # pooling, activations: per channel or per element
+
+
+def memory_format_of(model: nn.Module) -> torch.memory_format:
+    """channels-last when ``model``'s first 4-D parameter is (as ``build_model`` makes it), else contiguous."""
+    weight = next((p for p in model.parameters() if p.dim() == 4), None)
+    nhwc = weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+def _stacked(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Stacked tensors made contiguous (a member's channels-last slices would send vmap's pooling down its slow
+    per-member fallback), trainable ones still leaves."""
+    return {n: t.detach().contiguous().requires_grad_(t.requires_grad) for n, t in tensors.items()}
+
+
+def _forward(formulation: str, base: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor],
+             freeze_bn: bool, probe: Tensor, fmt: torch.memory_format) -> Forward:
+    """The forward of ``formulation``; ``auto``: the grouped one when the model's layers allow it and it gives vmap's
+    logits on ``probe`` (eval mode), else vmap's."""
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"formulation: unknown '{formulation}'; allowed: {', '.join(FORMULATIONS)}")
+    vmapped = vmap_forward(base, params, buffers, freeze_bn)
+    if formulation == "vmap":
+        return vmapped
+    layers = grouped_layers(base)
+    if isinstance(layers, str):
+        if formulation == "grouped":
+            raise ValueError(f"formulation: grouped cannot run this model ({layers}); use vmap or auto")
+        return vmapped
+    grouped = grouped_forward(layers, params, buffers, freeze_bn, fmt)
+    with torch.no_grad():
+        gap = (grouped(probe, True, False) - vmapped(probe, True, False)).abs().max().item()
+    if gap <= PROBE_TOLERANCE:
+        return grouped
+    if formulation == "grouped":
+        raise ValueError(f"formulation: grouped computes other logits than the model on a probe batch ({gap:.3g} "
+                         "apart): its forward is not body then classifier; use vmap or auto")
+    return vmapped
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+def _per_member(values: Tensor, like: Tensor) -> Tensor:
+    """``values`` [M] shaped to broadcast over ``like`` [M, ...], in its dtype."""
+    return values.to(dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+@dataclass
+class PackedOptimizer:
+    """The registered inner optimizer ``name`` over stacked trainable tensors ``[M, ...]``, with per-member lr
+    (given at each step) and weight decay (see the module docstring)."""
+
+    inner: InnerOptimizer
+    params: list[Tensor]
+    state: State
+    scratch: list[Tensor]
+    decay: list[Tensor] | None      # per parameter, [M, 1, ...]: coupled L2 (None: none)
+    decoupled: Tensor | None        # [M] float64: decoupled decay (adamw)
+    one: Tensor
+    t: Tensor
+
+    @classmethod
+    def build(cls, name: str, params: list[Tensor], weight_decay: Sequence[float]) -> PackedOptimizer:
+        inner = INNER_OPTIMIZERS.get(name)
+        device = params[0].device
+        wd = torch.tensor(list(weight_decay), dtype=torch.float64, device=device)
+        decoupled = torch.where(wd == 0, DECOUPLED_DECAY[name], wd) if name in DECOUPLED_DECAY else None
+        coupled = [_per_member(wd, p) for p in params] if decoupled is None and bool((wd != 0).any()) else None
+        with torch.no_grad():
+            scratch = [torch.zeros_like(p) for p in params]
+            state = inner.init(scratch)
+        return cls(inner, params, state, scratch, coupled, decoupled,
+                   one=torch.ones((), dtype=params[0].dtype, device=device),
+                   t=torch.zeros((), dtype=torch.float64, device=device))
+
+    @torch.no_grad()
+    def step_(self, grads: Sequence[Tensor], lr: Tensor) -> None:
+        """One step of every member: ``grads`` per parameter [M, ...], ``lr`` [M] (float64) this step's lrs."""
+        grads = list(grads)
+        lr = lr.to(self.params[0].device)
+        if self.decoupled is not None:
+            torch._foreach_mul_(self.params, [_per_member(1 - lr * self.decoupled, p) for p in self.params])
+        elif self.decay is not None:
+            grads = torch._foreach_add(grads, torch._foreach_mul(self.params, self.decay))
+        self.t.add_(1)
+        torch._foreach_zero_(self.scratch)
+        self.inner.step_(self.scratch, grads, self.state, self.one, self.t)   # scratch = -update at lr 1
+        torch._foreach_add_(self.params, torch._foreach_mul(self.scratch, [_per_member(lr, p) for p in self.params]))
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+class _MemberView(nn.Module):
+    """Member ``index`` as a model for ``task.evaluate``: member 0's view runs the packed forward on every batch the
+    task hands it (eval mode, the batch shared by all members) and records all members' logits; the others replay
+    their own, batch by batch, so each evaluation sees its member's logits for exactly its batches."""
+
+    def __init__(self, forward: Forward, recorded: list[Tensor], index: int) -> None:
+        super().__init__()
+        self.packed, self.recorded, self.index, self.calls = forward, recorded, index, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.index == 0:
+            self.recorded.append(self.packed(x, True, False))
+        if self.calls >= len(self.recorded) or self.recorded[self.calls].shape[1] != x.shape[0]:
+            raise RuntimeError("task.evaluate batched member views differently; packed evaluation needs a "
+                               "deterministic batch order (shuffle=False)")
+        self.calls += 1
+        return self.recorded[self.calls - 1][self.index]
+
+
+def evaluate_members(forward: Forward, members: int, dataset: Dataset, device: torch.device | str,
+                     task: Task) -> list[Evaluation]:
+    """Every member's ``task.evaluate`` on ``dataset``, from one packed forward per evaluation batch."""
+    recorded: list[Tensor] = []
+    views = [_MemberView(forward, recorded, i) for i in range(members)]
+    evaluations = [task.evaluate(view, dataset, device) for view in views]
+    if any(view.calls != len(recorded) for view in views):
+        raise RuntimeError("task.evaluate asked member views for different numbers of batches")
+    return evaluations
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _stacked_batch(members: Sequence[_Member], streams: list, augments: list, device: torch.device | str,
+                   ) -> tuple[Tensor, Tensor] | None:
+    """The next step's ``[M, B, ...]`` inputs and ``[M, B]`` labels (each member's batch, then its augmentation,
+    from its generator, as ``train_epoch`` draws them); None when every member's epoch has ended."""
+    drawn = [next(stream, None) for stream in streams]
+    if all(d is None for d in drawn):
+        return None
+    if any(d is None for d in drawn):
+        raise RuntimeError("the members' epochs have different numbers of batches")
+    xs, ys = [], []
+    for (x, y), augment, member in zip(drawn, augments, members):
+        x, y = x.to(device), y.to(device)
+        xs.append(x if augment is None else augment(x, member.generator))
+        ys.append(y)
+    return torch.stack(xs), torch.stack(ys)
+
+
+def _member_losses(fit: Callable[..., Tensor], logits: Tensor, y: Tensor, label_smoothing: float) -> Tensor:
+    """Every member's fitting loss [M]: the task's loss on its logits (classification's is a function of them)."""
+    return torch.vmap(lambda z, t: fit(_logits_of, z, t, label_smoothing))(logits, y)
+
+
+def _logits_of(logits: Tensor) -> Tensor:
+    return logits
+
+
+def _train_epoch(forward: Forward, optimizer: PackedOptimizer, members: Sequence[_Member], augments: list,
+                 fit: Callable[..., Tensor], config: AttackConfig, device: torch.device | str,
+                 lrs: Callable[[int], Tensor], step: int) -> int:
+    """One epoch of every member (``train_epoch``'s, batched); ``lrs(step)`` the members' lrs at a step (global
+    step count, from ``step``). Returns the step count after the epoch."""
+    streams = [batches(m.data, config.batch_size, m.generator) for m in members]
+    while (batch := _stacked_batch(members, streams, augments, device)) is not None:
+        losses = _member_losses(fit, forward(batch[0], False, True), batch[1], config.label_smoothing)
+        optimizer.step_(torch.autograd.grad(losses.sum(), optimizer.params), lrs(step))
+        step += 1
+    return step
+
+
+def finetune_pack(model: nn.Module, train: Dataset, test: Dataset, configs: Sequence[AttackConfig],
+                  device: torch.device | str = "cpu", val: Dataset | None = None, *, task: Task,
+                  on_epoch: Callable[[int, int, dict[str, float]], None] | None = None,
+                  original_test: Dataset | None = None, keep_model: bool = False,
+                  formulation: str = "auto") -> list[FinetuneResult]:
+    """``[finetune(model, train, test, c, original_test, device, ..., val=val, task=task, keep_model=keep_model)
+    for c in configs]``, trained as one pack (see the module docstring): configs with one :func:`pack_key`.
+
+    ``on_epoch(member, epoch, metrics)`` gets what ``finetune``'s ``on_epoch`` gets, per member (its index in
+    ``configs``). ``formulation``: ``auto``, ``grouped`` or ``vmap``. ValueError, naming the config and the field,
+    when the configs cannot be one pack."""
+    start = time.perf_counter()
+    configs = list(configs)
+    if (problem := _pack_problem(configs, task, model)) is not None:
+        raise ValueError(problem)
+    shared = configs[0]
+    members = [_member(model, train, c, device) for c in configs]
+    _check_members(members, configs)
+    params, buffers = map(_stacked, stack_module_state([m.net for m in members]))
+    trainable = [n for n, p in members[0].net.named_parameters() if p.requires_grad]
+    base = copy.deepcopy(members[0].net).to("meta")
+    kept = [m.net if keep_model else None for m in members]
+    for member in members:
+        member.net = None
+    freeze_bn = BN_MODES.get(shared.bn_mode)
+    probe = next(batches(test, PROBE_SIZE, shuffle=False))[0].to(device)
+    forward = _forward(formulation, base, params, buffers, freeze_bn, probe, memory_format_of(model))
+    optimizer = PackedOptimizer.build(shared.optimizer, [params[n] for n in trainable],
+                                      [c.weight_decay for c in configs])
+    size = len(members[0].data)
+    steps = shared.epochs * -(-size // shared.batch_size)
+    factors = [SCHEDULES.get(c.schedule)(steps) for c in configs]   # LambdaLR's multipliers, per member
+    base_lr = torch.tensor([c.lr for c in configs], dtype=torch.float64)
+    augments = [make_augment(c.augment) for c in configs]
+    fit = task.fitting("attack")
+    results = [FinetuneResult(train_size=size) for _ in configs]
+    step = 0
+    for epoch in range(shared.epochs + 1):
+        if epoch:
+            step = _train_epoch(forward, optimizer, members, augments, fit, shared, device,
+                                lambda k: base_lr * torch.tensor([f(k) for f in factors], dtype=torch.float64), step)
+        tests = evaluate_members(forward, len(configs), test, device, task)
+        vals = evaluate_members(forward, len(configs), val, device, task) if val is not None else [None] * len(configs)
+        for i, (result, ev, val_ev) in enumerate(zip(results, tests, vals)):
+            result.restricted.append(ev.score)
+            result.restricted_loss.append(ev.loss)
+            if val_ev is not None:
+                result.val.append(val_ev.score)
+            if on_epoch:
+                on_epoch(i, epoch, epoch_metrics(task, epoch, shared.epochs, ev, val_ev))
+    if original_test is not None:
+        for result, ev in zip(results, evaluate_members(forward, len(configs), original_test, device, task)):
+            result.original = ev.score
+    seconds = (time.perf_counter() - start) / len(configs)
+    for i, (result, net) in enumerate(zip(results, kept)):
+        result.seconds = seconds
+        result.model = None if net is None else _unstacked(net, params, buffers, i)
+    return results
+
+
+@torch.no_grad()
+def _unstacked(net: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], index: int) -> nn.Module:
+    """``net`` (a member's own copy) holding member ``index``'s trained parameters and buffers."""
+    for name, tensor in [*net.named_parameters(), *net.named_buffers()]:
+        tensor.copy_((params if name in params else buffers)[name][index])
+    return net
+
+
+__all__ = ["DECOUPLED_DECAY", "FORMULATIONS", "PER_MEMBER", "PackKey", "PackedOptimizer", "evaluate_members",
+           "finetune_pack", "grouped_forward", "grouped_layers", "pack_key", "vmap_forward", "why_model_not_packable",
+           "why_not_packable"]
