@@ -2,19 +2,19 @@
 protected, normal and scratch, so a protection that holds only at some timesteps (or an attacker that recovers
 only some) shows where. Pure pandas on the attack table (:func:`analysis.runs.attack_table` adds the
 ``restricted_skill_t<t>`` columns the attack runs logged); only :func:`main` (``python -m analysis.timesteps``, which
-writes ``timesteps.md``) reads MLflow. It needs no protected subject, so it also shows a baselines-only sweep's
+writes ``timesteps.md``: after the attack, and before it, from each run's epoch 0) reads MLflow. It needs no protected subject, so it also shows a baselines-only sweep's
 precondition per timestep (normal vs scratch), which the full report does not cover.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
-from analysis.runs import CELL_KEYS, WHERE, Sweep, load_runs, timestep_columns
+from analysis.runs import CELL_KEYS, WHERE, Sweep, load_curves, load_runs, timestep_columns
 from analysis.summary import markdown_table, number
 from analysis.tables import in_order
 from sophon_ray import names
@@ -51,14 +51,23 @@ def timestep_rows(runs: pd.DataFrame, metric: names.Metric = names.SKILL) -> pd.
     return table.sort_values([*WHERE, "_order", "statistic"], ignore_index=True).drop(columns="_order")
 
 
-def timestep_section(rows: pd.DataFrame, metric: names.Metric = names.SKILL) -> str:
+def before_attack(runs: pd.DataFrame, histories: Mapping[str, Mapping[str, Sequence[float]]]) -> pd.DataFrame:
+    """``runs`` with each per-timestep column replaced by its value at epoch 0 (the attacked model as it was, before
+    any fine-tuning) from ``histories`` (column -> run id -> values by epoch); NaN where a run has none."""
+    return runs.assign(**{column: [h[0] if (h := histories[column].get(run_id)) else float("nan")
+                                   for run_id in runs["run_id"]] for column in histories})
+
+
+def timestep_section(rows: pd.DataFrame, metric: names.Metric = names.SKILL, before: bool = False) -> str:
     """The markdown of :func:`timestep_rows`: per (grid, domain) a table of subjects x timesteps, the mean over
-    cells with the best cell in brackets; "" when there is nothing to show."""
+    cells with the best cell in brackets; "" when there is nothing to show. ``before``: the rows hold epoch 0
+    (:func:`before_attack`), the models as the attacker got them."""
     if rows.empty:
         return ""
     steps = [c for c in rows.columns if re.fullmatch(r"t\d+", c)]
-    parts = [f"## Restricted {metric.noun} per evaluation timestep (after the attack)",
-             f"Final restricted {metric.noun} at each timestep of `generation.eval_t` (the same seeded noise for "
+    when, which = ("before the attack", "Epoch-0") if before else ("after the attack", "Final")
+    parts = [f"## Restricted {metric.noun} per evaluation timestep ({when})",
+             f"{which} restricted {metric.noun} at each timestep of `generation.eval_t` (the same seeded noise for "
              "every model): the mean over the recipes of each subject's seed means, the best recipe in brackets. "
              "Small t is almost clean images (the official code's t = 1); large t is mostly noise."]
     for (grid, domain), section in rows.groupby(list(WHERE), sort=False):
@@ -77,9 +86,13 @@ def write_timesteps(sweep: Sweep, out: Path, num_classes: int | None = None) -> 
     """``out/timesteps.md``: :func:`timestep_section` of the sweep's attack runs (an explanatory line when they
     logged no per-timestep scores)."""
     runs = load_runs(sweep.tracking_uri, sweep.experiment, sweep.sweep_id)
-    text = timestep_section(timestep_rows(runs, sweep.metric), sweep.metric) or (
-        f"Sweep {sweep.sweep_id} logged no per-timestep scores (classification, or generation before they were "
-        "logged).")
+    histories = {c: load_curves(sweep.tracking_uri, runs["run_id"], c) for c in timestep_columns(runs.columns,
+                                                                                                  sweep.metric)}
+    text = "\n\n".join(part for part in (
+        timestep_section(timestep_rows(runs, sweep.metric), sweep.metric),
+        timestep_section(timestep_rows(before_attack(runs, histories), sweep.metric), sweep.metric, before=True))
+        if part) or (f"Sweep {sweep.sweep_id} logged no per-timestep scores (classification, or generation before "
+                     "they were logged).")
     path = out / "timesteps.md"
     path.write_text(text + "\n", encoding="utf-8")
     return [path]

@@ -11,6 +11,7 @@ it affects), validation names the field and the fix, and per-timestep skill reac
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import glob
 from pathlib import Path
@@ -310,6 +311,8 @@ SHIPPED = {
         "0/0": "073f540bc426", "0/1": "9cdc22ebc10f", "0/2": "c39d686cac5f", "1/0": "e609e639131f",
         "1/1": "9ba9cff82117", "1/2": "a50e6735070f"}),
     "defend_quickstart.yaml": ("c3b691794f2f", "c7f892d784f9", {"0/0": "be9140a71eeb", "1/0": "ad840060239b"}),
+    "dos_alone.yaml": ("b81e31567730", "66c593c23486", {"0/0": "95cc8a9913f0", "0/1": "5f354992eca2",   # 2026-12-06
+                                                        "0/2": "382ae551647a"}),
     "efficacy.yaml": ("9767085be567", "c7f892d784f9", {"0/0": "db7cac5274bb", "0/1": "17488bb22f2d",
                                                        "0/2": "9917c923f2d1", "1/0": "5eff8adc9643",
                                                        "1/1": "fba49eceead4", "1/2": "684c0bb2e271"}),
@@ -446,3 +449,12 @@ def test_the_timesteps_cli_writes_its_table_for_any_sweep(tmp_path):
     assert main(["--tracking-uri", store["uri"], "--experiment", store["experiment"], "--out", str(out)]) == 0
     assert "logged no per-timestep scores" in (out / "timesteps.md").read_text()
     assert main(["--tracking-uri", store["uri"], "--experiment", "no-such", "--out", str(out)]) == 2
+
+
+def test_before_the_attack_reads_each_runs_epoch_zero():
+    from analysis.timesteps import before_attack
+
+    runs = pd.DataFrame({"run_id": ["a", "b"], "restricted_skill_t1": [50.0, 60.0]})
+    out = before_attack(runs, {"restricted_skill_t1": {"a": [3.0, 50.0], "b": []}})
+    assert out["restricted_skill_t1"].iloc[0] == 3.0 and math.isnan(out["restricted_skill_t1"].iloc[1])
+    assert runs["restricted_skill_t1"].tolist() == [50.0, 60.0]        # the input is left as it was
