@@ -1,5 +1,6 @@
 """The pipeline's model and grid stages: [1/4] pretrain and protect (Ray Train, reusing stored models), their
-MLflow runs, and [2/4] the attack grid (Ray Tune, through the MLflow outbox, reusing finished trials)."""
+MLflow runs, and [2/4] the attack grid (Ray Tune, through the MLflow outbox, reusing finished trials; the trials
+still to run packed by ``attack.pack``, :mod:`sophon_ray.run.packing`)."""
 
 from __future__ import annotations
 
@@ -147,6 +148,7 @@ def _attack_trials(ctx: RunContext, trials: list[Trial], models: dict[str, Path]
     earlier run first (a trial finished there is never rerun), then every trial not finished."""
     from sophon_ray.console.progress import AttackProgress  # noqa: PLC0415
     from sophon_ray.core.data import load_domain, make_splits  # noqa: PLC0415
+    from sophon_ray.run.packing import plan_for  # noqa: PLC0415
     from sophon_ray.run.trials_worker import attack_data  # noqa: PLC0415
     from sophon_ray.run.tune_driver import make_callback, make_progress_callback, run_attacks  # noqa: PLC0415
 
@@ -169,13 +171,18 @@ def _attack_trials(ctx: RunContext, trials: list[Trial], models: dict[str, Path]
                        warm_original=any(t.config.warm_start == "original" for t in todo))
     errors: list = []
     for attempt in range(1 + RETRY_PASSES):
-        counts = AttackProgress(len(todo))
+        plan = plan_for(spec, todo)  # packs of the trials still to run (attack.pack; none by default)
+        if plan.packs:
+            ctx.say(f"[2/4] packed: {len(todo) - len(plan.alone)} trials in {len(plan.packs)} Tune trials, "
+                    f"{len(plan.alone)} alone")
+        counts = AttackProgress(len(plan.units))
         with ctx.view.console.progress(counts, prefix="[2/4]" if attempt == 0 else "[2/4] retry pass:"):
             grid = run_attacks(spec, todo, loaded, data, ctx.storage,
                                f"attack-{ctx.sweep_id}-{int(time.time())}-{attempt}",
                                [make_callback(ctx.tracker, ctx.parent, ctx.sweep_id, outbox, metric=metric_for(spec.mode)),
                                 make_progress_callback(counts)],
-                               spec.resources.max_failures, verbose=1 if ctx.options.verbose else 0)
+                               spec.resources.max_failures, verbose=1 if ctx.options.verbose else 0,
+                               packs=plan.packs)
         errors = [r for r in grid if r.error]
         todo = [t for t in todo if t.key not in outbox.completed]  # MLflow's view once the outbox delivers
         if not todo or attempt == RETRY_PASSES:

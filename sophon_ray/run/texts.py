@@ -40,7 +40,10 @@ def search_budget_lines(spec: SweepSpec, searched: int) -> list[str]:
 
 
 def dry_run_text(spec: SweepSpec, trials: list[Trial], searched: int = 0) -> str:
-    """The attack budget per grid and subject and per search, then every grid trial's name."""
+    """The attack budget per grid and subject and per search, the packs (``attack.pack``), then every grid trial's
+    name."""
+    from sophon_ray.run.packing import pack_lines, plan_for  # noqa: PLC0415
+
     lines = [f"sweep {spec.name} ({sweep_id(spec)}): {len(trials)} grid trials + {searched} search trials, "
              f"{sum(t.config.epochs for t in trials)} grid fine-tuning epochs; attacker data pool: "
              f"{spec.attack.data_pool}",
@@ -54,6 +57,7 @@ def dry_run_text(spec: SweepSpec, trials: list[Trial], searched: int = 0) -> str
             cells = len({(t.domain, replace(t.config, seed=0)) for t in chosen if t.subject.kind != "scratch"})
             lines.append(f"  {grid} grid: {len(chosen)} trials ({', '.join(f'{k} {v}' for k, v in counts.items())}) "
                          f"over {cells} cells (recipes x restricted domains) x {len({t.config.seed for t in chosen})} attack seeds")
+    lines += pack_lines(spec, plan_for(spec, trials))
     lines += ["trials:", *(f"  {t.name}" for t in trials)]
     return "\n".join(lines)
 

@@ -4,6 +4,11 @@ A trial reports only scalar metrics to Tune (``tune.report``); its per-epoch row
 its MLflow run) go to a :class:`TrialMail` actor, from which the driver's MLflow callback
 (:func:`sophon_ray.run.tune_driver.make_callback`) takes them when the report arrives. So Tune's results stay
 small and scalar, and nothing but the callback (one writer, through the outbox) logs to MLflow.
+
+A packed Tune trial (``attack.pack``, :func:`pack_trial`) fine-tunes several grid trials as one
+:func:`~sophon_ray.core.packed.finetune_pack`: each member's rows and artifacts go to its own mail box
+(:func:`mail_box`), its reports (what :class:`EpochReporter` and :func:`_finish` make of it alone) travel together in
+one Tune result under :data:`MEMBERS`, by member key.
 """
 
 from __future__ import annotations
@@ -84,13 +89,18 @@ class MailReader:
             return [], {}
 
 
-def mail_sender(mail: Any) -> Callable[[list[dict[str, float]], dict[str, bytes]], None]:
-    """The trial's side: send (rows, artifacts) to ``mail`` under this Tune trial's id, waiting until it has
-    them (so they are there before the report that follows)."""
+def mail_box(trial_id: str, member: str = "") -> str:
+    """The mail box of a Tune trial, or of one ``member`` (its trial key) of a packed Tune trial."""
+    return f"{trial_id}/{member}" if member else trial_id
+
+
+def mail_sender(mail: Any, member: str = "") -> Callable[[list[dict[str, float]], dict[str, bytes]], None]:
+    """The trial's side: send (rows, artifacts) to ``mail`` under this Tune trial's id (and ``member``'s key,
+    :func:`mail_box`), waiting until it has them (so they are there before the report that follows)."""
     import ray  # noqa: PLC0415
     from ray import tune  # noqa: PLC0415
 
-    trial_id = tune.get_context().get_trial_id()
+    trial_id = mail_box(tune.get_context().get_trial_id(), member)
 
     def send(rows: list[dict[str, float]], artifacts: dict[str, bytes]) -> None:
         try:
@@ -276,14 +286,19 @@ def _device(threads: int) -> str:
 
 
 def attack_trial(config: dict[str, Any], trials: dict[str, Trial], models: dict[str, tuple[dict, dict]],
-                 data: AttackData, threads: int, task: Task, mail: Any = None, channels_last: bool = True) -> None:
+                 data: AttackData, threads: int, task: Task, mail: Any = None, channels_last: bool = True,
+                 packs: dict[str, tuple[str, ...]] | None = None) -> None:
     """The Tune function trainable of a grid trial (``config["key"]``: its key in ``trials``): build the subject,
     fine-tune it, send its curve to ``mail`` and report its final metrics. ``models`` and ``data`` arrive as
-    :func:`share` made them (numpy views of the object store)."""
+    :func:`share` made them (numpy views of the object store). A key in ``packs`` (pack id -> member keys) runs
+    that pack (:func:`pack_trial`)."""
     from ray import tune  # noqa: PLC0415
 
     from sophon_ray.core.attack import finetune  # noqa: PLC0415
 
+    if packs and config["key"] in packs:
+        pack_trial([trials[k] for k in packs[config["key"]]], models, data, threads, task, mail, channels_last)
+        return
     device = _device(threads)
     trial = trials[config["key"]]
     model = _subject_model(trial, models, channels_last)
@@ -294,6 +309,65 @@ def attack_trial(config: dict[str, Any], trials: dict[str, Trial], models: dict[
     result = finetune(model, train, score, trial.config, original_test=data.original_test, device=device,
                       on_epoch=reporter, task=task, keep_model=True, warm=data.warm(trial.config.warm_start))
     _finish(reporter, result, trial.config.epochs, task.after_attack(model, result.model, train, score, device))
+
+
+MEMBERS = "sophon_members"  # a packed Tune trial's result: member key -> what that member alone would report
+
+
+class PackReporter:
+    """The reporting of a packed Tune trial: one :class:`EpochReporter` per member (its rows to its own mail box,
+    its reports kept by key), all flushed together into one ``tune.report`` (``{MEMBERS: {key: report}}``) every
+    ``every_s`` seconds after a whole epoch of every member, and at the end."""
+
+    def __init__(self, members: list[Trial], report: Any, metric: names.Metric, mail: Any = None,
+                 every_s: float = REPORT_EVERY_S) -> None:
+        self.report, self.every_s, self.last = report, every_s, time.monotonic()
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.members = [EpochReporter(self._keeper(t.key), t.config.epochs, math.inf, metric,
+                                      mail_sender(mail, t.key) if mail is not None else None) for t in members]
+        self.keys = [t.key for t in members]
+
+    def _keeper(self, key: str) -> Callable[[dict[str, Any]], None]:
+        return lambda result: self.latest.__setitem__(key, result)
+
+    def __call__(self, member: int, epoch: int, metrics: dict[str, float]) -> None:
+        """``finetune_pack``'s ``on_epoch``."""
+        reporter = self.members[member]
+        reporter(epoch, metrics)
+        if (member == len(self.members) - 1 and epoch < reporter.final_epoch
+                and time.monotonic() - self.last >= self.every_s):
+            for r in self.members:
+                r.flush()
+            self.send()
+
+    def send(self) -> None:
+        """One ``tune.report`` of every member's latest report; the last one when every member has finished."""
+        done = all(self.latest.get(k, {}).get(LAST_REPORT) for k in self.keys)
+        self.report({MEMBERS: {k: dict(v) for k, v in self.latest.items()}, LAST_REPORT: done})
+        self.last = time.monotonic()
+
+
+def pack_trial(members: list[Trial], models: dict[str, tuple[dict, dict]], data: AttackData, threads: int,
+               task: Task, mail: Any = None, channels_last: bool = True) -> None:
+    """A packed Tune trial: ``members`` (one subject, grid and domain; one pack key) fine-tuned as one
+    :func:`~sophon_ray.core.packed.finetune_pack`; each member's curve, summary and after-attack extras reported
+    as :func:`attack_trial` reports them alone, under its own key (:class:`PackReporter`)."""
+    from ray import tune  # noqa: PLC0415
+
+    from sophon_ray.core.packed import finetune_pack  # noqa: PLC0415
+
+    device = _device(threads)
+    first = members[0]
+    model = _subject_model(first, models, channels_last)
+    reporter = PackReporter(members, tune.report, task.metric, mail)
+    data = unshare(data)
+    train, score = data.for_trial(first)
+    results = finetune_pack(model, train, score, [t.config for t in members], device, task=task,
+                            on_epoch=reporter, original_test=data.original_test, keep_model=True)
+    for member, one, result in zip(members, reporter.members, results):
+        _finish(one, result, member.config.epochs, task.after_attack(model, result.model, train, score, device))
+        result.model = None
+    reporter.send()
 
 
 @dataclass(frozen=True)

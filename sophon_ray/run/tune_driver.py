@@ -1,5 +1,6 @@
-"""Ray Tune: one Tune trial per planned :class:`~sophon_ray.run.plan.Trial` (development and evaluation grids),
-logged to MLflow by a driver-side callback (one writer).
+"""Ray Tune: one Tune trial per planned :class:`~sophon_ray.run.plan.Trial` (development and evaluation grids), or
+per pack of them (``attack.pack``, :mod:`sophon_ray.run.packing`: its members trained as one), logged to MLflow by
+a driver-side callback (one writer), one MLflow run per planned trial either way.
 
 Tune's param space grids over the trials' keys; the trial table travels with the trainable
 (``tune.with_parameters``). Trials report scalars only; their curves and artifacts come to the callback through
@@ -17,8 +18,9 @@ from sophon_ray.console.terminal import environment
 from sophon_ray.modes import metric_for
 from sophon_ray.spec import SearchSpec, SweepSpec
 from sophon_ray.run.plan import Trial
-from sophon_ray.run.trials_worker import (LAST_REPORT, AttackData, MailReader, SearchData, attack_trial,  # noqa: F401
-                                          close_mail, open_mail, search_config, search_trial, share)
+from sophon_ray.run.trials_worker import (LAST_REPORT, MEMBERS, AttackData, MailReader, SearchData,  # noqa: F401
+                                          attack_trial, close_mail, mail_box, open_mail, search_config, search_trial,
+                                          share)
 
 if TYPE_CHECKING:
     from sophon_ray.run.outbox import Outbox
@@ -41,6 +43,21 @@ def summary_keys(m: names.Metric) -> tuple[str, ...]:
 def grid_trials(trials: dict[str, Trial]) -> Callable[[Any], Trial]:
     """The planned :class:`Trial` of a grid trial: its key is in Tune's param space, ``trials`` by key."""
     return lambda tune_trial: trials[tune_trial.config["key"]]
+
+
+def member_views(tune_trial: Any, trial_of: Callable[[Any], Trial],
+                 packs: dict[str, tuple[str, ...]], trials: dict[str, Trial]) -> list[tuple[Trial, str, str]]:
+    """(planned Trial, its mail box, its key in the Tune result's :data:`MEMBERS` or "" for the result itself) of
+    every planned trial a Tune trial runs: a pack's members (its id in ``packs``), else the one of ``trial_of``."""
+    members = packs.get(tune_trial.config.get("key", "")) if packs else None
+    if members is None:
+        return [(trial_of(tune_trial), tune_trial.trial_id, "")]
+    return [(trials[k], mail_box(tune_trial.trial_id, k), k) for k in members]
+
+
+def member_result(result: dict, member: str) -> dict:
+    """A member's own report in a Tune result (``member`` "": the result is the trial's own)."""
+    return result.get(MEMBERS, {}).get(member, {}) if member else result
 
 
 class SearchNumbering:
@@ -72,7 +89,11 @@ def make_callback(tracker: Tracker, parent_id: str, sweep_id: str, outbox: Outbo
     The hooks only enqueue into ``outbox`` (a :class:`~sophon_ray.run.outbox.Outbox`, whose thread delivers, retries
     and journals), so a slow or unreachable store never blocks Tune. Without ``outbox`` the callback makes its
     own (in memory) and waits for it at the experiment's end (``$SOPHON_TRACKING_WAIT_S``). A trial the scheduler
-    stopped early (no last report of its own) gets its summary from its last result."""
+    stopped early (no last report of its own) gets its summary from its last result.
+
+    A packed Tune trial (its key a pack id in the ``packs`` that ``attach`` gets) is mirrored into each member's own
+    run (:func:`member_views`): the member's rows from its own mail box, its summary from the result's
+    :data:`MEMBERS`; an errored pack fails the members whose last report had not arrived."""
     from ray import tune  # noqa: PLC0415
 
     from sophon_ray.run.outbox import Outbox, wait_seconds  # noqa: PLC0415
@@ -81,63 +102,75 @@ def make_callback(tracker: Tracker, parent_id: str, sweep_id: str, outbox: Outbo
     box = Outbox(tracker).start() if own else outbox
     summarised: set[str] = set()
     m, summary = metric, summary_keys(metric)
-    attached: dict[str, Any] = {"mail": None, "trial_of": trial_of}
+    attached: dict[str, Any] = {"mail": None, "trial_of": trial_of, "packs": {}, "trials": {}}
 
-    def trial_of_(trial: Any) -> Trial:
-        return attached["trial_of"](trial)
+    def members(trial: Any) -> list[tuple[Trial, str, str]]:
+        """(Trial, mail box, member key) of every planned trial the Tune trial runs (:func:`member_views`)."""
+        return member_views(trial, attached["trial_of"], attached["packs"], attached["trials"])
 
-    def take(trial: Any) -> tuple[list[dict[str, float]], dict[str, bytes]]:
-        return attached["mail"].take(trial.trial_id) if attached["mail"] is not None else ([], {})
+    def take(mailbox: str) -> tuple[list[dict[str, float]], dict[str, bytes]]:
+        return attached["mail"].take(mailbox) if attached["mail"] is not None else ([], {})
 
-    def open_run(trial: Any) -> None:
-        t = trial_of_(trial)
+    def open_run(t: Trial) -> None:
         box.open(t.key, parent_id, sweep_id, t.name, t.params())
 
-    def key(trial: Any) -> str:
+    def key(t: Trial) -> str:
         """The trial's key, its run opened first if it never was (Tune can error a trial it never started)."""
-        t = trial_of_(trial)
         if t.key not in box.opened:
-            open_run(trial)
+            open_run(t)
         return t.key
 
+    def log_result(t: Trial, mailbox: str, result: dict) -> None:
+        # a retried trial replays epochs that are already logged: the outbox logs each step once
+        curve, artifacts = take(mailbox)
+        rows = [(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"}) for row in curve]
+        if result.get(LAST_REPORT):
+            rows.append((0, {k: result[k] for k in summary if result.get(k) is not None}))
+            summarised.add(key(t))
+        box.rows(key(t), rows)
+        if result.get(LAST_REPORT):
+            box.tag(key(t), names.NODE, result.get("node_id", ""))
+        for name, data in artifacts.items():
+            box.artifact(key(t), name, data)
+
+    def complete(t: Trial, mailbox: str, last: dict) -> None:
+        curve, artifacts = take(mailbox)  # anything sent after the last result Tune passed on
+        if curve:
+            box.rows(key(t), [(int(r["epoch"]), {k: v for k, v in r.items() if k != "epoch"}) for r in curve])
+        for name, data in artifacts.items():
+            box.artifact(key(t), name, data)
+        if key(t) not in summarised and m.restricted in last:  # stopped by the scheduler
+            box.rows(key(t), [(0, {m.final: last[m.restricted], names.STOPPED: 1.0,
+                                   **{k: last[k] for k in (m.best, m.val_best, m.at_val_best) if k in last}})])
+        box.finish(key(t), "FINISHED")
+
     class MlflowTrials(tune.Callback):
-        def attach(self, mail: Any = None, trials: dict[str, Trial] | None = None) -> None:
-            """Read trials' rows from ``mail`` (``take(trial_id)``); a grid's trials by key from ``trials``."""
+        def attach(self, mail: Any = None, trials: dict[str, Trial] | None = None,
+                   packs: dict[str, tuple[str, ...]] | None = None) -> None:
+            """Read trials' rows from ``mail`` (``take(mail box)``); a grid's trials by key from ``trials``, its
+            packs' members from ``packs`` (pack id -> member keys)."""
             attached["mail"] = mail
-            if trials is not None and trial_of is None:
-                attached["trial_of"] = grid_trials(trials)
+            if trials is not None:
+                attached["trials"], attached["packs"] = trials, dict(packs or {})
+                if trial_of is None:
+                    attached["trial_of"] = grid_trials(trials)
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            open_run(trial)  # also for a retried trial: its run is set RUNNING again
+            for t, _, _ in members(trial):
+                open_run(t)  # also for a retried trial: its run is set RUNNING again
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            # a retried trial replays epochs that are already logged: the outbox logs each step once
-            curve, artifacts = take(trial)
-            rows = [(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"}) for row in curve]
-            if result.get(LAST_REPORT):
-                rows.append((0, {k: result[k] for k in summary if result.get(k) is not None}))
-                summarised.add(key(trial))
-            box.rows(key(trial), rows)
-            if result.get(LAST_REPORT):
-                box.tag(key(trial), names.NODE, result.get("node_id", ""))
-            for name, data in artifacts.items():
-                box.artifact(key(trial), name, data)
+            for t, mailbox, member in members(trial):
+                log_result(t, mailbox, member_result(result, member))
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            curve, artifacts = take(trial)  # anything sent after the last result Tune passed on
-            if curve:
-                box.rows(key(trial), [(int(r["epoch"]), {k: v for k, v in r.items() if k != "epoch"}) for r in curve])
-            for name, data in artifacts.items():
-                box.artifact(key(trial), name, data)
-            last = trial.last_result or {}
-            if key(trial) not in summarised and m.restricted in last:  # stopped by the scheduler
-                box.rows(key(trial), [(0, {m.final: last[m.restricted], names.STOPPED: 1.0,
-                                           **{k: last[k] for k in (m.best, m.val_best, m.at_val_best)
-                                              if k in last}})])
-            box.finish(key(trial), "FINISHED")
+            for t, mailbox, member in members(trial):
+                complete(t, mailbox, member_result(trial.last_result or {}, member))
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            box.finish(key(trial), "FAILED")
+            # a pack's member whose whole result was logged before the error is finished; the others failed
+            for t, _, member in members(trial):
+                box.finish(key(t), "FINISHED" if member and t.key in summarised else "FAILED")
 
         def on_experiment_end(self, trials: list, **info: Any) -> None:
             if own:
@@ -194,13 +227,14 @@ def _run_config(name: str, storage_path: str, callbacks: list[Any], max_failures
 NO_AUTO_LOGGERS = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}  # Tune's CSV/JSON/TensorBoard loggers: MLflow records
 
 
-def _fit(tuner: Any, callbacks: list[Any], mail: Any, trials: dict[str, Trial] | None = None) -> Any:
+def _fit(tuner: Any, callbacks: list[Any], mail: Any, trials: dict[str, Trial] | None = None,
+         packs: dict[str, tuple[str, ...]] | None = None) -> Any:
     """``tuner.fit()`` without Tune's automatic loggers, the callbacks reading the trials' ``mail``; the mail
     actor ends with it."""
     try:
         for callback in callbacks:
             if hasattr(callback, "attach"):
-                callback.attach(MailReader(mail), trials)
+                callback.attach(MailReader(mail), trials, packs)
         # Tune's result grid looks for the result.json / progress.csv files those loggers would have written and warns
         # once per trial that they are missing: expected here, so that warning is silenced for the fit
         analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
@@ -216,21 +250,26 @@ def _fit(tuner: Any, callbacks: list[Any], mail: Any, trials: dict[str, Trial] |
 
 
 def run_attacks(spec: SweepSpec, trials: list[Trial], models: dict[str, tuple[dict, dict]], data: AttackData,
-                storage_path: str, name: str, callbacks: list[Any], max_failures: int = 2, verbose: int = 1) -> Any:
+                storage_path: str, name: str, callbacks: list[Any], max_failures: int = 2, verbose: int = 1,
+                packs: dict[str, tuple[str, ...]] | None = None) -> Any:
     """Run the grid ``trials`` as one Tune experiment; returns Tune's ResultGrid.
 
-    ``models`` and ``data`` go to the object store once, as numpy arrays. ``verbose`` is Tune's console
-    verbosity (0: Tune prints nothing; 1: its status table)."""
+    ``packs`` (pack id -> member keys, :func:`sophon_ray.run.packing.plan_packs`): those trials run as one Tune
+    trial per pack, the others one each. ``models`` and ``data`` go to the object store once, as numpy arrays.
+    ``verbose`` is Tune's console verbosity (0: Tune prints nothing; 1: its status table)."""
     from ray import tune  # noqa: PLC0415
 
-    table, mail = {t.key: t for t in trials}, open_mail()
+    table, mail, packs = {t.key: t for t in trials}, open_mail(), dict(packs or {})
+    packed = {k for members in packs.values() for k in members}
+    units = [*packs, *(k for k in table if k not in packed)]
+    plain = {"trials": table, "mail": mail, **({"packs": packs} if packs else {})}
     tuner = tune.Tuner(
-        _trainable(spec, attack_trial, {"trials": table, "mail": mail}, models=models, data=data),
-        param_space={"key": tune.grid_search(list(table))},
+        _trainable(spec, attack_trial, plain, models=models, data=data),
+        param_space={"key": tune.grid_search(units)},
         tune_config=tune.TuneConfig(reuse_actors=True, trial_dirname_creator=lambda t: f"t-{t.trial_id}"),
         run_config=_run_config(name, storage_path, callbacks, max_failures, verbose),
     )
-    return _fit(tuner, callbacks, mail, table)
+    return _fit(tuner, callbacks, mail, table, packs)
 
 
 def run_search(spec: SweepSpec, search: SearchSpec, template: Trial, num_samples: int, history: list[tuple[dict, float]],

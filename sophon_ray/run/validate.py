@@ -255,6 +255,17 @@ def _attack(c: Checker, spec: SweepSpec) -> None:
     if not 0 < a.pool_fraction < high:
         c.add("attack.pool_fraction", f"must be in (0, {high:g}) (the protector keeps the rest of the restricted "
               f"training split after {RESTRICTED_VAL_FRACTION:g} for validation), got {a.pool_fraction}")
+    _pack(c, a.pack)
+
+
+def _pack(c: Checker, pack: int | str) -> None:
+    """``attack.pack``: an integer >= 1 or ``auto``."""
+    from sophon_ray.run.packing import AUTO  # noqa: PLC0415
+
+    if pack == AUTO or (isinstance(pack, int) and not isinstance(pack, bool) and pack >= 1):
+        return
+    c.add("attack.pack", f"must be an integer >= 1 (the most grid trials run as one Tune trial; 1: each alone) or "
+          f"'{AUTO}', got {pack!r}; e.g. `pack: 8` or `pack: {AUTO}`")
 
 
 def _resources(c: Checker, spec: SweepSpec) -> None:

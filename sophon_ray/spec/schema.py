@@ -288,6 +288,13 @@ class AttackSpec:
     ``data_pool``: ``disjoint`` (default) gives the attacker ``pool_fraction`` of the restricted training
     split that the protector never sees; ``shared`` lets the attacker draw from the whole split, the
     protector's share included.
+
+    ``pack``: the most grid trials run as one Tune trial (one packed fine-tuning, :mod:`sophon_ray.core.packed`):
+    1 (default) runs every trial alone; ``n`` > 1 trains up to ``n`` trials of one attacked model, grid and domain
+    whose recipes differ only in per-member settings (lr, weight decay, schedule, augmentation, seed, ...) together,
+    each still its own MLflow run with the same params and curves; ``auto`` picks the size
+    (:func:`sophon_ray.run.packing.pack_size`). Trials that cannot pack run alone (the dry run says which and why).
+    Not hashed: it changes how trials run, not their results (up to float32 rounding).
     """
 
     subjects: tuple[str, ...] = SUBJECTS
@@ -298,6 +305,7 @@ class AttackSpec:
     search: tuple[SearchSpec, ...] = ()
     data_pool: str = "disjoint"
     pool_fraction: float = 0.5
+    pack: int | str = field(default=1, metadata={HASHED: False})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,174 @@
+"""attack.pack, the planning and mapping side: which grid trials form packs, the auto size, validation, the dry
+run, and how a packed Tune trial maps to its members' MLflow runs (no Ray: Tune's stub trials, a fake mail)."""
+
+import math
+from dataclasses import replace
+
+import pytest
+from mlflow import MlflowClient
+
+from sophon_ray import names
+from sophon_ray.run.packing import CPU_PACK, GPU_PACK_CAP, pack_id, pack_lines, pack_size, plan_for, plan_packs
+from sophon_ray.run.plan import plan_trials
+from sophon_ray.run.texts import dry_run_text
+from sophon_ray.run.validate import parse_spec
+from sophon_ray.spec import SpecError
+from sophon_ray.run.keys import sweep_id
+
+# 2 lrs x 2 seeds x 2 strategies per subject: the lrs and seeds pack, the strategies do not
+GRID = {"strategy": ["direct-all", "initfc-fc"], "optimizer": ["sgd"], "lr": [1e-3, 1e-2], "seed": [0, 1],
+        "epochs": [1]}
+
+
+def spec_with(pack=1, subjects=("normal", "scratch"), **attack):
+    return parse_spec({"attack": {"subjects": list(subjects), "evaluation": GRID, "pack": pack, **attack}})
+
+
+def test_pack_is_not_hashed_and_defaults_to_one():
+    assert spec_with().attack.pack == 1
+    assert sweep_id(spec_with(4)) == sweep_id(spec_with(1)) == sweep_id(spec_with("auto"))
+    assert [t.key for t in plan_trials(spec_with(4), [])] == [t.key for t in plan_trials(spec_with(), [])]
+
+
+@pytest.mark.parametrize("bad, fix", [(0, "or 'auto'"), (-2, "or 'auto'"), ("eight", "e.g. `pack: 8`"),
+                                      (2.5, "an integer or a string"), (True, "an integer or a string")])
+def test_a_bad_pack_is_refused_naming_the_field_and_the_fix(bad, fix):
+    with pytest.raises(SpecError) as err:
+        spec_with(bad)
+    assert "attack.pack" in str(err.value) and fix in str(err.value)
+
+
+def test_packs_group_one_subject_grid_domain_and_pack_key_in_chunks_of_at_most_pack():
+    spec = spec_with(3)
+    trials = plan_trials(spec, [])
+    plan = plan_packs(trials, 3)
+    by_key = {t.key: t for t in trials}
+    members = [[by_key[k] for k in keys] for keys in plan.packs.values()]
+    assert all(2 <= len(m) <= 3 for m in members)
+    for m in members:
+        assert len({(t.subject, t.grid, t.domain, t.config.strategy, t.config.optimizer) for t in m}) == 1
+        if m[0].subject.kind == "scratch":       # a scratch model is seeded by its trial: one seed per pack
+            assert len({t.config.seed for t in m}) == 1
+    packed = [k for keys in plan.packs.values() for k in keys]
+    assert sorted(packed + [t.key for t, _ in plan.alone]) == sorted(by_key)   # every trial once
+    assert len(set(packed)) == len(packed)
+    # normal: 2 strategies x 4 (lr, seed) -> a pack of 3 and a lone trial each; scratch: 2 seeds x 2 lrs -> 2 packs
+    assert len(plan.packs) == 4 and len(plan.alone) == 2 and all(why is None for _, why in plan.alone)
+    assert set(plan.units) == set(plan.packs) | {t.key for t, _ in plan.alone}
+
+
+def test_pack_one_is_todays_plan_and_the_pack_id_is_stable():
+    trials = plan_trials(spec_with(), [])
+    plan = plan_for(spec_with(), trials)
+    assert plan.packs == {} and plan.units == [t.key for t in trials]
+    assert pack_id(["a", "b"]) == pack_id(["a", "b"]) != pack_id(["b", "a"])
+
+
+def test_trials_that_cannot_pack_run_alone_with_the_reason():
+    trials = plan_trials(spec_with(4), [])
+    adapting = [replace(t, config=replace(t.config, adapt="entropy")) for t in trials[:3]]
+    plan = plan_packs(adapting + trials[3:], 4)
+    assert {t.key for t, _ in plan.alone} >= {t.key for t in adapting}
+    assert all(why.startswith("adapt: entropy") for t, why in plan.alone if t in adapting)
+    assert all(why.startswith("model: ") for _, why in plan_packs(trials, 4, model_problem="x: Dropout").alone)
+    generation = plan_packs(trials, 4, mode="generation")
+    assert not generation.packs and all("classification-only" in why for _, why in generation.alone)
+
+
+def test_auto_is_eight_on_the_cpu_and_bounded_by_the_gpu_memory():
+    assert pack_size(spec_with("auto")) == CPU_PACK and pack_size(spec_with(5)) == 5
+    gpu = parse_spec({"attack": {"pack": "auto"}, "resources": {"gpus_per_trial": 1.0}})
+    assert pack_size(gpu, parameters=10**6, gpu_bytes=80 * 2**30) == GPU_PACK_CAP       # small model: capped
+    assert pack_size(gpu, parameters=10**9, gpu_bytes=80 * 2**30) == 1                  # big model: alone
+    assert 1 < pack_size(gpu, parameters=10**8, gpu_bytes=80 * 2**30) < GPU_PACK_CAP
+
+
+def test_the_dry_run_says_how_many_packs_and_why_trials_run_alone():
+    spec = spec_with(3, evaluation=[GRID, {**GRID, "strategy": ["direct-all"], "adapt": ["entropy"]}])
+    text = dry_run_text(spec, plan_trials(spec, []))
+    # normal: 2 strategies x 4 -> (3 + 1) each; scratch: 2 seeds x 2 lrs -> 2 packs; the 8 adapt trials alone
+    assert "packing (attack.pack: 3): 10 trials in 4 packs (Tune trials), 10 trials alone" in text, text
+    assert "    8 alone: adapt: entropy is a label-free adaptation phase" in text, text
+    assert "    2 alone: no other trial" in text, text
+    assert "packing" not in dry_run_text(spec_with(), plan_trials(spec_with(), []))
+    assert pack_lines(spec_with(), plan_for(spec_with(), [])) == []
+
+
+def test_a_packed_tune_trial_logs_every_member_to_its_own_run_once(tmp_path):
+    """The real callback with Tune's stub trials: one pack trial of three members, each member's rows from its own
+    mail box and its summary from the result's members; an errored pack fails the members without a summary."""
+    from ray.tune.experiment import Trial as TuneTrial
+
+    from sophon_ray.run.outbox import Outbox
+    from sophon_ray.run.tune_driver import LAST_REPORT, MEMBERS, make_callback, mail_box
+    from tests.test_outbox import FAST, tracker_and_parent
+
+    tracker, parent = tracker_and_parent(tmp_path)
+    planned = [t for t in plan_trials(spec_with(3), []) if t.subject.kind == "normal"]
+    plan = plan_packs(planned, 3)
+    (first, members), (second, other) = list(plan.packs.items())
+    table = {t.key: t for t in planned}
+    ok, bad = (TuneTrial("attack_trial", config={"key": k}, stub=True) for k in (first, second))
+
+    class Mail:
+        boxes = {mail_box(ok.trial_id, k): ([{"epoch": 0, names.RESTRICTED_ACC: 10.0 + i},
+                                              {"epoch": 1, names.RESTRICTED_ACC: 20.0 + i}], {"curve.txt": b"x"})
+                 for i, k in enumerate(members)}
+
+        def take(self, box):
+            return self.boxes.pop(box, ([], {}))
+
+    outbox = Outbox(tracker, None, delays=FAST).start()
+    callback = make_callback(tracker, parent, "sweep1", outbox)
+    callback.attach(Mail(), table, plan.packs)
+    callback.on_trial_start(0, [], ok)
+    summary = {k: {LAST_REPORT: True, names.FINAL: 20.0 + i, names.BEST: 20.0 + i, names.ORIGINAL_ACC: 90.0,
+                   "node_id": "n1"} for i, k in enumerate(members)}
+    callback.on_trial_result(0, [], ok, {MEMBERS: summary, LAST_REPORT: True})
+    callback.on_trial_result(0, [], ok, {MEMBERS: summary, LAST_REPORT: True})   # a replayed result: no duplicate
+    callback.on_trial_complete(0, [], ok)
+    callback.on_trial_start(0, [], bad)
+    callback.on_trial_result(0, [], bad, {MEMBERS: {other[0]: summary[members[0]]}, LAST_REPORT: False})
+    callback.on_trial_error(0, [], bad)
+    assert outbox.drain(30)
+    outbox.close()
+    client = MlflowClient(tracking_uri=tracker.uri)
+    runs = {r.data.tags[names.KEY]: r for r in client.search_runs([tracker.experiment_id])
+            if r.data.tags.get(names.ROLE) == "attack"}
+    assert set(runs) == set(members) | set(other)
+    for i, k in enumerate(members):
+        run = runs[k]
+        assert run.info.status == "FINISHED" and run.info.run_name == table[k].name
+        assert run.data.params == {p: str(v) for p, v in table[k].params().items()}
+        history = client.get_metric_history(run.info.run_id, names.RESTRICTED_ACC)
+        assert sorted((m.step, m.value) for m in history) == [(0, 10.0 + i), (1, 20.0 + i)]
+        assert run.data.metrics[names.FINAL] == 20.0 + i and run.data.tags[names.NODE] == "n1"
+        assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["curve.txt"]
+    assert {k: runs[k].info.status for k in other} == {other[0]: "FINISHED", **{k: "FAILED" for k in other[1:]}}
+
+
+def test_the_pack_reporter_reports_what_each_member_alone_would(monkeypatch):
+    """Each member's EpochReporter gets its own rows and summary; one Tune report carries all of them."""
+    import sophon_ray.run.trials_worker as worker
+
+    sent: dict[str, list] = {}
+    monkeypatch.setattr(worker, "mail_sender", lambda mail, key="": lambda rows, files: sent.setdefault(key, []).append(
+        (list(rows), dict(files))))
+    reports: list[dict] = []
+    members = [t for t in plan_trials(spec_with(2), []) if t.subject.kind == "normal"][:2]
+    reporter = worker.PackReporter(members, reports.append, names.ACCURACY, mail=object(), every_s=0.0)
+    for epoch in (0, 1):
+        for i in (0, 1):
+            reporter(i, epoch, {names.RESTRICTED_ACC: 10.0 * (epoch + 1) + i, names.RESTRICTED_LOSS: 1.0})
+    assert len(reports) == 1 and not reports[0][worker.LAST_REPORT]   # after epoch 0 only (not the final epoch)
+    for i, t in enumerate(members):
+        reporter.members[i].flush({"f.txt": b"1"}, **{names.FINAL: 20.0 + i, worker.LAST_REPORT: True})
+    reporter.send()
+    last = reports[-1]
+    assert last[worker.LAST_REPORT] and set(last[worker.MEMBERS]) == {t.key for t in members}
+    for i, t in enumerate(members):
+        assert last[worker.MEMBERS][t.key][names.FINAL] == 20.0 + i
+        assert last[worker.MEMBERS][t.key][names.BEST] == 20.0 + i
+        rows = [r for batch, _ in sent[t.key] for r in batch]
+        assert [r["epoch"] for r in rows] == [0, 1] and rows[1][names.RESTRICTED_ACC] == 20.0 + i
+    assert math.isinf(reporter.members[0].every_s)
