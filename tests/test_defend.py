@@ -81,9 +81,9 @@ def test_the_objective_is_the_development_worst_case_minus_scratch_under_the_gua
 def test_a_probe_reports_its_estimate_and_only_at_probe_rows():
     assert probe_report({"fts_loss": 1.0}, 90.0, 30.0, 2.0, "probe_acc", "original_acc") is None
     est = probe_report({"probe_acc": 33.0, "original_acc": 89.0}, 90.0, 30.0, 2.0, "probe_acc", "original_acc")
-    assert est == {OBJECTIVE: 3.0, FEASIBLE: 1.0, "probe_acc": 33.0}
+    assert est == {OBJECTIVE: 3.0, FEASIBLE: 1.0, "probe_acc": 33.0, DROP: 1.0}   # the drop: for a candidate ASHA stops
     bad = probe_report({"probe_acc": 10.0, "original_acc": 80.0}, 90.0, 30.0, 2.0, "probe_acc", "original_acc")
-    assert bad[FEASIBLE] == 0.0 and bad[OBJECTIVE] == INFEASIBLE + 10.0
+    assert bad[FEASIBLE] == 0.0 and bad[OBJECTIVE] == INFEASIBLE + 10.0 and bad[DROP] == 10.0
 
 
 def test_the_choice_is_the_best_feasible_candidate_ties_to_the_gentler_one():

@@ -102,12 +102,14 @@ def probe_report(row: Mapping[str, float], normal_val: float, scratch_best: floa
                  probe_key: str, original_key: str) -> dict[str, float] | None:
     """What a protection reports to its defender trial at a probe checkpoint (None for other rows): the probe's
     development estimate of the objective (the probe score minus scratch's best development score), or the
-    infeasible value when the original-domain drop already exceeds the guard."""
+    infeasible value when the original-domain drop already exceeds the guard; and that drop (so that a candidate
+    ASHA stops at the probe still has one, for the report's table and Pareto figure)."""
     if probe_key not in row:
         return None
     drop = normal_val - row.get(original_key, normal_val)
     value, feasible = defend_objective(row[probe_key], scratch_best, drop, guard)
-    return {names.DEFEND_OBJECTIVE: value, names.FEASIBLE: float(feasible), probe_key: row[probe_key]}
+    return {names.DEFEND_OBJECTIVE: value, names.FEASIBLE: float(feasible), probe_key: row[probe_key],
+            names.DEFEND_DROP: drop}
 
 
 __all__ = ["DevelopmentData", "development_best", "development_data", "found_recipes", "found_text", "probe_report", "red_team_search"]
