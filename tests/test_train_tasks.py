@@ -38,8 +38,8 @@ def test_groups_run_as_tasks_and_come_back_in_group_order(local_ray, tmp_path):
     assert [r["group"] for r in out] == ["a", "b", "c"] and out[0]["spec"] == "spec" and out[0]["rest"] == ["store"]
 
 
-# The driver of the cancel test: its own process (a real SIGINT, and no signal handler or Ray state left by an earlier
-# in-process test: CI once saw Ctrl-C swallowed and the slow run finish when this ran after others in one worker)
+# The driver of the cancel test: its own process, with a real SIGINT and SIGINT's default disposition (a test run
+# started in the background inherits SIGINT ignored: `_thread.interrupt_main` then did nothing, which once failed CI)
 DRIVER = """
 import sys, time
 from pathlib import Path
@@ -77,8 +77,11 @@ def test_an_error_or_ctrl_c_cancels_the_other_protection_runs(tmp_path, how):
 
     from tests.procenv import process_env
 
+    # SIGINT as a foreground process gets it: a shell that starts the test run in the background (`cmd &` without
+    # job control) hands every child SIGINT ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), how], env=process_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (tmp_path / "ready").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
