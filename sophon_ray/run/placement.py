@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -33,20 +33,24 @@ def worker_bundles(num_workers: int, cpus: float, use_gpu: bool) -> list[dict[st
     return [{"CPU": float(cpus), **({"GPU": 1.0} if use_gpu else {})} for _ in range(num_workers)]
 
 
+def _shape(bundles: Iterable[Bundle]) -> list[tuple[tuple[str, float], ...]]:
+    """Bundles compared as a multiset of their non-zero resources."""
+    return sorted(tuple(sorted((k, float(v)) for k, v in b.items() if v)) for b in bundles)
+
+
 def idle_groups(table: Mapping[str, Mapping[str, Any]], available: Mapping[str, float],
                 total: Mapping[str, float], job_id: str, bundles: Sequence[Bundle]) -> set[str]:
     """The ids of ``job_id``'s created placement groups shaped as ``bundles`` that nothing is placed in.
 
     ``table``: :func:`ray.util.placement_group_table`; ``available``/``total``: the cluster's available and total
     resources (each group has a ``bundle_group_<id>`` resource; every task or actor in it takes a share)."""
-    want = sorted(tuple(sorted((k, float(v)) for k, v in b.items() if v)) for b in bundles)
+    want = _shape(bundles)
     out = set()
     for pg_id, info in table.items():
         if info.get("state") != "CREATED" or not pg_id.endswith(job_id):
             continue
-        shape = sorted(tuple(sorted((k, float(v)) for k, v in b.items() if v)) for b in info["bundles"].values())
         key = f"bundle_group_{pg_id}"
-        if shape == want and key in total and available.get(key, 0.0) >= total[key]:
+        if _shape(info["bundles"].values()) == want and key in total and available.get(key, 0.0) >= total[key]:
             out.add(pg_id)
     return out
 

@@ -55,6 +55,11 @@ def member_views(tune_trial: Any, trial_of: Callable[[Any], Trial],
     return [(trials[k], mail_box(tune_trial.trial_id, k), k) for k in members]
 
 
+def epoch_rows(curve: list[dict[str, float]]) -> list[tuple[int, dict[str, float]]]:
+    """A trial's mailed per-epoch rows as the outbox logs them: (step = epoch, the row's metrics)."""
+    return [(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"}) for row in curve]
+
+
 def member_result(result: dict, member: str) -> dict:
     """A member's own report in a Tune result (``member`` "": the result is the trial's own)."""
     return result.get(MEMBERS, {}).get(member, {}) if member else result
@@ -123,7 +128,7 @@ def make_callback(tracker: Tracker, parent_id: str, sweep_id: str, outbox: Outbo
     def log_result(t: Trial, mailbox: str, result: dict) -> None:
         # a retried trial replays epochs that are already logged: the outbox logs each step once
         curve, artifacts = take(mailbox)
-        rows = [(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"}) for row in curve]
+        rows = epoch_rows(curve)
         if result.get(LAST_REPORT):
             rows.append((0, {k: result[k] for k in summary if result.get(k) is not None}))
             summarised.add(key(t))
@@ -136,7 +141,7 @@ def make_callback(tracker: Tracker, parent_id: str, sweep_id: str, outbox: Outbo
     def complete(t: Trial, mailbox: str, last: dict) -> None:
         curve, artifacts = take(mailbox)  # anything sent after the last result Tune passed on
         if curve:
-            box.rows(key(t), [(int(r["epoch"]), {k: v for k, v in r.items() if k != "epoch"}) for r in curve])
+            box.rows(key(t), epoch_rows(curve))
         for name, data in artifacts.items():
             box.artifact(key(t), name, data)
         if key(t) not in summarised and m.restricted in last:  # stopped by the scheduler
