@@ -7,7 +7,16 @@ Contenders, interleaved round by round (rotating order), on one local Ray instan
 - ``sequential``: one process, ``torch.set_num_threads(--threads)``, a for-loop calling
   ``sophon_ray.core.attack.finetune`` on the same trial configs, models and splits (what a user writes instead);
 - ``process pool``: the same loop body in a spawned ``ProcessPoolExecutor`` with one 1-thread worker per
-  Tune slot, data sent once per worker: the ceiling for running 1-thread trials in parallel without Ray.
+  Tune slot, data sent once per worker: the ceiling for running 1-thread trials in parallel without Ray;
+- ``tune packed`` / ``tune+mlflow packed``: the same ``run_attacks`` calls with the trials grouped into packs as the
+  pipeline groups them under ``attack.pack`` (``--pack``, default ``auto``; ``packing.plan_for``), each pack one Tune
+  trial training its members as one batched ensemble (``core.packed.finetune_pack``);
+- ``packed loop``: those packs as a plain loop of ``finetune_pack`` calls in the driver at ``--threads`` threads
+  (what packing gains without Ray).
+
+The grid (2 strategies x 2 optimizers x 3 learning rates x 2 seeds) is one a robustness sweep has: recipes
+that differ in their per-member settings (learning rate, seed) next to ones that do not (strategy, optimizer),
+so ``auto`` makes 4 packs of 6.
 
 Per-trial Ray overhead = the trial's wall as the driver sees it (a timing ``tune.Callback``:
 ``on_trial_start`` -> ``on_trial_complete``) minus the trial's own ``compute_seconds`` (``finetune`` wall):
@@ -36,6 +45,7 @@ from sophon_ray.modes.classification.task import CLASSIFICATION
 
 NAME = "tune_throughput"
 WALL_GOAL = 0.65
+PACK_GOAL = 0.5   # issue 24: the packed attack stage <= 0.5x the sequential loop
 OVERHEAD_GOAL_S = 1.0
 MIB = 2**20
 
@@ -50,26 +60,30 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--epochs", type=int, help="attack epochs per trial (default 10, smoke 1)")
     parser.add_argument("--no-mlflow", action="store_true", help="skip the tune+mlflow contender")
     parser.add_argument("--sequential-device", help="device of the sequential loop (default: --device)")
+    parser.add_argument("--pack", default="auto", help="attack.pack of the packed contenders (default auto; 1 drops them)")
     args = parser.parse_args(argv)
+    args.pack = args.pack if args.pack == "auto" else int(args.pack)
     args.sequential_device = args.sequential_device or args.device
     return args
 
 
 def sweep_spec(args: Any) -> Any:
-    """The attack sweep: subjects [normal], 4 strategies x 3 optimizers x 2 lrs (24 trials) on shapes_m 16 px."""
+    """The attack sweep: subjects [normal], 2 strategies x 2 optimizers x 3 lrs x 2 seeds (24 trials) on shapes_m
+    16 px; ``attack.pack`` is ``--pack`` (only the packed contenders read it)."""
     from sophon_ray.run.validate import parse_spec  # noqa: PLC0415
 
     smoke = args.smoke
-    grid = {"strategy": ["direct-all", "initfc-fc"] if smoke else ["direct-all", "initfc-all", "direct-fc", "initfc-fc"],
-            "optimizer": ["adam"] if smoke else ["sgd", "momentum", "adam"], "lr": [1e-3, 1e-2],
-            "batch_size": [32], "data_fraction": [0.1], "epochs": [args.epochs or (1 if smoke else 10)], "seed": [0]}
+    grid = {"strategy": ["direct-all"] if smoke else ["direct-all", "initfc-all"],
+            "optimizer": ["adam"] if smoke else ["momentum", "adam"],
+            "lr": [1e-3, 1e-2] if smoke else [1e-3, 3e-3, 1e-2], "batch_size": [32], "data_fraction": [0.1],
+            "epochs": [args.epochs or (1 if smoke else 10)], "seed": [0, 1]}
     return parse_spec({
         "name": "bench-tune", "model": {"arch": "convnet", "num_classes": 10},
         "original": {"dataset": "shapes", "image_size": 16, "channels": 3, "train_size": 500 if smoke else 5000,
                      "test_size": 200 if smoke else 1000},
         "restricted": [{"dataset": "shapes_m", "image_size": 16, "channels": 3, "train_size": 400 if smoke else 2000,
                         "test_size": 200 if smoke else 1000}],
-        "pretrain": {"epochs": 1}, "attack": {"subjects": ["normal"], "evaluation": grid},
+        "pretrain": {"epochs": 1}, "attack": {"subjects": ["normal"], "evaluation": grid, "pack": args.pack},
         "resources": {"cpus_per_trial": 1, "gpus_per_trial": args.gpus_per_trial},
     }, "bench")
 
@@ -175,8 +189,45 @@ def run_pool(trials: list[Any], models: dict, splits: Any, slots: int, device: s
     return Run(time.perf_counter() - start, compute)
 
 
-def run_tune(spec: Any, trials: list[Any], models: dict, splits: Any, storage: Path, callbacks: list) -> Run:
-    """``run_attacks`` as the pipeline calls it; raises when any trial errored."""
+def run_packed_loop(packs: list[list[Any]], models: dict, splits: Any, threads: int, device: str) -> Run:
+    """The packs as a plain loop: one ``finetune_pack`` call per pack in this process; compute per pack."""
+    import torch  # noqa: PLC0415
+
+    from sophon_ray.core.packed import finetune_pack  # noqa: PLC0415
+    from sophon_ray.modes import build_model  # noqa: PLC0415
+    from sophon_ray.run.trials_worker import attack_data  # noqa: PLC0415
+    from sophon_ray.spec import ModelSpec  # noqa: PLC0415
+
+    torch.set_num_threads(threads)
+    data = attack_data(splits)
+    state, card = models["normal"]
+    compute = []
+    start = time.perf_counter()
+    for members in packs:
+        model = build_model(ModelSpec(card["arch"], card["num_classes"]), card["channels"], card["image_size"])
+        model.load_state_dict(state)
+        train, score = data.for_trial(members[0])
+        began = time.perf_counter()
+        finetune_pack(model, train, score, [t.config for t in members], device, task=CLASSIFICATION,
+                      original_test=data.original_test)
+        compute.append(time.perf_counter() - began)
+    return Run(time.perf_counter() - start, compute)
+
+
+def pack_compute(metrics: dict[str, Any]) -> float:
+    """A Tune trial's compute seconds: its own, or for a pack the sum of its members' (each reports its share of
+    the pack's ``finetune_pack`` wall)."""
+    from sophon_ray.run.trials_worker import MEMBERS  # noqa: PLC0415
+
+    if MEMBERS in metrics:
+        return sum(m["compute_seconds"] for m in metrics[MEMBERS].values())
+    return metrics["compute_seconds"]
+
+
+def run_tune(spec: Any, trials: list[Any], models: dict, splits: Any, storage: Path, callbacks: list,
+             packs: dict[str, tuple[str, ...]] | None = None) -> Run:
+    """``run_attacks`` as the pipeline calls it (``packs``: as ``attack.pack`` groups the trials); raises when any
+    trial errored. Compute and overhead are per Tune trial (a pack is one)."""
     from sophon_ray.run.trials_worker import attack_data  # noqa: PLC0415
     from sophon_ray.run.tune_driver import run_attacks  # noqa: PLC0415
 
@@ -184,15 +235,15 @@ def run_tune(spec: Any, trials: list[Any], models: dict, splits: Any, storage: P
     with memory.RssSampler("ImplicitFunc") as sampler:
         start = time.perf_counter()
         grid = run_attacks(spec, trials, models, attack_data(splits), str(storage), f"bench-{uuid.uuid4().hex[:8]}",
-                           [*callbacks, clock], max_failures=0)
+                           [*callbacks, clock], max_failures=0, packs=packs)
         wall = time.perf_counter() - start
     errors = [r.error for r in grid if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} Tune trials failed, e.g. {errors[0]!r}")
     metrics = [r.metrics for r in grid]
-    compute = [m["compute_seconds"] for m in metrics]
-    observed = [clock.completed[m["trial_id"]] - clock.started[m["trial_id"]] - m["compute_seconds"] for m in metrics]
-    tune_view = [m["time_total_s"] - m["compute_seconds"] for m in metrics]
+    compute = [pack_compute(m) for m in metrics]
+    observed = [clock.completed[m["trial_id"]] - clock.started[m["trial_id"]] - c for m, c in zip(metrics, compute)]
+    tune_view = [m["time_total_s"] - c for m, c in zip(metrics, compute)]
     lead_in = min(clock.started.values()) - start
     tail = start + wall - max(clock.completed.values())
     return Run(wall, compute, observed, tune_view, sampler.peak.as_dict(), lead_in, tail)
@@ -269,6 +320,11 @@ NOTES = [
     "`ImplicitFunc` (the trial actors); RSS includes shared library and object-store pages, USS is private "
     "memory only.",
 ]
+NOTES.append(
+    "packed contenders: a pack is one Tune trial (1 thread, like any trial) training its members as one grouped-"
+    "convolution ensemble; its compute is the pack's `finetune_pack` wall (every member reports it), so compute "
+    "s/trial and the overhead columns are per pack there, while trials/min counts members. The packed loop runs "
+    "the same packs one after another in the driver at the sequential loop's threads.")
 GPU_NOTE = ("GPU run: `attack_trial` fine-tunes on the GPU Tune assigns it (gpus_per_trial > 0); the sequential "
             "loop's device is in the set-up line.")
 CONTENDER_COLUMNS = ["contender", "wall s", "wall / sequential", "trials/min", "compute s/trial",
@@ -288,7 +344,8 @@ def concurrent_trials(args: Any) -> int:
 def setup_text(args: Any, n_trials: int, rounds: int) -> str:
     """The section's set-up paragraph: sizes, resources, threads, interleaving."""
     return (f"{n_trials} attack trials (subjects [normal], convnet, shapes_m 16 px, data_fraction 0.1, batch 32, "
-            f"{args.epochs or (1 if args.smoke else 10)} epochs); `ray.init(num_cpus={args.num_cpus})`, "
+            f"{args.epochs or (1 if args.smoke else 10)} epochs; 2 strategies x 2 optimizers x 3 lrs x 2 seeds, packed "
+            f"contenders at attack.pack {args.pack}); `ray.init(num_cpus={args.num_cpus})`, "
             f"cpus_per_trial 1 (each trial sets torch.set_num_threads(1)), gpus_per_trial {args.gpus_per_trial:g}, "
             f"so {concurrent_trials(args)} trials run at once; the sequential loop runs in the driver with "
             f"torch.set_num_threads({args.threads}) on device `{args.sequential_device}`. Contenders interleaved in "
@@ -298,10 +355,12 @@ def setup_text(args: Any, n_trials: int, rounds: int) -> str:
 
 def add_goals(sec: harness.Section, name: str, args: Any, ratio: harness.Spread, overhead: harness.Spread) -> None:
     """The two headline rows of one Tune contender: wall vs sequential, and per-trial overhead."""
-    slots = concurrent_trials(args)
-    sec.goal(f"{name}: wall / sequential", f"<= {WALL_GOAL}", ratio.text(3),
-             None if args.smoke else ratio.median <= WALL_GOAL,
-             f"the cores first (see the process-pool ceiling): {slots} trials at once at 1 thread each vs one loop "
+    slots, packed = concurrent_trials(args), name.endswith("packed")
+    goal = PACK_GOAL if packed else WALL_GOAL
+    sec.goal(f"{name}: wall / sequential", f"<= {goal}", ratio.text(3), None if args.smoke else ratio.median <= goal,
+             ("the packed step's own speed first (the packed loop row; bench/packed.py: grouped convolutions gain "
+              "less as activations widen), then " if packed else "") +
+             f"the cores (see the process-pool ceiling): {slots} trials at once at 1 thread each vs one loop "
              f"at {args.threads} threads; then Tune's lead-in and tail, per-trial overhead, the driver's event loop "
              "(and MLflow writes) on the same cores")
     sec.goal(f"{name}: per-trial Ray overhead, driver-observed trial wall - compute (median; p90 "
@@ -314,15 +373,15 @@ def add_goals(sec: harness.Section, name: str, args: Any, ratio: harness.Spread,
 
 def contender_row(name: str, rs: list[Run], seq: list[Run], n_trials: int, slots: int) -> tuple[list[str], dict]:
     """One row of the per-contender table, and the spreads the headline needs."""
-    parallel, tune = name != "sequential", name.startswith("tune")
+    parallel, tune = name not in ("sequential", "packed loop"), name.startswith("tune")
     ratio = harness.spread(harness.paired_ratios([r.wall for r in rs], [r.wall for r in seq]))
     overhead = harness.spread([o for r in rs for o in r.overhead])
     tune_view = harness.spread([o for r in rs for o in r.overhead_tune])
     amortised = harness.spread([((slots if parallel else 1) * r.wall - sum(r.compute)) / n_trials for r in rs])
     workers = {key: harness.spread([v for r in rs for v in r.memory.get(key, {}).values()])
                for key in ("worker_rss_mib", "worker_uss_mib")}
-    row = [name, harness.spread([r.wall for r in rs]).text(1), ratio.text(3) if parallel else "1",
-           f"{harness.spread([60 * n_trials / r.wall for r in rs]).median:.1f}",
+    row = [name, harness.spread([r.wall for r in rs]).text(1), ratio.text(3) if name != "sequential" else "1",
+           f"{harness.spread([60 * n_trials / r.wall for r in rs]).median:.1f}",  # members count as trials
            harness.spread([c for r in rs for c in r.compute]).text(2),
            f"{overhead.median:.2f} / {overhead.p90:.2f}" if overhead.n else "-",
            f"{tune_view.median:.2f} / {tune_view.p90:.2f}" if tune_view.n else "-", amortised.text(2),
@@ -392,20 +451,40 @@ def make_contenders(args: Any, spec: Any, trials: list[Any], models: dict, split
                   "process pool": lambda: run_pool(trials, models, splits, concurrent_trials(args),
                                                    args.sequential_device),
                   "tune": lambda: run_tune(spec, trials, models, splits, tmp / "storage", [])}
+    packs = pack_plan(spec, trials)
+    if packs:
+        by_key = {t.key: t for t in trials}
+        contenders["packed loop"] = lambda: run_packed_loop([[by_key[k] for k in keys] for keys in packs.values()],
+                                                            models, splits, args.threads, args.sequential_device)
+        contenders["tune packed"] = lambda: run_tune(spec, trials, models, splits, tmp / "storage", [], packs)
     if args.no_mlflow:
         return contenders
     tracking = MlflowContender(tmp)
     context["mlflow_setup_s"] = tracking.setup_seconds
 
-    def with_mlflow() -> Run:
+    def with_mlflow(packed: dict[str, tuple[str, ...]] | None = None) -> Run:
         """run_attacks with the MLflow callback under a fresh parent run, finished afterwards."""
         callbacks, parent = tracking.callbacks()
-        run = run_tune(spec, trials, models, splits, tmp / "storage", callbacks)
+        run = run_tune(spec, trials, models, splits, tmp / "storage", callbacks, packed)
         tracking.tracker.finish(parent)
         return run
 
     contenders["tune+mlflow"] = with_mlflow
+    if packs:
+        contenders["tune+mlflow packed"] = lambda: with_mlflow(packs)
     return contenders
+
+
+def pack_plan(spec: Any, trials: list[Any]) -> dict[str, tuple[str, ...]]:
+    """The packs the pipeline makes of ``trials`` under the spec's ``attack.pack`` (``--pack``): pack id -> keys;
+    every trial must pack (the grid is chosen so), else the comparison would not be of packing."""
+    from sophon_ray.run.packing import plan_for  # noqa: PLC0415
+
+    plan = plan_for(spec, trials)
+    if plan.packs and plan.alone:
+        raise SystemExit(f"--pack {spec.attack.pack}: {len(plan.alone)} of {len(trials)} trials would run alone; "
+                         "choose a --pack that divides the grid's packs")
+    return plan.packs
 
 
 def main() -> None:

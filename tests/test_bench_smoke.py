@@ -63,8 +63,10 @@ def test_tune_throughput_smoke(tmp_path):
                                                      "driver peak RSS MiB", "trial process peak RSS MiB"])
     trials = payload["data"]["trials"]
     runs = payload["data"]["runs"]
-    assert set(runs) == {"sequential", "process pool", "tune", "tune+mlflow"}
-    assert all(len(r["compute"]) == trials for rs in runs.values() for r in rs)
+    packed = {"packed loop", "tune packed", "tune+mlflow packed"}
+    assert set(runs) == {"sequential", "process pool", "tune", "tune+mlflow", *packed}
+    assert all(len(r["compute"]) == trials for name, rs in runs.items() if name not in packed for r in rs)
+    assert all(len(r["compute"]) == 1 for name in packed for r in runs[name]), "the smoke grid is one pack of 4"
     assert all(r["memory"]["worker_rss_mib"] for r in runs["tune"]), "no trial process was sampled"
 
 
@@ -143,6 +145,21 @@ def test_packed_smoke(tmp_path):
     assert all(set(r["speedup_vs_sequential"]) == {"grouped", "vmap"} for r in payload["results"])
 
 
+@pytest.mark.slow
+def test_packed_stage_smoke(tmp_path):
+    """Slow: 133 s measured (load 2.3): three `sophon-ray run`s of a tiny quickstart (one trains the models, then
+    attack.pack 1 and auto reuse them); each pays Ray's start."""
+    out = tmp_path / "packed_stage.md"
+    proc = run([sys.executable, str(BENCH / "packed_stage.py"), "--smoke", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_section(out, "packed_stage", ["attack stage s", "Tune trials", "trial process peak RSS MiB"])
+    runs = payload["data"]["runs"]
+    assert set(runs) == {"1", "auto"}
+    assert runs["1"][0]["trials_run"] == runs["auto"][0]["trials_run"] == 12   # 4 recipes x 3 subjects
+    assert runs["1"][0]["tune_trials"] == 12 and runs["auto"][0]["tune_trials"] == 4   # scratch: a pack per seed
+    assert all(r["stages"]["attack"] > 0 for rs in runs.values() for r in rs)
+
+
 def test_collect_orders_sections_under_a_machine_header(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
@@ -186,6 +203,14 @@ def test_the_benchmarks_specs_validate_against_the_current_spec_schema():
     assert len(overrides) >= 10, overrides
     spec = load_spec(REPO / "sweeps" / "quickstart.yaml", overrides)
     assert spec.protect[0].iterations == 4 and spec.attack.evaluation[0].strategy == ("direct-all",)
+    sys.path.insert(0, str(BENCH))
+    try:
+        import packed_stage
+    finally:
+        sys.path.remove(str(BENCH))
+    args = packed_stage.parse_args(["--smoke"])
+    for pack in args.packs:
+        load_spec(Path(args.spec), [*args.sets, f"attack.pack={pack}", "output_dir=/tmp/x", "tracking.uri=sqlite:///x"])
 
 
 @pytest.mark.parametrize("script", sorted(p.stem for p in BENCH.glob("*.py")))

@@ -115,6 +115,25 @@ def test_every_optimizer_trains_every_member_as_finetune_does(subject, data, opt
     assert_same(subject, data, _members(optimizer), formulation)
 
 
+@pytest.mark.parametrize("formulation", ["grouped", "vmap"])
+def test_evaluation_in_chunks_smaller_than_the_batch_gives_every_member_its_own_scores(subject, data, formulation,
+                                                                                       monkeypatch):
+    """On the CPU a pack evaluates ``EVAL_ROWS // members`` samples per forward (the test set's 40 here split
+    into 13 pieces of 3 and one of 1): the curves still equal each member's ``finetune``."""
+    monkeypatch.setattr(packed_module, "EVAL_ROWS", 10)
+    assert packed_module.eval_chunk(3, "cpu") == 3 and packed_module.eval_chunk(3, "cuda") is None
+    calls = []
+    real = packed_module._MemberView.forward
+
+    def counting(self, x):
+        calls.append(self.index)
+        return real(self, x)
+
+    monkeypatch.setattr(packed_module._MemberView, "forward", counting)
+    assert_same(subject, data, _members("momentum"), formulation)
+    assert calls, "the member views were not used"
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS.names())
 def test_packed_optimizer_steps_every_member_as_its_torch_optimizer(optimizer):
     """Per-member lr (changing every step) and weight decay (0 included: adamw's 0.01) on stacked tensors, against
