@@ -69,7 +69,38 @@ def decode_param(text: str, cast: Any) -> Any:
 
 def search_stage(ctx: RunContext, models: dict[str, Path]) -> None:
     """Every search (attack.search) against every attacked model and restricted domain, one Tune experiment
-    each, under its own MLflow search run; a resumed search continues with the trials it has (warm start)."""
+    each, under its own MLflow search run; a resumed search continues with the trials it has (warm start).
+
+    The search trials' MLflow writes go through an outbox journaled in the grid's journal (``ctx.outbox``, one
+    ledger per sweep): a store that stops answering, or a driver that dies, loses no finished search trial; the
+    journal is delivered (here, by ``sophon-ray sync`` or by ``--resume``'s grid stage) before a search's history
+    is read, so nothing finished is rerun. When the store does not answer for ``$SOPHON_TRACKING_WAIT_S`` the
+    stage stops and ``outcome.pending`` / ``outcome.journal`` say what waits in the journal."""
+    from sophon_ray.console.signals import STOP_WAIT_S, received  # noqa: PLC0415
+    from sophon_ray.console.terminal import environment  # noqa: PLC0415
+    from sophon_ray.run.outbox import JOURNAL, Outbox, http_env, wait_seconds  # noqa: PLC0415
+    from sophon_ray.run.texts import pending_text  # noqa: PLC0415
+
+    wait = wait_seconds()
+    outbox = ctx.outbox = Outbox(ctx.tracker, ctx.out / JOURNAL)
+    with environment(http_env()):
+        outbox.load_journal()
+        outbox.start()
+        delivered = None
+        try:
+            delivered = outbox.drain(wait) and _searches(ctx, models, outbox, wait)
+        finally:  # a run that SIGTERM or Ctrl-C stops waits less: what is not delivered stays in the journal
+            if delivered is not False:   # (False: the store already had its wait)
+                delivered = outbox.drain(STOP_WAIT_S if received() else wait)
+            outbox.close()
+    if not delivered:
+        ctx.outcome.pending, ctx.outcome.journal = len(outbox.pending_keys()), str(outbox.journal.path)
+        ctx.say(f"[3/4] warning: {pending_text(ctx.outcome.pending, ctx.outcome.journal)}")
+
+
+def _searches(ctx: RunContext, models: dict[str, Path], outbox: Any, wait: float) -> bool:
+    """The searches, their trials through ``outbox``; False (stopping early) when a search's trials could not be
+    delivered within ``wait`` seconds (its history, and so the next search's plan, cannot be read)."""
     from sophon_ray.console.progress import AttackProgress  # noqa: PLC0415
     from sophon_ray.core.data import make_splits  # noqa: PLC0415
     from sophon_ray.run.plan import search_templates  # noqa: PLC0415
@@ -108,10 +139,12 @@ def search_stage(ctx: RunContext, models: dict[str, Path]) -> None:
                                    warm_sets(spec, splits, kinds))
                 name = f"search-{search_key(sid, template)}-{int(time.time())}"
                 run_search(spec, search, template, remaining, [(p, v) for _, p, v, _ in history], loaded, data,
-                           ctx.storage, name, [make_callback(tracker, run_id, sid,
+                           ctx.storage, name, [make_callback(tracker, run_id, sid, outbox,
                                                              trial_of=SearchNumbering(template, first), metric=m),
                                                make_progress_callback(counts)],
                            spec.resources.max_failures, verbose=1 if ctx.options.verbose else 0)
+                if not outbox.drain(wait):   # the history is MLflow's: what the journal holds must be there first
+                    return False
                 history, _ = search_history(tracker, run_id, template.subject.kind == "scratch", m)
                 ctx.outcome.trials_run += remaining
             logged = tracker.logged_steps(run_id, m.found_val)
@@ -120,3 +153,4 @@ def search_stage(ctx: RunContext, models: dict[str, Path]) -> None:
             complete = len(history) >= search.num_samples
             tracker.finish(run_id, "FINISHED" if complete else "FAILED")
     ctx.say(f"[3/4] search done | {todo} trials run now")
+    return True
