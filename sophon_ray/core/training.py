@@ -3,6 +3,7 @@ schedules and evaluation."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,7 +19,10 @@ from sophon_ray.recipes import OPTIMIZERS
 from sophon_ray.spec import PretrainSpec
 from sophon_ray.seam import Evaluation, Task
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
+    from sophon_ray.core.protection import ProtectState
     from sophon_ray.seam import Sync
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -81,21 +85,39 @@ def train_epoch(model: nn.Module, dataset: Dataset, optimizer: torch.optim.Optim
 class PretrainResult:
     val_score: list[float]   # the task's validation score per epoch
     seconds: float
+    resumed_from: int = 0    # the epoch of the state it continued from (0: from the start)
 
 
 def pretrain(model: nn.Module, train: Dataset, val: Dataset, spec: PretrainSpec, seed: int = 0,
              device: torch.device | str = "cpu", on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-             sync: "Sync | None" = None, rank: int = 0, *, task: Task) -> PretrainResult:
+             sync: "Sync | None" = None, rank: int = 0, *, task: Task,
+             on_checkpoint: Callable[[ProtectState], None] | None = None,
+             resume: ProtectState | None = None) -> PretrainResult:
     """Train the normal model in place on the original domain; validation score (``task``'s metric) per epoch.
 
     Data-parallel workers pass their shard as ``train``, their ``rank`` and a ``sync`` (see
     ``sophon_ray.core.protection.Sync``) that averages gradients and, after each epoch, BatchNorm statistics.
+    ``on_checkpoint(state)`` gets the training state after every epoch but the last (``iteration`` = the epoch:
+    weights, optimizer, curve and seconds shared by the ranks; this rank's batch generator and the global torch RNG
+    its own), in the format of protection's state checkpoints (:func:`~sophon_ray.core.protection.save_state`);
+    ``resume`` continues from such a state as if training had never stopped (bit-identical on the CPU).
     """
+    from sophon_ray.core.protection import ProtectState  # noqa: PLC0415 - protection imports this module
+
     gen = torch.Generator().manual_seed(seed * 1009 + rank)
     model.to(device)
     optimizer = make_optimizer(spec.optimizer, model.parameters(), spec.lr)
-    start, curve = time.perf_counter(), []
-    for epoch in range(1, spec.epochs + 1):
+    curve: list[float] = []
+    first, spent = 1, 0.0
+    if resume is not None:
+        model.load_state_dict(resume.shared["model"])
+        optimizer.load_state_dict(resume.shared["optimizer"])
+        curve, spent, first = list(resume.shared["curve"]), float(resume.shared["seconds"]), resume.iteration + 1
+        gen.set_state(resume.local["gen"])
+        torch.set_rng_state(resume.local["torch_rng"])
+        log.info("pretrain | resumed from the state checkpoint of epoch %d", resume.iteration)
+    start = time.perf_counter() - spent
+    for epoch in range(first, spec.epochs + 1):
         loss = train_epoch(model, train, optimizer, spec.batch_size, gen, device=device,
                            sync_grads=sync.grads if sync else None, task=task)
         if sync:
@@ -103,4 +125,8 @@ def pretrain(model: nn.Module, train: Dataset, val: Dataset, spec: PretrainSpec,
         curve.append(evaluate(model, val, device, task=task).score)
         if on_epoch:
             on_epoch(epoch, {"train_loss": loss, task.metric.val: curve[-1]})
-    return PretrainResult(curve, time.perf_counter() - start)
+        if on_checkpoint and epoch < spec.epochs:
+            on_checkpoint(ProtectState(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                               "curve": list(curve), "seconds": time.perf_counter() - start},
+                                       {"gen": gen.get_state(), "torch_rng": torch.get_rng_state()}))
+    return PretrainResult(curve, time.perf_counter() - start, first - 1)

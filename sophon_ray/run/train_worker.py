@@ -201,8 +201,8 @@ def train_loop(config: dict[str, Any]) -> None:
             resume_folder(out, job.key, history)
             ray.train.report({"stage": STATE_STAGE, "key": job.key, "label": job.label,
                               "iteration": state.iteration, KEEP: 0.0}, checkpoint=Checkpoint.from_directory(tmp))
-        log.info("protect %s | state checkpoint of iteration %d reported in %.2f s", job.label, state.iteration,
-                 time.perf_counter() - t0)
+        log.info("%s %s | state checkpoint of %s %d reported in %.2f s", job.stage, job.label,
+                 "epoch" if job.stage == "pretrain" else "iteration", state.iteration, time.perf_counter() - t0)
 
     latest: dict[str, float] = {}
 
@@ -249,8 +249,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 report_probe(step, row)
 
         if job.stage == "pretrain":
-            metrics, card = pretrain_normal(spec, normal, splits, job.key, needs_training, device, record, sync,
-                                            rank, world)
+            metrics, card = pretrain_normal(
+                spec, normal, splits, job.key, needs_training, device, record, sync, rank, world,
+                on_checkpoint=lambda state, job=job, history=history: report_state(job, history, state),
+                resume=point.state if resumed else None)
             normal_acc = metrics[m.key("original_val")]
             progress.finish(**{m.val: normal_acc})
             finish(job, normal, card, history, metrics)
@@ -265,21 +267,25 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def pretrain_normal(spec: SweepSpec, normal: torch.nn.Module, splits: Splits, key: str, needs_training: bool = True,
                     device: Any = "cpu", on_epoch: Callable | None = None, sync: Sync | None = None, rank: int = 0,
-                    world: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Pretrain ``normal`` in place on this rank's shard of the original domain (when it ``needs_training``) and
-    score it on the original validation and test splits; returns (metrics, card) of the normal model."""
+                    world: int = 1, on_checkpoint: Callable | None = None, resume: ProtectState | None = None,
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pretrain ``normal`` in place on this rank's shard of the original domain (when it ``needs_training``), from
+    ``resume`` (a state ``on_checkpoint`` got after an epoch) when given, and score it on the original validation and
+    test splits; returns (metrics, card) of the normal model."""
     from sophon_ray.run.checkpoint import make_card  # noqa: PLC0415
     from sophon_ray.modes import task_for  # noqa: PLC0415
     from sophon_ray.core.training import evaluate, pretrain  # noqa: PLC0415
 
     task = task_for(spec)
-    seconds = 0.0
+    seconds, resumed_from = 0.0, 0
     if needs_training:
-        seconds = pretrain(normal, _shard(splits.original_train, rank, world), splits.original_val, spec.pretrain,
-                           spec.seed, device, on_epoch=on_epoch, sync=sync, rank=rank, task=task).seconds
+        result = pretrain(normal, _shard(splits.original_train, rank, world), splits.original_val, spec.pretrain,
+                          spec.seed, device, on_epoch=on_epoch, sync=sync, rank=rank, task=task,
+                          on_checkpoint=on_checkpoint, resume=resume)
+        seconds, resumed_from = result.seconds, result.resumed_from
     metrics = {task.metric.key("original_val"): evaluate(normal, splits.original_val, device, task=task).score,
                task.metric.key("original_test"): evaluate(normal, splits.original_test, device, task=task).score,
-               "seconds": seconds}
+               "seconds": seconds, "resumed_from_epoch": resumed_from}
     return metrics, make_card(spec.model, spec.original, spec.restricted, key, "normal", metrics)
 
 
