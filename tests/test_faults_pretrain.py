@@ -3,7 +3,6 @@ after Ray Train registered a state checkpoint of an epoch; ``sophon-ray protect 
 (not from the start) and stores a normal model bit-identical to the one an uninterrupted run stores, with every
 epoch's metrics in MLflow once."""
 
-import json
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from mlflow import MlflowClient
 from sophon_ray.run.checkpoint import load_checkpoint
 from sophon_ray.run.train_worker import state_digest
 from tests.test_faults import kill_sessions, start, wait_for_store
+from tests.test_faults_protect import state_checkpoints
 
 pytestmark = pytest.mark.faults
 
@@ -37,19 +37,6 @@ def pretrain_spec(tmp: Path) -> Path:
     return path
 
 
-def pretrain_states(tmp: Path) -> list[int]:
-    """Epochs of the pretraining state checkpoints Ray Train has registered (its own snapshot of the run)."""
-    out = []
-    for snapshot in (tmp / "out" / "ray").glob("train-*/checkpoint_manager_snapshot.json"):
-        try:
-            results = json.loads(snapshot.read_text())["checkpoint_results"]
-        except (json.JSONDecodeError, KeyError):  # being written
-            continue
-        out += [r["metrics"]["iteration"] for r in results
-                if r["metrics"].get("stage") == "protect-state" and r["metrics"].get("label") == "normal"]
-    return sorted(out)
-
-
 def normal_model(tmp: Path):
     (folder,) = (tmp / "out" / "checkpoints").glob("pretrain-*")
     return load_checkpoint(folder)
@@ -64,11 +51,11 @@ def test_sigkilled_driver_then_resume_continues_pretraining_from_its_last_epoch_
     proc = start(tmp, "protect", str(spec))
     wait_for_store(tmp, proc)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not pretrain_states(tmp):
+    while time.time() < deadline and proc.poll() is None and not state_checkpoints(tmp, pretraining=True):
         time.sleep(0.2)
     kill_sessions([proc.pid])   # the driver and the local Ray instance it started, nothing else
     proc.wait(timeout=30)
-    states = pretrain_states(tmp)
+    states = state_checkpoints(tmp, pretraining=True)
     assert states and states[-1] < EPOCHS, "no pretraining state checkpoint before the kill: " + str(states)
     assert not list((tmp / "out" / "checkpoints").glob("pretrain-*")), "pretraining finished before the kill"
 

@@ -49,15 +49,17 @@ def protect_spec(tmp: Path, name: str, diverging_first: bool = False) -> Path:
     return path
 
 
-def state_checkpoints(tmp: Path) -> list[int]:
-    """Iterations of the protection state checkpoints Ray Train has registered (its own snapshot of the run)."""
+def state_checkpoints(tmp: Path, pretraining: bool = False) -> list[int]:
+    """Iterations of the protection state checkpoints Ray Train has registered (its own snapshot of the run); with
+    ``pretraining``, the epochs of the pretraining's (its job's label is ``normal``)."""
     out = []
     for snapshot in (tmp / "out" / "ray").glob("train-*/checkpoint_manager_snapshot.json"):
         try:
             results = json.loads(snapshot.read_text())["checkpoint_results"]
         except (json.JSONDecodeError, KeyError):  # being written
             continue
-        out += [r["metrics"]["iteration"] for r in results if r["metrics"].get("stage") == "protect-state"]
+        out += [r["metrics"]["iteration"] for r in results if r["metrics"].get("stage") == "protect-state"
+                and (r["metrics"].get("label") == "normal") == pretraining]
     return sorted(out)
 
 
