@@ -4,7 +4,9 @@ port: connection refused), never mocks. Exactly once means: one run per trial ke
 import os
 import pickle
 import socket
+import threading
 import time
+from collections import Counter
 
 import pytest
 from mlflow import MlflowClient
@@ -12,7 +14,9 @@ from mlflow import MlflowClient
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from sophon_ray import names  # noqa: E402
-from sophon_ray.run.outbox import HTTP_ENV, JOURNAL, WAIT_ENV, Journal, Op, Outbox, backoff, wait_seconds  # noqa: E402
+from sophon_ray.run.outbox import (DEFAULT_FSYNC_S, FSYNC_ENV, HTTP_ENV, JOURNAL, SERVER_WRITERS,  # noqa: E402
+                                   SQLITE_WRITERS, WAIT_ENV, WRITERS_ENV, Journal, Op, Outbox, backoff,
+                                   fsync_seconds, wait_seconds, writers_for)
 from sophon_ray.run.tracking import Tracker, TrackingError  # noqa: E402
 
 EPOCHS = 3
@@ -270,3 +274,176 @@ def test_resume_delivers_the_journal_first_and_reruns_no_trial_whose_result_is_i
     assert f"{len(trials)} finished earlier, 0 to run" in shown.getvalue()
     assert outcome.pending == 0 and outcome.trials_run == 0
     assert_exactly_once(tracker, [t.key for t in trials])
+
+
+class RecordingTracker(Tracker):
+    """The real Tracker, recording which delivery thread made each of a trial's store calls, in order."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        super().__init__(uri, experiment)
+        self.calls: list[tuple[str, str, str]] = []  # (thread, key or run id, call)
+        self._keys: dict[str, str] = {}
+
+    def open_child(self, parent_id, sweep_id, role, key, name, params=None, **kw):
+        opened = super().open_child(parent_id, sweep_id, role, key, name, params, **kw)
+        self._keys[opened[0]] = key
+        self.calls.append((threading.current_thread().name, key, "open"))
+        return opened
+
+    def log_rows(self, run_id, rows, params=None, tags=None):
+        super().log_rows(run_id, rows, params, tags)
+        self.calls.append((threading.current_thread().name, self._keys.get(run_id, run_id), "rows"))
+
+    def finish(self, run_id, status="FINISHED"):
+        super().finish(run_id, status)
+        self.calls.append((threading.current_thread().name, self._keys[run_id], "finish"))
+
+
+class LostReplyTracker(Tracker):
+    """The real Tracker whose store writes succeed and whose answer is then lost (a ConnectionError raised after
+    the write), once for each call named in ``lose``: the window a retry must not duplicate."""
+
+    def __init__(self, uri: str, experiment: str, lose: set[tuple[str, int]]) -> None:
+        super().__init__(uri, experiment)
+        self.lose, self.count = lose, Counter()
+        real = self.client.create_run
+
+        def create_run(*args, **kwargs):
+            run = real(*args, **kwargs)
+            self._maybe_lose("create_run")
+            return run
+
+        self.client.create_run = create_run
+
+    def _maybe_lose(self, call: str) -> None:
+        self.count[call] += 1
+        if (call, self.count[call]) in self.lose:
+            raise ConnectionError(f"{call} #{self.count[call]}: stored, answer lost")
+
+    def log_rows(self, run_id, rows, params=None, tags=None):
+        super().log_rows(run_id, rows, params, tags)
+        self._maybe_lose("log_rows")
+
+
+def test_parallel_writers_keep_each_trials_order_on_one_thread_and_deliver_exactly_once(tmp_path):
+    """4 delivery threads, 24 trials whose operations arrive interleaved and while earlier ones are delivered:
+    several threads deliver, every trial's calls are open, rows, finish in that order, each trial on one thread
+    per round, every trial exactly once, all acknowledged."""
+    tracker = RecordingTracker(f"sqlite:///{tmp_path}/mlflow.db", "outbox")
+    parent = tracker.sweep_run("sweep1", "sweep")
+    outbox = Outbox(tracker, tmp_path / JOURNAL, delays=FAST, writers=4).start()
+    keys = [f"k{i}" for i in range(24)]
+    for key in keys:
+        outbox.open(key, parent, "sweep1", f"name-{key}", {"lr": 0.01, "optimizer": "adam"})
+    for key in keys:  # a trial's rows arrive while its open (or another trial's) is being delivered
+        outbox.rows(key, [(e, {names.RESTRICTED_ACC: 10.0 + e, names.RESTRICTED_LOSS: 2.0 - e / 10})
+                          for e in range(EPOCHS + 1)])
+    for key in keys:
+        outbox.rows(key, [(EPOCHS, {names.RESTRICTED_ACC: 10.0 + EPOCHS, names.RESTRICTED_LOSS: 2.0 - EPOCHS / 10}),
+                          (0, {names.FINAL: 13.0, names.BEST: 13.0, names.ORIGINAL_ACC: 90.0})])
+        outbox.tag(key, names.NODE, "node-a")
+        outbox.finish(key, "FINISHED")
+    assert outbox.drain(60)
+    outbox.close()
+    assert outbox.stats.failures == 0
+    assert len({thread for thread, _, _ in tracker.calls}) > 1, "one thread delivered everything: not parallel"
+    for key in keys:
+        kinds = [kind for _, k, kind in tracker.calls if k == key]
+        assert kinds[0] == "open" and kinds[-1] == "finish" and kinds.count("open") == 1, (key, kinds)
+        assert set(kinds[1:-1]) == {"rows"}, (key, kinds)
+    assert_exactly_once(tracker, keys)
+    assert Journal(tmp_path / JOURNAL).pending() == []
+
+
+def test_a_lost_answer_mid_round_is_read_back_and_replayed_without_duplicates(tmp_path):
+    """One round of 6 trials (one writer takes them all): the 3rd trial's run is created but the answer is lost,
+    later the 6th trial's batch is stored but its answer lost. The trials before the failure are acknowledged,
+    the failed one is looked up by its key (not created again: one run), its stored rows are read back (no step
+    twice), and the rest are delivered: every trial exactly once."""
+    tracker = LostReplyTracker(f"sqlite:///{tmp_path}/mlflow.db", "outbox", {("create_run", 3), ("log_rows", 6)})
+    parent = tracker.sweep_run("sweep1", "sweep")
+    outbox = Outbox(tracker, tmp_path / JOURNAL, delays=FAST, writers=1)
+    keys = [f"k{i}" for i in range(6)]
+    for key in keys:
+        trial_ops(outbox, parent, key)
+    outbox.start()
+    assert outbox.drain(60)
+    outbox.close()
+    assert outbox.stats.failures == 2
+    assert_exactly_once(tracker, keys)
+    acks = [r["key"] for r in Journal(tmp_path / JOURNAL).records() if r["op"] == "ack"]
+    assert sorted(acks) == keys  # each trial acknowledged once
+
+
+def test_the_journal_fsyncs_every_append_or_groups_appends_within_its_bound(tmp_path):
+    line = Op("k1", "finish", {"status": "FINISHED"}).line()
+    every = Journal(tmp_path / "every.jsonl", fsync_s=0.0)
+    for _ in range(5):
+        every.append([line])
+    assert every.syncs == 5
+    never = Journal(tmp_path / "never.jsonl", fsync_s=None)
+    never.append([line])
+    never.close()
+    assert never.syncs == 0 and len(never.records()) == 1
+
+    grouped = Journal(tmp_path / "grouped.jsonl", fsync_s=0.2)
+    for _ in range(50):
+        grouped.append([line])
+    assert grouped.syncs == 0  # nothing waited for the disk
+    deadline = time.monotonic() + 5
+    while grouped.syncs == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert grouped.syncs == 1  # the 50 appends, in one fsync, within the bound
+    grouped.append([line])
+    grouped.close()            # what is not on disk yet is fsynced on close
+    assert grouped.syncs == 2 and len(grouped.records()) == 51
+    grouped.append([line])     # a closed journal reopens on the next append
+    grouped.close()
+    assert len(grouped.records()) == 52
+
+
+def test_fsync_and_writer_settings_read_their_variables_and_name_them_when_bad(monkeypatch):
+    monkeypatch.delenv(FSYNC_ENV, raising=False)
+    assert fsync_seconds() == DEFAULT_FSYNC_S
+    for text, value in (("every", 0.0), ("off", None), ("0.5", 0.5)):
+        monkeypatch.setenv(FSYNC_ENV, text)
+        assert fsync_seconds() == value
+    monkeypatch.setenv(FSYNC_ENV, "sometimes")
+    with pytest.raises(TrackingError, match=FSYNC_ENV):
+        fsync_seconds()
+    monkeypatch.delenv(WRITERS_ENV, raising=False)
+    assert writers_for("sqlite:////x/mlflow.db") == SQLITE_WRITERS and writers_for("http://h:5000") == SERVER_WRITERS
+    monkeypatch.setenv(WRITERS_ENV, "3")
+    assert writers_for("sqlite:////x/mlflow.db") == 3
+    monkeypatch.setenv(WRITERS_ENV, "0")
+    with pytest.raises(TrackingError, match=WRITERS_ENV):
+        writers_for("http://h:5000")
+
+
+def test_an_open_delivered_alone_leaves_its_params_for_the_next_batch_and_a_finished_run_always_has_them(tmp_path):
+    """Tune opens a trial's run when it starts: the open is delivered (and acknowledged) alone, its params wait
+    for the trial's rows. They land with them, also when the trial is opened again meanwhile (a retried trial),
+    and when the rest comes from the journal to a new outbox (a driver that died after the open)."""
+    tracker, parent = tracker_and_parent(tmp_path)
+    outbox = Outbox(tracker, tmp_path / JOURNAL, delays=FAST).start()
+    for key in ("k1", "k2"):
+        outbox.open(key, parent, "sweep1", f"name-{key}", {"lr": 0.01, "optimizer": "adam"})
+    assert outbox.drain(30)
+    client = MlflowClient(tracking_uri=tracker.uri)
+    runs = {r.data.tags[names.KEY]: r for r in client.search_runs([tracker.experiment_id])
+            if r.data.tags.get(names.ROLE) == "attack"}
+    assert set(runs) == {"k1", "k2"} and runs["k1"].data.params == {}  # one store call for the open alone
+    trial_ops(outbox, parent, "k1")  # opened again (a retried trial), then its results
+    assert outbox.drain(30)
+    outbox.close()
+    for op in [Op("k2", "rows", {"rows": [[e, {names.RESTRICTED_ACC: 10.0 + e, names.RESTRICTED_LOSS: 2.0 - e / 10}]
+                                          for e in range(EPOCHS + 1)]}),
+               Op("k2", "rows", {"rows": [[0, {names.FINAL: 13.0, names.BEST: 13.0, names.ORIGINAL_ACC: 90.0}]]}),
+               Op("k2", "tag", {"tag": names.NODE, "value": "node-a"}), Op("k2", "finish", {"status": "FINISHED"})]:
+        outbox.journal.append([op.line()])  # journaled, never delivered: the driver died
+    replay = Outbox(tracker, tmp_path / JOURNAL, delays=FAST)
+    assert replay.load_journal() == 1
+    replay.start()
+    assert replay.drain(30)
+    replay.close()
+    assert_exactly_once(tracker, ["k1", "k2"])

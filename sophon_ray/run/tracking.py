@@ -4,15 +4,24 @@ Layout: experiment = spec name; one parent run per sweep (tags ``sophon.role=swe
 ``sophon.sweep_id``; the resolved spec as an artifact); child runs (``mlflow.parentRunId``) for
 ``pretrain``, ``protect/<variant>`` and every attack trial, each found again by its deterministic key
 (tag ``sophon.key``) so that a rerun, retry or resume reuses its run instead of duplicating it.
+
+A SQLite store is put in write-ahead-log mode (``PRAGMA journal_mode=WAL``, kept in the database file; SQLite's
+default ``synchronous=FULL`` stays, so a commit is on disk when it returns): one fsync per commit instead of the
+rollback journal's several. The same 40 trials' store calls (search, create, batch, terminate) ran at 14.0
+trials/s without it and 30.6 with it (one run each, back to back, 2 cores, 2026-12-06); ``bench/writer.py``
+measures the whole writer. WAL needs the database on a local filesystem (not NFS); ``SOPHON_SQLITE_WAL=0``
+leaves the file's journal mode alone.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -22,6 +31,7 @@ from sophon_ray.names import CUSTOM_MODEL_DEVELOPMENT, EXPERIMENT_KIND, KEY, MOD
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 900  # MLflow's log_batch accepts at most 1000 metrics per call
+WAL_ENV = "SOPHON_SQLITE_WAL"
 
 
 class TrackingError(SophonError, RuntimeError):
@@ -37,6 +47,19 @@ def resolve_uri(spec_uri: str | None, workdir: str | Path = ".") -> str:
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (absolute), None for any other store."""
     return Path(uri[len("sqlite:///"):]).resolve() if uri.startswith("sqlite:///") else None
+
+
+def use_wal(db: Path) -> str:
+    """Put the SQLite database ``db`` (created when missing) in WAL mode unless ``$SOPHON_SQLITE_WAL`` is 0;
+    returns its journal mode. MLflow's store keeps ``synchronous=FULL`` (SQLite's default), so this changes how
+    many fsyncs a commit costs, not what a commit guarantees."""
+    connection = sqlite3.connect(db, timeout=20)
+    try:
+        if os.environ.get(WAL_ENV, "1").strip() in ("0", "false", "no", "off"):
+            return connection.execute("PRAGMA journal_mode").fetchone()[0]
+        return connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    finally:
+        connection.close()
 
 
 def artifact_root(uri: str) -> Path | None:
@@ -99,6 +122,20 @@ def ensure_experiment_kind(client: Any, experiment_id: str) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class ChildRun:
+    """What the writer needs to know of a child run to reuse it without a search: its id, status, param names."""
+
+    run_id: str
+    status: str
+    params: frozenset[str]
+
+    @staticmethod
+    def of(run: Any) -> ChildRun:
+        """From an MLflow ``Run``."""
+        return ChildRun(run.info.run_id, run.info.status, frozenset(run.data.params))
+
+
 class Tracker:
     """One experiment in one MLflow store, with idempotent parent/child runs; the experiment is tagged
     ``mlflow.experimentKind = custom_model_development`` (created so, or tagged when it lacks a kind)."""
@@ -112,6 +149,9 @@ class Tracker:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         try:
+            if (db := sqlite_path(uri)) is not None:
+                db.parent.mkdir(parents=True, exist_ok=True)
+                use_wal(db)
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
                 self.experiment_id = self.client.create_experiment(
@@ -162,23 +202,51 @@ class Tracker:
         return self.open_child(parent_id, sweep_id, role, key, name, params)[0]
 
     def open_child(self, parent_id: str, sweep_id: str, role: str, key: str, name: str,
-                   params: Mapping[str, Any] | None = None,
-                   defer_params: bool = False) -> tuple[str, bool, dict[str, str]]:
+                   params: Mapping[str, Any] | None = None, defer_params: bool = False,
+                   known: dict[str, ChildRun] | None = None, search: bool = True) -> tuple[str, bool, dict[str, str]]:
         """:meth:`child_run`, whether the run was created now (so nothing was logged to it before), and, with
-        ``defer_params``, the params it lacks (for the caller's next :meth:`log_rows`) instead of logging them."""
-        run = self._find(f"tags.`{KEY}` = '{key}' and tags.`{SWEEP}` = '{sweep_id}'")
+        ``defer_params``, the params it lacks (for the caller's next :meth:`log_rows`) instead of logging them.
+
+        ``known`` (this sweep's runs of ``role`` by key, from :meth:`keyed_runs`) with ``search=False``: a key in it
+        is reused and a key missing from it is created, without searching the store (the caller keeps ``known``
+        complete: one writer per sweep). Either way the opened run is recorded in ``known``, its params counted as
+        logged (a caller whose deferred params then fail to log must search again)."""
+        if known is None or search:
+            found = self._find(f"tags.`{KEY}` = '{key}' and tags.`{SWEEP}` = '{sweep_id}'")
+            run = ChildRun.of(found) if found is not None else None
+        else:
+            run = known.get(key)
         created = run is None
-        if created:
-            run = self.client.create_run(self.experiment_id, run_name=name,
-                                         tags={ROLE: role, SWEEP: sweep_id, KEY: key, PARENT: parent_id})
-        elif run.info.status != "RUNNING":
-            self.client.update_run(run.info.run_id, status="RUNNING")
-        have = run.data.params
-        missing = {k: str(v) for k, v in (params or {}).items() if k not in have}
+        if run is None:
+            made = self.client.create_run(self.experiment_id, run_name=name,
+                                          tags={ROLE: role, SWEEP: sweep_id, KEY: key, PARENT: parent_id})
+            run = ChildRun(made.info.run_id, "RUNNING", frozenset())
+        elif run.status != "RUNNING":
+            self.client.update_run(run.run_id, status="RUNNING")
+        missing = {k: str(v) for k, v in (params or {}).items() if k not in run.params}
         if missing and not defer_params:
-            self.log_rows(run.info.run_id, [], params=missing)
-            missing = {}
-        return run.info.run_id, created, missing
+            self.log_rows(run.run_id, [], params=missing)
+        if known is not None:
+            known[key] = ChildRun(run.run_id, "RUNNING", run.params | set(missing))
+        return run.run_id, created, missing if defer_params else {}
+
+    def keyed_runs(self, sweep_id: str, role: str) -> dict[str, ChildRun]:
+        """This sweep's child runs of ``role`` by key (any status): one paged search (pages of 1000 runs), so
+        that a writer opening many trials' runs needs no search per trial; a key found twice keeps its oldest run
+        (what :meth:`open_child`'s search finds)."""
+        found: dict[str, ChildRun] = {}
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], max_results=1000, page_token=token,
+                filter_string=f"tags.`{SWEEP}` = '{sweep_id}' and tags.`{ROLE}` = '{role}'",
+                order_by=["attributes.start_time ASC"])
+            for run in page:
+                if KEY in run.data.tags:
+                    found.setdefault(run.data.tags[KEY], ChildRun.of(run))
+            token = page.token
+            if not token:
+                return found
 
     def finished_keys(self, sweep_id: str, role: str) -> set[str]:
         """Keys of this sweep's child runs of ``role`` that finished."""
