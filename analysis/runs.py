@@ -13,8 +13,9 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import pandas as pd
@@ -125,18 +126,25 @@ def _client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def _search(client: MlflowClient, experiment_id: str, filter_string: str,
-            order_by: list[str] | None = None, max_results: int | None = None) -> list[Run]:
-    """Every active run matching the filter (follows MLflow's pagination)."""
-    runs: list[Run] = []
+def _runs(client: MlflowClient, experiment_id: str, filter_string: str, order_by: list[str] | None = None,
+          page_size: int = 1000) -> Iterator[Run]:
+    """Every active run matching the filter, read a page (one search_runs call) at a time: a caller that keeps only
+    what it needs of each run holds one page of MLflow Run objects, not the whole sweep's."""
     token = None
     while True:
         page = client.search_runs([experiment_id], filter_string=filter_string, order_by=order_by,
-                                  max_results=min(max_results or 1000, 1000), page_token=token)
-        runs.extend(page)
+                                  max_results=page_size, page_token=token)
+        yield from page
         token = page.token
-        if not token or (max_results is not None and len(runs) >= max_results):
-            return runs
+        if not token:
+            return
+
+
+def _search(client: MlflowClient, experiment_id: str, filter_string: str,
+            order_by: list[str] | None = None, max_results: int | None = None) -> list[Run]:
+    """Every active run matching the filter (at most ``max_results``), as a list (:func:`_runs`)."""
+    runs = _runs(client, experiment_id, filter_string, order_by, min(max_results or 1000, 1000))
+    return list(runs if max_results is None else islice(runs, max_results))
 
 
 def _role_filter(role: str, sweep_id: str | None = None) -> str:
@@ -250,7 +258,7 @@ def load_attack_runs(sweep: Sweep, grids: Sequence[str], extra_params: dict[str,
     where = _role_filter("attack", sweep.sweep_id)
     if len(grids) == 1:  # MLflow's filter has no "or": several grids are filtered here
         where += f" and params.`{names.GRID}` = '{grids[0]}'"
-    runs = _search(_client(sweep.tracking_uri), sweep.experiment_id, where)
+    runs = _runs(_client(sweep.tracking_uri), sweep.experiment_id, where)  # streamed: one page of Runs at a time
     return on_grids(attack_table(runs, extra_params, extra_metrics, sweep.metric), grids)
 
 

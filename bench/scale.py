@@ -2,15 +2,22 @@
 machine's cores, then ``sophon-ray report`` on its runs and the MLflow UI's experiment-page call against an
 ``mlflow server`` on the same store.
 
-Measured: the sweep's wall and trials/s, the driver's peak RSS (the kernel's VmHWM, read every second), the MLflow
-outbox's write capacity (trials delivered per second of its thread's busy time, from the driver's log) and its
-actual rate, ``sophon-ray report SPEC`` wall (goal <= 60 s at 5,000 runs), and ``POST
-/ajax-api/2.0/mlflow/runs/search`` (max_results 100: the runs table of the UI's experiment page; median of 5)
-against ``mlflow server`` on the sweep's SQLite store; then every trial is checked in MLflow (one FINISHED run per
-key, every epoch once).
+Measured: the sweep's wall and trials/s, the driver's RSS while the attack grid runs (sampled every second: the
+Tune runs of ``$SOPHON_TUNE_CHUNK`` trials each, MLflow callback, outbox) and its peak over the whole process (the
+kernel's VmHWM: also the in-driver report stage), the MLflow outbox's write capacity (trials delivered per second of
+its thread's busy time, from the driver's log) and its actual rate, ``sophon-ray report SPEC`` wall (goal <= 60 s
+at 5,000 runs), and ``POST /ajax-api/2.0/mlflow/runs/search`` (max_results 100: the runs table of the UI's
+experiment page; median of 5) against ``mlflow server`` on the sweep's SQLite store; then every trial is checked in
+MLflow (one FINISHED run per key, every epoch once).
 
-Usage: ``nice -n 10 .venv/bin/python bench/scale.py --trials 5000`` (about an hour on 2 shared cores; estimate
-first with ``--trials 500``); ``--smoke``: 20 trials.
+The driver's goal (issue 25): its peak RSS during the attack grid at N trials <= 1.2x its peak at 1,000.
+``--compare`` takes earlier runs' JSON (other sizes, e.g. the 1,000-trial run): the section then has one row per
+size, each size's ratio to the smallest, and with three sizes or more the least-squares line through them (MiB per
+1,000 trials) extrapolated to 20,000 trials.
+
+Usage: ``nice -n 10 .venv/bin/python bench/scale.py --trials 1000 --out bench/results/scale-1000.md``, then
+``... --trials 5000 --compare bench/results/scale-1000.json`` (about an hour on 2 shared cores; estimate first with
+``--trials 500``); ``--smoke``: 20 trials.
 """
 
 from __future__ import annotations
@@ -26,14 +33,20 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 import harness
 import sweep_run
 
 from sophon_ray.cli.ui import JOB_EXECUTION_OFF
+from sophon_ray.run.tune_driver import chunk_size
 
 NAME = "scale"
 REPORT_GOAL_S = 60.0
 UI_GOAL_S = 2.0  # the page's runs call; a page feels broken well before 2 s
+RSS_GOAL = 1.2   # the driver's peak RSS during the attack grid, relative to its peak at BASE_TRIALS
+BASE_TRIALS, TARGET_TRIALS = 1000, 20000
+GRID_START, GRID_END = "[2/4] attack grid:", "[3/4] attack grid done"  # the attack stage's console lines
 
 
 def parse_args() -> Any:
@@ -41,10 +54,61 @@ def parse_args() -> Any:
     parser.add_argument("--trials", type=int, default=5000, help="attack trials (protected + normal, half each)")
     parser.add_argument("--nice", type=int, default=10, help="nice level of the sweep (default 10: shared cores)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory and print its path")
+    parser.add_argument("--compare", type=Path, nargs="*", default=[],
+                        help="earlier scale.py JSON results (other --trials) to compare the driver's RSS with")
     args = parser.parse_args()
     if args.smoke:
         args.trials = 20
     return args
+
+
+class GridRss:
+    """``on_tick`` of :func:`sweep_run.run_sweep`: the driver's current RSS every tick while the attack grid runs
+    (from the console's "[2/4] attack grid:" line to "[3/4] attack grid done", read from the sweep's stdout log),
+    with the seconds since the grid started."""
+
+    def __init__(self, log: Path) -> None:
+        self.log, self.offset, self.text = log, 0, ""
+        self.started: float | None = None
+        self.ended = False
+        self.samples: list[tuple[float, float]] = []   # (seconds into the grid, RSS MiB)
+
+    def __call__(self, pid: int) -> None:
+        if self.ended:
+            return
+        with self.log.open(encoding="utf-8", errors="replace") as f:
+            f.seek(self.offset)
+            new = f.read()
+            self.offset = f.tell()
+        self.text = self.text[-200:] + new  # a marker can straddle two reads
+        if self.started is None and GRID_START in self.text:
+            self.started = time.perf_counter()
+        if self.started is None:
+            return
+        self.ended = GRID_END in self.text
+        try:
+            self.samples.append((time.perf_counter() - self.started, psutil.Process(pid).memory_info().rss / 2**20))
+        except psutil.Error:
+            pass
+
+    def peak(self) -> float:
+        return max((r for _, r in self.samples), default=float("nan"))
+
+    def at(self, share: float) -> float:
+        """The RSS sampled at ``share`` (0..1) of the grid's wall."""
+        if not self.samples:
+            return float("nan")
+        end = self.samples[-1][0]
+        return min(self.samples, key=lambda s: abs(s[0] - share * end))[1]
+
+
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) through (x, y) points."""
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
+    return my - slope * mx, slope
 
 
 def time_report(spec: Path, workdir: Path) -> tuple[float, int, str]:
@@ -118,8 +182,52 @@ def store_search_seconds(uri: str, experiment_id: str, repeats: int) -> float:
     return statistics.median(call() for _ in range(repeats))
 
 
+def size_rows(args: Any, here: dict[str, Any]) -> list[dict[str, Any]]:
+    """This run's sizes record and the ``--compare`` runs', by trials (each: trials, chunk, grid peak RSS, RSS at
+    10% / 90% of the grid, VmHWM, attack trials/s, report s)."""
+    rows = {here["trials"]: here}
+    for path in args.compare:
+        data = json.loads(path.read_text())["data"]
+        if "size" in data:
+            rows.setdefault(data["size"]["trials"], data["size"])
+    return [rows[k] for k in sorted(rows)]
+
+
+def rss_goal(sec: harness.Section, sizes: list[dict[str, Any]], smoke: bool) -> None:
+    """The driver's goal row (peak RSS during the grid vs at the smallest size; the goal's base is 1,000 trials),
+    the by-size table and, with three sizes or more, the line through them extrapolated to 20,000 trials."""
+    base, here = sizes[0], sizes[-1]
+    ratio = here["grid_peak_mib"] / base["grid_peak_mib"]
+    comparable = base["trials"] == BASE_TRIALS and here["trials"] > base["trials"]
+    sec.goal(f"driver peak RSS during the attack grid at {here['trials']:,} trials / at {base['trials']:,}",
+             f"<= {RSS_GOAL} (at {TARGET_TRIALS:,} / {BASE_TRIALS:,})",
+             f"{ratio:.3f} ({here['grid_peak_mib']:.0f} / {base['grid_peak_mib']:.0f} MiB)" if len(sizes) > 1 else
+             f"{here['grid_peak_mib']:.0f} MiB (one size: pass --compare for the ratio)",
+             None if smoke or not comparable else ratio <= RSS_GOAL,
+             "what the driver keeps per trial for the whole sweep (the plan, the outbox's per-trial state); Tune's "
+             "per-trial state is bounded by the chunk")
+    table = harness.Table("driver RSS by sweep size (sampled every second during the attack grid)",
+                          ["trials", "Tune runs of at most", "grid peak RSS", "at 10% / 90% of the grid",
+                           "process peak (VmHWM, incl. the report stage)", "attack trials/s", "report",
+                           f"grid peak / at {base['trials']:,}"])
+    for s in sizes:
+        table.rows.append([f"{s['trials']:,}", f"{s['chunk']:,}", f"{s['grid_peak_mib']:.0f} MiB",
+                           f"{s['grid_10_mib']:.0f} / {s['grid_90_mib']:.0f} MiB", f"{s['vmhwm_mib']:.0f} MiB",
+                           f"{s['trials_per_s']:.2f}", f"{s['report_s']:.1f} s",
+                           f"{s['grid_peak_mib'] / base['grid_peak_mib']:.3f}"])
+    sec.tables.append(table)
+    if len(sizes) >= 3:
+        intercept, slope = fit_line([(s["trials"], s["grid_peak_mib"]) for s in sizes])
+        at_target = intercept + slope * TARGET_TRIALS
+        at_base = intercept + slope * BASE_TRIALS
+        sec.notes.append(f"Least-squares line through the {len(sizes)} measured sizes: {intercept:.0f} MiB + "
+                         f"{slope * 1000:.1f} MiB per 1,000 trials; extrapolated to {TARGET_TRIALS:,} trials: "
+                         f"{at_target:.0f} MiB, {at_target / at_base:.3f}x the line's value at {BASE_TRIALS:,} "
+                         f"(goal <= {RSS_GOAL}).")
+
+
 def section(args: Any, result: sweep_run.SweepResult, report: tuple[float, int, str], ui: dict[str, float],
-            book: sweep_run.Ledger) -> harness.Section:
+            book: sweep_run.Ledger, grid: GridRss) -> harness.Section:
     done, box = result.done, result.outbox
     attack_s = done.get("stages", {}).get("attack", float("nan"))
     trials = args.trials
@@ -152,7 +260,9 @@ def section(args: Any, result: sweep_run.SweepResult, report: tuple[float, int, 
         ["stages (pipeline timers)", ", ".join(f"{k} {v:.0f} s" for k, v in done.get("stages", {}).items()) or "?"],
         ["attack stage throughput", f"{trials / attack_s:.2f} trials/s ({attack_s / trials * 2:.2f} s per trial "
          "per slot)"],
-        ["driver peak RSS (VmHWM)", f"{result.driver_peak_rss_mib:.0f} MiB"],
+        ["driver peak RSS during the attack grid (sampled every second)", f"{grid.peak():.0f} MiB"],
+        ["driver peak RSS (VmHWM, the whole process: also the in-driver report stage)",
+         f"{result.driver_peak_rss_mib:.0f} MiB"],
         ["MLflow outbox: operations delivered / failed writes retried / peak queue",
          f"{box.get('ops', 0):.0f} / {box.get('failures', 0):.0f} / {box.get('peak_queue', 0):.0f}"],
         ["MLflow write capacity (trials delivered per second of the outbox thread's busy time)",
@@ -164,9 +274,14 @@ def section(args: Any, result: sweep_run.SweepResult, report: tuple[float, int, 
         ["the same search in process on the SQLite store, median of 5", f"{ui['store_search_s'] * 1e3:.0f} ms"],
     ]
     sec.tables.append(table)
+    size = {"trials": trials, "chunk": min(trials, chunk_size()), "grid_peak_mib": grid.peak(),
+            "grid_10_mib": grid.at(0.1), "grid_90_mib": grid.at(0.9), "vmhwm_mib": result.driver_peak_rss_mib,
+            "trials_per_s": trials / attack_s, "report_s": report[0]}
+    rss_goal(sec, size_rows(args, size), args.smoke)
     sec.data = {"trials": trials, "rc": result.rc, "wall_s": result.wall_s, "pipeline": done, "outbox": box,
                 "driver_peak_rss_mib": result.driver_peak_rss_mib, "report_s": report[0], "report_rc": report[1],
-                "ui": ui, "ledger": book.__dict__}
+                "ui": ui, "ledger": book.__dict__, "size": size,
+                "grid_rss_samples": [(round(t, 1), round(r)) for t, r in grid.samples]}
     return sec
 
 
@@ -179,8 +294,10 @@ def main() -> None:
         spec = sweep_run.write_spec(sweep_run.tiny_spec("scale", work / "out", uri, args.trials // 2,
                                                         ["protected", "normal"]), work / "scale.yaml")
         harness.say(f"{args.trials} trials in {work}")
-        result = sweep_run.run_sweep(spec, work, ["--max-trials", str(args.trials)], nice=args.nice)
-        harness.say(f"sweep exit {result.rc} in {result.wall_s:.0f} s; driver peak {result.driver_peak_rss_mib:.0f} MiB")
+        grid = GridRss(work / "stdout.log")
+        result = sweep_run.run_sweep(spec, work, ["--max-trials", str(args.trials)], nice=args.nice, on_tick=grid)
+        harness.say(f"sweep exit {result.rc} in {result.wall_s:.0f} s; driver peak {result.driver_peak_rss_mib:.0f} "
+                    f"MiB, during the attack grid {grid.peak():.0f} MiB")
         if result.rc:
             print(result.stdout[-3000:], file=sys.stderr)
         report = time_report(spec, work)
@@ -189,7 +306,7 @@ def main() -> None:
         harness.say(f"UI runs call {ui['search_s']:.2f} s")
         book = sweep_run.ledger(uri, "scale", epochs=1)
         harness.say(f"ledger: {book.runs} runs, {book.keys} keys, {book.status}, {len(book.bad_histories)} bad")
-        md, js = section(args, result, report, ui, book).write(Path(args.out))
+        md, js = section(args, result, report, ui, book, grid).write(Path(args.out))
         harness.say(f"wrote {md} and {js}")
     finally:
         if args.keep:

@@ -53,15 +53,23 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - SweepSpec, imported lazil
 
 
 def _run(args: argparse.Namespace, **overrides: object) -> int:
+    """``run``, ``protect`` and ``attack``: the sweep, then its closing lines. Stopped by SIGTERM or Ctrl-C: what
+    finished and the command that continues it, exit 143 or 130."""
+    from sophon_ray.console.signals import Interrupted, signal_name  # noqa: PLC0415
     from sophon_ray.run.context import RunOptions  # noqa: PLC0415
     from sophon_ray.run.pipeline import run  # noqa: PLC0415
-    from sophon_ray.run.texts import closing_text  # noqa: PLC0415
+    from sophon_ray.run.texts import closing_text, stopped_text  # noqa: PLC0415
 
     spec = _load(args)
     options = RunOptions(address=args.address, resume=args.resume, dry_run=args.dry_run, max_trials=args.max_trials,
                          verbose=args.verbose, **overrides)
     start = time.perf_counter()
-    outcome = run(spec, options)
+    try:
+        outcome = run(spec, options)
+    except Interrupted as stop:
+        print(stopped_text(stop.outcome, signal_name(stop.signum), time.perf_counter() - start, _resume_command(args)),
+              flush=True)
+        return stop.exit_code
     if not options.dry_run:
         print(closing_text(outcome, time.perf_counter() - start, _spec_words(args)), flush=True)
     return EXIT_INCOMPLETE if outcome.pending else 0
@@ -70,6 +78,17 @@ def _run(args: argparse.Namespace, **overrides: object) -> int:
 def _spec_words(args: argparse.Namespace) -> str:
     """The spec path and its --set overrides, quoted for a shell: how printed commands name the sweep."""
     return shlex.quote(args.spec) + "".join(f" --set {shlex.quote(item)}" for item in args.set)
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this sweep: the same subcommand, spec, --set overrides, checkpoint and cluster
+    address, with --resume."""
+    words = [f"sophon-ray {args.command} {_spec_words(args)}"]
+    if getattr(args, "checkpoint", None):
+        words.append(f"--checkpoint {shlex.quote(args.checkpoint)}")
+    if args.address:
+        words.append(f"--address {shlex.quote(args.address)}")
+    return " ".join([*words, "--resume"])
 
 
 def _sync(args: argparse.Namespace) -> int:

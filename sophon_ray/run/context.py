@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sophon_ray.console.signals import claim
 from sophon_ray.console.terminal import Console, LogCapture, link_ray_logs
 from sophon_ray.spec import SweepSpec
 
@@ -44,6 +45,12 @@ class Outcome:
     log_dir: str = ""
     pending: int = 0                   # trials whose results are only in the journal (the store did not answer)
     journal: str = ""                  # that journal, when pending
+    stage: str = ""                    # the stage running (the last one begun): defend, pretrain+protect, attack, ...
+    stopped_by: int = 0                # the signal (SIGINT, SIGTERM) that stopped the run; 0 when none did
+    grid_total: int = 0                # attack grid trials planned ...
+    grid_finished: int = 0             # ... and finished (set when the run is stopped)
+    models_planned: int = 0            # the normal and protected models ...
+    models_ready: int = 0              # ... and those stored (set when the run is stopped)
 
 
 @dataclass
@@ -69,6 +76,7 @@ class View:
             self.logs.reroute()  # Ray's loggers exist once it is imported; ray.init logs
         self.started_ray = True
         context = start_ray(address, quiet=not self.console.verbose)
+        claim()  # ray.init installed its own SIGTERM handler: a run stops cleanly on SIGTERM, as on Ctrl-C
         if self.logs is not None:
             self.logs.reroute()
             link_ray_logs(self.logs.log_dir, ray_logs_dir(context))

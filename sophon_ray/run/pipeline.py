@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from sophon_ray.console.signals import LIBRARY_HANDLERS_OFF, Interrupted, fd_notice, received, signal_name, stopping
 from sophon_ray.console.terminal import QUIET_ENV, Console, LogCapture, environment
 from sophon_ray.errors import SophonError
 from sophon_ray.run.context import Outcome, RunContext, RunOptions, View
@@ -33,11 +34,21 @@ log = logging.getLogger(__name__)
 
 def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
     """Run the sweep's stages; raise SpecError (before Ray starts) for a bad grid size or an interrupted
-    sweep without ``resume``."""
+    sweep without ``resume``.
+
+    SIGTERM or Ctrl-C (in the main thread) stops the run cleanly: the work in progress ends, what finished is
+    kept (MLflow, the journal, the checkpoints), the sweep's parent run is KILLED, and :class:`Interrupted` is
+    raised with the outcome (what finished); a second signal exits the process at once
+    (:mod:`sophon_ray.console.signals`)."""
+    view = View(Console(verbose=options.verbose))
+    with stopping(fd_notice(view.console.stream, newline_first=view.console.live)):
+        return _run(spec, options, view)
+
+
+def _run(spec: SweepSpec, options: RunOptions, view: View) -> Outcome:
     from sophon_ray.run.plan import plan_trials, search_budget  # noqa: PLC0415
     from sophon_ray.run.validate import advisories  # noqa: PLC0415
 
-    view = View(Console(verbose=options.verbose))
     sid = sweep_id(spec)
     for warning in advisories(spec):
         view.say(f"warning: {warning}")
@@ -58,11 +69,16 @@ def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
     out = spec.out.resolve()
     view.logs = LogCapture(out / "logs", options.verbose)  # the first thing written
     try:
-        with environment({} if options.verbose else QUIET_ENV):
+        with environment(LIBRARY_HANDLERS_OFF | ({} if options.verbose else QUIET_ENV)):
             return _run_stages(spec, options, view, trials, out, searched)
     except SophonError:
         raise  # its message names the problem and the fix
-    except BaseException:
+    except BaseException as err:
+        if received():  # stopped by a signal: not an error (the CLI says what finished)
+            if isinstance(err, Interrupted):
+                raise
+            _log_stop_error(err)
+            raise Interrupted(received()) from None
         if not options.verbose:
             view.say(failure_hint(view.logs.path, view.logs.log_dir / "ray"))
         raise
@@ -70,7 +86,9 @@ def run(spec: SweepSpec, options: RunOptions = RunOptions()) -> Outcome:
         if view.started_ray:  # a Ray instance this run started ends with it (its shutdown logs to the file)
             import ray  # noqa: PLC0415
 
+            t0 = time.perf_counter()
             ray.shutdown()
+            log.info("Ray shut down in %.1f s", time.perf_counter() - t0)
         view.logs.close()
 
 
@@ -111,22 +129,23 @@ def _run_stages(spec: SweepSpec, options: RunOptions, view: View, trials: list[T
 
     ctx = _open_sweep(spec, options, view, out, len(trials) + searched)
     outcome, tracker = ctx.outcome, ctx.tracker
+    outcome.grid_total = len(trials)
     try:
         if any(v.defend for v in spec.protect) and options.audit is None:
             from sophon_ray.run.defend import defend_stage  # noqa: PLC0415
 
-            t0 = time.perf_counter()
+            t0, outcome.stage = time.perf_counter(), "defend"
             ctx = defend_stage(ctx)
             outcome.stage_seconds["defend"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, outcome.stage = time.perf_counter(), "pretrain+protect"
         models = train_stage(ctx)
         outcome.stage_seconds["pretrain+protect"] = time.perf_counter() - t0
         if options.attack:
-            t0 = time.perf_counter()
+            t0, outcome.stage = time.perf_counter(), "attack"
             attack_stage(ctx, trials, models)
             outcome.stage_seconds["attack"] = time.perf_counter() - t0
             if spec.attack.search and not outcome.pending:
-                t0 = time.perf_counter()
+                t0, outcome.stage = time.perf_counter(), "search"
                 search_stage(ctx, models)
                 outcome.stage_seconds["search"] = time.perf_counter() - t0
         if outcome.pending:  # not complete: no report from partial runs, the parent run stays open for --resume
@@ -135,18 +154,57 @@ def _run_stages(spec: SweepSpec, options: RunOptions, view: View, trials: list[T
             view.say("[4/4] report skipped: the heatmaps compare protected models with the baselines, and "
                      "attack.subjects has no 'protected' (the runs are in MLflow)")
         elif options.report and options.attack:
-            t0 = time.perf_counter()
+            t0, outcome.stage = time.perf_counter(), "report"
             from analysis.report import run_report  # noqa: PLC0415
 
             outcome.report = run_report(tracker.uri, spec.name, out / "report", sweep_id=ctx.sweep_id)
             outcome.stage_seconds["report"] = time.perf_counter() - t0
             view.say(f"[4/4] report | {out / 'report'}")
-    except BaseException:
-        tracker.finish(ctx.parent, "FAILED")
-        raise
+    except BaseException as err:
+        if not received():
+            tracker.finish(ctx.parent, "FAILED")
+            raise
+        _log_stop_error(err)
+        raise _stopped(ctx, trials, received()) from None
     tracker.log_metrics(ctx.parent, {f"seconds_{k.replace('+', '_')}": v for k, v in outcome.stage_seconds.items()})
     tracker.finish(ctx.parent, "FINISHED")
     return outcome
+
+
+def _log_stop_error(err: BaseException) -> None:
+    """Log (to the log file) an error that a stop caused in the code it interrupted, e.g. a Ray error; not the
+    stop itself (:class:`Interrupted`, or the KeyboardInterrupt that ``ray.get`` raises in its place)."""
+    if not isinstance(err, KeyboardInterrupt):
+        log.info("stopped by %s; the error it caused:", signal_name(received()), exc_info=err)
+
+
+def _stopped(ctx: RunContext, trials: list[Trial], signum: int) -> Interrupted:
+    """A run that ``signum`` stopped, once its stages have ended their work: the parent run KILLED (``--resume``
+    continues it), what finished counted into the outcome (models stored, grid trials finished in MLflow or in
+    the journal, trials with results only in the journal)."""
+    from sophon_ray.run.checkpoint import CARD  # noqa: PLC0415
+    from sophon_ray.run.outbox import http_env  # noqa: PLC0415
+    from sophon_ray.run.train_driver import model_jobs  # noqa: PLC0415
+
+    outcome, outbox = ctx.outcome, ctx.outbox
+    outcome.stopped_by = signum
+    models = [d for d, _ in model_jobs(ctx.spec, ctx.out / "checkpoints", ctx.options.audit).values()]
+    outcome.models_planned = len(models)
+    outcome.models_ready = sum((d / CARD).is_file() for d in models)
+    done = outbox.completed if outbox is not None else set()
+    if outbox is not None and outbox.journal is not None:
+        outcome.pending, outcome.journal = len(outbox.pending_keys()), str(outbox.journal.path)
+    with environment(http_env()):  # a store that does not answer fails fast here
+        try:
+            done = done | ctx.tracker.finished_keys(ctx.sweep_id, "attack")
+            ctx.tracker.finish(ctx.parent, "KILLED")
+        except Exception as err:  # noqa: BLE001 - the stop goes on; what was journaled stays there
+            log.warning("stopping: the MLflow store did not answer (%s: %s)", type(err).__name__, err)
+    outcome.grid_finished = len({t.key for t in trials} & done)
+    log.info("stopped by %s during %s: %d/%d models, %d/%d grid trials, %d trial(s) only in the journal",
+             signal_name(signum), outcome.stage, outcome.models_ready, outcome.models_planned,
+             outcome.grid_finished, outcome.grid_total, outcome.pending)
+    return Interrupted(signum, outcome)
 
 
 def _check_data(spec: SweepSpec) -> None:

@@ -14,11 +14,12 @@ from sophon_ray import names
 from sophon_ray.console.terminal import environment
 from sophon_ray.modes import metric_for
 from sophon_ray.run.context import RunContext
-from sophon_ray.run.keys import pretrain_key, protect_key
 from sophon_ray.run.texts import pending_text
 from sophon_ray.spec import to_dict
 
 if TYPE_CHECKING:
+    from sophon_ray.console.progress import AttackProgress
+    from sophon_ray.run.packing import PackPlan
     from sophon_ray.run.plan import Trial
 
 log = logging.getLogger(__name__)
@@ -33,29 +34,15 @@ def train_stage(ctx: RunContext) -> dict[str, Path]:
     ``protected/<variant>/s<seed>``) -> checkpoint dir."""
     from sophon_ray.console.progress import TrainJob, TrainProgress, board_poll, start_board, stop_board  # noqa: PLC0415
     from sophon_ray.run.checkpoint import CARD  # noqa: PLC0415
-    from sophon_ray.run.plan import Subject  # noqa: PLC0415
-    from sophon_ray.run.train_driver import job_total, jobs_dir, protect_job, run_training  # noqa: PLC0415
-    from sophon_ray.run.train_worker import TrainingJob  # noqa: PLC0415
+    from sophon_ray.run.train_driver import job_total, model_jobs, run_training  # noqa: PLC0415
 
     spec, options = ctx.spec, ctx.options
     store = ctx.out / "checkpoints"
     store.mkdir(exist_ok=True)
-    pkey = pretrain_key(spec)
-    normal_dir = store / jobs_dir("pretrain", "normal", pkey)
-    jobs: list[TrainingJob] = []
-    if not (normal_dir / CARD).is_file():
-        jobs.append(TrainingJob("pretrain", "normal", pkey))
-    wanted = {}
-    if options.audit is None:
-        for i, variant in enumerate(spec.protect):
-            for seed in variant.seeds:
-                job = protect_job(spec, i, seed, protect_key(spec, i, seed))
-                path = wanted[Subject("protected", variant.label, seed).model] = store / jobs_dir(
-                    "protect", job.label, job.key)
-                if not (path / CARD).is_file():
-                    jobs.append(job)
-    else:
-        wanted[Subject("protected", "audited", names.NO_PROTECT_SEED).model] = Path(options.audit).resolve()
+    planned = model_jobs(spec, store, options.audit)
+    jobs = [job for d, job in planned.values() if job is not None and not (d / CARD).is_file()]
+    normal_dir = planned.pop("normal")[0]
+    wanted = {key: d for key, (d, _) in planned.items()}
     reused = [d for d in [normal_dir, *wanted.values()] if (d / CARD).is_file()]
     for d in reused:
         ctx.say(f"[1/4] reuse {d.name} (finished earlier)")
@@ -124,6 +111,7 @@ def log_models(ctx: RunContext, normal_dir: Path, protected: dict[str, Path]) ->
 def attack_stage(ctx: RunContext, trials: list[Trial], models: dict[str, Path]) -> None:
     """Attack trials whose MLflow writes go through an outbox (journal in the output folder); when the store
     stops answering for good, ``outcome.pending`` / ``outcome.journal`` say what waits for ``sophon-ray sync``."""
+    from sophon_ray.console.signals import STOP_WAIT_S, received  # noqa: PLC0415
     from sophon_ray.run.outbox import JOURNAL, Outbox, http_env, wait_seconds  # noqa: PLC0415
 
     wait = wait_seconds()
@@ -131,8 +119,8 @@ def attack_stage(ctx: RunContext, trials: list[Trial], models: dict[str, Path]) 
     with environment(http_env()):
         try:
             _attack_trials(ctx, trials, models, wait)
-        finally:
-            delivered = outbox.drain(wait)
+        finally:  # a run that SIGTERM or Ctrl-C stops waits less: what is not delivered stays in the journal
+            delivered = outbox.drain(STOP_WAIT_S if received() else wait)
             outbox.close()
     stats = outbox.stats
     log.info("MLflow outbox: %d operation(s) delivered, %d failed write(s) retried, %.1f s busy, peak queue %d%s",
@@ -145,15 +133,19 @@ def attack_stage(ctx: RunContext, trials: list[Trial], models: dict[str, Path]) 
 
 def _attack_trials(ctx: RunContext, trials: list[Trial], models: dict[str, Path], wait: float) -> None:
     """The attack stage's trials through ``ctx.outbox`` (started here): the journal's undelivered results of an
-    earlier run first (a trial finished there is never rerun), then every trial not finished."""
+    earlier run first (a trial finished there is never rerun), then every trial not finished, as a sequence of Tune
+    runs of at most ``$SOPHON_TUNE_CHUNK`` Tune trials (:func:`~sophon_ray.run.tune_driver.chunk_plan`: the driver's
+    memory stays that of one chunk), then one retry pass over every chunk's unfinished trials."""
     from sophon_ray.console.progress import AttackProgress  # noqa: PLC0415
     from sophon_ray.core.data import load_domain, make_splits  # noqa: PLC0415
     from sophon_ray.run.packing import plan_for  # noqa: PLC0415
     from sophon_ray.run.trials_worker import attack_data  # noqa: PLC0415
-    from sophon_ray.run.tune_driver import make_callback, make_progress_callback, run_attacks  # noqa: PLC0415
+    from sophon_ray.run.tune_driver import (CHUNK_ENV, chunk_plan, chunk_size, put_inputs,  # noqa: PLC0415
+                                            release_memory)
 
     spec, outbox, outcome = ctx.spec, ctx.outbox, ctx.outcome
     assert outbox is not None
+    size = chunk_size()  # a bad $SOPHON_TUNE_CHUNK fails here, before Ray starts
     journaled = outbox.load_journal()
     outbox.start()
     if journaled:
@@ -166,36 +158,61 @@ def _attack_trials(ctx: RunContext, trials: list[Trial], models: dict[str, Path]
     if not todo:
         return
     ctx.view.start_ray(ctx.options.address)
-    loaded = load_models(models)
-    data = attack_data(make_splits(spec), [load_domain(d) for d in spec.benign],
-                       warm_original=any(t.config.warm_start == "original" for t in todo))
-    errors: list = []
+    inputs = put_inputs(  # once for every chunk's Tune run
+        models=load_models(models),
+        data=attack_data(make_splits(spec), [load_domain(d) for d in spec.benign],
+                         warm_original=any(t.config.warm_start == "original" for t in todo)))
+    table = {t.key: t for t in todo}
     for attempt in range(1 + RETRY_PASSES):
         plan = plan_for(spec, todo)  # packs of the trials still to run (attack.pack; none by default)
         if plan.packs:
             ctx.say(f"[2/4] packed: {len(todo) - len(plan.alone)} trials in {len(plan.packs)} Tune trials, "
                     f"{len(plan.alone)} alone")
-        counts = AttackProgress(len(plan.units))
+        chunks = chunk_plan(plan, size)
+        if len(chunks) > 1:
+            ctx.say(f"[2/4] {len(plan.units)} Tune trials in {len(chunks)} Tune runs of at most {size} "
+                    f"(${CHUNK_ENV})")
+        counts = AttackProgress(len(plan.units))  # one display over every chunk of the pass
+        errored, first_error = 0, None
         with ctx.view.console.progress(counts, prefix="[2/4]" if attempt == 0 else "[2/4] retry pass:"):
-            grid = run_attacks(spec, todo, loaded, data, ctx.storage,
-                               f"attack-{ctx.sweep_id}-{int(time.time())}-{attempt}",
-                               [make_callback(ctx.tracker, ctx.parent, ctx.sweep_id, outbox, metric=metric_for(spec.mode)),
-                                make_progress_callback(counts)],
-                               spec.resources.max_failures, verbose=1 if ctx.options.verbose else 0,
-                               packs=plan.packs)
-        errors = [r for r in grid if r.error]
+            for number, chunk in enumerate(chunks):
+                n, error = _attack_chunk(ctx, chunk, table, inputs, counts,
+                                         f"attack-{ctx.sweep_id}-{int(time.time())}-{attempt}-{number}")
+                errored += n
+                first_error = first_error or error
+                release_memory()  # what the chunk's Tune run freed goes back to the OS before the next
         todo = [t for t in todo if t.key not in outbox.completed]  # MLflow's view once the outbox delivers
         if not todo or attempt == RETRY_PASSES:
             break
-        why = f": {errors[0].error!r:.200}" if errors else ""
+        why = f": {first_error!r:.200}" if first_error else ""
         ctx.say(f"      {len(todo)} trial(s) not finished after Tune's retries (e.g. {todo[0].name}{why}); "
                 "one more pass for them")
     outcome.trials_run = len(trials) - len(finished) - len(todo)
     missing = [t.name for t in todo]
-    ctx.say(f"[3/4] attack grid done | {outcome.trials_run} run now, {len(errors)} errored in the last pass, "
+    ctx.say(f"[3/4] attack grid done | {outcome.trials_run} run now, {errored} errored in the last pass, "
             f"{len(trials) - len(missing)}/{len(trials)} finished")
     if missing:
         raise RuntimeError(f"{len(missing)} trials did not finish (e.g. {missing[:3]}); rerun with --resume")
+
+
+def _attack_chunk(ctx: RunContext, chunk: PackPlan, table: dict[str, Trial], inputs: dict, counts: AttackProgress,
+                  name: str) -> tuple[int, BaseException | None]:
+    """One Tune run of the grid (its own MLflow callback: per-trial state lives as long as the run); returns how
+    many of its Tune trials errored and the first error. Raises KeyboardInterrupt when Tune stopped the run early
+    (Ctrl-C): the chunks after it must not start."""
+    from sophon_ray.run.tune_driver import (chunk_trials, make_callback, make_progress_callback,  # noqa: PLC0415
+                                            run_attacks, stopped_early)
+
+    spec, units = ctx.spec, len(chunk.units)
+    log.info("Tune run %s: %d Tune trial(s)", name, units)
+    grid = run_attacks(spec, chunk_trials(chunk, table), inputs["models"], inputs["data"], ctx.storage, name,
+                       [make_callback(ctx.tracker, ctx.parent, ctx.sweep_id, ctx.outbox, metric=metric_for(spec.mode)),
+                        make_progress_callback(counts)],
+                       spec.resources.max_failures, verbose=1 if ctx.options.verbose else 0, packs=chunk.packs)
+    if stopped_early(grid, units):
+        raise KeyboardInterrupt(f"Ray Tune stopped {name} before its {units} trial(s) ended (Ctrl-C)")
+    errors = grid.errors
+    return len(errors), (errors[0] if errors else None)
 
 
 def load_models(models: dict[str, Path]) -> dict[str, tuple[dict, dict]]:

@@ -130,3 +130,38 @@ def closing_text(outcome: Outcome, seconds: float, spec_path: str | None = None)
     if outcome.log_dir:
         lines.append(f"logs: {outcome.log_dir}")
     return "\n".join(lines)
+
+
+STAGE_NAMES = {"defend": "the defender search", "pretrain+protect": "pretraining and protection (Ray Train)",
+               "attack": "the attack grid (Ray Tune)", "search": "the attack searches (Ray Tune)",
+               "report": "the report"}
+
+
+def stopped_text(outcome: Outcome | None, signal_name: str, seconds: float, resume: str) -> str:
+    """What a run that SIGTERM or Ctrl-C stopped says: which stage it stopped in, what finished (models stored,
+    grid trials, results kept only in the journal), and the command that continues it (``resume``)."""
+    from sophon_ray.console.terminal import format_duration  # noqa: PLC0415
+
+    head = f"stopped by {signal_name} after {format_duration(seconds)}"
+    if outcome is None or not outcome.stage:
+        return "\n".join([f"{head}, with no stage running (the sweep was opening or closing): nothing is lost",
+                          f"continue the sweep with: {resume}"])
+    lines = [f"{head}, during {STAGE_NAMES.get(outcome.stage, outcome.stage)}; what finished is kept:",
+             f"  models: {outcome.models_ready} of {outcome.models_planned} stored"
+             + (" (--resume continues a protection from its last state checkpoint)"
+                if outcome.stage == "pretrain+protect" and outcome.models_ready < outcome.models_planned else "")]
+    if outcome.grid_total:
+        lines.append(f"  attack grid: {outcome.grid_finished} of {outcome.grid_total} trials finished"
+                     + (" (--resume runs the others; finished ones never rerun)"
+                        if outcome.grid_finished < outcome.grid_total else ""))
+    if outcome.stage == "search":
+        lines.append("  attack searches: the finished search trials are in MLflow; --resume continues each search")
+    if outcome.pending:
+        lines.append(f"  MLflow: {outcome.pending} trial(s) with results not yet in MLflow, kept in {outcome.journal} "
+                     "(--resume, or sophon-ray sync, delivers them)")
+    elif outcome.journal:
+        lines.append("  MLflow: every result is in MLflow (nothing left in the journal)")
+    lines += [f"continue the sweep with: {resume}"]
+    if outcome.log_dir:
+        lines.append(f"logs: {outcome.log_dir}")
+    return "\n".join(lines)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sophon_ray import names
 from sophon_ray.modes import metric_for
 from sophon_ray.spec import SweepSpec, spec_hash
 from sophon_ray.run.train_worker import (HISTORY, KEEP, RESUME, STATE_STAGE, TrainingJob,  # noqa: F401
@@ -139,7 +140,7 @@ def _fit(spec: SweepSpec, jobs: list[TrainingJob], store: Path, storage_path: st
     name = run_name(jobs)
     if not resume and forget_run(storage_path, name):
         log.info("Ray Train run %s: its earlier checkpoints deleted (a run without --resume starts over)", name)
-    trainer = TorchTrainer(
+    trainer = _without_sigint_handler(TorchTrainer)(
         train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=r.protect_workers, use_gpu=r.use_gpu,
@@ -165,8 +166,44 @@ def _fit(spec: SweepSpec, jobs: list[TrainingJob], store: Path, storage_path: st
     return out
 
 
+def _without_sigint_handler(trainer: type) -> type:
+    """``trainer`` (a Ray Train V2 trainer class) without the SIGINT handler its ``fit`` installs in the main thread:
+    that handler aborts the run and exits the process with status 0 (or 1), before the pipeline can keep what
+    finished and say so; the pipeline's own handler (:mod:`sophon_ray.console.signals`) stops the run instead, on
+    Ctrl-C as on SIGTERM, and the run's worker group ends with the driver's Ray session (tests/test_signals.py)."""
+
+    class Trainer(trainer):  # type: ignore[misc, valid-type]
+        def _register_sigint_handler(self, controller: Any) -> None:  # noqa: ARG002 - Ray Train's signature
+            return None
+
+    if not callable(getattr(trainer, "_register_sigint_handler", None)):
+        log.warning("%s has no _register_sigint_handler (a Ray version this was not written for): Ctrl-C during "
+                    "pretraining or protection may end the process without the clean stop", trainer.__name__)
+    return Trainer
+
+
 def jobs_dir(stage: str, label: str, key: str) -> str:
     return f"{stage}-{label}-{key}"
+
+
+def model_jobs(spec: SweepSpec, store: Path, audit: Path | None = None) -> dict[str, tuple[Path, TrainingJob | None]]:
+    """Every model the attacks start from: ``normal`` and each protected model (``protected/<variant>/s<seed>``, the
+    key a trial's ``Subject.model`` names) -> (its checkpoint folder under ``store``, the job that trains it); an
+    ``audit``-ed checkpoint is its own folder, with no job."""
+    from sophon_ray.run.keys import pretrain_key, protect_key  # noqa: PLC0415
+    from sophon_ray.run.plan import Subject  # noqa: PLC0415
+
+    pkey = pretrain_key(spec)
+    out: dict[str, tuple[Path, TrainingJob | None]] = {
+        "normal": (store / jobs_dir("pretrain", "normal", pkey), TrainingJob("pretrain", "normal", pkey))}
+    if audit is not None:
+        out[Subject("protected", "audited", names.NO_PROTECT_SEED).model] = (Path(audit).resolve(), None)
+        return out
+    for i, variant in enumerate(spec.protect):
+        for seed in variant.seeds:
+            job = protect_job(spec, i, seed, protect_key(spec, i, seed))
+            out[Subject("protected", variant.label, seed).model] = (store / jobs_dir("protect", job.label, job.key), job)
+    return out
 
 
 def protect_job(spec: SweepSpec, index: int, seed: int, key: str) -> TrainingJob:

@@ -5,16 +5,22 @@ a driver-side callback (one writer), one MLflow run per planned trial either way
 Tune's param space grids over the trials' keys; the trial table travels with the trainable
 (``tune.with_parameters``). Trials report scalars only; their curves and artifacts come to the callback through
 a :class:`~sophon_ray.run.trials_worker.TrialMail` actor. Tune's automatic CSV/JSON/TensorBoard loggers are off
-(``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``): MLflow is the record."""
+(``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``): MLflow is the record.
+
+A large grid runs as a sequence of Tune runs of at most :func:`chunk_size` Tune trials each (:func:`chunk_plan`):
+Tune keeps every trial of a run (its config, results, error) in the driver until the run ends, and saves them all
+into its experiment state again and again, so one run of the whole grid makes the driver grow with the sweep."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from sophon_ray import names
 from sophon_ray.console.terminal import environment
+from sophon_ray.errors import SophonError
 from sophon_ray.modes import metric_for
 from sophon_ray.spec import SearchSpec, SweepSpec
 from sophon_ray.run.plan import Trial
@@ -24,9 +30,88 @@ from sophon_ray.run.trials_worker import (LAST_REPORT, MEMBERS, AttackData, Mail
 
 if TYPE_CHECKING:
     from sophon_ray.run.outbox import Outbox
+    from sophon_ray.run.packing import PackPlan
     from sophon_ray.run.tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+CHUNK_ENV = "SOPHON_TUNE_CHUNK"
+# The most Tune trials (packs or lone trials) in one Tune run of the attack grid. Measured (bench/scale.py, tiny
+# trials on 2 cores): while a Tune run goes, the driver grows by ~65 KiB per trial (Tune's trials and results), so
+# a chunk of 1000 peaks ~65 MiB above the driver's ~820 MiB; between two chunks the driver spends ~1 s (the
+# ResultGrid, releasing memory, the next run's set-up) and the next run starts fresh trial processes, against 74-102
+# s per chunk of 1000 tiny trials. Smaller chunks save little memory and pay that gap more often.
+CHUNK = 1000
+
+
+class ChunkSizeError(SophonError, ValueError):
+    """$SOPHON_TUNE_CHUNK is not a whole number >= 1."""
+
+
+def chunk_size() -> int:
+    """$SOPHON_TUNE_CHUNK, else :data:`CHUNK`; raises ChunkSizeError naming the variable and the fix."""
+    import os  # noqa: PLC0415
+
+    text = os.environ.get(CHUNK_ENV)
+    if text is None:
+        return CHUNK
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ChunkSizeError(f"{CHUNK_ENV}={text!r} is not a whole number of Tune trials >= 1; unset it (default "
+                             f"{CHUNK}) or set e.g. {CHUNK_ENV}=500")
+    return value
+
+
+def chunk_plan(plan: PackPlan, size: int) -> list[PackPlan]:
+    """``plan``'s Tune trials (:attr:`PackPlan.units`: packs, then lone trials) in consecutive runs of at most
+    ``size``, each a PackPlan of its own packs and lone trials (a pack is never split); [] for an empty plan."""
+    from sophon_ray.run.packing import PackPlan  # noqa: PLC0415
+
+    packs, alone = list(plan.packs.items()), plan.alone
+    units = len(packs) + len(alone)
+    out = []
+    for start in range(0, units, size):
+        end = start + size
+        out.append(PackPlan(dict(packs[start:end]), alone[max(0, start - len(packs)):max(0, end - len(packs))]))
+    return out
+
+
+def chunk_trials(chunk: PackPlan, trials: dict[str, Trial]) -> list[Trial]:
+    """The planned trials one chunk runs: its packs' members (from ``trials``, by key), then its lone trials."""
+    return [*(trials[k] for members in chunk.packs.values() for k in members), *(t for t, _ in chunk.alone)]
+
+
+def stopped_early(grid: Any, units: int) -> bool:
+    """Whether a Tune run ended before each of its ``units`` trials finished or errored: Tune's SIGINT (Ctrl-C)
+    or SIGUSR1 handler stops the run and returns normally, so the caller must not start another run."""
+    return grid.num_terminated + grid.num_errors < units
+
+
+def release_memory() -> None:
+    """Give the memory a finished Tune run freed back to the OS: a garbage collection, then glibc's ``malloc_trim``
+    (free pages in every malloc arena; Ray's threads each allocate in their own arena, and what one chunk frees
+    there would otherwise stay in the driver's RSS); nothing more where the C library is not glibc."""
+    import ctypes  # noqa: PLC0415
+    import ctypes.util  # noqa: PLC0415
+    import gc  # noqa: PLC0415
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, musl): its allocator keeps its own policy
+
+
+def put_inputs(**inputs: Any) -> dict[str, Any]:
+    """Each input as :func:`share` makes it, put in the object store once: ObjectRefs ``tune.with_parameters`` passes
+    on as they are: every Tune run of a chunked grid reads the same objects (``with_parameters`` would put its own
+    copy per run and, through Ray's init hooks, keep every copy for the driver's life)."""
+    import ray  # noqa: PLC0415
+
+    return {k: ray.put(share(v)) for k, v in inputs.items()}
 
 
 # generation's after-attack scores. sample_fid_standard: FID in the standard FID network; sample_frechet_imagenet:
@@ -246,7 +331,7 @@ def _fit(tuner: Any, callbacks: list[Any], mail: Any, trials: dict[str, Trial] |
         level = analysis_log.level
         analysis_log.setLevel(logging.ERROR)
         try:
-            with environment(NO_AUTO_LOGGERS):
+            with environment(NO_AUTO_LOGGERS), tune_signals_restored():
                 return tuner.fit()
         finally:
             analysis_log.setLevel(level)
@@ -254,13 +339,33 @@ def _fit(tuner: Any, callbacks: list[Any], mail: Any, trials: dict[str, Trial] |
         close_mail(mail)
 
 
-def run_attacks(spec: SweepSpec, trials: list[Trial], models: dict[str, tuple[dict, dict]], data: AttackData,
-                storage_path: str, name: str, callbacks: list[Any], max_failures: int = 2, verbose: int = 1,
-                packs: dict[str, tuple[str, ...]] | None = None) -> Any:
+@contextmanager
+def tune_signals_restored() -> Iterator[None]:
+    """The SIGINT and SIGUSR1 handlers as they were before the block (in the main thread). Tune installs its own
+    for a run (Ctrl-C stops the run) and leaves it installed after a run that ended normally: a later Ctrl-C (between
+    two chunks' Tune runs, or in the report) would then only set that finished run's flag and be lost."""
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    signals = [n for n in ("SIGINT", "SIGUSR1") if hasattr(signal, n)]
+    main = threading.current_thread() is threading.main_thread()
+    saved = {n: signal.getsignal(getattr(signal, n)) for n in signals} if main else {}
+    try:
+        yield
+    finally:
+        for n, handler in saved.items():
+            if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+                signal.signal(getattr(signal, n), handler)
+
+
+def run_attacks(spec: SweepSpec, trials: list[Trial], models: dict[str, tuple[dict, dict]] | Any,
+                data: AttackData | Any, storage_path: str, name: str, callbacks: list[Any], max_failures: int = 2,
+                verbose: int = 1, packs: dict[str, tuple[str, ...]] | None = None) -> Any:
     """Run the grid ``trials`` as one Tune experiment; returns Tune's ResultGrid.
 
     ``packs`` (pack id -> member keys, :func:`sophon_ray.run.packing.plan_packs`): those trials run as one Tune
-    trial per pack, the others one each. ``models`` and ``data`` go to the object store once, as numpy arrays.
+    trial per pack, the others one each. ``models`` and ``data`` go to the object store as numpy arrays (once per
+    call; ObjectRefs from :func:`put_inputs` are used as they are, for a grid run in chunks).
     ``verbose`` is Tune's console verbosity (0: Tune prints nothing; 1: its status table)."""
     from ray import tune  # noqa: PLC0415
 
