@@ -23,7 +23,10 @@ COMMANDS = {
     "train_scaling": ".venv/bin/python bench/train_scaling.py",
     "quickstart": "bench/quickstart.sh",
     "soak": ".venv/bin/python bench/soak.py",
-    "scale": "nice -n 10 .venv/bin/python bench/scale.py --trials 5000",
+    "scale": "nice -n 10 .venv/bin/python bench/scale.py --trials 10000 --compare bench/results/scale/scale-1000.json "
+             "bench/results/scale/scale-5000.json",
+    "packed_stage": ".venv/bin/python bench/packed_stage.py",
+    "writer": "nice -n 5 .venv/bin/python bench/writer.py",
 }
 
 

@@ -15,9 +15,11 @@ The driver's goal (issue 25): its peak RSS during the attack grid at N trials <=
 size, each size's ratio to the smallest, and with three sizes or more the least-squares line through them (MiB per
 1,000 trials) extrapolated to 20,000 trials.
 
-Usage: ``nice -n 10 .venv/bin/python bench/scale.py --trials 1000 --out bench/results/scale-1000.md``, then
-``... --trials 5000 --compare bench/results/scale-1000.json`` (about an hour on 2 shared cores; estimate first with
-``--trials 500``); ``--smoke``: 20 trials.
+Usage: ``nice -n 10 .venv/bin/python bench/scale.py --trials 1000 --out bench/results/scale/scale-1000.md``, then
+``... --trials 5000 --out bench/results/scale/scale-5000.md --compare bench/results/scale/scale-1000.json``, then the
+largest size into the collected section (default ``--out``) with ``--compare`` of both (about an hour on 2 shared
+cores; estimate first with ``--trials 500``); ``--smoke``: 20 trials. ``bench/results/scale/`` keeps the smaller
+sizes' raw sections out of BENCHMARKS.md (the largest size's section has the by-size table).
 """
 
 from __future__ import annotations
