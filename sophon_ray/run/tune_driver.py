@@ -4,7 +4,7 @@ a driver-side callback (one writer), one MLflow run per planned trial either way
 
 Tune's param space grids over the trials' keys; the trial table travels with the trainable
 (``tune.with_parameters``). Trials report scalars only; their curves and artifacts come to the callback through
-a :class:`~sophon_ray.run.trials_worker.TrialMail` actor. Tune's automatic CSV/JSON/TensorBoard loggers are off
+a :class:`~sophon_ray.run.mail.TrialMail` actor. Tune's automatic CSV/JSON/TensorBoard loggers are off
 (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``): MLflow is the record.
 
 A large grid runs as a sequence of Tune runs of at most :func:`chunk_size` Tune trials each (:func:`chunk_plan`):
