@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from sophon_ray.core.attack import finetune
 from sophon_ray.recipes import AttackConfig
-from sophon_ray.core.state import load_tree, save_tree
+from sophon_ray.core.state import ProtectState, load_tree, save_tree
 from sophon_ray.core.data import BatchStream, infinite_batches
 from sophon_ray.seam import Model as Net
 from sophon_ray.core.simulation import sample_environment, simulate
@@ -56,21 +56,6 @@ class ProtectResult:
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0        # the iteration of the state checkpoint it continued from (0: it started fresh)
     selection: Selection | None = None   # why the selected state was chosen (:func:`selection`)
-
-
-@dataclass
-class ProtectState:
-    """Everything :func:`protect` needs to continue after ``iteration`` as if it had never stopped.
-
-    ``shared`` is the same on every data-parallel rank: the weights, both Adam states (FTS and NTR), the rollback
-    snapshot, the probed candidates, the rollback events, the evaluation history and the seconds spent so far.
-    ``local`` is the rank's own: its Python and torch generators, the global torch RNG (and the CUDA one on a GPU)
-    and the position of each of its batch streams. The tensors are the live ones: save them before the loop goes on.
-    """
-
-    iteration: int
-    shared: dict[str, Any]
-    local: dict[str, Any]
 
 
 def save_state(state: ProtectState, directory: str | Path, rank: int = 0) -> None:

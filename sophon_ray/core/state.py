@@ -4,6 +4,7 @@ pickled), for the protection's state checkpoints and the pretraining/protection 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,24 @@ from sophon_ray.errors import SophonError
 
 class CheckpointError(SophonError, ValueError):
     """A checkpoint that cannot be written or loaded; the message says what and how to fix it."""
+
+
+@dataclass
+class ProtectState:
+    """Everything a resumable job needs to continue after ``iteration`` as if it had never stopped: a protection
+    (:func:`sophon_ray.core.protection.protect`, ``iteration`` its iteration) or pretraining
+    (:func:`sophon_ray.core.training.pretrain`, ``iteration`` its epoch).
+
+    ``shared`` is the same on every data-parallel rank (a protection's: the weights, both Adam states (FTS and NTR),
+    the rollback snapshot, the probed candidates, the rollback events, the evaluation history and the seconds spent
+    so far; pretraining's: the weights, the optimizer, the curve, the seconds). ``local`` is the rank's own (its
+    generators, the global torch RNG (and the CUDA one on a GPU), a protection's batch-stream positions). The tensors
+    are the live ones: save them (:func:`sophon_ray.core.protection.save_state`) before the loop goes on.
+    """
+
+    iteration: int
+    shared: dict[str, Any]
+    local: dict[str, Any]
 
 
 def save_tree(tree: Any, directory: str | Path, name: str) -> None:

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from sophon_ray.recipes.augment import Augment
 from sophon_ray.core.data import batches
+from sophon_ray.core.state import ProtectState
 from sophon_ray.recipes import OPTIMIZERS
 from sophon_ray.spec import PretrainSpec
 from sophon_ray.seam import Evaluation, Task
@@ -22,7 +23,6 @@ from sophon_ray.seam import Evaluation, Task
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from sophon_ray.core.protection import ProtectState
     from sophon_ray.seam import Sync
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -99,11 +99,9 @@ def pretrain(model: nn.Module, train: Dataset, val: Dataset, spec: PretrainSpec,
     ``sophon_ray.core.protection.Sync``) that averages gradients and, after each epoch, BatchNorm statistics.
     ``on_checkpoint(state)`` gets the training state after every epoch but the last (``iteration`` = the epoch:
     weights, optimizer, curve and seconds shared by the ranks; this rank's batch generator and the global torch RNG
-    its own), in the format of protection's state checkpoints (:func:`~sophon_ray.core.protection.save_state`);
-    ``resume`` continues from such a state as if training had never stopped (bit-identical on the CPU).
+    its own), a :class:`~sophon_ray.core.state.ProtectState` that a worker saves as a protection's
+    (:func:`~sophon_ray.core.protection.save_state`); ``resume`` continues from such a state as if training had never stopped (bit-identical on the CPU).
     """
-    from sophon_ray.core.protection import ProtectState  # noqa: PLC0415 - protection imports this module
-
     gen = torch.Generator().manual_seed(seed * 1009 + rank)
     model.to(device)
     optimizer = make_optimizer(spec.optimizer, model.parameters(), spec.lr)
