@@ -121,6 +121,13 @@ def _open_sweep(spec: SweepSpec, options: RunOptions, view: View, out: Path, pla
     return RunContext(spec, sid, tracker, parent, out, options, view, outcome)
 
 
+def _stop_if_asked() -> None:
+    """At a stage's end: stop when a signal asked to, even if a library swallowed the interrupt its handler raised
+    (Tune's loop can catch it and finish its run normally)."""
+    if received():
+        raise Interrupted(received())
+
+
 def _run_stages(spec: SweepSpec, options: RunOptions, view: View, trials: list[Trial], out: Path,
                 searched: int = 0) -> Outcome:
     """Open the sweep's parent run and run its stages; the run is FINISHED at the end, FAILED on any error."""
@@ -137,17 +144,21 @@ def _run_stages(spec: SweepSpec, options: RunOptions, view: View, trials: list[T
             t0, outcome.stage = time.perf_counter(), "defend"
             ctx = defend_stage(ctx)
             outcome.stage_seconds["defend"] = time.perf_counter() - t0
+            _stop_if_asked()
         t0, outcome.stage = time.perf_counter(), "pretrain+protect"
         models = train_stage(ctx)
         outcome.stage_seconds["pretrain+protect"] = time.perf_counter() - t0
+        _stop_if_asked()
         if options.attack:
             t0, outcome.stage = time.perf_counter(), "attack"
             attack_stage(ctx, trials, models)
             outcome.stage_seconds["attack"] = time.perf_counter() - t0
+            _stop_if_asked()
             if spec.attack.search and not outcome.pending:
                 t0, outcome.stage = time.perf_counter(), "search"
                 search_stage(ctx, models)
                 outcome.stage_seconds["search"] = time.perf_counter() - t0
+                _stop_if_asked()
         if outcome.pending:  # not complete: no report from partial runs, the parent run stays open for --resume
             return outcome
         if options.report and options.attack and "protected" not in spec.attack.subjects:

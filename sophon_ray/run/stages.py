@@ -136,6 +136,7 @@ def _attack_trials(ctx: RunContext, trials: list[Trial], models: dict[str, Path]
     earlier run first (a trial finished there is never rerun), then every trial not finished, as a sequence of Tune
     runs of at most ``$SOPHON_TUNE_CHUNK`` Tune trials (:func:`~sophon_ray.run.tune_driver.chunk_plan`: the driver's
     memory stays that of one chunk), then one retry pass over every chunk's unfinished trials."""
+    from sophon_ray.console.signals import Interrupted, received  # noqa: PLC0415
     from sophon_ray.console.progress import AttackProgress  # noqa: PLC0415
     from sophon_ray.core.data import load_domain, make_splits  # noqa: PLC0415
     from sophon_ray.run.packing import plan_for  # noqa: PLC0415
@@ -176,6 +177,8 @@ def _attack_trials(ctx: RunContext, trials: list[Trial], models: dict[str, Path]
         errored, first_error = 0, None
         with ctx.view.console.progress(counts, prefix="[2/4]" if attempt == 0 else "[2/4] retry pass:"):
             for number, chunk in enumerate(chunks):
+                if received():   # a stop Tune's loop swallowed (it can catch the interrupt and end its run normally)
+                    raise Interrupted(received())
                 n, error = _attack_chunk(ctx, chunk, table, inputs, counts,
                                          f"attack-{ctx.sweep_id}-{int(time.time())}-{attempt}-{number}")
                 errored += n
