@@ -76,26 +76,14 @@ def search_stage(ctx: RunContext, models: dict[str, Path]) -> None:
     journal is delivered (here, by ``sophon-ray sync`` or by ``--resume``'s grid stage) before a search's history
     is read, so nothing finished is rerun. When the store does not answer for ``$SOPHON_TRACKING_WAIT_S`` the
     stage stops and ``outcome.pending`` / ``outcome.journal`` say what waits in the journal."""
-    from sophon_ray.console.signals import STOP_WAIT_S, received  # noqa: PLC0415
-    from sophon_ray.console.terminal import environment  # noqa: PLC0415
-    from sophon_ray.run.outbox import JOURNAL, Outbox, http_env, wait_seconds  # noqa: PLC0415
-    from sophon_ray.run.texts import pending_text  # noqa: PLC0415
+    from sophon_ray.run.stages import through_outbox  # noqa: PLC0415
 
-    wait = wait_seconds()
-    outbox = ctx.outbox = Outbox(ctx.tracker, ctx.out / JOURNAL)
-    with environment(http_env()):
+    def work(outbox: Any, wait: float) -> bool:
         outbox.load_journal()
         outbox.start()
-        delivered = None
-        try:
-            delivered = outbox.drain(wait) and _searches(ctx, models, outbox, wait)
-        finally:  # a run that SIGTERM or Ctrl-C stops waits less: what is not delivered stays in the journal
-            if delivered is not False:   # (False: the store already had its wait)
-                delivered = outbox.drain(STOP_WAIT_S if received() else wait)
-            outbox.close()
-    if not delivered:
-        ctx.outcome.pending, ctx.outcome.journal = len(outbox.pending_keys()), str(outbox.journal.path)
-        ctx.say(f"[3/4] warning: {pending_text(ctx.outcome.pending, ctx.outcome.journal)}")
+        return outbox.drain(wait) and _searches(ctx, models, outbox, wait)
+
+    through_outbox(ctx, work)
 
 
 def _searches(ctx: RunContext, models: dict[str, Path], outbox: Any, wait: float) -> bool:

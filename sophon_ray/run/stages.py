@@ -18,7 +18,10 @@ from sophon_ray.run.texts import pending_text
 from sophon_ray.spec import to_dict
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sophon_ray.console.progress import AttackProgress
+    from sophon_ray.run.outbox import Outbox
     from sophon_ray.run.packing import PackPlan
     from sophon_ray.run.plan import Trial
 
@@ -109,7 +112,14 @@ def log_models(ctx: RunContext, normal_dir: Path, protected: dict[str, Path]) ->
 
 
 def attack_stage(ctx: RunContext, trials: list[Trial], models: dict[str, Path]) -> None:
-    """Attack trials whose MLflow writes go through an outbox (journal in the output folder); when the store
+    """Attack trials whose MLflow writes go through the sweep's journaled outbox (:func:`through_outbox`)."""
+    through_outbox(ctx, lambda outbox, wait: _attack_trials(ctx, trials, models, wait))
+
+
+def through_outbox(ctx: RunContext, work: Callable[[Outbox, float], bool | None]) -> None:
+    """``work(outbox, wait)`` with ``ctx.outbox``, an outbox journaled in the output folder (one ledger per sweep),
+    then the wait for its deliveries (shorter when a signal is stopping the run: the rest stays in the journal).
+    ``work`` returns False when it already gave the store its ``$SOPHON_TRACKING_WAIT_S`` in vain. When the store
     stops answering for good, ``outcome.pending`` / ``outcome.journal`` say what waits for ``sophon-ray sync``."""
     from sophon_ray.console.signals import STOP_WAIT_S, received  # noqa: PLC0415
     from sophon_ray.run.outbox import JOURNAL, Outbox, http_env, wait_seconds  # noqa: PLC0415
@@ -117,10 +127,12 @@ def attack_stage(ctx: RunContext, trials: list[Trial], models: dict[str, Path]) 
     wait = wait_seconds()
     outbox = ctx.outbox = Outbox(ctx.tracker, ctx.out / JOURNAL)
     with environment(http_env()):
+        delivered = None
         try:
-            _attack_trials(ctx, trials, models, wait)
-        finally:  # a run that SIGTERM or Ctrl-C stops waits less: what is not delivered stays in the journal
-            delivered = outbox.drain(STOP_WAIT_S if received() else wait)
+            delivered = work(outbox, wait)
+        finally:
+            if delivered is not False:
+                delivered = outbox.drain(STOP_WAIT_S if received() else wait)
             outbox.close()
     stats = outbox.stats
     log.info("MLflow outbox: %d operation(s) delivered, %d failed write(s) retried, %.1f s busy, peak queue %d%s",
