@@ -121,14 +121,44 @@ def test_a_down_store_never_blocks_the_caller_and_the_journal_keeps_everything_f
 
 def test_drain_waits_for_a_busy_store_and_gives_up_only_on_one_that_delivers_nothing(tmp_path):
     tracker, parent = tracker_and_parent(tmp_path)
-    outbox = Outbox(tracker, None, delays=FAST)
-    for i in range(40):
+    log_rows = tracker.log_rows
+
+    def busy_store(*args, **kwargs):  # a busy store: every batch takes 0.1 s, well under the drain's 0.5 s
+        time.sleep(0.1)
+        return log_rows(*args, **kwargs)
+
+    tracker.log_rows = busy_store
+    outbox = Outbox(tracker, None, delays=FAST, writers=1)
+    for i in range(10):
         trial_ops(outbox, parent, f"k{i}")
     started = time.perf_counter()
     outbox.start()
-    assert outbox.drain(0.5)  # each write takes well under 0.5 s; all of them together take longer
+    assert outbox.drain(0.5)  # each write takes well under 0.5 s; all of them together take longer (>= 1 s)
     assert time.perf_counter() - started > 0.5
     outbox.close()
+    tracker.client = MlflowClient(tracking_uri=closed_port_uri())  # a store that delivers nothing
+    outbox = Outbox(tracker, None, delays=FAST).start()
+    trial_ops(outbox, parent, "k-down")
+    started = time.perf_counter()
+    assert not outbox.drain(0.5)
+    assert time.perf_counter() - started < 10
+    outbox.close()
+
+
+def test_a_finished_trials_state_is_not_kept_and_a_rerun_of_it_still_duplicates_nothing(tmp_path):
+    """The writer keeps no per-trial state once a trial's finish is delivered (a 100,000-trial sweep's driver
+    would grow with it); a trial run again later (a FAILED one retried) reads its steps back from the store."""
+    tracker, parent = tracker_and_parent(tmp_path)
+    outbox = Outbox(tracker, None, delays=FAST).start()
+    for key in ("k1", "k2"):
+        trial_ops(outbox, parent, key)
+    assert outbox.drain(30)
+    assert outbox._trials == {}  # noqa: SLF001
+    trial_ops(outbox, parent, "k1")  # the same trial again: every step already stored
+    assert outbox.drain(30)
+    outbox.close()
+    assert outbox._trials == {}  # noqa: SLF001
+    assert_exactly_once(tracker, ["k1", "k2"])
 
 
 def test_delivery_resumes_by_itself_when_the_store_comes_back(tmp_path):

@@ -320,6 +320,8 @@ class Outbox:
                 self._queue[key] = left
             else:
                 del self._queue[key]
+                if ops[-1].kind == "finish":  # a finished trial's state is not kept (a driver's memory is bounded)
+                    self._trials.pop(key, None)
             self._ops -= len(ops)
             self.stats.delivered += len(ops)
             self._cond.notify_all()

@@ -133,7 +133,15 @@ class ChildRun:
     @staticmethod
     def of(run: Any) -> ChildRun:
         """From an MLflow ``Run``."""
-        return ChildRun(run.info.run_id, run.info.status, frozenset(run.data.params))
+        return ChildRun(run.info.run_id, run.info.status, shared_names(frozenset(run.data.params)))
+
+
+_NAME_SETS: dict[frozenset[str], frozenset[str]] = {}
+
+
+def shared_names(names: frozenset[str]) -> frozenset[str]:
+    """One object for each distinct set of param names (a sweep has a few; its writer keeps one per run known)."""
+    return _NAME_SETS.setdefault(names, names)
 
 
 class Tracker:
@@ -227,7 +235,7 @@ class Tracker:
         if missing and not defer_params:
             self.log_rows(run.run_id, [], params=missing)
         if known is not None:
-            known[key] = ChildRun(run.run_id, "RUNNING", run.params | set(missing))
+            known[key] = ChildRun(run.run_id, "RUNNING", shared_names(run.params | set(missing)))
         return run.run_id, created, missing if defer_params else {}
 
     def keyed_runs(self, sweep_id: str, role: str) -> dict[str, ChildRun]:
