@@ -86,15 +86,20 @@ def write_results(data: SweepData, results: Path, command: str | None) -> None:
     log.info("wrote %s", results)
 
 
+def artifact_folder(out_dir: Path, path: Path) -> str:
+    """Where a report file goes in the parent run's artifacts: ``report/``, a table under ``report/tables/``."""
+    if Path(path).parent == Path(out_dir) / TABLES_DIR:
+        return f"{names.REPORT_ARTIFACTS}/{TABLES_DIR}"
+    return names.REPORT_ARTIFACTS
+
+
 def upload(data: SweepData, out_dir: Path, paths: list[Path]) -> list[str]:
     """Log ``paths`` to the sweep's parent run under ``report/`` (files under ``out_dir/tables`` under
     ``report/tables/``); returns the artifact paths."""
     client = MlflowClient(tracking_uri=data.sweep.tracking_uri)
     artifacts = []
     for path in paths:
-        folder = names.REPORT_ARTIFACTS
-        if Path(path).parent == out_dir / TABLES_DIR:
-            folder = f"{names.REPORT_ARTIFACTS}/{TABLES_DIR}"
+        folder = artifact_folder(out_dir, path)
         client.log_artifact(data.sweep.parent_run_id, str(path), artifact_path=folder)
         artifacts.append(f"{folder}/{Path(path).name}")
     log.info("logged %d report files to parent run %s", len(artifacts), data.sweep.parent_run_id)

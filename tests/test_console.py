@@ -285,7 +285,7 @@ def test_closing_text_of_a_sweep_with_results_only_in_the_journal_says_incomplet
                       journal="/o/tracking-journal.jsonl")
     text = closing_text(outcome, 31.2, "sweeps/q.yaml")
     assert text.startswith("stopped after 31 s") and "done in" not in text and "TABLE" not in text
-    assert ("INCOMPLETE: the MLflow store did not answer, so 4 trial(s)' results are not in MLflow yet; they are "
+    assert ("INCOMPLETE: the MLflow store did not answer, so the results of 4 run(s) are not in MLflow yet; they are "
             "kept in /o/tracking-journal.jsonl") in text
     assert "sophon-ray sync sweeps/q.yaml" in text and "sophon-ray run sweeps/q.yaml --resume" in text
 

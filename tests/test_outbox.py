@@ -477,3 +477,65 @@ def test_an_open_delivered_alone_leaves_its_params_for_the_next_batch_and_a_fini
     assert replay.drain(30)
     replay.close()
     assert_exactly_once(tracker, ["k1", "k2"])
+
+
+def test_runs_of_other_roles_attached_runs_and_files_replay_exactly_once(tmp_path):
+    """What the pipeline journals besides trials: a protect run opened by key (its role in the journal), the parent
+    run attached by id (its stage times, a report file, its finish); delivered, then the whole journal replayed
+    without its acks by a new outbox (as ``sophon-ray sync`` does): one run per key, one point per step, one file per
+    name, the role kept. A file deleted before its delivery is dropped and blocks nothing."""
+    tracker, parent = tracker_and_parent(tmp_path)
+    figure = tmp_path / "report" / "heatmap.png"
+    figure.parent.mkdir()
+    figure.write_bytes(b"png-bytes")
+    gone = tmp_path / "gone.txt"
+    gone.write_text("x")
+    lines = []
+    recorder = Outbox(tracker, None)
+    recorder._put = lambda ops, write=True: lines.extend(op.line() for op in ops)  # noqa: SLF001
+    recorder.open("protect-abc", parent, "sweep1", "protect/v/s0", {"alpha": 0.5}, role="protect")
+    recorder.rows("protect-abc", [(0, {"original_val": 90.0}), (5, {"original_val": 91.0})])
+    recorder.file("protect-abc", figure, "checkpoint")
+    recorder.finish("protect-abc", "FINISHED")
+    recorder.attach("sweep-sweep1", parent)
+    recorder.rows("sweep-sweep1", [(0, {"seconds_attack": 12.5})])
+    recorder.file("sweep-sweep1", gone, "report")
+    recorder.file("sweep-sweep1", figure, "report")
+    recorder.finish("sweep-sweep1", "FINISHED")
+    assert '"role":"protect"' in lines[0] and all('"role"' not in line for line in lines[1:])
+    gone.unlink()
+    for _ in range(2):  # the second replay: everything already stored (no acks were journaled)
+        Journal(tmp_path / "replay.jsonl").path.write_text("".join(lines))
+        outbox = Outbox(tracker, tmp_path / "replay.jsonl", delays=FAST)
+        assert outbox.load_journal() == 2
+        outbox.start()
+        assert outbox.drain(30)
+        outbox.close()
+        assert outbox.pending_keys() == set()
+    client = MlflowClient(tracking_uri=tracker.uri)
+    runs = client.search_runs([tracker.experiment_id], max_results=100)
+    protect = [r for r in runs if r.data.tags.get(names.KEY) == "protect-abc"]
+    assert len(protect) == 1 and protect[0].data.tags[names.ROLE] == "protect"
+    assert protect[0].info.status == "FINISHED" and protect[0].data.params == {"alpha": "0.5"}
+    assert protect[0].data.tags[names.PARENT] == parent
+    history = client.get_metric_history(protect[0].info.run_id, "original_val")
+    assert sorted((m.step, m.value) for m in history) == [(0, 90.0), (5, 91.0)]
+    assert [a.path for a in client.list_artifacts(protect[0].info.run_id, "checkpoint")] == ["checkpoint/heatmap.png"]
+    assert len(client.get_metric_history(parent, "seconds_attack")) == 1
+    assert [a.path for a in client.list_artifacts(parent, "report")] == ["report/heatmap.png"]
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert tracker.keyed_runs("sweep1", "protect").keys() == {"protect-abc"}
+
+
+def test_the_models_stage_journals_every_model_when_the_store_cannot_say_which_finished(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from sophon_ray.run.stages import finished_or_none
+
+    def down(sweep_id, role):
+        raise ConnectionError("connection refused")
+
+    assert finished_or_none(SimpleNamespace(finished_keys=lambda sid, role: {f"{role}-1"}), "s", ("a", "b")) == {
+        "a-1", "b-1"}
+    assert finished_or_none(SimpleNamespace(finished_keys=down), "s", ("a",)) == set()
+    assert "journaling them all" in caplog.text

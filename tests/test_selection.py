@@ -15,6 +15,7 @@ from sophon_ray import names
 from sophon_ray.core.protection import Candidate, select, selection
 from sophon_ray.run.checkpoint import CARD, FORMAT
 from sophon_ray.run.keys import protect_key, sweep_id
+from sophon_ray.run.outbox import Outbox
 from sophon_ray.run.stages import log_models
 from sophon_ray.run.validate import advisories, parse_spec
 from sophon_ray.spec import ProtectSpec, SpecError, SweepSpec
@@ -126,11 +127,8 @@ def test_a_protection_selects_by_its_spec_and_its_card_says_why(tmp_path):
     assert tied_metrics[names.SELECT_PROBE_COST] >= 0.0
 
     # log_models: the reason becomes the protect run's tag; a card without one (an older checkpoint) sets none
-    tags: dict[str, dict[str, str]] = {}
-    tracker = SimpleNamespace(finished_keys=lambda *a: set(), child_run=lambda parent, sid, role, key, name, p: name,
-                              log_rows=lambda *a, **k: None, log_metrics=lambda *a, **k: None,
-                              log_artifact=lambda *a, **k: None, finish=lambda *a, **k: None,
-                              set_tag=lambda run, key, value: tags.setdefault(run, {}).update({key: value}))
+    tracker = SimpleNamespace(finished_keys=lambda *a: set())
+    outbox = Outbox(None)   # never started: what log_models journals stays queued
     dirs = {}
     for name, extra in (("normal", {}), (f"protect/{spec.protect[0].label}/s0", {names.SELECTED_REASON: "why"}),
                         ("protect/old/s0", {})):
@@ -138,8 +136,13 @@ def test_a_protection_selects_by_its_spec_and_its_card_says_why(tmp_path):
         d.mkdir()
         (d / CARD).write_text(json.dumps({"format": FORMAT, "spec_hash": name, "metrics": {}, **extra}))
         dirs[name] = d
-    log_models(SimpleNamespace(spec=spec, tracker=tracker, sweep_id="sid", parent="parent"), dirs.pop("normal"), dirs)
-    assert tags == {f"protect/{spec.protect[0].label}/s0": {names.SELECTED_REASON: "why"}}
+    log_models(SimpleNamespace(spec=spec, tracker=tracker, sweep_id="sid", parent="parent"), outbox,
+               dirs.pop("normal"), dirs)
+    ops = outbox.queued()
+    tags = [(op.key, op.data["tag"], op.data["value"]) for op in ops if op.kind == "tag"]
+    assert tags == [(f"protect-protect/{spec.protect[0].label}/s0", names.SELECTED_REASON, "why")]
+    assert {op.key for op in ops if op.kind == "finish"} == {f"{role}-{name}" for role, name in (
+        ("pretrain", "normal"), ("protect", f"protect/{spec.protect[0].label}/s0"), ("protect", "protect/old/s0"))}
 
 
 def test_the_report_says_which_iteration_and_why():

@@ -22,6 +22,7 @@ from sophon_ray.modes.generation.unet import build_denoiser
 from sophon_ray.run.checkpoint import CARD, FORMAT
 from sophon_ray.run.defend import candidate, candidate_key, dimensions
 from sophon_ray.run.keys import protect_key, sweep_id
+from sophon_ray.run.outbox import Outbox
 from sophon_ray.run.stages import log_models
 from sophon_ray.run.validate import load_spec, parse_spec
 from sophon_ray.spec import (DefendSpace, DefendSpec, EnvironmentSpec, GenerationSpec, ProbeSpec, ProtectSpec,
@@ -210,30 +211,6 @@ def test_a_sampled_policy_becomes_the_candidates():
 
 
 # ---------------------------------------------------------------------------------------------- MLflow
-class _Tracker:
-    def __init__(self) -> None:
-        self.params: dict[str, dict] = {}
-
-    def finished_keys(self, sid, role):
-        return set()
-
-    def child_run(self, parent, sid, role, key, name, params):
-        self.params[name] = dict(params)
-        return name
-
-    def log_rows(self, *a, **k):
-        pass
-
-    def log_metrics(self, *a, **k):
-        pass
-
-    def log_artifact(self, *a, **k):
-        pass
-
-    def finish(self, *a, **k):
-        pass
-
-
 def test_the_protect_run_logs_the_policy_only_when_set(tmp_path):
     spec = parse_spec(GENERATION)
     spec = dataclasses.replace(spec, protect=(spec.protect[0], dataclasses.replace(spec.protect[0], name="w",
@@ -244,9 +221,11 @@ def test_the_protect_run_logs_the_policy_only_when_set(tmp_path):
         d.mkdir()
         (d / CARD).write_text(json.dumps({"format": FORMAT, "spec_hash": name, "metrics": {}}))
         dirs[name] = d
-    tracker = _Tracker()
-    ctx = SimpleNamespace(spec=spec, tracker=tracker, sweep_id="sid", parent="parent")
-    log_models(ctx, dirs["normal"], {k: v for k, v in dirs.items() if k != "normal"})
-    assert "suppression_t" not in tracker.params["protect/v/s0"]
-    assert tracker.params["protect/w/s0"]["suppression_t"] == "one"
+    ctx = SimpleNamespace(spec=spec, tracker=SimpleNamespace(finished_keys=lambda sid, role: set()), sweep_id="sid",
+                          parent="parent")
+    outbox = Outbox(None)   # never started: what log_models journals stays queued
+    log_models(ctx, outbox, dirs["normal"], {k: v for k, v in dirs.items() if k != "normal"})
+    params = {op.data["name"]: op.data["params"] for op in outbox.queued() if op.kind == "open"}
+    assert "suppression_t" not in params["protect/v/s0"]
+    assert params["protect/w/s0"]["suppression_t"] == "one"
     assert task_for(spec).settings.suppression_t == "uniform"   # the sweep's policy is untouched

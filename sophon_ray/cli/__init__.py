@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace, **overrides: object) -> int:
         return stop.exit_code
     if not options.dry_run:
         print(closing_text(outcome, time.perf_counter() - start, _spec_words(args)), flush=True)
-    return EXIT_INCOMPLETE if outcome.pending else 0
+    return EXIT_INCOMPLETE if outcome.incomplete else 0
 
 
 def _spec_words(args: argparse.Namespace) -> str:

@@ -43,14 +43,20 @@ class Outcome:
     tracking_uri: str = ""             # redacted: safe to print
     output_dir: str = ""
     log_dir: str = ""
-    pending: int = 0                   # trials whose results are only in the journal (the store did not answer)
+    pending: int = 0                   # runs whose results are only in the journal (the store did not answer)
     journal: str = ""                  # that journal, when pending
+    store_down: bool = False           # a stage could not read the store it needs (nothing may be pending)
     stage: str = ""                    # the stage running (the last one begun): defend, pretrain+protect, attack, ...
     stopped_by: int = 0                # the signal (SIGINT, SIGTERM) that stopped the run; 0 when none did
     grid_total: int = 0                # attack grid trials planned ...
     grid_finished: int = 0             # ... and finished (set when the run is stopped)
     models_planned: int = 0            # the normal and protected models ...
     models_ready: int = 0              # ... and those stored (set when the run is stopped)
+
+    @property
+    def incomplete(self) -> bool:
+        """The run ended early because the MLflow store did not answer (exit 3): results may wait in the journal."""
+        return bool(self.pending or self.store_down)
 
 
 @dataclass

@@ -205,13 +205,15 @@ def final_step(variant: ProtectSpec) -> int:
 
 class DefendLogger:
     """Tune callback: every candidate is one MLflow child run of the variant's defend run (found again by its key,
-    so exactly once), its probe reports as steps and its final objective; finished when Tune says so."""
+    so exactly once), its probe reports as steps and its final objective; finished when Tune says so. Its writes
+    go through the sweep's journaled ``outbox`` (:mod:`sophon_ray.run.outbox`): they never block Tune and a store
+    that is down loses none."""
 
-    def __init__(self, tracker: Any, parent: str, sweep_id: str, variant: ProtectSpec,
+    def __init__(self, outbox: Any, parent: str, sweep_id: str, variant: ProtectSpec,
                  say: Callable[[str], None] = log.info, done_before: int = 0, round_: int = 1) -> None:
         from ray.tune import Callback  # noqa: PLC0415
 
-        self.tracker, self.parent, self.sweep_id, self.variant = tracker, parent, sweep_id, variant
+        self.outbox, self.parent, self.sweep_id, self.variant = outbox, parent, sweep_id, variant
         self.say, self.finished, self.round = say, done_before, round_
         self.runs: dict[str, str] = {}
         self.last: dict[str, dict[str, Any]] = {}
@@ -233,8 +235,9 @@ class DefendLogger:
             params = {"candidate": key, names.ROUND: self.round,
                       **{k: (JOIN.join(v) if isinstance(v, tuple) else v)
                          for k, v in {**defend.space.fixed(), **trial.config}.items()}}
-            self.runs[trial.trial_id] = self.tracker.child_run(self.parent, self.sweep_id, names.CANDIDATE_ROLE, key,
-                                                               f"defend/{self.variant.label}/{key[:8]}", params)
+            self.outbox.open(key, self.parent, self.sweep_id, f"defend/{self.variant.label}/{key[:8]}", params,
+                             role=names.CANDIDATE_ROLE)
+            self.runs[trial.trial_id] = key
         return self.runs[trial.trial_id]
 
     def result(self, trial: Any, result: Mapping[str, Any]) -> None:
@@ -242,19 +245,18 @@ class DefendLogger:
             return
         row = {k: v for k, v in result.items() if k in LOGGED or "probe" in k}
         self.last[trial.trial_id] = dict(result)
-        self.tracker.log_metrics(self._run(trial), {k: v for k, v in row.items()
-                                                    if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                                 step=int(result["iteration"]))
+        self.outbox.rows(self._run(trial), [(int(result["iteration"]), {
+            k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})])
         if names.RED_TEAM_FOUND in result:
-            self.tracker.set_tag(self._run(trial), names.RED_TEAM_FOUND, result[names.RED_TEAM_FOUND])
+            self.outbox.tag(self._run(trial), names.RED_TEAM_FOUND, result[names.RED_TEAM_FOUND])
 
     def done(self, trial: Any, status: str) -> None:
         run = self._run(trial)
         last = self.last.get(trial.trial_id, {})
         stopped = status == "FINISHED" and LAST not in last   # ASHA stopped it at a probe checkpoint
         if stopped:
-            self.tracker.log_metrics(run, {STOPPED: 1.0})
-        self.tracker.finish(run, status)
+            self.outbox.rows(run, [(0, {STOPPED: 1.0})])
+        self.outbox.finish(run, status)
         self.finished += 1
         what = ("failed (see the logs)" if status != "FINISHED" else
                 f"stopped by ASHA at iteration {last.get('iteration', '?')} (estimate {last.get(OBJECTIVE, math.nan):+.1f})"
@@ -303,11 +305,17 @@ def choose(done: Sequence[tuple[dict, float, str, dict]]) -> tuple[dict, float, 
     return min(feasible, key=lambda d: (d[1], d[3].get(DROP, 0.0))) if feasible else None
 
 
-def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
+class Undelivered(Exception):
+    """The store took none of the journaled writes for ``$SOPHON_TRACKING_WAIT_S``: the candidates' history (and so
+    the next choice) cannot be read; the stage stops, the writes wait in the journal."""
+
+
+def run_defend(ctx: RunContext, index: int, normal_dir: Path, outbox: Any, wait: float) -> ProtectSpec:
     """The defender search of protect variant ``index``: per round, its baselines, the Tune experiment (continued
     from the candidates MLflow holds) and its choice, whose red team's best recipes join the next round; returns
     the last round's choice (a plain variant) and writes it out as a spec fragment (``defend/<variant>.yaml``) and
-    on the defend run."""
+    on the defend run. Its writes go through ``outbox`` (the defend run attached by its key), delivered before each
+    read of the candidates (else :class:`Undelivered`)."""
     from sophon_ray.core.data import make_splits  # noqa: PLC0415
     from sophon_ray.core.metrics import chance as chance_of  # noqa: PLC0415
     from sophon_ray.modes import MODES, task_for  # noqa: PLC0415
@@ -319,11 +327,17 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
     variant = spec.protect[index]
     defend = variant.defend
     assert defend is not None
-    run = tracker.child_run(ctx.parent, ctx.sweep_id, names.DEFEND_ROLE, spec_hash((ctx.sweep_id, "defend", variant.label)),
-                            f"defend/{variant.label}", {"variant": variant.label, "objective": defend.objective,
-                                                        "guard": defend.guard, "num_samples": defend.num_samples,
-                                                        "algorithm": defend.algorithm, "scheduler": defend.scheduler,
-                                                        **({"rounds": defend.rounds} if defend.rounds > 1 else {})})
+    key = spec_hash((ctx.sweep_id, "defend", variant.label))
+    run = tracker.child_run(ctx.parent, ctx.sweep_id, names.DEFEND_ROLE, key, f"defend/{variant.label}",
+                            {"variant": variant.label, "objective": defend.objective, "guard": defend.guard,
+                             "num_samples": defend.num_samples, "algorithm": defend.algorithm,
+                             "scheduler": defend.scheduler, **({"rounds": defend.rounds} if defend.rounds > 1 else {})})
+    outbox.attach(key, run)
+
+    def delivered_history(round_: int) -> list[tuple[dict, float, str, dict]]:
+        if not outbox.drain(wait):
+            raise Undelivered(key)
+        return history(tracker, run, defend.space, round_)
     model, card = load_checkpoint(normal_dir)
     task = task_for(spec)
     chance = chance_of(card["num_classes"]) if MODES.get(spec.mode).has_classes else 0.0
@@ -334,15 +348,15 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
     for round_ in range(1, defend.rounds + 1):
         base = with_known(variant, known)
         configs = list(dict.fromkeys([*development_configs(spec), *known]))
-        scratch_best, normal_best = baselines(ctx, run, round_, model, configs, data, task, chance)
-        done = history(tracker, run, defend.space, round_)
+        scratch_best, normal_best = baselines(ctx, outbox, (key, run), round_, model, configs, data, task, chance)
+        done = delivered_history(round_)
         label = f"{variant.label} round {round_}/{defend.rounds}" if defend.rounds > 1 else variant.label
         ctx.say(f"[defend] {label}: development best scratch {scratch_best:.1f}, normal {normal_best:.1f}; "
                 f"{len(done)} of {defend.num_samples} candidates finished earlier")
         if defend.num_samples > len(done):
-            search_round(ctx, run, base, round_, configs, (model, card), normal_val, scratch_best, chance, done,
-                         best[0] if best is not None else None)
-            done = history(tracker, run, defend.space, round_)
+            search_round(ctx, outbox, run, base, round_, configs, (model, card), normal_val, scratch_best, chance,
+                         done, best[0] if best is not None else None)
+            done = delivered_history(round_)
         if (unfinished := incomplete(len(done), defend.num_samples, f"protect.{index}.defend", label)) is not None:
             tracker.finish(run, "FAILED")
             raise unfinished
@@ -353,10 +367,10 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
                               f"within guard {defend.guard:g} points ({len(done)} finished); widen the space toward "
                               "gentler settings (lower alpha or more NTR steps) or raise the guard")
         found = best[3].get(names.RED_TEAM_FOUND, "")
-        tracker.log_metrics(run, {"round_chosen_objective": best[1], "round_candidates": float(len(done)),
-                                  **({"round_red_team_best": best[3][names.RED_TEAM_BEST]}
-                                     if names.RED_TEAM_BEST in best[3] else {})}, step=round_ - 1)
-        tracker.set_tag(run, f"round{round_}_chosen", best[2])
+        outbox.rows(key, [(round_ - 1, {"round_chosen_objective": best[1], "round_candidates": float(len(done)),
+                                        **({"round_red_team_best": best[3][names.RED_TEAM_BEST]}
+                                           if names.RED_TEAM_BEST in best[3] else {})})])
+        outbox.tag(key, f"round{round_}_chosen", best[2])
         ctx.say(f"[defend] {label}: chose candidate {best[2][:8]} (development worst case minus scratch "
                 f"{best[1]:+.1f}) of {len(done)}" + (f"; its red team found {found}" if found else ""))
         if round_ < defend.rounds:
@@ -368,11 +382,11 @@ def run_defend(ctx: RunContext, index: int, normal_dir: Path) -> ProtectSpec:
     fragment = ctx.out / "defend" / f"{variant.label}.yaml"
     fragment.parent.mkdir(parents=True, exist_ok=True)
     fragment.write_text(yaml.safe_dump({"protect": [to_dict(chosen)]}, sort_keys=False))
-    tracker.log_metrics(run, {"chosen_objective": best[1], "candidates": float(len(done)),
-                              "feasible_candidates": float(sum(d[3].get(FEASIBLE, 0) == 1.0 for d in done))})
-    tracker.set_tag(run, names.CHOSEN_TAG, best[2])
-    tracker.log_artifact(run, fragment)
-    tracker.finish(run)
+    outbox.rows(key, [(0, {"chosen_objective": best[1], "candidates": float(len(done)),
+                           "feasible_candidates": float(sum(d[3].get(FEASIBLE, 0) == 1.0 for d in done))})])
+    outbox.tag(key, names.CHOSEN_TAG, best[2])
+    outbox.file(key, fragment)
+    outbox.finish(key, "FINISHED")
     ctx.say(f"[defend] {variant.label}: setting in {fragment}")
     if not protects(best[1], normal_best - scratch_best):
         ctx.say(f"[defend] warning: {variant.label}'s chosen candidate is no better than the unprotected model on the "
@@ -413,11 +427,12 @@ def with_known(variant: ProtectSpec, known: Sequence[Any]) -> ProtectSpec:
     return replace(variant, environments=replace(variant.environments, known=tuple(known), known_share=share))
 
 
-def baselines(ctx: RunContext, run: str, round_: int, model: Any, configs: Sequence[Any], data: Lazy, task: Any,
-              chance: float) -> tuple[float, float]:
+def baselines(ctx: RunContext, outbox: Any, run: tuple[str, str], round_: int, model: Any, configs: Sequence[Any],
+              data: Lazy, task: Any, chance: float) -> tuple[float, float]:
     """(scratch's, the normal model's) best development attack over a round's grid, computed once: logged on the
-    defend run (step: the round - 1) and read back by a rerun or ``--resume``."""
-    tracker = ctx.tracker
+    defend run (``run``: its key and id; step: the round - 1) through ``outbox`` and read back by a rerun or
+    ``--resume``."""
+    tracker, (key, run) = ctx.tracker, run
     logged = {k: {m.step: m.value for m in tracker.client.get_metric_history(run, k)}
               for k in ("dev_best_scratch", "dev_best_normal")}
     step = round_ - 1
@@ -426,12 +441,12 @@ def baselines(ctx: RunContext, run: str, round_: int, model: Any, configs: Seque
     t0 = time.perf_counter()
     scratch_best = development_best(model, configs, data(), task, chance, scratch=True)
     normal_best = development_best(model, configs, data(), task, chance)
-    tracker.log_metrics(run, {"dev_best_scratch": scratch_best, "dev_best_normal": normal_best}, step=step)
+    outbox.rows(key, [(step, {"dev_best_scratch": scratch_best, "dev_best_normal": normal_best})])
     ctx.say(f"[defend] development baselines of round {round_} in {time.perf_counter() - t0:.0f} s")
     return scratch_best, normal_best
 
 
-def search_round(ctx: RunContext, run: str, base: ProtectSpec, round_: int, configs: list[Any],
+def search_round(ctx: RunContext, outbox: Any, run: str, base: ProtectSpec, round_: int, configs: list[Any],
                  normal: tuple[Any, dict], normal_val: float, scratch_best: float, chance: float,
                  done: Sequence[tuple[dict, float, str, dict]], start: Mapping[str, Any] | None = None) -> None:
     """One round's Tune experiment: the candidates this round still needs (``done``: its finished ones, as
@@ -443,7 +458,7 @@ def search_round(ctx: RunContext, run: str, base: ProtectSpec, round_: int, conf
 
     defend = base.defend
     model, card = normal
-    logger = DefendLogger(ctx.tracker, run, ctx.sweep_id, base, ctx.say, len(done), round_)
+    logger = DefendLogger(outbox, run, ctx.sweep_id, base, ctx.say, len(done), round_)
     trainable = tune.with_resources(
         tune.with_parameters(defend_trial, spec=ctx.spec, base=base, configs=configs,
                              normal=(share(model.state_dict()), card), normal_val=normal_val,
@@ -473,9 +488,27 @@ def defend_stage(ctx: RunContext) -> RunContext:
     spec = ctx.spec
     if not any(v.defend for v in spec.protect):
         return ctx
+    from sophon_ray.run.stages import through_outbox  # noqa: PLC0415
+
     normal_dir = train_stage(replace(ctx, spec=replace(spec, protect=())))["normal"]
-    ctx.view.start_ray(ctx.options.address)
-    chosen = [run_defend(ctx, i, normal_dir) if v.defend else v for i, v in enumerate(spec.protect)]
+    if ctx.outcome.incomplete:   # the normal model's run waits in the journal: the store is down
+        return ctx
+    chosen: list[ProtectSpec] = []
+
+    def work(outbox: Any, wait: float) -> bool:
+        outbox.load_journal()
+        outbox.start()
+        ctx.view.start_ray(ctx.options.address)
+        try:
+            chosen.extend(run_defend(ctx, i, normal_dir, outbox, wait) if v.defend else v
+                          for i, v in enumerate(spec.protect))
+        except Undelivered:
+            return False
+        return True
+
+    through_outbox(ctx, work, prefix="[defend]")
+    if ctx.outcome.incomplete:
+        return ctx
     return replace(ctx, spec=replace(spec, protect=tuple(chosen)))
 
 

@@ -1,7 +1,10 @@
-"""The attack stage's MLflow writes, delivered without ever blocking Ray Tune and never lost or duplicated.
+"""A sweep's MLflow writes, delivered without ever blocking Ray Tune or the pipeline and never lost or duplicated.
 
-The Tune callback only *enqueues* operations (open a trial's run, log rows, set a tag, finish), each first appended
-to the write-ahead :class:`~sophon_ray.run.journal.Journal`. Delivery threads (:func:`writers_for`) send them: a
+Every run that carries a result is written through an outbox: the attack grid's and the searches' trials (the Tune
+callback), the pretrain and protect runs, the defender's candidates, the search and defend runs' summaries, the
+parent run's stage times, report files and its finish. The caller only *enqueues* operations (open a run by its key,
+or attach to one that exists; log rows, set a tag, add a file, finish), each first appended to the write-ahead
+:class:`~sophon_ray.run.journal.Journal`; "trial" below means any such keyed run. Delivery threads (:func:`writers_for`) send them: a
 thread takes a round of up to ``ROUND`` of the oldest trials no other thread holds and delivers each trial's
 operations in order, so a trial's writes are never reordered or split between threads. A short trial costs three
 store calls (create its run, one ``log_batch`` of params, rows and tags, terminate): runs are not searched for one
@@ -48,6 +51,7 @@ WRITERS_ENV = "SOPHON_TRACKING_WRITERS"   # delivery threads (writers_for)
 # bench/writer.py (medians of 3 rounds, 2 busy cores): SQLite 31.6 trials/s with 1 thread, 19.4 with 2 (busy 103 vs 32
 # thread-ms per trial: waiting, SQLite has one writer); mlflow server (--workers 4) 3.9 with 1, 9.3 with 4
 SQLITE_WRITERS, SERVER_WRITERS = 1, 4
+DEFAULT_ROLE = "attack"                   # a journaled open without a role (the grid's and the searches' trials)
 ROUND = 16                                # trials one delivery thread takes at once (their acks: one append)
 FSYNC_ENV = "SOPHON_JOURNAL_FSYNC"        # the journal's fsync policy (fsync_seconds)
 DEFAULT_FSYNC_S = 0.2                     # bench/writer.py: fsync per append cost 26% into SQLite, 0.2 s groups ~6%
@@ -130,6 +134,7 @@ class Stats:
 class _TrialState:
     run_id: str | None = None
     sweep: str = ""                                      # the sweep of its open (whose known runs it is in)
+    role: str = ""                                       # ... and its role
     fresh: bool = False                                  # created by this outbox: nothing logged before it
     points: dict[str, set[int]] = field(default_factory=dict)  # metric -> steps known to be in the store
     dirty: bool = False                                  # a write failed: re-read before writing again
@@ -146,7 +151,7 @@ class Outbox:
     a round of up to ``ROUND`` trials that no other thread holds, so a trial's operations stay in order on one
     thread, and acknowledge the round's trials with one journal append."""
 
-    def __init__(self, tracker: Tracker, journal: Path | Journal | None = None, role: str = "attack",
+    def __init__(self, tracker: Tracker, journal: Path | Journal | None = None, role: str = DEFAULT_ROLE,
                  delays: tuple[float, float] = (BACKOFF_START_S, BACKOFF_CAP_S), writers: int | None = None) -> None:
         self.tracker, self.role, self.delays = tracker, role, delays
         self.journal = Journal(journal, fsync_seconds()) if isinstance(journal, Path) else journal
@@ -158,7 +163,7 @@ class Outbox:
         self._ops = 0                        # operations queued
         self._busy: set[str] = set()         # trials a delivery thread holds now
         self._trials: dict[str, _TrialState] = {}
-        self._known: dict[str, dict[str, ChildRun]] = {}  # per sweep: its runs of this role by key
+        self._known: dict[tuple[str, str], dict[str, ChildRun]] = {}  # per (sweep, role): its runs by key
         self._known_lock = threading.Lock()
         self._cond = threading.Condition()
         self._stop = False
@@ -173,9 +178,17 @@ class Outbox:
         self.__init__(state["tracker"], None, state["role"], state["delays"], state.get("writers"))  # type: ignore[misc]
 
     # ------------------------------------------------------------------------------ enqueue (caller's thread)
-    def open(self, key: str, parent: str, sweep: str, name: str, params: Mapping[str, Any]) -> None:
+    def open(self, key: str, parent: str, sweep: str, name: str, params: Mapping[str, Any],
+             role: str | None = None) -> None:
+        """Find (by ``key``) or create the run: a child of ``parent`` with this outbox's role, or ``role``."""
         self._put([Op(key, "open", {"parent": parent, "sweep": sweep, "name": name,
-                                    "params": {k: str(v) for k, v in params.items()}})])
+                                    "params": {k: str(v) for k, v in params.items()},
+                                    **({"role": role or self.role} if (role or self.role) != DEFAULT_ROLE else {})})])
+
+    def attach(self, key: str, run_id: str) -> None:
+        """Later operations of ``key`` go to the existing run ``run_id`` (one created outside the outbox, e.g. the
+        sweep's parent run, which every stage needs before it starts)."""
+        self._put([Op(key, "open", {"run_id": run_id})])
 
     def rows(self, key: str, rows: list[tuple[int, Mapping[str, float]]]) -> None:
         if rows:
@@ -187,6 +200,11 @@ class Outbox:
     def artifact(self, key: str, name: str, data: bytes) -> None:
         """A file of the trial's run (``name`` relative to its artifact root, e.g. ``samples/after.png``)."""
         self._put([Op(key, "artifact", {"name": name, "base64": base64.b64encode(data).decode("ascii")})])
+
+    def file(self, key: str, path: Path, folder: str | None = None) -> None:
+        """A file on disk as an artifact of the run (under ``folder``), read when it is delivered: for files that
+        stay where they are (checkpoints, report figures); writing it again replaces it."""
+        self._put([Op(key, "file", {"path": str(Path(path).resolve()), **({"folder": folder} if folder else {})})])
 
     def finish(self, key: str, status: str) -> None:
         self._put([Op(key, "finish", {"status": status})])
@@ -221,6 +239,11 @@ class Outbox:
         """Trials with operations not delivered yet."""
         with self._cond:
             return set(self._queue)
+
+    def queued(self) -> list[Op]:
+        """The operations not delivered yet, each trial's in order (an outbox never started delivers nothing)."""
+        with self._cond:
+            return [op for ops in self._queue.values() for op in ops]
 
     def pending_ops(self) -> int:
         with self._cond:
@@ -374,39 +397,52 @@ class Outbox:
             elif op.kind == "artifact":
                 self._log(state, [])  # params not logged yet
                 self.tracker.log_bytes(self._run_id(state, op), op.data["name"], base64.b64decode(op.data["base64"]))
+            elif op.kind == "file":
+                self._log(state, [])
+                if Path(op.data["path"]).is_file():
+                    self.tracker.log_artifact(self._run_id(state, op), op.data["path"], op.data.get("folder"))
+                else:  # the run's other operations still go
+                    log.error("run %s: file %s was not logged: it is gone (deleted since it was journaled); rerun "
+                              "the stage that wrote it", op.key, op.data["path"])
             elif op.kind == "finish":
                 self._log(state, [])  # params not logged yet
                 self.tracker.finish(self._run_id(state, op), op.data["status"])
                 self._finished(state, op)
             else:
                 raise ValueError(f"journal operation {op.kind!r} of trial {op.key} is unknown (open, rows, tag, "
-                                 "artifact, finish)")
+                                 "artifact, file, finish)")
         if group:  # an open's params alone wait for the trial's next batch (or its finish): one call fewer
             self._log(state, group)
 
-    def _known_runs(self, sweep: str) -> dict[str, ChildRun]:
-        """The sweep's runs of this role by key: read from the store once (:meth:`Tracker.keyed_runs`), then kept
+    def _known_runs(self, sweep: str, role: str) -> dict[str, ChildRun]:
+        """The sweep's runs of ``role`` by key: read from the store once (:meth:`Tracker.keyed_runs`), then kept
         by this outbox, the sweep's one writer."""
         with self._known_lock:
-            if sweep not in self._known:
-                self._known[sweep] = self.tracker.keyed_runs(sweep, self.role)
-            return self._known[sweep]
+            if (sweep, role) not in self._known:
+                self._known[sweep, role] = self.tracker.keyed_runs(sweep, role)
+            return self._known[sweep, role]
 
     def _open(self, state: _TrialState, op: Op, search: bool) -> None:
         """Find or create the trial's run: from the known runs, or by a search of its key tag when a write of it
         failed before (its run may exist although this outbox never saw the answer)."""
         d = op.data
-        run_id, created, missing = self.tracker.open_child(d["parent"], d["sweep"], self.role, op.key, d["name"],
+        if "run_id" in d:  # attached to a run that exists: what it holds is read back, never assumed
+            if state.run_id != d["run_id"]:
+                state.run_id, state.fresh, state.points = d["run_id"], False, {}
+            state.params = {}
+            return
+        role = d.get("role", DEFAULT_ROLE)
+        run_id, created, missing = self.tracker.open_child(d["parent"], d["sweep"], role, op.key, d["name"],
                                                            d["params"], defer_params=True,
-                                                           known=self._known_runs(d["sweep"]), search=search)
+                                                           known=self._known_runs(d["sweep"], role), search=search)
         if state.run_id != run_id:
             state.run_id, state.fresh, state.points = run_id, created and not state.reread, {}
-        state.params, state.sweep = missing, d["sweep"]
+        state.params, state.sweep, state.role = missing, d["sweep"], role
         with self._cond:
             self.stats.runs_opened += 1
 
     def _finished(self, state: _TrialState, op: Op) -> None:
-        known = self._known.get(state.sweep, {})
+        known = self._known.get((state.sweep, state.role), {})
         if op.key in known:
             known[op.key] = replace(known[op.key], status=op.data["status"])
         with self._cond:

@@ -27,7 +27,9 @@ from sophon_ray.run.texts import dry_run_text, failure_hint
 from sophon_ray.spec import Problem, SpecError, SweepSpec, to_dict
 
 if TYPE_CHECKING:
+    from sophon_ray.run.outbox import Outbox
     from sophon_ray.run.plan import Trial
+    from sophon_ray.run.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,7 @@ def _run_stages(spec: SweepSpec, options: RunOptions, view: View, trials: list[T
                 searched: int = 0) -> Outcome:
     """Open the sweep's parent run and run its stages; the run is FINISHED at the end, FAILED on any error."""
     from sophon_ray.run.search_stage import search_stage  # noqa: PLC0415
-    from sophon_ray.run.stages import attack_stage, train_stage  # noqa: PLC0415
+    from sophon_ray.run.stages import attack_stage, through_outbox, train_stage  # noqa: PLC0415
 
     ctx = _open_sweep(spec, options, view, out, len(trials) + searched)
     outcome, tracker = ctx.outcome, ctx.tracker
@@ -145,41 +147,81 @@ def _run_stages(spec: SweepSpec, options: RunOptions, view: View, trials: list[T
             ctx = defend_stage(ctx)
             outcome.stage_seconds["defend"] = time.perf_counter() - t0
             _stop_if_asked()
+            if outcome.incomplete:  # its writes wait in the journal: the store is down
+                return outcome
         t0, outcome.stage = time.perf_counter(), "pretrain+protect"
         models = train_stage(ctx)
         outcome.stage_seconds["pretrain+protect"] = time.perf_counter() - t0
         _stop_if_asked()
+        if outcome.incomplete:  # the models' runs wait in the journal: the store is down, the grid would wait too
+            return outcome
         if options.attack:
             t0, outcome.stage = time.perf_counter(), "attack"
             attack_stage(ctx, trials, models)
             outcome.stage_seconds["attack"] = time.perf_counter() - t0
             _stop_if_asked()
-            if spec.attack.search and not outcome.pending:
+            if spec.attack.search and not outcome.incomplete:
                 t0, outcome.stage = time.perf_counter(), "search"
                 search_stage(ctx, models)
                 outcome.stage_seconds["search"] = time.perf_counter() - t0
                 _stop_if_asked()
-        if outcome.pending:  # not complete: no report from partial runs, the parent run stays open for --resume
+        if outcome.incomplete:  # not complete: no report from partial runs, the parent run stays open for --resume
             return outcome
-        if options.report and options.attack and "protected" not in spec.attack.subjects:
+        report = options.report and options.attack
+        if report and "protected" not in spec.attack.subjects:
+            report = False
             view.say("[4/4] report skipped: the heatmaps compare protected models with the baselines, and "
                      "attack.subjects has no 'protected' (the runs are in MLflow)")
-        elif options.report and options.attack:
-            t0, outcome.stage = time.perf_counter(), "report"
-            from analysis.report import run_report  # noqa: PLC0415
-
-            outcome.report = run_report(tracker.uri, spec.name, out / "report", sweep_id=ctx.sweep_id)
-            outcome.stage_seconds["report"] = time.perf_counter() - t0
-            view.say(f"[4/4] report | {out / 'report'}")
+        through_outbox(ctx, lambda outbox, wait: _finish(ctx, outbox, report), prefix="[4/4]")
     except BaseException as err:
         if not received():
-            tracker.finish(ctx.parent, "FAILED")
+            _mark(tracker, ctx.parent, "FAILED")
             raise
         _log_stop_error(err)
         raise _stopped(ctx, trials, received()) from None
-    tracker.log_metrics(ctx.parent, {f"seconds_{k.replace('+', '_')}": v for k, v in outcome.stage_seconds.items()})
-    tracker.finish(ctx.parent, "FINISHED")
     return outcome
+
+
+def _finish(ctx: RunContext, outbox: Outbox, report: bool) -> None:
+    """[4/4]: the report (when asked for), then the parent run's results through ``outbox``: the stage times, the
+    report's files (under ``report/``) and its FINISHED status, last (a parent FINISHED in MLflow is a sweep whose
+    results are all there)."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    from analysis.report import artifact_folder, run_report  # noqa: PLC0415
+
+    outbox.load_journal()
+    outbox.start()
+    key, outcome, report_dir = f"sweep-{ctx.sweep_id}", ctx.outcome, ctx.out / "report"
+    if report:
+        t0, outcome.stage = time.perf_counter(), "report"
+        outcome.report = run_report(ctx.tracker.uri, ctx.spec.name, report_dir, sweep_id=ctx.sweep_id,
+                                    log_to_parent=False)   # its files go through the journal (below)
+        outcome.stage_seconds["report"] = time.perf_counter() - t0
+        ctx.say(f"[4/4] report | {report_dir}")
+    outbox.attach(key, ctx.parent)
+    outbox.rows(key, [(0, {f"seconds_{k.replace('+', '_')}": v for k, v in outcome.stage_seconds.items()})])
+    if outcome.report is not None:
+        folders = [artifact_folder(report_dir, path) for path in outcome.report.paths]
+        for path, folder in zip(outcome.report.paths, folders, strict=True):
+            outbox.file(key, path, folder)
+        outcome.report = replace(outcome.report, artifacts=[f"{folder}/{Path(path).name}" for path, folder
+                                                            in zip(outcome.report.paths, folders, strict=True)])
+    outbox.finish(key, "FINISHED")
+
+
+def _mark(tracker: Tracker, run_id: str, status: str) -> None:
+    """The parent run's FAILED or KILLED mark, written directly and at most once: a status for whoever looks, never
+    journaled (a replay must not mark a resumed sweep failed). A store that does not answer leaves it RUNNING,
+    which ``--resume`` continues all the same."""
+    from sophon_ray.run.outbox import http_env  # noqa: PLC0415
+
+    with environment(http_env()):  # a store that does not answer fails fast here
+        try:
+            tracker.finish(run_id, status)
+        except Exception as err:  # noqa: BLE001 - the run's own error or stop is what the caller reports
+            log.warning("the sweep's parent run was not marked %s: the MLflow store did not answer (%s: %.200s)",
+                        status, type(err).__name__, err)
 
 
 def _log_stop_error(err: BaseException) -> None:
@@ -208,9 +250,9 @@ def _stopped(ctx: RunContext, trials: list[Trial], signum: int) -> Interrupted:
     with environment(http_env()):  # a store that does not answer fails fast here
         try:
             done = done | ctx.tracker.finished_keys(ctx.sweep_id, "attack")
-            ctx.tracker.finish(ctx.parent, "KILLED")
         except Exception as err:  # noqa: BLE001 - the stop goes on; what was journaled stays there
             log.warning("stopping: the MLflow store did not answer (%s: %s)", type(err).__name__, err)
+    _mark(ctx.tracker, ctx.parent, "KILLED")
     outcome.grid_finished = len({t.key for t in trials} & done)
     log.info("stopped by %s during %s: %d/%d models, %d/%d grid trials, %d trial(s) only in the journal",
              signal_name(signum), outcome.stage, outcome.models_ready, outcome.models_planned,

@@ -135,10 +135,10 @@ def _searches(ctx: RunContext, models: dict[str, Path], outbox: Any, wait: float
                     return False
                 history, _ = search_history(tracker, run_id, template.subject.kind == "scratch", m)
                 ctx.outcome.trials_run += remaining
-            logged = tracker.logged_steps(run_id, m.found_val)
-            tracker.log_rows(run_id, [(f.n, {m.found_val: f.val, m.found_test: f.test})
-                                      for f in best_found([(n, v, t) for n, _, v, t in history]) if f.n not in logged])
-            complete = len(history) >= search.num_samples
-            tracker.finish(run_id, "FINISHED" if complete else "FAILED")
+            key = search_key(sid, template)   # its summary through the journal too (points already there are kept)
+            outbox.attach(key, run_id)
+            outbox.rows(key, [(f.n, {m.found_val: f.val, m.found_test: f.test})
+                              for f in best_found([(n, v, t) for n, _, v, t in history])])
+            outbox.finish(key, "FINISHED" if len(history) >= search.num_samples else "FAILED")
     ctx.say(f"[3/4] search done | {todo} trials run now")
     return True

@@ -1,6 +1,7 @@
 """The pipeline's model and grid stages: [1/4] pretrain and protect (Ray Train, reusing stored models), their
-MLflow runs, and [2/4] the attack grid (Ray Tune, through the MLflow outbox, reusing finished trials; the trials
-still to run packed by ``attack.pack``, :mod:`sophon_ray.run.packing`)."""
+MLflow runs, and [2/4] the attack grid (Ray Tune, reusing finished trials; the trials still to run packed by
+``attack.pack``, :mod:`sophon_ray.run.packing`). Every MLflow write of a stage goes through the sweep's journaled
+outbox (:func:`through_outbox`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from sophon_ray.run.outbox import Outbox
     from sophon_ray.run.packing import PackPlan
     from sophon_ray.run.plan import Trial
+    from sophon_ray.run.tracking import Tracker
 
 log = logging.getLogger(__name__)
 # Trials Tune gave up on get one more Tune run. Tune's own retries (resources.max_failures) can be cut short:
@@ -66,18 +68,24 @@ def train_stage(ctx: RunContext) -> dict[str, Path]:
         for r in results:
             ctx.say(f"[1/4] {r['stage']} {r['label']} | original val {r[m.key('original_val')]:.1f} | test "
                     f"{r[m.key('original_test')]:.1f} | ranks identical: {r['ranks_identical']} | {r['dir']}")
-    log_models(ctx, normal_dir, wanted)
+    def work(outbox: Outbox, wait: float) -> None:  # noqa: ARG001 - through_outbox's signature
+        outbox.load_journal()   # an earlier run's undelivered writes first
+        outbox.start()
+        log_models(ctx, outbox, normal_dir, wanted)
+
+    through_outbox(ctx, work, prefix="[1/4]", reads=False)   # the models' runs are journaled even if the store is down
     ctx.outcome.checkpoints = {"normal": str(normal_dir), **{k: str(v) for k, v in wanted.items()}}
     return {"normal": normal_dir, **wanted}
 
 
-def log_models(ctx: RunContext, normal_dir: Path, protected: dict[str, Path]) -> None:
-    """Mirror the pretrain/protect results into MLflow child runs (once: finished runs are left alone)."""
+def log_models(ctx: RunContext, outbox: Outbox, normal_dir: Path, protected: dict[str, Path]) -> None:
+    """Mirror the pretrain/protect results into MLflow child runs through ``outbox`` (once: runs MLflow holds
+    FINISHED are left alone; when the store cannot say which, every model is journaled: replays log nothing twice)."""
     from sophon_ray.run.checkpoint import WEIGHTS, read_card  # noqa: PLC0415
     from sophon_ray.run.train_worker import HISTORY  # noqa: PLC0415
 
-    spec, tracker, sid = ctx.spec, ctx.tracker, ctx.sweep_id
-    done = tracker.finished_keys(sid, "pretrain") | tracker.finished_keys(sid, "protect")
+    spec, sid = ctx.spec, ctx.sweep_id
+    done = finished_or_none(ctx.tracker, sid, ("pretrain", "protect")) | outbox.completed
     entries = [("pretrain", "pretrain", normal_dir, to_dict(spec.pretrain))]
     for key, d in protected.items():
         _, label, seed_text = key.split("/")
@@ -97,18 +105,29 @@ def log_models(ctx: RunContext, normal_dir: Path, protected: dict[str, Path]) ->
         key = f"{role}-{card['spec_hash']}"
         if key in done:
             continue
-        run_id = tracker.child_run(ctx.parent, sid, role, key, name, params)
+        outbox.open(key, ctx.parent, sid, name, params, role=role)
         history_file = d / HISTORY
         if history_file.is_file():
             rows = json.loads(history_file.read_text())
-            tracker.log_rows(run_id, [(int(r["step"]), {k: v for k, v in r.items() if k != "step"}) for r in rows])
-        tracker.log_metrics(run_id, {k: v for k, v in card["metrics"].items() if isinstance(v, (int, float))})
+            outbox.rows(key, [(int(r["step"]), {k: v for k, v in r.items() if k != "step"}) for r in rows])
+        outbox.rows(key, [(0, {k: v for k, v in card["metrics"].items() if isinstance(v, (int, float))})])
         if role == "protect":
             for f in (WEIGHTS, "model.json"):
-                tracker.log_artifact(run_id, d / f, "checkpoint")
+                outbox.file(key, d / f, "checkpoint")
             if card.get(names.SELECTED_REASON):   # a checkpoint from before the reason was logged has none
-                tracker.set_tag(run_id, names.SELECTED_REASON, card[names.SELECTED_REASON])
-        tracker.finish(run_id)
+                outbox.tag(key, names.SELECTED_REASON, card[names.SELECTED_REASON])
+        outbox.finish(key, "FINISHED")
+
+
+def finished_or_none(tracker: Tracker, sweep_id: str, roles: tuple[str, ...]) -> set[str]:
+    """Keys of the sweep's FINISHED runs of ``roles``; none when the store does not answer (the caller journals
+    everything then, and replays are idempotent)."""
+    try:
+        return set().union(*(tracker.finished_keys(sweep_id, role) for role in roles))
+    except Exception as err:  # noqa: BLE001 - any store error: the outbox retries the writes, none is lost
+        log.warning("the MLflow store did not say which runs finished (%s: %.200s); journaling them all",
+                    type(err).__name__, err)
+        return set()
 
 
 def attack_stage(ctx: RunContext, trials: list[Trial], models: dict[str, Path]) -> None:
@@ -116,17 +135,27 @@ def attack_stage(ctx: RunContext, trials: list[Trial], models: dict[str, Path]) 
     through_outbox(ctx, lambda outbox, wait: _attack_trials(ctx, trials, models, wait))
 
 
-def through_outbox(ctx: RunContext, work: Callable[[Outbox, float], bool | None]) -> None:
+def through_outbox(ctx: RunContext, work: Callable[[Outbox, float], bool | None], prefix: str = "[3/4]",
+                   reads: bool = True) -> None:
     """``work(outbox, wait)`` with ``ctx.outbox``, an outbox journaled in the output folder (one ledger per sweep),
     then the wait for its deliveries (shorter when a signal is stopping the run: the rest stays in the journal).
-    ``work`` returns False when it already gave the store its ``$SOPHON_TRACKING_WAIT_S`` in vain. When the store
-    stops answering for good, ``outcome.pending`` / ``outcome.journal`` say what waits for ``sophon-ray sync``."""
+    ``work`` returns False when it already gave the store its ``$SOPHON_TRACKING_WAIT_S`` in vain. A stage that
+    ``reads`` the store first waits as long for it to answer (an outage of a few seconds or minutes is waited out).
+    When the store stops answering for good, ``outcome.pending`` / ``outcome.journal`` (and ``outcome.store_down``
+    when the stage could not even start) say what waits for ``sophon-ray sync`` / ``--resume``."""
     from sophon_ray.console.signals import STOP_WAIT_S, received  # noqa: PLC0415
-    from sophon_ray.run.outbox import JOURNAL, Outbox, http_env, wait_seconds  # noqa: PLC0415
+    from sophon_ray.run.outbox import JOURNAL, Outbox, backoff, http_env, wait_seconds  # noqa: PLC0415
 
     wait = wait_seconds()
     outbox = ctx.outbox = Outbox(ctx.tracker, ctx.out / JOURNAL)
     with environment(http_env()):
+        if reads and not ctx.tracker.answers(STOP_WAIT_S if received() else wait, backoff()):
+            ctx.outcome.store_down = True
+            ctx.outcome.pending = len({op.key for op in outbox.journal.pending()})
+            ctx.outcome.journal = str(outbox.journal.path)
+            outbox.close()
+            ctx.say(f"{prefix} warning: {pending_text(ctx.outcome.pending, ctx.outcome.journal)}")
+            return
         delivered = None
         try:
             delivered = work(outbox, wait)
@@ -140,7 +169,7 @@ def through_outbox(ctx: RunContext, work: Callable[[Outbox, float], bool | None]
              f", last error {stats.last_error}" if stats.last_error else "")
     if not delivered:
         ctx.outcome.pending, ctx.outcome.journal = len(outbox.pending_keys()), str(outbox.journal.path)
-        ctx.say(f"[3/4] warning: {pending_text(ctx.outcome.pending, ctx.outcome.journal)}")
+        ctx.say(f"{prefix} warning: {pending_text(ctx.outcome.pending, ctx.outcome.journal)}")
 
 
 def _attack_trials(ctx: RunContext, trials: list[Trial], models: dict[str, Path], wait: float) -> None:

@@ -19,7 +19,10 @@ if TYPE_CHECKING:
 def pending_text(pending: int, journal: str, spec_path: str | None = None) -> str:
     """What a sweep whose results are partly only in the journal says: not complete, where they are, the fix."""
     spec = spec_path or "SPEC"
-    return (f"INCOMPLETE: the MLflow store did not answer, so {pending} trial(s)' results are not in MLflow yet; "
+    if not pending:
+        return (f"INCOMPLETE: the MLflow store did not answer, and this stage reads it; nothing waits in {journal}. "
+                f"Continue once the store is back: sophon-ray run {spec} --resume")
+    return (f"INCOMPLETE: the MLflow store did not answer, so the results of {pending} run(s) are not in MLflow yet; "
             f"they are kept in {journal}. Deliver them once the store is back: sophon-ray sync {spec} (or "
             f"sophon-ray run {spec} --resume, which also finishes the sweep and writes its report)")
 
@@ -111,7 +114,7 @@ def closing_text(outcome: Outcome, seconds: float, spec_path: str | None = None)
     """The lines a run ends with: time per stage, the short summary table, where the report, heatmaps, runs
     and logs are."""
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.stage_seconds.items())
-    if outcome.pending:
+    if outcome.incomplete:
         return "\n".join([f"stopped after {seconds:.0f} s ({stages}); {outcome.trials} trials, {outcome.trials_run} "
                           "run now", "", pending_text(outcome.pending, outcome.journal, spec_path), "",
                           f"logs: {outcome.log_dir}"])

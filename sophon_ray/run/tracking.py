@@ -314,6 +314,21 @@ class Tracker:
             path.write_bytes(data)
             self.client.log_artifact(run_id, str(path), str(Path(name).parent) if Path(name).parent.name else None)
 
+    def answers(self, wait_s: float, delays: Iterable[float]) -> bool:
+        """Whether the store answers a read within ``wait_s`` seconds (asked again after each of ``delays``)."""
+        deadline = time.monotonic() + wait_s
+        for delay in delays:
+            try:
+                self.client.get_experiment(self.experiment_id)
+                return True
+            except Exception as err:  # noqa: BLE001 - any store error: ask again until the deadline
+                if time.monotonic() + delay > deadline:
+                    log.warning("the MLflow store did not answer for %.0f s (%s: %.200s)", wait_s,
+                                type(err).__name__, err)
+                    return False
+                time.sleep(delay)
+        return False
+
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
 
