@@ -539,3 +539,39 @@ def test_the_models_stage_journals_every_model_when_the_store_cannot_say_which_f
         "a-1", "b-1"}
     assert finished_or_none(SimpleNamespace(finished_keys=down), "s", ("a",)) == set()
     assert "journaling them all" in caplog.text
+
+
+def test_an_error_while_the_store_is_gone_ends_the_stage_as_an_outage_and_any_other_error_is_raised(tmp_path,
+                                                                                                   monkeypatch):
+    """A stage whose work fails while the store does not answer is an outage (exit 3, the journal kept); the same
+    error while the store answers is the stage's own and is raised."""
+    from types import SimpleNamespace
+
+    from sophon_ray.run.context import Outcome
+    from sophon_ray.run.stages import through_outbox
+
+    tracker, parent = tracker_and_parent(tmp_path)
+    said: list[str] = []
+    ctx = SimpleNamespace(tracker=tracker, out=tmp_path, outcome=Outcome("s", 1), say=said.append, outbox=None)
+
+    def work(outbox, wait):
+        outbox.load_journal()
+        outbox.start()
+        trial_ops(outbox, parent, "k1")
+        assert outbox.drain(30)
+        raise ConnectionError("the store went away")
+
+    with pytest.raises(ConnectionError):   # the store answers: not an outage
+        through_outbox(ctx, work)
+    assert not ctx.outcome.incomplete
+    def refused(outbox, wait):
+        raise ConnectionError("refused")
+
+    monkeypatch.setenv(WAIT_ENV, "1")
+    tracker.client = MlflowClient(tracking_uri=closed_port_uri())
+    through_outbox(ctx, refused, reads=False)
+    assert ctx.outcome.incomplete and ctx.outcome.store_down and ctx.outcome.pending == 0
+    assert "INCOMPLETE" in said[-1] and str(tmp_path / JOURNAL) in said[-1]
+    ctx.outcome = Outcome("s", 1)
+    through_outbox(ctx, lambda outbox, wait: None)   # a stage that reads: the store never answers within the wait
+    assert ctx.outcome.store_down and ctx.outcome.incomplete

@@ -150,15 +150,18 @@ def through_outbox(ctx: RunContext, work: Callable[[Outbox, float], bool | None]
     outbox = ctx.outbox = Outbox(ctx.tracker, ctx.out / JOURNAL)
     with environment(http_env()):
         if reads and not ctx.tracker.answers(STOP_WAIT_S if received() else wait, backoff()):
-            ctx.outcome.store_down = True
-            ctx.outcome.pending = len({op.key for op in outbox.journal.pending()})
-            ctx.outcome.journal = str(outbox.journal.path)
             outbox.close()
-            ctx.say(f"{prefix} warning: {pending_text(ctx.outcome.pending, ctx.outcome.journal)}")
+            _incomplete(ctx, prefix, len({op.key for op in outbox.journal.pending()}), str(outbox.journal.path),
+                        store_down=True)
             return
-        delivered = None
+        delivered, gone = None, False
         try:
             delivered = work(outbox, wait)
+        except Exception as err:
+            if ctx.tracker.answers(0.0, [0.0]):
+                raise                        # the store answers: the error is the stage's own
+            log.warning("the MLflow store stopped answering during the stage (%s: %.300s)", type(err).__name__, err)
+            delivered, gone = False, True    # an outage, not a bug: what is journaled waits for sync / --resume
         finally:
             if delivered is not False:
                 delivered = outbox.drain(STOP_WAIT_S if received() else wait)
@@ -168,8 +171,14 @@ def through_outbox(ctx: RunContext, work: Callable[[Outbox, float], bool | None]
              stats.delivered, stats.failures, stats.busy_s, stats.peak_queue,
              f", last error {stats.last_error}" if stats.last_error else "")
     if not delivered:
-        ctx.outcome.pending, ctx.outcome.journal = len(outbox.pending_keys()), str(outbox.journal.path)
-        ctx.say(f"{prefix} warning: {pending_text(ctx.outcome.pending, ctx.outcome.journal)}")
+        _incomplete(ctx, prefix, len(outbox.pending_keys()), str(outbox.journal.path), store_down=gone)
+
+
+def _incomplete(ctx: RunContext, prefix: str, pending: int, journal: str, store_down: bool) -> None:
+    """The stage ends the run: the store did not answer (exit 3); ``pending`` runs' writes wait in ``journal``."""
+    outcome = ctx.outcome
+    outcome.pending, outcome.journal, outcome.store_down = pending, journal, outcome.store_down or store_down
+    ctx.say(f"{prefix} warning: {pending_text(pending, journal)}")
 
 
 def _attack_trials(ctx: RunContext, trials: list[Trial], models: dict[str, Path], wait: float) -> None:
