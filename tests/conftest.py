@@ -18,7 +18,7 @@ def _one_thread():
 # of one idle worker). xdist would otherwise queue the files with the most tests first (its "loadscope reorder").
 LONGEST_FIRST = ["test_defend_integration.py", "test_integration.py", "test_search_integration.py", "test_faults_protect.py", "test_faults.py",
                  "test_faults_tracking.py", "test_faults_pretrain.py", "test_faults_stages.py", "test_chunks.py", "test_search_journal.py",
-                 "test_generation_integration.py", "test_bad_input.py", "test_ui.py"]
+                 "test_faults_search.py", "test_generation_integration.py", "test_exactly_once.py", "test_bad_input.py", "test_ui.py"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

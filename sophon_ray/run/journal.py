@@ -43,6 +43,16 @@ class Op:
         return json.dumps({"key": self.key, "op": self.kind, **self.data}, separators=(",", ":")) + "\n"
 
 
+def ends_torn(path: Path) -> bool:
+    """Whether the file's last line lacks its newline (a driver killed mid-append): appended to as it is, the
+    next line would join that fragment and both be skipped as one line that is not JSON."""
+    with path.open("rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 class Journal:
     """Append-only JSON lines: every operation before it is sent, ``{"op": "ack"}`` once a trial's queued
     operations were all delivered. Thread-safe appends; a torn last line (a killed driver) is ignored.
@@ -83,8 +93,11 @@ class Journal:
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists()
+        torn = not new and ends_torn(self.path)
         self._file = self.path.open("a", encoding="utf-8")
         self._closed = False
+        if torn:  # a killed driver's last line stays alone (skipped): the next append starts its own line
+            self._file.write("\n")
         if new and self.fsync_s is not None:  # the new file's directory entry, else a power cut can lose the file
             folder = os.open(self.path.parent, os.O_RDONLY)
             try:
