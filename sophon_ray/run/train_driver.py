@@ -16,7 +16,10 @@ Fault tolerance: every ``protect[i].checkpoint_every`` iterations all ranks repo
 A restarted worker group (``FailureConfig``) reads Ray Train's latest checkpoint, skips the finished jobs and
 continues the protection from its state. The run's name is a hash of its jobs' keys, so after a driver crash
 ``--resume`` restores the same Ray Train run (Ray Train V2 reloads the checkpoints of a run with the same name and
-storage path); a run without ``--resume`` deletes that run's folder first and starts over.
+storage path). A job whose group changed (another ``protect_parallel``, a group member finished, a seed added) is in
+a run of another name: ``--resume`` also finds each job's newest state checkpoint in any earlier run of another name
+(:func:`~sophon_ray.run.train_states.find_states`) and the worker continues from it when its own run has no newer state of that job. A run without
+``--resume`` deletes its own run's folder and every earlier run holding a state of its jobs, and starts over.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 from sophon_ray import names
 from sophon_ray.modes import metric_for
 from sophon_ray.spec import SweepSpec, spec_hash
+from sophon_ray.run.train_states import find_states, forget_states, storage
 from sophon_ray.run.train_worker import (HISTORY, KEEP, RESUME, STATE_STAGE, TrainingJob,  # noqa: F401
                                          job_total, protected_label, train_loop)
 
@@ -43,19 +47,24 @@ def run_training(spec: SweepSpec, jobs: list[TrainingJob], store: Path, storage_
 
     ``normal_dir`` is the finished normal model when only protect jobs remain. ``progress``: a
     :class:`~sophon_ray.console.progress.ProgressBoard` actor that rank 0 of every job sends its progress to.
-    ``resume``: continue the Ray Train runs of these jobs from their checkpoints (else start them over).
+    ``resume``: continue the Ray Train runs of these jobs from their checkpoints, and each job from its newest state
+    checkpoint in an earlier run of another group (:func:`~sophon_ray.run.train_states.find_states`); else start them over
+    (:func:`forget_states`).
     """
     protect_jobs = [j for j in jobs if j.stage == "protect"]
     parallel = min(spec.resources.protect_parallel, len(protect_jobs))
-    if parallel <= 1:
-        return _fit(spec, jobs, store, storage_path, normal_dir, progress, resume)
-    out = []
-    if len(protect_jobs) < len(jobs):  # the protections start from the pretrained model
-        out = _fit(spec, [j for j in jobs if j.stage != "protect"], store, storage_path, normal_dir, progress,
-                   resume)
+    first = jobs if parallel <= 1 else [j for j in jobs if j.stage != "protect"]  # the protections need its model
+    groups = balance(protect_jobs, parallel, lambda job: protection_cost(spec, job)) if parallel > 1 else []
+    if not resume:
+        forget_states(storage_path, [j.key for j in jobs])
+    states = {key: state for group in [first, *groups] if group and resume
+              for key, state in _states_to_resume(spec, group, storage_path).items()}
+    out = _fit(spec, first, store, storage_path, normal_dir, progress, resume, states) if first else []
+    if not groups:
+        return out
+    if first:
         normal_dir = Path(next(r["dir"] for r in out if r["stage"] == "pretrain"))
-    groups = balance(protect_jobs, parallel, lambda job: protection_cost(spec, job))
-    return out + _fit_at_once(groups, spec, store, storage_path, normal_dir, progress, resume)
+    return out + _fit_at_once(groups, spec, store, storage_path, normal_dir, progress, resume, states)
 
 
 def _fit_at_once(groups: list[list[TrainingJob]], *args: Any, fit: Callable[..., list[dict[str, Any]]] | None = None
@@ -110,21 +119,33 @@ def forget_run(storage_path: str, name: str) -> bool:
     whether there was one."""
     import pyarrow.fs  # noqa: PLC0415
 
-    if "://" in storage_path:
-        fs, root = pyarrow.fs.FileSystem.from_uri(storage_path)
-    else:
-        fs, root = pyarrow.fs.LocalFileSystem(), str(Path(storage_path).resolve())
-    path = f"{root.rstrip('/')}/{name}"
+    fs, root = storage(storage_path)
+    path = f"{root}/{name}"
     if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
         return False
     fs.delete_dir(path)
     return True
 
 
+def _states_to_resume(spec: SweepSpec, group: list[TrainingJob], storage_path: str) -> dict[str, tuple[str, int]]:
+    """:func:`find_states` for the jobs of one Ray Train run, logged per job: job key -> (the state checkpoint's
+    folder, its iteration). The run's own folder is left to Ray Train's restore (the checkpoint it registered, as
+    ever for a resume in the same group; a newer one it had not registered is not taken)."""
+    found = find_states(storage_path, [j.key for j in group], spec.resources.protect_workers, run_name(group))
+    for job in group:
+        if job.key in found:
+            log.info("%s %s: newest state checkpoint in another Ray Train run: %s %d in %s", job.stage, job.label,
+                     "epoch" if job.stage == "pretrain" else "iteration", found[job.key].iteration, found[job.key].path)
+    return {key: (state.path, state.iteration) for key, state in found.items()}
+
+
 def _fit(spec: SweepSpec, jobs: list[TrainingJob], store: Path, storage_path: str,
-         normal_dir: Path | None, progress: Any = None, resume: bool = False) -> list[dict[str, Any]]:
+         normal_dir: Path | None, progress: Any = None, resume: bool = False,
+         states: dict[str, tuple[str, int]] | None = None) -> list[dict[str, Any]]:
     """Run ``jobs`` in order in one TorchTrainer run; copy each finished job's checkpoint (without its resume
-    folder) to ``store/<dir>``. Ray Train keeps every finished job's checkpoint and the latest state checkpoint."""
+    folder) to ``store/<dir>``. Ray Train keeps every finished job's checkpoint and the latest state checkpoint.
+    ``states``: job key -> (a state checkpoint's folder on the storage, its iteration) to continue from
+    (:func:`~sophon_ray.run.train_states.find_states`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: PLC0415
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 
@@ -132,6 +153,8 @@ def _fit(spec: SweepSpec, jobs: list[TrainingJob], store: Path, storage_path: st
 
     config: dict[str, Any] = {"spec": spec, "jobs": jobs, "threads": spec.resources.cpus_per_trial,
                               "progress": progress}
+    if wanted := {j.key: states[j.key] for j in jobs if j.key in (states or {})}:
+        config |= {"states": wanted, "states_fs": storage(storage_path)[0]}
     if normal_dir is not None:
         model, card = load_checkpoint(normal_dir)
         score = metric_for(spec.mode).key("original_val")

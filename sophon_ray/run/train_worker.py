@@ -60,8 +60,10 @@ class ResumePoint:
 
 
 def write_resume(directory: Path, done: list[str], normal: torch.nn.Module | None, normal_val_acc: float | None,
-                 job: str | None = None, history: list[dict[str, Any]] | None = None) -> None:
-    """Rank 0's part of ``directory/resume``: the manifest, and the normal model when this run trained it."""
+                 job: str | None = None, history: list[dict[str, Any]] | None = None,
+                 iteration: int | None = None) -> None:
+    """Rank 0's part of ``directory/resume``: the manifest, and the normal model when this run trained it. A state
+    checkpoint's manifest names its ``job`` and the state's ``iteration`` (what ``find_states`` reads)."""
     from sophon_ray.core.state import save_tree  # noqa: PLC0415
 
     folder = directory / RESUME
@@ -69,7 +71,7 @@ def write_resume(directory: Path, done: list[str], normal: torch.nn.Module | Non
     if normal is not None:
         save_tree(normal.state_dict(), folder, NORMAL)
     (folder / MANIFEST).write_text(json.dumps({"done": done, "normal_val_acc": normal_val_acc, "job": job,
-                                               "history": history or []}))
+                                               "iteration": iteration, "history": history or []}))
 
 
 def read_resume(directory: Path, rank: int) -> ResumePoint:
@@ -86,6 +88,39 @@ def read_resume(directory: Path, rank: int) -> ResumePoint:
     state = load_state(folder, rank) if manifest["job"] else None
     return ResumePoint(manifest["done"], manifest["normal_val_acc"], normal, manifest["job"], manifest["history"],
                        state)
+
+
+def read_found_state(path: str, filesystem: Any, key: str, rank: int) -> ResumePoint | None:
+    """This rank's part of the state checkpoint of job ``key`` that the driver found in an earlier Ray Train run
+    (``train_states.find_states``: ``path`` on the storage's ``filesystem``); None, with a warning, when it cannot be
+    read any more (e.g. deleted since) or is not that job's."""
+    from ray.train import Checkpoint  # noqa: PLC0415
+
+    from sophon_ray.core.state import CheckpointError  # noqa: PLC0415
+
+    try:
+        with Checkpoint(path, filesystem=filesystem).as_directory() as d:
+            point = read_resume(Path(d), rank)
+    except (CheckpointError, OSError) as err:
+        log.warning("rank %d | the state checkpoint %s of %s cannot be read (%s): the job starts over", rank, path,
+                    key, err)
+        return None
+    if point.job != key or point.state is None:
+        log.warning("rank %d | the state checkpoint %s is not one of %s: the job starts over", rank, path, key)
+        return None
+    return point
+
+
+def agreed(ok: bool, world: int) -> bool:
+    """Whether every rank says ``ok`` (collective when ``world`` > 1): ranks continue from a found state together or
+    start over together, never some of each."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if world == 1:
+        return ok
+    said: list[Any] = [None] * world
+    dist.all_gather_object(said, ok)
+    return all(said)
 
 
 class AllReduce:
@@ -166,10 +201,11 @@ def train_loop(config: dict[str, Any]) -> None:
     done = list(point.done)
     defend = config.get("defend")  # a defender candidate: probe estimates to Tune, then its development attacks
 
-    def resume_folder(out: Path, job: str | None = None, history: list[dict] | None = None) -> None:
+    def resume_folder(out: Path, job: str | None = None, history: list[dict] | None = None,
+                      iteration: int | None = None) -> None:
         if rank == 0:
             write_resume(out, done, normal if trained_here and normal_acc is not None else None, normal_acc, job,
-                         history)
+                         history, iteration)
 
     def finish(job: TrainingJob, model: torch.nn.Module, card: dict[str, Any], history: list[dict],
                metrics: dict[str, Any]) -> None:
@@ -198,7 +234,7 @@ def train_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             save_state(state, out / RESUME, rank)
-            resume_folder(out, job.key, history)
+            resume_folder(out, job.key, history, state.iteration)
             ray.train.report({"stage": STATE_STAGE, "key": job.key, "label": job.label,
                               "iteration": state.iteration, KEEP: 0.0}, checkpoint=Checkpoint.from_directory(tmp))
         log.info("%s %s | state checkpoint of %s %d reported in %.2f s", job.stage, job.label,
@@ -234,11 +270,33 @@ def train_loop(config: dict[str, Any]) -> None:
         return {names.DEFEND_OBJECTIVE: value, names.FEASIBLE: float(feasible), names.DEV_WORST_CASE: worst,
                 names.DEFEND_DROP: drop, **red}
 
+    found_states: dict[str, tuple[str, int]] = config.get("states") or {}  # key -> (folder, iteration)
+
+    def start_point(job: TrainingJob) -> ResumePoint | None:
+        """Where ``job`` continues from: the newer of this run's latest checkpoint (when it is of ``job``; a tie
+        keeps it) and the state the driver found in any earlier run (``--resume``: the job was in another group's
+        run); None: from the start. Every rank takes the same branch (the manifest and ``found_states`` are
+        shared), so the collective :func:`agreed` is reached by all."""
+        own = point if point.job == job.key else None
+        if job.key not in found_states:
+            return own
+        path, iteration = found_states[job.key]
+        if own is not None and own.state.iteration >= iteration:
+            return own
+        other = read_found_state(path, config["states_fs"], job.key, rank)
+        if not agreed(other is not None, world):
+            return own
+        log.info("rank %d | %s %s: continuing from the state checkpoint of %s %d found in an earlier Ray Train run "
+                 "(%s)", rank, job.stage, job.label, "epoch" if job.stage == "pretrain" else "iteration",
+                 other.state.iteration, path)
+        return other
+
     for job in config["jobs"]:
         if job.key in done:
             continue
-        resumed = point.job == job.key
-        history: list[dict[str, Any]] = list(point.history) if resumed else []
+        start = start_point(job)
+        resumed = start is not None
+        history: list[dict[str, Any]] = list(start.history) if resumed else []
         progress = ProgressSender(config.get("progress") if rank == 0 else None, job.label, job.stage,
                                   job_total(spec, job))
 
@@ -252,7 +310,7 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics, card = pretrain_normal(
                 spec, normal, splits, job.key, needs_training, device, record, sync, rank, world,
                 on_checkpoint=lambda state, job=job, history=history: report_state(job, history, state),
-                resume=point.state if resumed else None)
+                resume=start.state if resumed else None)
             normal_acc = metrics[m.key("original_val")]
             progress.finish(**{m.val: normal_acc})
             finish(job, normal, card, history, metrics)
@@ -260,7 +318,7 @@ def train_loop(config: dict[str, Any]) -> None:
         model, metrics, card = protect_variant(
             spec, normal, splits, job, normal_acc, device, record, sync, rank, world,
             on_checkpoint=lambda state, job=job, history=history: report_state(job, history, state),
-            resume=point.state if resumed else None)
+            resume=start.state if resumed else None)
         progress.finish(**{m.original: metrics[m.key("original_val")], m.key("probe"): metrics[m.key("probe")]})
         finish(job, model, card, history, metrics)
 
