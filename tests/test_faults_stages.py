@@ -22,7 +22,7 @@ from sophon_ray.run.outbox import JOURNAL, WAIT_ENV, Journal
 from tests.test_faults import (_free_port, assert_complete, env, kill_server, seed_models, spec_for, start_server,
                                wait_for_store)
 from tests.test_faults_tracking import OUTAGE_S, STRATEGIES, WITH_PROTECTION, outbox_failures
-from tests.test_search_journal import NUM_SAMPLES, SEARCHES, finished, search_trials
+from tests.test_search_journal import NUM_SAMPLES, SEARCHES, finished, search_sweep, search_trials
 
 pytestmark = pytest.mark.faults
 
@@ -147,17 +147,8 @@ def test_a_store_down_for_30_s_during_the_searches_is_waited_out_and_every_searc
     uri = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
     try:
-        spec = spec_for(tmp_path, "searchdown", ["direct-all"], ["sgd"], uri=uri)
-        data = yaml.safe_load(spec.read_text())
-        data["attack"]["search"] = [{"name": "s", "num_samples": NUM_SAMPLES, "random_start": 2, "grace_period": 1,
-                                     "space": {"epochs": [1, 2], "batch_size": [16, 32]}}]
-        spec.write_text(yaml.safe_dump(data))
-        seed_models(spec)
-        proc = launch(tmp_path, spec, wait_s=OUTAGE_S + 120)
+        _, proc = search_sweep(tmp_path, "searchdown", uri, wait_s=OUTAGE_S + 120)
         log = tmp_path / "stdout.log"
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and "[3/4] search:" not in log.read_text():
-            time.sleep(0.2)
         kill_server(server)   # the search runs exist; their trials' writes and summaries meet a dead store
         time.sleep(OUTAGE_S)
         server = start_server(tmp_path, port)

@@ -36,24 +36,33 @@ def finished(trials: dict[str, tuple[str, str, int]]) -> dict[str, tuple[str, st
     return {k: v for k, v in trials.items() if v[1] == "FINISHED"}
 
 
+def search_sweep(tmp: Path, name: str, uri: str, wait_s: float) -> tuple[Path, subprocess.Popen]:
+    """A sweep of 2 searches (normal, scratch) x NUM_SAMPLES trials over a tiny grid, models seeded, started with
+    ``$SOPHON_TRACKING_WAIT_S`` = ``wait_s``; returns (spec, driver) once the search stage has begun (its search
+    runs exist)."""
+    spec = spec_for(tmp, name, ["direct-all"], ["sgd"], uri=uri)
+    data = yaml.safe_load(spec.read_text())
+    data["attack"]["search"] = [{"name": "s", "num_samples": NUM_SAMPLES, "random_start": 2, "grace_period": 1,
+                                 "space": {"epochs": [1, 2], "batch_size": [16, 32]}}]
+    spec.write_text(yaml.safe_dump(data))
+    seed_models(spec)
+    log = tmp / "stdout.log"
+    proc = subprocess.Popen([sys.executable, "-m", "sophon_ray.cli", "run", str(spec)], cwd=tmp,
+                            env={**env(tmp), WAIT_ENV: str(wait_s)}, text=True, stdout=open(log, "a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and "[3/4] search:" not in log.read_text():
+        time.sleep(0.2)
+    return spec, proc
+
+
 def test_search_trials_outlive_a_store_that_dies_then_sync_and_resume_finish_every_search_once(tmp_path):
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
     try:
-        spec = spec_for(tmp_path, "sj", ["direct-all"], ["sgd"], uri=uri)
-        data = yaml.safe_load(spec.read_text())
-        data["attack"]["search"] = [{"name": "s", "num_samples": NUM_SAMPLES, "random_start": 2, "grace_period": 1,
-                                     "space": {"epochs": [1, 2], "batch_size": [16, 32]}}]
-        spec.write_text(yaml.safe_dump(data))
-        seed_models(spec)
+        spec, proc = search_sweep(tmp_path, "sj", uri, wait_s=5)
         log = tmp_path / "stdout.log"
-        proc = subprocess.Popen([sys.executable, "-m", "sophon_ray.cli", "run", str(spec)], cwd=tmp_path,
-                                env={**env(tmp_path), WAIT_ENV: "5"}, text=True, stdout=open(log, "a"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and "[3/4] search:" not in log.read_text():
-            time.sleep(0.2)
         kill_server(server)   # the search runs exist; every search trial's writes meet a dead store
         assert proc.wait(timeout=300) == 3, log.read_text()[-3000:]   # EXIT_INCOMPLETE
         out = log.read_text()
