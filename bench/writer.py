@@ -61,7 +61,7 @@ def contenders(smoke: bool) -> list[Contender]:
     """SQLite: before, now with fsync off / every / 0.2 s, and 2 writers; server: before, now with 1 and
     SERVER_WRITERS writers, fsync off / every / 0.2 s; SQLite before and now with every open delivered before the
     trials' results arrive. Smoke: the old writer and today's default, per store."""
-    from sophon_ray.run.outbox import DEFAULT_FSYNC_S, SERVER_WRITERS  # noqa: PLC0415
+    from sophon_ray.run.delivery import DEFAULT_FSYNC_S, SERVER_WRITERS  # noqa: PLC0415
 
     out = [Contender("sqlite", "before", 1, None)]
     out += [Contender("sqlite", "now", 1, f) for f in (None, 0.0, DEFAULT_FSYNC_S)]
@@ -232,7 +232,7 @@ def one_run(c: Contender, trials: int, folder: Path, server: tuple[str, int], be
 
 
 def section(args: Any, runs: dict[Contender, list[dict[str, Any]]], before_ok: bool) -> harness.Section:
-    from sophon_ray.run.outbox import DEFAULT_FSYNC_S, SERVER_WRITERS, SQLITE_WRITERS  # noqa: PLC0415
+    from sophon_ray.run.delivery import DEFAULT_FSYNC_S, SERVER_WRITERS, SQLITE_WRITERS  # noqa: PLC0415
 
     def rate(c: Contender) -> list[float]:
         return [r["trials_s"] for r in runs.get(c, [])]
@@ -321,7 +321,7 @@ def section(args: Any, runs: dict[Contender, list[dict[str, Any]]], before_ok: b
 def main() -> None:
     harness.quiet_environment()
     args = parse_args()
-    from sophon_ray.run.outbox import http_env  # noqa: PLC0415
+    from sophon_ray.run.delivery import http_env  # noqa: PLC0415
 
     os.environ.update(http_env())  # what the pipeline sets while the outbox delivers
     before = load_before(args.before)

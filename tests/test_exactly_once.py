@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 
 from sophon_ray import names
 from sophon_ray.run.journal import JOURNAL, Journal
-from sophon_ray.run.outbox import HTTP_ENV, Outbox
+from sophon_ray.run.outbox import Outbox
+from sophon_ray.run.delivery import HTTP_ENV
 from sophon_ray.run.tracking import Tracker
 
 FAST = (0.05, 0.2)  # the outbox's backoff start and cap here

@@ -24,7 +24,8 @@ import yaml
 from mlflow import MlflowClient
 
 from sophon_ray import names
-from sophon_ray.run.outbox import JOURNAL, WAIT_ENV, Journal
+from sophon_ray.run.outbox import JOURNAL, Journal
+from sophon_ray.run.delivery import WAIT_ENV
 from tests.test_faults import env, kill_sessions, seed_models, spec_for
 
 pytestmark = pytest.mark.faults

@@ -18,7 +18,8 @@ import yaml
 from mlflow import MlflowClient
 
 from sophon_ray import names
-from sophon_ray.run.outbox import JOURNAL, WAIT_ENV, Journal
+from sophon_ray.run.outbox import JOURNAL, Journal
+from sophon_ray.run.delivery import WAIT_ENV
 from tests.test_faults import (_free_port, assert_complete, env, kill_server, seed_models, spec_for, start_server,
                                wait_for_store)
 from tests.test_faults_tracking import OUTAGE_S, STRATEGIES, WITH_PROTECTION, outbox_failures

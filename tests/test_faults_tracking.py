@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sophon_ray.run.outbox import JOURNAL, WAIT_ENV, Journal
+from sophon_ray.run.outbox import JOURNAL, Journal
+from sophon_ray.run.delivery import WAIT_ENV
 from tests.test_faults import (_free_port, assert_complete, attack_runs, env, kill_server, seed_models,
                                spec_for, start_server, wait_for_store)
 

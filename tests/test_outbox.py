@@ -14,9 +14,9 @@ from mlflow import MlflowClient
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from sophon_ray import names  # noqa: E402
-from sophon_ray.run.outbox import (DEFAULT_FSYNC_S, FSYNC_ENV, HTTP_ENV, JOURNAL, SERVER_WRITERS,  # noqa: E402
-                                   SQLITE_WRITERS, WAIT_ENV, WRITERS_ENV, Journal, Op, Outbox, backoff,
-                                   fsync_seconds, wait_seconds, writers_for)
+from sophon_ray.run.delivery import (DEFAULT_FSYNC_S, FSYNC_ENV, HTTP_ENV, SERVER_WRITERS, SQLITE_WRITERS,  # noqa: E402
+                                     WAIT_ENV, WRITERS_ENV, backoff, fsync_seconds, wait_seconds, writers_for)
+from sophon_ray.run.outbox import JOURNAL, Journal, Op, Outbox  # noqa: E402
 from sophon_ray.run.tracking import Tracker, TrackingError  # noqa: E402
 
 EPOCHS = 3

@@ -1,9 +1,9 @@
 """The outbox's write-ahead journal: JSON lines, one per MLflow operation before it is sent, an ``ack`` line per
 trial once its operations are delivered (:mod:`sophon_ray.run.outbox`).
 
-Durability (``$SOPHON_JOURNAL_FSYNC``, :func:`sophon_ray.run.outbox.fsync_seconds`): every journal append reaches the OS before the
-enqueue returns, so a killed driver loses nothing. Against a power cut or a kernel crash the journal is fsynced
-in groups, within ``outbox.DEFAULT_FSYNC_S`` (0.2) seconds of an append (a flusher thread; ``every`` fsyncs each append
+Durability (``$SOPHON_JOURNAL_FSYNC``, :func:`sophon_ray.run.delivery.fsync_seconds`): every journal append reaches the OS
+before the enqueue returns, so a killed driver loses nothing. Against a power cut or a kernel crash the journal is fsynced
+in groups, within ``delivery.DEFAULT_FSYNC_S`` (0.2) seconds of an append (a flusher thread; ``every`` fsyncs each append
 before it returns, ``off`` never). What a power cut can lose is therefore the operations enqueued in the last
 ``DEFAULT_FSYNC_S`` seconds that were not yet delivered: those trials are not FINISHED in MLflow, and
 ``--resume`` reruns them (their runs are found by key and reused); an ack lost the same way only makes a replay

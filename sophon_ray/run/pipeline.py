@@ -214,7 +214,7 @@ def _mark(tracker: Tracker, run_id: str, status: str) -> None:
     """The parent run's FAILED or KILLED mark, written directly and at most once: a status for whoever looks, never
     journaled (a replay must not mark a resumed sweep failed). A store that does not answer leaves it RUNNING,
     which ``--resume`` continues all the same."""
-    from sophon_ray.run.outbox import http_env  # noqa: PLC0415
+    from sophon_ray.run.delivery import http_env  # noqa: PLC0415
 
     with environment(http_env()):  # a store that does not answer fails fast here
         try:
@@ -236,7 +236,7 @@ def _stopped(ctx: RunContext, trials: list[Trial], signum: int) -> Interrupted:
     continues it), what finished counted into the outcome (models stored, grid trials finished in MLflow or in
     the journal, trials with results only in the journal)."""
     from sophon_ray.run.checkpoint import CARD  # noqa: PLC0415
-    from sophon_ray.run.outbox import http_env  # noqa: PLC0415
+    from sophon_ray.run.delivery import http_env  # noqa: PLC0415
     from sophon_ray.run.train_driver import model_jobs  # noqa: PLC0415
 
     outcome, outbox = ctx.outcome, ctx.outbox

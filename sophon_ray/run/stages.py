@@ -144,7 +144,8 @@ def through_outbox(ctx: RunContext, work: Callable[[Outbox, float], bool | None]
     When the store stops answering for good, ``outcome.pending`` / ``outcome.journal`` (and ``outcome.store_down``
     when the stage could not even start) say what waits for ``sophon-ray sync`` / ``--resume``."""
     from sophon_ray.console.signals import STOP_WAIT_S, received  # noqa: PLC0415
-    from sophon_ray.run.outbox import JOURNAL, Outbox, backoff, http_env, wait_seconds  # noqa: PLC0415
+    from sophon_ray.run.outbox import JOURNAL, Outbox  # noqa: PLC0415
+    from sophon_ray.run.delivery import backoff, http_env, wait_seconds  # noqa: PLC0415
 
     wait = wait_seconds()
     outbox = ctx.outbox = Outbox(ctx.tracker, ctx.out / JOURNAL)

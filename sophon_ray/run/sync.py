@@ -29,7 +29,8 @@ def check_tracking(spec: SweepSpec) -> None:
 def sync(spec: SweepSpec) -> SyncResult:
     """Deliver the journal's undelivered MLflow results of the spec's sweep (``sophon-ray sync``): idempotent,
     so a second sync delivers nothing twice. Raises TrackingError when the store does not answer."""
-    from sophon_ray.run.outbox import JOURNAL, Journal, Outbox, http_env, wait_seconds  # noqa: PLC0415
+    from sophon_ray.run.outbox import JOURNAL, Journal, Outbox  # noqa: PLC0415
+    from sophon_ray.run.delivery import http_env, wait_seconds  # noqa: PLC0415
     from sophon_ray.run.tracking import Tracker, resolve_uri  # noqa: PLC0415
 
     journal = spec.out.resolve() / JOURNAL

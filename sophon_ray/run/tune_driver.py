@@ -186,7 +186,8 @@ def make_callback(tracker: Tracker, parent_id: str, sweep_id: str, outbox: Outbo
     :data:`MEMBERS`; an errored pack fails the members whose last report had not arrived."""
     from ray import tune  # noqa: PLC0415
 
-    from sophon_ray.run.outbox import Outbox, wait_seconds  # noqa: PLC0415
+    from sophon_ray.run.outbox import Outbox  # noqa: PLC0415
+    from sophon_ray.run.delivery import wait_seconds  # noqa: PLC0415
 
     own = outbox is None
     box = Outbox(tracker).start() if own else outbox
