@@ -3,8 +3,8 @@ says where and when they ran (cores, CPU model, RAM, torch/ray versions, date).
 
 Usage: ``.venv/bin/python bench/collect.py [--results DIR] [--out PATH]`` (defaults: bench/results,
 BENCHMARKS.md at the repository root). Sections come in a fixed order (fts_step, tune_throughput,
-train_scaling, quickstart, soak, scale, then any others by name); a section whose JSON says it ran on a different
-machine than this one is flagged in the header.
+train_scaling, quickstart, soak, scale, recovery, then any others by name); a section whose JSON says it ran on
+a different machine than this one is flagged in the header.
 """
 
 from __future__ import annotations
@@ -16,17 +16,18 @@ from pathlib import Path
 
 import harness
 
-ORDER = ["fts_step", "tune_throughput", "train_scaling", "quickstart", "soak", "scale"]
+ORDER = ["fts_step", "tune_throughput", "train_scaling", "quickstart", "soak", "scale", "recovery"]
 COMMANDS = {
     "fts_step": ".venv/bin/python bench/fts_step.py --layouts channels_last contiguous",
     "tune_throughput": ".venv/bin/python bench/tune_throughput.py",
     "train_scaling": ".venv/bin/python bench/train_scaling.py",
     "quickstart": "bench/quickstart.sh",
     "soak": ".venv/bin/python bench/soak.py",
-    "scale": "nice -n 10 .venv/bin/python bench/scale.py --trials 10000 --compare bench/results/scale/scale-1000.json "
-             "bench/results/scale/scale-5000.json",
+    "scale": "nice -n 10 .venv/bin/python bench/scale.py --trials 20000 --compare bench/results/scale/scale-1000.json "
+             "bench/results/scale/scale-5000.json bench/results/scale/scale-10000.json",
     "packed_stage": ".venv/bin/python bench/packed_stage.py",
     "writer": "nice -n 5 .venv/bin/python bench/writer.py",
+    "recovery": "nice -n 5 .venv/bin/python bench/recovery.py",
 }
 
 

@@ -108,6 +108,29 @@ def test_scale_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_recovery_smoke_every_case_ends_with_every_trial_once(tmp_path):
+    """Slow: 177 s measured (load 1.2): cases 1 (SQLite and `mlflow server`), 2 (a 3 s server outage) and 4 (the
+    driver's session SIGKILLed, then --resume) of 6 trials, the normal model pretrained once in the bench process (no
+    Ray Train); each of the five commands pays Ray's start."""
+    out = tmp_path / "recovery.md"
+    proc = subprocess.run([sys.executable, str(BENCH / "recovery.py"), "--smoke", "--out", str(out)], cwd=tmp_path,
+                          env=process_env(PYTHON=sys.executable), text=True, capture_output=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_section(out, "recovery", ["wall s (total)", "/ uninterrupted", "exit statuses", "on --resume",
+                                              "outbox failed writes", "ledger"])
+    cases = payload["data"]["cases"]
+    assert list(cases) == ["uninterrupted-sqlite", "uninterrupted-server", "server-restarted", "driver-kill-grid"]
+    for name, case in cases.items():
+        assert not case["problems"], (name, case["problems"])
+        assert case["ledger"]["runs"] == case["ledger"]["keys"] == 6 and case["runs"]["sweep"] == {"FINISHED": 1}
+    killed = cases["driver-kill-grid"]
+    assert [s["rc"] for s in killed["steps"]] == [-9, 0] and killed["events"]["driver session SIGKILL"]["seen"] >= 2
+    resumed = killed["steps"][1]["plan"]
+    assert resumed["trials"] == 6 and resumed["earlier"] >= 2 and resumed["earlier"] + resumed["todo"] == 6, resumed
+    assert cases["server-restarted"]["events"]["server restart"]["start_s"] > 0
+
+
+@pytest.mark.slow
 def test_quickstart_smoke(tmp_path):
     out = tmp_path / "quickstart.md"
     proc = run(["bash", str(BENCH / "quickstart.sh"), "--smoke", "--out", str(out)], tmp_path)
