@@ -202,11 +202,12 @@ def _finish(ctx: RunContext, outbox: Outbox, report: bool) -> None:
     outbox.attach(key, ctx.parent)
     outbox.rows(key, [(0, {f"seconds_{k.replace('+', '_')}": v for k, v in outcome.stage_seconds.items()})])
     if outcome.report is not None:
-        folders = [artifact_folder(report_dir, path) for path in outcome.report.paths]
-        for path, folder in zip(outcome.report.paths, folders, strict=True):
+        artifacts = []
+        for path in outcome.report.paths:
+            folder = artifact_folder(report_dir, path)
             outbox.file(key, path, folder)
-        outcome.report = replace(outcome.report, artifacts=[f"{folder}/{Path(path).name}" for path, folder
-                                                            in zip(outcome.report.paths, folders, strict=True)])
+            artifacts.append(f"{folder}/{Path(path).name}")
+        outcome.report = replace(outcome.report, artifacts=artifacts)
     outbox.finish(key, "FINISHED")
 
 

@@ -33,7 +33,7 @@ from typing import Any
 from sophon_ray import names
 from sophon_ray.modes import metric_for
 from sophon_ray.spec import SweepSpec, spec_hash
-from sophon_ray.run.train_states import find_states, forget_states, storage
+from sophon_ray.run.train_states import find_states, forget_run, forget_states, storage
 from sophon_ray.run.train_worker import (HISTORY, KEEP, RESUME, STATE_STAGE, TrainingJob,  # noqa: F401
                                          job_total, protected_label, train_loop)
 
@@ -48,8 +48,8 @@ def run_training(spec: SweepSpec, jobs: list[TrainingJob], store: Path, storage_
     ``normal_dir`` is the finished normal model when only protect jobs remain. ``progress``: a
     :class:`~sophon_ray.console.progress.ProgressBoard` actor that rank 0 of every job sends its progress to.
     ``resume``: continue the Ray Train runs of these jobs from their checkpoints, and each job from its newest state
-    checkpoint in an earlier run of another group (:func:`~sophon_ray.run.train_states.find_states`); else start them over
-    (:func:`forget_states`).
+    checkpoint in an earlier run of another group (:func:`~sophon_ray.run.train_states.find_states`); else start them
+    over (:func:`~sophon_ray.run.train_states.forget_states`).
     """
     protect_jobs = [j for j in jobs if j.stage == "protect"]
     parallel = min(spec.resources.protect_parallel, len(protect_jobs))
@@ -112,19 +112,6 @@ def balance(jobs: list[Any], groups: int, cost: Callable[[Any], float]) -> list[
 def run_name(jobs: list[TrainingJob]) -> str:
     """The Ray Train run of ``jobs``: the same jobs, the same run (what ``--resume`` restores)."""
     return f"train-{spec_hash([j.key for j in jobs])}"
-
-
-def forget_run(storage_path: str, name: str) -> bool:
-    """Delete the folder of Ray Train run ``name`` under ``storage_path`` (local or a pyarrow URI such as s3://);
-    whether there was one."""
-    import pyarrow.fs  # noqa: PLC0415
-
-    fs, root = storage(storage_path)
-    path = f"{root}/{name}"
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-        return False
-    fs.delete_dir(path)
-    return True
 
 
 def _states_to_resume(spec: SweepSpec, group: list[TrainingJob], storage_path: str) -> dict[str, tuple[str, int]]:

@@ -27,6 +27,19 @@ def storage(storage_path: str) -> tuple[Any, str]:
     return pyarrow.fs.LocalFileSystem(), str(Path(storage_path).resolve())
 
 
+def forget_run(storage_path: str, name: str) -> bool:
+    """Delete the folder of Ray Train run ``name`` under ``storage_path`` (local or a pyarrow URI such as s3://);
+    whether there was one."""
+    import pyarrow.fs  # noqa: PLC0415
+
+    fs, root = storage(storage_path)
+    path = f"{root}/{name}"
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return False
+    fs.delete_dir(path)
+    return True
+
+
 @dataclass(frozen=True)
 class FoundState:
     """A state checkpoint of one job in some Ray Train run: its folder (a path on the storage's filesystem, the
@@ -70,7 +83,7 @@ def forget_states(storage_path: str, keys: list[str]) -> list[str]:
     fs, root = storage(storage_path)
     runs = sorted({state.run for state in _state_checkpoints(fs, root, set(keys))})
     for name in runs:
-        fs.delete_dir(f"{root}/{name}")
+        forget_run(storage_path, name)
         log.info("Ray Train run %s: deleted, it held a state of a job that starts over (a run without --resume)",
                  name)
     return runs
