@@ -1,16 +1,18 @@
 """MLflow writer: ``--trials`` synthetic finished attack trials (open, 10 epochs of rows, the summary row, a tag,
 the finish: what the Tune callback enqueues for one trial) through the outbox into (a) a fresh SQLite store and
-(b) a fresh ``mlflow server`` on 127.0.0.1 started here (its backend a SQLite file in WAL mode, ``--workers 4``,
-MLflow's job execution off), the writer of commit ``--before`` (the old code, loaded from git) against today's,
-and today's with the journal's fsync off, per append (``every``) and grouped (``0.2`` s, the default).
+(b) ``mlflow server`` on 127.0.0.1 started here twice, as MLflow serves it by default (uvicorn) and under gunicorn
+(``--gunicorn-opts``, how ``cluster.yaml`` starts it), each with its backend a SQLite file in WAL mode,
+``--workers 4`` and MLflow's job execution off; the writer of commit ``--before`` (the old code, loaded from git)
+against today's, and today's with the journal's fsync off, per append (``every``) and grouped (``0.2`` s, the
+default).
 
 Measured per contender and round: trials/s from the first enqueue until the queue is drained (every trial
 delivered), the caller's enqueue cost per trial, the delivery threads' busy thread-seconds per trial, journal
-fsyncs per trial; then every run is checked (one FINISHED run per key, its params, its last epoch) and, for
+fsyncs per trial, the CPU seconds of the writer's own process and of the server's process tree; then every run is checked (one FINISHED run per key, its params, its last epoch) and, for
 today's writer, the time of the one bulk lookup of the sweep's runs (``Tracker.keyed_runs``). Contenders run
 interleaved in rotating order, each round into a new store (SQLite) or a new experiment (server).
 
-Usage: ``nice -n 5 .venv/bin/python bench/writer.py`` (about 16 minutes on 2 cores at load 10-14); ``--smoke``: 5 trials,
+Usage: ``nice -n 5 .venv/bin/python bench/writer.py`` (about 15 minutes on 2 cores); ``--smoke``: 5 trials,
 one round, the old writer and today's default per store.
 """
 
@@ -36,11 +38,13 @@ SQLITE_GOAL, SERVER_GOAL = 30.0, 50.0
 BEFORE_REV = "ce0407d"  # the last commit with the one-thread writer (search + create + batch + terminate per trial)
 EPOCHS, PARAMS = 10, 10
 SERVER_WORKERS = 4
+SERVERS = {"uvicorn": [], "gunicorn": ["--gunicorn-opts", "--timeout 120"]}  # how each is started (extra arguments)
 
 
 @dataclass(frozen=True)
 class Contender:
-    """One writer set-up: the store, the code (``now`` or ``before``), delivery threads, the journal's fsync."""
+    """One writer set-up: the store (``sqlite`` or a server: ``uvicorn`` or ``gunicorn``), the code (``now`` or
+    ``before``), delivery threads, the journal's fsync."""
 
     store: str
     code: str
@@ -49,35 +53,41 @@ class Contender:
     opens_first: bool = False   # every trial's open delivered before its results arrive (how Tune sends them)
 
     @property
+    def server(self) -> bool:
+        return self.store in SERVERS
+
+    @property
     def label(self) -> str:
         fsync = "off" if self.fsync is None else ("every" if self.fsync == 0 else f"{self.fsync:g} s")
         first = ", opens first" if self.opens_first else ""
+        store = f"server ({self.store})" if self.server else self.store
         if self.code == "before":
-            return f"{self.store} before ({BEFORE_REV}, 1 writer, no fsync){first}"
-        return f"{self.store} now, {self.writers} writer(s), fsync {fsync}{first}"
+            return f"{store} before ({BEFORE_REV}, 1 writer, no fsync){first}"
+        return f"{store} now, {self.writers} writer(s), fsync {fsync}{first}"
 
 
 def contenders(smoke: bool) -> list[Contender]:
-    """SQLite: before, now with fsync off / every / 0.2 s, and 2 writers; server: before, now with 1 and
-    SERVER_WRITERS writers, fsync off / every / 0.2 s; SQLite before and now with every open delivered before the
-    trials' results arrive. Smoke: the old writer and today's default, per store."""
+    """SQLite: before, now with fsync off / every / 0.2 s, and 2 writers; each server: before (uvicorn only), now
+    with 1 and SERVER_WRITERS writers at 0.2 s (and fsync off / every under gunicorn); SQLite before and now with
+    every open delivered before the trials' results arrive. Smoke: the old writer and today's default, per store."""
     from sophon_ray.run.delivery import DEFAULT_FSYNC_S, SERVER_WRITERS  # noqa: PLC0415
 
     out = [Contender("sqlite", "before", 1, None)]
     out += [Contender("sqlite", "now", 1, f) for f in (None, 0.0, DEFAULT_FSYNC_S)]
     out += [Contender("sqlite", "now", 2, DEFAULT_FSYNC_S)]
-    out += [Contender("server", "before", 1, None), Contender("server", "now", 1, DEFAULT_FSYNC_S)]
-    out += [Contender("server", "now", SERVER_WRITERS, f) for f in (None, 0.0, DEFAULT_FSYNC_S)]
+    out += [Contender("uvicorn", "before", 1, None)]
+    out += [Contender(server, "now", w, DEFAULT_FSYNC_S) for server in SERVERS for w in (1, SERVER_WRITERS)]
+    out += [Contender("gunicorn", "now", SERVER_WRITERS, f) for f in (None, 0.0)]
     out += [Contender("sqlite", "before", 1, None, True), Contender("sqlite", "now", 1, DEFAULT_FSYNC_S, True)]
     return [c for c in out if (c.fsync == DEFAULT_FSYNC_S or c.code == "before") and not c.opens_first
-            and c.writers in (1, SERVER_WRITERS if c.store == "server" else 1)] if smoke else out
+            and c.writers in (1, SERVER_WRITERS if c.server else 1)] if smoke else out
 
 
 def parse_args() -> Any:
     parser = harness.base_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=300, help="trials per SQLite contender and round (default 300)")
-    parser.add_argument("--server-trials", type=int, default=100,
-                        help="trials per server contender and round (default 100: the old writer takes ~0.5 s each)")
+    parser.add_argument("--server-trials", type=int, default=200,
+                        help="trials per server contender and round (default 200; the old writer takes ~0.3 s each)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--before", default=BEFORE_REV, help=f"git revision of the old writer (default {BEFORE_REV})")
     args = parser.parse_args()
@@ -103,9 +113,9 @@ def load_before(rev: str) -> dict[str, types.ModuleType] | None:
     return modules
 
 
-def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` on a free 127.0.0.1 port over ``folder/server.db`` (put in WAL mode first, as a
-    sophon-ray SQLite store is); returns the process and its URI once /health answers."""
+def start_server(folder: Path, kind: str) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` (``kind``: a key of ``SERVERS``) on a free 127.0.0.1 port over ``folder/server.db`` (put in
+    WAL mode first, as a sophon-ray SQLite store is); returns the process and its URI once /health answers."""
     import socket  # noqa: PLC0415
 
     from sophon_ray.cli.ui import JOB_EXECUTION_OFF  # noqa: PLC0415
@@ -119,7 +129,7 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
     uri = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{folder}/server.db", "--artifacts-destination",
-                               str(folder / "artifacts"), "--workers", str(SERVER_WORKERS)],
+                               str(folder / "artifacts"), "--workers", str(SERVER_WORKERS), *SERVERS[kind]],
                               env={**os.environ, **JOB_EXECUTION_OFF}, stdout=open(folder / "server.log", "w"),
                               stderr=subprocess.STDOUT, start_new_session=True)
     start = time.perf_counter()
@@ -166,13 +176,14 @@ def check(tracker: Any, trials: int) -> str:
     return ""
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` and its children now alive (all threads)."""
+def cpu_seconds(pid: int, tree: bool = True) -> float:
+    """User + system CPU seconds of process ``pid`` (all threads) and, with ``tree``, of its children now alive.
+    The writer's own figure must not take the tree: the servers this script starts are its children."""
     import psutil  # noqa: PLC0415
 
     process = psutil.Process(pid)
     total = 0.0
-    for p in [process, *process.children(recursive=True)]:
+    for p in [process, *(process.children(recursive=True) if tree else [])]:
         try:
             times = p.cpu_times()
             total += times.user + times.system
@@ -181,15 +192,16 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def one_run(c: Contender, trials: int, folder: Path, server: tuple[str, int], before: dict | None) -> dict[str, Any]:
+def one_run(c: Contender, trials: int, folder: Path, server: tuple[str, int] | None,
+            before: dict | None) -> dict[str, Any]:
     """Set up the store and the writer (untimed), enqueue ``trials`` trials, drain; then check the store.
-    ``server``: the server's URI and process id (its CPU time is counted for a server contender)."""
+    ``server``: the contender's server's URI and process id (its CPU time is counted), None for SQLite."""
     from sophon_ray.run import outbox as now_outbox  # noqa: PLC0415
     from sophon_ray.run import tracking as now_tracking  # noqa: PLC0415
 
     folder.mkdir(parents=True)
     tracking, outboxes = (before["tracking"], before["outbox"]) if c.code == "before" else (now_tracking, now_outbox)
-    uri = f"sqlite:///{folder}/mlflow.db" if c.store == "sqlite" else server[0]
+    uri = server[0] if server else f"sqlite:///{folder}/mlflow.db"
     tracker = tracking.Tracker(uri, f"writer-{folder.parent.name}-{folder.name}")
     parent = tracker.sweep_run("s1", "sweep")
     journal_path = folder / now_outbox.JOURNAL
@@ -198,7 +210,7 @@ def one_run(c: Contender, trials: int, folder: Path, server: tuple[str, int], be
     else:
         outbox = outboxes.Outbox(tracker, now_outbox.Journal(journal_path, c.fsync), writers=c.writers)
     outbox.start()
-    cpu = [cpu_seconds(os.getpid()), cpu_seconds(server[1]) if c.store == "server" else 0.0]
+    cpu = [cpu_seconds(os.getpid(), tree=False), cpu_seconds(server[1]) if server else 0.0]
     start = harness.now()
     if c.opens_first:  # Tune opens a trial's run when it starts: the opens are delivered before any result
         for i in range(trials):
@@ -213,7 +225,7 @@ def one_run(c: Contender, trials: int, folder: Path, server: tuple[str, int], be
     enqueued += harness.now() - started  # the caller's time in enqueue calls (its fsyncs with policy "every")
     delivered = outbox.drain(120)
     wall = harness.now() - start
-    cpu = [cpu_seconds(os.getpid()) - cpu[0], cpu_seconds(server[1]) - cpu[1] if c.store == "server" else 0.0]
+    cpu = [cpu_seconds(os.getpid(), tree=False) - cpu[0], cpu_seconds(server[1]) - cpu[1] if server else 0.0]
     outbox.close()
     record = {"trials_s": trials / wall, "wall_s": wall, "enqueue_ms": enqueued / trials * 1e3,
               "busy_ms": outbox.stats.busy_s / trials * 1e3, "failures": outbox.stats.failures,
@@ -241,33 +253,41 @@ def section(args: Any, runs: dict[Contender, list[dict[str, Any]]], before_ok: b
         return harness.spread(harness.paired_ratios(rate(a), rate(b)))
 
     sqlite_now = Contender("sqlite", "now", SQLITE_WRITERS, DEFAULT_FSYNC_S)
-    server_now = Contender("server", "now", SERVER_WRITERS, DEFAULT_FSYNC_S)
+    servers_now = {kind: Contender(kind, "now", SERVER_WRITERS, DEFAULT_FSYNC_S) for kind in SERVERS}
     smoke = "SMOKE (numbers mean nothing): " if args.smoke else ""
     sec = harness.Section(NAME, "MLflow writer: trials/s into SQLite and into mlflow server", (
         f"{smoke}{args.trials} (SQLite) or {args.server_trials} (server) synthetic finished attack trials per contender "
         f"and round (open with {PARAMS} params, "
         f"{EPOCHS} epochs x 3 metrics, a 5-metric summary row, a tag, the finish) enqueued at once into the "
-        "outbox, timed until drained; a fresh SQLite store per run, and one `mlflow server` on 127.0.0.1 "
-        f"(`--workers {SERVER_WORKERS}`, job execution off, its SQLite backend in WAL mode) with a new experiment "
+        "outbox, timed until drained; a fresh SQLite store per run, and two `mlflow server`s on 127.0.0.1, "
+        "MLflow's default (uvicorn) and `--gunicorn-opts` (how cluster.yaml starts it), each "
+        f"`--workers {SERVER_WORKERS}`, job execution off, its SQLite backend in WAL mode, with a new experiment "
         f"per run, on the same cores as the writer; {args.rounds} interleaved rounds, rotating order. `before` is the "
         f"writer of commit {args.before} loaded from git (one thread; search, create, one batch, terminate per "
-        "trial; its SQLite store in the default rollback-journal mode; journal not fsynced)."))
+        "trial through MlflowClient; its SQLite store in the default rollback-journal mode; journal not fsynced)."))
     met = None if args.smoke else True
 
     def cpu(c: Contender, key: str) -> float:
         return harness.spread([r.get(key, 0.0) for r in runs.get(c, [])]).median
 
-    limits = {"sqlite": f"SQLite's one writer: 5 commits per trial (the run; the batch's params, metrics and tags; "
-                        f"its end), each an fsync of the WAL; {cpu(sqlite_now, 'cpu_ms'):.0f} CPU-ms per trial, the rest "
-                        "of its busy time waits for the disk and the cores",
-              "server": f"CPU per trial (3 REST calls): the writer's MLflow HTTP client {cpu(server_now, 'cpu_ms'):.0f} ms, "
-                        f"the server {cpu(server_now, 'server_cpu_ms'):.0f} ms, on the same 2 cores"}
-    for c, goal, name in ((sqlite_now, SQLITE_GOAL, "SQLite"), (server_now, SERVER_GOAL, "mlflow server")):
+    def server_limit(c: Contender) -> str:
+        return (f"CPU per trial (3 REST calls): the writer {cpu(c, 'cpu_ms'):.1f} ms, the server "
+                f"{cpu(c, 'server_cpu_ms'):.0f} ms, on the same 2 cores; "
+                + ("uvicorn answers each call after ~40-50 ms whatever it does (measured with one thread: "
+                   "6 trials/s), so threads wait" if c.store == "uvicorn" else
+                   "the server's SQLite commits (an fsync each) and its CPU"))
+
+    headline = [(sqlite_now, SQLITE_GOAL, "SQLite", "SQLite's one writer: 5 commits per trial (the run; the batch's "
+                 "params, metrics and tags; its end), each an fsync of the WAL; "
+                 f"{cpu(sqlite_now, 'cpu_ms'):.0f} CPU-ms per trial, the rest of its busy time waits for the disk "
+                 "and the cores")]
+    headline += [(c, SERVER_GOAL, f"mlflow server ({kind})", server_limit(c)) for kind, c in servers_now.items()]
+    for c, goal, name, limit in headline:
         s = harness.spread(rate(c))
         sec.goal(f"trials/s into {name} ({c.label})", f">= {goal:g}", s.text(1),
-                 None if met is None else s.median >= goal, limits[c.store])
-        if before_ok:
-            old = Contender(c.store, "before", 1, None)
+                 None if met is None else s.median >= goal, limit)
+        old = Contender(c.store, "before", 1, None)
+        if before_ok and rate(old):
             sec.goal(f"{name}: now / before (paired per round)", "> 1", ratio(c, old).text(2),
                      None if met is None else ratio(c, old).median > 1, "-")
     first_now, first_old = Contender("sqlite", "now", 1, DEFAULT_FSYNC_S, True), Contender("sqlite", "before", 1, None, True)
@@ -286,14 +306,14 @@ def section(args: Any, runs: dict[Contender, list[dict[str, Any]]], before_ok: b
         def col(key: str, digits: int = 1, recs: list = recs) -> str:
             return harness.spread([r[key] for r in recs if key in r]).text(digits)
         checks = sorted({r["check"] for r in recs if r["check"]})
-        cpu = col("cpu_ms") + (" / " + col("server_cpu_ms") if c.store == "server" else "")
+        cpu = col("cpu_ms") + (" / " + col("server_cpu_ms") if c.server else "")
         table.rows.append([c.label, col("trials_s"), col("enqueue_ms", 2), col("busy_ms"), cpu, col("fsyncs", 2),
                            col("lookup_s", 3) if c.code == "now" else "- (a search per trial)",
                            str(sum(r["failures"] for r in recs)), "yes" if not checks else "**no**: " + "; ".join(checks)])
     sec.tables.append(table)
     fsync = harness.Table("journal fsync: cost paired per round (trials/s with it / without)", ["store", "policy",
                                                                                                "ratio"])
-    for store, writers in (("sqlite", SQLITE_WRITERS), ("server", SERVER_WRITERS)):
+    for store, writers in (("sqlite", SQLITE_WRITERS), ("gunicorn", SERVER_WRITERS)):
         off = Contender(store, "now", writers, None)
         for f in (0.0, DEFAULT_FSYNC_S):
             on = Contender(store, "now", writers, f)
@@ -303,12 +323,12 @@ def section(args: Any, runs: dict[Contender, list[dict[str, Any]]], before_ok: b
     if not before_ok:
         sec.notes.append(f"commit {args.before} is not in this checkout: no paired before/now figure; BENCHMARKS.md's "
                          "scale section recorded 7.4 trials/s of capacity for the old writer on SQLite (not paired)")
-    for c in (sqlite_now, server_now):
+    for c in (sqlite_now, *servers_now.values()):
         recs = runs.get(c, [])
         if recs:
             per_trial = harness.spread([(r["cpu_ms"] + r["server_cpu_ms"]) / 1e3 for r in recs])
             sec.notes.append(f"{c.label}: {per_trial.median * 1e3:.0f} CPU-ms per trial (writer process"
-                             f"{' + server' if c.store == 'server' else ''}): the CPU alone would allow about "
+                             f"{' + server' if c.server else ''}): the CPU alone would allow about "
                              f"{os.cpu_count() / per_trial.median:.0f} trials/s on {os.cpu_count()} free cores "
                              "(the machine's load during the run is in the JSON's machine header)")
     sec.notes.append("trials/s counts from the first enqueue to the drained queue, so the caller's fsyncs (policy "
@@ -327,25 +347,27 @@ def main() -> None:
     before = load_before(args.before)
     chosen = [c for c in contenders(args.smoke) if c.code == "now" or before is not None]
     tmp = Path(tempfile.mkdtemp(prefix="bench-writer-", dir="/tmp"))
-    server = None
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
-        server, uri = start_server(tmp / "server")
+        for kind in sorted({c.store for c in chosen if c.server}):
+            servers[kind] = start_server(tmp / kind, kind)
         rounds = {"n": 0}
 
         def contender(c: Contender) -> Any:
             def run() -> dict[str, Any]:
                 rounds["n"] += 1
-                trials = args.trials if c.store == "sqlite" else args.server_trials
-                record = one_run(c, trials, tmp / f"r{rounds['n']}" / "run", (uri, server.pid), before)
+                trials = args.server_trials if c.server else args.trials
+                server = (servers[c.store][1], servers[c.store][0].pid) if c.server else None
+                record = one_run(c, trials, tmp / f"r{rounds['n']}" / "run", server, before)
                 harness.say(f"{c.label}: {record['trials_s']:.1f} trials/s {record['check']}")
                 return record
             return run
 
         runs = harness.interleave({c: contender(c) for c in chosen}, args.rounds, warmup=0)
     finally:
-        if server is not None:
-            os.killpg(server.pid, signal.SIGKILL)  # the server and its workers (its own process session)
-            server.wait()
+        for process, _ in servers.values():
+            os.killpg(process.pid, signal.SIGKILL)  # the server and its workers (its own process session)
+            process.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     md, _ = section(args, runs, before is not None).write(args.out)
     harness.say(f"wrote {md}")

@@ -18,7 +18,9 @@ def test_writer_smoke(tmp_path):
     payload = check_section(out, "writer", ["trials/s", "enqueue ms/trial (caller)", "fsyncs/trial",
                                             "every trial once"])
     runs = payload["data"]["runs"]
-    assert any(label.startswith("sqlite now") for label in runs) and any(label.startswith("server now") for label in runs)
+    assert any(label.startswith("sqlite now") for label in runs)
+    assert any(label.startswith("server (uvicorn) now") for label in runs)
+    assert any(label.startswith("server (gunicorn) now") for label in runs)
     for label, records in runs.items():
         assert records and all(r["trials_s"] > 0 and r["check"] == "" for r in records), (label, records)
 
@@ -38,10 +40,13 @@ def test_the_writer_section_reads_its_headline_from_todays_defaults_and_pairs_ro
               "failures": 0, "check": "", "lookup_s": 0.01}
     runs = {c: [{**record, "trials_s": (40.0 if c.code == "now" else 10.0) * (r + 1)} for r in range(2)]
             for c in writer.contenders(False)}
-    lost = next(c for c in runs if c.store == "server" and c.code == "now" and c.writers == 1)
+    lost = next(c for c in runs if c.store == "gunicorn" and c.code == "now" and c.writers == 1)
     runs[lost][1]["check"] = "99 runs, 99 keys, 0 incomplete (expected 100)"
     text = writer.section(args, runs, before_ok=True).markdown()
     assert "| trials/s into SQLite (sqlite now, 1 writer(s), fsync 0.2 s) | >= 30 | 60.0 [40.0-80.0] | yes |" in text
-    assert "| trials/s into mlflow server (server now, 4 writer(s), fsync 0.2 s) | >= 50 | 60.0 [40.0-80.0] | yes |" in text
+    for kind in ("uvicorn", "gunicorn"):
+        assert (f"| trials/s into mlflow server ({kind}) (server ({kind}) now, 8 writer(s), fsync 0.2 s) | >= 50 | "
+                "60.0 [40.0-80.0] | yes |") in text
+    assert "mlflow server (uvicorn): now / before (paired per round) | > 1 | 4.00" in text
     assert "| SQLite: now / before (paired per round) | > 1 | 4.00 [4.00-4.00] | yes | - |" in text
     assert "**no**: 99 runs, 99 keys" in text

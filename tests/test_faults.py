@@ -419,14 +419,14 @@ def _wait_for_server(uri: str, proc: subprocess.Popen, timeout: float = 90) -> N
     raise TimeoutError(f"mlflow server at {uri} did not come up")
 
 
-def start_server(tmp: Path, port: int) -> subprocess.Popen:
+def start_server(tmp: Path, port: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """``mlflow server`` on 127.0.0.1:port over ``tmp/server.db`` (the same database on every restart), with MLflow's
     job execution off as ``sophon-ray ui`` and cluster.yaml run it (``ui.JOB_EXECUTION_OFF``: else a core is busy while
-    the server idles)."""
+    the server idles); ``extra``: more ``mlflow server`` options (e.g. ``--gunicorn-opts``)."""
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp}/server.db", "--artifacts-destination", str(tmp / "artifacts"),
-         "--workers", "1"],
+         "--workers", "1", *extra],
         env={**env(tmp), **JOB_EXECUTION_OFF}, stdout=open(tmp / "server.log", "a"), stderr=subprocess.STDOUT,
         start_new_session=True)
     _wait_for_server(f"http://127.0.0.1:{port}", server)

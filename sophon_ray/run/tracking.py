@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from sophon_ray.errors import SophonError
 from sophon_ray.names import CUSTOM_MODEL_DEVELOPMENT, EXPERIMENT_KIND, KEY, MODE, PARENT, ROLE, SWEEP
+from sophon_ray.run.rest import RestWriter
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 900  # MLflow's log_batch accepts at most 1000 metrics per call
@@ -156,6 +157,7 @@ class Tracker:
             uri = _credentials_to_env(uri)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
+        self.rest = RestWriter.for_uri(uri)  # the outbox's hot calls into a server; None: all through the client
         try:
             if (db := sqlite_path(uri)) is not None:
                 db.parent.mkdir(parents=True, exist_ok=True)
@@ -226,9 +228,8 @@ class Tracker:
             run = known.get(key)
         created = run is None
         if run is None:
-            made = self.client.create_run(self.experiment_id, run_name=name,
-                                          tags={ROLE: role, SWEEP: sweep_id, KEY: key, PARENT: parent_id})
-            run = ChildRun(made.info.run_id, "RUNNING", frozenset())
+            run = ChildRun(self._create_run(name, {ROLE: role, SWEEP: sweep_id, KEY: key, PARENT: parent_id}),
+                           "RUNNING", frozenset())
         elif run.status != "RUNNING":
             self.client.update_run(run.run_id, status="RUNNING")
         missing = {k: str(v) for k, v in (params or {}).items() if k not in run.params}
@@ -237,6 +238,11 @@ class Tracker:
         if known is not None:
             known[key] = ChildRun(run.run_id, "RUNNING", shared_names(run.params | set(missing)))
         return run.run_id, created, missing if defer_params else {}
+
+    def _create_run(self, name: str, tags: Mapping[str, str]) -> str:
+        if self.rest is not None:
+            return self.rest.create_run(self.experiment_id, name, tags, int(time.time() * 1000))
+        return self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags)).info.run_id
 
     def keyed_runs(self, sweep_id: str, role: str) -> dict[str, ChildRun]:
         """This sweep's child runs of ``role`` by key (any status): one paged search (pages of 1000 runs), so
@@ -288,18 +294,26 @@ class Tracker:
                  params: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None) -> None:
         """Log many (step, {name: value}) rows in batches, with ``params`` and ``tags`` in the first batch;
         non-finite values are skipped."""
-        from mlflow.entities import Metric, Param, RunTag  # noqa: PLC0415
-
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(step)) for step, row in rows for k, v in row.items()
+        metrics = [(k, float(v), now, int(step)) for step, row in rows for k, v in row.items()
                    if isinstance(v, (int, float)) and v == v and abs(v) != float("inf")]
-        extra = {"params": [Param(k, str(v)) for k, v in (params or {}).items()],
-                 "tags": [RunTag(k, str(v)) for k, v in (tags or {}).items()]}
+        params, tags = {k: str(v) for k, v in (params or {}).items()}, {k: str(v) for k, v in (tags or {}).items()}
         for i in range(0, max(len(metrics), 1), MAX_BATCH):
             batch = metrics[i:i + MAX_BATCH]
-            if batch or extra["params"] or extra["tags"]:
-                self.client.log_batch(run_id, metrics=batch, **extra)
-            extra = {"params": [], "tags": []}
+            if batch or params or tags:
+                self._log_batch(run_id, batch, params, tags)
+            params, tags = {}, {}
+
+    def _log_batch(self, run_id: str, metrics: list[tuple[str, float, int, int]], params: Mapping[str, str],
+                   tags: Mapping[str, str]) -> None:
+        if self.rest is not None:
+            self.rest.log_batch(run_id, metrics, params, tags)
+            return
+        from mlflow.entities import Metric, Param, RunTag  # noqa: PLC0415
+
+        self.client.log_batch(run_id, metrics=[Metric(*m) for m in metrics],
+                              params=[Param(k, v) for k, v in params.items()],
+                              tags=[RunTag(k, v) for k, v in tags.items()])
 
     def logged_steps(self, run_id: str, metric: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(run_id, metric)}
@@ -333,4 +347,7 @@ class Tracker:
         self.client.set_tag(run_id, key, value)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        if self.rest is not None:
+            self.rest.end_run(run_id, status, int(time.time() * 1000))
+        else:
+            self.client.set_terminated(run_id, status=status)
