@@ -273,9 +273,8 @@ def section(args: Any, runs: dict[Contender, list[dict[str, Any]]], before_ok: b
     def server_limit(c: Contender) -> str:
         return (f"CPU per trial (3 REST calls): the writer {cpu(c, 'cpu_ms'):.1f} ms, the server "
                 f"{cpu(c, 'server_cpu_ms'):.0f} ms, on the same 2 cores; "
-                + ("uvicorn answers each call after ~40-50 ms whatever it does (measured with one thread: "
-                   "6 trials/s), so threads wait" if c.store == "uvicorn" else
-                   "the server's SQLite commits (an fsync each) and its CPU"))
+                + ("uvicorn's FastAPI-to-Flask bridge costs the server ~7 CPU-ms a trial more than gunicorn"
+                   if c.store == "uvicorn" else "the server's SQLite commits (an fsync each) and its CPU"))
 
     headline = [(sqlite_now, SQLITE_GOAL, "SQLite", "SQLite's one writer: 5 commits per trial (the run; the batch's "
                  "params, metrics and tags; its end), each an fsync of the WAL; "

@@ -48,6 +48,8 @@ NOT_RERUN = {
     ("ray", "down"): "tears down that AWS cluster (tests/test_cluster.py validates cluster.yaml)",
     ("ray", "dashboard"): "port-forwards to that AWS cluster's head (tests/test_cluster.py validates cluster.yaml)",
     ("ray", "attach"): "ssh to that AWS cluster's head (tests/test_cluster.py validates cluster.yaml)",
+    ("mlflow", "server"): "serves until stopped: tests/test_rest.py starts it under gunicorn (--gunicorn-opts "
+                          "'--timeout 120') and writes runs through it; bench/writer.py measures it",
     ("ray", "job", "submit"): "submits to a running cluster: the -m slow two-node test in tests/test_faults.py runs "
                               "`ray job submit`; the sophon-ray command after `--` is dry-run here",
 }

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +56,7 @@ def test_basic_credentials_a_token_and_a_workspace_go_in_the_headers(recorder, m
     path, headers, body = Recorder.seen[-1]
     assert path == "/api/2.0/mlflow/runs/create"
     assert headers["Authorization"] == "Basic YW5uOnMzY3JldA=="  # base64 of ann:s3cret
+    assert headers["Connection"] == "close"  # uvicorn answers a kept-alive connection's calls 40-50 ms late
     assert body == {"experiment_id": "7", "run_name": "trial 1", "start_time": 123,
                     "tags": [{"key": "sophon.key", "value": "k1"}]}
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -91,7 +94,8 @@ def _write(tracker: Tracker, key: str) -> str:
 @pytest.mark.integration
 def test_a_run_written_over_rest_equals_one_written_by_the_mlflow_client(tmp_path):
     """Both paths into one real server (gunicorn, as cluster.yaml starts it): the same tags, params, every metric
-    point (across two batches, the non-finite one skipped) and status; a refused write raises MLflow's error."""
+    point (across two batches, the non-finite one skipped) and status; artifacts and the UI's page work under
+    gunicorn; a refused write raises MLflow's error."""
     from mlflow.exceptions import MlflowException
 
     port = _free_port()
@@ -111,6 +115,11 @@ def test_a_run_written_over_rest_equals_one_written_by_the_mlflow_client(tmp_pat
         histories = [sorted((m.step, m.value) for m in rest.client.get_metric_history(r.info.run_id, "acc"))
                      for r in runs]
         assert histories[0] == histories[1] == [(s, row["acc"]) for s, row in ROWS]
+        rest.log_bytes(runs[0].info.run_id, "samples/after.png", b"png bytes")  # artifacts through the proxy
+        assert Path(rest.client.download_artifacts(runs[0].info.run_id, "samples/after.png", str(tmp_path))
+                    ).read_bytes() == b"png bytes"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as page:  # the UI's page
+            assert page.status == 200 and b"<html" in page.read().lower()
         with pytest.raises(MlflowException, match="lr"):  # a param's value cannot change
             rest.log_rows(runs[0].info.run_id, [], params={"lr": "0.5"})
         with pytest.raises(MlflowException):

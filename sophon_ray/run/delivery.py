@@ -15,8 +15,9 @@ BACKOFF_START_S, BACKOFF_CAP_S = 0.5, 15.0
 # while the outbox delivers, a failed call should come back fast so that the outbox's backoff decides.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 WRITERS_ENV = "SOPHON_TRACKING_WRITERS"   # delivery threads (writers_for)
-# bench/writer.py (medians of 3 rounds, 2 busy cores): SQLite 31.6 trials/s with 1 thread, 19.4 with 2 (busy 103 vs 32
-# thread-ms per trial: waiting, SQLite has one writer); mlflow server (--workers 4) 3.9 with 1, 9.3 with 4
+# bench/writer.py (medians of 3 rounds, 2 quiet cores, 2026-12-06): SQLite 61 trials/s with 1 thread, 60 with 2 (SQLite
+# has one writer: the second thread only waits); mlflow server 33 (uvicorn) / 44 (gunicorn) with 1, 56 / 75 with 8
+# (16 threads, one-off runs: 52 / 73)
 SQLITE_WRITERS, SERVER_WRITERS = 1, 8
 FSYNC_ENV = "SOPHON_JOURNAL_FSYNC"        # the journal's fsync policy (fsync_seconds)
 DEFAULT_FSYNC_S = 0.2                     # bench/writer.py: fsync per append cost 26% into SQLite, 0.2 s groups ~6%
