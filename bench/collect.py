@@ -27,6 +27,7 @@ COMMANDS = {
              "bench/results/scale/scale-5000.json bench/results/scale/scale-10000.json",
     "packed_stage": ".venv/bin/python bench/packed_stage.py",
     "writer": "nice -n 5 .venv/bin/python bench/writer.py",
+    "writer_scale": "nice -n 5 .venv/bin/python bench/writer_scale.py",
     "recovery": "nice -n 5 .venv/bin/python bench/recovery.py",
 }
 
