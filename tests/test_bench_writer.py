@@ -50,3 +50,15 @@ def test_the_writer_section_reads_its_headline_from_todays_defaults_and_pairs_ro
     assert "mlflow server (uvicorn): now / before (paired per round) | > 1 | 4.00" in text
     assert "| SQLite: now / before (paired per round) | > 1 | 4.00 [4.00-4.00] | yes | - |" in text
     assert "**no**: 99 runs, 99 keys" in text
+
+
+@pytest.mark.slow
+def test_writer_scale_smoke(tmp_path):
+    """``bench/writer_scale.py --smoke``: two sizes into SQLite and a gunicorn server, every trial once."""
+    out = tmp_path / "writer_scale.md"
+    proc = run([sys.executable, str(BENCH / "writer_scale.py"), "--smoke", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = check_section(out, "writer_scale", ["store", "trials", "trials/s", "every trial once"])
+    rows = payload["tables"][0]["rows"]
+    assert {(r[0], r[1]) for r in rows} == {(s, n) for s in ("sqlite", "gunicorn") for n in ("20", "40")}
+    assert all(r[-1] == "yes" for r in rows), rows
