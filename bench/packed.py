@@ -34,7 +34,7 @@ import harness  # noqa: E402
 
 from sophon_ray.core.attack import finetune  # noqa: E402
 from sophon_ray.core.data import load_domain  # noqa: E402
-from sophon_ray.core.packed import finetune_pack  # noqa: E402
+from sophon_ray.core.packed import INITIAL_EVALUATIONS, finetune_pack  # noqa: E402
 from sophon_ray.modes import build_model  # noqa: E402
 from sophon_ray.modes.classification.task import CLASSIFICATION  # noqa: E402
 from sophon_ray.recipes import AttackConfig  # noqa: E402
@@ -79,6 +79,7 @@ def contenders(args: argparse.Namespace, n: int, model: torch.nn.Module, train, 
 
     def pack(formulation: str) -> Callable[[], float]:
         def run() -> float:
+            INITIAL_EVALUATIONS.clear()   # as a fresh process: no epoch-0 evaluation kept from an earlier repeat
             start = harness.now()
             finetune_pack(model, train, test, members, task=CLASSIFICATION, formulation=formulation)
             return (harness.now() - start) / n

@@ -8,7 +8,8 @@ and the peak RSS / USS of the Tune trial processes (``ImplicitFunc``) and of the
 
 Usage (full, ~12 min on 2 quiet cores for the quickstart: a 3.5-minute first run, then 2 rounds of 2 runs of about
 1.5 min): ``.venv/bin/python bench/packed_stage.py``; smoke (tiny protection and grid): ``--smoke``; another sweep:
-``--spec sweeps/X.yaml --set KEY=VALUE ...``.
+``--spec sweeps/X.yaml --set KEY=VALUE ...``; ``--checkpoints OUT/checkpoints`` reuses an earlier run's models in
+the first run (then it trains nothing either, and is a warm-up).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--set", action="append", default=[], dest="sets", help="a spec override (repeatable)")
     parser.add_argument("--packs", default="1,auto", help="the attack.pack values compared (default 1,auto)")
     parser.add_argument("--rounds", type=int, help="measured rounds (default 2, smoke 1)")
+    parser.add_argument("--checkpoints", help="an earlier run's checkpoints/ folder of the same sweep: the first run "
+                        "reuses its models instead of training them (models of other settings are trained)")
     args = parser.parse_args(argv)
     args.packs = args.packs.split(",")
     args.sets = (SMOKE_SETS if args.smoke else []) + args.sets
@@ -85,6 +88,8 @@ def run_sweep(args: Any, work: Path, label: str, pack: str) -> Run:
     out = work / label
     out.mkdir()
     base = work / "first" / "checkpoints"
+    if label == "first" and args.checkpoints:
+        base = Path(args.checkpoints).resolve()
     if base.is_dir():
         (out / "checkpoints").symlink_to(base)
     sets = [*args.sets, f"attack.pack={pack}", f"output_dir={out}", f"tracking.uri=sqlite:///{out / 'mlflow.db'}"]
@@ -140,7 +145,8 @@ def section(args: Any, first: Run, runs: dict[str, list[Run]]) -> harness.Sectio
     sec = harness.Section(NAME, f"Packed attack trials: the attack stage of `{spec}`, packed vs unpacked",
                           f"`sophon-ray run {spec}` {' '.join('--set ' + s for s in args.sets) or '(as shipped)'} "
                           f"at `attack.pack` {' vs '.join(args.packs)}; each round runs every contender once in "
-                          f"rotating order after an untimed first run that trained the models "
+                          f"rotating order after an untimed first run that "
+                          f"{'reused the models of an earlier run' if args.checkpoints else 'trained the models'} "
                           f"({first.total:.0f} s: {', '.join(f'{k} {v:.0f} s' for k, v in first.stages.items())}); "
                           f"{rounds} round(s); 2 CPU cores, the sweep's own resources (cpus_per_trial 1, so 2 Tune "
                           "trials at once, 1 thread each)." + (" **SMOKE sizes: the numbers check the script only.**"

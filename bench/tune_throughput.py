@@ -190,10 +190,11 @@ def run_pool(trials: list[Any], models: dict, splits: Any, slots: int, device: s
 
 
 def run_packed_loop(packs: list[list[Any]], models: dict, splits: Any, threads: int, device: str) -> Run:
-    """The packs as a plain loop: one ``finetune_pack`` call per pack in this process; compute per pack."""
+    """The packs as a plain loop: one ``finetune_pack`` call per pack in this process; compute per pack. It starts
+    as a fresh trial process does: without the epoch-0 evaluations an earlier round kept (``INITIAL_EVALUATIONS``)."""
     import torch  # noqa: PLC0415
 
-    from sophon_ray.core.packed import finetune_pack  # noqa: PLC0415
+    from sophon_ray.core.packed import INITIAL_EVALUATIONS, finetune_pack  # noqa: PLC0415
     from sophon_ray.modes import build_model  # noqa: PLC0415
     from sophon_ray.run.trials_worker import attack_data  # noqa: PLC0415
     from sophon_ray.spec import ModelSpec  # noqa: PLC0415
@@ -202,6 +203,7 @@ def run_packed_loop(packs: list[list[Any]], models: dict, splits: Any, threads: 
     data = attack_data(splits)
     state, card = models["normal"]
     compute = []
+    INITIAL_EVALUATIONS.clear()
     start = time.perf_counter()
     for members in packs:
         model = build_model(ModelSpec(card["arch"], card["num_classes"]), card["channels"], card["image_size"])

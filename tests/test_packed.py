@@ -195,6 +195,31 @@ def test_the_comparison_sees_weight_decay_and_schedules(subject, data):
     assert max(abs(a - b) for a, b in zip(loss[0], loss[2])) > 100 * CURVE_TOL
 
 
+def test_members_that_start_equal_are_evaluated_once_before_training_and_once_per_process(subject, data,
+                                                                                        monkeypatch):
+    """Epoch 0: members of equal tensors (direct-*: every member; initfc: one per seed) are evaluated once, and a
+    later pack of the same starting tensors, data and task reuses those evaluations; every curve stays finetune's."""
+    calls: list[int] = []
+    real = packed_module.evaluate_members
+    monkeypatch.setattr(packed_module, "evaluate_members",
+                        lambda f, members, *a: calls.append(members) or real(f, members, *a))
+    monkeypatch.setattr(packed_module, "INITIAL_EVALUATIONS", {})
+    base = AttackConfig(optimizer="sgd", lr=0.05, epochs=1, batch_size=16)
+    direct = [dataclasses.replace(base, seed=0), dataclasses.replace(base, lr=0.02, seed=1),
+              dataclasses.replace(base, seed=2)]
+    assert_same(subject, data, direct)
+    assert calls[:2] == [1, 1]                # epoch 0: one member's forward on test, one on val (3 equal members)
+    calls.clear()
+    assert_same(subject, data, [dataclasses.replace(c, optimizer="momentum") for c in direct])
+    assert calls[:2] == [3, 3]                # epoch 0 reused from the first pack: the first calls are epoch 1's
+    calls.clear()
+    initfc = [dataclasses.replace(c, strategy="initfc-all") for c in direct] + [
+        dataclasses.replace(base, strategy="initfc-all", lr=0.02, seed=0)]
+    assert_same(subject, data, initfc)        # 4 members, seeds 0, 1, 2, 0: three heads
+    assert calls[:4] == [3, 3, 4, 4]          # epoch 0: three heads; epoch 1: four members
+    assert len(packed_module.INITIAL_EVALUATIONS) == 2 * (1 + 3)   # (test, val) x (direct's tensors, three heads)
+
+
 # ------------------------------------------------------------------------------------------------ formulations
 class Doubled(Net):
     """A body -> classifier pair whose forward is not classifier(body(x)): the grouped layers would miss the 2."""
@@ -275,3 +300,27 @@ def test_finetune_pack_refuses_what_cannot_be_one_pack(subject, data):
     dropout.classifier.insert(1, nn.Dropout(0.5))
     assert why_model_not_packable(subject) is None
     refused([cfg], "classifier.1: Dropout.*global RNG", model=dropout)
+
+
+@pytest.mark.integration   # a fresh interpreter imports torch: ~5 s
+def test_a_pack_trains_without_importing_sympy():
+    """The members' losses are one task loss call per member, not ``torch.vmap`` of it: vmapping cross-entropy runs
+    its Python decomposition, whose first call imports sympy (1.6 s in every trial process, measured)."""
+    import subprocess
+    import sys
+
+    script = ("import sys, dataclasses, torch\n"
+              "from sophon_ray.core.data import load_domain\n"
+              "from sophon_ray.core.packed import finetune_pack\n"
+              "from sophon_ray.modes.classification.models import convnet\n"
+              "from sophon_ray.modes.classification.task import CLASSIFICATION\n"
+              "from sophon_ray.recipes import AttackConfig\n"
+              "from sophon_ray.spec import DomainSpec\n"
+              "train, test = load_domain(DomainSpec('shapes', 8, train_size=40, test_size=20, seed=3))\n"
+              "config = AttackConfig(optimizer='adam', epochs=1, batch_size=8, lr=1e-3)\n"
+              "configs = [config, dataclasses.replace(config, lr=1e-2, seed=1)]\n"
+              "finetune_pack(convnet(10, 3, 8), train, test, configs, task=CLASSIFICATION)\n"
+              "print('sympy' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False", "a packed step imported sympy (a vmapped loss?)"

@@ -3,18 +3,21 @@ run, and how a packed Tune trial maps to its members' MLflow runs (no Ray: Tune'
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from sophon_ray import names
-from sophon_ray.run.packing import CPU_PACK, GPU_PACK_CAP, pack_id, pack_lines, pack_size, plan_for, plan_packs
+from sophon_ray.run.packing import (CPU_PACK, GPU_PACK_CAP, balanced_chunks, largest_first, pack_id, pack_lines,
+                                    pack_size, plan_for, plan_packs)
 from sophon_ray.run.plan import plan_trials
 from sophon_ray.run.texts import dry_run_text
-from sophon_ray.run.validate import parse_spec
+from sophon_ray.run.validate import load_spec, parse_spec
 from sophon_ray.spec import SpecError
 from sophon_ray.run.keys import sweep_id
 
+REPO = Path(__file__).resolve().parent.parent
 # 2 lrs x 2 seeds x 2 strategies per subject: the lrs and seeds pack, the strategies do not
 GRID = {"strategy": ["direct-all", "initfc-fc"], "optimizer": ["sgd"], "lr": [1e-3, 1e-2], "seed": [0, 1],
         "epochs": [1]}
@@ -52,9 +55,22 @@ def test_packs_group_one_subject_grid_domain_and_pack_key_in_chunks_of_at_most_p
     packed = [k for keys in plan.packs.values() for k in keys]
     assert sorted(packed + [t.key for t, _ in plan.alone]) == sorted(by_key)   # every trial once
     assert len(set(packed)) == len(packed)
-    # normal: 2 strategies x 4 (lr, seed) -> a pack of 3 and a lone trial each; scratch: 2 seeds x 2 lrs -> 2 packs
-    assert len(plan.packs) == 4 and len(plan.alone) == 2 and all(why is None for _, why in plan.alone)
+    # normal: 2 strategies x 4 (lr, seed) -> two packs of 2 each (not 3 and a lone trial); scratch: 2 seeds x 2 lrs
+    assert [len(m) for m in members] == [2] * 6 and plan.alone == []
     assert set(plan.units) == set(plan.packs) | {t.key for t, _ in plan.alone}
+
+
+def test_groups_split_evenly_and_the_largest_packs_run_first():
+    """No trial is left alone when its group is a little larger than the pack, and Tune gets the largest packs first:
+    the quickstart's 162 trials are 24 packs of 6 (protected, normal), then 6 scratch packs of 3."""
+    assert [len(c) for c in balanced_chunks(list(range(9)), 8)] == [5, 4]
+    assert [len(c) for c in balanced_chunks(list(range(13)), 6)] == [5, 4, 4]
+    assert [len(c) for c in balanced_chunks(list(range(6)), 8)] == [6] and balanced_chunks([], 8) == []
+    assert sum(balanced_chunks(list(range(13)), 6), []) == list(range(13))
+    spec = load_spec(REPO / "sweeps" / "quickstart.yaml", ["attack.pack=auto"])
+    plan = plan_for(spec, plan_trials(spec, [("ice-sampled", 0)]))
+    assert [len(m) for m in plan.packs.values()] == [6] * 24 + [3] * 6 and plan.alone == []
+    assert list(largest_first({"a": ("1", "2"), "b": ("1", "2", "3"), "c": ("4", "5")})) == ["b", "a", "c"]
 
 
 def test_pack_one_is_todays_plan_and_the_pack_id_is_stable():
@@ -86,16 +102,16 @@ def test_auto_is_eight_on_the_cpu_and_bounded_by_the_gpu_memory():
 def test_the_dry_run_says_how_many_packs_and_why_trials_run_alone():
     spec = spec_with(3, evaluation=[GRID, {**GRID, "strategy": ["direct-all"], "adapt": ["entropy"]}])
     text = dry_run_text(spec, plan_trials(spec, []))
-    # normal: 2 strategies x 4 -> (3 + 1) each; scratch: 2 seeds x 2 lrs -> 2 packs; the 8 adapt trials alone
-    assert "packing (attack.pack: 3): 10 trials in 4 packs (Tune trials), 10 trials alone" in text, text
+    # normal: 2 strategies x 4 -> (2 + 2) each; scratch: 2 seeds x 2 lrs -> 2 packs; the 8 adapt trials alone
+    assert "packing (attack.pack: 3): 12 trials in 6 packs (Tune trials), 8 trials alone" in text, text
     assert "    8 alone: adapt: entropy is a label-free adaptation phase" in text, text
-    assert "    2 alone: no other trial" in text, text
+    assert "no other trial" not in text, text
     assert "packing" not in dry_run_text(spec_with(), plan_trials(spec_with(), []))
     assert pack_lines(spec_with(), plan_for(spec_with(), [])) == []
 
 
 def test_a_packed_tune_trial_logs_every_member_to_its_own_run_once(tmp_path):
-    """The real callback with Tune's stub trials: one pack trial of three members, each member's rows from its own
+    """The real callback with Tune's stub trials: one pack trial of four members, each member's rows from its own
     mail box and its summary from the result's members; an errored pack fails the members without a summary."""
     from ray.tune.experiment import Trial as TuneTrial
 
@@ -105,7 +121,7 @@ def test_a_packed_tune_trial_logs_every_member_to_its_own_run_once(tmp_path):
 
     tracker, parent = tracker_and_parent(tmp_path)
     planned = [t for t in plan_trials(spec_with(3), []) if t.subject.kind == "normal"]
-    plan = plan_packs(planned, 3)
+    plan = plan_packs(planned, 4)
     (first, members), (second, other) = list(plan.packs.items())
     table = {t.key: t for t in planned}
     ok, bad = (TuneTrial("attack_trial", config={"key": k}, stub=True) for k in (first, second))

@@ -22,7 +22,7 @@ then each batch's augmentation). Their parameters and buffers are then stacked a
   project's CPU (1 thread, convnet, 8 px) grouped packs of 8-32 took half the time per member, vmap packs about
   the same as sequential calls (at 16 px vmap was slower, and grouped gained only up to ~8 members); a pack of one
   is slower than ``finetune``.
-- loss: the task's ``attack``-stage fitting loss, vmapped over the members' logits and labels; the gradient of the
+- loss: the task's ``attack``-stage fitting loss, called on each member's logits and labels; the gradient of the
   sum of the members' losses is every member's own gradient (members share no parameter).
 - optimizer: the registered functional twin of the attacker's optimizer
   (:data:`~sophon_ray.core.inner_optimizers.INNER_OPTIMIZERS`), run once over the stacked trainable tensors. Every
@@ -35,6 +35,9 @@ then each batch's augmentation). Their parameters and buffers are then stacked a
 - evaluation: one batched forward over the evaluation set gives every member's logits; the task's own
   ``evaluate`` then scores each member on a view that hands it its logits batch by batch, so the scores and losses
   are the task's (``restricted``, ``restricted_loss``, ``val``, ``original``), per epoch, as ``finetune`` logs them.
+  Before training (epoch 0) members with equal tensors are evaluated once, and an evaluation this process already
+  made of the same tensors, data and task is reused (:func:`initial_evaluations`): a direct-* strategy leaves every
+  member, and the next packs' members, as the subject model is.
 
 What packs. :func:`pack_key` is what members of one pack share: every recipe setting except the per-member ones
 (:data:`PER_MEMBER`: lr, weight decay, schedule, augmentation, the reparameterisation settings and the seed), so the
@@ -71,16 +74,18 @@ strategy). CUDA: written for any device, tested on the CPU only.
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from sophon_ray.core.attack import REPARAMETERISE_SEED, FinetuneResult, epoch_metrics, prepare
 from sophon_ray.core.data import batches, stratified_subset
@@ -340,29 +345,41 @@ def _stacked(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {n: t.detach().contiguous().requires_grad_(t.requires_grad) for n, t in tensors.items()}
 
 
+Builder = Callable[[dict[str, Tensor], dict[str, Tensor]], Forward]   # stacked params, buffers -> their forward
+
+
 def _forward(formulation: str, base: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor],
-             freeze_bn: bool, probe: Tensor, fmt: torch.memory_format) -> Forward:
-    """The forward of ``formulation``; ``auto``: the grouped one when the model's layers allow it and it gives vmap's
-    logits on ``probe`` (eval mode), else vmap's."""
+             freeze_bn: bool, probe: Tensor, fmt: torch.memory_format) -> tuple[Forward, Builder]:
+    """The forward of ``formulation`` and how to build it over other stacked tensors (e.g. some of the members);
+    ``auto``: the grouped one when the model's layers allow it and it gives vmap's logits on ``probe`` (eval mode),
+    else vmap's."""
     if formulation not in FORMULATIONS:
         raise ValueError(f"formulation: unknown '{formulation}'; allowed: {', '.join(FORMULATIONS)}")
-    vmapped = vmap_forward(base, params, buffers, freeze_bn)
+
+    def vmap_of(p: dict[str, Tensor], b: dict[str, Tensor]) -> Forward:
+        return vmap_forward(base, p, b, freeze_bn)
+
+    vmapped = vmap_of(params, buffers)
     if formulation == "vmap":
-        return vmapped
+        return vmapped, vmap_of
     layers = grouped_layers(base)
     if isinstance(layers, str):
         if formulation == "grouped":
             raise ValueError(f"formulation: grouped cannot run this model ({layers}); use vmap or auto")
-        return vmapped
-    grouped = grouped_forward(layers, params, buffers, freeze_bn, fmt)
+        return vmapped, vmap_of
+
+    def grouped_of(p: dict[str, Tensor], b: dict[str, Tensor]) -> Forward:
+        return grouped_forward(layers, p, b, freeze_bn, fmt)
+
+    grouped = grouped_of(params, buffers)
     with torch.no_grad():
         gap = (grouped(probe, True, False) - vmapped(probe, True, False)).abs().max().item()
     if gap <= PROBE_TOLERANCE:
-        return grouped
+        return grouped, grouped_of
     if formulation == "grouped":
         raise ValueError(f"formulation: grouped computes other logits than the model on a probe batch ({gap:.3g} "
                          "apart): its forward is not body then classifier; use vmap or auto")
-    return vmapped
+    return vmapped, vmap_of
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
@@ -454,6 +471,57 @@ def evaluate_members(forward: Forward, members: int, dataset: Dataset, device: t
     return evaluations
 
 
+# Evaluations before training, by (member's tensors, dataset, task, device) digest: kept for the process's life
+# (a Tune trial actor is reused for pack after pack). Members of one subject model start equal wherever their
+# strategy and seed leave the model as it is (direct-*: every member of a pack and of the other optimizers' packs;
+# initfc: one per seed), so their epoch-0 evaluations are one evaluation.
+INITIAL_EVALUATIONS: dict[str, Evaluation] = {}
+INITIAL_EVALUATIONS_MAX = 256
+
+
+def _digest(*tensors: Tensor) -> str:
+    """A digest of the tensors' shapes, dtypes and bytes (equal digests: equal tensors)."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _dataset_digest(dataset: Dataset) -> str | None:
+    """The digest of a tensor dataset's tensors; None for another kind of dataset (its evaluations are not kept)."""
+    return _digest(*dataset.tensors) if isinstance(dataset, TensorDataset) else None
+
+
+def initial_evaluations(build: Builder, model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor],
+                        dataset: Dataset, device: torch.device | str, task: Task) -> list[Evaluation]:
+    """Every member's ``task.evaluate`` on ``dataset`` before training: what :func:`evaluate_members` gives, with
+    members of equal tensors evaluated once and evaluations this process made earlier (same ``model`` structure,
+    tensors, data, task, device) reused (:data:`INITIAL_EVALUATIONS`; only for tensor datasets); the others from a
+    forward of only those members (``build``)."""
+    data = _dataset_digest(dataset)
+    members = next(iter(params.values())).shape[0]
+    tensors = [*params.values(), *buffers.values()]
+    structure = hashlib.blake2b(repr(model).encode(), digest_size=8).hexdigest()
+    context = f"{structure}|{data}|{type(task).__module__}.{type(task).__qualname__}:{task.mode}|{torch.device(device)}"
+    keys = [f"{_digest(*(t[i] for t in tensors))}|{context}" for i in range(members)]
+    found = {k: INITIAL_EVALUATIONS[k] for k in keys if k in INITIAL_EVALUATIONS} if data is not None else {}
+    todo = list(dict.fromkeys(k for k in keys if k not in found))
+    if todo:
+        index = torch.tensor([keys.index(k) for k in todo], device=next(iter(params.values())).device)
+        with torch.no_grad():
+            forward = build({n: p.detach().index_select(0, index) for n, p in params.items()},
+                            {n: b.index_select(0, index) for n, b in buffers.items()})
+            found.update(zip(todo, evaluate_members(forward, len(todo), dataset, device, task)))
+    if data is not None:
+        for k in todo:
+            if len(INITIAL_EVALUATIONS) >= INITIAL_EVALUATIONS_MAX:
+                INITIAL_EVALUATIONS.pop(next(iter(INITIAL_EVALUATIONS)))
+            INITIAL_EVALUATIONS[k] = found[k]
+    return [copy.deepcopy(found[k]) for k in keys]
+
+
 # ------------------------------------------------------------------------------------------------ training
 def _stacked_batch(members: Sequence[_Member], streams: list, augments: list, device: torch.device | str,
                    ) -> tuple[Tensor, Tensor] | None:
@@ -473,8 +541,10 @@ def _stacked_batch(members: Sequence[_Member], streams: list, augments: list, de
 
 
 def _member_losses(fit: Callable[..., Tensor], logits: Tensor, y: Tensor, label_smoothing: float) -> Tensor:
-    """Every member's fitting loss [M]: the task's loss on its logits (classification's is a function of them)."""
-    return torch.vmap(lambda z, t: fit(_logits_of, z, t, label_smoothing))(logits, y)
+    """Every member's fitting loss [M]: the task's loss on its own logits (classification's is a function of them),
+    one call per member, as ``finetune`` calls it. Not ``torch.vmap``: vmapping cross-entropy runs its Python
+    decomposition, whose first call imports sympy (1.6 s in every trial process, measured) and costs ~0.6 ms a step."""
+    return torch.stack([fit(_logits_of, z, t, label_smoothing) for z, t in zip(logits, y)])
 
 
 def _logits_of(logits: Tensor) -> Tensor:
@@ -520,7 +590,7 @@ def finetune_pack(model: nn.Module, train: Dataset, test: Dataset, configs: Sequ
         member.net = None
     freeze_bn = BN_MODES.get(shared.bn_mode)
     probe = next(batches(test, PROBE_SIZE, shuffle=False))[0].to(device)
-    forward = _forward(formulation, base, params, buffers, freeze_bn, probe, memory_format_of(model))
+    forward, build = _forward(formulation, base, params, buffers, freeze_bn, probe, memory_format_of(model))
     optimizer = PackedOptimizer.build(shared.optimizer, [params[n] for n in trainable],
                                       [c.weight_decay for c in configs])
     size = len(members[0].data)
@@ -535,8 +605,10 @@ def finetune_pack(model: nn.Module, train: Dataset, test: Dataset, configs: Sequ
         if epoch:
             step = _train_epoch(forward, optimizer, members, augments, fit, shared, device,
                                 lambda k: base_lr * torch.tensor([f(k) for f in factors], dtype=torch.float64), step)
-        tests = evaluate_members(forward, len(configs), test, device, task)
-        vals = evaluate_members(forward, len(configs), val, device, task) if val is not None else [None] * len(configs)
+        evaluate = (partial(evaluate_members, forward, len(configs)) if epoch else
+                    partial(initial_evaluations, build, base, params, buffers))
+        tests = evaluate(test, device, task)
+        vals = evaluate(val, device, task) if val is not None else [None] * len(configs)
         for i, (result, ev, val_ev) in enumerate(zip(results, tests, vals)):
             result.restricted.append(ev.score)
             result.restricted_loss.append(ev.loss)
@@ -562,6 +634,6 @@ def _unstacked(net: nn.Module, params: dict[str, Tensor], buffers: dict[str, Ten
     return net
 
 
-__all__ = ["DECOUPLED_DECAY", "FORMULATIONS", "PER_MEMBER", "PackKey", "PackedOptimizer", "evaluate_members",
-           "finetune_pack", "grouped_forward", "grouped_layers", "pack_key", "vmap_forward", "why_model_not_packable",
-           "why_not_packable"]
+__all__ = ["DECOUPLED_DECAY", "FORMULATIONS", "INITIAL_EVALUATIONS", "PER_MEMBER", "PackKey", "PackedOptimizer",
+           "evaluate_members", "finetune_pack", "grouped_forward", "grouped_layers", "initial_evaluations", "pack_key",
+           "vmap_forward", "why_model_not_packable", "why_not_packable"]

@@ -5,7 +5,9 @@ one Tune trial: trials of one subject model (one protected variant and seed, nor
 scratch model is re-initialised from its trial's seed), one grid, domain and data pool, whose recipes have one
 :func:`~sophon_ray.core.packed.pack_key` (they differ only in per-member settings). Every member keeps its own key
 and MLflow run. A trial that cannot pack (its recipe, the architecture, a generation sweep) runs alone as before;
-:func:`plan_packs` says why. ``attack.pack: 1`` (the default) makes no pack.
+:func:`plan_packs` says why. ``attack.pack: 1`` (the default) makes no pack. A group larger than the pack size is
+cut into the fewest packs of near-equal size (:func:`balanced_chunks`), and Tune gets the largest packs first
+(:func:`largest_first`), so its slots finish close together.
 
 ``auto`` (:func:`pack_size`): on the CPU ``CPU_PACK`` members (bench/packed.py: grouped packs of about 8 halved the
 time per member on the convnet, larger ones gained little); with GPUs per trial, as many members as fit
@@ -19,12 +21,13 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from sophon_ray.run.plan import Trial
     from sophon_ray.spec import SweepSpec
 
+T = TypeVar("T")
 AUTO = "auto"
 CPU_PACK = 8
 GPU_PACK_CAP = 64
@@ -89,14 +92,32 @@ def plan_packs(trials: list[Trial], size: int, mode: str = CLASSIFICATION,
             groups.setdefault(_group(trial, key), []).append(trial)
     packs: dict[str, tuple[str, ...]] = {}
     for members in groups.values():
-        for start in range(0, len(members), size):
-            chunk = members[start:start + size]
+        for chunk in balanced_chunks(members, size):
             if len(chunk) == 1:
                 alone.append((chunk[0], None))
             else:
                 keys = tuple(t.key for t in chunk)
                 packs[pack_id(keys)] = keys
-    return PackPlan(packs, alone)
+    return PackPlan(largest_first(packs), alone)
+
+
+def balanced_chunks(items: list[T], size: int) -> list[list[T]]:
+    """``items`` in order, cut into the fewest chunks of at most ``size`` whose sizes differ by at most one (9 at
+    size 8: 5 + 4, not 8 and a trial left alone; the pack's wall is its largest chunk's)."""
+    count = -(-len(items) // size)
+    small, extra = divmod(len(items), count) if count else (0, 0)
+    bounds = [0]
+    for i in range(count):
+        bounds.append(bounds[-1] + small + (i < extra))
+    return [items[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def largest_first(packs: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """``packs`` ordered by size, largest first (ties in their order). Tune starts trials in this order (then the
+    lone trials): the small packs and lone trials come last, so the slots finish close together instead of one
+    running a large pack alone at the end (the quickstart's 3-member scratch packs were interleaved with its
+    6-member packs)."""
+    return dict(sorted(packs.items(), key=lambda item: -len(item[1])))
 
 
 def pack_size(spec: SweepSpec, parameters: int = 0, gpu_bytes: int | None = None) -> int:
@@ -153,5 +174,5 @@ def pack_lines(spec: SweepSpec, plan: PackPlan) -> list[str]:
     return lines
 
 
-__all__ = ["AUTO", "CPU_PACK", "PackPlan", "pack_id", "pack_lines", "pack_size", "plan_for", "plan_packs",
-           "spec_model_problem"]
+__all__ = ["AUTO", "CPU_PACK", "PackPlan", "balanced_chunks", "largest_first", "pack_id", "pack_lines", "pack_size",
+           "plan_for", "plan_packs", "spec_model_problem"]
