@@ -123,8 +123,8 @@ def test_drain_waits_for_a_busy_store_and_gives_up_only_on_one_that_delivers_not
     tracker, parent = tracker_and_parent(tmp_path)
     log_rows = tracker.log_rows
 
-    def busy_store(*args, **kwargs):  # a busy store: every batch takes 0.1 s, well under the drain's 0.5 s
-        time.sleep(0.1)
+    def busy_store(*args, **kwargs):  # a busy store: every batch takes 0.3 s, well under the drain's 2 s even when
+        time.sleep(0.3)               # the cores are loaded (CI saw a 0.1 s batch + its commits take over 0.5 s)
         return log_rows(*args, **kwargs)
 
     tracker.log_rows = busy_store
@@ -133,8 +133,8 @@ def test_drain_waits_for_a_busy_store_and_gives_up_only_on_one_that_delivers_not
         trial_ops(outbox, parent, f"k{i}")
     started = time.perf_counter()
     outbox.start()
-    assert outbox.drain(0.5)  # each write takes well under 0.5 s; all of them together take longer (>= 1 s)
-    assert time.perf_counter() - started > 0.5
+    assert outbox.drain(2.0)  # each write takes well under 2 s; all of them together take longer (>= 3 s)
+    assert time.perf_counter() - started > 2.0
     outbox.close()
     tracker.client = MlflowClient(tracking_uri=closed_port_uri())  # a store that delivers nothing
     outbox = Outbox(tracker, None, delays=FAST).start()
