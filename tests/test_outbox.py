@@ -575,3 +575,27 @@ def test_an_error_while_the_store_is_gone_ends_the_stage_as_an_outage_and_any_ot
     ctx.outcome = Outcome("s", 1)
     through_outbox(ctx, lambda outbox, wait: None)   # a stage that reads: the store never answers within the wait
     assert ctx.outcome.store_down and ctx.outcome.incomplete
+
+
+def test_the_first_stage_of_a_resumed_run_says_how_many_runs_wait_in_the_journal_and_delivers_them(tmp_path):
+    """The models stage replays the whole journal (attack trials' results included), so it is the one that says so;
+    a journal with nothing pending says nothing."""
+    from types import SimpleNamespace
+
+    from sophon_ray.run.stages import replay_journal
+
+    tracker, parent = tracker_and_parent(tmp_path)
+    recorder = Outbox(tracker, tmp_path / JOURNAL)  # an earlier run: journaled, never delivered
+    for key in ("k1", "k2"):
+        trial_ops(recorder, parent, key)
+    said: list[str] = []
+    ctx = SimpleNamespace(say=said.append)
+    outbox = Outbox(tracker, tmp_path / JOURNAL)
+    assert replay_journal(ctx, outbox, "[1/4]") == 2
+    assert said == ["[1/4] journal: 2 run(s) with writes not yet in MLflow (an earlier run's), delivered first"]
+    outbox.start()
+    assert outbox.drain(30)
+    outbox.close()
+    assert tracker.finished_keys("sweep1", "attack") == {"k1", "k2"}
+    said.clear()
+    assert replay_journal(ctx, Outbox(tracker, tmp_path / JOURNAL), "[1/4]") == 0 and said == []

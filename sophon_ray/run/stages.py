@@ -69,7 +69,7 @@ def train_stage(ctx: RunContext) -> dict[str, Path]:
             ctx.say(f"[1/4] {r['stage']} {r['label']} | original val {r[m.key('original_val')]:.1f} | test "
                     f"{r[m.key('original_test')]:.1f} | ranks identical: {r['ranks_identical']} | {r['dir']}")
     def work(outbox: Outbox, wait: float) -> None:  # noqa: ARG001 - through_outbox's signature
-        outbox.load_journal()   # an earlier run's undelivered writes first
+        replay_journal(ctx, outbox, "[1/4]")
         outbox.start()
         log_models(ctx, outbox, normal_dir, wanted)
 
@@ -133,6 +133,16 @@ def finished_or_none(tracker: Tracker, sweep_id: str, roles: tuple[str, ...]) ->
 def attack_stage(ctx: RunContext, trials: list[Trial], models: dict[str, Path]) -> None:
     """Attack trials whose MLflow writes go through the sweep's journaled outbox (:func:`through_outbox`)."""
     through_outbox(ctx, lambda outbox, wait: _attack_trials(ctx, trials, models, wait))
+
+
+def replay_journal(ctx: RunContext, outbox: Outbox, prefix: str) -> int:
+    """Queue an earlier run's undelivered writes (the journal's) ahead of this stage's, and say so: the first stage
+    of a resumed run delivers every stage's leftovers, attack trials' results included, so a later stage finds them
+    in MLflow. Returns how many runs they belong to."""
+    runs = outbox.load_journal()
+    if runs:
+        ctx.say(f"{prefix} journal: {runs} run(s) with writes not yet in MLflow (an earlier run's), delivered first")
+    return runs
 
 
 def through_outbox(ctx: RunContext, work: Callable[[Outbox, float], bool | None], prefix: str = "[3/4]",
