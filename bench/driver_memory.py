@@ -53,7 +53,7 @@ class NullTracker:
     def log_bytes(self, run_id: str, name: str, data: bytes) -> None:
         pass
 
-    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+    def finish(self, run_id: str, status: str = "FINISHED", end_ms: int | None = None) -> None:
         pass
 
 

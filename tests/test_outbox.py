@@ -92,6 +92,34 @@ def test_operations_are_delivered_in_order_exactly_once_and_acknowledged(tmp_pat
     assert Journal(tmp_path / JOURNAL).pending() == []  # every trial acknowledged
 
 
+def test_a_replay_of_writes_whose_ack_was_lost_leaves_the_runs_as_they_were_end_times_included(tmp_path):
+    """A driver killed after the store took a trial's writes but before their ack: the next run replays them; the
+    run keeps its run id, metrics, status and end time (the finish carries the time it was journaled)."""
+    tracker, parent = tracker_and_parent(tmp_path)
+    outbox = Outbox(tracker, tmp_path / JOURNAL, delays=FAST).start()
+    for key in ("k1", "k2"):
+        trial_ops(outbox, parent, key)
+    assert outbox.drain(30)
+    outbox.close()
+    client = MlflowClient(tracking_uri=tracker.uri)
+
+    def state() -> dict:
+        runs = [r for r in client.search_runs([tracker.experiment_id]) if r.data.tags.get(names.ROLE) == "attack"]
+        return {r.data.tags[names.KEY]: (r.info.run_id, r.info.status, r.info.end_time, r.data.metrics) for r in runs}
+
+    before = state()
+    path = tmp_path / JOURNAL
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True) if '"ack"' not in line))
+    time.sleep(0.05)  # a re-stamped end time would differ
+    replay = Outbox(tracker, path, delays=FAST)
+    assert replay.load_journal() == 2
+    replay.start()
+    assert replay.drain(30)
+    replay.close()
+    assert state() == before
+    assert_exactly_once(tracker, ["k1", "k2"])
+
+
 def test_a_down_store_never_blocks_the_caller_and_the_journal_keeps_everything_for_a_later_sync(tmp_path):
     tracker, parent = tracker_and_parent(tmp_path)
     live = tracker.client
@@ -324,8 +352,8 @@ class RecordingTracker(Tracker):
         super().log_rows(run_id, rows, params, tags)
         self.calls.append((threading.current_thread().name, self._keys.get(run_id, run_id), "rows"))
 
-    def finish(self, run_id, status="FINISHED"):
-        super().finish(run_id, status)
+    def finish(self, run_id, status="FINISHED", end_ms=None):
+        super().finish(run_id, status, end_ms)
         self.calls.append((threading.current_thread().name, self._keys[run_id], "finish"))
 
 

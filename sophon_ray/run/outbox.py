@@ -141,7 +141,9 @@ class Outbox:
         self._put([Op(key, "file", {"path": str(Path(path).resolve()), **({"folder": folder} if folder else {})})])
 
     def finish(self, key: str, status: str) -> None:
-        self._put([Op(key, "finish", {"status": status})])
+        """The run's end, stamped now: a replay of a finish that reached the store before its ack sets the same
+        end time again (the run is unchanged, as for every other operation)."""
+        self._put([Op(key, "finish", {"status": status, "end_time": int(time.time() * 1000)})])
 
     def load_journal(self) -> int:
         """Queue the journal's unacknowledged operations (an earlier run's), ahead of new ones; returns how many
@@ -340,7 +342,7 @@ class Outbox:
                               "the stage that wrote it", op.key, op.data["path"])
             elif op.kind == "finish":
                 self._log(state, [])  # params not logged yet
-                self.tracker.finish(self._run_id(state, op), op.data["status"])
+                self.tracker.finish(self._run_id(state, op), op.data["status"], op.data.get("end_time"))
                 self._finished(state, op)
             else:
                 raise ValueError(f"journal operation {op.kind!r} of trial {op.key} is unknown (open, rows, tag, "

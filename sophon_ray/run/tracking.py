@@ -346,8 +346,10 @@ class Tracker:
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
 
-    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+    def finish(self, run_id: str, status: str = "FINISHED", end_ms: int | None = None) -> None:
+        """End the run with ``status`` at ``end_ms`` (milliseconds since the epoch; None: now)."""
+        end_ms = int(time.time() * 1000) if end_ms is None else int(end_ms)
         if self.rest is not None:
-            self.rest.end_run(run_id, status, int(time.time() * 1000))
+            self.rest.end_run(run_id, status, end_ms)
         else:
-            self.client.set_terminated(run_id, status=status)
+            self.client.set_terminated(run_id, status=status, end_time=end_ms)
