@@ -20,6 +20,7 @@ def run(cmd: list[str], tmp: Path, timeout: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("script", ["experiments/gen_calibrate.py", "experiments/gen_pair.py", "experiments/informed_probe.py",
+                                    "experiments/weight_distance.py",
                                     "tools/offline_wheels.py"])
 def test_script_imports_and_answers_help(script, tmp_path):
     proc = run([sys.executable, str(REPO / script), "--help"], tmp_path, 120)
