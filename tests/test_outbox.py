@@ -627,3 +627,33 @@ def test_the_first_stage_of_a_resumed_run_says_how_many_runs_wait_in_the_journal
     assert tracker.finished_keys("sweep1", "attack") == {"k1", "k2"}
     said.clear()
     assert replay_journal(ctx, Outbox(tracker, tmp_path / JOURNAL), "[1/4]") == 0 and said == []
+
+
+def test_writes_a_store_that_answers_keeps_refusing_end_the_stage_naming_their_error_not_an_outage(tmp_path,
+                                                                                                  monkeypatch):
+    """A write that fails every time while the store answers (a bug, a full disk, a permission) ends the stage with
+    exit 3 and the journal kept, like an outage, but the message says the store answered and names the error."""
+    from types import SimpleNamespace
+
+    from sophon_ray.run.context import Outcome
+    from sophon_ray.run.stages import through_outbox
+
+    tracker, parent = tracker_and_parent(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise TypeError("finish() takes 3 arguments")
+
+    tracker.finish = broken
+    monkeypatch.setenv(WAIT_ENV, "1")
+    said: list[str] = []
+    ctx = SimpleNamespace(tracker=tracker, out=tmp_path, outcome=Outcome("s", 1), say=said.append, outbox=None)
+
+    def work(outbox, wait):
+        outbox.start()
+        trial_ops(outbox, parent, "k1")
+
+    through_outbox(ctx, work, reads=False)
+    assert ctx.outcome.incomplete and ctx.outcome.pending == 1 and not ctx.outcome.store_down
+    assert "TypeError: finish() takes 3 arguments" in ctx.outcome.refused
+    assert "answers but kept failing the writes of 1 run(s)" in said[-1] and str(tmp_path / JOURNAL) in said[-1]
+    assert "did not answer" not in said[-1]

@@ -46,6 +46,7 @@ class Outcome:
     pending: int = 0                   # runs whose results are only in the journal (the store did not answer)
     journal: str = ""                  # that journal, when pending
     store_down: bool = False           # a stage could not read the store it needs (nothing may be pending)
+    refused: str = ""                  # the last error of writes the store answered but kept failing (not an outage)
     stage: str = ""                    # the stage running (the last one begun): defend, pretrain+protect, attack, ...
     stopped_by: int = 0                # the signal (SIGINT, SIGTERM) that stopped the run; 0 when none did
     grid_total: int = 0                # attack grid trials planned ...

@@ -182,14 +182,18 @@ def through_outbox(ctx: RunContext, work: Callable[[Outbox, float], bool | None]
              stats.delivered, stats.failures, stats.busy_s, stats.peak_queue,
              f", last error {stats.last_error}" if stats.last_error else "")
     if not delivered:
-        _incomplete(ctx, prefix, len(outbox.pending_keys()), str(outbox.journal.path), store_down=gone)
+        refused = stats.last_error if not gone and ctx.tracker.answers(0.0, [0.0]) else ""
+        _incomplete(ctx, prefix, len(outbox.pending_keys()), str(outbox.journal.path), store_down=gone,
+                    refused=refused)
 
 
-def _incomplete(ctx: RunContext, prefix: str, pending: int, journal: str, store_down: bool) -> None:
-    """The stage ends the run: the store did not answer (exit 3); ``pending`` runs' writes wait in ``journal``."""
+def _incomplete(ctx: RunContext, prefix: str, pending: int, journal: str, store_down: bool, refused: str = "") -> None:
+    """The stage ends the run (exit 3): the store did not answer, or answered but kept failing the writes
+    (``refused``, their last error); ``pending`` runs' writes wait in ``journal``."""
     outcome = ctx.outcome
     outcome.pending, outcome.journal, outcome.store_down = pending, journal, outcome.store_down or store_down
-    ctx.say(f"{prefix} warning: {pending_text(pending, journal)}")
+    outcome.refused = refused or outcome.refused
+    ctx.say(f"{prefix} warning: {pending_text(pending, journal, refused=refused)}")
 
 
 def _attack_trials(ctx: RunContext, trials: list[Trial], models: dict[str, Path], wait: float) -> None:

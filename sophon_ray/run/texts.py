@@ -16,9 +16,14 @@ if TYPE_CHECKING:
     from sophon_ray.run.plan import Trial
 
 
-def pending_text(pending: int, journal: str, spec_path: str | None = None) -> str:
-    """What a sweep whose results are partly only in the journal says: not complete, where they are, the fix."""
+def pending_text(pending: int, journal: str, spec_path: str | None = None, refused: str = "") -> str:
+    """What a sweep whose results are partly only in the journal says: not complete, where they are, the fix.
+    ``refused``: the last error of writes that a store which answers kept failing (not an outage)."""
     spec = spec_path or "SPEC"
+    if refused:
+        return (f"INCOMPLETE: the MLflow store answers but kept failing the writes of {pending} run(s) (last error: "
+                f"{refused}); they are kept in {journal}. Fix that error (the log has every failure), then deliver "
+                f"them: sophon-ray sync {spec} (or sophon-ray run {spec} --resume, which also finishes the sweep)")
     if not pending:
         return (f"INCOMPLETE: the MLflow store did not answer, and this stage reads it; nothing waits in {journal}. "
                 f"Continue once the store is back: sophon-ray run {spec} --resume")
@@ -116,7 +121,7 @@ def closing_text(outcome: Outcome, seconds: float, spec_path: str | None = None)
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in outcome.stage_seconds.items())
     if outcome.incomplete:
         return "\n".join([f"stopped after {seconds:.0f} s ({stages}); {outcome.trials} trials, {outcome.trials_run} "
-                          "run now", "", pending_text(outcome.pending, outcome.journal, spec_path), "",
+                          "run now", "", pending_text(outcome.pending, outcome.journal, spec_path, outcome.refused), "",
                           f"logs: {outcome.log_dir}"])
     lines = [f"done in {seconds:.0f} s ({stages}); {outcome.trials} trials, {outcome.trials_run} run now"]
     report = outcome.report  # analysis.report.ReportResult, None when no report was made
