@@ -316,6 +316,8 @@ SHIPPED = {
     "dos_official_factors.yaml": ("6adcdcaed4fe", "6960a10c011d", {   # added 2026-12-06 (issue 23)
         "0/0": "727d31c32253", "0/1": "0ba7019fdc95", "0/2": "c0d66c7bf5f0", "1/0": "b11c96214e5a",
         "1/1": "9a5ada259b3f", "1/2": "151c51708ba7"}),
+    "dos_official_iterations.yaml": ("bee2fe2d9e8f", "6960a10c011d", {   # added 2026-12-06 (issue 23)
+        "0/0": "771be9465f02", "0/1": "51296894786f"}),
     "dos_official_small.yaml": ("2ff32b213697", "6960a10c011d", {   # added 2026-12-06 (issue 23)
         "0/0": "9d37de8c5fab", "0/1": "c37125432ac8", "0/2": "aa7ad07d9872", "1/0": "2e7b493d0c25",
         "1/1": "1e5af97bba11", "1/2": "86036ce11dd4"}),
