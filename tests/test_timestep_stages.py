@@ -328,6 +328,7 @@ SHIPPED = {
                                                          "0/2": "c39d686cac5f", "1/0": "bc76cfb96e4f"}),
     "imagenette_cifar10_resnet18.yaml": ("df682082167e", "2e32468e728b", {"0/0": "42fc0315fc37",
                                                                           "1/0": "9e03442ac44e"}),
+    "precondition_budget.yaml": ("32657fb170cc", "6960a10c011d", {}),   # added 2026-12-06 (issue 23)
     "precondition_official.yaml": ("b72f118b8581", "6960a10c011d", {}),   # added 2026-12-06 (issue 23)
     "quickstart.yaml": ("e44bd8b68e61", "c7f892d784f9", {"0/0": "11cdd6e86005"}),
     "quickstart_generation.yaml": ("e6e68c62360f", "66c593c23486", {"0/0": "073f540bc426"}),
