@@ -313,10 +313,16 @@ SHIPPED = {
     "defend_quickstart.yaml": ("c3b691794f2f", "c7f892d784f9", {"0/0": "be9140a71eeb", "1/0": "ad840060239b"}),
     "dos_alone.yaml": ("b81e31567730", "66c593c23486", {"0/0": "95cc8a9913f0", "0/1": "5f354992eca2",   # 2026-12-06
                                                         "0/2": "382ae551647a"}),
+    "dos_official_ddpm.yaml": ("04915589f5bf", "66c593c23486", {   # added 2026-12-06 (issue 23)
+        "0/0": "96dc08e282f6", "0/1": "9ddac92fe743", "0/2": "35965ff1e7ab"}),
     "dos_official_factors.yaml": ("6adcdcaed4fe", "6960a10c011d", {   # added 2026-12-06 (issue 23)
         "0/0": "727d31c32253", "0/1": "0ba7019fdc95", "0/2": "c0d66c7bf5f0", "1/0": "b11c96214e5a",
         "1/1": "9a5ada259b3f", "1/2": "151c51708ba7"}),
+    "dos_official_inner.yaml": ("069b1003cc01", "6960a10c011d", {   # added 2026-12-06 (issue 23)
+        "0/0": "280369c8f1b5", "0/1": "54e1ab3fb818", "0/2": "5ed2a4d23098"}),
     "dos_official_iterations.yaml": ("bee2fe2d9e8f", "6960a10c011d", {   # added 2026-12-06 (issue 23)
+        "0/0": "771be9465f02", "0/1": "51296894786f"}),
+    "dos_official_pool.yaml": ("2b6a26093922", "6960a10c011d", {   # added 2026-12-06 (issue 23)
         "0/0": "771be9465f02", "0/1": "51296894786f"}),
     "dos_official_small.yaml": ("2ff32b213697", "6960a10c011d", {   # added 2026-12-06 (issue 23)
         "0/0": "9d37de8c5fab", "0/1": "c37125432ac8", "0/2": "aa7ad07d9872", "1/0": "2e7b493d0c25",
