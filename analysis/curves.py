@@ -20,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from analysis.heatmaps import DPI, describe, section_prefix, save
+from analysis.heatmaps import DPI, describe, fit_title, legend_columns, section_prefix, save
 from analysis.cli import parse_source_args, source_parser
 from analysis.runs import OPTIMIZER_ORDER, STRATEGY_ORDER, WHERE, find_sweep, load_curves, load_runs
 from analysis.tables import SECONDARY, base_slice, in_order
@@ -100,8 +100,9 @@ def figure(lines: pd.DataFrame, title: str, subtitle: str, metric: names.Metric 
     palette = colours(labels)
     ncols = min(4, len(optimizers))
     nrows = math.ceil(len(optimizers) / ncols)
-    fig = Figure(figsize=(3.6 * ncols + 0.6, 2.9 * nrows + 1.4), layout="constrained", dpi=DPI)
-    fig.suptitle(f"{title}\n{subtitle}", fontsize=11)
+    width = 3.6 * ncols + 0.6
+    fig = Figure(figsize=(width, 2.9 * nrows + 1.4), layout="constrained", dpi=DPI)
+    fig.suptitle(fit_title(f"{title}\n{subtitle}", width), fontsize=11)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
     for ax, optimizer in zip(axes, optimizers):
         for row in lines[lines["optimizer"] == optimizer].itertuples():
@@ -121,8 +122,9 @@ def figure(lines: pd.DataFrame, title: str, subtitle: str, metric: names.Metric 
     styles = [Line2D([], [], color="black", linestyle=LR_STYLES[k % len(LR_STYLES)],
                      marker=LR_MARKERS[k % len(LR_MARKERS)], markersize=3.5, label=f"lr {lr:g}")
               for k, lr in enumerate(lrs)]
-    fig.legend(handles=subjects + styles, loc="outside lower center", ncols=min(len(subjects + styles), 4 * ncols),
-               fontsize=9, frameon=False)
+    handles = subjects + styles
+    columns = legend_columns([handle.get_label() for handle in handles], width)
+    fig.legend(handles=handles, loc="outside lower center", ncols=columns, fontsize=9, frameon=False)
     return fig
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,25 @@ def figure(all_panels: Sequence[Panel], title: str, subtitle: str, row_label: st
         if isinstance(norm, TwoSlopeNorm):  # its default ticks can leave the short side unlabelled
             bar.set_ticks(sorted({*np.linspace(norm.vmin, 0.0, 3), *np.linspace(0.0, norm.vmax, 3)}))
     return fig
+
+
+# Characters an inch of DejaVu Sans (matplotlib's default face), measured with one to spare: 11 pt sets about 13,
+# 9 pt about 15.5. Titles and legends are laid out with these so that a narrow (one-panel) figure keeps them inside.
+TITLE_CHARS_PER_INCH = 12.0
+LEGEND_INCH_PER_CHAR = 0.07
+LEGEND_HANDLE_INCH = 0.7
+
+
+def fit_title(text: str, width_in: float) -> str:
+    """``text`` with every line wrapped to the width of a ``width_in``-inch figure at the 11 pt title size."""
+    chars = max(20, int(width_in * TITLE_CHARS_PER_INCH))
+    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+
+
+def legend_columns(labels: Sequence[str], width_in: float) -> int:
+    """How many legend entries (9 pt) fit side by side in a ``width_in``-inch figure: at least 1."""
+    widest = max(LEGEND_HANDLE_INCH + LEGEND_INCH_PER_CHAR * len(label) for label in labels)
+    return max(1, min(len(labels), int(width_in // widest)))
 
 
 def save(fig: Figure, path: Path) -> Path:

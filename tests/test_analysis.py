@@ -199,6 +199,28 @@ def test_report_writes_valid_pngs(report):
         assert image.std() > 0.05, f"{path} looks blank"
 
 
+def test_a_one_panel_curves_figure_keeps_its_title_and_legend_inside():
+    """A sweep with one optimizer and a long variant name draws one narrow panel: the title is wrapped and the
+    legend split into rows so that neither runs off the figure (they did: the PNG cut both at its edges)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from analysis.curves import figure
+    lines = pd.DataFrame([{"label": label, "optimizer": "adam", "lr": lr, "curve": [1.0, 20.0, 40.0]}
+                          for label in ("protected (dos-official-adam-sim-fts-200)", "normal", "scratch")
+                          for lr in (1e-4, 1e-3)])
+    title = ("dos-official-pool (sweep 2b6a26093922) — direct-all: restricted-domain denoising skill, "
+             "% after fine-tuning")
+    fig = figure(lines, title, "mean over seeds; batch_size 32; data_fraction 0.05; schedule constant; epochs 20")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    inside = fig.bbox.expanded(1.0, 1.0)
+    for artist in (fig._suptitle, fig.legends[0]):
+        box = artist.get_window_extent(renderer)
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, \
+            (artist, box, fig.bbox)
+
+
 def test_summary_has_hand_computed_numbers(report):
     text = report.summary.read_text()
     # Intactness: 95.0 normal vs 93.5 protected.
