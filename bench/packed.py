@@ -34,6 +34,7 @@ import harness  # noqa: E402
 
 from sophon_ray.core.attack import finetune  # noqa: E402
 from sophon_ray.core.data import load_domain  # noqa: E402
+from sophon_ray.core import packed as packed_module  # noqa: E402
 from sophon_ray.core.packed import INITIAL_EVALUATIONS, finetune_pack  # noqa: E402
 from sophon_ray.modes import build_model  # noqa: E402
 from sophon_ray.modes.classification.task import CLASSIFICATION  # noqa: E402
@@ -55,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--strategy", default="direct-all")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a Tune trial gets 1)")
+    parser.add_argument("--unfolded", action="store_true", help="also time grouped packs whose evaluation keeps "
+                        "its BatchNorms (core.packed.folded_batch_norms off): the fold's own gain")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks the script only")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -85,7 +88,16 @@ def contenders(args: argparse.Namespace, n: int, model: torch.nn.Module, train, 
             return (harness.now() - start) / n
         return run
 
-    return {"sequential": sequential, **{f: pack(f) for f in args.formulations}}
+    def unfolded() -> float:
+        fold = packed_module.folded_batch_norms
+        packed_module.folded_batch_norms = lambda layers, params, buffers: (params, layers)
+        try:
+            return pack("grouped")()
+        finally:
+            packed_module.folded_batch_norms = fold
+
+    return {"sequential": sequential, **{f: pack(f) for f in args.formulations},
+            **({"grouped-unfolded": unfolded} if args.unfolded else {})}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         samples = harness.interleave(contenders(args, n, model, train, test), args.rounds)
         per_member = {name: statistics.median(s) for name, s in samples.items()}
         speedup = {f: statistics.median(harness.paired_ratios(samples["sequential"], samples[f]))
-                   for f in args.formulations}
+                   for f in samples if f != "sequential"}
         rows.append({"members": n, "seconds_per_member": {k: round(v, 5) for k, v in per_member.items()},
                      "speedup_vs_sequential": {k: round(v, 3) for k, v in speedup.items()}})
     payload = {"name": "packed", "smoke": args.smoke, "threads": args.threads, "nproc": os.cpu_count(),

@@ -23,8 +23,8 @@ from sophon_ray.core import packed as packed_module
 from sophon_ray.core.attack import FinetuneResult, finetune
 from sophon_ray.core.data import load_domain
 from sophon_ray.core.packed import (
-    FORMULATIONS, PER_MEMBER, PackedOptimizer, finetune_pack, grouped_layers, pack_key, why_model_not_packable,
-    why_not_packable)
+    FORMULATIONS, PER_MEMBER, PackedOptimizer, finetune_pack, folded_batch_norms, grouped_forward, grouped_layers,
+    memory_format_of, pack_key, why_model_not_packable, why_not_packable)
 from sophon_ray.core.training import pretrain
 from sophon_ray.modes.classification.models import Net, convnet, convnet_nobn
 from sophon_ray.modes.classification.task import CLASSIFICATION
@@ -184,6 +184,41 @@ def test_conv_biases_without_batchnorm_pack_grouped(data):
     model = _subject(convnet_nobn)
     assert not isinstance(grouped_layers(model), str)
     assert_same(model, data, _members("nesterov")[:2], "grouped")
+
+
+def _biased_conv_then_batchnorm() -> nn.Module:
+    torch.manual_seed(1)
+    body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Net(body, nn.Sequential(nn.Linear(4, CLASSES)))
+
+
+@pytest.mark.parametrize("which", ["convnet", "biased conv"])
+def test_evaluation_folds_every_batchnorm_into_its_convolution_and_keeps_each_members_logits(subject, data, which):
+    """A packed evaluation runs each Conv2d -> BatchNorm2d as one folded convolution; every member's logits stay
+    its own eval-mode model's (members with different weights and BatchNorm statistics, with and without a conv
+    bias)."""
+    model = subject if which == "convnet" else _biased_conv_then_batchnorm()
+    members = [copy.deepcopy(model).eval() for _ in range(3)]
+    generator = torch.Generator().manual_seed(5)
+    for member in members:
+        for layer in member.modules():
+            if isinstance(layer, nn.BatchNorm2d):
+                layer.running_mean.add_(torch.randn(layer.running_mean.shape, generator=generator))
+                layer.running_var.mul_(torch.rand(layer.running_var.shape, generator=generator) + 0.5)
+                layer.weight.data.add_(torch.randn(layer.weight.shape, generator=generator) * 0.3)
+    params, buffers = torch.func.stack_module_state(members)
+    layers = grouped_layers(model)
+    _, kept = folded_batch_norms(layers, params, buffers)
+    norms = sum(isinstance(layer, nn.BatchNorm2d) for _, layer in layers)
+    assert norms > 0 and len(kept) == len(layers) - norms
+    assert not any(isinstance(layer, nn.BatchNorm2d) for _, layer in kept)
+    x = torch.stack([data.test[i][0] for i in range(16)])
+    forward = grouped_forward(layers, params, buffers, False, memory_format_of(model))
+    with torch.no_grad():
+        packed_logits = forward(x, True, False)
+        alone = torch.stack([member(x.contiguous(memory_format=memory_format_of(model))) for member in members])
+    assert (packed_logits - alone).abs().max().item() < 1e-4
 
 
 def test_the_comparison_sees_weight_decay_and_schedules(subject, data):

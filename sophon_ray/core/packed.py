@@ -16,7 +16,8 @@ then each batch's augmentation). Their parameters and buffers are then stacked a
   parts are ``nn.Sequential`` s of convolutions, BatchNorm2d, pooling, activations, one Flatten and Linears (the
   convnets) as one wide model: a convolution becomes one convolution of M x groups groups over the members'
   channels side by side (``[B, M*C, H, W]``), a BatchNorm one BatchNorm over M x C channels (per-member statistics
-  by construction), a Linear one batched matmul. ``auto`` (the default) takes ``grouped`` where the model allows it
+  by construction; in evaluation folded into the convolution before it, :func:`folded_batch_norms`), a Linear one
+  batched matmul. ``auto`` (the default) takes ``grouped`` where the model allows it
   (checked on a probe batch against ``vmap``), else ``vmap``. ``grouped`` avoids the layout copies vmap's batching
   rules make around every layer. bench/packed.py measures both against sequential ``finetune`` calls: on this
   project's CPU (1 thread, convnet, 8 px) grouped packs of 8-32 took half the time per member, vmap packs about
@@ -289,16 +290,38 @@ def grouped_forward(layers: list[tuple[str, nn.Module]], params: dict[str, Tenso
 
     def forward(x: Tensor, shared: bool, training: bool) -> Tensor:
         bn_training = training and not freeze_bn
+        p, run = (params, layers) if training else folded_batch_norms(layers, params, buffers)
         if shared and plain_first:   # one batch for all: one plain convolution into the M x O channels
-            h = _conv(x.contiguous(memory_format=fmt), first, params, prefix, groups=1)
-            rest = layers[1:]
+            h = _conv(x.contiguous(memory_format=fmt), first, p, prefix, groups=1)
+            rest = run[1:]
         else:
-            h, rest = _side_by_side(x.expand(members, *x.shape) if shared else x, fmt), layers
+            h, rest = _side_by_side(x.expand(members, *x.shape) if shared else x, fmt), run
         for name, layer in rest:
-            h = _grouped_layer(h, name, layer, params, buffers, members, bn_training)
+            h = _grouped_layer(h, name, layer, p, buffers, members, bn_training)
         return h
 
     return forward
+
+
+def folded_batch_norms(layers: list[tuple[str, nn.Module]], params: dict[str, Tensor], buffers: dict[str, Tensor]
+                       ) -> tuple[dict[str, Tensor], list[tuple[str, nn.Module]]]:
+    """For evaluation: every BatchNorm2d right after a Conv2d folded into that convolution (weight x
+    ``w / sqrt(var + eps)``, bias ``(bias - mean) x that + b``), as ``torch.nn.utils.fuse_conv_bn_eval`` folds one
+    model; the parameters with the folded convolutions' weights and biases, and the layers without those
+    BatchNorms. An evaluation BatchNorm is a pass over the widest activations (a quarter of a packed evaluation's
+    time on the CPU, bench/packed.py); its fold changes the logits by float32 rounding only."""
+    out, skip = dict(params), set()
+    for (conv_name, conv), (bn_name, bn) in zip(layers, layers[1:]):
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            scale = params[bn_name + "weight"] * torch.rsqrt(buffers[bn_name + "running_var"] + bn.eps)
+            weight = params[conv_name + "weight"]
+            out[conv_name + "weight"] = weight * scale.view(*scale.shape, *[1] * (weight.dim() - scale.dim()))
+            bias = params.get(conv_name + "bias")
+            mean = buffers[bn_name + "running_mean"] if bias is None else buffers[bn_name + "running_mean"] - bias
+            out[conv_name + "bias"] = params[bn_name + "bias"] - mean * scale
+            skip.add(bn_name)
+    kept = [(name, layer) for name, layer in layers if name not in skip]
+    return out, kept
 
 
 def _side_by_side(x: Tensor, memory_format: torch.memory_format) -> Tensor:
