@@ -320,10 +320,10 @@ SHIPPED = {
         "1/1": "9a5ada259b3f", "1/2": "151c51708ba7"}),
     "dos_official_inner.yaml": ("069b1003cc01", "6960a10c011d", {   # added 2026-12-06 (issue 23)
         "0/0": "280369c8f1b5", "0/1": "54e1ab3fb818", "0/2": "5ed2a4d23098"}),
-    "dos_official_iterations.yaml": ("bee2fe2d9e8f", "6960a10c011d", {   # added 2026-12-06 (issue 23)
-        "0/0": "771be9465f02", "0/1": "51296894786f"}),
-    "dos_official_pool.yaml": ("2b6a26093922", "6960a10c011d", {   # added 2026-12-06 (issue 23)
-        "0/0": "771be9465f02", "0/1": "51296894786f"}),
+    "dos_official_iterations.yaml": ("44aea465c43a", "6960a10c011d", {   # 2026-12-07: a third seed (issue 23)
+        "0/0": "771be9465f02", "0/1": "51296894786f", "0/2": "2a9ba94da89e"}),
+    "dos_official_pool.yaml": ("3cc920e265b6", "6960a10c011d", {   # 2026-12-07: a third seed (issue 23)
+        "0/0": "771be9465f02", "0/1": "51296894786f", "0/2": "2a9ba94da89e"}),
     "dos_official_small.yaml": ("2ff32b213697", "6960a10c011d", {   # added 2026-12-06 (issue 23)
         "0/0": "9d37de8c5fab", "0/1": "c37125432ac8", "0/2": "aa7ad07d9872", "1/0": "2e7b493d0c25",
         "1/1": "1e5af97bba11", "1/2": "86036ce11dd4"}),
