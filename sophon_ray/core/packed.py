@@ -309,7 +309,8 @@ def folded_batch_norms(layers: list[tuple[str, nn.Module]], params: dict[str, Te
     ``w / sqrt(var + eps)``, bias ``(bias - mean) x that + b``), as ``torch.nn.utils.fuse_conv_bn_eval`` folds one
     model; the parameters with the folded convolutions' weights and biases, and the layers without those
     BatchNorms. An evaluation BatchNorm is a pass over the widest activations (a quarter of a packed evaluation's
-    time on the CPU, bench/packed.py); its fold changes the logits by float32 rounding only."""
+    CPU time, profiled; the fold's gain is ``bench/packed.py --unfolded``, bench/NOTES.md); its fold changes the
+    logits by float32 rounding only."""
     out, skip = dict(params), set()
     for (conv_name, conv), (bn_name, bn) in zip(layers, layers[1:]):
         if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
