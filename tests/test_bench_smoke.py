@@ -170,10 +170,11 @@ def test_packed_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_packed_stage_smoke(tmp_path):
-    """Slow: 133 s measured (load 2.3): three `sophon-ray run`s of a tiny quickstart (one trains the models, then
-    attack.pack 1 and auto reuse them); each pays Ray's start."""
+    """Slow: 130 s measured (load 0.5): two `sophon-ray run`s of a tiny quickstart (the first trains the models and,
+    with --time-first, is attack.pack 1's round; attack.pack auto reuses them); each pays Ray's start."""
     out = tmp_path / "packed_stage.md"
-    proc = run([sys.executable, str(BENCH / "packed_stage.py"), "--smoke", "--out", str(out)], tmp_path)
+    proc = run([sys.executable, str(BENCH / "packed_stage.py"), "--smoke", "--time-first", "--out", str(out)],
+               tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = check_section(out, "packed_stage", ["attack stage s", "Tune trials", "trial process peak RSS MiB"])
     runs = payload["data"]["runs"]
@@ -181,6 +182,8 @@ def test_packed_stage_smoke(tmp_path):
     assert runs["1"][0]["trials_run"] == runs["auto"][0]["trials_run"] == 12   # 4 recipes x 3 subjects
     assert runs["1"][0]["tune_trials"] == 12 and runs["auto"][0]["tune_trials"] == 4   # scratch: a pack per seed
     assert all(r["stages"]["attack"] > 0 for rs in runs.values() for r in rs)
+    assert runs["1"] == [payload["data"]["first"]]   # the first run, which trained the models, is pack 1's round
+    assert runs["1"][0]["stages"]["pretrain+protect"] > runs["auto"][0]["stages"]["pretrain+protect"]
 
 
 def test_collect_orders_sections_under_a_machine_header(tmp_path):
