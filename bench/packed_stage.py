@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
                         "as that contender's first round; the other contenders then run --rounds times, after it")
     args = parser.parse_args(argv)
     args.packs = args.packs.split(",")
+    args.spec = str(Path(args.spec).resolve())   # the runs' working directory is a temporary one
     args.sets = (SMOKE_SETS if args.smoke else []) + args.sets
     return args
 
