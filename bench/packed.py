@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a Tune trial gets 1)")
     parser.add_argument("--unfolded", action="store_true", help="also time grouped packs whose evaluation keeps "
                         "its BatchNorms (core.packed.folded_batch_norms off): the fold's own gain")
+    parser.add_argument("--mixed-formats", action="store_true", help="also time grouped packs whose training lets "
+                        "the gradient arrive contiguous at channels-last activations (core.packed.FORMAT_EXITS "
+                        "empty): the gradient format guard's own gain")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round: checks the script only")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -96,8 +99,17 @@ def contenders(args: argparse.Namespace, n: int, model: torch.nn.Module, train, 
         finally:
             packed_module.folded_batch_norms = fold
 
+    def mixed_formats() -> float:
+        exits = packed_module.FORMAT_EXITS
+        packed_module.FORMAT_EXITS = ()
+        try:
+            return pack("grouped")()
+        finally:
+            packed_module.FORMAT_EXITS = exits
+
     return {"sequential": sequential, **{f: pack(f) for f in args.formulations},
-            **({"grouped-unfolded": unfolded} if args.unfolded else {})}
+            **({"grouped-unfolded": unfolded} if args.unfolded else {}),
+            **({"grouped-mixed-formats": mixed_formats} if args.mixed_formats else {})}
 
 
 def main(argv: list[str] | None = None) -> dict:

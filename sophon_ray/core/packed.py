@@ -297,10 +297,32 @@ def grouped_forward(layers: list[tuple[str, nn.Module]], params: dict[str, Tenso
         else:
             h, rest = _side_by_side(x.expand(members, *x.shape) if shared else x, fmt), run
         for name, layer in rest:
+            if training and h.dim() == 4 and isinstance(layer, FORMAT_EXITS):
+                h = _GradientsIn.apply(h, fmt)
             h = _grouped_layer(h, name, layer, p, buffers, members, bn_training)
         return h
 
     return forward
+
+
+FORMAT_EXITS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)   # where 4-D activations end
+
+
+class _GradientsIn(torch.autograd.Function):
+    """Identity whose gradient is made ``fmt``: where the activations leave the memory format (pooled to one value,
+    flattened), the gradient flowing back arrives contiguous, and every elementwise backward upstream of a
+    channels-last activation (ReLU's, BatchNorm's) would then run TensorIterator's mixed-format path, 10-30x slower
+    per element than with matching formats on the CPU (measured: ``threshold_backward`` on [32, 384, 4, 4], 1.0 vs
+    0.04 ms)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, fmt: torch.memory_format) -> Tensor:
+        ctx.fmt = fmt
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad.contiguous(memory_format=ctx.fmt), None
 
 
 def folded_batch_norms(layers: list[tuple[str, nn.Module]], params: dict[str, Tensor], buffers: dict[str, Tensor]
