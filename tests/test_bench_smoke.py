@@ -168,6 +168,49 @@ def test_packed_smoke(tmp_path):
     assert all(set(r["speedup_vs_sequential"]) == {"grouped", "vmap"} for r in payload["results"])
 
 
+def test_float_paths_smoke(tmp_path):
+    """No Ray. One JSON line: per recipe, each float path's departure from the reference trial."""
+    proc = run([sys.executable, str(BENCH / "float_paths.py"), "--smoke"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(payload["recipes"]) == {"sgd 0.001", "momentum 0.01", "adam 0.001", "adam 0.01"}
+    for paths in payload["recipes"].values():
+        assert set(paths) == {"2 threads", "contiguous weights", "packed (member 0 of 4)"}
+        assert all(p["max_abs"] >= 0 for p in paths.values())
+    assert payload["recipes"]["sgd 0.001"]["packed (member 0 of 4)"]["first_epoch_over"] is None
+
+
+def test_pack_agreement_reads_two_real_mlflow_stores(tmp_path):
+    """Two SQLite MLflow stores with the same trial names: one curve leaves the tolerance at epoch 2 (its final
+    score 3 points apart), one stays inside it, one lone trial matches exactly."""
+    code = """
+import sys, mlflow
+curves = {"eva/x/normal/direct-all/adam/lr0.01/bs32/s0": [1.0, 0.8, 0.6 + float(sys.argv[2])],
+          "eva/x/normal/direct-all/sgd/lr0.001/bs32/s0": [1.0, 0.9, 0.8 + float(sys.argv[2]) / 1e4],
+          "eva/x/normal/direct-all/sgd/lr0.001/bs32/warm_start=original/s0": [1.0, 0.9, 0.8]}
+mlflow.set_tracking_uri(sys.argv[1])
+for name, losses in curves.items():
+    with mlflow.start_run(run_name=name):
+        for step, loss in enumerate(losses):
+            mlflow.log_metric("restricted_loss", loss, step=step)
+            mlflow.log_metric("restricted_acc", 50.0 + (3.0 if "adam" in name and float(sys.argv[2]) else 0), step=step)
+"""
+    for name, shift in (("a", "0"), ("b", "0.5")):
+        proc = subprocess.run([sys.executable, "-c", code, f"sqlite:///{tmp_path / name}.db", shift], cwd=tmp_path,
+                              env=process_env(MLFLOW_DISABLE_TELEMETRY="true"), text=True, capture_output=True,
+                              timeout=TIMEOUT_S)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run([sys.executable, str(BENCH / "pack_agreement.py"), str(tmp_path / "a.db"), str(tmp_path / "b.db")],
+               tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert payload["trials"] == 3 and payload["curve_leaves_tolerance"] == 1
+    assert payload["first_departure_epochs"] == {"2": 1}
+    assert payload["final_acc_abs_diff"]["max"] == 3.0 and payload["final_acc_abs_diff"]["over_1_point"] == 1
+    assert payload["alone_in_both"] == 1 and payload["alone_leaving_tolerance"] == 0
+    assert payload["leaving_by_optimizer_lr"] == {"adam 0.01": "1/1", "sgd 0.001": "0/2"}
+
+
 @pytest.mark.slow
 def test_packed_stage_smoke(tmp_path):
     """Slow: 130 s measured (load 0.5): two `sophon-ray run`s of a tiny quickstart (the first trains the models and,
