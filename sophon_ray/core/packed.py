@@ -310,10 +310,10 @@ FORMAT_EXITS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)   # wher
 
 class _GradientsIn(torch.autograd.Function):
     """Identity whose gradient is made ``fmt``: where the activations leave the memory format (pooled to one value,
-    flattened), the gradient flowing back arrives contiguous, and every elementwise backward upstream of a
-    channels-last activation (ReLU's, BatchNorm's) would then run TensorIterator's mixed-format path, 10-30x slower
-    per element than with matching formats on the CPU (measured: ``threshold_backward`` on [32, 384, 4, 4], 1.0 vs
-    0.04 ms)."""
+    flattened), the gradient flowing back arrives contiguous, and the backward of the channels-last activation before
+    it (the convnet's last ReLU) would run TensorIterator's mixed-format path, 10-30x slower per element than with
+    matching formats on the CPU (``threshold_backward`` on [32, 384, 4, 4]: 1.0 vs 0.04 ms). On a whole pack that
+    is 1-2 % on quiet cores and more under memory contention (bench/NOTES.md, ``bench/packed.py --mixed-formats``)."""
 
     @staticmethod
     def forward(ctx: Any, h: Tensor, fmt: torch.memory_format) -> Tensor:
