@@ -91,25 +91,22 @@ def contenders(args: argparse.Namespace, n: int, model: torch.nn.Module, train, 
             return (harness.now() - start) / n
         return run
 
-    def unfolded() -> float:
-        fold = packed_module.folded_batch_norms
-        packed_module.folded_batch_norms = lambda layers, params, buffers: (params, layers)
-        try:
-            return pack("grouped")()
-        finally:
-            packed_module.folded_batch_norms = fold
+    def grouped_without(name: str, replacement: object) -> Callable[[], float]:
+        """A grouped pack with one of core.packed's optimisations (the module attribute ``name``) replaced."""
+        def run() -> float:
+            kept = getattr(packed_module, name)
+            setattr(packed_module, name, replacement)
+            try:
+                return pack("grouped")()
+            finally:
+                setattr(packed_module, name, kept)
+        return run
 
-    def mixed_formats() -> float:
-        exits = packed_module.FORMAT_EXITS
-        packed_module.FORMAT_EXITS = ()
-        try:
-            return pack("grouped")()
-        finally:
-            packed_module.FORMAT_EXITS = exits
-
+    ablations = {"grouped-unfolded": (args.unfolded, "folded_batch_norms",
+                                      lambda layers, params, buffers: (params, layers)),
+                 "grouped-mixed-formats": (args.mixed_formats, "FORMAT_EXITS", ())}
     return {"sequential": sequential, **{f: pack(f) for f in args.formulations},
-            **({"grouped-unfolded": unfolded} if args.unfolded else {}),
-            **({"grouped-mixed-formats": mixed_formats} if args.mixed_formats else {})}
+            **{label: grouped_without(name, value) for label, (on, name, value) in ablations.items() if on}}
 
 
 def main(argv: list[str] | None = None) -> dict:
