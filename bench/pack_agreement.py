@@ -16,38 +16,44 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sqlite3
 import statistics
+import sys
 from collections import Counter
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from analysis.runs import load_curves  # noqa: E402
 
 OPTIMIZER_LR = re.compile(r"/(?P<optimizer>sgd|momentum|nesterov|adamw|adam|rmsprop|adagrad)/lr(?P<lr>[^/]+)/")
 ALONE = ("adapt=", "warm_start=")
 
 
-def curves(store: Path) -> dict[str, dict[str, dict[int, float]]]:
-    """run name -> metric -> step -> value, for the per-epoch curves."""
-    out: dict[str, dict[str, dict[int, float]]] = {}
-    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
-        for name, key, step, value in db.execute(
-                "select r.name, m.key, m.step, m.value from metrics m join runs r on r.run_uuid = m.run_uuid "
-                "where m.key in ('restricted_loss', 'restricted_acc')"):
-            out.setdefault(name, {}).setdefault(key, {})[step] = value
-    return out
+def curves(store: Path) -> dict[str, dict[str, list[float]]]:
+    """run name -> metric -> its values by epoch (``analysis.runs.load_curves``: a retried step keeps its latest
+    value), for every run of the store that logged a loss curve."""
+    import mlflow  # noqa: PLC0415
+
+    uri = f"sqlite:///{store}"
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(search_all_experiments=True)
+    names = dict(zip(runs["run_id"], runs["tags.mlflow.runName"]))
+    metrics = {key: load_curves(uri, names, key) for key in ("restricted_loss", "restricted_acc")}
+    return {name: {key: metrics[key][run_id] for key in metrics}
+            for run_id, name in names.items() if metrics["restricted_loss"][run_id]}
 
 
-def first_departure(a: dict[int, float], b: dict[int, float], tolerance: float) -> int | None:
-    """The first step at which the two curves differ by more than ``tolerance`` (None: never)."""
-    return next((s for s in sorted(a) if s in b and abs(a[s] - b[s]) > tolerance), None)
+def first_departure(a: list[float], b: list[float], tolerance: float) -> int | None:
+    """The first epoch at which the two curves differ by more than ``tolerance`` (None: never)."""
+    return next((epoch for epoch, (u, v) in enumerate(zip(a, b)) if abs(u - v) > tolerance), None)
 
 
 def agreement(unpacked: Path, packed: Path, tolerance: float = 1e-4) -> dict:
     """The figures above, for the trials both stores hold."""
     a, b = curves(unpacked), curves(packed)
-    names = sorted(n for n in set(a) & set(b) if "restricted_loss" in a[n] and "restricted_loss" in b[n])
+    names = sorted(set(a) & set(b))
     departures = {n: first_departure(a[n]["restricted_loss"], b[n]["restricted_loss"], tolerance) for n in names}
-    finals = {n: abs(a[n]["restricted_acc"][max(a[n]["restricted_acc"])] - b[n]["restricted_acc"][max(b[n]["restricted_acc"])])
-              for n in names if "restricted_acc" in a[n] and "restricted_acc" in b[n]}
+    finals = {n: abs(a[n]["restricted_acc"][-1] - b[n]["restricted_acc"][-1])
+              for n in names if a[n]["restricted_acc"] and b[n]["restricted_acc"]}
     left = [n for n, d in departures.items() if d is not None]
     by_recipe, total = Counter(), Counter()
     for n in names:
@@ -72,6 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("packed", type=Path, help="the packed run's mlflow.db")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     args = parser.parse_args(argv)
+    for store in (args.unpacked, args.packed):
+        if not store.is_file() or store.stat().st_size == 0:
+            parser.error(f"{store}: no MLflow store there; give a finished run's mlflow.db (bench/packed_stage.py "
+                         "keeps each run's in its working directory)")
     payload = agreement(args.unpacked, args.packed, args.tolerance)
     print(json.dumps(payload))
     return payload
