@@ -168,6 +168,18 @@ def test_packed_smoke(tmp_path):
     assert all(set(r["speedup_vs_sequential"]) == {"grouped", "vmap"} for r in payload["results"])
 
 
+def test_pack_size_smoke(tmp_path):
+    """No Ray; ~15 s. The section: per shape auto's N (the cache rule) and the speed-up of every N measured."""
+    out = tmp_path / "pack_size.md"
+    proc = run([sys.executable, str(BENCH / "pack_size.py"), "--smoke", "--out", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["data"]["rows"]
+    assert [(r["image_size"], r["batch_size"], r["widest"], r["auto"]) for r in rows] == [(8, 16, 1024, 32),
+                                                                                         (16, 64, 4096, 4)]
+    assert all(set(r["speedups"]) == {"2", "4"} for r in rows)       # JSON keys
+    assert "| 16 | 64 | 4096 |" in out.read_text() and "SMOKE" in out.read_text()
+
+
 def test_float_paths_smoke(tmp_path):
     """No Ray. One JSON line: per recipe, each float path's departure from the reference trial."""
     proc = run([sys.executable, str(BENCH / "float_paths.py"), "--smoke"], tmp_path)

@@ -9,8 +9,10 @@ import pytest
 from mlflow import MlflowClient
 
 from sophon_ray import names
-from sophon_ray.run.packing import (CPU_PACK, GPU_PACK_CAP, balanced_chunks, largest_first, pack_id, pack_lines,
-                                    pack_size, plan_for, plan_packs)
+from sophon_ray.core.packed import Footprint, footprint
+from sophon_ray.modes import build_model
+from sophon_ray.run.packing import (CPU_PACK_BYTES, CPU_PACK_CAP, GPU_PACK_CAP, balanced_chunks, cpu_pack_size,
+                                    largest_first, pack_id, pack_lines, pack_size, plan_for, plan_packs)
 from sophon_ray.run.plan import plan_trials
 from sophon_ray.run.texts import dry_run_text
 from sophon_ray.run.validate import load_spec, parse_spec
@@ -91,12 +93,74 @@ def test_trials_that_cannot_pack_run_alone_with_the_reason():
     assert not generation.packs and all("classification-only" in why for _, why in generation.alone)
 
 
-def test_auto_is_eight_on_the_cpu_and_bounded_by_the_gpu_memory():
-    assert pack_size(spec_with("auto")) == CPU_PACK and pack_size(spec_with(5)) == 5
+def test_the_footprint_is_the_models_parameters_and_its_activations_per_sample():
+    """The quickstart's convnet at 16 px: its first convolution's 16 x 16 x 16 output is the widest activation."""
+    spec = load_spec(REPO / "sweeps" / "quickstart.yaml")
+    model = build_model(spec.model, 3, 16).train()
+    found = footprint(model, 3, 16)
+    assert found.parameters == sum(p.numel() for p in model.parameters()) and found.widest == 16 * 16 * 16
+    assert found.activations > 3 * found.widest and model.training            # left in the mode it was in
+    assert footprint(model, 3, 32).widest == 4 * found.widest                  # 4x the pixels
+
+
+def test_auto_on_the_cpu_keeps_the_packs_widest_activation_within_the_budget():
+    convnet_16px = 16 * 16 * 16
+    assert [cpu_pack_size(b, convnet_16px) for b in (16, 32, 64, 128, 256)] == [16, 8, 4, 2, 1]
+    assert cpu_pack_size(32, convnet_16px // 4) == CPU_PACK_CAP == 32             # 8 px: capped
+    for batch, widest in [(32, 4096), (100, 1000), (7, 333), (1, 1)]:
+        n = cpu_pack_size(batch, widest)
+        assert n == CPU_PACK_CAP or (n * batch * widest * 4 <= CPU_PACK_BYTES < (n + 1) * batch * widest * 4)
+    model = Footprint(parameters=28_506, widest=convnet_16px, activations=23_306)
+    assert pack_size(spec_with("auto"), 32, model) == 8 and pack_size(spec_with(5), 128) == 5
+    with pytest.raises(ValueError, match="footprint"):
+        pack_size(spec_with("auto"), 32)
+
+
+def test_auto_on_the_cpu_leaves_a_model_only_vmap_packs_alone_and_a_number_packs_it():
+    """resnet18's residual blocks have no grouped form; its vmap packs ran 0.56-0.73x lone trials on this CPU."""
+    def resnet_with(pack):
+        return parse_spec({"model": {"arch": "resnet18", "num_classes": 10},
+                           "attack": {"subjects": ["normal"], "evaluation": GRID, "pack": pack}})
+
+    resnet = resnet_with("auto")
+    found = footprint(build_model(resnet.model, 3, 16), 3, 16)
+    assert found.vmap_only is not None and "Sequential" in found.vmap_only
+    assert pack_size(resnet, 32, found) == 1
+    plan = plan_for(resnet, plan_trials(resnet, []))
+    assert not plan.packs and all("grouped formulation" in why for _, why in plan.alone)
+    numbered = resnet_with(4)
+    assert plan_for(numbered, plan_trials(numbered, [])).packs
+    assert footprint(build_model(spec_with().model, 3, 16), 3, 16).vmap_only is None        # the convnet groups
+
+
+def test_auto_on_a_gpu_fits_parameters_and_the_batchs_activations_in_the_memory():
     gpu = parse_spec({"attack": {"pack": "auto"}, "resources": {"gpus_per_trial": 1.0}})
-    assert pack_size(gpu, parameters=10**6, gpu_bytes=80 * 2**30) == GPU_PACK_CAP       # small model: capped
-    assert pack_size(gpu, parameters=10**9, gpu_bytes=80 * 2**30) == 1                  # big model: alone
-    assert 1 < pack_size(gpu, parameters=10**8, gpu_bytes=80 * 2**30) < GPU_PACK_CAP
+    small, big = Footprint(10**6, 4096, 20_000), Footprint(2 * 10**9, 4096, 20_000)
+    memory = 80 * 2**30
+    assert pack_size(gpu, 32, small, gpu_bytes=memory) == GPU_PACK_CAP          # small model: capped
+    assert pack_size(gpu, 32, big, gpu_bytes=memory) == 1                        # big model: alone
+    n = pack_size(gpu, 32, Footprint(10**8, 4096, 20_000), gpu_bytes=memory)
+    assert 1 < n < GPU_PACK_CAP
+    wide = Footprint(10**8, 10**6, 10**7)                                        # same parameters, huge activations
+    assert pack_size(gpu, 32, wide, gpu_bytes=memory) < n and pack_size(gpu, 1, wide, gpu_bytes=memory) > 1
+    quarter = parse_spec({"attack": {"pack": "auto"}, "resources": {"gpus_per_trial": 0.25}})
+    assert pack_size(quarter, 32, Footprint(10**8, 4096, 20_000), gpu_bytes=memory) == n // 4
+
+
+def test_auto_sizes_each_batch_sizes_packs_and_the_dry_run_says_the_sizes():
+    """At 16 px a batch of 32 packs 8 members, a batch of 256 none (one member's widest activation fills the budget):
+    those trials run alone, and the dry run says why."""
+    spec = spec_with("auto", subjects=("normal",), evaluation={**GRID, "strategy": ["direct-all"],
+                                                               "lr": [1e-3, 1e-2, 1e-1], "seed": [0, 1, 2],
+                                                               "batch_size": [32, 256]})
+    spec = replace(spec, original=replace(spec.original, image_size=16))
+    plan = plan_for(spec, plan_trials(spec, []))
+    assert plan.sizes == {32: 8, 256: 1}
+    assert [len(m) for m in plan.packs.values()] == [5, 4]                      # 9 trials at batch 32: 5 + 4
+    assert len(plan.alone) == 9 and all("auto packs nothing at batch 256" in why for _, why in plan.alone)
+    text = dry_run_text(spec, plan_trials(spec, []))
+    assert "packing (attack.pack: auto: 8 at batch 32, 1 at batch 256): 9 trials in 2 packs" in text, text
+    assert "9 alone: attack.pack: auto packs nothing at batch 256" in text, text
 
 
 def test_the_dry_run_says_how_many_packs_and_why_trials_run_alone():

@@ -158,6 +158,39 @@ def why_model_not_packable(model: nn.Module) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """What sizes a pack of a model (:func:`sophon_ray.run.packing.pack_size`): its parameters, per input sample the
+    values of its widest activation and of all its activations (every leaf module's output), and why only the vmap
+    formulation can pack it (None: the grouped one can)."""
+
+    parameters: int
+    widest: int
+    activations: int
+    vmap_only: str | None = None
+
+
+def footprint(model: nn.Module, channels: int, image_size: int) -> Footprint:
+    """:class:`Footprint` of ``model`` from one forward of a zero ``channels`` x ``image_size`` sample (eval mode,
+    no gradient; the model is left as it was)."""
+    sizes: list[int] = []
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel())) for m in leaves]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            param = next(model.parameters(), None)
+            model(torch.zeros(1, channels, image_size, image_size, device=param.device if param is not None else None))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    layers = grouped_layers(model)
+    return Footprint(sum(p.numel() for p in model.parameters()), max(sizes, default=0), sum(sizes),
+                     layers if isinstance(layers, str) else None)
+
+
 def _pack_problem(configs: Sequence[AttackConfig], task: Task, model: nn.Module) -> str | None:
     """Why ``configs`` cannot be one pack of ``model`` under ``task`` (naming the config and field), or None."""
     if not configs:
@@ -680,6 +713,6 @@ def _unstacked(net: nn.Module, params: dict[str, Tensor], buffers: dict[str, Ten
     return net
 
 
-__all__ = ["DECOUPLED_DECAY", "FORMULATIONS", "INITIAL_EVALUATIONS", "PER_MEMBER", "PackKey", "PackedOptimizer",
-           "evaluate_members", "finetune_pack", "grouped_forward", "grouped_layers", "initial_evaluations", "pack_key",
-           "vmap_forward", "why_model_not_packable", "why_not_packable"]
+__all__ = ["DECOUPLED_DECAY", "FORMULATIONS", "INITIAL_EVALUATIONS", "PER_MEMBER", "Footprint", "PackKey",
+           "PackedOptimizer", "evaluate_members", "finetune_pack", "footprint", "grouped_forward", "grouped_layers",
+           "initial_evaluations", "pack_key", "vmap_forward", "why_model_not_packable", "why_not_packable"]

@@ -9,10 +9,15 @@ and MLflow run. A trial that cannot pack (its recipe, the architecture, a genera
 cut into the fewest packs of near-equal size (:func:`balanced_chunks`), and Tune gets the largest packs first
 (:func:`largest_first`), so its slots finish close together.
 
-``auto`` (:func:`pack_size`): on the CPU ``CPU_PACK`` members (bench/packed.py: grouped packs of about 8 halved the
-time per member on the convnet, larger ones gained little); with GPUs per trial, as many members as fit
-``GPU_MEMORY_SHARE`` of the trial's share of the GPU at ``BYTES_PER_PARAMETER`` bytes per model parameter per
-member (parameters, gradients, two optimizer states, a working copy, activations), at most ``GPU_PACK_CAP``.
+``auto`` (:func:`pack_size`) sizes each group's packs from the model's :class:`~sophon_ray.core.packed.Footprint`
+(one probe forward), the group's batch size and the trial's device. On the CPU a pack gives back per-operation
+overhead, not arithmetic, and loses once a layer's working set leaves the cache: as many members as keep
+``members x batch x widest activation`` (float32) within :data:`CPU_PACK_BYTES`, at most :data:`CPU_PACK_CAP`
+(the convnet at 16 px: 8 at batch 32, 2 at batch 128, none at 32 px and batch 64; bench/pack_size.py measures the
+rule against every pack size), and none for a model only the vmap formulation packs (its packs ran slower than
+lone trials on the CPU). With GPUs per trial: as many members as fit ``GPU_MEMORY_SHARE`` of the trial's
+share of the GPU's memory, a member costing :data:`BYTES_PER_PARAMETER` per parameter plus its training batch's
+activations and their gradients, at most :data:`GPU_PACK_CAP` (not measured on a GPU).
 """
 
 from __future__ import annotations
@@ -20,19 +25,24 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    from sophon_ray.core.packed import Footprint
     from sophon_ray.run.plan import Trial
     from sophon_ray.spec import SweepSpec
 
 T = TypeVar("T")
 AUTO = "auto"
-CPU_PACK = 8
+FLOAT_BYTES = 4
+CPU_PACK_BYTES = 4 * 2**20            # members x batch x widest activation x 4 B of a CPU pack (bench/pack_size.py)
+CPU_PACK_CAP = 32
 GPU_PACK_CAP = 64
 GPU_MEMORY_SHARE = 0.5
-BYTES_PER_PARAMETER = 4 * 16          # float32 x (params, grads, 2 optimizer states, copy, activations margin)
+BYTES_PER_PARAMETER = FLOAT_BYTES * 5  # params, grads, 2 optimizer states, a working copy
+ACTIVATION_COPIES = 2                 # a training step keeps every activation and gets its gradient
 DEFAULT_GPU_BYTES = 16 * 2**30        # the GPU's memory when the driver sees none
 PACK_PREFIX = "pack-"
 CLASSIFICATION = "classification"
@@ -46,6 +56,7 @@ class PackPlan:
 
     packs: dict[str, tuple[str, ...]]
     alone: list[tuple[Trial, str | None]]
+    sizes: dict[int, int] = field(default_factory=dict)  # auto's pack size by batch size (empty for a number)
 
     @property
     def units(self) -> list[str]:
@@ -68,20 +79,22 @@ def _group(trial: Trial, key: Any) -> tuple:
     return trial.subject, scratch_seed, trial.grid, trial.domain, trial.data_pool, key
 
 
-def plan_packs(trials: list[Trial], size: int, mode: str = CLASSIFICATION,
+def plan_packs(trials: list[Trial], size: int | Callable[[Trial], int], mode: str = CLASSIFICATION,
                model_problem: str | None = None) -> PackPlan:
-    """Group ``trials`` (the ones still to run) into packs of at most ``size`` members, in the trials' order
-    (a pack of one is no pack: that trial runs alone). ``model_problem``: why the architecture cannot pack
+    """Group ``trials`` (the ones still to run) into packs of at most ``size`` members (a number, or a function of
+    a group's first trial: every trial of a group has one batch size), in the trials' order (a pack of one is no
+    pack: that trial runs alone). ``model_problem``: why the architecture cannot pack
     (:func:`~sophon_ray.core.packed.why_model_not_packable`), then nothing packs."""
     from sophon_ray.core.packed import pack_key, why_not_packable  # noqa: PLC0415
 
-    if size <= 1:
-        return PackPlan({}, [(t, None) for t in trials])
     if mode != CLASSIFICATION:
         why = f"mode: packing is {CLASSIFICATION}-only (generation draws from the global RNG)"
         return PackPlan({}, [(t, why) for t in trials])
+    if not callable(size) and size <= 1:
+        return PackPlan({}, [(t, None) for t in trials])
     if model_problem is not None:
         return PackPlan({}, [(t, f"model: {model_problem}") for t in trials])
+    size_of = size if callable(size) else (lambda _trial: size)
     groups: dict[tuple, list[Trial]] = {}
     alone: list[tuple[Trial, str | None]] = []
     for trial in trials:
@@ -92,7 +105,12 @@ def plan_packs(trials: list[Trial], size: int, mode: str = CLASSIFICATION,
             groups.setdefault(_group(trial, key), []).append(trial)
     packs: dict[str, tuple[str, ...]] = {}
     for members in groups.values():
-        for chunk in balanced_chunks(members, size):
+        if (most := size_of(members[0])) <= 1:
+            why = (f"attack.pack: auto packs nothing at batch {members[0].config.batch_size} (one member's widest "
+                   "activation fills the pack's budget)")
+            alone += [(t, why) for t in members]
+            continue
+        for chunk in balanced_chunks(members, most):
             if len(chunk) == 1:
                 alone.append((chunk[0], None))
             else:
@@ -120,19 +138,38 @@ def largest_first(packs: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...
     return dict(sorted(packs.items(), key=lambda item: -len(item[1])))
 
 
-def pack_size(spec: SweepSpec, parameters: int = 0, gpu_bytes: int | None = None) -> int:
-    """``attack.pack`` as a number: itself, or for ``auto`` :data:`CPU_PACK` on the CPU and, with
-    ``resources.gpus_per_trial`` > 0, the members whose ``parameters`` (of the attacked model) fit the trial's
-    share of ``gpu_bytes`` (default: the driver's GPU, else :data:`DEFAULT_GPU_BYTES`), capped."""
+def pack_size(spec: SweepSpec, batch_size: int, model: Footprint | None = None, gpu_bytes: int | None = None) -> int:
+    """``attack.pack`` as a number for trials of ``batch_size``: itself, or for ``auto`` :func:`cpu_pack_size` on the
+    CPU and, with ``resources.gpus_per_trial`` > 0, :func:`gpu_pack_size` in the trial's share of ``gpu_bytes``
+    (default: the driver's GPU, else :data:`DEFAULT_GPU_BYTES`). ``model``: the attacked model's footprint (needed
+    for ``auto``)."""
     pack = spec.attack.pack
     if pack != AUTO:
         return int(pack)
+    if model is None:
+        raise ValueError("model: attack.pack: auto sizes packs from the model's footprint; pass "
+                         "core.packed.footprint(model, channels, image_size)")
     share = spec.resources.gpus_per_trial
     if share <= 0:
-        return CPU_PACK
+        return 1 if model.vmap_only else cpu_pack_size(batch_size, model.widest)
     memory = gpu_bytes if gpu_bytes is not None else _gpu_bytes()
-    per_member = max(1, parameters) * BYTES_PER_PARAMETER
-    return max(1, min(GPU_PACK_CAP, int(memory * min(1.0, share) * GPU_MEMORY_SHARE // per_member)))
+    return gpu_pack_size(batch_size, model, int(memory * min(1.0, share)))
+
+
+def cpu_pack_size(batch_size: int, widest: int) -> int:
+    """Members whose stacked widest activation (``members x batch_size x widest`` float32 values) fits
+    :data:`CPU_PACK_BYTES`, at most :data:`CPU_PACK_CAP` (1: no pack)."""
+    per_member = max(1, batch_size * widest * FLOAT_BYTES)
+    return max(1, min(CPU_PACK_CAP, CPU_PACK_BYTES // per_member))
+
+
+def gpu_pack_size(batch_size: int, model: Footprint, memory: int) -> int:
+    """Members that fit :data:`GPU_MEMORY_SHARE` of ``memory`` bytes, each its parameters' state
+    (:data:`BYTES_PER_PARAMETER` a parameter) and its training batch's activations with their gradients, at most
+    :data:`GPU_PACK_CAP` (1: no pack)."""
+    per_member = (max(1, model.parameters) * BYTES_PER_PARAMETER
+                  + batch_size * model.activations * FLOAT_BYTES * ACTIVATION_COPIES)
+    return max(1, min(GPU_PACK_CAP, int(memory * GPU_MEMORY_SHARE // per_member)))
 
 
 def _gpu_bytes() -> int:
@@ -141,30 +178,42 @@ def _gpu_bytes() -> int:
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else DEFAULT_GPU_BYTES
 
 
-def spec_model_problem(spec: SweepSpec) -> tuple[str | None, int]:
-    """(why the spec's architecture cannot pack or None, its parameter count): the model is built, untrained."""
-    from sophon_ray.core.packed import why_model_not_packable  # noqa: PLC0415
+def spec_model_problem(spec: SweepSpec) -> tuple[str | None, Footprint]:
+    """(why the spec's architecture cannot pack or None, its :class:`~sophon_ray.core.packed.Footprint`): the model
+    is built, untrained, and run once on a zero sample."""
+    from sophon_ray.core.packed import footprint, why_model_not_packable  # noqa: PLC0415
     from sophon_ray.modes import build_model  # noqa: PLC0415
 
     model = build_model(spec.model, spec.original.channels, spec.original.image_size)
-    return why_model_not_packable(model), sum(p.numel() for p in model.parameters())
+    return why_model_not_packable(model), footprint(model, spec.original.channels, spec.original.image_size)
 
 
 def plan_for(spec: SweepSpec, trials: list[Trial]) -> PackPlan:
-    """:func:`plan_packs` of ``trials`` under the spec's ``attack.pack`` (building the model only when it packs)."""
+    """:func:`plan_packs` of ``trials`` under the spec's ``attack.pack`` (building the model only when it packs;
+    ``auto``: a size per batch size, kept in the plan's ``sizes``)."""
     if spec.attack.pack == 1 or not trials:
         return plan_packs(trials, 1)
-    problem, parameters = spec_model_problem(spec) if spec.mode == CLASSIFICATION else (None, 0)
-    return plan_packs(trials, pack_size(spec, parameters), spec.mode, problem)
+    if spec.mode != CLASSIFICATION:
+        return plan_packs(trials, 1, spec.mode)
+    problem, model = spec_model_problem(spec)
+    if problem is None and spec.attack.pack == AUTO and spec.resources.gpus_per_trial <= 0 and model.vmap_only:
+        problem = (f"attack.pack: auto packs on the CPU only models the grouped formulation runs ({model.vmap_only}); "
+                   "vmap packs ran slower than lone trials there (bench/packed.py: resnet18 0.56-0.73x). A number "
+                   "packs it anyway")
+    sizes = {b: pack_size(spec, b, model) for b in sorted({t.config.batch_size for t in trials})}
+    plan = plan_packs(trials, lambda trial: sizes[trial.config.batch_size], spec.mode, problem)
+    return replace(plan, sizes=sizes if spec.attack.pack == AUTO else {})
 
 
 def pack_lines(spec: SweepSpec, plan: PackPlan) -> list[str]:
-    """The dry run's packing lines: the size, how many packs of how many trials, the lone trials and why."""
+    """The dry run's packing lines: the size (``auto``'s per batch size), how many packs of how many trials, the
+    lone trials and why."""
     if spec.attack.pack == 1:
         return []
     members = sum(len(k) for k in plan.packs.values())
-    lines = [f"  packing (attack.pack: {spec.attack.pack}): {members} trials in {len(plan.packs)} packs "
-             f"(Tune trials), {len(plan.alone)} trials alone"]
+    sizes = ", ".join(f"{n} at batch {b}" for b, n in plan.sizes.items())
+    lines = [f"  packing (attack.pack: {spec.attack.pack}{f': {sizes}' if sizes else ''}): {members} trials in "
+             f"{len(plan.packs)} packs (Tune trials), {len(plan.alone)} trials alone"]
     reasons = plan.reasons()
     lines += [f"    {n} alone: {why}" for why, n in reasons.most_common()]
     unpaired = len(plan.alone) - sum(reasons.values())
@@ -174,5 +223,5 @@ def pack_lines(spec: SweepSpec, plan: PackPlan) -> list[str]:
     return lines
 
 
-__all__ = ["AUTO", "CPU_PACK", "PackPlan", "balanced_chunks", "largest_first", "pack_id", "pack_lines", "pack_size",
-           "plan_for", "plan_packs", "spec_model_problem"]
+__all__ = ["AUTO", "CPU_PACK_BYTES", "CPU_PACK_CAP", "PackPlan", "balanced_chunks", "cpu_pack_size", "gpu_pack_size",
+           "largest_first", "pack_id", "pack_lines", "pack_size", "plan_for", "plan_packs", "spec_model_problem"]
