@@ -26,6 +26,7 @@ COMMANDS = {
     "scale": "nice -n 10 .venv/bin/python bench/scale.py --trials 20000 --compare bench/results/scale/scale-1000.json "
              "bench/results/scale/scale-5000.json bench/results/scale/scale-10000.json",
     "packed_stage": ".venv/bin/python bench/packed_stage.py",
+    "pack_size": ".venv/bin/python bench/pack_size.py",
     "packed_stage_efficacy": ".venv/bin/python bench/packed_stage.py --spec sweeps/efficacy.yaml --rounds 1 "
                              "--time-first --out bench/results/packed_stage_efficacy.md",
     "writer": "nice -n 5 .venv/bin/python bench/writer.py",

@@ -176,8 +176,15 @@ def test_pack_size_smoke(tmp_path):
     rows = json.loads(out.with_suffix(".json").read_text())["data"]["rows"]
     assert [(r["image_size"], r["batch_size"], r["widest"], r["auto"]) for r in rows] == [(8, 16, 1024, 32),
                                                                                          (16, 64, 4096, 4)]
-    assert all(set(r["speedups"]) == {"2", "4"} for r in rows)       # JSON keys
+    assert [set(r["speedups"]) for r in rows] == [{"2", "4", "32"}, {"2", "4"}]    # JSON keys; auto's N measured
     assert "| 16 | 64 | 4096 |" in out.read_text() and "SMOKE" in out.read_text()
+    again = tmp_path / "again.md"       # --rows: the recorded speed-ups, auto's N from the current rule
+    proc = run([sys.executable, str(BENCH / "pack_size.py"), "--rows", str(out.with_suffix(".json")), "--out",
+                str(again)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(again.with_suffix(".json").read_text())["data"]["rows"] == json.loads(
+        out.with_suffix(".json").read_text())["data"]["rows"]
+    assert f"Re-read from `{out.with_suffix('.json')}`" in again.read_text()
 
 
 def test_float_paths_smoke(tmp_path):

@@ -11,8 +11,9 @@ from mlflow import MlflowClient
 from sophon_ray import names
 from sophon_ray.core.packed import Footprint, footprint
 from sophon_ray.modes import build_model
-from sophon_ray.run.packing import (CPU_PACK_BYTES, CPU_PACK_CAP, GPU_PACK_CAP, balanced_chunks, cpu_pack_size,
-                                    largest_first, pack_id, pack_lines, pack_size, plan_for, plan_packs)
+from sophon_ray.run.packing import (CPU_PACK_BYTES, CPU_PACK_CAP, CPU_PACK_FLOOR, CPU_PACK_LIMIT_BYTES, GPU_PACK_CAP,
+                                    balanced_chunks, cpu_pack_size, largest_first, pack_id, pack_lines, pack_size,
+                                    plan_for, plan_packs)
 from sophon_ray.run.plan import plan_trials
 from sophon_ray.run.texts import dry_run_text
 from sophon_ray.run.validate import load_spec, parse_spec
@@ -105,11 +106,15 @@ def test_the_footprint_is_the_models_parameters_and_its_activations_per_sample()
 
 def test_auto_on_the_cpu_keeps_the_packs_widest_activation_within_the_budget():
     convnet_16px = 16 * 16 * 16
-    assert [cpu_pack_size(b, convnet_16px) for b in (16, 32, 64, 128, 256)] == [16, 8, 4, 2, 1]
+    assert [cpu_pack_size(b, convnet_16px) for b in (16, 32, 64, 128, 256, 512)] == [16, 8, 4, 4, 4, 2]
     assert cpu_pack_size(32, convnet_16px // 4) == CPU_PACK_CAP == 32             # 8 px: capped
-    for batch, widest in [(32, 4096), (100, 1000), (7, 333), (1, 1)]:
-        n = cpu_pack_size(batch, widest)
-        assert n == CPU_PACK_CAP or (n * batch * widest * 4 <= CPU_PACK_BYTES < (n + 1) * batch * widest * 4)
+    assert cpu_pack_size(4096, convnet_16px) == 1                                 # one member is past the limit
+    for batch, widest in [(32, 4096), (100, 1000), (7, 333), (1, 1), (300, 4096), (128, 16384), (2048, 4096)]:
+        n, per_member = cpu_pack_size(batch, widest), batch * widest * 4
+        fits = n * per_member <= CPU_PACK_BYTES < (n + 1) * per_member          # the budget's largest pack
+        floored = n == CPU_PACK_FLOOR and n * per_member <= CPU_PACK_LIMIT_BYTES
+        limited = n < CPU_PACK_FLOOR and n * per_member <= CPU_PACK_LIMIT_BYTES < (n + 1) * per_member
+        assert n == CPU_PACK_CAP or fits or floored or limited or n == 1, (batch, widest, n)
     model = Footprint(parameters=28_506, widest=convnet_16px, activations=23_306)
     assert pack_size(spec_with("auto"), 32, model) == 8 and pack_size(spec_with(5), 128) == 5
     with pytest.raises(ValueError, match="footprint"):
@@ -148,19 +153,20 @@ def test_auto_on_a_gpu_fits_parameters_and_the_batchs_activations_in_the_memory(
 
 
 def test_auto_sizes_each_batch_sizes_packs_and_the_dry_run_says_the_sizes():
-    """At 16 px a batch of 32 packs 8 members, a batch of 256 none (one member's widest activation fills the budget):
-    those trials run alone, and the dry run says why."""
+    """At 16 px a batch of 32 packs 8 members, a batch of 128 4, a batch of 4096 none (one member's widest activation
+    is past the limit): those trials run alone, and the dry run says why."""
     spec = spec_with("auto", subjects=("normal",), evaluation={**GRID, "strategy": ["direct-all"],
                                                                "lr": [1e-3, 1e-2, 1e-1], "seed": [0, 1, 2],
-                                                               "batch_size": [32, 256]})
+                                                               "batch_size": [32, 128, 4096]})
     spec = replace(spec, original=replace(spec.original, image_size=16))
     plan = plan_for(spec, plan_trials(spec, []))
-    assert plan.sizes == {32: 8, 256: 1}
-    assert [len(m) for m in plan.packs.values()] == [5, 4]                      # 9 trials at batch 32: 5 + 4
-    assert len(plan.alone) == 9 and all("auto packs nothing at batch 256" in why for _, why in plan.alone)
+    assert plan.sizes == {32: 8, 128: 4, 4096: 1}
+    assert sorted(len(m) for m in plan.packs.values()) == [3, 3, 3, 4, 5]    # 9 trials: 5 + 4 at 32, 3 x 3 at 128
+    assert len(plan.alone) == 9 and all("auto packs nothing at batch 4096" in why for _, why in plan.alone)
     text = dry_run_text(spec, plan_trials(spec, []))
-    assert "packing (attack.pack: auto: 8 at batch 32, 1 at batch 256): 9 trials in 2 packs" in text, text
-    assert "9 alone: attack.pack: auto packs nothing at batch 256" in text, text
+    assert ("packing (attack.pack: auto: 8 at batch 32, 4 at batch 128, 1 at batch 4096): 18 trials in 5 packs"
+            in text), text
+    assert "9 alone: attack.pack: auto packs nothing at batch 4096" in text, text
 
 
 def test_the_dry_run_says_how_many_packs_and_why_trials_run_alone():

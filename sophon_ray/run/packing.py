@@ -12,9 +12,10 @@ cut into the fewest packs of near-equal size (:func:`balanced_chunks`), and Tune
 ``auto`` (:func:`pack_size`) sizes each group's packs from the model's :class:`~sophon_ray.core.packed.Footprint`
 (one probe forward), the group's batch size and the trial's device. On the CPU a pack gives back per-operation
 overhead, not arithmetic, and loses once a layer's working set leaves the cache: as many members as keep
-``members x batch x widest activation`` (float32) within :data:`CPU_PACK_BYTES`, at most :data:`CPU_PACK_CAP`
-(the convnet at 16 px: 8 at batch 32, 2 at batch 128, none at 32 px and batch 64; bench/pack_size.py measures the
-rule against every pack size), and none for a model only the vmap formulation packs (its packs ran slower than
+``members x batch x widest activation`` (float32) within :data:`CPU_PACK_BYTES`, at least :data:`CPU_PACK_FLOOR`
+while they stay within :data:`CPU_PACK_LIMIT_BYTES`, at most :data:`CPU_PACK_CAP` (:func:`cpu_pack_size`; the
+convnet at 16 px: 16 at batch 16, 8 at batch 32, 4 at batch 64 to 256; bench/pack_size.py measures the rule
+against every pack size), and none for a model only the vmap formulation packs (its packs ran slower than
 lone trials on the CPU). With GPUs per trial: as many members as fit ``GPU_MEMORY_SHARE`` of the trial's
 share of the GPU's memory, a member costing :data:`BYTES_PER_PARAMETER` per parameter plus its training batch's
 activations and their gradients, at most :data:`GPU_PACK_CAP` (not measured on a GPU).
@@ -38,6 +39,8 @@ T = TypeVar("T")
 AUTO = "auto"
 FLOAT_BYTES = 4
 CPU_PACK_BYTES = 4 * 2**20            # members x batch x widest activation x 4 B of a CPU pack (bench/pack_size.py)
+CPU_PACK_FLOOR = 4                    # members at least, while they stay within CPU_PACK_LIMIT_BYTES
+CPU_PACK_LIMIT_BYTES = 16 * 2**20
 CPU_PACK_CAP = 32
 GPU_PACK_CAP = 64
 GPU_MEMORY_SHARE = 0.5
@@ -106,8 +109,8 @@ def plan_packs(trials: list[Trial], size: int | Callable[[Trial], int], mode: st
     packs: dict[str, tuple[str, ...]] = {}
     for members in groups.values():
         if (most := size_of(members[0])) <= 1:
-            why = (f"attack.pack: auto packs nothing at batch {members[0].config.batch_size} (one member's widest "
-                   "activation fills the pack's budget)")
+            why = (f"attack.pack: auto packs nothing at batch {members[0].config.batch_size} (two members' activations "
+                   "or state would not fit the pack's budget on the trial's device)")
             alone += [(t, why) for t in members]
             continue
         for chunk in balanced_chunks(members, most):
@@ -158,9 +161,14 @@ def pack_size(spec: SweepSpec, batch_size: int, model: Footprint | None = None, 
 
 def cpu_pack_size(batch_size: int, widest: int) -> int:
     """Members whose stacked widest activation (``members x batch_size x widest`` float32 values) fits
-    :data:`CPU_PACK_BYTES`, at most :data:`CPU_PACK_CAP` (1: no pack)."""
+    :data:`CPU_PACK_BYTES`, but at least :data:`CPU_PACK_FLOOR` while those fit :data:`CPU_PACK_LIMIT_BYTES`, at most
+    :data:`CPU_PACK_CAP` (1: no pack). Chosen on bench/pack_size.py's first shapes (bench/NOTES.md): packs beyond
+    about 4 MiB lost to the cache, except that packs of 4 gained wherever they stayed within 16 MiB; on held-out
+    shapes the pick was within 10 % of the best size in 4 of 6 (a pack of 4 at 12 px and batch 128 ran 0.94x)."""
     per_member = max(1, batch_size * widest * FLOAT_BYTES)
-    return max(1, min(CPU_PACK_CAP, CPU_PACK_BYTES // per_member))
+    fit = CPU_PACK_BYTES // per_member
+    floor = min(CPU_PACK_FLOOR, CPU_PACK_LIMIT_BYTES // per_member)
+    return max(1, min(CPU_PACK_CAP, max(fit, floor)))
 
 
 def gpu_pack_size(batch_size: int, model: Footprint, memory: int) -> int:
@@ -223,5 +231,6 @@ def pack_lines(spec: SweepSpec, plan: PackPlan) -> list[str]:
     return lines
 
 
-__all__ = ["AUTO", "CPU_PACK_BYTES", "CPU_PACK_CAP", "PackPlan", "balanced_chunks", "cpu_pack_size", "gpu_pack_size",
-           "largest_first", "pack_id", "pack_lines", "pack_size", "plan_for", "plan_packs", "spec_model_problem"]
+__all__ = ["AUTO", "CPU_PACK_BYTES", "CPU_PACK_CAP", "CPU_PACK_FLOOR", "CPU_PACK_LIMIT_BYTES", "PackPlan",
+           "balanced_chunks", "cpu_pack_size", "gpu_pack_size", "largest_first", "pack_id", "pack_lines", "pack_size",
+           "plan_for", "plan_packs", "spec_model_problem"]
