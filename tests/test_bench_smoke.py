@@ -187,6 +187,17 @@ def test_pack_size_smoke(tmp_path):
     assert f"Re-read from `{out.with_suffix('.json')}`" in again.read_text()
 
 
+def test_pack_memory_smoke(tmp_path):
+    """No Ray; ~15 s (three processes). One case: the estimate and the measured cost of one more member."""
+    proc = run([sys.executable, str(BENCH / "pack_memory.py"), "--smoke"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(proc.stdout.strip().splitlines()[-1])
+    (row,) = payload["rows"]
+    assert row["case"] == "convnet:8:16" and row["footprint"]["widest"] == 8 * 8 * 16
+    assert row["estimate"] > 0 and set(row["peaks"]) == {"1", "2"} and all(p > 0 for p in row["peaks"].values())
+    assert "| convnet:8:16 |" in proc.stdout
+
+
 def test_float_paths_smoke(tmp_path):
     """No Ray. One JSON line: per recipe, each float path's departure from the reference trial."""
     proc = run([sys.executable, str(BENCH / "float_paths.py"), "--smoke"], tmp_path)

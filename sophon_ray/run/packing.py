@@ -44,7 +44,9 @@ CPU_PACK_LIMIT_BYTES = 16 * 2**20
 CPU_PACK_CAP = 32
 GPU_PACK_CAP = 64
 GPU_MEMORY_SHARE = 0.5
-BYTES_PER_PARAMETER = FLOAT_BYTES * 5  # params, grads, 2 optimizer states, a working copy
+# params, grads, 2 optimizer states, the optimizer's update, the member's prepared copy, one spare: bench/pack_memory.py
+# measured resnet18 members at ~6 parameter copies (381 MiB a member on the CPU against 327 MiB estimated at 5)
+BYTES_PER_PARAMETER = FLOAT_BYTES * 7
 ACTIVATION_COPIES = 2                 # a training step keeps every activation and gets its gradient
 DEFAULT_GPU_BYTES = 16 * 2**30        # the GPU's memory when the driver sees none
 PACK_PREFIX = "pack-"
@@ -172,12 +174,16 @@ def cpu_pack_size(batch_size: int, widest: int) -> int:
 
 
 def gpu_pack_size(batch_size: int, model: Footprint, memory: int) -> int:
-    """Members that fit :data:`GPU_MEMORY_SHARE` of ``memory`` bytes, each its parameters' state
-    (:data:`BYTES_PER_PARAMETER` a parameter) and its training batch's activations with their gradients, at most
+    """Members of :func:`member_bytes` each that fit :data:`GPU_MEMORY_SHARE` of ``memory`` bytes, at most
     :data:`GPU_PACK_CAP` (1: no pack)."""
-    per_member = (max(1, model.parameters) * BYTES_PER_PARAMETER
-                  + batch_size * model.activations * FLOAT_BYTES * ACTIVATION_COPIES)
-    return max(1, min(GPU_PACK_CAP, int(memory * GPU_MEMORY_SHARE // per_member)))
+    return max(1, min(GPU_PACK_CAP, int(memory * GPU_MEMORY_SHARE // member_bytes(batch_size, model))))
+
+
+def member_bytes(batch_size: int, model: Footprint) -> int:
+    """What one member of a pack is estimated to hold on a GPU: its parameters' state (:data:`BYTES_PER_PARAMETER`
+    a parameter) and its training batch's activations with their gradients (every module's output, float32)."""
+    return (max(1, model.parameters) * BYTES_PER_PARAMETER
+            + batch_size * model.activations * FLOAT_BYTES * ACTIVATION_COPIES)
 
 
 def _gpu_bytes() -> int:
@@ -232,5 +238,5 @@ def pack_lines(spec: SweepSpec, plan: PackPlan) -> list[str]:
 
 
 __all__ = ["AUTO", "CPU_PACK_BYTES", "CPU_PACK_CAP", "CPU_PACK_FLOOR", "CPU_PACK_LIMIT_BYTES", "PackPlan",
-           "balanced_chunks", "cpu_pack_size", "gpu_pack_size", "largest_first", "pack_id", "pack_lines", "pack_size",
-           "plan_for", "plan_packs", "spec_model_problem"]
+           "balanced_chunks", "cpu_pack_size", "gpu_pack_size", "largest_first", "member_bytes", "pack_id", "pack_lines",
+           "pack_size", "plan_for", "plan_packs", "spec_model_problem"]
