@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterable
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -154,11 +153,22 @@ def pack_size(spec: SweepSpec, batch_size: int, model: Footprint | None = None, 
     if model is None:
         raise ValueError("model: attack.pack: auto sizes packs from the model's footprint; pass "
                          "core.packed.footprint(model, channels, image_size)")
+    if auto_refusal(spec, model) is not None:
+        return 1
     share = spec.resources.gpus_per_trial
     if share <= 0:
-        return 1 if model.vmap_only else cpu_pack_size(batch_size, model.widest)
+        return cpu_pack_size(batch_size, model.widest)
     memory = gpu_bytes if gpu_bytes is not None else _gpu_bytes()
     return gpu_pack_size(batch_size, model, int(memory * min(1.0, share)))
+
+
+def auto_refusal(spec: SweepSpec, model: Footprint) -> str | None:
+    """Why ``auto`` packs no trial of ``model`` under ``spec`` (on the CPU, a model only vmap packs), or None."""
+    if spec.attack.pack != AUTO or spec.resources.gpus_per_trial > 0 or model.vmap_only is None:
+        return None
+    return (f"attack.pack: auto packs on the CPU only models the grouped formulation runs ({model.vmap_only}); "
+            "vmap packs ran slower than lone trials there (bench/packed.py: resnet18 0.56-0.73x). A number packs it "
+            "anyway")
 
 
 def cpu_pack_size(batch_size: int, widest: int) -> int:
@@ -210,10 +220,7 @@ def plan_for(spec: SweepSpec, trials: list[Trial]) -> PackPlan:
     if spec.mode != CLASSIFICATION:
         return plan_packs(trials, 1, spec.mode)
     problem, model = spec_model_problem(spec)
-    if problem is None and spec.attack.pack == AUTO and spec.resources.gpus_per_trial <= 0 and model.vmap_only:
-        problem = (f"attack.pack: auto packs on the CPU only models the grouped formulation runs ({model.vmap_only}); "
-                   "vmap packs ran slower than lone trials there (bench/packed.py: resnet18 0.56-0.73x). A number "
-                   "packs it anyway")
+    problem = problem or auto_refusal(spec, model)
     sizes = {b: pack_size(spec, b, model) for b in sorted({t.config.batch_size for t in trials})}
     plan = plan_packs(trials, lambda trial: sizes[trial.config.batch_size], spec.mode, problem)
     return replace(plan, sizes=sizes if spec.attack.pack == AUTO else {})
@@ -238,5 +245,5 @@ def pack_lines(spec: SweepSpec, plan: PackPlan) -> list[str]:
 
 
 __all__ = ["AUTO", "CPU_PACK_BYTES", "CPU_PACK_CAP", "CPU_PACK_FLOOR", "CPU_PACK_LIMIT_BYTES", "PackPlan",
-           "balanced_chunks", "cpu_pack_size", "gpu_pack_size", "largest_first", "member_bytes", "pack_id", "pack_lines",
-           "pack_size", "plan_for", "plan_packs", "spec_model_problem"]
+           "auto_refusal", "balanced_chunks", "cpu_pack_size", "gpu_pack_size", "largest_first", "member_bytes",
+           "pack_id", "pack_lines", "pack_size", "plan_for", "plan_packs", "spec_model_problem"]
