@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import MIB, driver_peak_rss  # noqa: E402
+
 CASES = ["convnet:16:32", "convnet:16:128", "convnet:32:128", "resnet18:16:32"]
-MIB = 2**20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,12 +41,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.cases, args.members, args.steps = ["convnet:8:16"], [1, 2], 2
     return args
-
-
-def rss_bytes() -> int:
-    """This process's resident set now (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def child(arch: str, image: int, batch: int, members: int, steps: int) -> None:
@@ -63,9 +60,9 @@ def child(arch: str, image: int, batch: int, members: int, steps: int) -> None:
     model = build_model(ModelSpec(arch, 10, channels_last=True), 3, image)
     configs = [AttackConfig(strategy="direct-all", optimizer="adam", batch_size=batch, epochs=1, lr=1e-3, seed=i)
                for i in range(members)]
-    before = rss_bytes()
+    before = psutil.Process().memory_info().rss
     finetune_pack(model, train, test, configs, task=CLASSIFICATION)
-    print(json.dumps({"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"before": before, "peak": driver_peak_rss()}))
 
 
 def measured(case: str, members: int, steps: int) -> int:
